@@ -1,0 +1,173 @@
+//! Executes the graphs with candle (CPU or CUDA), with autograd.
+
+use crate::backend::{Backend, Kind, Param};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Runs graph definitions on candle tensors. `train` enables dropout.
+#[derive(Clone, Debug)]
+pub struct CandleBackend {
+    pub device: Device,
+    pub train: bool,
+}
+
+impl CandleBackend {
+    pub fn new(device: &Device) -> Self {
+        Self { device: device.clone(), train: false }
+    }
+    pub fn training(device: &Device) -> Self {
+        Self { device: device.clone(), train: true }
+    }
+}
+
+/// Resolves ONNX-style reshape dims (`0` = copy, `-1` = infer) against `dims`.
+pub fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
+    let total: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(shape.len());
+    let mut infer = None;
+    for (i, &s) in shape.iter().enumerate() {
+        match s {
+            0 => out.push(*dims.get(i).with_context(|| format!("reshape: dim {i} of {dims:?} does not exist"))?),
+            -1 => {
+                if infer.is_some() {
+                    bail!("reshape: more than one -1 in {shape:?}");
+                }
+                infer = Some(i);
+                out.push(1);
+            }
+            s if s > 0 => out.push(s as usize),
+            _ => bail!("reshape: invalid dim {s} in {shape:?}"),
+        }
+    }
+    let known: usize = out.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || total % known != 0 {
+            bail!("reshape: cannot reshape {dims:?} into {shape:?}");
+        }
+        out[i] = total / known;
+    } else if known != total {
+        bail!("reshape: cannot reshape {dims:?} into {shape:?}");
+    }
+    Ok(out)
+}
+
+impl Backend for CandleBackend {
+    type T = Tensor;
+
+    fn conv2d(&self, x: &Tensor, w: &Param, b: Option<&Param>, stride: usize, pad: usize) -> Result<Tensor> {
+        let y = x.conv2d(&w.t, pad, stride, 1, 1).with_context(|| format!("conv2d {}", w.name))?;
+        match b {
+            Some(b) => Ok(y.broadcast_add(&b.t.reshape((1, b.t.dim(0)?, 1, 1))?)?),
+            None => Ok(y),
+        }
+    }
+
+    fn linear(&self, x: &Tensor, w: &Param, b: Option<&Param>) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&w.t.t()?).with_context(|| format!("linear {}", w.name))?;
+        match b {
+            Some(b) => Ok(y.broadcast_add(&b.t)?),
+            None => Ok(y),
+        }
+    }
+
+    fn group_norm(&self, x: &Tensor, groups: usize, eps: f64, gamma: &Param, beta: &Param) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let xg = x.reshape((n, groups, (c / groups) * h * w))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape((n, c, h, w))?;
+        Ok(xn.broadcast_mul(&gamma.t.reshape((1, c, 1, 1))?)?.broadcast_add(&beta.t.reshape((1, c, 1, 1))?)?)
+    }
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::silu(x)?)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.broadcast_add(b)?)
+    }
+    fn sub(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.broadcast_sub(b)?)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.broadcast_mul(b)?)
+    }
+    fn div(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.broadcast_div(b)?)
+    }
+    fn affine(&self, x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+        Ok(x.affine(mul, add)?)
+    }
+    fn exp(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.exp()?)
+    }
+    fn log(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.log()?)
+    }
+    fn sqrt(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.sqrt()?)
+    }
+    fn sin(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.sin()?)
+    }
+    fn cos(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.cos()?)
+    }
+    fn clamp(&self, x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+        Ok(x.clamp(lo, hi)?)
+    }
+    fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(a.contiguous()?.broadcast_matmul(&b.contiguous()?)?)
+    }
+    fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
+        // candle_nn::ops::softmax_last_dim has no backward.
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    }
+    fn reshape(&self, x: &Tensor, shape: &[i64]) -> Result<Tensor> {
+        let dims = resolve_shape(x.dims(), shape)?;
+        Ok(x.reshape(dims)?)
+    }
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        Ok(x.permute(perm.to_vec())?.contiguous()?)
+    }
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+    fn concat(&self, xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+        Ok(Tensor::cat(xs, axis)?)
+    }
+    fn embedding(&self, ids: &Tensor, table: &Param) -> Result<Tensor> {
+        let rows = table.t.dim(0)?;
+        let ids = ids.to_dtype(DType::U32)?;
+        let max = ids.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= rows {
+            bail!("embedding {}: id {max} out of range (table has {rows} rows)", table.name);
+        }
+        Ok(table.t.index_select(&ids, 0)?)
+    }
+    fn gather_const(&self, table: &[f32], ids: &Tensor) -> Result<Tensor> {
+        let t = Tensor::new(table, &self.device)?;
+        Ok(t.index_select(&ids.to_dtype(DType::U32)?, 0)?)
+    }
+    fn to_f32(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(ids.to_dtype(DType::F32)?)
+    }
+    fn constant(&self, values: &[f32], shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_slice(values, shape, &self.device)?)
+    }
+    fn full_batch(&self, like: &Tensor, value: f64, kind: Kind) -> Result<Tensor> {
+        let n = like.dim(0)?;
+        Ok(match kind {
+            Kind::F32 => Tensor::full(value as f32, n, &self.device)?,
+            Kind::Label => Tensor::full(value as u32, n, &self.device)?,
+        })
+    }
+    fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if self.train && p > 0.0 {
+            Ok(candle_nn::ops::dropout(x, p as f32)?)
+        } else {
+            Ok(x.clone())
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Networks, noise schedules, losses and samplers of `distill`.
+//!
+//! Every graph is written once against [`Backend`]: [`CandleBackend`] runs it (training and the
+//! reference), and `export` lowers the very same code to ONNX.
+
+pub mod backend;
+pub mod candle_backend;
+pub mod denoiser;
+pub mod losses;
+pub mod nn;
+pub mod sampler;
+pub mod schedule;
+pub mod unet;
+
+pub use backend::{Backend, Kind, Param};
+pub use candle_backend::CandleBackend;
+pub use denoiser::{Denoiser, ModelConfig, NoiseLevel};
+pub use sampler::{Renoise, SamplerKind};
+pub use schedule::{BetaSchedule, EdmSchedule, Parameterisation, VpSchedule};
+pub use unet::{UNet, UNetConfig};

@@ -1,0 +1,127 @@
+//! Samplers, written against [`Backend`] so the exporter can unroll them into one ONNX graph.
+//! All work in sigma-space on `x = x0 + sigma * eps` (see [`crate::schedule`]).
+
+use crate::backend::Backend;
+use crate::denoiser::Denoiser;
+use crate::schedule::Parameterisation;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    /// EDM's deterministic 2nd-order Heun (Karras Algorithm 1): `2 * steps - 1` NFE.
+    Heun,
+    /// 1st-order Euler (the probability-flow ODE): `steps` NFE.
+    Euler,
+    /// Deterministic DDIM on a VP model's timesteps (= Euler in sigma-space): `steps` NFE.
+    Ddim,
+    /// A distilled student's own few-step sampler: denoise, then re-noise to the next sigma.
+    Student,
+}
+
+impl SamplerKind {
+    /// Network evaluations (of the guided denoiser) for `steps` sampling steps.
+    pub fn nfe(self, steps: usize) -> usize {
+        match self {
+            Self::Heun => 2 * steps - 1,
+            Self::Euler | Self::Ddim | Self::Student => steps,
+        }
+    }
+}
+
+/// The sigma grid a sampler walks (descending, without the final 0).
+pub fn sampling_sigmas(param: &Parameterisation, steps: usize) -> Vec<f64> {
+    match param {
+        Parameterisation::Edm(e) => e.karras_sigmas(steps),
+        Parameterisation::Vp(v) => {
+            let s = v.sigmas();
+            v.ddim_timesteps(steps).into_iter().map(|t| s[t]).collect()
+        }
+    }
+}
+
+/// Scale that turns unit Gaussian noise into the starting sample at `sigma0`: the total standard
+/// deviation of `x0 + sigma0 * eps` in sigma-space (VP: `x_T ~ N(0, I)` scaled by `1/sqrt(alpha_bar)`).
+pub fn initial_scale(param: &Parameterisation, sigma0: f64) -> f64 {
+    match param {
+        Parameterisation::Edm(_) => sigma0,
+        Parameterisation::Vp(_) => (1.0 + sigma0 * sigma0).sqrt(),
+    }
+}
+
+/// How a multi-step student moves from one step's x0 estimate to the next step's input.
+pub enum Renoise<T> {
+    /// `x_next = x0 + sigma_next * (x - x0) / sigma` (DDIM along the student's own steps; TDM).
+    Deterministic,
+    /// `x_next = x0 + sigma_next * noise_i` with fresh unit noise per step (DMD2 backward simulation).
+    Fresh(Vec<T>),
+}
+
+/// ODE sampler (Heun, Euler or DDIM) from unit noise `z`. Returns images (unclamped x0) and the NFE.
+pub fn sample_ode<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    kind: SamplerKind,
+    z: &B::T,
+    labels: &B::T,
+    steps: usize,
+    cfg_scale: f64,
+) -> anyhow::Result<(B::T, usize)> {
+    anyhow::ensure!(steps >= 1, "a sampler needs at least one step");
+    match (kind, &den.param) {
+        (SamplerKind::Ddim, Parameterisation::Edm(_)) => anyhow::bail!("DDIM is for VP models; use heun or euler on an EDM model"),
+        (SamplerKind::Student, _) => anyhow::bail!("the student sampler is run with sample_student"),
+        _ => {}
+    }
+    let sigmas = sampling_sigmas(&den.param, steps);
+    let mut x = b.affine(z, initial_scale(&den.param, sigmas[0]), 0.0)?;
+    let mut nfe = 0;
+    for i in 0..steps {
+        let (s, next) = (sigmas[i], sigmas.get(i + 1).copied().unwrap_or(0.0));
+        let d = den.guided(b, &x, &den.level_const(b, z, s)?, labels, cfg_scale)?;
+        nfe += 1;
+        let slope = b.affine(&b.sub(&x, &d)?, 1.0 / s, 0.0)?;
+        let x_euler = b.add(&x, &b.affine(&slope, next - s, 0.0)?)?;
+        if kind == SamplerKind::Heun && next > 0.0 {
+            let d2 = den.guided(b, &x_euler, &den.level_const(b, z, next)?, labels, cfg_scale)?;
+            nfe += 1;
+            let slope2 = b.affine(&b.sub(&x_euler, &d2)?, 1.0 / next, 0.0)?;
+            let avg = b.affine(&b.add(&slope, &slope2)?, 0.5 * (next - s), 0.0)?;
+            x = b.add(&x, &avg)?;
+        } else {
+            x = x_euler;
+        }
+    }
+    Ok((x, nfe))
+}
+
+/// A distilled student's few-step sampler over its own `sigmas` (descending). The output is the
+/// last step's x0 estimate clamped to [-1, 1]. Exported as-is as the deployable generator.
+pub fn sample_student<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    z: &B::T,
+    labels: &B::T,
+    sigmas: &[f64],
+    renoise: &Renoise<B::T>,
+) -> anyhow::Result<B::T> {
+    anyhow::ensure!(!sigmas.is_empty(), "a student needs at least one step");
+    if let Renoise::Fresh(n) = renoise {
+        anyhow::ensure!(n.len() + 1 >= sigmas.len(), "{} steps need {} fresh noise tensors, got {}", sigmas.len(), sigmas.len() - 1, n.len());
+    }
+    let mut x = b.affine(z, initial_scale(&den.param, sigmas[0]), 0.0)?;
+    for (i, &s) in sigmas.iter().enumerate() {
+        let x0 = den.forward(b, &x, &den.level_const(b, z, s)?, labels)?;
+        let Some(&next) = sigmas.get(i + 1) else {
+            return b.clamp(&x0, -1.0, 1.0);
+        };
+        x = match renoise {
+            Renoise::Deterministic => {
+                let eps = b.affine(&b.sub(&x, &x0)?, 1.0 / s, 0.0)?;
+                b.add(&x0, &b.affine(&eps, next, 0.0)?)?
+            }
+            Renoise::Fresh(noise) => b.add(&x0, &b.affine(&noise[i], next, 0.0)?)?,
+        };
+    }
+    unreachable!("the loop returns at the last sigma")
+}
