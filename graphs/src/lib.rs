@@ -15,6 +15,6 @@ pub mod unet;
 pub use backend::{Backend, Kind, Param};
 pub use candle_backend::CandleBackend;
 pub use denoiser::{Denoiser, ModelConfig, NoiseLevel};
-pub use sampler::{Renoise, SamplerKind};
+pub use sampler::{generate, GeneratorSpec, Renoise, SamplerKind};
 pub use schedule::{BetaSchedule, EdmSchedule, Parameterisation, VpSchedule};
 pub use unet::{UNet, UNetConfig};

@@ -125,3 +125,63 @@ pub fn sample_student<B: Backend>(
     }
     unreachable!("the loop returns at the last sigma")
 }
+
+/// Everything needed to turn unit noise + labels into images: what an exported generator
+/// unrolls and what `distill sample` runs. Stored in student checkpoints and ONNX metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GeneratorSpec {
+    pub sampler: SamplerKind,
+    /// Sampling steps (for `student`: the length of `sigmas`).
+    pub steps: usize,
+    /// The student's step sigmas, descending (empty for ODE samplers: they derive their grid).
+    #[serde(default)]
+    pub sigmas: Vec<f64>,
+    /// Student only: re-noise with fresh noise between steps (DMD2) instead of deterministically (TDM).
+    #[serde(default)]
+    pub fresh_noise: bool,
+    /// Classifier-free guidance scale for ODE samplers (1 = off; students have it distilled in).
+    #[serde(default = "one")]
+    pub cfg_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl GeneratorSpec {
+    pub fn nfe(&self) -> usize {
+        self.sampler.nfe(self.steps)
+    }
+    /// How many fresh unit-noise tensors (one per re-noise) the generator consumes besides `z`.
+    pub fn num_fresh_noise(&self) -> usize {
+        if self.sampler == SamplerKind::Student && self.fresh_noise {
+            self.steps.saturating_sub(1)
+        } else {
+            0
+        }
+    }
+    /// The sigma of each network evaluation's step (ODE: the sampler grid; student: its sigmas).
+    pub fn step_sigmas(&self, param: &Parameterisation) -> Vec<f64> {
+        if self.sampler == SamplerKind::Student {
+            self.sigmas.clone()
+        } else {
+            sampling_sigmas(param, self.steps)
+        }
+    }
+}
+
+/// Runs the generator described by `spec`: unit noise `z` `[N, C, H, W]`, labels `[N]`, and
+/// `spec.num_fresh_noise()` extra unit-noise tensors -> images `[N, C, H, W]` clamped to [-1, 1].
+pub fn generate<B: Backend>(b: &B, den: &Denoiser, spec: &GeneratorSpec, z: &B::T, labels: &B::T, fresh: &[B::T]) -> anyhow::Result<B::T> {
+    anyhow::ensure!(fresh.len() == spec.num_fresh_noise(), "generator needs {} fresh noise tensors, got {}", spec.num_fresh_noise(), fresh.len());
+    match spec.sampler {
+        SamplerKind::Student => {
+            let renoise = if spec.fresh_noise { Renoise::Fresh(fresh.to_vec()) } else { Renoise::Deterministic };
+            sample_student(b, den, z, labels, &spec.sigmas, &renoise)
+        }
+        kind => {
+            let (x, _) = sample_ode(b, den, kind, z, labels, spec.steps, spec.cfg_scale)?;
+            b.clamp(&x, -1.0, 1.0)
+        }
+    }
+}

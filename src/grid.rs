@@ -1,0 +1,1 @@
+//! PNG sample grids.

@@ -1,0 +1,58 @@
+//! Walks a network's parameters (name -> tensor), e.g. to save them or to count them.
+
+use graphs::nn::{Conv2d, GroupNorm, Linear, ResBlock, SelfAttention};
+use graphs::unet::Layer;
+use graphs::{Denoiser, Param};
+
+fn conv(v: &mut Vec<Param>, c: &Conv2d) {
+    v.push(c.weight.clone());
+    v.push(c.bias.clone());
+}
+fn lin(v: &mut Vec<Param>, l: &Linear) {
+    v.push(l.weight.clone());
+    v.push(l.bias.clone());
+}
+fn gn(v: &mut Vec<Param>, g: &GroupNorm) {
+    v.push(g.gamma.clone());
+    v.push(g.beta.clone());
+}
+fn res(v: &mut Vec<Param>, r: &ResBlock) {
+    gn(v, &r.norm1);
+    conv(v, &r.conv1);
+    lin(v, &r.emb_proj);
+    gn(v, &r.norm2);
+    conv(v, &r.conv2);
+    if let Some(s) = &r.skip {
+        conv(v, s);
+    }
+}
+fn attn(v: &mut Vec<Param>, a: &SelfAttention) {
+    gn(v, &a.norm);
+    for c in [&a.q, &a.k, &a.v, &a.proj] {
+        conv(v, c);
+    }
+}
+
+/// Every parameter of the denoiser, in a fixed order.
+pub fn collect(den: &Denoiser) -> Vec<Param> {
+    let u = &den.unet;
+    let mut v = Vec::new();
+    lin(&mut v, &u.emb1);
+    lin(&mut v, &u.emb2);
+    v.push(u.label_emb.table.clone());
+    conv(&mut v, &u.conv_in);
+    for l in u.down.iter().chain(&u.mid).chain(&u.up) {
+        match l {
+            Layer::Res(r) => res(&mut v, r),
+            Layer::Attn(a, _) => attn(&mut v, a),
+            Layer::Down(c) | Layer::Up(c) => conv(&mut v, c),
+        }
+    }
+    gn(&mut v, &u.norm_out);
+    conv(&mut v, &u.conv_out);
+    v
+}
+
+pub fn count(den: &Denoiser) -> usize {
+    collect(den).iter().map(|p| p.t.elem_count()).sum()
+}
