@@ -127,7 +127,7 @@ pub fn denoiser_from_tensors(cfg: &ModelConfig, weights: HashMap<String, Tensor>
     let n = weights.len();
     let vb = VarBuilder::from_tensors(weights, DType::F32, device);
     let den = Denoiser::new(vb, cfg).with_context(|| format!("{origin}: weights do not match the model config"))?;
-    let expected = crate::params::collect(&den).len();
+    let expected = graphs::params::collect(&den).len();
     if expected != n {
         bail!("{origin}: holds {n} tensors but the model config needs {expected}");
     }

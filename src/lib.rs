@@ -5,4 +5,3 @@ pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod grid;
-pub mod params;

@@ -8,6 +8,7 @@ pub mod candle_backend;
 pub mod denoiser;
 pub mod losses;
 pub mod nn;
+pub mod params;
 pub mod sampler;
 pub mod schedule;
 pub mod unet;

@@ -1,8 +1,8 @@
 //! Walks a network's parameters (name -> tensor), e.g. to save them or to count them.
 
-use graphs::nn::{Conv2d, GroupNorm, Linear, ResBlock, SelfAttention};
-use graphs::unet::Layer;
-use graphs::{Denoiser, Param};
+use crate::nn::{Conv2d, GroupNorm, Linear, ResBlock, SelfAttention};
+use crate::unet::Layer;
+use crate::{Denoiser, Param};
 
 fn conv(v: &mut Vec<Param>, c: &Conv2d) {
     v.push(c.weight.clone());
