@@ -55,7 +55,7 @@ impl Backend for CandleBackend {
     type T = Tensor;
 
     fn conv2d(&self, x: &Tensor, w: &Param, b: Option<&Param>, stride: usize, pad: usize) -> Result<Tensor> {
-        let y = x.conv2d(&w.t, pad, stride, 1, 1).with_context(|| format!("conv2d {}", w.name))?;
+        let y = crate::kernels::conv2d(x, &w.t, stride, pad).with_context(|| format!("conv2d {}", w.name))?;
         match b {
             Some(b) => Ok(y.broadcast_add(&b.t.reshape((1, b.t.dim(0)?, 1, 1))?)?),
             None => Ok(y),
