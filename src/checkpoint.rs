@@ -76,6 +76,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises tensors (sorted by name) to safetensors bytes.
 pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    safetensors_bytes_with_meta(tensors, None)
+}
+
+/// Like [`safetensors_bytes`], with string metadata in the header (one atomic file for state + step).
+pub fn safetensors_bytes_with_meta(tensors: &HashMap<String, Tensor>, meta: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut data: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
@@ -83,7 +88,7 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
         data.push((n.clone(), tensors[n].to_device(&Device::Cpu)?.contiguous()?));
     }
     let views: Vec<(&str, &Tensor)> = data.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Ok(safetensors::tensor::serialize(views, None).context("serialising safetensors")?)
+    Ok(safetensors::tensor::serialize(views, meta).context("serialising safetensors")?)
 }
 
 /// Writes tensors to a safetensors file atomically.
@@ -93,6 +98,11 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
 
 /// Reads a safetensors file, naming the file in every error.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    Ok(load_tensors_with_meta(path, device)?.0)
+}
+
+/// Reads a safetensors file and its header metadata.
+pub fn load_tensors_with_meta(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a valid safetensors file (truncated or corrupt?)", path.display()))?;
     let mut out = HashMap::new();
@@ -100,7 +110,8 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
         let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name}", path.display()))?;
         out.insert(name, t);
     }
-    Ok(out)
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: bad header", path.display()))?;
+    Ok((out, header.metadata().clone().unwrap_or_default()))
 }
 
 /// Writes a checkpoint folder: weights first, config last (the config's presence marks it complete).

@@ -1,7 +1,11 @@
 //! `distill`: train a diffusion teacher, distil it into a 1-4 step student (DMD2, TDM), export it
 //! to ONNX / TensorRT and validate parity. The binary in `main.rs` is a thin CLI over this library.
 
+pub mod bench;
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod grid;
+pub mod sample;
+pub mod train;

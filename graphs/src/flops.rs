@@ -129,7 +129,13 @@ fn numel(shape: &[usize]) -> usize {
 /// Numpy broadcasting of two shapes.
 pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let rank = a.len().max(b.len());
-    let dim = |s: &[usize], i: usize| if i + s.len() < rank { 1 } else { s[i + s.len() - rank] };
+    let dim = |s: &[usize], i: usize| {
+        if i + s.len() < rank {
+            1
+        } else {
+            s[i + s.len() - rank]
+        }
+    };
     (0..rank)
         .map(|i| match (dim(a, i), dim(b, i)) {
             (x, y) if x == y => Ok(x),
@@ -143,40 +149,99 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
 impl Backend for FlopCounter {
     type T = Vec<usize>;
 
-    fn conv2d(&self, x: &Vec<usize>, w: &Param, b: Option<&Param>, stride: usize, pad: usize) -> Result<Vec<usize>> {
-        let &[n, cin, h, wd] = x.as_slice() else { bail!("conv2d {}: input {x:?} is not NCHW", w.name) };
-        let &[cout, wcin, k, k2] = w.dims() else { bail!("conv2d {}: weight {:?} is not 4-D", w.name, w.dims()) };
-        ensure!(wcin == cin && k == k2, "conv2d {}: weight {:?} does not fit input {x:?}", w.name, w.dims());
-        ensure!(stride > 0 && h + 2 * pad >= k && wd + 2 * pad >= k, "conv2d {}: kernel {k} larger than padded input {x:?}", w.name);
-        let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
+    fn conv2d(
+        &self,
+        x: &Vec<usize>,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Vec<usize>> {
+        let &[n, cin, h, wd] = x.as_slice() else {
+            bail!("conv2d {}: input {x:?} is not NCHW", w.name)
+        };
+        let &[cout, wcin, k, k2] = w.dims() else {
+            bail!("conv2d {}: weight {:?} is not 4-D", w.name, w.dims())
+        };
+        ensure!(
+            wcin == cin && k == k2,
+            "conv2d {}: weight {:?} does not fit input {x:?}",
+            w.name,
+            w.dims()
+        );
+        ensure!(
+            stride > 0 && h + 2 * pad >= k && wd + 2 * pad >= k,
+            "conv2d {}: kernel {k} larger than padded input {x:?}",
+            w.name
+        );
+        let (ho, wo) = (
+            (h + 2 * pad - k) / stride + 1,
+            (wd + 2 * pad - k) / stride + 1,
+        );
         let out = vec![n, cout, ho, wo];
         self.bump(|c| c.conv += conv2d_flops(n, cin, cout, k, ho, wo));
         if let Some(b) = b {
-            ensure!(b.dims() == [cout], "conv2d {}: bias {:?} for {cout} channels", w.name, b.dims());
+            ensure!(
+                b.dims() == [cout],
+                "conv2d {}: bias {:?} for {cout} channels",
+                w.name,
+                b.dims()
+            );
             self.elementwise(&out, 1);
         }
         Ok(out)
     }
 
     fn linear(&self, x: &Vec<usize>, w: &Param, b: Option<&Param>) -> Result<Vec<usize>> {
-        let &[dout, din] = w.dims() else { bail!("linear {}: weight {:?} is not 2-D", w.name, w.dims()) };
-        ensure!(x.last() == Some(&din), "linear {}: input {x:?} does not end in {din}", w.name);
+        let &[dout, din] = w.dims() else {
+            bail!("linear {}: weight {:?} is not 2-D", w.name, w.dims())
+        };
+        ensure!(
+            x.last() == Some(&din),
+            "linear {}: input {x:?} does not end in {din}",
+            w.name
+        );
         let rows = numel(&x[..x.len() - 1]);
         let mut out = x.clone();
         *out.last_mut().expect("non-empty") = dout;
         self.bump(|c| c.linear += linear_flops(rows, din, dout));
         if let Some(b) = b {
-            ensure!(b.dims() == [dout], "linear {}: bias {:?} for {dout} outputs", w.name, b.dims());
+            ensure!(
+                b.dims() == [dout],
+                "linear {}: bias {:?} for {dout} outputs",
+                w.name,
+                b.dims()
+            );
             self.elementwise(&out, 1);
         }
         Ok(out)
     }
 
-    fn group_norm(&self, x: &Vec<usize>, groups: usize, _eps: f64, gamma: &Param, beta: &Param) -> Result<Vec<usize>> {
-        ensure!(x.len() == 4, "group_norm {}: input {x:?} is not NCHW", gamma.name);
+    fn group_norm(
+        &self,
+        x: &Vec<usize>,
+        groups: usize,
+        _eps: f64,
+        gamma: &Param,
+        beta: &Param,
+    ) -> Result<Vec<usize>> {
+        ensure!(
+            x.len() == 4,
+            "group_norm {}: input {x:?} is not NCHW",
+            gamma.name
+        );
         let c = x[1];
-        ensure!(groups > 0 && c % groups == 0, "group_norm {}: {c} channels in {groups} groups", gamma.name);
-        ensure!(gamma.dims() == [c] && beta.dims() == [c], "group_norm {}: affine {:?} for {c} channels", gamma.name, gamma.dims());
+        ensure!(
+            groups > 0 && c % groups == 0,
+            "group_norm {}: {c} channels in {groups} groups",
+            gamma.name
+        );
+        ensure!(
+            gamma.dims() == [c] && beta.dims() == [c],
+            "group_norm {}: affine {:?} for {c} channels",
+            gamma.name,
+            gamma.dims()
+        );
         self.unary(x, GROUP_NORM_FLOPS)
     }
 
@@ -218,11 +283,15 @@ impl Backend for FlopCounter {
     }
 
     fn matmul(&self, a: &Vec<usize>, b: &Vec<usize>) -> Result<Vec<usize>> {
-        ensure!(a.len() >= 2 && b.len() >= 2, "matmul: operands {a:?} and {b:?} need rank >= 2");
+        ensure!(
+            a.len() >= 2 && b.len() >= 2,
+            "matmul: operands {a:?} and {b:?} need rank >= 2"
+        );
         let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
         let (k2, n) = (b[b.len() - 2], b[b.len() - 1]);
         ensure!(k == k2, "matmul: inner dims of {a:?} and {b:?} differ");
-        let mut out = broadcast(&a[..a.len() - 2], &b[..b.len() - 2]).context("matmul batch dims")?;
+        let mut out =
+            broadcast(&a[..a.len() - 2], &b[..b.len() - 2]).context("matmul batch dims")?;
         let batch = numel(&out) as u64;
         out.extend([m, n]);
         self.bump(|c| c.matmul += 2 * batch * (m * k * n) as u64);
@@ -241,7 +310,10 @@ impl Backend for FlopCounter {
         ensure!(perm.len() == x.len(), "permute: {perm:?} for shape {x:?}");
         let mut seen = vec![false; x.len()];
         for &p in perm {
-            ensure!(p < x.len() && !seen[p], "permute: {perm:?} is not a permutation");
+            ensure!(
+                p < x.len() && !seen[p],
+                "permute: {perm:?} is not a permutation"
+            );
             seen[p] = true;
         }
         Ok(perm.iter().map(|&p| x[p]).collect())
@@ -257,9 +329,15 @@ impl Backend for FlopCounter {
         ensure!(axis < first.len(), "concat: axis {axis} of {first:?}");
         let mut out = (*first).clone();
         for x in &xs[1..] {
-            ensure!(x.len() == first.len(), "concat: ranks of {first:?} and {x:?} differ");
+            ensure!(
+                x.len() == first.len(),
+                "concat: ranks of {first:?} and {x:?} differ"
+            );
             for (i, (&a, &b)) in first.iter().zip(x.iter()).enumerate() {
-                ensure!(i == axis || a == b, "concat on axis {axis}: {first:?} and {x:?} differ elsewhere");
+                ensure!(
+                    i == axis || a == b,
+                    "concat on axis {axis}: {first:?} and {x:?} differ elsewhere"
+                );
             }
             out[axis] += x[axis];
         }
@@ -267,8 +345,18 @@ impl Backend for FlopCounter {
     }
 
     fn embedding(&self, ids: &Vec<usize>, table: &Param) -> Result<Vec<usize>> {
-        ensure!(ids.len() == 1, "embedding {}: ids {ids:?} are not 1-D", table.name);
-        let &[_, dim] = table.dims() else { bail!("embedding {}: table {:?} is not 2-D", table.name, table.dims()) };
+        ensure!(
+            ids.len() == 1,
+            "embedding {}: ids {ids:?} are not 1-D",
+            table.name
+        );
+        let &[_, dim] = table.dims() else {
+            bail!(
+                "embedding {}: table {:?} is not 2-D",
+                table.name,
+                table.dims()
+            )
+        };
         Ok(vec![ids[0], dim])
     }
 
@@ -282,7 +370,11 @@ impl Backend for FlopCounter {
     }
 
     fn constant(&self, values: &[f32], shape: &[usize]) -> Result<Vec<usize>> {
-        ensure!(values.len() == numel(shape), "constant: {} values for shape {shape:?}", values.len());
+        ensure!(
+            values.len() == numel(shape),
+            "constant: {} values for shape {shape:?}",
+            values.len()
+        );
         Ok(shape.to_vec())
     }
 
@@ -307,7 +399,10 @@ pub fn denoiser_forward(den: &Denoiser, batch: usize) -> Result<FlopCount> {
         Parameterisation::Vp(_) => den.level_from_timesteps(&fc, &per_sample)?,
     };
     let out = den.forward(&fc, &x, &level, &per_sample)?;
-    ensure!(out == x, "denoiser output {out:?} differs from its input {x:?}");
+    ensure!(
+        out == x,
+        "denoiser output {out:?} differs from its input {x:?}"
+    );
     Ok(fc.count())
 }
 
@@ -356,7 +451,10 @@ mod tests {
     #[test]
     fn matmul_and_shape_errors() {
         let fc = FlopCounter::new();
-        assert_eq!(fc.matmul(&vec![2, 64, 32], &vec![2, 32, 64]).unwrap(), vec![2, 64, 64]);
+        assert_eq!(
+            fc.matmul(&vec![2, 64, 32], &vec![2, 32, 64]).unwrap(),
+            vec![2, 64, 64]
+        );
         assert_eq!(fc.count().matmul, 2 * 2 * 64 * 32 * 64);
         assert!(fc.matmul(&vec![2, 64, 32], &vec![2, 31, 64]).is_err());
         assert!(fc.add(&vec![2, 3], &vec![4, 3]).is_err());
@@ -364,7 +462,10 @@ mod tests {
     }
 
     fn edm(unet: UNetConfig) -> ModelConfig {
-        ModelConfig { unet, parameterisation: Parameterisation::Edm(EdmSchedule::default()) }
+        ModelConfig {
+            unet,
+            parameterisation: Parameterisation::Edm(EdmSchedule::default()),
+        }
     }
 
     #[test]

@@ -1,0 +1,239 @@
+//! Whole models: the unrolled generator and the bare denoiser, with their metadata.
+
+use crate::backend::{Dim, ElemType, OnnxBackend, IR_VERSION, OPSET};
+use crate::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto};
+use anyhow::{ensure, Context, Result};
+use graphs::{Denoiser, GeneratorSpec, Parameterisation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+
+/// Numeric precision of the exported weights and of Conv/Gemm/MatMul-by-weight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything f32.
+    #[default]
+    Fp32,
+    /// f16 conv/linear weights and biases; each Conv/Gemm/MatMul-by-weight runs in f16 between
+    /// explicit Casts (its input to f16, its output back to f32). GroupNorm (InstanceNormalization),
+    /// Softmax, embeddings, the preconditioning and sampler arithmetic and all graph inputs and
+    /// outputs stay f32 (TensorRT's strongly typed mode wants such explicit types).
+    Fp16,
+}
+
+impl Precision {
+    pub fn weight_elem(self) -> ElemType {
+        match self {
+            Self::Fp32 => ElemType::F32,
+            Self::Fp16 => ElemType::F16,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Fp16 => "fp16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(Self::Fp32),
+            "fp16" | "f16" | "float16" | "half" => Ok(Self::Fp16),
+            _ => anyhow::bail!("unknown precision {s:?} (expected fp32 or fp16)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to export.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub precision: Precision,
+    /// Training method recorded in the metadata: "teacher", "dmd2", "tdm", ...
+    pub method: String,
+    /// SHA-256 of the checkpoint file; when `None` the metadata records the SHA-256 over the
+    /// exported initializers' bytes, in order ([`weights_sha256`]).
+    pub weights_sha256: Option<String>,
+    /// Extra `metadata_props` entries (appended after the standard ones).
+    pub extra_metadata: Vec<(String, String)>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self { precision: Precision::Fp32, method: "teacher".into(), weights_sha256: None, extra_metadata: Vec::new() }
+    }
+}
+
+/// SHA-256 (hex) over the raw bytes of the model's initializers, in graph order.
+pub fn weights_sha256(model: &ModelProto) -> String {
+    let mut h = Sha256::new();
+    if let Some(g) = &model.graph {
+        for t in &g.initializer {
+            h.update(&t.raw_data);
+        }
+    }
+    hex(&h.finalize())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `metadata_props` of a model as a list of pairs.
+pub fn metadata(model: &ModelProto) -> Vec<(String, String)> {
+    model.metadata_props.iter().map(|e| (e.key.clone(), e.value.clone())).collect()
+}
+
+impl OnnxBackend {
+    /// Finishes the graph: `outputs` are `(graph output name, value)`, each attached through an
+    /// Identity node; value_info for every intermediate with a tracked shape.
+    pub fn into_model(self, graph_name: &str, outputs: &[(&str, String)], metadata: Vec<(String, String)>) -> Result<ModelProto> {
+        let b = self;
+        let mut out_infos = Vec::new();
+        let mut out_nodes = Vec::new();
+        for (name, v) in outputs {
+            let info = b.info(v)?;
+            ensure!(!b.g.borrow().values.contains_key(*name), "output name {name} is already a value");
+            out_nodes.push(NodeProto {
+                input: vec![v.clone()],
+                output: vec![name.to_string()],
+                name: format!("{name}_output"),
+                op_type: "Identity".into(),
+                ..Default::default()
+            });
+            out_infos.push(info.to_proto(name));
+        }
+        let g = b.take();
+        let inits: HashSet<&str> = g.initializers.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<_> = g.inputs.iter().map(|n| g.values[n].to_proto(n)).collect();
+        let mut value_info = Vec::new();
+        for node in &g.nodes {
+            for o in &node.output {
+                let info = &g.values[o];
+                if node.op_type != "Constant" && !inits.contains(o.as_str()) && !info.dims.contains(&Dim::Unknown) {
+                    value_info.push(info.to_proto(o));
+                }
+            }
+        }
+        let mut nodes = g.nodes;
+        nodes.extend(out_nodes);
+        let graph = GraphProto {
+            node: nodes,
+            name: graph_name.to_string(),
+            initializer: g.initializers,
+            input: inputs,
+            output: out_infos,
+            value_info,
+            ..Default::default()
+        };
+        let mut model = ModelProto {
+            ir_version: IR_VERSION,
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+            producer_name: "distill".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            graph: Some(graph),
+            ..Default::default()
+        };
+        model.metadata_props = metadata.into_iter().map(|(key, value)| StringStringEntryProto { key, value }).collect();
+        Ok(model)
+    }
+}
+
+fn image_dims(den: &Denoiser) -> [Dim; 4] {
+    let c = &den.unet.cfg;
+    [Dim::Batch, Dim::Fixed(c.channels), Dim::Fixed(c.resolution), Dim::Fixed(c.resolution)]
+}
+
+fn common_metadata(den: &Denoiser, kind: &str, opts: &ExportOptions) -> Result<Vec<(String, String)>> {
+    let c = &den.unet.cfg;
+    Ok(vec![
+        ("producer".into(), format!("distill {}", env!("CARGO_PKG_VERSION"))),
+        ("kind".into(), kind.into()),
+        ("method".into(), opts.method.clone()),
+        ("parameterisation".into(), serde_json::to_string(&den.param)?),
+        ("resolution".into(), c.resolution.to_string()),
+        ("channels".into(), c.channels.to_string()),
+        ("num_classes".into(), c.num_classes.to_string()),
+        ("null_class_id".into(), c.null_class().to_string()),
+        ("pixel_range".into(), "[-1, 1]".into()),
+        ("label_dtype".into(), "int32".into()),
+        ("precision".into(), opts.precision.name().into()),
+    ])
+}
+
+fn finish_metadata(model: &mut ModelProto, opts: &ExportOptions) {
+    let sha = opts.weights_sha256.clone().unwrap_or_else(|| weights_sha256(model));
+    let source = if opts.weights_sha256.is_some() { "checkpoint file" } else { "initializer bytes in graph order" };
+    for (key, value) in [("weights_sha256".to_string(), sha), ("weights_sha256_of".to_string(), source.to_string())].into_iter().chain(opts.extra_metadata.iter().cloned()) {
+        model.metadata_props.push(StringStringEntryProto { key, value });
+    }
+}
+
+/// The deployable generator: `noise` `[batch, C, H, W]` f32 unit Gaussian, `class_labels`
+/// `[batch]` int32 (`num_classes` = the null class), plus `noise_1`..`noise_k` `[batch, C, H, W]`
+/// when `spec.num_fresh_noise() == k > 0` -> `images` `[batch, C, H, W]` f32 in [-1, 1].
+///
+/// The graph is [`graphs::generate`] run on an [`OnnxBackend`]: the whole sampler (every step,
+/// every guided network evaluation, its sigma constants) unrolled into one graph.
+pub fn export_generator(den: &Denoiser, spec: &GeneratorSpec, opts: &ExportOptions) -> Result<ModelProto> {
+    let b = OnnxBackend::new(opts.precision);
+    let img = image_dims(den);
+    let z = b.input("noise", ElemType::F32, &img)?;
+    let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
+    let fresh = (1..=spec.num_fresh_noise()).map(|i| b.input(&format!("noise_{i}"), ElemType::F32, &img)).collect::<Result<Vec<_>>>()?;
+    let out = graphs::generate(&b, den, spec, &z, &labels, &fresh).context("lowering the generator")?;
+    let mut meta = common_metadata(den, "generator", opts)?;
+    let sigmas = spec.step_sigmas(&den.param);
+    meta.extend([
+        ("sampler".to_string(), serde_json::to_value(spec.sampler)?.as_str().unwrap_or_default().to_string()),
+        ("steps".into(), spec.steps.to_string()),
+        ("sigmas".into(), serde_json::to_string(&sigmas)?),
+        ("nfe".into(), spec.nfe().to_string()),
+        // With classifier-free guidance each guided evaluation is two network calls.
+        ("network_calls".into(), (spec.nfe() * if spec.cfg_scale != 1.0 && spec.sampler != graphs::SamplerKind::Student { 2 } else { 1 }).to_string()),
+        ("cfg_scale".into(), spec.cfg_scale.to_string()),
+        ("fresh_noise_inputs".into(), spec.num_fresh_noise().to_string()),
+        ("generator_spec".into(), serde_json::to_string(spec)?),
+    ]);
+    let mut model = b.into_model("distill_generator", &[("images", out)], meta)?;
+    finish_metadata(&mut model, opts);
+    Ok(model)
+}
+
+/// The bare denoiser, one network evaluation.
+///
+/// * EDM: `x` `[batch, C, H, W]`, `sigma` `[batch]` f32, `class_labels` `[batch]` int32 ->
+///   `denoised` (D(x; sigma, label), the x0 estimate), via `level_from_sigma` + `forward`.
+/// * VP: `x`, `timestep` `[batch]` int32 (0..T), `class_labels` -> `eps` (the network's noise
+///   prediction for `x = x0 + sigma_t * eps` in sigma-space), via `level_from_timesteps` + `eps`.
+pub fn export_denoiser(den: &Denoiser, opts: &ExportOptions) -> Result<ModelProto> {
+    let b = OnnxBackend::new(opts.precision);
+    let x = b.input("x", ElemType::F32, &image_dims(den))?;
+    let (out, out_name) = match &den.param {
+        Parameterisation::Edm(_) => {
+            let sigma = b.input("sigma", ElemType::F32, &[Dim::Batch])?;
+            let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
+            let level = den.level_from_sigma(&b, &sigma)?;
+            (den.forward(&b, &x, &level, &labels)?, "denoised")
+        }
+        Parameterisation::Vp(_) => {
+            let t = b.input("timestep", ElemType::I32, &[Dim::Batch])?;
+            let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
+            let level = den.level_from_timesteps(&b, &t)?;
+            (den.eps(&b, &x, &level, &labels)?, "eps")
+        }
+    };
+    let meta = common_metadata(den, "denoiser", opts)?;
+    let mut model = b.into_model("distill_denoiser", &[(out_name, out)], meta)?;
+    finish_metadata(&mut model, opts);
+    Ok(model)
+}

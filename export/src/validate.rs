@@ -1,0 +1,341 @@
+//! Parity of an exported model against candle on seeded inputs, in tract and/or ONNX Runtime.
+//!
+//! The reference is the same graph definition executed by [`graphs::CandleBackend`] on the CPU
+//! (`graphs::generate` for a generator; `level_from_sigma` + `forward`, or
+//! `level_from_timesteps` + `eps`, for a denoiser), fed the very same seeded inputs.
+
+use crate::model::Precision;
+use crate::runtime::{self, Inputs, OrtRunner, Runner, TensorData, TractRunner};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use graphs::{CandleBackend, Denoiser, GeneratorSpec, Parameterisation};
+use ndarray::ArrayD;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A runtime to validate in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Tract,
+    #[serde(rename = "onnxruntime")]
+    OnnxRuntime,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tract => "tract",
+            Self::OnnxRuntime => "onnxruntime",
+        }
+    }
+    fn load(self, path: &Path) -> Result<Box<dyn Runner>> {
+        Ok(match self {
+            Self::Tract => Box::new(TractRunner::from_path(path)?),
+            Self::OnnxRuntime => Box::new(OrtRunner::from_path(path)?),
+        })
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "tract" => Ok(Self::Tract),
+            "ort" | "onnxruntime" | "onnx-runtime" => Ok(Self::OnnxRuntime),
+            _ => bail!("unknown runtime {s:?} (expected tract or ort)"),
+        }
+    }
+}
+
+/// What the model file is.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// An [`crate::export_generator`] model of this spec.
+    Generator(&'a GeneratorSpec),
+    /// An [`crate::export_denoiser`] model.
+    Denoiser,
+}
+
+#[derive(Clone, Debug)]
+pub struct ValidateOptions {
+    /// Number of seeded input sets (default 32).
+    pub cases: usize,
+    /// Batch sizes, cycled over the cases (default `[1, 7, 4, 2]`).
+    pub batches: Vec<usize>,
+    pub seed: u64,
+    /// Runtimes to run; leaving one out is the explicit way to skip it (default: both).
+    pub runtimes: Vec<RuntimeKind>,
+    /// Precision the tolerances are for; `None` reads the model's `precision` metadata.
+    pub precision: Option<Precision>,
+    /// Tolerance on the max absolute error (default fp32 1e-4, fp16 2e-2).
+    pub max_abs_tol: Option<f64>,
+    /// Tolerance on the mean absolute error (default fp32 none, fp16 2e-3).
+    pub mean_abs_tol: Option<f64>,
+}
+
+impl Default for ValidateOptions {
+    fn default() -> Self {
+        Self {
+            cases: 32,
+            batches: vec![1, 7, 4, 2],
+            seed: 0,
+            runtimes: vec![RuntimeKind::Tract, RuntimeKind::OnnxRuntime],
+            precision: None,
+            max_abs_tol: None,
+            mean_abs_tol: None,
+        }
+    }
+}
+
+/// Comparison of one output of one runtime with candle, over all cases.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    pub runtime: String,
+    pub output: String,
+    pub elements: usize,
+    pub max_abs: f64,
+    pub mean_abs: f64,
+    pub p99_abs: f64,
+    /// Max of `|out - ref| / max(|ref|, 1e-3)`.
+    pub max_rel: f64,
+    pub cosine: f64,
+    /// NaN/Inf values in the runtime's output.
+    pub nonfinite: usize,
+    pub max_abs_tol: f64,
+    pub mean_abs_tol: Option<f64>,
+    pub passed: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ValidateReport {
+    pub model: String,
+    pub precision: Precision,
+    pub cases: usize,
+    pub batches: Vec<usize>,
+    pub seed: u64,
+    pub metrics: Vec<Metrics>,
+}
+
+impl ValidateReport {
+    /// Every runtime/output within tolerance (and at least one comparison made).
+    pub fn passed(&self) -> bool {
+        !self.metrics.is_empty() && self.metrics.iter().all(|m| m.passed)
+    }
+    pub fn max_abs(&self) -> f64 {
+        self.metrics.iter().map(|m| m.max_abs).fold(0.0, f64::max)
+    }
+}
+
+impl std::fmt::Display for ValidateReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "parity of {} ({}) vs candle: {} cases, batches {:?}, seed {}", self.model, self.precision, self.cases, self.batches, self.seed)?;
+        writeln!(
+            f,
+            "{:<12} {:<10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6} {:>18}  result",
+            "runtime", "output", "elements", "max_abs", "mean_abs", "p99_abs", "max_rel", "cosine", "nan", "tol (max/mean)"
+        )?;
+        for m in &self.metrics {
+            let tol = match m.mean_abs_tol {
+                Some(t) => format!("{:.1e}/{:.1e}", m.max_abs_tol, t),
+                None => format!("{:.1e}/-", m.max_abs_tol),
+            };
+            writeln!(
+                f,
+                "{:<12} {:<10} {:>9} {:>10.3e} {:>10.3e} {:>10.3e} {:>10.3e} {:>10.7} {:>6} {:>18}  {}",
+                m.runtime,
+                m.output,
+                m.elements,
+                m.max_abs,
+                m.mean_abs,
+                m.p99_abs,
+                m.max_rel,
+                m.cosine,
+                m.nonfinite,
+                tol,
+                if m.passed { "PASS" } else { "FAIL" }
+            )?;
+        }
+        write!(f, "overall: {}", if self.passed() { "PASS" } else { "FAIL" })
+    }
+}
+
+#[derive(Default)]
+struct Acc {
+    diffs: Vec<f64>,
+    dot: f64,
+    nr: f64,
+    no: f64,
+    max_rel: f64,
+    nonfinite: usize,
+}
+
+impl Acc {
+    fn add(&mut self, reference: &[f32], out: &[f32]) {
+        for (&r, &o) in reference.iter().zip(out) {
+            if !o.is_finite() {
+                self.nonfinite += 1;
+                self.diffs.push(f64::INFINITY);
+                continue;
+            }
+            let d = (o as f64 - r as f64).abs();
+            self.diffs.push(d);
+            self.max_rel = self.max_rel.max(d / (r.abs() as f64).max(1e-3));
+            self.dot += r as f64 * o as f64;
+            self.nr += (r as f64).powi(2);
+            self.no += (o as f64).powi(2);
+        }
+    }
+    fn finish(mut self, runtime: &str, output: &str, max_tol: f64, mean_tol: Option<f64>) -> Metrics {
+        let n = self.diffs.len();
+        let max_abs = self.diffs.iter().copied().fold(0.0, f64::max);
+        let mean_abs = if n > 0 { self.diffs.iter().sum::<f64>() / n as f64 } else { 0.0 };
+        self.diffs.sort_by(|a, b| a.total_cmp(b));
+        let p99_abs = if n > 0 { self.diffs[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1] } else { 0.0 };
+        let cosine = if self.nr > 0.0 && self.no > 0.0 { self.dot / (self.nr.sqrt() * self.no.sqrt()) } else if self.nr == self.no { 1.0 } else { 0.0 };
+        let passed = n > 0 && self.nonfinite == 0 && max_abs <= max_tol && mean_tol.is_none_or(|t| mean_abs <= t);
+        Metrics {
+            runtime: runtime.into(),
+            output: output.into(),
+            elements: n,
+            max_abs,
+            mean_abs,
+            p99_abs,
+            max_rel: self.max_rel,
+            cosine,
+            nonfinite: self.nonfinite,
+            max_abs_tol: max_tol,
+            mean_abs_tol: mean_tol,
+            passed,
+        }
+    }
+}
+
+fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+}
+
+/// One seeded case: ONNX inputs and the candle reference output.
+fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> Result<(Vec<(String, TensorData)>, Vec<f32>)> {
+    let cfg = &den.unet.cfg;
+    let (c, r) = (cfg.channels, cfg.resolution);
+    let shape = [batch, c, r, r];
+    let n = batch * c * r * r;
+    let dev = Device::Cpu;
+    let cb = CandleBackend::new(&dev);
+    let labels: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..cfg.num_classes as u32)).collect();
+    let labels_t = Tensor::from_vec(labels.clone(), batch, &dev)?;
+    let labels_in = TensorData::I32(ArrayD::from_shape_vec(vec![batch], labels.iter().map(|&l| l as i32).collect())?);
+    let img = |v: &Vec<f32>| -> Result<(Tensor, TensorData)> {
+        Ok((Tensor::from_vec(v.clone(), &shape, &dev)?, TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v.clone())?)))
+    };
+    let (inputs, out) = match target {
+        Target::Generator(spec) => {
+            let (z, z_in) = img(&normal(rng, n))?;
+            let mut inputs = vec![("noise".to_string(), z_in), ("class_labels".to_string(), labels_in)];
+            let mut fresh = Vec::new();
+            for i in 1..=spec.num_fresh_noise() {
+                let (t, t_in) = img(&normal(rng, n))?;
+                fresh.push(t);
+                inputs.push((format!("noise_{i}"), t_in));
+            }
+            let y = graphs::generate(&cb, den, spec, &z, &labels_t, &fresh)?;
+            (inputs, y)
+        }
+        Target::Denoiser => match &den.param {
+            Parameterisation::Edm(e) => {
+                let (lo, hi) = (e.sigma_min.ln(), e.sigma_max.ln());
+                let sigma: Vec<f32> = (0..batch).map(|_| rng.gen_range(lo..hi).exp() as f32).collect();
+                let eps = normal(rng, n);
+                let x0 = normal(rng, n);
+                let per = n / batch;
+                let x: Vec<f32> = (0..n).map(|i| 0.5 * x0[i] + sigma[i / per] * eps[i]).collect();
+                let (xt, x_in) = img(&x)?;
+                let st = Tensor::from_vec(sigma.clone(), batch, &dev)?;
+                let level = den.level_from_sigma(&cb, &st)?;
+                let y = den.forward(&cb, &xt, &level, &labels_t)?;
+                let inputs = vec![
+                    ("x".to_string(), x_in),
+                    ("sigma".to_string(), TensorData::F32(ArrayD::from_shape_vec(vec![batch], sigma)?)),
+                    ("class_labels".to_string(), labels_in),
+                ];
+                (inputs, y)
+            }
+            Parameterisation::Vp(v) => {
+                let sig = v.sigmas();
+                let t: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..v.num_timesteps as u32)).collect();
+                let eps = normal(rng, n);
+                let x0 = normal(rng, n);
+                let per = n / batch;
+                let x: Vec<f32> = (0..n).map(|i| 0.5 * x0[i] + sig[t[i / per] as usize] as f32 * eps[i]).collect();
+                let (xt, x_in) = img(&x)?;
+                let tt = Tensor::from_vec(t.clone(), batch, &dev)?;
+                let level = den.level_from_timesteps(&cb, &tt)?;
+                let y = den.eps(&cb, &xt, &level, &labels_t)?;
+                let inputs = vec![
+                    ("x".to_string(), x_in),
+                    ("timestep".to_string(), TensorData::I32(ArrayD::from_shape_vec(vec![batch], t.iter().map(|&v| v as i32).collect())?)),
+                    ("class_labels".to_string(), labels_in),
+                ];
+                (inputs, y)
+            }
+        },
+    };
+    let out: Vec<f32> = out.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    ensure!(out.len() == n, "reference output has {} values, expected {n}", out.len());
+    Ok((inputs, out))
+}
+
+/// Runs the model at `model_path` in each selected runtime on `opts.cases` seeded input sets and
+/// compares its (single) output with candle's. A runtime that cannot be loaded (e.g. a missing
+/// ONNX Runtime) is an error, never a silent skip.
+pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &ValidateOptions) -> Result<ValidateReport> {
+    ensure!(opts.cases > 0, "validate: zero cases");
+    ensure!(!opts.batches.is_empty() && opts.batches.iter().all(|&b| b > 0), "validate: batches must be positive");
+    ensure!(!opts.runtimes.is_empty(), "validate: no runtime selected");
+    let model = runtime::load_model(model_path)?;
+    let precision = match opts.precision {
+        Some(p) => p,
+        None => match crate::metadata(&model).into_iter().find(|(k, _)| k == "precision") {
+            Some((_, v)) => v.parse()?,
+            None => Precision::Fp32,
+        },
+    };
+    let (default_max, default_mean) = match precision {
+        Precision::Fp32 => (1e-4, None),
+        Precision::Fp16 => (2e-2, Some(2e-3)),
+    };
+    let max_tol = opts.max_abs_tol.unwrap_or(default_max);
+    let mean_tol = opts.mean_abs_tol.or(default_mean);
+    let (_, outs) = runtime::io_specs(&model)?;
+    ensure!(outs.len() == 1, "validate: expected one output, the model has {}", outs.len());
+    let out_name = outs[0].name.clone();
+
+    let mut runners = Vec::new();
+    for rk in &opts.runtimes {
+        runners.push((*rk, rk.load(model_path).with_context(|| format!("loading {} in {}", model_path.display(), rk.name()))?));
+    }
+    let mut accs: Vec<Acc> = runners.iter().map(|_| Acc::default()).collect();
+    let mut batches = Vec::new();
+    for case in 0..opts.cases {
+        let batch = opts.batches[case % opts.batches.len()];
+        batches.push(batch);
+        let mut rng = StdRng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(case as u64));
+        let (inputs, reference) = make_case(den, target, batch, &mut rng).with_context(|| format!("case {case}: candle reference"))?;
+        let inputs: &Inputs = &inputs;
+        for ((rk, runner), acc) in runners.iter_mut().zip(accs.iter_mut()) {
+            let out = runner.run(inputs).with_context(|| format!("case {case} (batch {batch}) in {}", rk.name()))?;
+            let (_, y) = out.iter().find(|(n, _)| *n == out_name).with_context(|| format!("{} returned no {out_name}", rk.name()))?;
+            ensure!(y.len() == reference.len(), "{}: output {out_name} has shape {:?}, expected {} values", rk.name(), y.shape(), reference.len());
+            let y: Vec<f32> = y.iter().copied().collect();
+            acc.add(&reference, &y);
+        }
+    }
+    let metrics = runners.iter().zip(accs).map(|((rk, _), acc)| acc.finish(rk.name(), &out_name, max_tol, mean_tol)).collect();
+    let mut uniq = batches.clone();
+    uniq.sort();
+    uniq.dedup();
+    Ok(ValidateReport { model: model_path.display().to_string(), precision, cases: opts.cases, batches: uniq, seed: opts.seed, metrics })
+}

@@ -1,0 +1,858 @@
+//! `distill bench`: candle vs PyTorch on the CPU, for the same UNet.
+//!
+//! Times (medians over `iters` after `warmup` untimed runs) the EDM-preconditioned denoiser
+//! forward without gradients and a full teacher training step (`teacher_loss` forward, backward
+//! and a `candle_nn::AdamW` step over every parameter of a `VarMap`), counts the forward's FLOPs with
+//! [`graphs::flops::FlopCounter`] (a training step counts as 3x forward) and reads the process's
+//! peak RSS. When a Python with torch is found (`$DISTILL_TORCH_PYTHON`, else `.venv-bench/bin/python`
+//! as made by `scripts/setup-bench.sh`), the same run first checks that the PyTorch peer
+//! (`bench/torch_unet.py`, embedded in the binary) computes the same denoiser output and loss from
+//! the candle model's weights, then times it with the same configuration, batch, threads, warm-up
+//! and iterations. Without torch the candle numbers are still reported.
+//!
+//! Threads: candle's CPU kernels size their work by `RAYON_NUM_THREADS` (read at every call) and
+//! run on the current rayon pool; [`run`] sets that variable for the process and runs all candle
+//! work inside a rayon pool of exactly `threads` threads, so it works whenever it is called.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use graphs::flops::{self, FlopCount};
+use graphs::{CandleBackend, Denoiser, EdmSchedule, ModelConfig, Parameterisation, UNetConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// The PyTorch peer, embedded so the binary needs no source tree.
+pub const TORCH_SCRIPT: &str = include_str!("../bench/torch_unet.py");
+/// Largest tolerated |candle - PyTorch| of the denoiser output (and relative difference of the loss).
+pub const PARITY_TOL: f64 = 1e-3;
+/// Batch of the parity check.
+pub const PARITY_BATCH: usize = 4;
+/// Printed when no Python with torch is found.
+pub const TORCH_MISSING: &str =
+    "PyTorch not found: run scripts/setup-bench.sh (installs torch into .venv-bench) to compare";
+
+/// Whether to compare with PyTorch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TorchMode {
+    /// Compare when a Python with torch is found; otherwise report candle alone.
+    Auto,
+    /// Fail when no Python with torch is found.
+    Require,
+    /// Candle only.
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Name shown in the report (`bench`, `mnist_small`, `tiny` or anything for a custom `unet`).
+    pub config_name: String,
+    pub unet: UNetConfig,
+    pub batch: usize,
+    /// Threads for candle and torch; `None` = every available core.
+    pub threads: Option<usize>,
+    pub warmup: usize,
+    pub iters: usize,
+    pub torch: TorchMode,
+    /// Python to use instead of `$DISTILL_TORCH_PYTHON` / `.venv-bench/bin/python`.
+    pub torch_python: Option<PathBuf>,
+    /// Where to write the report as JSON.
+    pub json_out: Option<PathBuf>,
+    /// Seed of the (synthetic) inputs and of the initial weights.
+    pub seed: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            config_name: "bench".into(),
+            unet: UNetConfig::bench(),
+            batch: 64,
+            threads: None,
+            warmup: 3,
+            iters: 10,
+            torch: TorchMode::Auto,
+            torch_python: None,
+            json_out: None,
+            seed: 0,
+        }
+    }
+}
+
+impl BenchOptions {
+    /// Defaults for a named configuration (see [`unet_config`]).
+    pub fn for_config(name: &str) -> Result<Self> {
+        Ok(Self {
+            config_name: name.to_string(),
+            unet: unet_config(name)?,
+            ..Self::default()
+        })
+    }
+}
+
+/// The UNet configurations the bench knows by name.
+pub fn unet_config(name: &str) -> Result<UNetConfig> {
+    Ok(match name {
+        "bench" => UNetConfig::bench(),
+        "mnist_small" | "mnist-small" => UNetConfig::mnist_small(),
+        "tiny" => UNetConfig::tiny(),
+        _ => bail!("unknown bench config {name:?}: use bench, mnist_small or tiny"),
+    })
+}
+
+/// Timings and memory of one engine.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EngineResult {
+    /// Every timed forward, in milliseconds.
+    pub forward_ms: Vec<f64>,
+    /// Every timed training step, in milliseconds.
+    pub step_ms: Vec<f64>,
+    pub forward_median_ms: f64,
+    pub step_median_ms: f64,
+    /// Dense forward FLOPs / median forward time.
+    pub forward_gflops: f64,
+    /// 3x dense forward FLOPs / median step time.
+    pub step_gflops: f64,
+    /// Process-wide peak resident memory after the forward timings, MiB.
+    pub peak_rss_mb_forward: f64,
+    /// Process-wide peak resident memory at the end (after the training steps), MiB.
+    pub peak_rss_mb: f64,
+}
+
+/// What the PyTorch side contributed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TorchResult {
+    pub python: PathBuf,
+    pub version: String,
+    pub threads: usize,
+    pub result: EngineResult,
+    /// PyTorch's own FlopCounterMode count of one forward at the bench batch.
+    pub forward_flops: u64,
+    /// Peak RSS right after `import torch` (its libraries alone), MiB.
+    pub rss_mb_after_import: f64,
+    /// Max |D_candle - D_torch| over the parity batch, from the same weights and inputs.
+    pub parity_max_abs_diff: f64,
+    /// |loss_candle - loss_torch| / |loss_candle| on the parity batch.
+    pub parity_loss_rel_diff: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub config_name: String,
+    pub unet: UNetConfig,
+    pub params: usize,
+    pub batch: usize,
+    pub threads: usize,
+    pub warmup: usize,
+    pub iters: usize,
+    /// One denoiser forward at `batch`; GFLOP/s use `forward_flops.dense()`.
+    pub forward_flops: FlopCount,
+    pub candle: EngineResult,
+    pub torch: Option<TorchResult>,
+    /// Why there is no PyTorch comparison, when there is none.
+    pub torch_note: Option<String>,
+}
+
+/// Runs the benchmark (see the module docs) and writes `json_out` if asked.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    ensure!(
+        opts.batch > 0 && opts.iters > 0,
+        "batch and iterations must be positive"
+    );
+    let threads = match opts.threads {
+        Some(0) => bail!("threads must be positive"),
+        Some(t) => t,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    let mcfg = ModelConfig {
+        unet: opts.unet.clone(),
+        parameterisation: Parameterisation::Edm(EdmSchedule::default()),
+    };
+    mcfg.unet.validate()?;
+
+    let python = match opts.torch {
+        TorchMode::Off => Err("PyTorch comparison turned off".to_string()),
+        _ => find_torch_python(opts.torch_python.as_deref()),
+    };
+    if let (TorchMode::Require, Err(why)) = (opts.torch, &python) {
+        bail!("{why}");
+    }
+
+    // The allocator setting of training (as the CLI sets it): the train step is timed as trained.
+    graphs::tune_allocator();
+    // candle sizes its kernels by RAYON_NUM_THREADS; run everything in a pool of that size.
+    if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(threads.to_string().as_str()) {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the rayon pool")?;
+    let work = Workdir::new()?;
+    pool.install(|| -> Result<BenchReport> {
+        let model = CandleModel::new(&mcfg, opts.seed)?;
+        let forward_flops = flops::denoiser_forward(&model.den, opts.batch)?;
+        let dense = forward_flops.dense() as f64;
+
+        // Parity first: a mismatch should fail fast, before minutes of timing.
+        let parity = match &python {
+            Ok(py) => Some(parity_check(py, &model, &mcfg, threads, opts.seed, &work)?),
+            Err(_) => None,
+        };
+
+        let candle = time_candle(&model, &mcfg, opts, dense)?;
+
+        let (torch, torch_note) = match (&python, parity) {
+            (Ok(py), Some((diff, loss_rel))) => (
+                Some(time_torch(
+                    py, &mcfg, opts, threads, dense, diff, loss_rel, &work,
+                )?),
+                None,
+            ),
+            (Err(why), _) => (None, Some(why.clone())),
+            (Ok(_), None) => unreachable!("parity runs whenever python is found"),
+        };
+        let report = BenchReport {
+            config_name: opts.config_name.clone(),
+            unet: opts.unet.clone(),
+            params: graphs::params::count(&model.den),
+            batch: opts.batch,
+            threads,
+            warmup: opts.warmup,
+            iters: opts.iters,
+            forward_flops,
+            candle,
+            torch,
+            torch_note,
+        };
+        if let Some(path) = &opts.json_out {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(report)
+    })
+}
+
+/// The trainable network (a `VarMap`) and a detached copy for gradient-free forwards.
+struct CandleModel {
+    varmap: VarMap,
+    /// Built on the `VarMap`'s variables: training.
+    train: Denoiser,
+    /// Built on detached tensors sharing the same storage: no autograd graph is recorded.
+    den: Denoiser,
+}
+
+impl CandleModel {
+    fn new(cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let train = Denoiser::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), cfg)?;
+        // candle's initialisers are unseeded: redraw every tensor from `seed` (PyTorch-style
+        // U(+-1/sqrt(fan_in)) for conv/linear, N(0, 1) for the label table, GroupNorm at 1/0).
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED_BE1C);
+        let mut vars: Vec<_> = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let fan_in: HashMap<String, usize> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.dims().iter().skip(1).product::<usize>().max(1)))
+            .collect();
+        for (name, var) in &vars {
+            let dims = var.dims().to_vec();
+            let n: usize = dims.iter().product();
+            let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
+            let is_norm = parent
+                .rsplit('.')
+                .next()
+                .is_some_and(|p| p.starts_with("norm"));
+            let values: Vec<f32> = if parent.ends_with("label_emb") {
+                (0..n)
+                    .map(|_| rng.sample::<f32, _>(StandardNormal))
+                    .collect()
+            } else if is_norm {
+                vec![if leaf == "weight" { 1.0 } else { 0.0 }; n]
+            } else {
+                let fi = if leaf == "bias" {
+                    fan_in
+                        .get(&format!("{parent}.weight"))
+                        .copied()
+                        .unwrap_or(1)
+                } else {
+                    fan_in[name]
+                };
+                let b = 1.0 / (fi as f32).sqrt();
+                (0..n).map(|_| rng.gen_range(-b..b)).collect()
+            };
+            var.set(&Tensor::from_vec(values, dims, &dev)?)?;
+        }
+        let den = Denoiser::new(
+            VarBuilder::from_tensors(detached(&varmap)?, DType::F32, &dev),
+            cfg,
+        )?;
+        Ok(Self { varmap, train, den })
+    }
+}
+
+fn detached(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect())
+}
+
+/// Synthetic training inputs: images in [-1, 1], labels including the null class, log-normal
+/// EDM training sigmas, unit noise.
+struct Inputs {
+    x0: Tensor,
+    labels: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+}
+
+impl Inputs {
+    fn new(cfg: &ModelConfig, batch: usize, seed: u64) -> Result<Self> {
+        let dev = Device::Cpu;
+        let u = &cfg.unet;
+        let Parameterisation::Edm(e) = &cfg.parameterisation else {
+            bail!("the bench uses the EDM parameterisation")
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let shape = [batch, u.channels, u.resolution, u.resolution];
+        let n: usize = shape.iter().product();
+        let x0: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let labels: Vec<u32> = (0..batch)
+            .map(|_| rng.gen_range(0..=u.num_classes as u32))
+            .collect();
+        let sigma: Vec<f32> = (0..batch)
+            .map(|_| (e.p_mean + e.p_std * rng.sample::<f64, _>(StandardNormal)).exp() as f32)
+            .collect();
+        let noise: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
+        Ok(Self {
+            x0: Tensor::from_vec(x0, &shape, &dev)?,
+            labels: Tensor::from_vec(labels, batch, &dev)?,
+            sigma: Tensor::from_vec(sigma, batch, &dev)?,
+            noise: Tensor::from_vec(noise, &shape, &dev)?,
+        })
+    }
+
+    /// `x0 + sigma * noise`.
+    fn noisy(&self) -> Result<Tensor> {
+        let n = self.sigma.dim(0)?;
+        Ok((&self.x0
+            + self
+                .noise
+                .broadcast_mul(&self.sigma.reshape((n, 1, 1, 1))?)?)?)
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.is_empty() {
+        f64::NAN
+    } else if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        0.5 * (v[m - 1] + v[m])
+    }
+}
+
+/// Runs `f` `warmup + iters` times and returns the last `iters` durations in milliseconds.
+fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        let t0 = Instant::now();
+        f()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if i >= warmup {
+            out.push(ms);
+        }
+    }
+    Ok(out)
+}
+
+/// Peak resident set size of this process (VmHWM), MiB.
+pub fn peak_rss_mb() -> Result<f64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
+    let kb: f64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .context("parsing VmHWM")?;
+    Ok(kb / 1024.0)
+}
+
+fn engine_result(
+    forward_ms: Vec<f64>,
+    step_ms: Vec<f64>,
+    dense: f64,
+    peak_rss_mb_forward: f64,
+    peak_rss_mb: f64,
+) -> EngineResult {
+    let (f, s) = (median(&forward_ms), median(&step_ms));
+    EngineResult {
+        forward_gflops: dense / (f * 1e-3) * 1e-9,
+        step_gflops: 3.0 * dense / (s * 1e-3) * 1e-9,
+        forward_ms,
+        step_ms,
+        forward_median_ms: f,
+        step_median_ms: s,
+        peak_rss_mb_forward,
+        peak_rss_mb,
+    }
+}
+
+fn time_candle(
+    model: &CandleModel,
+    cfg: &ModelConfig,
+    opts: &BenchOptions,
+    dense: f64,
+) -> Result<EngineResult> {
+    let dev = Device::Cpu;
+    let inp = Inputs::new(cfg, opts.batch, opts.seed)?;
+    let x = inp.noisy()?;
+    let b = CandleBackend::new(&dev);
+    let forward_ms = time_it(opts.warmup, opts.iters, || {
+        let level = model.den.level_from_sigma(&b, &inp.sigma)?;
+        let d = model.den.forward(&b, &x, &level, &inp.labels)?;
+        ensure!(
+            d.dims() == x.dims(),
+            "denoiser output {:?} for input {:?}",
+            d.dims(),
+            x.dims()
+        );
+        Ok(())
+    })?;
+    let rss_forward = peak_rss_mb()?;
+
+    let bt = CandleBackend::training(&dev);
+    let mut opt = candle_nn::AdamW::new(model.varmap.all_vars(), ParamsAdamW::default())?;
+    let step_ms = time_it(opts.warmup, opts.iters, || {
+        let loss = graphs::losses::teacher_loss(
+            &bt,
+            &model.train,
+            &inp.x0,
+            &inp.labels,
+            &inp.sigma,
+            &inp.noise,
+        )?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        Ok(())
+    })?;
+    Ok(engine_result(
+        forward_ms,
+        step_ms,
+        dense,
+        rss_forward,
+        peak_rss_mb()?,
+    ))
+}
+
+/// A scratch directory removed on drop.
+struct Workdir(PathBuf);
+
+impl Workdir {
+    fn new() -> Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("distill-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Workdir {
+    /// Set `DISTILL_BENCH_KEEP=1` to keep the exported weights, inputs and peer outputs.
+    fn drop(&mut self) {
+        if std::env::var_os("DISTILL_BENCH_KEEP").is_some_and(|v| !v.is_empty() && v != "0") {
+            eprintln!("distill bench: kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A Python that imports torch and safetensors: `explicit`, else `$DISTILL_TORCH_PYTHON`, else
+/// `.venv-bench/bin/python` under the current directory or this crate's source tree.
+/// `Err` carries the line to print.
+fn find_torch_python(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
+    let from_env = std::env::var_os("DISTILL_TORCH_PYTHON")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let chosen = explicit.map(Path::to_path_buf).or(from_env);
+    let candidates: Vec<PathBuf> = match &chosen {
+        Some(p) => vec![p.clone()],
+        None => vec![
+            PathBuf::from(".venv-bench/bin/python"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-bench/bin/python"),
+        ],
+    };
+    let mut why = None;
+    for py in candidates {
+        if chosen.is_none() && !py.exists() {
+            continue;
+        }
+        let out = Command::new(&py)
+            .args([
+                "-c",
+                "import torch, safetensors.torch; print(torch.__version__)",
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => return Ok(py),
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                why = Some(format!(
+                    "{}: {}",
+                    py.display(),
+                    err.lines().last().unwrap_or("import failed")
+                ));
+            }
+            Err(e) => why = Some(format!("{}: {e}", py.display())),
+        }
+    }
+    Err(match why {
+        Some(w) => format!("{TORCH_MISSING} ({w})"),
+        None => TORCH_MISSING.to_string(),
+    })
+}
+
+/// Runs the embedded peer script with `args`; returns its last stdout line parsed as JSON.
+fn run_peer<T: for<'de> Deserialize<'de>>(
+    python: &Path,
+    work: &Workdir,
+    args: &[String],
+) -> Result<T> {
+    let script = work.path("torch_unet.py");
+    if !script.exists() {
+        std::fs::write(&script, TORCH_SCRIPT)?;
+    }
+    let out = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        bail!(
+            "the PyTorch peer failed ({}):\n{}",
+            out.status,
+            tail.join("\n")
+        );
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("the PyTorch peer printed nothing")?;
+    serde_json::from_str(line)
+        .with_context(|| format!("parsing the PyTorch peer's output {line:?}"))
+}
+
+fn write_config(cfg: &ModelConfig, work: &Workdir) -> Result<String> {
+    let path = work.path("config.json");
+    std::fs::write(&path, serde_json::to_string(cfg)?)?;
+    Ok(format!("@{}", path.display()))
+}
+
+/// Exports the candle weights and a small input, has PyTorch compute the denoiser output and
+/// the teacher loss from them, and compares. Returns (max abs diff, loss relative diff).
+fn parity_check(
+    python: &Path,
+    model: &CandleModel,
+    cfg: &ModelConfig,
+    threads: usize,
+    seed: u64,
+    work: &Workdir,
+) -> Result<(f64, f64)> {
+    let dev = Device::Cpu;
+    let inp = Inputs::new(cfg, PARITY_BATCH, seed ^ 0xC4EC)?;
+    let b = CandleBackend::new(&dev);
+    let level = model.den.level_from_sigma(&b, &inp.sigma)?;
+    let d = model.den.forward(&b, &inp.noisy()?, &level, &inp.labels)?;
+    let loss =
+        graphs::losses::teacher_loss(&b, &model.den, &inp.x0, &inp.labels, &inp.sigma, &inp.noise)?
+            .to_scalar::<f32>()? as f64;
+
+    let (weights, input, output) = (
+        work.path("weights.safetensors"),
+        work.path("input.safetensors"),
+        work.path("output.safetensors"),
+    );
+    candle_core::safetensors::save(&detached(&model.varmap)?, &weights)?;
+    let tensors: HashMap<String, Tensor> = [
+        ("x0".to_string(), inp.x0.clone()),
+        ("noise".to_string(), inp.noise.clone()),
+        ("sigma".to_string(), inp.sigma.clone()),
+        ("labels".to_string(), inp.labels.to_dtype(DType::I64)?),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&tensors, &input)?;
+    let args: Vec<String> = vec![
+        "--config".into(),
+        write_config(cfg, work)?,
+        "--threads".into(),
+        threads.to_string(),
+        "--check".into(),
+        weights.display().to_string(),
+        "--input".into(),
+        input.display().to_string(),
+        "--out".into(),
+        output.display().to_string(),
+    ];
+    let _: serde_json::Value = run_peer(python, work, &args)?;
+    let got = candle_core::safetensors::load(&output, &dev)?;
+    let td = got
+        .get("denoised")
+        .context("the peer wrote no `denoised`")?;
+    ensure!(
+        td.dims() == d.dims(),
+        "PyTorch denoiser output {:?}, candle {:?}",
+        td.dims(),
+        d.dims()
+    );
+    let diff = (td - &d)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()? as f64;
+    let tloss = got
+        .get("loss")
+        .context("the peer wrote no `loss`")?
+        .flatten_all()?
+        .get(0)?
+        .to_scalar::<f32>()? as f64;
+    let loss_rel = (tloss - loss).abs() / loss.abs().max(1e-12);
+    ensure!(diff.is_finite() && diff <= PARITY_TOL, "PyTorch peer differs from candle: max abs diff {diff:.3e} > {PARITY_TOL:e} on the denoiser output");
+    ensure!(loss_rel <= PARITY_TOL, "PyTorch peer differs from candle: teacher loss {tloss} vs {loss} (relative {loss_rel:.3e})");
+    Ok((diff, loss_rel))
+}
+
+#[derive(Deserialize)]
+struct PeerTiming {
+    torch_version: String,
+    threads: usize,
+    forward_flops: u64,
+    forward_ms: Vec<f64>,
+    step_ms: Vec<f64>,
+    rss_mb_after_import: f64,
+    peak_rss_mb_forward: f64,
+    peak_rss_mb: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn time_torch(
+    python: &Path,
+    cfg: &ModelConfig,
+    opts: &BenchOptions,
+    threads: usize,
+    dense: f64,
+    diff: f64,
+    loss_rel: f64,
+    work: &Workdir,
+) -> Result<TorchResult> {
+    let args: Vec<String> = vec![
+        "--config".into(),
+        write_config(cfg, work)?,
+        "--batch".into(),
+        opts.batch.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--warmup".into(),
+        opts.warmup.to_string(),
+        "--iters".into(),
+        opts.iters.to_string(),
+        "--seed".into(),
+        opts.seed.to_string(),
+    ];
+    let p: PeerTiming = run_peer(python, work, &args)?;
+    ensure!(
+        p.forward_ms.len() == opts.iters && p.step_ms.len() == opts.iters,
+        "the PyTorch peer returned {} / {} timings, expected {}",
+        p.forward_ms.len(),
+        p.step_ms.len(),
+        opts.iters
+    );
+    Ok(TorchResult {
+        python: python.to_path_buf(),
+        version: p.torch_version,
+        threads: p.threads,
+        result: engine_result(
+            p.forward_ms,
+            p.step_ms,
+            dense,
+            p.peak_rss_mb_forward,
+            p.peak_rss_mb,
+        ),
+        forward_flops: p.forward_flops,
+        rss_mb_after_import: p.rss_mb_after_import,
+        parity_max_abs_diff: diff,
+        parity_loss_rel_diff: loss_rel,
+    })
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.candle;
+        writeln!(
+            f,
+            "UNet `{}` ({:.2}M parameters), batch {}, {} threads, {} warm-up + {} timed iterations (medians)",
+            self.config_name,
+            self.params as f64 * 1e-6,
+            self.batch,
+            self.threads,
+            self.warmup,
+            self.iters
+        )?;
+        writeln!(
+            f,
+            "forward: {}; a train step counts as 3x forward",
+            self.forward_flops
+        )?;
+        let t = self.torch.as_ref();
+        if let Some(t) = t {
+            writeln!(
+                f,
+                "PyTorch peer matches candle: max abs diff {:.2e} (denoiser output, batch {PARITY_BATCH}; loss relative diff {:.1e})",
+                t.parity_max_abs_diff, t.parity_loss_rel_diff
+            )?;
+            let same = if t.forward_flops == self.forward_flops.dense() {
+                "same count"
+            } else {
+                "differs"
+            };
+            writeln!(f, "PyTorch {} ({} threads, {}); its FlopCounterMode: {:.3} GFLOP per forward ({same})", t.version, t.threads, t.python.display(), t.forward_flops as f64 * 1e-9)?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<28} {:>12} {:>12} {:>8}",
+            "op", "candle", "PyTorch", "ratio"
+        )?;
+        let row = |f: &mut fmt::Formatter<'_>,
+                   name: &str,
+                   cv: f64,
+                   tv: Option<f64>,
+                   ratio: Option<f64>,
+                   prec: usize|
+         -> fmt::Result {
+            let tv = tv.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+            let r = ratio.map_or("-".to_string(), |r| format!("{r:.2}x"));
+            writeln!(f, "{name:<28} {cv:>12.prec$} {tv:>12} {r:>8}")
+        };
+        let tr = t.map(|t| &t.result);
+        row(
+            f,
+            "forward (ms)",
+            c.forward_median_ms,
+            tr.map(|r| r.forward_median_ms),
+            tr.map(|r| r.forward_median_ms / c.forward_median_ms),
+            1,
+        )?;
+        row(
+            f,
+            "train step (ms)",
+            c.step_median_ms,
+            tr.map(|r| r.step_median_ms),
+            tr.map(|r| r.step_median_ms / c.step_median_ms),
+            1,
+        )?;
+        row(
+            f,
+            "forward GFLOP/s",
+            c.forward_gflops,
+            tr.map(|r| r.forward_gflops),
+            tr.map(|r| c.forward_gflops / r.forward_gflops),
+            1,
+        )?;
+        row(
+            f,
+            "train step GFLOP/s",
+            c.step_gflops,
+            tr.map(|r| r.step_gflops),
+            tr.map(|r| c.step_gflops / r.step_gflops),
+            1,
+        )?;
+        row(
+            f,
+            "peak RSS after forward (MiB)",
+            c.peak_rss_mb_forward,
+            tr.map(|r| r.peak_rss_mb_forward),
+            None,
+            0,
+        )?;
+        row(
+            f,
+            "peak RSS after steps (MiB)",
+            c.peak_rss_mb,
+            tr.map(|r| r.peak_rss_mb),
+            None,
+            0,
+        )?;
+        writeln!(f, "ratio = PyTorch time / candle time: candle's speed relative to PyTorch (below 1: candle is slower)")?;
+        write!(
+            f,
+            "peak RSS is process-wide (candle: VmHWM of this process, model and inputs included"
+        )?;
+        match t {
+            Some(t) => writeln!(
+                f,
+                "; PyTorch: VmHWM of its process, {:.0} MiB of it right after `import torch`)",
+                t.rss_mb_after_import
+            )?,
+            None => writeln!(f, ")")?,
+        }
+        if let Some(note) = &self.torch_note {
+            writeln!(f, "{note}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,543 @@
+//! Command-line interface (clap derive; every doc comment below is `--help` text).
+
+use crate::checkpoint;
+use crate::train::teacher::{self, TeacherConfig};
+use crate::train::RunDir;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use graphs::{BetaSchedule, GeneratorSpec, SamplerKind, UNetConfig};
+use std::path::{Path, PathBuf};
+
+/// Distil a diffusion model into a fast 1-4 step generator, export it and prove the export matches.
+///
+/// Pipeline: `distill train teacher` -> `distill train dmd2|tdm` -> `distill export` ->
+/// `distill validate`. With no data argument, training uses the 10,000 MNIST digits embedded in
+/// the binary.
+#[derive(Parser, Debug)]
+#[command(name = "distill", version, propagate_version = true)]
+pub struct Cli {
+    /// Worker threads for CPU kernels (default: all cores; same as RAYON_NUM_THREADS).
+    #[arg(long, global = true, env = "DISTILL_THREADS")]
+    pub threads: Option<usize>,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a binary built with `--features cuda`.
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
+    /// Hide progress bars (they are also hidden when stderr is not a terminal).
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model: the diffusion teacher, or a few-step student distilled from it.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Generate images from a checkpoint; writes a PNG grid and a safetensors sample file.
+    Sample(SampleArgs),
+    /// Score samples: Frechet distance in a small MNIST classifier's feature space and class accuracy.
+    Eval(EvalArgs),
+    /// The main job: train the teacher on the embedded digits, then evaluate it per NFE (later
+    /// stages are resumed/skipped when already done).
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A sample file from `distill sample` (`images` [N,1,32,32], optional `labels`), or a
+    /// checkpoint folder to sample from (with the sampler flags below).
+    pub input: PathBuf,
+    /// Sampler when INPUT is a checkpoint (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
+    /// Sampling steps when INPUT is a checkpoint.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale when INPUT is a checkpoint.
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Images to generate when INPUT is a checkpoint (equal per class).
+    #[arg(long, default_value_t = 1000)]
+    pub n: usize,
+    /// Noise seed when INPUT is a checkpoint.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where the evaluation classifier is cached (default: $DISTILL_CACHE or ~/.cache/distill).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct PipelineArgs {
+    /// Folder for every stage's run (teacher/, eval.json, ...).
+    #[arg(long, short, default_value = "runs/pipeline")]
+    pub out: PathBuf,
+    /// Teacher options (same flags as `distill train teacher`, without --out).
+    #[command(flatten)]
+    pub teacher: PipelineTeacher,
+    /// Images per evaluation.
+    #[arg(long, default_value_t = 1000)]
+    pub eval_n: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PipelineTeacher {
+    /// Teacher training steps.
+    #[arg(long)]
+    pub teacher_steps: Option<u64>,
+    /// Training data (default: the embedded MNIST digits).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrainCommand {
+    /// Train the diffusion teacher (EDM or VP) on real data.
+    Teacher(TeacherArgs),
+}
+
+/// Model size presets.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Preset {
+    /// 16-32-64 channels, one res block per level, attention at 8x8: the CPU default.
+    Small,
+    /// 32-64-128 channels, two res blocks per level, attention at 8x8 (2.39M params; the benchmark UNet).
+    Bench,
+    /// 8-16 channels at 16x16: for tests only.
+    Tiny,
+}
+
+impl Preset {
+    pub fn config(self) -> UNetConfig {
+        match self {
+            Preset::Small => UNetConfig::mnist_small(),
+            Preset::Bench => UNetConfig::bench(),
+            Preset::Tiny => UNetConfig::tiny(),
+        }
+    }
+}
+
+#[derive(Args, Debug, Default)]
+pub struct TeacherArgs {
+    /// Training data: a folder or file of MNIST IDX (raw or .gz), CIFAR-10 binary batches, or an
+    /// image folder (class = sub-folder). Default: the embedded 10k MNIST digits.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run folder: checkpoint/, metrics.jsonl, samples/*.png, config.toml.
+    #[arg(long, short, default_value = "runs/teacher")]
+    pub out: PathBuf,
+    /// TOML file with any TeacherConfig fields (see README); flags given here override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint (same step count, same data order).
+    #[arg(long)]
+    pub resume: bool,
+    /// Model size preset (the fields below override parts of it).
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Base channel count of the UNet.
+    #[arg(long)]
+    pub base_channels: Option<usize>,
+    /// Channel multiplier per resolution level, comma-separated (e.g. 1,2,2).
+    #[arg(long, value_delimiter = ',')]
+    pub channel_mult: Option<Vec<usize>>,
+    /// Residual blocks per resolution level.
+    #[arg(long)]
+    pub num_res_blocks: Option<usize>,
+    /// Resolutions (pixels) that get self-attention, comma-separated (e.g. 8).
+    #[arg(long, value_delimiter = ',')]
+    pub attn_resolutions: Option<Vec<usize>>,
+    /// Dropout inside res blocks.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Image side the data is padded/resized to (MNIST 28 -> 32 by zero padding).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Parameterisation: `edm` (Karras preconditioned denoiser) or `vp` (DDPM eps-prediction, 1000 steps).
+    #[arg(long, value_parser = ["edm", "vp"])]
+    pub parameterisation: Option<String>,
+    /// VP beta schedule (beta 1e-4 .. 2e-2).
+    #[arg(long, value_enum)]
+    pub beta_schedule: Option<BetaScheduleArg>,
+    /// Optimiser steps in total (a resumed run stops at the same total).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate (AdamW).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear learning-rate warm-up, in steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// EMA decay of the weights (the EMA is what sampling and distillation use).
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// Probability of training on the null label (enables classifier-free guidance).
+    #[arg(long)]
+    pub label_dropout: Option<f64>,
+    /// Seed for initialisation, data order, noise and label dropout.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write a metrics line every N steps.
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Write a PNG sample grid every N steps (0 = only at the end... and never if 0 steps).
+    #[arg(long)]
+    pub sample_every: Option<u64>,
+    /// Write the checkpoint every N steps (always at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Heun steps of the checkpoint's default sampler (and of the sample grids).
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    /// Classifier-free guidance scale of the checkpoint's default sampler (1 = off).
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Train on the first N images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BetaScheduleArg {
+    Linear,
+    ScaledLinear,
+}
+
+impl TeacherArgs {
+    /// Defaults <- TOML file <- flags.
+    pub fn resolve(&self) -> Result<TeacherConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => TeacherConfig::default(),
+        };
+        if let Some(p) = self.preset {
+            c.model = p.config();
+        }
+        let m = &mut c.model;
+        macro_rules! set {
+            ($dst:expr, $src:expr) => {
+                if let Some(v) = $src.clone() {
+                    $dst = v;
+                }
+            };
+        }
+        set!(m.base_channels, self.base_channels);
+        set!(m.channel_mult, self.channel_mult);
+        set!(m.num_res_blocks, self.num_res_blocks);
+        set!(m.attn_resolutions, self.attn_resolutions);
+        set!(m.dropout, self.dropout);
+        set!(m.resolution, self.resolution);
+        set!(c.parameterisation, self.parameterisation);
+        if let Some(b) = self.beta_schedule {
+            c.beta_schedule = match b {
+                BetaScheduleArg::Linear => BetaSchedule::Linear,
+                BetaScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
+            };
+        }
+        set!(c.steps, self.steps);
+        set!(c.batch_size, self.batch_size);
+        set!(c.optim.lr, self.lr);
+        set!(c.optim.warmup_steps, self.warmup);
+        set!(c.optim.weight_decay, self.weight_decay);
+        set!(c.optim.grad_clip, self.grad_clip);
+        set!(c.ema_decay, self.ema_decay);
+        set!(c.label_dropout, self.label_dropout);
+        set!(c.seed, self.seed);
+        set!(c.log_every, self.log_every);
+        set!(c.sample_every, self.sample_every);
+        set!(c.checkpoint_every, self.checkpoint_every);
+        set!(c.sample_steps, self.sample_steps);
+        set!(c.cfg_scale, self.cfg_scale);
+        Ok(c)
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SamplerArg {
+    Heun,
+    Euler,
+    Ddim,
+    /// The checkpoint's own few-step sampler (students).
+    Student,
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Checkpoint folder (e.g. runs/teacher/checkpoint).
+    pub checkpoint: PathBuf,
+    /// Output PNG grid; the raw samples go beside it as .safetensors.
+    #[arg(long, short, default_value = "samples.png")]
+    pub out: PathBuf,
+    /// Sampler (default: the checkpoint's own: Heun for EDM teachers, DDIM for VP, student for students).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
+    /// Sampling steps (Heun with N steps costs 2N-1 NFE).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (1 = off).
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Class labels to draw, comma-separated; default: every class.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<u32>>,
+    /// Images per label.
+    #[arg(long, default_value_t = 10)]
+    pub per_class: usize,
+    /// Use the noise in this safetensors file (`noise` [N,C,H,W], `noise_1`.. for fresh-noise students)
+    /// instead of seeded noise; labels must then give N labels (or one per class cycling).
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+}
+
+/// Generator spec from a checkpoint's default, overridden by sampler flags.
+pub fn spec_from_flags(meta: &checkpoint::CheckpointMeta, sampler: Option<SamplerArg>, steps: Option<usize>, cfg: Option<f64>) -> Result<GeneratorSpec> {
+    let mut spec = meta.generator.clone();
+    if let Some(s) = sampler {
+        spec.sampler = match s {
+            SamplerArg::Heun => SamplerKind::Heun,
+            SamplerArg::Euler => SamplerKind::Euler,
+            SamplerArg::Ddim => SamplerKind::Ddim,
+            SamplerArg::Student => SamplerKind::Student,
+        };
+        if spec.sampler == SamplerKind::Student && meta.generator.sampler != SamplerKind::Student {
+            bail!("this checkpoint is a {}: it has no student sampler", meta.role.name());
+        }
+    }
+    if let Some(n) = steps {
+        if spec.sampler == SamplerKind::Student && n != spec.sigmas.len() {
+            bail!("a student samples with its trained {} steps; --steps {n} would need other sigmas", spec.sigmas.len());
+        }
+        spec.steps = n;
+    }
+    if let Some(c) = cfg {
+        spec.cfg_scale = c;
+    }
+    Ok(spec)
+}
+
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ord: usize = s.strip_prefix("cuda:").map(|o| o.parse()).transpose().context("--device cuda:N needs a number")?.unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this binary was built without CUDA; build it with scripts/build-cuda.sh (cargo build --release --features cuda)");
+            }
+            Ok(Device::new_cuda(ord).with_context(|| format!("opening CUDA device {ord}"))?)
+        }
+        other => bail!("unknown --device {other:?} (expected cpu, cuda or cuda:N)"),
+    }
+}
+
+fn show_progress(quiet: bool) -> bool {
+    use std::io::IsTerminal;
+    !quiet && std::io::stderr().is_terminal()
+}
+
+/// Loads the training data (default: embedded MNIST) and brings it to the model's resolution.
+pub fn load_data(path: Option<&Path>, resolution: usize, limit: Option<usize>) -> Result<crate::data::Dataset> {
+    let d = crate::data::load(path)?;
+    let d = if let Some(n) = limit { d.subset(n) } else { d };
+    Ok(d.to_resolution(resolution)?)
+}
+
+fn cmd_teacher(a: &TeacherArgs, dev: &Device, quiet: bool) -> Result<()> {
+    let mut cfg = a.resolve()?;
+    let data = load_data(a.data.as_deref(), cfg.model.resolution, a.limit)?;
+    cfg.model.channels = data.channels;
+    cfg.model.num_classes = data.num_classes;
+    let run = RunDir::new(&a.out)?;
+    eprintln!(
+        "teacher: {} images ({}x{}x{}, {} classes) from {}; {} params; {} steps at batch {} -> {}",
+        data.len(), data.channels, data.height, data.width, data.num_classes, data.source,
+        {
+            let (_, den, _) = teacher::init_trainable(&cfg.model_config()?, cfg.seed, dev)?;
+            graphs::params::count(&den)
+        },
+        cfg.steps, cfg.batch_size, run.root.display()
+    );
+    let out = teacher::train(&cfg, &data, &run, a.resume, show_progress(quiet), dev)?;
+    eprintln!(
+        "teacher: done, {} steps in {:.0}s, final loss {:.4}; checkpoint {}; samples {}",
+        out.steps, out.seconds, out.final_loss, out.checkpoint.display(), run.samples().display()
+    );
+    Ok(())
+}
+
+fn cmd_sample(a: &SampleArgs, dev: &Device) -> Result<()> {
+    let (den, meta) = checkpoint::load(&a.checkpoint, dev)?;
+    let spec = spec_from_flags(&meta, a.sampler, a.steps, a.cfg_scale)?;
+    let ncls = den.unet.cfg.num_classes;
+    let (inputs, labels) = match &a.noise {
+        Some(p) => {
+            let inputs = crate::sample::load_noise(p, &den, &spec, dev)?;
+            let n = inputs.noise.dim(0)?;
+            let labels: Vec<u32> = match &a.labels {
+                Some(l) if l.len() == n => l.clone(),
+                Some(l) if !l.is_empty() => (0..n).map(|i| l[i % l.len()]).collect(),
+                _ => (0..n).map(|i| (i % ncls) as u32).collect(),
+            };
+            (inputs, labels)
+        }
+        None => {
+            let labels: Vec<u32> = match &a.labels {
+                Some(l) => l.iter().flat_map(|&k| std::iter::repeat_n(k, a.per_class)).collect(),
+                None => crate::sample::class_labels(ncls, a.per_class),
+            };
+            (crate::sample::seeded_noise(&den, &spec, labels.len(), a.seed, dev)?, labels)
+        }
+    };
+    let n = labels.len();
+    let lt = Tensor::from_vec(labels, n, dev)?;
+    let t0 = std::time::Instant::now();
+    let images = crate::sample::generate(&den, &spec, &inputs, &lt, a.batch_size, dev)?;
+    let secs = t0.elapsed().as_secs_f64();
+    crate::grid::tensor_grid_png(&a.out, &images, a.per_class.max(1))?;
+    let raw = a.out.with_extension("safetensors");
+    crate::sample::save_samples(&raw, &images, &lt)?;
+    println!(
+        "{n} images with {:?} ({} steps, {} NFE, cfg {}) in {secs:.2}s ({:.1} ms/image): {} and {}",
+        spec.sampler, spec.steps, spec.nfe(), spec.cfg_scale, 1000.0 * secs / n as f64, a.out.display(), raw.display()
+    );
+    Ok(())
+}
+
+fn evaluator(cache: Option<&Path>, dev: &Device, quiet: bool) -> Result<crate::eval::Evaluator> {
+    let dir = cache.map(Path::to_path_buf).unwrap_or_else(crate::eval::classifier::default_cache_dir);
+    crate::eval::Evaluator::new(&dir, dev, show_progress(quiet))
+}
+
+/// Generates `n` class-balanced images from a checkpoint and scores them.
+pub fn eval_checkpoint(ev: &crate::eval::Evaluator, ckpt: &Path, spec_flags: (Option<SamplerArg>, Option<usize>, Option<f64>), n: usize, seed: u64, dev: &Device) -> Result<(crate::eval::EvalReport, GeneratorSpec, f64)> {
+    let (den, meta) = checkpoint::load(ckpt, dev)?;
+    let spec = spec_from_flags(&meta, spec_flags.0, spec_flags.1, spec_flags.2)?;
+    let ncls = den.unet.cfg.num_classes;
+    let labels: Vec<u32> = (0..n).map(|i| (i % ncls) as u32).collect();
+    let inputs = crate::sample::seeded_noise(&den, &spec, n, seed, dev)?;
+    let t0 = std::time::Instant::now();
+    let images = crate::sample::generate(&den, &spec, &inputs, &Tensor::from_vec(labels.clone(), n, dev)?, 250, dev)?;
+    let ms_per_image = 1000.0 * t0.elapsed().as_secs_f64() / n as f64;
+    Ok((ev.evaluate(&images, Some(&labels))?, spec, ms_per_image))
+}
+
+fn cmd_eval(a: &EvalArgs, dev: &Device, quiet: bool) -> Result<()> {
+    let ev = evaluator(a.cache_dir.as_deref(), dev, quiet)?;
+    let report = if a.input.is_dir() {
+        let (r, spec, ms) = eval_checkpoint(&ev, &a.input, (a.sampler, a.steps, a.cfg_scale), a.n, a.seed, dev)?;
+        println!("{} on {} images: {:?}, {} steps, {} NFE, cfg {} ({ms:.1} ms/image)", a.input.display(), a.n, spec.sampler, spec.steps, spec.nfe(), spec.cfg_scale);
+        r
+    } else {
+        let (images, labels) = crate::sample::load_samples(&a.input, dev)?;
+        ev.evaluate(&images, labels.as_deref())?
+    };
+    println!("{report}");
+    if let Some(p) = &a.json {
+        checkpoint::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// One row of the pipeline's quality-per-NFE table.
+#[derive(serde::Serialize, Debug)]
+pub struct QualityRow {
+    pub model: String,
+    pub sampler: String,
+    pub nfe: usize,
+    pub cfg_scale: f64,
+    pub fd: f64,
+    pub class_accuracy: Option<f64>,
+    pub ms_per_image: f64,
+    pub command: String,
+}
+
+fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // 1. Teacher (resumed if a previous pipeline run was interrupted, skipped if finished).
+    let mut targs = TeacherArgs { data: a.teacher.data.clone(), out: a.out.join("teacher"), steps: a.teacher.teacher_steps, ..Default::default() };
+    let cfg = targs.resolve()?;
+    let ckpt = RunDir::new(&targs.out)?.checkpoint();
+    let done = checkpoint::load_meta(&ckpt).map(|m| m.step >= cfg.steps).unwrap_or(false);
+    if done {
+        eprintln!("pipeline: teacher already trained ({}), skipping", ckpt.display());
+    } else {
+        targs.resume = ckpt.join(teacher::TRAIN_STATE_FILE).exists();
+        cmd_teacher(&targs, dev, quiet)?;
+    }
+    // 2. Quality per NFE.
+    let ev = evaluator(None, dev, quiet)?;
+    let mut rows = Vec::new();
+    let cfgs = [(Some(SamplerArg::Heun), Some(18), Some(cfg.cfg_scale)), (Some(SamplerArg::Heun), Some(18), Some(1.0)), (Some(SamplerArg::Euler), Some(4), Some(cfg.cfg_scale)), (Some(SamplerArg::Euler), Some(1), Some(cfg.cfg_scale))];
+    for flags in cfgs {
+        let (r, spec, ms) = eval_checkpoint(&ev, &ckpt, flags, a.eval_n, 1, dev)?;
+        let row = QualityRow {
+            model: "teacher".into(),
+            sampler: format!("{:?}", spec.sampler).to_lowercase(),
+            nfe: spec.nfe(),
+            cfg_scale: spec.cfg_scale,
+            fd: r.fd,
+            class_accuracy: r.class_accuracy,
+            ms_per_image: ms,
+            command: format!("distill eval {} --sampler {} --steps {} --cfg-scale {} --n {}", ckpt.display(), format!("{:?}", spec.sampler).to_lowercase(), spec.steps, spec.cfg_scale, a.eval_n),
+        };
+        eprintln!("{:>8} {:>6} NFE {:>3} cfg {:.1}: FD {:.2}, class accuracy {}", row.model, row.sampler, row.nfe, row.cfg_scale, row.fd, r.class_accuracy.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_default());
+        rows.push(row);
+    }
+    println!("reference: real vs real FD {:.2}, Gaussian noise FD {:.2}", ev.ref_real_fd, ev.ref_noise_fd);
+    let path = a.out.join("quality.json");
+    checkpoint::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    println!("pipeline: quality per NFE in {}", path.display());
+    crate::sample::class_grid(&checkpoint::load(&ckpt, dev)?.0, &checkpoint::load_meta(&ckpt)?.generator, 10, 0, dev, &a.out.join("teacher_samples.png"))?;
+    Ok(())
+}
+
+/// Exit codes: 0 success, 1 error, 2 usage (clap), 3 validation failed past tolerance.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.downcast_ref::<ValidationFailed>().is_some() {
+        3
+    } else {
+        1
+    }
+}
+
+/// Returned when a parity check ran and failed, so the process exits with code 3.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationFailed(pub String);
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    graphs::tune_allocator();
+    if let Some(t) = cli.threads {
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let dev = device(&cli.device)?;
+    match &cli.command {
+        Command::Train(TrainCommand::Teacher(a)) => cmd_teacher(a, &dev, cli.quiet),
+        Command::Sample(a) => cmd_sample(a, &dev),
+        Command::Eval(a) => cmd_eval(a, &dev, cli.quiet),
+        Command::Pipeline(a) => cmd_pipeline(a, &dev, cli.quiet),
+    }
+}
