@@ -359,7 +359,7 @@ fn show_progress(quiet: bool) -> bool {
 
 /// Loads the training data (default: embedded MNIST) and brings it to the model's resolution.
 pub fn load_data(path: Option<&Path>, resolution: usize, limit: Option<usize>) -> Result<crate::data::Dataset> {
-    let d = crate::data::load(path)?;
+    let d = crate::data::load_at_resolution(path, Some(resolution))?;
     let d = if let Some(n) = limit { d.subset(n) } else { d };
     Ok(d.to_resolution(resolution)?)
 }

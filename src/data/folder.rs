@@ -52,7 +52,10 @@ fn hwc_to_chw(hwc: &[u8], c: usize) -> Vec<u8> {
 /// with alpha dropped. `resolution` resizes to a square of that side with a triangle filter.
 fn decode(path: &Path, resolution: Option<usize>) -> Result<Decoded, DataError> {
     let bytes = read_capped(path)?;
-    let decode_err = |message: String| DataError::Decode { path: path.to_path_buf(), message };
+    let decode_err = |message: String| DataError::Decode {
+        path: path.to_path_buf(),
+        message,
+    };
     // Guess the format from the content: a mis-named JPEG still loads.
     let mut img: DynamicImage = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -60,32 +63,52 @@ fn decode(path: &Path, resolution: Option<usize>) -> Result<Decoded, DataError> 
         .decode()
         .map_err(|e| decode_err(e.to_string()))?;
     if let Some(r) = resolution {
-        let side = u32::try_from(r).map_err(|_| decode_err(format!("target resolution {r} is too large")))?;
+        let side = u32::try_from(r)
+            .map_err(|_| decode_err(format!("target resolution {r} is too large")))?;
         img = img.resize_exact(side, side, FilterType::Triangle);
     }
     let (width, height) = (img.width() as usize, img.height() as usize);
     if width == 0 || height == 0 {
         return Err(decode_err("image has zero width or height".into()));
     }
-    let (channels, hwc) = if img.color().has_color() { (3, img.to_rgb8().into_raw()) } else { (1, img.to_luma8().into_raw()) };
-    Ok(Decoded { channels, height, width, chw: hwc_to_chw(&hwc, channels) })
+    let (channels, hwc) = if img.color().has_color() {
+        (3, img.to_rgb8().into_raw())
+    } else {
+        (1, img.to_luma8().into_raw())
+    };
+    Ok(Decoded {
+        channels,
+        height,
+        width,
+        chw: hwc_to_chw(&hwc, channels),
+    })
 }
 
 /// The sorted class folders and their sorted image files.
 fn scan(root: &Path) -> Result<Vec<(String, Vec<PathBuf>)>, DataError> {
     let (_, dirs) = list_dir(root)?;
     if dirs.is_empty() {
-        return Err(DataError::Empty { path: root.to_path_buf(), reason: "no class sub-folders (expected root/<class>/*.png|jpg|jpeg)".into() });
+        return Err(DataError::Empty {
+            path: root.to_path_buf(),
+            reason: "no class sub-folders (expected root/<class>/*.png|jpg|jpeg)".into(),
+        });
     }
     let mut classes = Vec::with_capacity(dirs.len());
     for d in dirs {
         let class_dir = root.join(&d);
         let (files, _) = list_dir(&class_dir)?;
-        let images: Vec<PathBuf> = files.iter().filter(|n| is_image_name(n)).map(|n| class_dir.join(n)).collect();
+        let images: Vec<PathBuf> = files
+            .iter()
+            .filter(|n| is_image_name(n))
+            .map(|n| class_dir.join(n))
+            .collect();
         // Like torchvision, an empty class is an error: it would silently shift nothing but
         // leave a class the model can never learn, which is almost always a copy mistake.
         if images.is_empty() {
-            return Err(DataError::Empty { path: class_dir, reason: "class folder holds no .png/.jpg/.jpeg images".into() });
+            return Err(DataError::Empty {
+                path: class_dir,
+                reason: "class folder holds no .png/.jpg/.jpeg images".into(),
+            });
         }
         classes.push((d, images));
     }
@@ -97,12 +120,22 @@ fn scan(root: &Path) -> Result<Vec<(String, Vec<PathBuf>)>, DataError> {
 /// still agree: silently colourising grayscale images would change the data).
 pub fn load_folder(root: &Path, resolution: Option<usize>) -> Result<Dataset, DataError> {
     if resolution == Some(0) {
-        return Err(DataError::malformed(root, "target resolution must be at least 1"));
+        return Err(DataError::malformed(
+            root,
+            "target resolution must be at least 1",
+        ));
     }
     let classes = scan(root)?;
-    let files: Vec<(u32, &PathBuf)> = classes.iter().enumerate().flat_map(|(k, (_, fs))| fs.iter().map(move |f| (k as u32, f))).collect();
+    let files: Vec<(u32, &PathBuf)> = classes
+        .iter()
+        .enumerate()
+        .flat_map(|(k, (_, fs))| fs.iter().map(move |f| (k as u32, f)))
+        .collect();
     // Decode in parallel but check in file order, so the error names the first bad file.
-    let decoded: Vec<Result<Decoded, DataError>> = files.par_iter().map(|(_, f)| decode(f, resolution)).collect();
+    let decoded: Vec<Result<Decoded, DataError>> = files
+        .par_iter()
+        .map(|(_, f)| decode(f, resolution))
+        .collect();
     let mut first: Option<(Decoded, &PathBuf)> = None;
     let mut pixels: Vec<u8> = Vec::new();
     for (d, (_, path)) in decoded.into_iter().zip(&files) {
@@ -128,7 +161,10 @@ pub fn load_folder(root: &Path, resolution: Option<usize>) -> Result<Dataset, Da
         pixels.extend_from_slice(&d.chw);
     }
     let Some((shape, _)) = first else {
-        return Err(DataError::Empty { path: root.to_path_buf(), reason: "no images found".into() });
+        return Err(DataError::Empty {
+            path: root.to_path_buf(),
+            reason: "no images found".into(),
+        });
     };
     Ok(Dataset {
         images: super::scale_u8(&pixels),

@@ -28,19 +28,38 @@ pub struct IdxImages<'a> {
 
 fn check_count(path: &Path, count: u32) -> Result<usize, DataError> {
     if count == 0 {
-        return Err(DataError::Empty { path: path.to_path_buf(), reason: "IDX header says the file holds 0 items".into() });
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            reason: "IDX header says the file holds 0 items".into(),
+        });
     }
     if count > MAX_ITEMS {
-        return Err(DataError::malformed(path, format!("IDX header claims {count} items, more than the limit of {MAX_ITEMS}")));
+        return Err(DataError::malformed(
+            path,
+            format!("IDX header claims {count} items, more than the limit of {MAX_ITEMS}"),
+        ));
     }
     Ok(count as usize)
 }
 
-fn check_magic(bytes: &[u8], path: &Path, what: &'static str, expected: u32, header_len: usize) -> Result<(), DataError> {
+fn check_magic(
+    bytes: &[u8],
+    path: &Path,
+    what: &'static str,
+    expected: u32,
+    header_len: usize,
+) -> Result<(), DataError> {
     // Check the magic before the header length so a 3-byte non-IDX file still reads "wrong
     // magic" where possible; shorter than 4 bytes can only be "truncated".
     match be_u32(bytes, 0) {
-        Some(found) if found != expected => return Err(DataError::BadMagic { path: path.to_path_buf(), what, expected, found }),
+        Some(found) if found != expected => {
+            return Err(DataError::BadMagic {
+                path: path.to_path_buf(),
+                what,
+                expected,
+                found,
+            })
+        }
         _ => {}
     }
     if bytes.len() < header_len {
@@ -55,14 +74,31 @@ fn check_magic(bytes: &[u8], path: &Path, what: &'static str, expected: u32, hea
 }
 
 /// Checks that the payload after `header` has exactly `payload` bytes.
-fn check_payload(bytes: &[u8], path: &Path, what: &str, header: usize, payload: u64) -> Result<(), DataError> {
+fn check_payload(
+    bytes: &[u8],
+    path: &Path,
+    what: &str,
+    header: usize,
+    payload: u64,
+) -> Result<(), DataError> {
     let expected = header as u64 + payload;
     let actual = bytes.len() as u64;
     if actual < expected {
-        return Err(DataError::Truncated { path: path.to_path_buf(), what: what.to_string(), expected, actual });
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+            expected,
+            actual,
+        });
     }
     if actual > expected {
-        return Err(DataError::malformed(path, format!("{} trailing bytes after the {what} ({expected} bytes expected, {actual} found)", actual - expected)));
+        return Err(DataError::malformed(
+            path,
+            format!(
+                "{} trailing bytes after the {what} ({expected} bytes expected, {actual} found)",
+                actual - expected
+            ),
+        ));
     }
     Ok(())
 }
@@ -70,27 +106,45 @@ fn check_payload(bytes: &[u8], path: &Path, what: &str, header: usize, payload: 
 /// Parses an (already decompressed) IDX images file. `path` names errors.
 pub fn parse_images<'a>(bytes: &'a [u8], path: &Path) -> Result<IdxImages<'a>, DataError> {
     check_magic(bytes, path, "IDX images (idx3-ubyte)", IMAGES_MAGIC, 16)?;
-    let field = |off| be_u32(bytes, off).ok_or_else(|| DataError::malformed(path, "header too short"));
+    let field =
+        |off| be_u32(bytes, off).ok_or_else(|| DataError::malformed(path, "header too short"));
     let count = check_count(path, field(4)?)?;
     let (rows, cols) = (field(8)?, field(12)?);
     if rows == 0 || cols == 0 || rows > MAX_SIDE || cols > MAX_SIDE {
-        return Err(DataError::malformed(path, format!("IDX header claims {rows}x{cols} images; each side must be 1..={MAX_SIDE}")));
+        return Err(DataError::malformed(
+            path,
+            format!("IDX header claims {rows}x{cols} images; each side must be 1..={MAX_SIDE}"),
+        ));
     }
     let payload = count as u64 * rows as u64 * cols as u64;
     check_payload(bytes, path, "image data", 16, payload)?;
-    Ok(IdxImages { count, rows: rows as usize, cols: cols as usize, pixels: &bytes[16..] })
+    Ok(IdxImages {
+        count,
+        rows: rows as usize,
+        cols: cols as usize,
+        pixels: &bytes[16..],
+    })
 }
 
 /// Parses an (already decompressed) IDX labels file into its label bytes.
 pub fn parse_labels<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], DataError> {
     check_magic(bytes, path, "IDX labels (idx1-ubyte)", LABELS_MAGIC, 8)?;
-    let count = check_count(path, be_u32(bytes, 4).ok_or_else(|| DataError::malformed(path, "header too short"))?)?;
+    let count = check_count(
+        path,
+        be_u32(bytes, 4).ok_or_else(|| DataError::malformed(path, "header too short"))?,
+    )?;
     check_payload(bytes, path, "label data", 8, count as u64)?;
     Ok(&bytes[8..])
 }
 
 /// Builds a dataset from decompressed IDX image and label bytes.
-pub fn from_idx_bytes(images: &[u8], images_path: &Path, labels: &[u8], labels_path: &Path, source: String) -> Result<Dataset, DataError> {
+pub fn from_idx_bytes(
+    images: &[u8],
+    images_path: &Path,
+    labels: &[u8],
+    labels_path: &Path,
+    source: String,
+) -> Result<Dataset, DataError> {
     let img = parse_images(images, images_path)?;
     let lab = parse_labels(labels, labels_path)?;
     if img.count != lab.len() {
@@ -102,7 +156,12 @@ pub fn from_idx_bytes(images: &[u8], images_path: &Path, labels: &[u8], labels_p
         });
     }
     // MNIST has 10 classes; IDX variants like EMNIST have more, so grow to the largest label.
-    let num_classes = lab.iter().map(|&l| l as usize + 1).max().unwrap_or(0).max(10);
+    let num_classes = lab
+        .iter()
+        .map(|&l| l as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(10);
     Ok(Dataset {
         images: super::scale_u8(img.pixels),
         labels: lab.iter().map(|&l| l as u32).collect(),
@@ -122,7 +181,13 @@ pub fn embedded_mnist() -> Result<Dataset, DataError> {
     let lp = Path::new("<embedded>/mnist10k-labels-idx1-ubyte.gz");
     let images = super::read::gunzip_if_needed(EMBEDDED_IMAGES.to_vec(), ip)?;
     let labels = super::read::gunzip_if_needed(EMBEDDED_LABELS.to_vec(), lp)?;
-    from_idx_bytes(&images, ip, &labels, lp, "embedded MNIST (first 10k training digits)".into())
+    from_idx_bytes(
+        &images,
+        ip,
+        &labels,
+        lp,
+        "embedded MNIST (first 10k training digits)".into(),
+    )
 }
 
 /// True for file names that look like IDX files (`*idx1*` / `*idx3*`).
@@ -162,7 +227,10 @@ fn partner_names(name: &str, to_labels: bool) -> Vec<String> {
 fn find_partner(path: &Path, to_labels: bool) -> Result<PathBuf, DataError> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let dir = path.parent().unwrap_or(Path::new(""));
-    let tried: Vec<PathBuf> = partner_names(name, to_labels).into_iter().map(|n| dir.join(n)).collect();
+    let tried: Vec<PathBuf> = partner_names(name, to_labels)
+        .into_iter()
+        .map(|n| dir.join(n))
+        .collect();
     if let Some(found) = tried.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
     }
@@ -172,17 +240,26 @@ fn find_partner(path: &Path, to_labels: bool) -> Result<PathBuf, DataError> {
             "file name does not follow the *-images-idx3-ubyte / *-labels-idx1-ubyte pattern, so its partner file cannot be found",
         ));
     }
-    Err(DataError::MissingLabels { images_path: path.to_path_buf(), tried })
+    Err(DataError::MissingLabels {
+        images_path: path.to_path_buf(),
+        tried,
+    })
 }
 
 /// Picks the images file in a directory: the training split when several are present.
 fn images_in_dir(dir: &Path) -> Result<PathBuf, DataError> {
     let (files, _) = list_dir(dir)?;
     let images: Vec<&String> = files.iter().filter(|n| is_images_name(n)).collect();
-    let pick = images.iter().find(|n| n.to_ascii_lowercase().contains("train")).or(images.first());
+    let pick = images
+        .iter()
+        .find(|n| n.to_ascii_lowercase().contains("train"))
+        .or(images.first());
     match pick {
         Some(n) => Ok(dir.join(n.as_str())),
-        None => Err(DataError::Empty { path: dir.to_path_buf(), reason: "no *-images-idx3-ubyte[.gz] file in this directory".into() }),
+        None => Err(DataError::Empty {
+            path: dir.to_path_buf(),
+            reason: "no *-images-idx3-ubyte[.gz] file in this directory".into(),
+        }),
     }
 }
 
@@ -202,7 +279,13 @@ pub fn load_mnist(path: &Path) -> Result<Dataset, DataError> {
     let labels_path = find_partner(&images_path, true)?;
     let images = read_maybe_gz(&images_path)?;
     let labels = read_maybe_gz(&labels_path)?;
-    from_idx_bytes(&images, &images_path, &labels, &labels_path, format!("MNIST IDX {}", images_path.display()))
+    from_idx_bytes(
+        &images,
+        &images_path,
+        &labels,
+        &labels_path,
+        format!("MNIST IDX {}", images_path.display()),
+    )
 }
 
 #[cfg(test)]
@@ -211,9 +294,18 @@ mod tests {
 
     #[test]
     fn partner_names_cover_gz_and_dot_variants() {
-        assert_eq!(partner_names("train-images-idx3-ubyte.gz", true), ["train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte"]);
-        assert_eq!(partner_names("t10k-images.idx3-ubyte", true), ["t10k-labels.idx1-ubyte", "t10k-labels.idx1-ubyte.gz"]);
-        assert_eq!(partner_names("x-labels-idx1-ubyte", false), ["x-images-idx3-ubyte", "x-images-idx3-ubyte.gz"]);
+        assert_eq!(
+            partner_names("train-images-idx3-ubyte.gz", true),
+            ["train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte"]
+        );
+        assert_eq!(
+            partner_names("t10k-images.idx3-ubyte", true),
+            ["t10k-labels.idx1-ubyte", "t10k-labels.idx1-ubyte.gz"]
+        );
+        assert_eq!(
+            partner_names("x-labels-idx1-ubyte", false),
+            ["x-images-idx3-ubyte", "x-images-idx3-ubyte.gz"]
+        );
         assert!(partner_names("digits.bin", true).is_empty());
     }
 
@@ -224,10 +316,19 @@ mod tests {
         b.extend((MAX_ITEMS + 1).to_be_bytes());
         b.extend(28u32.to_be_bytes());
         b.extend(28u32.to_be_bytes());
-        assert!(matches!(parse_images(&b, p), Err(DataError::Malformed { .. })));
+        assert!(matches!(
+            parse_images(&b, p),
+            Err(DataError::Malformed { .. })
+        ));
         b[4..8].copy_from_slice(&1u32.to_be_bytes());
         b[8..12].copy_from_slice(&0u32.to_be_bytes());
-        assert!(matches!(parse_images(&b, p), Err(DataError::Malformed { .. })));
-        assert!(matches!(parse_images(&b[..2], p), Err(DataError::Truncated { .. })));
+        assert!(matches!(
+            parse_images(&b, p),
+            Err(DataError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_images(&b[..2], p),
+            Err(DataError::Truncated { .. })
+        ));
     }
 }

@@ -46,7 +46,10 @@ pub fn detect(path: &Path) -> Result<Format, DataError> {
         if files.iter().any(|n| mnist::is_idx_name(n)) {
             return Ok(Format::Mnist);
         }
-        if files.iter().any(|n| n.to_ascii_lowercase().ends_with(".bin")) {
+        if files
+            .iter()
+            .any(|n| n.to_ascii_lowercase().ends_with(".bin"))
+        {
             return Ok(Format::Cifar);
         }
         if !dirs.is_empty() {
@@ -57,7 +60,11 @@ pub fn detect(path: &Path) -> Result<Format, DataError> {
             reason: "directory has no IDX files, no .bin batches and no class sub-folders".into(),
         });
     }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if name.ends_with(".bin") {
         return Ok(Format::Cifar);
     }
@@ -66,10 +73,14 @@ pub fn detect(path: &Path) -> Result<Format, DataError> {
     }
     // Sniff: an IDX magic, raw or inside gzip.
     let head = sniff(path)?;
-    if read::be_u32(&head, 0).is_some_and(|m| m == mnist::IMAGES_MAGIC || m == mnist::LABELS_MAGIC) {
+    if read::be_u32(&head, 0).is_some_and(|m| m == mnist::IMAGES_MAGIC || m == mnist::LABELS_MAGIC)
+    {
         return Ok(Format::Mnist);
     }
-    Err(DataError::UnknownFormat { path: path.to_path_buf(), reason: "file is neither an IDX file nor a CIFAR .bin batch".into() })
+    Err(DataError::UnknownFormat {
+        path: path.to_path_buf(),
+        reason: "file is neither an IDX file nor a CIFAR .bin batch".into(),
+    })
 }
 
 /// The first few (decompressed) bytes of a file.
@@ -77,13 +88,18 @@ fn sniff(path: &Path) -> Result<Vec<u8>, DataError> {
     use std::io::Read;
     let open = || std::fs::File::open(path).map_err(|e| DataError::io(path, "opening file", e));
     let mut raw = Vec::new();
-    open()?.take(64).read_to_end(&mut raw).map_err(|e| DataError::io(path, "reading file", e))?;
+    open()?
+        .take(64)
+        .read_to_end(&mut raw)
+        .map_err(|e| DataError::io(path, "reading file", e))?;
     if !read::is_gzip(&raw) {
         return Ok(raw);
     }
     let mut out = Vec::new();
     // A corrupt gzip stream just means "not a dataset we know"; the caller reports that.
-    let _ = flate2::read::GzDecoder::new(open()?).take(4).read_to_end(&mut out);
+    let _ = flate2::read::GzDecoder::new(open()?)
+        .take(4)
+        .read_to_end(&mut out);
     Ok(out)
 }
 
@@ -95,8 +111,13 @@ pub fn load(path: Option<&Path>) -> Result<Dataset, DataError> {
 
 /// Like [`load`], but image folders are resized to `resolution` x `resolution` while decoding
 /// (so folders of mixed sizes load); other formats are returned as stored.
-pub fn load_at_resolution(path: Option<&Path>, resolution: Option<usize>) -> Result<Dataset, DataError> {
-    let Some(path) = path else { return embedded_mnist() };
+pub fn load_at_resolution(
+    path: Option<&Path>,
+    resolution: Option<usize>,
+) -> Result<Dataset, DataError> {
+    let Some(path) = path else {
+        return embedded_mnist();
+    };
     match detect(path)? {
         Format::Mnist => load_mnist(path),
         Format::Cifar => load_cifar(path),
@@ -140,7 +161,11 @@ impl Dataset {
             lab.push(self.labels[i]);
         }
         Ok((
-            Tensor::from_vec(img, (idx.len(), self.channels, self.height, self.width), device)?,
+            Tensor::from_vec(
+                img,
+                (idx.len(), self.channels, self.height, self.width),
+                device,
+            )?,
             Tensor::from_vec(lab, idx.len(), device)?,
         ))
     }
@@ -153,7 +178,13 @@ impl Dataset {
     /// non-square images would distort or crop them, so that is an error.
     pub fn to_resolution(self, res: usize) -> Result<Dataset, DataError> {
         let (h, w) = (self.height, self.width);
-        let err = |reason: &str| DataError::Resolution { source_desc: self.source.clone(), height: h, width: w, res, reason: reason.into() };
+        let err = |reason: &str| DataError::Resolution {
+            source_desc: self.source.clone(),
+            height: h,
+            width: w,
+            res,
+            reason: reason.into(),
+        };
         if res == 0 {
             return Err(err("the target resolution must be at least 1"));
         }
@@ -162,7 +193,9 @@ impl Dataset {
         }
         let planes = self.len() * self.channels;
         if self.images.len() != planes * h * w {
-            return Err(err("the image buffer does not match len x channels x height x width"));
+            return Err(err(
+                "the image buffer does not match len x channels x height x width",
+            ));
         }
         let images = if h <= res && w <= res {
             resample::pad(&self.images, planes, h, w, res, res, BACKGROUND)
@@ -173,7 +206,12 @@ impl Dataset {
                 "non-square images cannot be shrunk to a square without distortion; load an image folder with a target resolution instead",
             ));
         };
-        Ok(Dataset { images, height: res, width: res, ..self })
+        Ok(Dataset {
+            images,
+            height: res,
+            width: res,
+            ..self
+        })
     }
 
     /// The first `n` items (all of them if there are fewer).
@@ -195,6 +233,9 @@ impl Dataset {
             class_names: self.class_names.clone(),
             source: self.source.clone(),
         };
-        (part(&self.images[..cut], &self.labels[..k]), part(&self.images[cut..], &self.labels[k..]))
+        (
+            part(&self.images[..cut], &self.labels[..k]),
+            part(&self.images[cut..], &self.labels[k..]),
+        )
     }
 }

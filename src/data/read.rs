@@ -20,9 +20,16 @@ pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
 
 /// Reads `path` fully, refusing files larger than [`MAX_FILE_BYTES`].
 pub(crate) fn read_capped(path: &Path) -> Result<Vec<u8>, DataError> {
-    let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, "reading file metadata", e))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| DataError::io(path, "reading file metadata", e))?;
     if meta.len() > MAX_FILE_BYTES {
-        return Err(DataError::malformed(path, format!("file is {} bytes, more than the {MAX_FILE_BYTES}-byte limit", meta.len())));
+        return Err(DataError::malformed(
+            path,
+            format!(
+                "file is {} bytes, more than the {MAX_FILE_BYTES}-byte limit",
+                meta.len()
+            ),
+        ));
     }
     std::fs::read(path).map_err(|e| DataError::io(path, "reading file", e))
 }
@@ -37,9 +44,15 @@ pub(crate) fn gunzip_if_needed(bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>, D
     flate2::read::GzDecoder::new(bytes.as_slice())
         .take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut out)
-        .map_err(|e| DataError::Gzip { path: path.to_path_buf(), source: e })?;
+        .map_err(|e| DataError::Gzip {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
     if out.len() as u64 > MAX_FILE_BYTES {
-        return Err(DataError::malformed(path, format!("gzip stream decompresses to more than {MAX_FILE_BYTES} bytes")));
+        return Err(DataError::malformed(
+            path,
+            format!("gzip stream decompresses to more than {MAX_FILE_BYTES} bytes"),
+        ));
     }
     Ok(out)
 }
@@ -62,7 +75,9 @@ pub(crate) fn list_dir(dir: &Path) -> Result<(Vec<String>, Vec<String>), DataErr
     let (mut files, mut dirs) = (Vec::new(), Vec::new());
     for entry in rd {
         let entry = entry.map_err(|e| DataError::io(dir, "listing directory", e))?;
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
         if name.starts_with('.') {
             continue;
         }

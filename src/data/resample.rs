@@ -3,7 +3,15 @@
 //! fractional coverage otherwise, so no aliasing from skipped pixels).
 
 /// Pads each `h`x`w` plane to `th`x`tw` with `value`, centred (the odd pixel goes right/bottom).
-pub(crate) fn pad(src: &[f32], planes: usize, h: usize, w: usize, th: usize, tw: usize, value: f32) -> Vec<f32> {
+pub(crate) fn pad(
+    src: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+    value: f32,
+) -> Vec<f32> {
     debug_assert!(th >= h && tw >= w && src.len() == planes * h * w);
     let (top, left) = ((th - h) / 2, (tw - w) / 2);
     let mut out = vec![value; planes * th * tw];
@@ -35,7 +43,14 @@ fn area_weights(in_len: usize, out_len: usize) -> Vec<Vec<(usize, f32)>> {
 }
 
 /// Area-average downscale of each `h`x`w` plane to `oh`x`ow` (requires `oh <= h`, `ow <= w`).
-pub(crate) fn area_downscale(src: &[f32], planes: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+pub(crate) fn area_downscale(
+    src: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+) -> Vec<f32> {
     debug_assert!(oh <= h && ow <= w && src.len() == planes * h * w);
     let (wx, wy) = (area_weights(w, ow), area_weights(h, oh));
     let mut out = vec![0f32; planes * oh * ow];
