@@ -39,6 +39,13 @@ pub enum Command {
     Sample(SampleArgs),
     /// Score samples: Frechet distance in a small MNIST classifier's feature space and class accuracy.
     Eval(EvalArgs),
+    /// Export a checkpoint to ONNX: the whole sampler unrolled into one graph (default), or the
+    /// bare denoiser.
+    Export(ExportArgs),
+    /// Run an exported ONNX model in tract and ONNX Runtime against the candle reference on seeded
+    /// inputs; print max/mean/p99 abs error, max rel error and cosine per runtime and output, and
+    /// exit with code 3 if any is past tolerance.
+    Validate(ValidateArgs),
     /// The main job: train the teacher on the embedded digits, then evaluate it per NFE (later
     /// stages are resumed/skipped when already done).
     Pipeline(PipelineArgs),
@@ -70,6 +77,78 @@ pub struct EvalArgs {
     /// Where the evaluation classifier is cached (default: $DISTILL_CACHE or ~/.cache/distill).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ExportWhat {
+    /// noise (+ fresh noise per re-noise step) + class_labels -> images: the deployable model.
+    Generator,
+    /// One network evaluation: x, sigma (EDM) or timestep (VP), class_labels -> denoised / eps.
+    Denoiser,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum PrecisionArg {
+    Fp32,
+    /// f16 weights and Conv/MatMul, with norms, softmax, sampler arithmetic and I/O in f32.
+    Fp16,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint folder to export (e.g. runs/pipeline/teacher/checkpoint).
+    pub checkpoint: PathBuf,
+    /// Write ONNX (the default and, for now, the only format; TensorRT engines come from this file).
+    #[arg(long, default_value_t = true)]
+    pub onnx: bool,
+    /// Output folder; the file is `<what>[_fp16].onnx`.
+    #[arg(long, short, default_value = "export")]
+    pub out: PathBuf,
+    /// What to export.
+    #[arg(long, value_enum, default_value = "generator")]
+    pub what: ExportWhat,
+    /// Weight/compute precision of the exported graph.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: PrecisionArg,
+    /// Generator only: sampler to unroll (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
+    /// Generator only: sampling steps to unroll.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Generator only: classifier-free guidance scale baked into the graph.
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// The exported .onnx file.
+    pub model: PathBuf,
+    /// The checkpoint it was exported from (the candle reference).
+    #[arg(long)]
+    pub reference: PathBuf,
+    /// Runtimes to compare, comma-separated (tract, ort). Leaving one out is how to skip it.
+    #[arg(long, value_delimiter = ',', default_value = "tract,ort")]
+    pub runtimes: Vec<String>,
+    /// Number of seeded input sets.
+    #[arg(long, default_value_t = 32)]
+    pub cases: usize,
+    /// Batch sizes cycled over the cases.
+    #[arg(long, value_delimiter = ',', default_value = "1,7,4,2")]
+    pub batches: Vec<usize>,
+    /// Seed of the inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tolerance on max abs error (default: fp32 1e-4, fp16 2e-2).
+    #[arg(long)]
+    pub atol: Option<f64>,
+    /// Tolerance on mean abs error (default: fp32 none, fp16 2e-3).
+    #[arg(long)]
+    pub mean_atol: Option<f64>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -460,6 +539,97 @@ fn cmd_eval(a: &EvalArgs, dev: &Device, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+fn sha256_file(p: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+}
+
+/// Exports a checkpoint; returns the written file.
+pub fn export_checkpoint(a: &ExportArgs) -> Result<PathBuf> {
+    if !a.onnx {
+        bail!("nothing to export: --onnx is the only format so far");
+    }
+    let dev = Device::Cpu;
+    let (den, meta) = checkpoint::load(&a.checkpoint, &dev)?;
+    let precision = match a.precision {
+        PrecisionArg::Fp32 => export::Precision::Fp32,
+        PrecisionArg::Fp16 => export::Precision::Fp16,
+    };
+    let opts = export::ExportOptions {
+        precision,
+        method: meta.role.name().into(),
+        weights_sha256: Some(sha256_file(&a.checkpoint.join(checkpoint::WEIGHTS_FILE))?),
+        extra_metadata: vec![("checkpoint_step".into(), meta.step.to_string())],
+    };
+    let (model, stem) = match a.what {
+        ExportWhat::Generator => {
+            let spec = spec_from_flags(&meta, a.sampler, a.steps, a.cfg_scale)?;
+            (export::export_generator(&den, &spec, &opts)?, "generator")
+        }
+        ExportWhat::Denoiser => (export::export_denoiser(&den, &opts)?, "denoiser"),
+    };
+    let suffix = if precision == export::Precision::Fp16 { "_fp16" } else { "" };
+    let path = a.out.join(format!("{stem}{suffix}.onnx"));
+    export::write_model(&model, &path)?;
+    Ok(path)
+}
+
+fn cmd_export(a: &ExportArgs) -> Result<()> {
+    let path = export_checkpoint(a)?;
+    let model = export::runtime::load_model(&path)?;
+    let g = model.graph.as_ref().context("exported model has no graph")?;
+    println!("wrote {} ({} nodes, {} initializers, opset {}, IR {})", path.display(), g.node.len(), g.initializer.len(), export::OPSET, export::IR_VERSION);
+    for m in export::metadata(&model) {
+        println!("  {} = {}", m.0, m.1);
+    }
+    println!("next: distill validate {} --reference {}", path.display(), a.checkpoint.display());
+    Ok(())
+}
+
+/// Validates an exported model against its checkpoint.
+pub fn validate_model(a: &ValidateArgs) -> Result<export::ValidateReport> {
+    let dev = Device::Cpu;
+    let (den, _) = checkpoint::load(&a.reference, &dev)?;
+    let model = export::runtime::load_model(&a.model)?;
+    let meta: std::collections::HashMap<String, String> = export::metadata(&model).into_iter().collect();
+    let spec: GeneratorSpec;
+    let target = match meta.get("kind").map(String::as_str) {
+        Some("generator") => {
+            let text = meta.get("generator_spec").context("generator model lacks `generator_spec` metadata")?;
+            spec = serde_json::from_str(text).context("parsing the model's generator_spec metadata")?;
+            export::Target::Generator(&spec)
+        }
+        Some("denoiser") => export::Target::Denoiser,
+        other => bail!("{}: metadata `kind` is {other:?}; was it exported by distill?", a.model.display()),
+    };
+    let runtimes = a.runtimes.iter().map(|r| r.parse()).collect::<Result<Vec<export::RuntimeKind>>>()?;
+    let opts = export::ValidateOptions {
+        cases: a.cases,
+        batches: a.batches.clone(),
+        seed: a.seed,
+        runtimes,
+        precision: None,
+        max_abs_tol: a.atol,
+        mean_abs_tol: a.mean_atol,
+    };
+    export::validate(&a.model, &den, target, &opts)
+}
+
+fn cmd_validate(a: &ValidateArgs) -> Result<()> {
+    let report = validate_model(a)?;
+    println!("{report}");
+    if let Some(p) = &a.json {
+        checkpoint::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("report: {}", p.display());
+    }
+    if !report.passed() {
+        return Err(ValidationFailed(format!("{} is past tolerance in at least one runtime (max abs error {:.3e})", a.model.display(), report.max_abs())).into());
+    }
+    println!("PASS");
+    Ok(())
+}
+
 /// One row of the pipeline's quality-per-NFE table.
 #[derive(serde::Serialize, Debug)]
 pub struct QualityRow {
@@ -538,6 +708,8 @@ pub fn main() -> Result<()> {
         Command::Train(TrainCommand::Teacher(a)) => cmd_teacher(a, &dev, cli.quiet),
         Command::Sample(a) => cmd_sample(a, &dev),
         Command::Eval(a) => cmd_eval(a, &dev, cli.quiet),
+        Command::Export(a) => cmd_export(a),
+        Command::Validate(a) => cmd_validate(a),
         Command::Pipeline(a) => cmd_pipeline(a, &dev, cli.quiet),
     }
 }

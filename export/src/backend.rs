@@ -96,7 +96,10 @@ impl ValueInfo {
         ValueInfoProto {
             name: name.to_string(),
             r#type: Some(proto::TypeProto {
-                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor { elem_type: self.elem.onnx(), shape })),
+                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                    elem_type: self.elem.onnx(),
+                    shape,
+                })),
                 ..Default::default()
             }),
             ..Default::default()
@@ -127,7 +130,10 @@ pub struct OnnxBackend {
 
 impl OnnxBackend {
     pub fn new(precision: Precision) -> Self {
-        Self { g: RefCell::new(Graph::default()), precision }
+        Self {
+            g: RefCell::new(Graph::default()),
+            precision,
+        }
     }
 
     pub fn precision(&self) -> Precision {
@@ -192,7 +198,13 @@ impl OnnxBackend {
             return Ok(name.to_string());
         }
         let raw = raw()?;
-        g.initializers.push(TensorProto { name: name.to_string(), dims: dims.to_vec(), data_type: elem.onnx(), raw_data: raw, ..Default::default() });
+        g.initializers.push(TensorProto {
+            name: name.to_string(),
+            dims: dims.to_vec(),
+            data_type: elem.onnx(),
+            raw_data: raw,
+            ..Default::default()
+        });
         g.init_index.insert(name.to_string(), (elem, dims.to_vec()));
         let dims_t = dims.iter().map(|&d| Dim::Fixed(d as usize)).collect();
         g.values.insert(name.to_string(), ValueInfo::new(elem, dims_t));
@@ -221,8 +233,18 @@ impl OnnxBackend {
         if let Some(v) = self.g.borrow().const_cache.get(&key) {
             return Ok(v.clone());
         }
-        let t = TensorProto { dims: d64, data_type: elem.onnx(), raw_data: raw, ..Default::default() };
-        let out = self.node("Constant", &[], vec![attr_tensor("value", t)], ValueInfo::new(elem, dims.iter().map(|&d| Dim::Fixed(d)).collect()))?;
+        let t = TensorProto {
+            dims: d64,
+            data_type: elem.onnx(),
+            raw_data: raw,
+            ..Default::default()
+        };
+        let out = self.node(
+            "Constant",
+            &[],
+            vec![attr_tensor("value", t)],
+            ValueInfo::new(elem, dims.iter().map(|&d| Dim::Fixed(d)).collect()),
+        )?;
         self.g.borrow_mut().const_cache.insert(key, out.clone());
         Ok(out)
     }
@@ -259,19 +281,44 @@ pub(crate) fn encode(v: &[f32], elem: ElemType) -> Vec<u8> {
 }
 
 pub(crate) fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: proto::attribute_proto::AttributeType::Int as i32, i, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: proto::attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
 }
 pub(crate) fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: proto::attribute_proto::AttributeType::Ints as i32, ints: ints.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: proto::attribute_proto::AttributeType::Ints as i32,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
 }
 pub(crate) fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: proto::attribute_proto::AttributeType::Float as i32, f, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: proto::attribute_proto::AttributeType::Float as i32,
+        f,
+        ..Default::default()
+    }
 }
 pub(crate) fn attr_str(name: &str, s: &str) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: proto::attribute_proto::AttributeType::String as i32, s: s.as_bytes().to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: proto::attribute_proto::AttributeType::String as i32,
+        s: s.as_bytes().to_vec(),
+        ..Default::default()
+    }
 }
 pub(crate) fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: proto::attribute_proto::AttributeType::Tensor as i32, t: Some(t), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: proto::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(t),
+        ..Default::default()
+    }
 }
 
 /// Numpy broadcasting of two tracked shapes.

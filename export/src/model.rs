@@ -69,7 +69,12 @@ pub struct ExportOptions {
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        Self { precision: Precision::Fp32, method: "teacher".into(), weights_sha256: None, extra_metadata: Vec::new() }
+        Self {
+            precision: Precision::Fp32,
+            method: "teacher".into(),
+            weights_sha256: None,
+            extra_metadata: Vec::new(),
+        }
     }
 }
 
@@ -137,7 +142,10 @@ impl OnnxBackend {
         };
         let mut model = ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            }],
             producer_name: "distill".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             graph: Some(graph),
@@ -172,8 +180,15 @@ fn common_metadata(den: &Denoiser, kind: &str, opts: &ExportOptions) -> Result<V
 
 fn finish_metadata(model: &mut ModelProto, opts: &ExportOptions) {
     let sha = opts.weights_sha256.clone().unwrap_or_else(|| weights_sha256(model));
-    let source = if opts.weights_sha256.is_some() { "checkpoint file" } else { "initializer bytes in graph order" };
-    for (key, value) in [("weights_sha256".to_string(), sha), ("weights_sha256_of".to_string(), source.to_string())].into_iter().chain(opts.extra_metadata.iter().cloned()) {
+    let source = if opts.weights_sha256.is_some() {
+        "checkpoint file"
+    } else {
+        "initializer bytes in graph order"
+    };
+    for (key, value) in [("weights_sha256".to_string(), sha), ("weights_sha256_of".to_string(), source.to_string())]
+        .into_iter()
+        .chain(opts.extra_metadata.iter().cloned())
+    {
         model.metadata_props.push(StringStringEntryProto { key, value });
     }
 }
@@ -189,17 +204,31 @@ pub fn export_generator(den: &Denoiser, spec: &GeneratorSpec, opts: &ExportOptio
     let img = image_dims(den);
     let z = b.input("noise", ElemType::F32, &img)?;
     let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
-    let fresh = (1..=spec.num_fresh_noise()).map(|i| b.input(&format!("noise_{i}"), ElemType::F32, &img)).collect::<Result<Vec<_>>>()?;
+    let fresh = (1..=spec.num_fresh_noise())
+        .map(|i| b.input(&format!("noise_{i}"), ElemType::F32, &img))
+        .collect::<Result<Vec<_>>>()?;
     let out = graphs::generate(&b, den, spec, &z, &labels, &fresh).context("lowering the generator")?;
     let mut meta = common_metadata(den, "generator", opts)?;
     let sigmas = spec.step_sigmas(&den.param);
     meta.extend([
-        ("sampler".to_string(), serde_json::to_value(spec.sampler)?.as_str().unwrap_or_default().to_string()),
+        (
+            "sampler".to_string(),
+            serde_json::to_value(spec.sampler)?.as_str().unwrap_or_default().to_string(),
+        ),
         ("steps".into(), spec.steps.to_string()),
         ("sigmas".into(), serde_json::to_string(&sigmas)?),
         ("nfe".into(), spec.nfe().to_string()),
         // With classifier-free guidance each guided evaluation is two network calls.
-        ("network_calls".into(), (spec.nfe() * if spec.cfg_scale != 1.0 && spec.sampler != graphs::SamplerKind::Student { 2 } else { 1 }).to_string()),
+        (
+            "network_calls".into(),
+            (spec.nfe()
+                * if spec.cfg_scale != 1.0 && spec.sampler != graphs::SamplerKind::Student {
+                    2
+                } else {
+                    1
+                })
+            .to_string(),
+        ),
         ("cfg_scale".into(), spec.cfg_scale.to_string()),
         ("fresh_noise_inputs".into(), spec.num_fresh_noise().to_string()),
         ("generator_spec".into(), serde_json::to_string(spec)?),

@@ -131,7 +131,11 @@ impl ValidateReport {
 
 impl std::fmt::Display for ValidateReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "parity of {} ({}) vs candle: {} cases, batches {:?}, seed {}", self.model, self.precision, self.cases, self.batches, self.seed)?;
+        writeln!(
+            f,
+            "parity of {} ({}) vs candle: {} cases, batches {:?}, seed {}",
+            self.model, self.precision, self.cases, self.batches, self.seed
+        )?;
         writeln!(
             f,
             "{:<12} {:<10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6} {:>18}  result",
@@ -193,8 +197,18 @@ impl Acc {
         let max_abs = self.diffs.iter().copied().fold(0.0, f64::max);
         let mean_abs = if n > 0 { self.diffs.iter().sum::<f64>() / n as f64 } else { 0.0 };
         self.diffs.sort_by(|a, b| a.total_cmp(b));
-        let p99_abs = if n > 0 { self.diffs[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1] } else { 0.0 };
-        let cosine = if self.nr > 0.0 && self.no > 0.0 { self.dot / (self.nr.sqrt() * self.no.sqrt()) } else if self.nr == self.no { 1.0 } else { 0.0 };
+        let p99_abs = if n > 0 {
+            self.diffs[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1]
+        } else {
+            0.0
+        };
+        let cosine = if self.nr > 0.0 && self.no > 0.0 {
+            self.dot / (self.nr.sqrt() * self.no.sqrt())
+        } else if self.nr == self.no {
+            1.0
+        } else {
+            0.0
+        };
         let passed = n > 0 && self.nonfinite == 0 && max_abs <= max_tol && mean_tol.is_none_or(|t| mean_abs <= t);
         Metrics {
             runtime: runtime.into(),
@@ -229,7 +243,10 @@ fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> 
     let labels_t = Tensor::from_vec(labels.clone(), batch, &dev)?;
     let labels_in = TensorData::I32(ArrayD::from_shape_vec(vec![batch], labels.iter().map(|&l| l as i32).collect())?);
     let img = |v: &Vec<f32>| -> Result<(Tensor, TensorData)> {
-        Ok((Tensor::from_vec(v.clone(), &shape, &dev)?, TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v.clone())?)))
+        Ok((
+            Tensor::from_vec(v.clone(), &shape, &dev)?,
+            TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v.clone())?),
+        ))
     };
     let (inputs, out) = match target {
         Target::Generator(spec) => {
@@ -276,7 +293,10 @@ fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> 
                 let y = den.eps(&cb, &xt, &level, &labels_t)?;
                 let inputs = vec![
                     ("x".to_string(), x_in),
-                    ("timestep".to_string(), TensorData::I32(ArrayD::from_shape_vec(vec![batch], t.iter().map(|&v| v as i32).collect())?)),
+                    (
+                        "timestep".to_string(),
+                        TensorData::I32(ArrayD::from_shape_vec(vec![batch], t.iter().map(|&v| v as i32).collect())?),
+                    ),
                     ("class_labels".to_string(), labels_in),
                 ];
                 (inputs, y)
@@ -293,7 +313,10 @@ fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> 
 /// ONNX Runtime) is an error, never a silent skip.
 pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &ValidateOptions) -> Result<ValidateReport> {
     ensure!(opts.cases > 0, "validate: zero cases");
-    ensure!(!opts.batches.is_empty() && opts.batches.iter().all(|&b| b > 0), "validate: batches must be positive");
+    ensure!(
+        !opts.batches.is_empty() && opts.batches.iter().all(|&b| b > 0),
+        "validate: batches must be positive"
+    );
     ensure!(!opts.runtimes.is_empty(), "validate: no runtime selected");
     let model = runtime::load_model(model_path)?;
     let precision = match opts.precision {
@@ -315,7 +338,11 @@ pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &Valida
 
     let mut runners = Vec::new();
     for rk in &opts.runtimes {
-        runners.push((*rk, rk.load(model_path).with_context(|| format!("loading {} in {}", model_path.display(), rk.name()))?));
+        runners.push((
+            *rk,
+            rk.load(model_path)
+                .with_context(|| format!("loading {} in {}", model_path.display(), rk.name()))?,
+        ));
     }
     let mut accs: Vec<Acc> = runners.iter().map(|_| Acc::default()).collect();
     let mut batches = Vec::new();
@@ -327,15 +354,35 @@ pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &Valida
         let inputs: &Inputs = &inputs;
         for ((rk, runner), acc) in runners.iter_mut().zip(accs.iter_mut()) {
             let out = runner.run(inputs).with_context(|| format!("case {case} (batch {batch}) in {}", rk.name()))?;
-            let (_, y) = out.iter().find(|(n, _)| *n == out_name).with_context(|| format!("{} returned no {out_name}", rk.name()))?;
-            ensure!(y.len() == reference.len(), "{}: output {out_name} has shape {:?}, expected {} values", rk.name(), y.shape(), reference.len());
+            let (_, y) = out
+                .iter()
+                .find(|(n, _)| *n == out_name)
+                .with_context(|| format!("{} returned no {out_name}", rk.name()))?;
+            ensure!(
+                y.len() == reference.len(),
+                "{}: output {out_name} has shape {:?}, expected {} values",
+                rk.name(),
+                y.shape(),
+                reference.len()
+            );
             let y: Vec<f32> = y.iter().copied().collect();
             acc.add(&reference, &y);
         }
     }
-    let metrics = runners.iter().zip(accs).map(|((rk, _), acc)| acc.finish(rk.name(), &out_name, max_tol, mean_tol)).collect();
+    let metrics = runners
+        .iter()
+        .zip(accs)
+        .map(|((rk, _), acc)| acc.finish(rk.name(), &out_name, max_tol, mean_tol))
+        .collect();
     let mut uniq = batches.clone();
     uniq.sort();
     uniq.dedup();
-    Ok(ValidateReport { model: model_path.display().to_string(), precision, cases: opts.cases, batches: uniq, seed: opts.seed, metrics })
+    Ok(ValidateReport {
+        model: model_path.display().to_string(),
+        precision,
+        cases: opts.cases,
+        batches: uniq,
+        seed: opts.seed,
+        metrics,
+    })
 }

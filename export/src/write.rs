@@ -42,7 +42,11 @@ fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// relative to the model), `offset` and `length`; offsets are 64-byte aligned. The data file is
 /// written before the model, both atomically.
 pub fn write_model_with(model: &ModelProto, path: &Path, external_threshold: u64) -> Result<()> {
-    let total: u64 = model.graph.as_ref().map(|g| g.initializer.iter().map(|t| t.raw_data.len() as u64).sum()).unwrap_or(0);
+    let total: u64 = model
+        .graph
+        .as_ref()
+        .map(|g| g.initializer.iter().map(|t| t.raw_data.len() as u64).sum())
+        .unwrap_or(0);
     if total <= external_threshold {
         return atomic_write(path, &model.encode_to_vec());
     }
@@ -60,9 +64,18 @@ pub fn write_model_with(model: &ModelProto, path: &Path, external_threshold: u64
         t.raw_data.clear();
         t.data_location = DataLocation::External as i32;
         t.external_data = vec![
-            StringStringEntryProto { key: "location".into(), value: location.clone() },
-            StringStringEntryProto { key: "offset".into(), value: offset.to_string() },
-            StringStringEntryProto { key: "length".into(), value: length.to_string() },
+            StringStringEntryProto {
+                key: "location".into(),
+                value: location.clone(),
+            },
+            StringStringEntryProto {
+                key: "offset".into(),
+                value: offset.to_string(),
+            },
+            StringStringEntryProto {
+                key: "length".into(),
+                value: length.to_string(),
+            },
         ];
     }
     atomic_write(&data_path, &data)?;

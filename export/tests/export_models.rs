@@ -10,13 +10,26 @@ use std::path::Path;
 
 fn denoiser(param: Parameterisation, seed: u64) -> (candle_nn::VarMap, Denoiser) {
     let (vm, vb) = varmap();
-    let den = Denoiser::new(vb, &ModelConfig { unet: UNetConfig::tiny(), parameterisation: param }).unwrap();
+    let den = Denoiser::new(
+        vb,
+        &ModelConfig {
+            unet: UNetConfig::tiny(),
+            parameterisation: param,
+        },
+    )
+    .unwrap();
     randomize_norms(&vm, seed).unwrap();
     (vm, den)
 }
 
 fn student(sigmas: &[f64], fresh_noise: bool) -> GeneratorSpec {
-    GeneratorSpec { sampler: SamplerKind::Student, steps: sigmas.len(), sigmas: sigmas.to_vec(), fresh_noise, cfg_scale: 1.0 }
+    GeneratorSpec {
+        sampler: SamplerKind::Student,
+        steps: sigmas.len(),
+        sigmas: sigmas.to_vec(),
+        fresh_noise,
+        cfg_scale: 1.0,
+    }
 }
 
 /// Exports, writes, checks with the onnx checker, validates in both runtimes; returns the report.
@@ -79,20 +92,29 @@ fn student_two_steps_fresh_noise() {
     let dir = tempfile::tempdir().unwrap();
     let (_vm, den) = denoiser(Parameterisation::edm(), 3);
     let spec = student(&[80.0, 1.2], true);
-    let opts = ExportOptions { method: "dmd2".into(), ..Default::default() };
+    let opts = ExportOptions {
+        method: "dmd2".into(),
+        ..Default::default()
+    };
     export_and_validate(&den, Some(&spec), &opts, dir.path(), "student2_fresh");
     let model = load_model(&dir.path().join("student2_fresh.onnx")).unwrap();
     let (ins, outs) = export::runtime::io_specs(&model).unwrap();
     assert_eq!(ins.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["noise", "class_labels", "noise_1"]);
     assert_eq!(outs[0].name, "images");
-    assert_eq!(outs[0].dims, vec![export::Dim::Batch, export::Dim::Fixed(1), export::Dim::Fixed(16), export::Dim::Fixed(16)]);
+    assert_eq!(
+        outs[0].dims,
+        vec![export::Dim::Batch, export::Dim::Fixed(1), export::Dim::Fixed(16), export::Dim::Fixed(16)]
+    );
     let meta: std::collections::HashMap<_, _> = export::metadata(&model).into_iter().collect();
     assert_eq!(meta["method"], "dmd2");
     assert_eq!(meta["sampler"], "student");
     assert_eq!(meta["steps"], "2");
     assert_eq!(meta["nfe"], "2");
     assert_eq!(serde_json::from_str::<Vec<f64>>(&meta["sigmas"]).unwrap(), vec![80.0, 1.2]);
-    assert_eq!(serde_json::from_str::<Parameterisation>(&meta["parameterisation"]).unwrap(), Parameterisation::edm());
+    assert_eq!(
+        serde_json::from_str::<Parameterisation>(&meta["parameterisation"]).unwrap(),
+        Parameterisation::edm()
+    );
     assert_eq!(meta["label_dtype"], "int32");
     assert_eq!(meta["null_class_id"], "10");
     assert_eq!(meta["pixel_range"], "[-1, 1]");
@@ -105,9 +127,15 @@ fn student_two_steps_fresh_noise() {
 fn student_three_steps_deterministic() {
     let dir = tempfile::tempdir().unwrap();
     let (_vm, den) = denoiser(Parameterisation::edm(), 4);
-    let opts = ExportOptions { method: "tdm".into(), weights_sha256: Some("ab".repeat(32)), ..Default::default() };
+    let opts = ExportOptions {
+        method: "tdm".into(),
+        weights_sha256: Some("ab".repeat(32)),
+        ..Default::default()
+    };
     export_and_validate(&den, Some(&student(&[80.0, 5.0, 0.5], false)), &opts, dir.path(), "student3_det");
-    let meta: std::collections::HashMap<_, _> = export::metadata(&load_model(&dir.path().join("student3_det.onnx")).unwrap()).into_iter().collect();
+    let meta: std::collections::HashMap<_, _> = export::metadata(&load_model(&dir.path().join("student3_det.onnx")).unwrap())
+        .into_iter()
+        .collect();
     assert_eq!(meta["weights_sha256"], "ab".repeat(32));
 }
 
@@ -115,16 +143,28 @@ fn student_three_steps_deterministic() {
 fn heun_teacher_three_steps_cfg2() {
     let dir = tempfile::tempdir().unwrap();
     let (_vm, den) = denoiser(Parameterisation::edm(), 5);
-    let spec = GeneratorSpec { sampler: SamplerKind::Heun, steps: 3, sigmas: vec![], fresh_noise: false, cfg_scale: 2.0 };
+    let spec = GeneratorSpec {
+        sampler: SamplerKind::Heun,
+        steps: 3,
+        sigmas: vec![],
+        fresh_noise: false,
+        cfg_scale: 2.0,
+    };
     // Five guided evaluations (ten network calls) starting at sigma 80 with the guidance
     // difference doubled: f32 rounding differences between implementations (~1e-7 relative per
     // op, 5e-7 per network call in the denoiser test) grow to ~1.2e-4 at a few pixels on this
     // random network (measured: max 1.15e-4, p99 2.4e-5, mean 1.8e-6 in both runtimes, which
     // agree with each other). Max abs is therefore checked at 5e-4 here, with mean and p99 tight.
-    let vopts = ValidateOptions { max_abs_tol: Some(5e-4), mean_abs_tol: Some(1e-5), ..Default::default() };
+    let vopts = ValidateOptions {
+        max_abs_tol: Some(5e-4),
+        mean_abs_tol: Some(1e-5),
+        ..Default::default()
+    };
     let r = export_and_validate_with(&den, Some(&spec), &ExportOptions::default(), dir.path(), "heun3_cfg2", &vopts);
     assert!(r.metrics.iter().all(|m| m.p99_abs < 1e-4), "{r}");
-    let meta: std::collections::HashMap<_, _> = export::metadata(&load_model(&dir.path().join("heun3_cfg2.onnx")).unwrap()).into_iter().collect();
+    let meta: std::collections::HashMap<_, _> = export::metadata(&load_model(&dir.path().join("heun3_cfg2.onnx")).unwrap())
+        .into_iter()
+        .collect();
     assert_eq!(meta["nfe"], "5");
     assert_eq!(meta["network_calls"], "10");
 }
@@ -133,7 +173,13 @@ fn heun_teacher_three_steps_cfg2() {
 fn vp_ddim_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let (_vm, den) = denoiser(Parameterisation::vp(BetaSchedule::ScaledLinear), 6);
-    let spec = GeneratorSpec { sampler: SamplerKind::Ddim, steps: 2, sigmas: vec![], fresh_noise: false, cfg_scale: 1.5 };
+    let spec = GeneratorSpec {
+        sampler: SamplerKind::Ddim,
+        steps: 2,
+        sigmas: vec![],
+        fresh_noise: false,
+        cfg_scale: 1.5,
+    };
     export_and_validate(&den, Some(&spec), &ExportOptions::default(), dir.path(), "vp_ddim2");
 }
 
@@ -142,17 +188,34 @@ fn fp16_generator_within_fp16_tolerances() {
     let dir = tempfile::tempdir().unwrap();
     let (_vm, den) = denoiser(Parameterisation::edm(), 7);
     let spec = student(&[80.0, 2.0], true);
-    let opts = ExportOptions { precision: Precision::Fp16, method: "dmd2".into(), ..Default::default() };
+    let opts = ExportOptions {
+        precision: Precision::Fp16,
+        method: "dmd2".into(),
+        ..Default::default()
+    };
     let r = export_and_validate(&den, Some(&spec), &opts, dir.path(), "student2_fp16");
     assert_eq!(r.precision, Precision::Fp16);
     assert!(r.metrics.iter().all(|m| m.max_abs_tol == 2e-2 && m.mean_abs_tol == Some(2e-3)));
     let model = load_model(&dir.path().join("student2_fp16.onnx")).unwrap();
     let g = model.graph.as_ref().unwrap();
     let f16 = export::ElemType::F16.onnx();
-    assert!(g.initializer.iter().filter(|t| t.name.ends_with("conv_in.weight") || t.name.ends_with("emb.0.weight")).all(|t| t.data_type == f16));
-    assert!(g.initializer.iter().filter(|t| t.name.contains("norm")).all(|t| t.data_type == export::ElemType::F32.onnx()));
+    assert!(g
+        .initializer
+        .iter()
+        .filter(|t| t.name.ends_with("conv_in.weight") || t.name.ends_with("emb.0.weight"))
+        .all(|t| t.data_type == f16));
+    assert!(g
+        .initializer
+        .iter()
+        .filter(|t| t.name.contains("norm"))
+        .all(|t| t.data_type == export::ElemType::F32.onnx()));
     // The same model is far from fp32-exact: the tolerances are what makes it pass.
-    let strict = ValidateOptions { precision: Some(Precision::Fp32), cases: 4, runtimes: vec![RuntimeKind::OnnxRuntime], ..Default::default() };
+    let strict = ValidateOptions {
+        precision: Some(Precision::Fp32),
+        cases: 4,
+        runtimes: vec![RuntimeKind::OnnxRuntime],
+        ..Default::default()
+    };
     let r32 = validate(&dir.path().join("student2_fp16.onnx"), &den, Target::Generator(&spec), &strict).unwrap();
     assert!(!r32.passed(), "an fp16 model passed fp32 tolerances:\n{r32}");
 }
@@ -163,12 +226,22 @@ fn perturbed_weight_fails_validation() {
     let (_vm, den) = denoiser(Parameterisation::edm(), 8);
     let spec = student(&[80.0, 5.0, 0.5], false);
     let mut model = export_generator(&den, &spec, &ExportOptions::default()).unwrap();
-    let t = model.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name == "conv_out.weight").unwrap();
+    let t = model
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "conv_out.weight")
+        .unwrap();
     let v = f32::from_le_bytes(t.raw_data[0..4].try_into().unwrap()) + 0.05;
     t.raw_data[0..4].copy_from_slice(&v.to_le_bytes());
     let path = dir.path().join("perturbed.onnx");
     export::write_model(&model, &path).unwrap();
-    let opts = ValidateOptions { cases: 8, ..Default::default() };
+    let opts = ValidateOptions {
+        cases: 8,
+        ..Default::default()
+    };
     let r = validate(&path, &den, Target::Generator(&spec), &opts).unwrap();
     eprintln!("{r}");
     assert!(!r.passed());
@@ -192,12 +265,19 @@ fn external_data_round_trip() {
     let (s_inline, s_ext, s_data) = [&inline, &ext, &data].map(|p| std::fs::metadata(p).unwrap().len()).into();
     let weights = model.graph.as_ref().unwrap().initializer.iter().map(|t| t.raw_data.len() as u64).sum::<u64>();
     eprintln!("inline {s_inline} B, external {s_ext} B + data {s_data} B (weights {weights} B)");
-    assert!(s_data >= weights && s_ext < s_inline - weights / 2, "sizes: inline {s_inline}, external {s_ext} + {s_data}, weights {weights}");
+    assert!(
+        s_data >= weights && s_ext < s_inline - weights / 2,
+        "sizes: inline {s_inline}, external {s_ext} + {s_data}, weights {weights}"
+    );
     let loaded = load_model(&ext).unwrap();
     let t = &loaded.graph.as_ref().unwrap().initializer[0];
     assert!(t.raw_data.is_empty() && t.data_location == 1 && t.external_data.iter().any(|e| e.key == "location" && e.value == "ext.onnx.data"));
     onnx_check(&ext).unwrap();
-    let opts = ValidateOptions { runtimes: vec![RuntimeKind::OnnxRuntime], cases: 8, ..Default::default() };
+    let opts = ValidateOptions {
+        runtimes: vec![RuntimeKind::OnnxRuntime],
+        cases: 8,
+        ..Default::default()
+    };
     let r = validate(&ext, &den, Target::Generator(&spec), &opts).unwrap();
     eprintln!("{r}");
     assert!(r.passed() && r.metrics.len() == 1);

@@ -15,9 +15,12 @@ fn conv_stride1_and_stride2() {
     let c1 = Conv2d::new(vb.pp("c1"), 3, 8, 3, 1, 1).unwrap();
     let c2 = Conv2d::new(vb.pp("c2"), 8, 8, 3, 2, 1).unwrap();
     let c3 = Conv2d::new(vb.pp("c3"), 3, 5, 1, 1, 0).unwrap();
-    parity!("conv_s1", vec![TestInput::normal("x", &[3, 3, 16, 16], 1, 1.0)], TOL, |b, xs| c1.forward(b, &xs[0]));
-    parity!("conv_s2", vec![TestInput::normal("x", &[3, 8, 16, 16], 2, 1.0)], TOL, |b, xs| c2.forward(b, &xs[0]));
-    parity!("conv_1x1", vec![TestInput::normal("x", &[2, 3, 7, 5], 3, 1.0)], TOL, |b, xs| c3.forward(b, &xs[0]));
+    parity!("conv_s1", vec![TestInput::normal("x", &[3, 3, 16, 16], 1, 1.0)], TOL, |b, xs| c1
+        .forward(b, &xs[0]));
+    parity!("conv_s2", vec![TestInput::normal("x", &[3, 8, 16, 16], 2, 1.0)], TOL, |b, xs| c2
+        .forward(b, &xs[0]));
+    parity!("conv_1x1", vec![TestInput::normal("x", &[2, 3, 7, 5], 3, 1.0)], TOL, |b, xs| c3
+        .forward(b, &xs[0]));
 }
 
 #[test]
@@ -35,7 +38,8 @@ fn linear_2d_gemm_and_3d_matmul() {
     let (_vm, vb) = varmap();
     let l = Linear::new(vb.pp("lin"), 12, 20).unwrap();
     parity!("linear_2d", vec![TestInput::normal("x", &[3, 12], 5, 1.0)], TOL, |b, xs| l.forward(b, &xs[0]));
-    parity!("linear_3d", vec![TestInput::normal("x", &[3, 4, 12], 6, 1.0)], TOL, |b, xs| l.forward(b, &xs[0]));
+    parity!("linear_3d", vec![TestInput::normal("x", &[3, 4, 12], 6, 1.0)], TOL, |b, xs| l
+        .forward(b, &xs[0]));
 }
 
 #[test]
@@ -43,15 +47,18 @@ fn self_attention() {
     let (vm, vb) = varmap();
     let a = SelfAttention::new(vb.pp("attn"), 16, 4).unwrap();
     randomize_norms(&vm, 8).unwrap();
-    parity!("self_attention", vec![TestInput::normal("x", &[3, 16, 8, 8], 9, 1.0)], TOL, |b, xs| a.forward(b, &xs[0], 8, 8));
+    parity!("self_attention", vec![TestInput::normal("x", &[3, 16, 8, 8], 9, 1.0)], TOL, |b, xs| a
+        .forward(b, &xs[0], 8, 8));
 }
 
 #[test]
 fn upsample_then_conv() {
     let (_vm, vb) = varmap();
     let c = Conv2d::new(vb.pp("up"), 8, 8, 3, 1, 1).unwrap();
-    parity!("upsample", vec![TestInput::normal("x", &[2, 8, 4, 5], 10, 1.0)], TOL, |b, xs| b.upsample_nearest2x(&xs[0]));
-    parity!("upsample_conv", vec![TestInput::normal("x", &[3, 8, 8, 8], 11, 1.0)], TOL, |b, xs| c.forward(b, &b.upsample_nearest2x(&xs[0]).unwrap()));
+    parity!("upsample", vec![TestInput::normal("x", &[2, 8, 4, 5], 10, 1.0)], TOL, |b, xs| b
+        .upsample_nearest2x(&xs[0]));
+    parity!("upsample_conv", vec![TestInput::normal("x", &[3, 8, 8, 8], 11, 1.0)], TOL, |b, xs| c
+        .forward(b, &b.upsample_nearest2x(&xs[0]).unwrap()));
 }
 
 #[test]
@@ -62,7 +69,8 @@ fn sinusoidal_and_label_embedding() {
     let inputs = || vec![TestInput::normal("c_noise", &[5], 12, 1.5), TestInput::ints("labels", &[0, 3, 10, 7, 3])];
     parity!("sinusoidal", inputs(), TOL, |b, xs| sin.forward(b, &xs[0]));
     parity!("label_embedding", inputs(), TOL, |b, xs| emb.forward(b, &xs[1]));
-    parity!("sinusoidal_plus_label", inputs(), TOL, |b, xs| b.add(&sin.forward(b, &xs[0]).unwrap(), &emb.forward(b, &xs[1]).unwrap()));
+    parity!("sinusoidal_plus_label", inputs(), TOL, |b, xs| b
+        .add(&sin.forward(b, &xs[0]).unwrap(), &emb.forward(b, &xs[1]).unwrap()));
 }
 
 #[test]
@@ -81,6 +89,10 @@ fn tiny_unet() {
     let (vm, vb) = varmap();
     let u = UNet::new(vb, &UNetConfig::tiny()).unwrap();
     randomize_norms(&vm, 16).unwrap();
-    let inputs = vec![TestInput::normal("x", &[3, 1, 16, 16], 17, 1.0), TestInput::normal("c_noise", &[3], 18, 1.0), TestInput::ints("labels", &[1, 10, 4])];
+    let inputs = vec![
+        TestInput::normal("x", &[3, 1, 16, 16], 17, 1.0),
+        TestInput::normal("c_noise", &[3], 18, 1.0),
+        TestInput::ints("labels", &[1, 10, 4]),
+    ];
     parity!("tiny_unet", inputs, TOL, |b, xs| u.forward(b, &xs[0], &xs[1], &xs[2]));
 }

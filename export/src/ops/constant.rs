@@ -15,7 +15,12 @@ fn batch_shape(b: &OnnxBackend, like: &str) -> Result<String> {
     let shape = b.node("Shape", &[like], vec![], ValueInfo::new(ElemType::I64, vec![Dim::Fixed(li.rank())]))?;
     let zero = b.const_i64(&[0], &[1])?;
     let one = b.const_i64(&[1], &[1])?;
-    let s = b.node("Slice", &[&shape, &zero, &one, &zero], vec![], ValueInfo::new(ElemType::I64, vec![Dim::Fixed(1)]))?;
+    let s = b.node(
+        "Slice",
+        &[&shape, &zero, &one, &zero],
+        vec![],
+        ValueInfo::new(ElemType::I64, vec![Dim::Fixed(1)]),
+    )?;
     b.g.borrow_mut().batch_shape_cache.insert(like.to_string(), s.clone());
     Ok(s)
 }
@@ -28,6 +33,16 @@ pub fn full_batch(b: &OnnxBackend, like: &str, value: f64, kind: Kind) -> Result
         Kind::F32 => (ElemType::F32, encode(&[value as f32], ElemType::F32)),
         Kind::Label => (ElemType::I32, (value as i32).to_le_bytes().to_vec()),
     };
-    let t = TensorProto { dims: vec![1], data_type: elem.onnx(), raw_data: raw, ..Default::default() };
-    b.node("ConstantOfShape", &[&shape], vec![attr_tensor("value", t)], ValueInfo::new(elem, vec![li.dims[0]]))
+    let t = TensorProto {
+        dims: vec![1],
+        data_type: elem.onnx(),
+        raw_data: raw,
+        ..Default::default()
+    };
+    b.node(
+        "ConstantOfShape",
+        &[&shape],
+        vec![attr_tensor("value", t)],
+        ValueInfo::new(elem, vec![li.dims[0]]),
+    )
 }

@@ -15,7 +15,12 @@ pub fn linear(b: &OnnxBackend, x: &str, w: &Param, bias: Option<&Param>) -> Resu
     let (dout, din) = (wd[0], wd[1]);
     ensure!(xi.rank() >= 1, "linear {}: scalar input", w.name);
     let last = *xi.dims.last().unwrap();
-    ensure!(last == Dim::Fixed(din) || last == Dim::Unknown, "linear {}: input {x} {:?} does not end in {din}", w.name, xi.dims);
+    ensure!(
+        last == Dim::Fixed(din) || last == Dim::Unknown,
+        "linear {}: input {x} {:?} does not end in {din}",
+        w.name,
+        xi.dims
+    );
     let elem = b.precision().weight_elem();
     let xin = b.cast(x, elem)?;
     let mut dims = xi.dims.clone();

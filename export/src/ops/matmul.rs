@@ -8,10 +8,20 @@ use anyhow::{ensure, Result};
 pub fn matmul(b: &OnnxBackend, a: &str, c: &str) -> Result<String> {
     let ai = f32_input(b, "MatMul", a)?;
     let ci = f32_input(b, "MatMul", c)?;
-    ensure!(ai.rank() >= 2 && ci.rank() >= 2, "MatMul: {a} {:?} x {c} {:?} needs rank >= 2", ai.dims, ci.dims);
+    ensure!(
+        ai.rank() >= 2 && ci.rank() >= 2,
+        "MatMul: {a} {:?} x {c} {:?} needs rank >= 2",
+        ai.dims,
+        ci.dims
+    );
     let (ra, rc) = (ai.rank(), ci.rank());
     let (k1, k2) = (ai.dims[ra - 1], ci.dims[rc - 2]);
-    ensure!(k1 == k2 || k1 == Dim::Unknown || k2 == Dim::Unknown, "MatMul: {a} {:?} x {c} {:?}", ai.dims, ci.dims);
+    ensure!(
+        k1 == k2 || k1 == Dim::Unknown || k2 == Dim::Unknown,
+        "MatMul: {a} {:?} x {c} {:?}",
+        ai.dims,
+        ci.dims
+    );
     let mut dims = broadcast(&ai.dims[..ra - 2], &ci.dims[..rc - 2])?;
     dims.push(ai.dims[ra - 2]);
     dims.push(ci.dims[rc - 1]);

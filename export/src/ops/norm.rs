@@ -16,13 +16,23 @@ pub fn group_norm(b: &OnnxBackend, x: &str, groups: usize, eps: f64, gamma: &Par
     let xi = f32_input(b, "GroupNorm", x)?;
     ensure!(xi.rank() == 4, "GroupNorm {}: input {x} has rank {}", gamma.name, xi.rank());
     let c = gamma.dims().first().copied().unwrap_or(0);
-    ensure!(xi.dims[1] == Dim::Fixed(c), "GroupNorm {}: input {x} {:?} does not have {c} channels", gamma.name, xi.dims);
+    ensure!(
+        xi.dims[1] == Dim::Fixed(c),
+        "GroupNorm {}: input {x} {:?} does not have {c} channels",
+        gamma.name,
+        xi.dims
+    );
     ensure!(c % groups == 0, "GroupNorm {}: {c} channels in {groups} groups", gamma.name);
     let grouped = reshape(b, x, &[0, groups as i64, -1])?;
     let scale = b.const_f32(&vec![1.0; groups], &[groups])?;
     let shift = b.const_f32(&vec![0.0; groups], &[groups])?;
     let gi = b.info(&grouped)?;
-    let normed = b.node("InstanceNormalization", &[&grouped, &scale, &shift], vec![attr_float("epsilon", eps as f32)], gi)?;
+    let normed = b.node(
+        "InstanceNormalization",
+        &[&grouped, &scale, &shift],
+        vec![attr_float("epsilon", eps as f32)],
+        gi,
+    )?;
     let shape = b.node("Shape", &[x], vec![], ValueInfo::new(ElemType::I64, vec![Dim::Fixed(4)]))?;
     let back = b.node("Reshape", &[&normed, &shape], vec![], xi.clone())?;
     let g = b.param_init(gamma, &gamma.name, &[c as i64, 1, 1], ElemType::F32, false)?;

@@ -16,6 +16,10 @@ pub fn upsample_nearest2x(b: &OnnxBackend, x: &str) -> Result<String> {
         _ => Dim::Unknown,
     };
     let dims = vec![xi.dims[0], xi.dims[1], up(xi.dims[2]), up(xi.dims[3])];
-    let attrs = vec![attr_str("mode", "nearest"), attr_str("coordinate_transformation_mode", "asymmetric"), attr_str("nearest_mode", "floor")];
+    let attrs = vec![
+        attr_str("mode", "nearest"),
+        attr_str("coordinate_transformation_mode", "asymmetric"),
+        attr_str("nearest_mode", "floor"),
+    ];
     b.node("Resize", &[x, "", &scales], attrs, ValueInfo::new(xi.elem, dims))
 }

@@ -80,13 +80,23 @@ pub fn concat(b: &OnnxBackend, xs: &[&String], axis: usize) -> Result<String> {
     ensure!(axis < first.rank(), "Concat: axis {axis} for rank {}", first.rank());
     let mut dims = first.dims.clone();
     for (x, i) in xs.iter().zip(&infos).skip(1) {
-        ensure!(i.elem == first.elem && i.rank() == first.rank(), "Concat: {x} {:?} does not match {:?}", i, first);
+        ensure!(
+            i.elem == first.elem && i.rank() == first.rank(),
+            "Concat: {x} {:?} does not match {:?}",
+            i,
+            first
+        );
         dims[axis] = match (dims[axis], i.dims[axis]) {
             (Dim::Fixed(a), Dim::Fixed(c)) => Dim::Fixed(a + c),
             _ => Dim::Unknown,
         };
         for (k, (d, e)) in first.dims.iter().zip(&i.dims).enumerate() {
-            ensure!(k == axis || d == e || *d == Dim::Unknown || *e == Dim::Unknown, "Concat: {x} {:?} vs {:?} on axis {k}", i.dims, first.dims);
+            ensure!(
+                k == axis || d == e || *d == Dim::Unknown || *e == Dim::Unknown,
+                "Concat: {x} {:?} vs {:?} on axis {k}",
+                i.dims,
+                first.dims
+            );
         }
     }
     let refs: Vec<&str> = xs.iter().map(|s| s.as_str()).collect();

@@ -73,7 +73,11 @@ pub fn io_specs(model: &ModelProto) -> Result<(Vec<IoSpec>, Vec<IoSpec>)> {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(IoSpec { name: vi.name.clone(), elem: ElemType::from_onnx(t.elem_type)?, dims })
+        Ok(IoSpec {
+            name: vi.name.clone(),
+            elem: ElemType::from_onnx(t.elem_type)?,
+            dims,
+        })
     };
     let ins = g.input.iter().filter(|i| !inits.contains(i.name.as_str())).map(conv).collect::<Result<_>>()?;
     let outs = g.output.iter().map(conv).collect::<Result<_>>()?;
@@ -87,5 +91,9 @@ pub fn load_model(path: &std::path::Path) -> Result<ModelProto> {
 }
 
 pub(crate) fn find_input<'a>(inputs: &'a Inputs, name: &str) -> Result<&'a TensorData> {
-    inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t).with_context(|| format!("missing input {name}"))
+    inputs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .with_context(|| format!("missing input {name}"))
 }

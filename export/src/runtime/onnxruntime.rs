@@ -2,7 +2,7 @@
 //! time from `ORT_DYLIB_PATH`, else from the project's `.venv` (the `onnxruntime` wheel that
 //! `scripts/setup.sh` installs ships only the versioned `libonnxruntime.so.<version>`).
 
-use super::{find_input, io_specs, IoSpec, Inputs, Outputs, Runner, TensorData};
+use super::{find_input, io_specs, Inputs, IoSpec, Outputs, Runner, TensorData};
 use anyhow::{anyhow, bail, Context, Result};
 use ort::session::Session;
 use std::path::{Path, PathBuf};
@@ -23,12 +23,20 @@ fn venv_candidates() -> Vec<PathBuf> {
     for root in roots {
         let lib = root.join(".venv").join("lib");
         let Ok(pys) = std::fs::read_dir(&lib) else { continue };
-        let mut pys: Vec<_> = pys.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3"))).collect();
+        let mut pys: Vec<_> = pys
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3")))
+            .collect();
         pys.sort();
         for py in pys {
             let capi = py.join("site-packages").join("onnxruntime").join("capi");
             let Ok(files) = std::fs::read_dir(&capi) else { continue };
-            let mut libs: Vec<_> = files.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))).collect();
+            let mut libs: Vec<_> = files
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
+                .collect();
             libs.sort();
             found.extend(libs);
         }
@@ -53,7 +61,10 @@ fn environment() -> Result<&'static ort::environment::Environment> {
     ENV.get_or_init(|| {
         let lib = find_onnxruntime().map_err(|e| e.to_string())?;
         let builder = ort::init_from(&lib).map_err(|e| format!("loading ONNX Runtime from {}: {e}", lib.display()))?;
-        builder.with_name("distill").build().map_err(|e| format!("creating the ONNX Runtime environment: {e}"))
+        builder
+            .with_name("distill")
+            .build()
+            .map_err(|e| format!("creating the ONNX Runtime environment: {e}"))
     })
     .as_ref()
     .map_err(|e| anyhow!("{e}"))
@@ -99,8 +110,12 @@ impl Runner for OrtRunner {
             let t = find_input(inputs, &spec.name)?;
             super::tract::check_shape(spec, t.shape())?;
             let v: ort::session::SessionInputValue<'static> = match t {
-                TensorData::F32(a) => ort::value::Tensor::from_array(a.clone()).map_err(|e| anyhow!("ort: input {}: {e}", spec.name))?.into(),
-                TensorData::I32(a) => ort::value::Tensor::from_array(a.clone()).map_err(|e| anyhow!("ort: input {}: {e}", spec.name))?.into(),
+                TensorData::F32(a) => ort::value::Tensor::from_array(a.clone())
+                    .map_err(|e| anyhow!("ort: input {}: {e}", spec.name))?
+                    .into(),
+                TensorData::I32(a) => ort::value::Tensor::from_array(a.clone())
+                    .map_err(|e| anyhow!("ort: input {}: {e}", spec.name))?
+                    .into(),
             };
             values.push((spec.name.clone(), v));
         }

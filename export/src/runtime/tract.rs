@@ -1,7 +1,7 @@
 //! tract-onnx runner: the model is loaded, given concrete input facts for the batch at hand, then
 //! optimised; one plan is kept per batch size.
 
-use super::{find_input, io_specs, IoSpec, Inputs, Outputs, Runner, TensorData};
+use super::{find_input, io_specs, Inputs, IoSpec, Outputs, Runner, TensorData};
 use crate::backend::{Dim, ElemType};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
@@ -26,7 +26,12 @@ impl TractRunner {
     pub fn from_path(path: &Path) -> Result<Self> {
         let model = super::load_model(path)?;
         let (inputs, outputs) = io_specs(&model)?;
-        Ok(Self { source: Source::Path(path.to_path_buf()), inputs, outputs, plans: HashMap::new() })
+        Ok(Self {
+            source: Source::Path(path.to_path_buf()),
+            inputs,
+            outputs,
+            plans: HashMap::new(),
+        })
     }
 
     /// From serialized model bytes.
@@ -34,7 +39,12 @@ impl TractRunner {
         use prost::Message;
         let model = crate::proto::ModelProto::decode(bytes.as_slice())?;
         let (inputs, outputs) = io_specs(&model)?;
-        Ok(Self { source: Source::Bytes(bytes), inputs, outputs, plans: HashMap::new() })
+        Ok(Self {
+            source: Source::Bytes(bytes),
+            inputs,
+            outputs,
+            plans: HashMap::new(),
+        })
     }
 
     fn plan(&mut self, shapes: Vec<Vec<usize>>) -> Result<Arc<TypedRunnableModel>> {
@@ -56,7 +66,9 @@ impl TractRunner {
                 ElemType::I64 => i64::datum_type(),
                 ElemType::F16 => bail!("tract runner: f16 input {} is not supported", spec.name),
             };
-            model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape.clone())).map_err(|e| anyhow!("tract: input fact {}: {e:?}", spec.name))?;
+            model
+                .set_input_fact(ix, InferenceFact::dt_shape(dt, shape.clone()))
+                .map_err(|e| anyhow!("tract: input fact {}: {e:?}", spec.name))?;
         }
         let plan = model
             .into_optimized()
@@ -101,8 +113,7 @@ impl Runner for TractRunner {
 }
 
 pub(crate) fn check_shape(spec: &IoSpec, shape: &[usize]) -> Result<()> {
-    let ok = spec.dims.is_empty()
-        || (spec.dims.len() == shape.len() && spec.dims.iter().zip(shape).all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n != s)));
+    let ok = spec.dims.is_empty() || (spec.dims.len() == shape.len() && spec.dims.iter().zip(shape).all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n != s)));
     anyhow::ensure!(ok, "input {}: shape {shape:?} does not match {:?}", spec.name, spec.dims);
     Ok(())
 }

@@ -72,10 +72,18 @@ impl TestInput {
         let mut rng = StdRng::seed_from_u64(seed);
         let n = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| scale * rng.sample::<f32, _>(StandardNormal)).collect();
-        Self { name: name.into(), data: TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v).unwrap()), dims: batch_dims(shape) }
+        Self {
+            name: name.into(),
+            data: TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v).unwrap()),
+            dims: batch_dims(shape),
+        }
     }
     pub fn ints(name: &str, values: &[i32]) -> Self {
-        Self { name: name.into(), data: TensorData::I32(ArrayD::from_shape_vec(vec![values.len()], values.to_vec()).unwrap()), dims: vec![Dim::Batch] }
+        Self {
+            name: name.into(),
+            data: TensorData::I32(ArrayD::from_shape_vec(vec![values.len()], values.to_vec()).unwrap()),
+            dims: vec![Dim::Batch],
+        }
     }
     pub fn candle(&self) -> Tensor {
         match &self.data {
@@ -92,7 +100,11 @@ impl TestInput {
 }
 
 fn batch_dims(shape: &[usize]) -> Vec<Dim> {
-    shape.iter().enumerate().map(|(i, &d)| if i == 0 { Dim::Batch } else { Dim::Fixed(d) }).collect()
+    shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if i == 0 { Dim::Batch } else { Dim::Fixed(d) })
+        .collect()
 }
 
 /// Writes the model, runs the onnx checker, runs it in tract and ONNX Runtime, and returns the
@@ -109,7 +121,13 @@ pub fn run_both(model: &export::proto::ModelProto, label: &str, inputs: &[TestIn
     for mut r in runners {
         let out = r.run(&named).with_context(|| format!("{label} in {}", r.name()))?;
         let y = &out[0].1;
-        anyhow::ensure!(y.len() == reference.len(), "{label} in {}: {} values, expected {}", r.name(), y.len(), reference.len());
+        anyhow::ensure!(
+            y.len() == reference.len(),
+            "{label} in {}: {} values, expected {}",
+            r.name(),
+            y.len(),
+            reference.len()
+        );
         let err = y.iter().zip(&reference).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
         anyhow::ensure!(y.iter().all(|v| v.is_finite()), "{label} in {}: non-finite output", r.name());
         eprintln!("{label:<28} {:<12} max abs {err:.3e}", r.name());
@@ -142,6 +160,11 @@ macro_rules! parity {
             ob.into_model($label, &[("y", y)], vec![]).unwrap()
         };
         let (t, o) = common::run_both(&model, $label, &inputs, &reference).unwrap();
-        assert!(t < $tol && o < $tol, "{}: max abs tract {t:.3e}, onnxruntime {o:.3e} (tolerance {:.1e})", $label, $tol);
+        assert!(
+            t < $tol && o < $tol,
+            "{}: max abs tract {t:.3e}, onnxruntime {o:.3e} (tolerance {:.1e})",
+            $label,
+            $tol
+        );
     }};
 }
