@@ -51,21 +51,38 @@ pub struct CheckpointMeta {
 
 impl CheckpointMeta {
     pub fn new(role: Role, model: ModelConfig, generator: GeneratorSpec, step: u64) -> Self {
-        Self { format_version: FORMAT_VERSION, producer: format!("distill {}", env!("CARGO_PKG_VERSION")), role, model, generator, step }
+        Self {
+            format_version: FORMAT_VERSION,
+            producer: format!("distill {}", env!("CARGO_PKG_VERSION")),
+            role,
+            model,
+            generator,
+            step,
+        }
     }
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().context("path has no file name")?.to_string_lossy();
+    let name = path
+        .file_name()
+        .context("path has no file name")?
+        .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let res = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {} (disk full?)", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {} (disk full?)", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     })();
     if res.is_err() {
@@ -80,7 +97,10 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
 }
 
 /// Like [`safetensors_bytes`], with string metadata in the header (one atomic file for state + step).
-pub fn safetensors_bytes_with_meta(tensors: &HashMap<String, Tensor>, meta: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+pub fn safetensors_bytes_with_meta(
+    tensors: &HashMap<String, Tensor>,
+    meta: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut data: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
@@ -102,22 +122,35 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 }
 
 /// Reads a safetensors file and its header metadata.
-pub fn load_tensors_with_meta(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+pub fn load_tensors_with_meta(
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a valid safetensors file (truncated or corrupt?)", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| {
+        format!(
+            "{} is not a valid safetensors file (truncated or corrupt?)",
+            path.display()
+        )
+    })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, device).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let t = candle_core::safetensors::Load::load(&view, device)
+            .with_context(|| format!("{}: tensor {name}", path.display()))?;
         out.insert(name, t);
     }
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: bad header", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: bad header", path.display()))?;
     Ok((out, header.metadata().clone().unwrap_or_default()))
 }
 
 /// Writes a checkpoint folder: weights first, config last (the config's presence marks it complete).
 pub fn save(dir: &Path, meta: &CheckpointMeta, weights: &HashMap<String, Tensor>) -> Result<()> {
     save_tensors(&dir.join(WEIGHTS_FILE), weights)?;
-    write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(meta)?.as_bytes())
+    write_atomic(
+        &dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(meta)?.as_bytes(),
+    )
 }
 
 pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
@@ -125,19 +158,36 @@ pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
     if !dir.exists() {
         bail!("checkpoint {} does not exist", dir.display());
     }
-    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {} (is {} a distill checkpoint folder?)", p.display(), dir.display()))?;
-    let meta: CheckpointMeta = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "reading {} (is {} a distill checkpoint folder?)",
+            p.display(),
+            dir.display()
+        )
+    })?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
     if meta.format_version != FORMAT_VERSION {
-        bail!("{}: checkpoint format {} is not supported (this distill reads {FORMAT_VERSION})", p.display(), meta.format_version);
+        bail!(
+            "{}: checkpoint format {} is not supported (this distill reads {FORMAT_VERSION})",
+            p.display(),
+            meta.format_version
+        );
     }
     Ok(meta)
 }
 
 /// Builds a denoiser from tensors, checking that every parameter is present with the right shape.
-pub fn denoiser_from_tensors(cfg: &ModelConfig, weights: HashMap<String, Tensor>, device: &Device, origin: &str) -> Result<Denoiser> {
+pub fn denoiser_from_tensors(
+    cfg: &ModelConfig,
+    weights: HashMap<String, Tensor>,
+    device: &Device,
+    origin: &str,
+) -> Result<Denoiser> {
     let n = weights.len();
     let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-    let den = Denoiser::new(vb, cfg).with_context(|| format!("{origin}: weights do not match the model config"))?;
+    let den = Denoiser::new(vb, cfg)
+        .with_context(|| format!("{origin}: weights do not match the model config"))?;
     let expected = graphs::params::collect(&den).len();
     if expected != n {
         bail!("{origin}: holds {n} tensors but the model config needs {expected}");
@@ -147,7 +197,11 @@ pub fn denoiser_from_tensors(cfg: &ModelConfig, weights: HashMap<String, Tensor>
 
 /// Loads a checkpoint folder (or a path to its `model.safetensors`) for inference.
 pub fn load(path: &Path, device: &Device) -> Result<(Denoiser, CheckpointMeta)> {
-    let dir: PathBuf = if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.to_path_buf() };
+    let dir: PathBuf = if path.is_file() {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        path.to_path_buf()
+    };
     let meta = load_meta(&dir)?;
     let wp = dir.join(WEIGHTS_FILE);
     let weights = load_tensors(&wp, device)?;

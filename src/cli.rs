@@ -46,6 +46,9 @@ pub enum Command {
     /// inputs; print max/mean/p99 abs error, max rel error and cosine per runtime and output, and
     /// exit with code 3 if any is past tolerance.
     Validate(ValidateArgs),
+    /// Time a teacher training step and a forward pass in candle and, when torch is installed
+    /// (scripts/setup-bench.sh), the identical UNet in PyTorch in the same run; prints ratios.
+    Bench(BenchArgs),
     /// The main job: train the teacher on the embedded digits, then evaluate it per NFE (later
     /// stages are resumed/skipped when already done).
     Pipeline(PipelineArgs),
@@ -152,6 +155,31 @@ pub struct ValidateArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default teacher) or `tiny`.
+    #[arg(long, default_value = "bench")]
+    pub config: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Untimed warm-up iterations.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed iterations (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// PyTorch comparison: `auto` (when torch is found), `require`, or `off`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "require", "off"])]
+    pub torch: String,
+    /// Python interpreter with torch (default: $DISTILL_TORCH_PYTHON, then .venv-bench/bin/python).
+    #[arg(long)]
+    pub torch_python: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct PipelineArgs {
     /// Folder for every stage's run (teacher/, eval.json, ...).
     #[arg(long, short, default_value = "runs/pipeline")]
@@ -185,7 +213,7 @@ pub enum TrainCommand {
 pub enum Preset {
     /// 16-32-64 channels, one res block per level, attention at 8x8: the CPU default.
     Small,
-    /// 32-64-128 channels, two res blocks per level, attention at 8x8 (2.39M params; the benchmark UNet).
+    /// 32-64-128 channels, two res blocks per level, attention at 8x8 (3.94M params; the benchmark UNet).
     Bench,
     /// 8-16 channels at 16x16: for tests only.
     Tiny,
@@ -301,7 +329,8 @@ impl TeacherArgs {
     pub fn resolve(&self) -> Result<TeacherConfig> {
         let mut c = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
             }
             None => TeacherConfig::default(),
@@ -392,7 +421,12 @@ pub struct SampleArgs {
 }
 
 /// Generator spec from a checkpoint's default, overridden by sampler flags.
-pub fn spec_from_flags(meta: &checkpoint::CheckpointMeta, sampler: Option<SamplerArg>, steps: Option<usize>, cfg: Option<f64>) -> Result<GeneratorSpec> {
+pub fn spec_from_flags(
+    meta: &checkpoint::CheckpointMeta,
+    sampler: Option<SamplerArg>,
+    steps: Option<usize>,
+    cfg: Option<f64>,
+) -> Result<GeneratorSpec> {
     let mut spec = meta.generator.clone();
     if let Some(s) = sampler {
         spec.sampler = match s {
@@ -402,12 +436,18 @@ pub fn spec_from_flags(meta: &checkpoint::CheckpointMeta, sampler: Option<Sample
             SamplerArg::Student => SamplerKind::Student,
         };
         if spec.sampler == SamplerKind::Student && meta.generator.sampler != SamplerKind::Student {
-            bail!("this checkpoint is a {}: it has no student sampler", meta.role.name());
+            bail!(
+                "this checkpoint is a {}: it has no student sampler",
+                meta.role.name()
+            );
         }
     }
     if let Some(n) = steps {
         if spec.sampler == SamplerKind::Student && n != spec.sigmas.len() {
-            bail!("a student samples with its trained {} steps; --steps {n} would need other sigmas", spec.sigmas.len());
+            bail!(
+                "a student samples with its trained {} steps; --steps {n} would need other sigmas",
+                spec.sigmas.len()
+            );
         }
         spec.steps = n;
     }
@@ -421,7 +461,12 @@ pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ord: usize = s.strip_prefix("cuda:").map(|o| o.parse()).transpose().context("--device cuda:N needs a number")?.unwrap_or(0);
+            let ord: usize = s
+                .strip_prefix("cuda:")
+                .map(|o| o.parse())
+                .transpose()
+                .context("--device cuda:N needs a number")?
+                .unwrap_or(0);
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this binary was built without CUDA; build it with scripts/build-cuda.sh (cargo build --release --features cuda)");
             }
@@ -437,7 +482,11 @@ fn show_progress(quiet: bool) -> bool {
 }
 
 /// Loads the training data (default: embedded MNIST) and brings it to the model's resolution.
-pub fn load_data(path: Option<&Path>, resolution: usize, limit: Option<usize>) -> Result<crate::data::Dataset> {
+pub fn load_data(
+    path: Option<&Path>,
+    resolution: usize,
+    limit: Option<usize>,
+) -> Result<crate::data::Dataset> {
     let d = crate::data::load_at_resolution(path, Some(resolution))?;
     let d = if let Some(n) = limit { d.subset(n) } else { d };
     Ok(d.to_resolution(resolution)?)
@@ -451,17 +500,28 @@ fn cmd_teacher(a: &TeacherArgs, dev: &Device, quiet: bool) -> Result<()> {
     let run = RunDir::new(&a.out)?;
     eprintln!(
         "teacher: {} images ({}x{}x{}, {} classes) from {}; {} params; {} steps at batch {} -> {}",
-        data.len(), data.channels, data.height, data.width, data.num_classes, data.source,
+        data.len(),
+        data.channels,
+        data.height,
+        data.width,
+        data.num_classes,
+        data.source,
         {
             let (_, den, _) = teacher::init_trainable(&cfg.model_config()?, cfg.seed, dev)?;
             graphs::params::count(&den)
         },
-        cfg.steps, cfg.batch_size, run.root.display()
+        cfg.steps,
+        cfg.batch_size,
+        run.root.display()
     );
     let out = teacher::train(&cfg, &data, &run, a.resume, show_progress(quiet), dev)?;
     eprintln!(
         "teacher: done, {} steps in {:.0}s, final loss {:.4}; checkpoint {}; samples {}",
-        out.steps, out.seconds, out.final_loss, out.checkpoint.display(), run.samples().display()
+        out.steps,
+        out.seconds,
+        out.final_loss,
+        out.checkpoint.display(),
+        run.samples().display()
     );
     Ok(())
 }
@@ -483,10 +543,16 @@ fn cmd_sample(a: &SampleArgs, dev: &Device) -> Result<()> {
         }
         None => {
             let labels: Vec<u32> = match &a.labels {
-                Some(l) => l.iter().flat_map(|&k| std::iter::repeat_n(k, a.per_class)).collect(),
+                Some(l) => l
+                    .iter()
+                    .flat_map(|&k| std::iter::repeat_n(k, a.per_class))
+                    .collect(),
                 None => crate::sample::class_labels(ncls, a.per_class),
             };
-            (crate::sample::seeded_noise(&den, &spec, labels.len(), a.seed, dev)?, labels)
+            (
+                crate::sample::seeded_noise(&den, &spec, labels.len(), a.seed, dev)?,
+                labels,
+            )
         }
     };
     let n = labels.len();
@@ -499,25 +565,47 @@ fn cmd_sample(a: &SampleArgs, dev: &Device) -> Result<()> {
     crate::sample::save_samples(&raw, &images, &lt)?;
     println!(
         "{n} images with {:?} ({} steps, {} NFE, cfg {}) in {secs:.2}s ({:.1} ms/image): {} and {}",
-        spec.sampler, spec.steps, spec.nfe(), spec.cfg_scale, 1000.0 * secs / n as f64, a.out.display(), raw.display()
+        spec.sampler,
+        spec.steps,
+        spec.nfe(),
+        spec.cfg_scale,
+        1000.0 * secs / n as f64,
+        a.out.display(),
+        raw.display()
     );
     Ok(())
 }
 
 fn evaluator(cache: Option<&Path>, dev: &Device, quiet: bool) -> Result<crate::eval::Evaluator> {
-    let dir = cache.map(Path::to_path_buf).unwrap_or_else(crate::eval::classifier::default_cache_dir);
+    let dir = cache
+        .map(Path::to_path_buf)
+        .unwrap_or_else(crate::eval::classifier::default_cache_dir);
     crate::eval::Evaluator::new(&dir, dev, show_progress(quiet))
 }
 
 /// Generates `n` class-balanced images from a checkpoint and scores them.
-pub fn eval_checkpoint(ev: &crate::eval::Evaluator, ckpt: &Path, spec_flags: (Option<SamplerArg>, Option<usize>, Option<f64>), n: usize, seed: u64, dev: &Device) -> Result<(crate::eval::EvalReport, GeneratorSpec, f64)> {
+pub fn eval_checkpoint(
+    ev: &crate::eval::Evaluator,
+    ckpt: &Path,
+    spec_flags: (Option<SamplerArg>, Option<usize>, Option<f64>),
+    n: usize,
+    seed: u64,
+    dev: &Device,
+) -> Result<(crate::eval::EvalReport, GeneratorSpec, f64)> {
     let (den, meta) = checkpoint::load(ckpt, dev)?;
     let spec = spec_from_flags(&meta, spec_flags.0, spec_flags.1, spec_flags.2)?;
     let ncls = den.unet.cfg.num_classes;
     let labels: Vec<u32> = (0..n).map(|i| (i % ncls) as u32).collect();
     let inputs = crate::sample::seeded_noise(&den, &spec, n, seed, dev)?;
     let t0 = std::time::Instant::now();
-    let images = crate::sample::generate(&den, &spec, &inputs, &Tensor::from_vec(labels.clone(), n, dev)?, 250, dev)?;
+    let images = crate::sample::generate(
+        &den,
+        &spec,
+        &inputs,
+        &Tensor::from_vec(labels.clone(), n, dev)?,
+        250,
+        dev,
+    )?;
     let ms_per_image = 1000.0 * t0.elapsed().as_secs_f64() / n as f64;
     Ok((ev.evaluate(&images, Some(&labels))?, spec, ms_per_image))
 }
@@ -525,8 +613,23 @@ pub fn eval_checkpoint(ev: &crate::eval::Evaluator, ckpt: &Path, spec_flags: (Op
 fn cmd_eval(a: &EvalArgs, dev: &Device, quiet: bool) -> Result<()> {
     let ev = evaluator(a.cache_dir.as_deref(), dev, quiet)?;
     let report = if a.input.is_dir() {
-        let (r, spec, ms) = eval_checkpoint(&ev, &a.input, (a.sampler, a.steps, a.cfg_scale), a.n, a.seed, dev)?;
-        println!("{} on {} images: {:?}, {} steps, {} NFE, cfg {} ({ms:.1} ms/image)", a.input.display(), a.n, spec.sampler, spec.steps, spec.nfe(), spec.cfg_scale);
+        let (r, spec, ms) = eval_checkpoint(
+            &ev,
+            &a.input,
+            (a.sampler, a.steps, a.cfg_scale),
+            a.n,
+            a.seed,
+            dev,
+        )?;
+        println!(
+            "{} on {} images: {:?}, {} steps, {} NFE, cfg {} ({ms:.1} ms/image)",
+            a.input.display(),
+            a.n,
+            spec.sampler,
+            spec.steps,
+            spec.nfe(),
+            spec.cfg_scale
+        );
         r
     } else {
         let (images, labels) = crate::sample::load_samples(&a.input, dev)?;
@@ -569,7 +672,11 @@ pub fn export_checkpoint(a: &ExportArgs) -> Result<PathBuf> {
         }
         ExportWhat::Denoiser => (export::export_denoiser(&den, &opts)?, "denoiser"),
     };
-    let suffix = if precision == export::Precision::Fp16 { "_fp16" } else { "" };
+    let suffix = if precision == export::Precision::Fp16 {
+        "_fp16"
+    } else {
+        ""
+    };
     let path = a.out.join(format!("{stem}{suffix}.onnx"));
     export::write_model(&model, &path)?;
     Ok(path)
@@ -578,12 +685,26 @@ pub fn export_checkpoint(a: &ExportArgs) -> Result<PathBuf> {
 fn cmd_export(a: &ExportArgs) -> Result<()> {
     let path = export_checkpoint(a)?;
     let model = export::runtime::load_model(&path)?;
-    let g = model.graph.as_ref().context("exported model has no graph")?;
-    println!("wrote {} ({} nodes, {} initializers, opset {}, IR {})", path.display(), g.node.len(), g.initializer.len(), export::OPSET, export::IR_VERSION);
+    let g = model
+        .graph
+        .as_ref()
+        .context("exported model has no graph")?;
+    println!(
+        "wrote {} ({} nodes, {} initializers, opset {}, IR {})",
+        path.display(),
+        g.node.len(),
+        g.initializer.len(),
+        export::OPSET,
+        export::IR_VERSION
+    );
     for m in export::metadata(&model) {
         println!("  {} = {}", m.0, m.1);
     }
-    println!("next: distill validate {} --reference {}", path.display(), a.checkpoint.display());
+    println!(
+        "next: distill validate {} --reference {}",
+        path.display(),
+        a.checkpoint.display()
+    );
     Ok(())
 }
 
@@ -592,18 +713,29 @@ pub fn validate_model(a: &ValidateArgs) -> Result<export::ValidateReport> {
     let dev = Device::Cpu;
     let (den, _) = checkpoint::load(&a.reference, &dev)?;
     let model = export::runtime::load_model(&a.model)?;
-    let meta: std::collections::HashMap<String, String> = export::metadata(&model).into_iter().collect();
+    let meta: std::collections::HashMap<String, String> =
+        export::metadata(&model).into_iter().collect();
     let spec: GeneratorSpec;
     let target = match meta.get("kind").map(String::as_str) {
         Some("generator") => {
-            let text = meta.get("generator_spec").context("generator model lacks `generator_spec` metadata")?;
-            spec = serde_json::from_str(text).context("parsing the model's generator_spec metadata")?;
+            let text = meta
+                .get("generator_spec")
+                .context("generator model lacks `generator_spec` metadata")?;
+            spec = serde_json::from_str(text)
+                .context("parsing the model's generator_spec metadata")?;
             export::Target::Generator(&spec)
         }
         Some("denoiser") => export::Target::Denoiser,
-        other => bail!("{}: metadata `kind` is {other:?}; was it exported by distill?", a.model.display()),
+        other => bail!(
+            "{}: metadata `kind` is {other:?}; was it exported by distill?",
+            a.model.display()
+        ),
     };
-    let runtimes = a.runtimes.iter().map(|r| r.parse()).collect::<Result<Vec<export::RuntimeKind>>>()?;
+    let runtimes = a
+        .runtimes
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<Vec<export::RuntimeKind>>>()?;
     let opts = export::ValidateOptions {
         cases: a.cases,
         batches: a.batches.clone(),
@@ -624,9 +756,31 @@ fn cmd_validate(a: &ValidateArgs) -> Result<()> {
         println!("report: {}", p.display());
     }
     if !report.passed() {
-        return Err(ValidationFailed(format!("{} is past tolerance in at least one runtime (max abs error {:.3e})", a.model.display(), report.max_abs())).into());
+        return Err(ValidationFailed(format!(
+            "{} is past tolerance in at least one runtime (max abs error {:.3e})",
+            a.model.display(),
+            report.max_abs()
+        ))
+        .into());
     }
     println!("PASS");
+    Ok(())
+}
+
+fn cmd_bench(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
+    let mut o = crate::bench::BenchOptions::for_config(&a.config)?;
+    o.batch = a.batch;
+    o.warmup = a.warmup;
+    o.iters = a.iters;
+    o.threads = threads;
+    o.torch = match a.torch.as_str() {
+        "require" => crate::bench::TorchMode::Require,
+        "off" => crate::bench::TorchMode::Off,
+        _ => crate::bench::TorchMode::Auto,
+    };
+    o.torch_python = a.torch_python.clone();
+    o.json_out = a.json.clone();
+    println!("{}", crate::bench::run(&o)?);
     Ok(())
 }
 
@@ -646,12 +800,22 @@ pub struct QualityRow {
 fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     // 1. Teacher (resumed if a previous pipeline run was interrupted, skipped if finished).
-    let mut targs = TeacherArgs { data: a.teacher.data.clone(), out: a.out.join("teacher"), steps: a.teacher.teacher_steps, ..Default::default() };
+    let mut targs = TeacherArgs {
+        data: a.teacher.data.clone(),
+        out: a.out.join("teacher"),
+        steps: a.teacher.teacher_steps,
+        ..Default::default()
+    };
     let cfg = targs.resolve()?;
     let ckpt = RunDir::new(&targs.out)?.checkpoint();
-    let done = checkpoint::load_meta(&ckpt).map(|m| m.step >= cfg.steps).unwrap_or(false);
+    let done = checkpoint::load_meta(&ckpt)
+        .map(|m| m.step >= cfg.steps)
+        .unwrap_or(false);
     if done {
-        eprintln!("pipeline: teacher already trained ({}), skipping", ckpt.display());
+        eprintln!(
+            "pipeline: teacher already trained ({}), skipping",
+            ckpt.display()
+        );
     } else {
         targs.resume = ckpt.join(teacher::TRAIN_STATE_FILE).exists();
         cmd_teacher(&targs, dev, quiet)?;
@@ -659,7 +823,12 @@ fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
     // 2. Quality per NFE.
     let ev = evaluator(None, dev, quiet)?;
     let mut rows = Vec::new();
-    let cfgs = [(Some(SamplerArg::Heun), Some(18), Some(cfg.cfg_scale)), (Some(SamplerArg::Heun), Some(18), Some(1.0)), (Some(SamplerArg::Euler), Some(4), Some(cfg.cfg_scale)), (Some(SamplerArg::Euler), Some(1), Some(cfg.cfg_scale))];
+    let cfgs = [
+        (Some(SamplerArg::Heun), Some(18), Some(cfg.cfg_scale)),
+        (Some(SamplerArg::Heun), Some(18), Some(1.0)),
+        (Some(SamplerArg::Euler), Some(4), Some(cfg.cfg_scale)),
+        (Some(SamplerArg::Euler), Some(1), Some(cfg.cfg_scale)),
+    ];
     for flags in cfgs {
         let (r, spec, ms) = eval_checkpoint(&ev, &ckpt, flags, a.eval_n, 1, dev)?;
         let row = QualityRow {
@@ -670,16 +839,43 @@ fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
             fd: r.fd,
             class_accuracy: r.class_accuracy,
             ms_per_image: ms,
-            command: format!("distill eval {} --sampler {} --steps {} --cfg-scale {} --n {}", ckpt.display(), format!("{:?}", spec.sampler).to_lowercase(), spec.steps, spec.cfg_scale, a.eval_n),
+            command: format!(
+                "distill eval {} --sampler {} --steps {} --cfg-scale {} --n {}",
+                ckpt.display(),
+                format!("{:?}", spec.sampler).to_lowercase(),
+                spec.steps,
+                spec.cfg_scale,
+                a.eval_n
+            ),
         };
-        eprintln!("{:>8} {:>6} NFE {:>3} cfg {:.1}: FD {:.2}, class accuracy {}", row.model, row.sampler, row.nfe, row.cfg_scale, row.fd, r.class_accuracy.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_default());
+        eprintln!(
+            "{:>8} {:>6} NFE {:>3} cfg {:.1}: FD {:.2}, class accuracy {}",
+            row.model,
+            row.sampler,
+            row.nfe,
+            row.cfg_scale,
+            row.fd,
+            r.class_accuracy
+                .map(|x| format!("{:.1}%", 100.0 * x))
+                .unwrap_or_default()
+        );
         rows.push(row);
     }
-    println!("reference: real vs real FD {:.2}, Gaussian noise FD {:.2}", ev.ref_real_fd, ev.ref_noise_fd);
+    println!(
+        "reference: real vs real FD {:.2}, Gaussian noise FD {:.2}",
+        ev.ref_real_fd, ev.ref_noise_fd
+    );
     let path = a.out.join("quality.json");
     checkpoint::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
     println!("pipeline: quality per NFE in {}", path.display());
-    crate::sample::class_grid(&checkpoint::load(&ckpt, dev)?.0, &checkpoint::load_meta(&ckpt)?.generator, 10, 0, dev, &a.out.join("teacher_samples.png"))?;
+    crate::sample::class_grid(
+        &checkpoint::load(&ckpt, dev)?.0,
+        &checkpoint::load_meta(&ckpt)?.generator,
+        10,
+        0,
+        dev,
+        &a.out.join("teacher_samples.png"),
+    )?;
     Ok(())
 }
 
@@ -709,6 +905,7 @@ pub fn main() -> Result<()> {
         Command::Sample(a) => cmd_sample(a, &dev),
         Command::Eval(a) => cmd_eval(a, &dev, cli.quiet),
         Command::Export(a) => cmd_export(a),
+        Command::Bench(a) => cmd_bench(a, cli.threads),
         Command::Validate(a) => cmd_validate(a),
         Command::Pipeline(a) => cmd_pipeline(a, &dev, cli.quiet),
     }

@@ -22,7 +22,10 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("distill-eval-test").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("distill-eval-test")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
         let t0 = Instant::now();
         let clf = classifier::load_or_train(dir.path(), &Device::Cpu, false).unwrap();
         eprintln!(
@@ -31,12 +34,20 @@ fn fixture() -> &'static Fixture {
             t0.elapsed().as_secs_f64(),
             100.0 * clf.test_accuracy()
         );
-        let data = distill::data::embedded_mnist().unwrap().to_resolution(32).unwrap();
+        let data = distill::data::embedded_mnist()
+            .unwrap()
+            .to_resolution(32)
+            .unwrap();
         assert_eq!((data.channels, data.height, data.width), (1, 32, 32));
         let idx: Vec<usize> = (TRAIN_IMAGES..TRAIN_IMAGES + TEST_IMAGES).collect();
         let (heldout, labels) = data.batch(&idx, &Device::Cpu).unwrap();
         let heldout_labels = labels.to_vec1::<u32>().unwrap();
-        Fixture { dir, clf, heldout, heldout_labels }
+        Fixture {
+            dir,
+            clf,
+            heldout,
+            heldout_labels,
+        }
     })
 }
 
@@ -51,7 +62,10 @@ fn evaluator() -> &'static Evaluator {
             ev.ref_real_fd,
             ev.ref_noise_fd
         );
-        assert!(ev.classifier.from_cache(), "Evaluator::new should reuse the fixture's cached classifier");
+        assert!(
+            ev.classifier.from_cache(),
+            "Evaluator::new should reuse the fixture's cached classifier"
+        );
         ev
     })
 }
@@ -62,7 +76,12 @@ fn accuracy(pred: &[u32], labels: &[u32]) -> f64 {
 
 fn gaussian_images(n: usize, seed: u64) -> Tensor {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..n * 32 * 32).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal).clamp(-1.0, 1.0)).collect();
+    let v: Vec<f32> = (0..n * 32 * 32)
+        .map(|_| {
+            rng.sample::<f32, _>(rand_distr::StandardNormal)
+                .clamp(-1.0, 1.0)
+        })
+        .collect();
     Tensor::from_vec(v, (n, 1, 32, 32), &Device::Cpu).unwrap()
 }
 
@@ -70,19 +89,46 @@ fn gaussian_images(n: usize, seed: u64) -> Tensor {
 fn classifier_reaches_97_percent_on_heldout_digits() {
     let f = fixture();
     assert!(!f.clf.from_cache(), "a fresh cache dir must train");
-    assert!(f.clf.test_accuracy() >= 0.97, "recorded held-out accuracy {:.4}", f.clf.test_accuracy());
+    assert!(
+        f.clf.test_accuracy() >= 0.97,
+        "recorded held-out accuracy {:.4}",
+        f.clf.test_accuracy()
+    );
     // Measure it again independently of the training code's own bookkeeping.
     let acc = accuracy(&f.clf.predict(&f.heldout).unwrap(), &f.heldout_labels);
-    println!("held-out accuracy {:.2}% ({} digits)", 100.0 * acc, TEST_IMAGES);
+    println!(
+        "held-out accuracy {:.2}% ({} digits)",
+        100.0 * acc,
+        TEST_IMAGES
+    );
     assert!(acc >= 0.97, "held-out accuracy {acc:.4}");
     assert!((acc - f.clf.test_accuracy()).abs() < 1e-12);
     // Features are 128-d, logits 10-d; batching (256 at a time) is invisible.
-    let feats = f.clf.features(&f.heldout.narrow(0, 0, 300).unwrap()).unwrap();
+    let feats = f
+        .clf
+        .features(&f.heldout.narrow(0, 0, 300).unwrap())
+        .unwrap();
     assert_eq!(feats.dims(), &[300, 128]);
-    let one = f.clf.features(&f.heldout.narrow(0, 299, 1).unwrap()).unwrap();
-    let diff = (feats.narrow(0, 299, 1).unwrap() - one).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let one = f
+        .clf
+        .features(&f.heldout.narrow(0, 299, 1).unwrap())
+        .unwrap();
+    let diff = (feats.narrow(0, 299, 1).unwrap() - one)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-4, "batched vs single features differ by {diff}");
-    assert_eq!(f.clf.logits(&f.heldout.narrow(0, 0, 3).unwrap()).unwrap().dims(), &[3, 10]);
+    assert_eq!(
+        f.clf
+            .logits(&f.heldout.narrow(0, 0, 3).unwrap())
+            .unwrap()
+            .dims(),
+        &[3, 10]
+    );
     for name in ["classifier.safetensors", "classifier.json"] {
         assert!(f.dir.path().join(name).is_file(), "{name} not cached");
     }
@@ -92,7 +138,12 @@ fn classifier_reaches_97_percent_on_heldout_digits() {
 fn real_heldout_digits_score_like_real_data() {
     let f = fixture();
     let ev = evaluator();
-    assert!(ev.ref_real_fd > 0.0 && ev.ref_real_fd < 0.05 * ev.ref_noise_fd, "real {} noise {}", ev.ref_real_fd, ev.ref_noise_fd);
+    assert!(
+        ev.ref_real_fd > 0.0 && ev.ref_real_fd < 0.05 * ev.ref_noise_fd,
+        "real {} noise {}",
+        ev.ref_real_fd,
+        ev.ref_noise_fd
+    );
     let r: EvalReport = ev.evaluate(&f.heldout, Some(&f.heldout_labels)).unwrap();
     println!("{r}");
     assert_eq!(r.n, TEST_IMAGES);
@@ -101,22 +152,38 @@ fn real_heldout_digits_score_like_real_data() {
     let per = r.per_class_accuracy.as_ref().unwrap();
     assert_eq!(per.len(), 10);
     assert!(per.iter().all(|&a| a > 0.9), "per class {per:?}");
-    assert!(r.fd < 0.25 * r.ref_noise_fd, "real digits FD {} vs noise {}", r.fd, r.ref_noise_fd);
-    assert_eq!((r.ref_real_fd, r.ref_noise_fd), (ev.ref_real_fd, ev.ref_noise_fd));
+    assert!(
+        r.fd < 0.25 * r.ref_noise_fd,
+        "real digits FD {} vs noise {}",
+        r.fd,
+        r.ref_noise_fd
+    );
+    assert_eq!(
+        (r.ref_real_fd, r.ref_noise_fd),
+        (ev.ref_real_fd, ev.ref_noise_fd)
+    );
     // Without labels there is no accuracy, and the FD is the same.
     let u = ev.evaluate(&f.heldout, None).unwrap();
     assert!(u.class_accuracy.is_none() && u.per_class_accuracy.is_none());
     assert_eq!(u.fd, r.fd);
     // Degrading the digits raises the FD step by step.
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let noise: Vec<f32> = (0..TEST_IMAGES * 1024).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+    let noise: Vec<f32> = (0..TEST_IMAGES * 1024)
+        .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
     let noise = Tensor::from_vec(noise, (TEST_IMAGES, 1, 32, 32), &Device::Cpu).unwrap();
     let mut last = r.fd;
     for sigma in [0.3f64, 0.8] {
-        let x = (&f.heldout + (&noise * sigma).unwrap()).unwrap().clamp(-1f32, 1f32).unwrap();
+        let x = (&f.heldout + (&noise * sigma).unwrap())
+            .unwrap()
+            .clamp(-1f32, 1f32)
+            .unwrap();
         let fd = ev.evaluate(&x, None).unwrap().fd;
         println!("held-out digits + N(0, {sigma}^2): FD {fd:.3}");
-        assert!(fd > last, "FD should grow with corruption: {fd} after {last}");
+        assert!(
+            fd > last,
+            "FD should grow with corruption: {fd} after {last}"
+        );
         last = fd;
     }
 }
@@ -128,8 +195,17 @@ fn gaussian_noise_scores_badly() {
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
     let r = ev.evaluate(&gaussian_images(n, 77), Some(&labels)).unwrap();
     println!("{r}");
-    assert!(r.class_accuracy.unwrap() < 0.3, "noise classified as its label {:?}", r.class_accuracy);
-    assert!(r.fd > 0.5 * ev.ref_noise_fd, "noise FD {} vs reference {}", r.fd, ev.ref_noise_fd);
+    assert!(
+        r.class_accuracy.unwrap() < 0.3,
+        "noise classified as its label {:?}",
+        r.class_accuracy
+    );
+    assert!(
+        r.fd > 0.5 * ev.ref_noise_fd,
+        "noise FD {} vs reference {}",
+        r.fd,
+        ev.ref_noise_fd
+    );
     assert!(r.fd > 20.0 * ev.ref_real_fd);
 }
 
@@ -139,13 +215,35 @@ fn second_load_hits_the_cache_with_identical_predictions() {
     let t0 = Instant::now();
     let again = classifier::load_or_train(f.dir.path(), &Device::Cpu, false).unwrap();
     assert!(again.from_cache(), "second load retrained");
-    assert!(t0.elapsed().as_secs_f64() < 20.0, "cache load took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed().as_secs_f64() < 20.0,
+        "cache load took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(again.meta(), f.clf.meta());
-    assert_eq!(again.predict(&f.heldout).unwrap(), f.clf.predict(&f.heldout).unwrap());
-    let a = again.features(&f.heldout.narrow(0, 0, 64).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = f.clf.features(&f.heldout.narrow(0, 0, 64).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        again.predict(&f.heldout).unwrap(),
+        f.clf.predict(&f.heldout).unwrap()
+    );
+    let a = again
+        .features(&f.heldout.narrow(0, 0, 64).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = f
+        .clf
+        .features(&f.heldout.narrow(0, 0, 64).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a, b);
-    assert!(classifier::load_cached(f.dir.path(), &Device::Cpu).unwrap().from_cache());
+    assert!(classifier::load_cached(f.dir.path(), &Device::Cpu)
+        .unwrap()
+        .from_cache());
 }
 
 fn copy_cache(from: &Path, to: &Path) {
@@ -157,54 +255,95 @@ fn copy_cache(from: &Path, to: &Path) {
 #[test]
 fn corrupt_or_stale_cache_is_rejected_and_retrained() {
     let f = fixture();
-    let dir = tempfile::Builder::new().prefix("distill-eval-corrupt").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (w, j) = (dir.path().join("classifier.safetensors"), dir.path().join("classifier.json"));
+    let dir = tempfile::Builder::new()
+        .prefix("distill-eval-corrupt")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let (w, j) = (
+        dir.path().join("classifier.safetensors"),
+        dir.path().join("classifier.json"),
+    );
     let dev = Device::Cpu;
 
     // Missing cache.
-    let e = classifier::load_cached(dir.path(), &dev).err().expect("empty dir must miss");
+    let e = classifier::load_cached(dir.path(), &dev)
+        .err()
+        .expect("empty dir must miss");
     assert!(format!("{e:#}").contains("classifier.json"), "{e:#}");
 
     // Garbage metadata.
     copy_cache(f.dir.path(), dir.path());
     std::fs::write(&j, b"{ not json").unwrap();
-    assert!(format!("{:#}", classifier::load_cached(dir.path(), &dev).err().unwrap()).contains("parsing"));
+    assert!(format!(
+        "{:#}",
+        classifier::load_cached(dir.path(), &dev).err().unwrap()
+    )
+    .contains("parsing"));
 
     // Another architecture version / other training data.
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(f.dir.path().join("classifier.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.dir.path().join("classifier.json")).unwrap())
+            .unwrap();
     let mut stale = meta.clone();
     stale["version"] = serde_json::json!(999);
     std::fs::write(&j, serde_json::to_vec(&stale).unwrap()).unwrap();
-    assert!(format!("{:#}", classifier::load_cached(dir.path(), &dev).err().unwrap()).contains("version 999"));
+    assert!(format!(
+        "{:#}",
+        classifier::load_cached(dir.path(), &dev).err().unwrap()
+    )
+    .contains("version 999"));
     let mut other = meta.clone();
     other["data_sha256"] = serde_json::json!("00");
     std::fs::write(&j, serde_json::to_vec(&other).unwrap()).unwrap();
-    assert!(format!("{:#}", classifier::load_cached(dir.path(), &dev).err().unwrap()).contains("other data"));
+    assert!(format!(
+        "{:#}",
+        classifier::load_cached(dir.path(), &dev).err().unwrap()
+    )
+    .contains("other data"));
 
     // Truncated weights, and flipped bytes with the length kept.
     copy_cache(f.dir.path(), dir.path());
     let good = std::fs::read(&w).unwrap();
     std::fs::write(&w, &good[..good.len() / 2]).unwrap();
-    assert!(format!("{:#}", classifier::load_cached(dir.path(), &dev).err().unwrap()).contains("sha256"));
+    assert!(format!(
+        "{:#}",
+        classifier::load_cached(dir.path(), &dev).err().unwrap()
+    )
+    .contains("sha256"));
     let mut flipped = good.clone();
     let mid = flipped.len() / 2;
     for b in &mut flipped[mid..mid + 64] {
         *b ^= 0x5a;
     }
     std::fs::write(&w, &flipped).unwrap();
-    assert!(format!("{:#}", classifier::load_cached(dir.path(), &dev).err().unwrap()).contains("sha256"));
+    assert!(format!(
+        "{:#}",
+        classifier::load_cached(dir.path(), &dev).err().unwrap()
+    )
+    .contains("sha256"));
 
     // load_or_train on the corrupt cache retrains (no panic) and repairs it.
     let clf = classifier::load_or_train(dir.path(), &dev, false).unwrap();
     assert!(!clf.from_cache(), "corrupt cache was used");
-    assert!(clf.test_accuracy() >= 0.97, "retrained accuracy {}", clf.test_accuracy());
+    assert!(
+        clf.test_accuracy() >= 0.97,
+        "retrained accuracy {}",
+        clf.test_accuracy()
+    );
     let acc = accuracy(&clf.predict(&f.heldout).unwrap(), &f.heldout_labels);
     assert!(acc >= 0.97, "retrained held-out accuracy {acc}");
     let repaired = classifier::load_cached(dir.path(), &dev).unwrap();
     assert!(repaired.from_cache());
-    assert_eq!(repaired.predict(&f.heldout).unwrap(), clf.predict(&f.heldout).unwrap());
+    assert_eq!(
+        repaired.predict(&f.heldout).unwrap(),
+        clf.predict(&f.heldout).unwrap()
+    );
     // No temp files left behind by the atomic writes.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -212,16 +351,32 @@ fn corrupt_or_stale_cache_is_rejected_and_retrained() {
 fn bad_inputs_get_clear_errors() {
     let ev = evaluator();
     let dev = Device::Cpu;
-    for shape in [vec![4, 3, 32, 32], vec![4, 1, 28, 28], vec![1, 32, 32], vec![4, 1, 64, 64]] {
+    for shape in [
+        vec![4, 3, 32, 32],
+        vec![4, 1, 28, 28],
+        vec![1, 32, 32],
+        vec![4, 1, 64, 64],
+    ] {
         let x = Tensor::zeros(shape.as_slice(), candle_core::DType::F32, &dev).unwrap();
-        let e = ev.evaluate(&x, None).err().expect("wrong shape accepted").to_string();
-        assert!(e.contains("1x32x32") && e.contains(&format!("{shape:?}")), "{e}");
+        let e = ev
+            .evaluate(&x, None)
+            .err()
+            .expect("wrong shape accepted")
+            .to_string();
+        assert!(
+            e.contains("1x32x32") && e.contains(&format!("{shape:?}")),
+            "{e}"
+        );
         assert!(ev.classifier.features(&x).is_err());
     }
     let mut v = vec![0f32; 4 * 1024];
     v[1024 + 5] = f32::NAN;
     let x = Tensor::from_vec(v.clone(), (4, 1, 32, 32), &dev).unwrap();
-    let e = ev.evaluate(&x, None).err().expect("NaN accepted").to_string();
+    let e = ev
+        .evaluate(&x, None)
+        .err()
+        .expect("NaN accepted")
+        .to_string();
     assert!(e.contains("NaN"), "{e}");
     v[1024 + 5] = f32::INFINITY;
     let x = Tensor::from_vec(v.clone(), (4, 1, 32, 32), &dev).unwrap();
@@ -229,7 +384,20 @@ fn bad_inputs_get_clear_errors() {
     v[1024 + 5] = 0.0;
     let x = Tensor::from_vec(v, (4, 1, 32, 32), &dev).unwrap();
     assert!(ev.evaluate(&x, None).is_ok());
-    assert!(ev.evaluate(&x, Some(&[1, 2, 3])).err().unwrap().to_string().contains("3 labels for 4 images"));
-    assert!(ev.evaluate(&x, Some(&[1, 2, 3, 10])).err().unwrap().to_string().contains("label 10"));
-    assert!(ev.evaluate(&x.narrow(0, 0, 1).unwrap(), None).is_err(), "one image has no covariance");
+    assert!(ev
+        .evaluate(&x, Some(&[1, 2, 3]))
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("3 labels for 4 images"));
+    assert!(ev
+        .evaluate(&x, Some(&[1, 2, 3, 10]))
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("label 10"));
+    assert!(
+        ev.evaluate(&x.narrow(0, 0, 1).unwrap(), None).is_err(),
+        "one image has no covariance"
+    );
 }

@@ -18,11 +18,28 @@ fn toy_data(n: usize) -> Dataset {
             images[i * h * w + (l as usize + 3) * w + x] = 1.0;
         }
     }
-    Dataset { images, labels, channels: 1, height: h, width: w, num_classes: 10, class_names: (0..10).map(|i| i.to_string()).collect(), source: "toy".into() }
+    Dataset {
+        images,
+        labels,
+        channels: 1,
+        height: h,
+        width: w,
+        num_classes: 10,
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+        source: "toy".into(),
+    }
 }
 
 fn tiny_cfg(steps: u64) -> TeacherConfig {
-    let mut c = TeacherConfig { model: UNetConfig::tiny(), steps, batch_size: 8, log_every: 1, checkpoint_every: 5, sample_every: 0, ..Default::default() };
+    let mut c = TeacherConfig {
+        model: UNetConfig::tiny(),
+        steps,
+        batch_size: 8,
+        log_every: 1,
+        checkpoint_every: 5,
+        sample_every: 0,
+        ..Default::default()
+    };
     c.optim.warmup_steps = 5;
     c.optim.lr = 2e-3;
     c.sample_steps = 3;
@@ -58,23 +75,53 @@ fn tiny_unet_overfits_a_handful_of_digits() {
 fn checkpoint_save_load_gives_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::new(dir.path()).unwrap();
-    teacher::train(&tiny_cfg(5), &toy_data(16), &run, false, false, &Device::Cpu).unwrap();
+    teacher::train(
+        &tiny_cfg(5),
+        &toy_data(16),
+        &run,
+        false,
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
     let (den, meta) = checkpoint::load(&run.checkpoint(), &Device::Cpu).unwrap();
     assert_eq!(meta.step, 5);
-    let (den2, _) = checkpoint::load(&run.checkpoint().join("model.safetensors"), &Device::Cpu).unwrap();
+    let (den2, _) =
+        checkpoint::load(&run.checkpoint().join("model.safetensors"), &Device::Cpu).unwrap();
     let b = CandleBackend::new(&Device::Cpu);
     let x = Tensor::randn(0f32, 1.0, (3, 1, 16, 16), &Device::Cpu).unwrap();
     let l = Tensor::new(&[0u32, 5, 10], &Device::Cpu).unwrap();
     let lv = den.level_const(&b, &x, 2.0).unwrap();
-    let a = den.forward(&b, &x, &lv, &l).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let c = den2.forward(&b, &x, &lv, &l).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = den
+        .forward(&b, &x, &lv, &l)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let c = den2
+        .forward(&b, &x, &lv, &l)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a, c);
     // Saved and reloaded once more: still bit-identical.
-    let w: std::collections::HashMap<_, _> = graphs::params::collect(&den).into_iter().map(|p| (p.name, p.t)).collect();
+    let w: std::collections::HashMap<_, _> = graphs::params::collect(&den)
+        .into_iter()
+        .map(|p| (p.name, p.t))
+        .collect();
     let d2 = dir.path().join("copy");
     checkpoint::save(&d2, &meta, &w).unwrap();
     let (den3, _) = checkpoint::load(&d2, &Device::Cpu).unwrap();
-    let e = den3.forward(&b, &x, &lv, &l).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let e = den3
+        .forward(&b, &x, &lv, &l)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a, e);
 }
 
@@ -89,13 +136,22 @@ fn resume_continues_the_same_loss_curve() {
     let part = RunDir::new(part_dir.path()).unwrap();
     // "Interrupted" after step 5 (the last checkpoint), then resumed to 12.
     teacher::train(&tiny_cfg(5), &data, &part, false, false, &Device::Cpu).unwrap();
-    assert!(teacher::train(&tiny_cfg(12), &data, &part, false, false, &Device::Cpu).is_err(), "refuses to overwrite a run without --resume");
+    assert!(
+        teacher::train(&tiny_cfg(12), &data, &part, false, false, &Device::Cpu).is_err(),
+        "refuses to overwrite a run without --resume"
+    );
     teacher::train(&tiny_cfg(12), &data, &part, true, false, &Device::Cpu).unwrap();
     let (a, b) = (losses(&full), losses(&part));
     assert_eq!(a.len(), 12);
-    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
     for ((s, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "step {s}: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "step {s}: {x} vs {y}"
+        );
     }
 }
 
@@ -103,21 +159,41 @@ fn resume_continues_the_same_loss_curve() {
 fn diverging_run_stops_with_a_clear_error_and_keeps_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::new(dir.path()).unwrap();
-    teacher::train(&tiny_cfg(5), &toy_data(16), &run, false, false, &Device::Cpu).unwrap();
+    teacher::train(
+        &tiny_cfg(5),
+        &toy_data(16),
+        &run,
+        false,
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
     let before = std::fs::read(run.checkpoint().join("model.safetensors")).unwrap();
     let mut bad = toy_data(16);
     bad.images[3] = f32::NAN;
     let err = teacher::train(&tiny_cfg(10), &bad, &run, true, false, &Device::Cpu).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("NaN") && msg.contains("checkpoint"), "{msg}");
-    assert_eq!(before, std::fs::read(run.checkpoint().join("model.safetensors")).unwrap(), "the last good checkpoint is untouched");
+    assert_eq!(
+        before,
+        std::fs::read(run.checkpoint().join("model.safetensors")).unwrap(),
+        "the last good checkpoint is untouched"
+    );
 }
 
 #[test]
 fn corrupt_checkpoint_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let run = RunDir::new(dir.path()).unwrap();
-    teacher::train(&tiny_cfg(5), &toy_data(16), &run, false, false, &Device::Cpu).unwrap();
+    teacher::train(
+        &tiny_cfg(5),
+        &toy_data(16),
+        &run,
+        false,
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
     let w = run.checkpoint().join("model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();

@@ -7,7 +7,9 @@
 
 use crate::model::Precision;
 use crate::ops;
-use crate::proto::{self, tensor_proto::DataType, AttributeProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::proto::{
+    self, tensor_proto::DataType, AttributeProto, NodeProto, TensorProto, ValueInfoProto,
+};
 use anyhow::{bail, Context, Result};
 use graphs::{Backend, Kind, Param};
 use std::cell::RefCell;
@@ -37,13 +39,17 @@ impl ElemType {
         }) as i32
     }
     pub fn from_onnx(t: i32) -> Result<Self> {
-        Ok(match DataType::try_from(t).map_err(|_| anyhow::anyhow!("unknown ONNX data type {t}"))? {
-            DataType::Float => Self::F32,
-            DataType::Float16 => Self::F16,
-            DataType::Int32 => Self::I32,
-            DataType::Int64 => Self::I64,
-            other => bail!("unsupported ONNX data type {other:?}"),
-        })
+        Ok(
+            match DataType::try_from(t)
+                .map_err(|_| anyhow::anyhow!("unknown ONNX data type {t}"))?
+            {
+                DataType::Float => Self::F32,
+                DataType::Float16 => Self::F16,
+                DataType::Int32 => Self::I32,
+                DataType::Int64 => Self::I64,
+                other => bail!("unsupported ONNX data type {other:?}"),
+            },
+        )
     }
     pub fn is_int(self) -> bool {
         matches!(self, Self::I32 | Self::I64)
@@ -85,8 +91,12 @@ impl ValueInfo {
                     .iter()
                     .map(|d| proto::tensor_shape_proto::Dimension {
                         value: Some(match d {
-                            Dim::Fixed(n) => proto::tensor_shape_proto::dimension::Value::DimValue(*n as i64),
-                            _ => proto::tensor_shape_proto::dimension::Value::DimParam("batch".into()),
+                            Dim::Fixed(n) => {
+                                proto::tensor_shape_proto::dimension::Value::DimValue(*n as i64)
+                            }
+                            _ => proto::tensor_shape_proto::dimension::Value::DimParam(
+                                "batch".into(),
+                            ),
                         }),
                         ..Default::default()
                     })
@@ -96,10 +106,12 @@ impl ValueInfo {
         ValueInfoProto {
             name: name.to_string(),
             r#type: Some(proto::TypeProto {
-                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                    elem_type: self.elem.onnx(),
-                    shape,
-                })),
+                value: Some(proto::type_proto::Value::TensorType(
+                    proto::type_proto::Tensor {
+                        elem_type: self.elem.onnx(),
+                        shape,
+                    },
+                )),
                 ..Default::default()
             }),
             ..Default::default()
@@ -146,14 +158,20 @@ impl OnnxBackend {
         if g.values.contains_key(name) {
             bail!("value {name} already exists");
         }
-        g.values.insert(name.to_string(), ValueInfo::new(elem, dims.to_vec()));
+        g.values
+            .insert(name.to_string(), ValueInfo::new(elem, dims.to_vec()));
         g.inputs.push(name.to_string());
         Ok(name.to_string())
     }
 
     /// Type and shape of a value.
     pub fn info(&self, v: &str) -> Result<ValueInfo> {
-        self.g.borrow().values.get(v).cloned().with_context(|| format!("unknown ONNX value {v}"))
+        self.g
+            .borrow()
+            .values
+            .get(v)
+            .cloned()
+            .with_context(|| format!("unknown ONNX value {v}"))
     }
 
     /// A fresh unique name with the given prefix.
@@ -164,7 +182,13 @@ impl OnnxBackend {
     }
 
     /// Appends a node with one output, records the output's type/shape, returns its name.
-    pub(crate) fn node(&self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: ValueInfo) -> Result<String> {
+    pub(crate) fn node(
+        &self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        out: ValueInfo,
+    ) -> Result<String> {
         {
             let g = self.g.borrow();
             for i in inputs {
@@ -189,7 +213,13 @@ impl OnnxBackend {
     }
 
     /// Adds (once per name) an initializer; errors when the name is reused with another layout.
-    pub(crate) fn initializer(&self, name: &str, elem: ElemType, dims: &[i64], raw: impl FnOnce() -> Result<Vec<u8>>) -> Result<String> {
+    pub(crate) fn initializer(
+        &self,
+        name: &str,
+        elem: ElemType,
+        dims: &[i64],
+        raw: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<String> {
         let mut g = self.g.borrow_mut();
         if let Some((e, d)) = g.init_index.get(name) {
             if *e != elem || d != dims {
@@ -207,16 +237,28 @@ impl OnnxBackend {
         });
         g.init_index.insert(name.to_string(), (elem, dims.to_vec()));
         let dims_t = dims.iter().map(|&d| Dim::Fixed(d as usize)).collect();
-        g.values.insert(name.to_string(), ValueInfo::new(elem, dims_t));
+        g.values
+            .insert(name.to_string(), ValueInfo::new(elem, dims_t));
         Ok(name.to_string())
     }
 
     /// A parameter as an initializer named by its safetensors key, stored with `dims`
     /// (same element count as the param), in f32 or f16. `transpose2d` stores `W^T` of a 2-D param.
-    pub(crate) fn param_init(&self, p: &Param, name: &str, dims: &[i64], elem: ElemType, transpose2d: bool) -> Result<String> {
+    pub(crate) fn param_init(
+        &self,
+        p: &Param,
+        name: &str,
+        dims: &[i64],
+        elem: ElemType,
+        transpose2d: bool,
+    ) -> Result<String> {
         let n: i64 = dims.iter().product();
         if n as usize != p.t.elem_count() {
-            bail!("param {}: {:?} cannot be stored as {dims:?}", p.name, p.dims());
+            bail!(
+                "param {}: {:?} cannot be stored as {dims:?}",
+                p.name,
+                p.dims()
+            );
         }
         self.initializer(name, elem, dims, || {
             let t = p.t.to_dtype(candle_core::DType::F32)?;
@@ -227,7 +269,12 @@ impl OnnxBackend {
     }
 
     /// A constant tensor (a `Constant` node; deduplicated).
-    pub(crate) fn const_tensor(&self, elem: ElemType, dims: &[usize], raw: Vec<u8>) -> Result<String> {
+    pub(crate) fn const_tensor(
+        &self,
+        elem: ElemType,
+        dims: &[usize],
+        raw: Vec<u8>,
+    ) -> Result<String> {
         let d64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
         let key = (elem, d64.clone(), raw.clone());
         if let Some(v) = self.g.borrow().const_cache.get(&key) {
@@ -254,7 +301,11 @@ impl OnnxBackend {
     }
 
     pub(crate) fn const_i64(&self, values: &[i64], dims: &[usize]) -> Result<String> {
-        self.const_tensor(ElemType::I64, dims, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        self.const_tensor(
+            ElemType::I64,
+            dims,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 
     /// `Cast` to `to` (no node when `v` already has that type).
@@ -263,7 +314,12 @@ impl OnnxBackend {
         if info.elem == to {
             return Ok(v.to_string());
         }
-        self.node("Cast", &[v], vec![attr_int("to", to.onnx() as i64)], ValueInfo::new(to, info.dims))
+        self.node(
+            "Cast",
+            &[v],
+            vec![attr_int("to", to.onnx() as i64)],
+            ValueInfo::new(to, info.dims),
+        )
     }
 
     /// Graph parts for [`crate::model`]: nodes, initializers, inputs' and values' infos.
@@ -275,7 +331,10 @@ impl OnnxBackend {
 /// Little-endian bytes of `v` as f32 or f16.
 pub(crate) fn encode(v: &[f32], elem: ElemType) -> Vec<u8> {
     match elem {
-        ElemType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        ElemType::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
         _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
@@ -324,7 +383,13 @@ pub(crate) fn attr_tensor(name: &str, t: TensorProto) -> AttributeProto {
 /// Numpy broadcasting of two tracked shapes.
 pub(crate) fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
     let n = a.len().max(b.len());
-    let get = |s: &[Dim], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { Dim::Fixed(1) };
+    let get = |s: &[Dim], i: usize| {
+        if i + s.len() >= n {
+            s[i + s.len() - n]
+        } else {
+            Dim::Fixed(1)
+        }
+    };
     (0..n)
         .map(|i| {
             Ok(match (get(a, i), get(b, i)) {
@@ -340,13 +405,27 @@ pub(crate) fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
 impl Backend for OnnxBackend {
     type T = String;
 
-    fn conv2d(&self, x: &String, w: &Param, b: Option<&Param>, stride: usize, pad: usize) -> Result<String> {
+    fn conv2d(
+        &self,
+        x: &String,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<String> {
         ops::conv::conv2d(self, x, w, b, stride, pad)
     }
     fn linear(&self, x: &String, w: &Param, b: Option<&Param>) -> Result<String> {
         ops::linear::linear(self, x, w, b)
     }
-    fn group_norm(&self, x: &String, groups: usize, eps: f64, gamma: &Param, beta: &Param) -> Result<String> {
+    fn group_norm(
+        &self,
+        x: &String,
+        groups: usize,
+        eps: f64,
+        gamma: &Param,
+        beta: &Param,
+    ) -> Result<String> {
         ops::norm::group_norm(self, x, groups, eps, gamma, beta)
     }
     fn silu(&self, x: &String) -> Result<String> {

@@ -26,6 +26,8 @@ pub mod validate;
 mod write;
 
 pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
-pub use model::{export_denoiser, export_generator, metadata, weights_sha256, ExportOptions, Precision};
+pub use model::{
+    export_denoiser, export_generator, metadata, weights_sha256, ExportOptions, Precision,
+};
 pub use validate::{validate, Metrics, RuntimeKind, Target, ValidateOptions, ValidateReport};
 pub use write::{write_model, write_model_with, DEFAULT_EXTERNAL_THRESHOLD};

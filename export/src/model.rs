@@ -95,19 +95,31 @@ fn hex(b: &[u8]) -> String {
 
 /// `metadata_props` of a model as a list of pairs.
 pub fn metadata(model: &ModelProto) -> Vec<(String, String)> {
-    model.metadata_props.iter().map(|e| (e.key.clone(), e.value.clone())).collect()
+    model
+        .metadata_props
+        .iter()
+        .map(|e| (e.key.clone(), e.value.clone()))
+        .collect()
 }
 
 impl OnnxBackend {
     /// Finishes the graph: `outputs` are `(graph output name, value)`, each attached through an
     /// Identity node; value_info for every intermediate with a tracked shape.
-    pub fn into_model(self, graph_name: &str, outputs: &[(&str, String)], metadata: Vec<(String, String)>) -> Result<ModelProto> {
+    pub fn into_model(
+        self,
+        graph_name: &str,
+        outputs: &[(&str, String)],
+        metadata: Vec<(String, String)>,
+    ) -> Result<ModelProto> {
         let b = self;
         let mut out_infos = Vec::new();
         let mut out_nodes = Vec::new();
         for (name, v) in outputs {
             let info = b.info(v)?;
-            ensure!(!b.g.borrow().values.contains_key(*name), "output name {name} is already a value");
+            ensure!(
+                !b.g.borrow().values.contains_key(*name),
+                "output name {name} is already a value"
+            );
             out_nodes.push(NodeProto {
                 input: vec![v.clone()],
                 output: vec![name.to_string()],
@@ -124,7 +136,10 @@ impl OnnxBackend {
         for node in &g.nodes {
             for o in &node.output {
                 let info = &g.values[o];
-                if node.op_type != "Constant" && !inits.contains(o.as_str()) && !info.dims.contains(&Dim::Unknown) {
+                if node.op_type != "Constant"
+                    && !inits.contains(o.as_str())
+                    && !info.dims.contains(&Dim::Unknown)
+                {
                     value_info.push(info.to_proto(o));
                 }
             }
@@ -151,23 +166,41 @@ impl OnnxBackend {
             graph: Some(graph),
             ..Default::default()
         };
-        model.metadata_props = metadata.into_iter().map(|(key, value)| StringStringEntryProto { key, value }).collect();
+        model.metadata_props = metadata
+            .into_iter()
+            .map(|(key, value)| StringStringEntryProto { key, value })
+            .collect();
         Ok(model)
     }
 }
 
 fn image_dims(den: &Denoiser) -> [Dim; 4] {
     let c = &den.unet.cfg;
-    [Dim::Batch, Dim::Fixed(c.channels), Dim::Fixed(c.resolution), Dim::Fixed(c.resolution)]
+    [
+        Dim::Batch,
+        Dim::Fixed(c.channels),
+        Dim::Fixed(c.resolution),
+        Dim::Fixed(c.resolution),
+    ]
 }
 
-fn common_metadata(den: &Denoiser, kind: &str, opts: &ExportOptions) -> Result<Vec<(String, String)>> {
+fn common_metadata(
+    den: &Denoiser,
+    kind: &str,
+    opts: &ExportOptions,
+) -> Result<Vec<(String, String)>> {
     let c = &den.unet.cfg;
     Ok(vec![
-        ("producer".into(), format!("distill {}", env!("CARGO_PKG_VERSION"))),
+        (
+            "producer".into(),
+            format!("distill {}", env!("CARGO_PKG_VERSION")),
+        ),
         ("kind".into(), kind.into()),
         ("method".into(), opts.method.clone()),
-        ("parameterisation".into(), serde_json::to_string(&den.param)?),
+        (
+            "parameterisation".into(),
+            serde_json::to_string(&den.param)?,
+        ),
         ("resolution".into(), c.resolution.to_string()),
         ("channels".into(), c.channels.to_string()),
         ("num_classes".into(), c.num_classes.to_string()),
@@ -179,17 +212,25 @@ fn common_metadata(den: &Denoiser, kind: &str, opts: &ExportOptions) -> Result<V
 }
 
 fn finish_metadata(model: &mut ModelProto, opts: &ExportOptions) {
-    let sha = opts.weights_sha256.clone().unwrap_or_else(|| weights_sha256(model));
+    let sha = opts
+        .weights_sha256
+        .clone()
+        .unwrap_or_else(|| weights_sha256(model));
     let source = if opts.weights_sha256.is_some() {
         "checkpoint file"
     } else {
         "initializer bytes in graph order"
     };
-    for (key, value) in [("weights_sha256".to_string(), sha), ("weights_sha256_of".to_string(), source.to_string())]
-        .into_iter()
-        .chain(opts.extra_metadata.iter().cloned())
+    for (key, value) in [
+        ("weights_sha256".to_string(), sha),
+        ("weights_sha256_of".to_string(), source.to_string()),
+    ]
+    .into_iter()
+    .chain(opts.extra_metadata.iter().cloned())
     {
-        model.metadata_props.push(StringStringEntryProto { key, value });
+        model
+            .metadata_props
+            .push(StringStringEntryProto { key, value });
     }
 }
 
@@ -199,7 +240,11 @@ fn finish_metadata(model: &mut ModelProto, opts: &ExportOptions) {
 ///
 /// The graph is [`graphs::generate`] run on an [`OnnxBackend`]: the whole sampler (every step,
 /// every guided network evaluation, its sigma constants) unrolled into one graph.
-pub fn export_generator(den: &Denoiser, spec: &GeneratorSpec, opts: &ExportOptions) -> Result<ModelProto> {
+pub fn export_generator(
+    den: &Denoiser,
+    spec: &GeneratorSpec,
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
     let b = OnnxBackend::new(opts.precision);
     let img = image_dims(den);
     let z = b.input("noise", ElemType::F32, &img)?;
@@ -207,13 +252,17 @@ pub fn export_generator(den: &Denoiser, spec: &GeneratorSpec, opts: &ExportOptio
     let fresh = (1..=spec.num_fresh_noise())
         .map(|i| b.input(&format!("noise_{i}"), ElemType::F32, &img))
         .collect::<Result<Vec<_>>>()?;
-    let out = graphs::generate(&b, den, spec, &z, &labels, &fresh).context("lowering the generator")?;
+    let out =
+        graphs::generate(&b, den, spec, &z, &labels, &fresh).context("lowering the generator")?;
     let mut meta = common_metadata(den, "generator", opts)?;
     let sigmas = spec.step_sigmas(&den.param);
     meta.extend([
         (
             "sampler".to_string(),
-            serde_json::to_value(spec.sampler)?.as_str().unwrap_or_default().to_string(),
+            serde_json::to_value(spec.sampler)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
         ),
         ("steps".into(), spec.steps.to_string()),
         ("sigmas".into(), serde_json::to_string(&sigmas)?),
@@ -230,7 +279,10 @@ pub fn export_generator(den: &Denoiser, spec: &GeneratorSpec, opts: &ExportOptio
             .to_string(),
         ),
         ("cfg_scale".into(), spec.cfg_scale.to_string()),
-        ("fresh_noise_inputs".into(), spec.num_fresh_noise().to_string()),
+        (
+            "fresh_noise_inputs".into(),
+            spec.num_fresh_noise().to_string(),
+        ),
         ("generator_spec".into(), serde_json::to_string(spec)?),
     ]);
     let mut model = b.into_model("distill_generator", &[("images", out)], meta)?;

@@ -139,7 +139,16 @@ impl std::fmt::Display for ValidateReport {
         writeln!(
             f,
             "{:<12} {:<10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>6} {:>18}  result",
-            "runtime", "output", "elements", "max_abs", "mean_abs", "p99_abs", "max_rel", "cosine", "nan", "tol (max/mean)"
+            "runtime",
+            "output",
+            "elements",
+            "max_abs",
+            "mean_abs",
+            "p99_abs",
+            "max_rel",
+            "cosine",
+            "nan",
+            "tol (max/mean)"
         )?;
         for m in &self.metrics {
             let tol = match m.mean_abs_tol {
@@ -162,7 +171,11 @@ impl std::fmt::Display for ValidateReport {
                 if m.passed { "PASS" } else { "FAIL" }
             )?;
         }
-        write!(f, "overall: {}", if self.passed() { "PASS" } else { "FAIL" })
+        write!(
+            f,
+            "overall: {}",
+            if self.passed() { "PASS" } else { "FAIL" }
+        )
     }
 }
 
@@ -192,10 +205,20 @@ impl Acc {
             self.no += (o as f64).powi(2);
         }
     }
-    fn finish(mut self, runtime: &str, output: &str, max_tol: f64, mean_tol: Option<f64>) -> Metrics {
+    fn finish(
+        mut self,
+        runtime: &str,
+        output: &str,
+        max_tol: f64,
+        mean_tol: Option<f64>,
+    ) -> Metrics {
         let n = self.diffs.len();
         let max_abs = self.diffs.iter().copied().fold(0.0, f64::max);
-        let mean_abs = if n > 0 { self.diffs.iter().sum::<f64>() / n as f64 } else { 0.0 };
+        let mean_abs = if n > 0 {
+            self.diffs.iter().sum::<f64>() / n as f64
+        } else {
+            0.0
+        };
         self.diffs.sort_by(|a, b| a.total_cmp(b));
         let p99_abs = if n > 0 {
             self.diffs[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1]
@@ -209,7 +232,10 @@ impl Acc {
         } else {
             0.0
         };
-        let passed = n > 0 && self.nonfinite == 0 && max_abs <= max_tol && mean_tol.is_none_or(|t| mean_abs <= t);
+        let passed = n > 0
+            && self.nonfinite == 0
+            && max_abs <= max_tol
+            && mean_tol.is_none_or(|t| mean_abs <= t);
         Metrics {
             runtime: runtime.into(),
             output: output.into(),
@@ -228,20 +254,32 @@ impl Acc {
 }
 
 fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 /// One seeded case: ONNX inputs and the candle reference output.
-fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> Result<(Vec<(String, TensorData)>, Vec<f32>)> {
+fn make_case(
+    den: &Denoiser,
+    target: Target,
+    batch: usize,
+    rng: &mut StdRng,
+) -> Result<(Vec<(String, TensorData)>, Vec<f32>)> {
     let cfg = &den.unet.cfg;
     let (c, r) = (cfg.channels, cfg.resolution);
     let shape = [batch, c, r, r];
     let n = batch * c * r * r;
     let dev = Device::Cpu;
     let cb = CandleBackend::new(&dev);
-    let labels: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..cfg.num_classes as u32)).collect();
+    let labels: Vec<u32> = (0..batch)
+        .map(|_| rng.gen_range(0..cfg.num_classes as u32))
+        .collect();
     let labels_t = Tensor::from_vec(labels.clone(), batch, &dev)?;
-    let labels_in = TensorData::I32(ArrayD::from_shape_vec(vec![batch], labels.iter().map(|&l| l as i32).collect())?);
+    let labels_in = TensorData::I32(ArrayD::from_shape_vec(
+        vec![batch],
+        labels.iter().map(|&l| l as i32).collect(),
+    )?);
     let img = |v: &Vec<f32>| -> Result<(Tensor, TensorData)> {
         Ok((
             Tensor::from_vec(v.clone(), &shape, &dev)?,
@@ -251,7 +289,10 @@ fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> 
     let (inputs, out) = match target {
         Target::Generator(spec) => {
             let (z, z_in) = img(&normal(rng, n))?;
-            let mut inputs = vec![("noise".to_string(), z_in), ("class_labels".to_string(), labels_in)];
+            let mut inputs = vec![
+                ("noise".to_string(), z_in),
+                ("class_labels".to_string(), labels_in),
+            ];
             let mut fresh = Vec::new();
             for i in 1..=spec.num_fresh_noise() {
                 let (t, t_in) = img(&normal(rng, n))?;
@@ -264,29 +305,40 @@ fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> 
         Target::Denoiser => match &den.param {
             Parameterisation::Edm(e) => {
                 let (lo, hi) = (e.sigma_min.ln(), e.sigma_max.ln());
-                let sigma: Vec<f32> = (0..batch).map(|_| rng.gen_range(lo..hi).exp() as f32).collect();
+                let sigma: Vec<f32> = (0..batch)
+                    .map(|_| rng.gen_range(lo..hi).exp() as f32)
+                    .collect();
                 let eps = normal(rng, n);
                 let x0 = normal(rng, n);
                 let per = n / batch;
-                let x: Vec<f32> = (0..n).map(|i| 0.5 * x0[i] + sigma[i / per] * eps[i]).collect();
+                let x: Vec<f32> = (0..n)
+                    .map(|i| 0.5 * x0[i] + sigma[i / per] * eps[i])
+                    .collect();
                 let (xt, x_in) = img(&x)?;
                 let st = Tensor::from_vec(sigma.clone(), batch, &dev)?;
                 let level = den.level_from_sigma(&cb, &st)?;
                 let y = den.forward(&cb, &xt, &level, &labels_t)?;
                 let inputs = vec![
                     ("x".to_string(), x_in),
-                    ("sigma".to_string(), TensorData::F32(ArrayD::from_shape_vec(vec![batch], sigma)?)),
+                    (
+                        "sigma".to_string(),
+                        TensorData::F32(ArrayD::from_shape_vec(vec![batch], sigma)?),
+                    ),
                     ("class_labels".to_string(), labels_in),
                 ];
                 (inputs, y)
             }
             Parameterisation::Vp(v) => {
                 let sig = v.sigmas();
-                let t: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..v.num_timesteps as u32)).collect();
+                let t: Vec<u32> = (0..batch)
+                    .map(|_| rng.gen_range(0..v.num_timesteps as u32))
+                    .collect();
                 let eps = normal(rng, n);
                 let x0 = normal(rng, n);
                 let per = n / batch;
-                let x: Vec<f32> = (0..n).map(|i| 0.5 * x0[i] + sig[t[i / per] as usize] as f32 * eps[i]).collect();
+                let x: Vec<f32> = (0..n)
+                    .map(|i| 0.5 * x0[i] + sig[t[i / per] as usize] as f32 * eps[i])
+                    .collect();
                 let (xt, x_in) = img(&x)?;
                 let tt = Tensor::from_vec(t.clone(), batch, &dev)?;
                 let level = den.level_from_timesteps(&cb, &tt)?;
@@ -295,7 +347,10 @@ fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> 
                     ("x".to_string(), x_in),
                     (
                         "timestep".to_string(),
-                        TensorData::I32(ArrayD::from_shape_vec(vec![batch], t.iter().map(|&v| v as i32).collect())?),
+                        TensorData::I32(ArrayD::from_shape_vec(
+                            vec![batch],
+                            t.iter().map(|&v| v as i32).collect(),
+                        )?),
                     ),
                     ("class_labels".to_string(), labels_in),
                 ];
@@ -303,15 +358,27 @@ fn make_case(den: &Denoiser, target: Target, batch: usize, rng: &mut StdRng) -> 
             }
         },
     };
-    let out: Vec<f32> = out.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-    ensure!(out.len() == n, "reference output has {} values, expected {n}", out.len());
+    let out: Vec<f32> = out
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    ensure!(
+        out.len() == n,
+        "reference output has {} values, expected {n}",
+        out.len()
+    );
     Ok((inputs, out))
 }
 
 /// Runs the model at `model_path` in each selected runtime on `opts.cases` seeded input sets and
 /// compares its (single) output with candle's. A runtime that cannot be loaded (e.g. a missing
 /// ONNX Runtime) is an error, never a silent skip.
-pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &ValidateOptions) -> Result<ValidateReport> {
+pub fn validate(
+    model_path: &Path,
+    den: &Denoiser,
+    target: Target,
+    opts: &ValidateOptions,
+) -> Result<ValidateReport> {
     ensure!(opts.cases > 0, "validate: zero cases");
     ensure!(
         !opts.batches.is_empty() && opts.batches.iter().all(|&b| b > 0),
@@ -321,7 +388,10 @@ pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &Valida
     let model = runtime::load_model(model_path)?;
     let precision = match opts.precision {
         Some(p) => p,
-        None => match crate::metadata(&model).into_iter().find(|(k, _)| k == "precision") {
+        None => match crate::metadata(&model)
+            .into_iter()
+            .find(|(k, _)| k == "precision")
+        {
             Some((_, v)) => v.parse()?,
             None => Precision::Fp32,
         },
@@ -333,7 +403,11 @@ pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &Valida
     let max_tol = opts.max_abs_tol.unwrap_or(default_max);
     let mean_tol = opts.mean_abs_tol.or(default_mean);
     let (_, outs) = runtime::io_specs(&model)?;
-    ensure!(outs.len() == 1, "validate: expected one output, the model has {}", outs.len());
+    ensure!(
+        outs.len() == 1,
+        "validate: expected one output, the model has {}",
+        outs.len()
+    );
     let out_name = outs[0].name.clone();
 
     let mut runners = Vec::new();
@@ -349,11 +423,15 @@ pub fn validate(model_path: &Path, den: &Denoiser, target: Target, opts: &Valida
     for case in 0..opts.cases {
         let batch = opts.batches[case % opts.batches.len()];
         batches.push(batch);
-        let mut rng = StdRng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(case as u64));
-        let (inputs, reference) = make_case(den, target, batch, &mut rng).with_context(|| format!("case {case}: candle reference"))?;
+        let mut rng =
+            StdRng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(case as u64));
+        let (inputs, reference) = make_case(den, target, batch, &mut rng)
+            .with_context(|| format!("case {case}: candle reference"))?;
         let inputs: &Inputs = &inputs;
         for ((rk, runner), acc) in runners.iter_mut().zip(accs.iter_mut()) {
-            let out = runner.run(inputs).with_context(|| format!("case {case} (batch {batch}) in {}", rk.name()))?;
+            let out = runner
+                .run(inputs)
+                .with_context(|| format!("case {case} (batch {batch}) in {}", rk.name()))?;
             let (_, y) = out
                 .iter()
                 .find(|(n, _)| *n == out_name)

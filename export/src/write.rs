@@ -18,10 +18,19 @@ pub fn write_model(model: &ModelProto, path: &Path) -> Result<()> {
 }
 
 fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp: PathBuf = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let res = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -52,9 +61,18 @@ pub fn write_model_with(model: &ModelProto, path: &Path, external_threshold: u64
     }
     let mut model = model.clone();
     let data_path = PathBuf::from(format!("{}.data", path.display()));
-    let location = data_path.file_name().context("data file name")?.to_string_lossy().to_string();
+    let location = data_path
+        .file_name()
+        .context("data file name")?
+        .to_string_lossy()
+        .to_string();
     let mut data = Vec::with_capacity(total as usize);
-    for t in &mut model.graph.as_mut().context("model without graph")?.initializer {
+    for t in &mut model
+        .graph
+        .as_mut()
+        .context("model without graph")?
+        .initializer
+    {
         while data.len() % 64 != 0 {
             data.push(0);
         }

@@ -4,8 +4,13 @@ mod common;
 
 use common::{onnx_check, randomize_norms, varmap};
 use export::runtime::load_model;
-use export::{export_denoiser, export_generator, validate, ExportOptions, Precision, RuntimeKind, Target, ValidateOptions};
-use graphs::{BetaSchedule, Denoiser, GeneratorSpec, ModelConfig, Parameterisation, SamplerKind, UNetConfig};
+use export::{
+    export_denoiser, export_generator, validate, ExportOptions, Precision, RuntimeKind, Target,
+    ValidateOptions,
+};
+use graphs::{
+    BetaSchedule, Denoiser, GeneratorSpec, ModelConfig, Parameterisation, SamplerKind, UNetConfig,
+};
 use std::path::Path;
 
 fn denoiser(param: Parameterisation, seed: u64) -> (candle_nn::VarMap, Denoiser) {
@@ -33,7 +38,13 @@ fn student(sigmas: &[f64], fresh_noise: bool) -> GeneratorSpec {
 }
 
 /// Exports, writes, checks with the onnx checker, validates in both runtimes; returns the report.
-fn export_and_validate(den: &Denoiser, spec: Option<&GeneratorSpec>, opts: &ExportOptions, dir: &Path, label: &str) -> export::ValidateReport {
+fn export_and_validate(
+    den: &Denoiser,
+    spec: Option<&GeneratorSpec>,
+    opts: &ExportOptions,
+    dir: &Path,
+    label: &str,
+) -> export::ValidateReport {
     export_and_validate_with(den, spec, opts, dir, label, &ValidateOptions::default())
 }
 
@@ -59,7 +70,11 @@ fn export_and_validate_with(
     let report = validate(&path, den, target, vopts).unwrap();
     eprintln!("{label}:\n{report}");
     assert_eq!(report.metrics.len(), 2);
-    assert!(report.batches.contains(&1) && report.batches.contains(&7), "{:?}", report.batches);
+    assert!(
+        report.batches.contains(&1) && report.batches.contains(&7),
+        "{:?}",
+        report.batches
+    );
     assert!(report.passed(), "{label} failed:\n{report}");
     report
 }
@@ -68,10 +83,21 @@ fn export_and_validate_with(
 fn edm_denoiser() {
     let dir = tempfile::tempdir().unwrap();
     let (_vm, den) = denoiser(Parameterisation::edm(), 1);
-    let r = export_and_validate(&den, None, &ExportOptions::default(), dir.path(), "edm_denoiser");
+    let r = export_and_validate(
+        &den,
+        None,
+        &ExportOptions::default(),
+        dir.path(),
+        "edm_denoiser",
+    );
     assert!(r.max_abs() < 1e-4);
-    let (ins, outs) = export::runtime::io_specs(&load_model(&dir.path().join("edm_denoiser.onnx")).unwrap()).unwrap();
-    assert_eq!(ins.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["x", "sigma", "class_labels"]);
+    let (ins, outs) =
+        export::runtime::io_specs(&load_model(&dir.path().join("edm_denoiser.onnx")).unwrap())
+            .unwrap();
+    assert_eq!(
+        ins.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["x", "sigma", "class_labels"]
+    );
     assert_eq!(ins[2].elem, export::ElemType::I32);
     assert_eq!(outs[0].name, "denoised");
 }
@@ -80,9 +106,20 @@ fn edm_denoiser() {
 fn vp_denoiser() {
     let dir = tempfile::tempdir().unwrap();
     let (_vm, den) = denoiser(Parameterisation::vp(BetaSchedule::Linear), 2);
-    export_and_validate(&den, None, &ExportOptions::default(), dir.path(), "vp_denoiser");
-    let (ins, outs) = export::runtime::io_specs(&load_model(&dir.path().join("vp_denoiser.onnx")).unwrap()).unwrap();
-    assert_eq!(ins.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["x", "timestep", "class_labels"]);
+    export_and_validate(
+        &den,
+        None,
+        &ExportOptions::default(),
+        dir.path(),
+        "vp_denoiser",
+    );
+    let (ins, outs) =
+        export::runtime::io_specs(&load_model(&dir.path().join("vp_denoiser.onnx")).unwrap())
+            .unwrap();
+    assert_eq!(
+        ins.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["x", "timestep", "class_labels"]
+    );
     assert_eq!(ins[1].elem, export::ElemType::I32);
     assert_eq!(outs[0].name, "eps");
 }
@@ -99,18 +136,29 @@ fn student_two_steps_fresh_noise() {
     export_and_validate(&den, Some(&spec), &opts, dir.path(), "student2_fresh");
     let model = load_model(&dir.path().join("student2_fresh.onnx")).unwrap();
     let (ins, outs) = export::runtime::io_specs(&model).unwrap();
-    assert_eq!(ins.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["noise", "class_labels", "noise_1"]);
+    assert_eq!(
+        ins.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["noise", "class_labels", "noise_1"]
+    );
     assert_eq!(outs[0].name, "images");
     assert_eq!(
         outs[0].dims,
-        vec![export::Dim::Batch, export::Dim::Fixed(1), export::Dim::Fixed(16), export::Dim::Fixed(16)]
+        vec![
+            export::Dim::Batch,
+            export::Dim::Fixed(1),
+            export::Dim::Fixed(16),
+            export::Dim::Fixed(16)
+        ]
     );
     let meta: std::collections::HashMap<_, _> = export::metadata(&model).into_iter().collect();
     assert_eq!(meta["method"], "dmd2");
     assert_eq!(meta["sampler"], "student");
     assert_eq!(meta["steps"], "2");
     assert_eq!(meta["nfe"], "2");
-    assert_eq!(serde_json::from_str::<Vec<f64>>(&meta["sigmas"]).unwrap(), vec![80.0, 1.2]);
+    assert_eq!(
+        serde_json::from_str::<Vec<f64>>(&meta["sigmas"]).unwrap(),
+        vec![80.0, 1.2]
+    );
     assert_eq!(
         serde_json::from_str::<Parameterisation>(&meta["parameterisation"]).unwrap(),
         Parameterisation::edm()
@@ -132,10 +180,17 @@ fn student_three_steps_deterministic() {
         weights_sha256: Some("ab".repeat(32)),
         ..Default::default()
     };
-    export_and_validate(&den, Some(&student(&[80.0, 5.0, 0.5], false)), &opts, dir.path(), "student3_det");
-    let meta: std::collections::HashMap<_, _> = export::metadata(&load_model(&dir.path().join("student3_det.onnx")).unwrap())
-        .into_iter()
-        .collect();
+    export_and_validate(
+        &den,
+        Some(&student(&[80.0, 5.0, 0.5], false)),
+        &opts,
+        dir.path(),
+        "student3_det",
+    );
+    let meta: std::collections::HashMap<_, _> =
+        export::metadata(&load_model(&dir.path().join("student3_det.onnx")).unwrap())
+            .into_iter()
+            .collect();
     assert_eq!(meta["weights_sha256"], "ab".repeat(32));
 }
 
@@ -160,11 +215,19 @@ fn heun_teacher_three_steps_cfg2() {
         mean_abs_tol: Some(1e-5),
         ..Default::default()
     };
-    let r = export_and_validate_with(&den, Some(&spec), &ExportOptions::default(), dir.path(), "heun3_cfg2", &vopts);
+    let r = export_and_validate_with(
+        &den,
+        Some(&spec),
+        &ExportOptions::default(),
+        dir.path(),
+        "heun3_cfg2",
+        &vopts,
+    );
     assert!(r.metrics.iter().all(|m| m.p99_abs < 1e-4), "{r}");
-    let meta: std::collections::HashMap<_, _> = export::metadata(&load_model(&dir.path().join("heun3_cfg2.onnx")).unwrap())
-        .into_iter()
-        .collect();
+    let meta: std::collections::HashMap<_, _> =
+        export::metadata(&load_model(&dir.path().join("heun3_cfg2.onnx")).unwrap())
+            .into_iter()
+            .collect();
     assert_eq!(meta["nfe"], "5");
     assert_eq!(meta["network_calls"], "10");
 }
@@ -180,7 +243,13 @@ fn vp_ddim_teacher() {
         fresh_noise: false,
         cfg_scale: 1.5,
     };
-    export_and_validate(&den, Some(&spec), &ExportOptions::default(), dir.path(), "vp_ddim2");
+    export_and_validate(
+        &den,
+        Some(&spec),
+        &ExportOptions::default(),
+        dir.path(),
+        "vp_ddim2",
+    );
 }
 
 #[test]
@@ -195,7 +264,10 @@ fn fp16_generator_within_fp16_tolerances() {
     };
     let r = export_and_validate(&den, Some(&spec), &opts, dir.path(), "student2_fp16");
     assert_eq!(r.precision, Precision::Fp16);
-    assert!(r.metrics.iter().all(|m| m.max_abs_tol == 2e-2 && m.mean_abs_tol == Some(2e-3)));
+    assert!(r
+        .metrics
+        .iter()
+        .all(|m| m.max_abs_tol == 2e-2 && m.mean_abs_tol == Some(2e-3)));
     let model = load_model(&dir.path().join("student2_fp16.onnx")).unwrap();
     let g = model.graph.as_ref().unwrap();
     let f16 = export::ElemType::F16.onnx();
@@ -216,8 +288,17 @@ fn fp16_generator_within_fp16_tolerances() {
         runtimes: vec![RuntimeKind::OnnxRuntime],
         ..Default::default()
     };
-    let r32 = validate(&dir.path().join("student2_fp16.onnx"), &den, Target::Generator(&spec), &strict).unwrap();
-    assert!(!r32.passed(), "an fp16 model passed fp32 tolerances:\n{r32}");
+    let r32 = validate(
+        &dir.path().join("student2_fp16.onnx"),
+        &den,
+        Target::Generator(&spec),
+        &strict,
+    )
+    .unwrap();
+    assert!(
+        !r32.passed(),
+        "an fp16 model passed fp32 tolerances:\n{r32}"
+    );
 }
 
 #[test]
@@ -262,8 +343,17 @@ fn external_data_round_trip() {
     export::write_model_with(&model, &ext, 1024).unwrap();
     let data = dir.path().join("ext.onnx.data");
     assert!(data.exists() && !dir.path().join("inline.onnx.data").exists());
-    let (s_inline, s_ext, s_data) = [&inline, &ext, &data].map(|p| std::fs::metadata(p).unwrap().len()).into();
-    let weights = model.graph.as_ref().unwrap().initializer.iter().map(|t| t.raw_data.len() as u64).sum::<u64>();
+    let (s_inline, s_ext, s_data) = [&inline, &ext, &data]
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .into();
+    let weights = model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .map(|t| t.raw_data.len() as u64)
+        .sum::<u64>();
     eprintln!("inline {s_inline} B, external {s_ext} B + data {s_data} B (weights {weights} B)");
     assert!(
         s_data >= weights && s_ext < s_inline - weights / 2,
@@ -271,7 +361,13 @@ fn external_data_round_trip() {
     );
     let loaded = load_model(&ext).unwrap();
     let t = &loaded.graph.as_ref().unwrap().initializer[0];
-    assert!(t.raw_data.is_empty() && t.data_location == 1 && t.external_data.iter().any(|e| e.key == "location" && e.value == "ext.onnx.data"));
+    assert!(
+        t.raw_data.is_empty()
+            && t.data_location == 1
+            && t.external_data
+                .iter()
+                .any(|e| e.key == "location" && e.value == "ext.onnx.data")
+    );
     onnx_check(&ext).unwrap();
     let opts = ValidateOptions {
         runtimes: vec![RuntimeKind::OnnxRuntime],

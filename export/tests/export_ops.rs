@@ -4,7 +4,9 @@
 mod common;
 
 use common::{randomize_norms, varmap, TestInput};
-use graphs::nn::{Conv2d, Embedding, GroupNorm, Linear, ResBlock, SelfAttention, SinusoidalEmbedding};
+use graphs::nn::{
+    Conv2d, Embedding, GroupNorm, Linear, ResBlock, SelfAttention, SinusoidalEmbedding,
+};
 use graphs::{Backend, UNet, UNetConfig};
 
 const TOL: f64 = 1e-4;
@@ -15,12 +17,24 @@ fn conv_stride1_and_stride2() {
     let c1 = Conv2d::new(vb.pp("c1"), 3, 8, 3, 1, 1).unwrap();
     let c2 = Conv2d::new(vb.pp("c2"), 8, 8, 3, 2, 1).unwrap();
     let c3 = Conv2d::new(vb.pp("c3"), 3, 5, 1, 1, 0).unwrap();
-    parity!("conv_s1", vec![TestInput::normal("x", &[3, 3, 16, 16], 1, 1.0)], TOL, |b, xs| c1
-        .forward(b, &xs[0]));
-    parity!("conv_s2", vec![TestInput::normal("x", &[3, 8, 16, 16], 2, 1.0)], TOL, |b, xs| c2
-        .forward(b, &xs[0]));
-    parity!("conv_1x1", vec![TestInput::normal("x", &[2, 3, 7, 5], 3, 1.0)], TOL, |b, xs| c3
-        .forward(b, &xs[0]));
+    parity!(
+        "conv_s1",
+        vec![TestInput::normal("x", &[3, 3, 16, 16], 1, 1.0)],
+        TOL,
+        |b, xs| c1.forward(b, &xs[0])
+    );
+    parity!(
+        "conv_s2",
+        vec![TestInput::normal("x", &[3, 8, 16, 16], 2, 1.0)],
+        TOL,
+        |b, xs| c2.forward(b, &xs[0])
+    );
+    parity!(
+        "conv_1x1",
+        vec![TestInput::normal("x", &[2, 3, 7, 5], 3, 1.0)],
+        TOL,
+        |b, xs| c3.forward(b, &xs[0])
+    );
 }
 
 #[test]
@@ -30,16 +44,26 @@ fn group_norm_and_silu() {
     randomize_norms(&vm, 7).unwrap();
     let x = || vec![TestInput::normal("x", &[3, 16, 8, 8], 4, 2.0)];
     parity!("group_norm", x(), TOL, |b, xs| gn.forward(b, &xs[0]));
-    parity!("group_norm_silu", x(), TOL, |b, xs| gn.forward_silu(b, &xs[0]));
+    parity!("group_norm_silu", x(), TOL, |b, xs| gn
+        .forward_silu(b, &xs[0]));
 }
 
 #[test]
 fn linear_2d_gemm_and_3d_matmul() {
     let (_vm, vb) = varmap();
     let l = Linear::new(vb.pp("lin"), 12, 20).unwrap();
-    parity!("linear_2d", vec![TestInput::normal("x", &[3, 12], 5, 1.0)], TOL, |b, xs| l.forward(b, &xs[0]));
-    parity!("linear_3d", vec![TestInput::normal("x", &[3, 4, 12], 6, 1.0)], TOL, |b, xs| l
-        .forward(b, &xs[0]));
+    parity!(
+        "linear_2d",
+        vec![TestInput::normal("x", &[3, 12], 5, 1.0)],
+        TOL,
+        |b, xs| l.forward(b, &xs[0])
+    );
+    parity!(
+        "linear_3d",
+        vec![TestInput::normal("x", &[3, 4, 12], 6, 1.0)],
+        TOL,
+        |b, xs| l.forward(b, &xs[0])
+    );
 }
 
 #[test]
@@ -47,18 +71,30 @@ fn self_attention() {
     let (vm, vb) = varmap();
     let a = SelfAttention::new(vb.pp("attn"), 16, 4).unwrap();
     randomize_norms(&vm, 8).unwrap();
-    parity!("self_attention", vec![TestInput::normal("x", &[3, 16, 8, 8], 9, 1.0)], TOL, |b, xs| a
-        .forward(b, &xs[0], 8, 8));
+    parity!(
+        "self_attention",
+        vec![TestInput::normal("x", &[3, 16, 8, 8], 9, 1.0)],
+        TOL,
+        |b, xs| a.forward(b, &xs[0], 8, 8)
+    );
 }
 
 #[test]
 fn upsample_then_conv() {
     let (_vm, vb) = varmap();
     let c = Conv2d::new(vb.pp("up"), 8, 8, 3, 1, 1).unwrap();
-    parity!("upsample", vec![TestInput::normal("x", &[2, 8, 4, 5], 10, 1.0)], TOL, |b, xs| b
-        .upsample_nearest2x(&xs[0]));
-    parity!("upsample_conv", vec![TestInput::normal("x", &[3, 8, 8, 8], 11, 1.0)], TOL, |b, xs| c
-        .forward(b, &b.upsample_nearest2x(&xs[0]).unwrap()));
+    parity!(
+        "upsample",
+        vec![TestInput::normal("x", &[2, 8, 4, 5], 10, 1.0)],
+        TOL,
+        |b, xs| b.upsample_nearest2x(&xs[0])
+    );
+    parity!(
+        "upsample_conv",
+        vec![TestInput::normal("x", &[3, 8, 8, 8], 11, 1.0)],
+        TOL,
+        |b, xs| c.forward(b, &b.upsample_nearest2x(&xs[0]).unwrap())
+    );
 }
 
 #[test]
@@ -66,11 +102,19 @@ fn sinusoidal_and_label_embedding() {
     let (_vm, vb) = varmap();
     let sin = SinusoidalEmbedding::new(16, 1.0);
     let emb = Embedding::new(vb.pp("label_emb"), 11, 16).unwrap();
-    let inputs = || vec![TestInput::normal("c_noise", &[5], 12, 1.5), TestInput::ints("labels", &[0, 3, 10, 7, 3])];
+    let inputs = || {
+        vec![
+            TestInput::normal("c_noise", &[5], 12, 1.5),
+            TestInput::ints("labels", &[0, 3, 10, 7, 3]),
+        ]
+    };
     parity!("sinusoidal", inputs(), TOL, |b, xs| sin.forward(b, &xs[0]));
-    parity!("label_embedding", inputs(), TOL, |b, xs| emb.forward(b, &xs[1]));
-    parity!("sinusoidal_plus_label", inputs(), TOL, |b, xs| b
-        .add(&sin.forward(b, &xs[0]).unwrap(), &emb.forward(b, &xs[1]).unwrap()));
+    parity!("label_embedding", inputs(), TOL, |b, xs| emb
+        .forward(b, &xs[1]));
+    parity!("sinusoidal_plus_label", inputs(), TOL, |b, xs| b.add(
+        &sin.forward(b, &xs[0]).unwrap(),
+        &emb.forward(b, &xs[1]).unwrap()
+    ));
 }
 
 #[test]
@@ -79,9 +123,16 @@ fn res_block() {
     let r = ResBlock::new(vb.pp("res"), 8, 16, 32, 4, 0.1).unwrap();
     let same = ResBlock::new(vb.pp("res2"), 16, 16, 32, 4, 0.0).unwrap();
     randomize_norms(&vm, 13).unwrap();
-    let inputs = |c| vec![TestInput::normal("x", &[3, c, 8, 8], 14, 1.0), TestInput::normal("emb", &[3, 32], 15, 1.0)];
-    parity!("res_block_skip_conv", inputs(8), TOL, |b, xs| r.forward(b, &xs[0], &xs[1]));
-    parity!("res_block_identity_skip", inputs(16), TOL, |b, xs| same.forward(b, &xs[0], &xs[1]));
+    let inputs = |c| {
+        vec![
+            TestInput::normal("x", &[3, c, 8, 8], 14, 1.0),
+            TestInput::normal("emb", &[3, 32], 15, 1.0),
+        ]
+    };
+    parity!("res_block_skip_conv", inputs(8), TOL, |b, xs| r
+        .forward(b, &xs[0], &xs[1]));
+    parity!("res_block_identity_skip", inputs(16), TOL, |b, xs| same
+        .forward(b, &xs[0], &xs[1]));
 }
 
 #[test]
@@ -94,5 +145,6 @@ fn tiny_unet() {
         TestInput::normal("c_noise", &[3], 18, 1.0),
         TestInput::ints("labels", &[1, 10, 4]),
     ];
-    parity!("tiny_unet", inputs, TOL, |b, xs| u.forward(b, &xs[0], &xs[1], &xs[2]));
+    parity!("tiny_unet", inputs, TOL, |b, xs| u
+        .forward(b, &xs[0], &xs[1], &xs[2]));
 }

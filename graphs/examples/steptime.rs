@@ -8,7 +8,15 @@ fn main() {
     let mult: Vec<usize> = args[2].split(',').map(|s| s.parse().unwrap()).collect();
     let nres: usize = args[3].parse().unwrap();
     let bs: usize = args[4].parse().unwrap();
-    let cfg = ModelConfig { unet: UNetConfig { base_channels: base, channel_mult: mult, num_res_blocks: nres, ..UNetConfig::mnist_small() }, parameterisation: Parameterisation::edm() };
+    let cfg = ModelConfig {
+        unet: UNetConfig {
+            base_channels: base,
+            channel_mult: mult,
+            num_res_blocks: nres,
+            ..UNetConfig::mnist_small()
+        },
+        parameterisation: Parameterisation::edm(),
+    };
     let vm = VarMap::new();
     let den = Denoiser::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
     println!("params {}", graphs::params::count(&den));

@@ -36,11 +36,36 @@ pub trait Backend {
     type T: Clone;
 
     /// 2-D convolution, weight `[out, in, k, k]`, optional bias `[out]`, square stride/padding.
-    fn conv2d(&self, x: &Self::T, w: &Param, b: Option<&Param>, stride: usize, pad: usize) -> anyhow::Result<Self::T>;
+    fn conv2d(
+        &self,
+        x: &Self::T,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+    ) -> anyhow::Result<Self::T>;
     /// `x @ w^T + b` on the last axis; `w` is `[out, in]`.
     fn linear(&self, x: &Self::T, w: &Param, b: Option<&Param>) -> anyhow::Result<Self::T>;
     /// GroupNorm over `[N, C, H, W]` with per-channel affine `gamma`, `beta`.
-    fn group_norm(&self, x: &Self::T, groups: usize, eps: f64, gamma: &Param, beta: &Param) -> anyhow::Result<Self::T>;
+    fn group_norm(
+        &self,
+        x: &Self::T,
+        groups: usize,
+        eps: f64,
+        gamma: &Param,
+        beta: &Param,
+    ) -> anyhow::Result<Self::T>;
+    /// GroupNorm then SiLU (one fused kernel where the backend has one).
+    fn group_norm_silu(
+        &self,
+        x: &Self::T,
+        groups: usize,
+        eps: f64,
+        gamma: &Param,
+        beta: &Param,
+    ) -> anyhow::Result<Self::T> {
+        self.silu(&self.group_norm(x, groups, eps, gamma, beta)?)
+    }
     /// `x * sigmoid(x)`.
     fn silu(&self, x: &Self::T) -> anyhow::Result<Self::T>;
     fn add(&self, a: &Self::T, b: &Self::T) -> anyhow::Result<Self::T>;

@@ -13,10 +13,16 @@ pub struct CandleBackend {
 
 impl CandleBackend {
     pub fn new(device: &Device) -> Self {
-        Self { device: device.clone(), train: false }
+        Self {
+            device: device.clone(),
+            train: false,
+        }
     }
     pub fn training(device: &Device) -> Self {
-        Self { device: device.clone(), train: true }
+        Self {
+            device: device.clone(),
+            train: true,
+        }
     }
 }
 
@@ -27,7 +33,11 @@ pub fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
     let mut infer = None;
     for (i, &s) in shape.iter().enumerate() {
         match s {
-            0 => out.push(*dims.get(i).with_context(|| format!("reshape: dim {i} of {dims:?} does not exist"))?),
+            0 => out.push(
+                *dims
+                    .get(i)
+                    .with_context(|| format!("reshape: dim {i} of {dims:?} does not exist"))?,
+            ),
             -1 => {
                 if infer.is_some() {
                     bail!("reshape: more than one -1 in {shape:?}");
@@ -51,11 +61,40 @@ pub fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// GroupNorm from candle's stock ops (any device/dtype; what the fused CPU kernel is tested against).
+pub fn stock_group_norm(
+    x: &Tensor,
+    groups: usize,
+    eps: f64,
+    gamma: &Param,
+    beta: &Param,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let xg = x.reshape((n, groups, (c / groups) * h * w))?;
+    let mean = xg.mean_keepdim(D::Minus1)?;
+    let xc = xg.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((n, c, h, w))?;
+    Ok(xn
+        .broadcast_mul(&gamma.t.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&beta.t.reshape((1, c, 1, 1))?)?)
+}
+
 impl Backend for CandleBackend {
     type T = Tensor;
 
-    fn conv2d(&self, x: &Tensor, w: &Param, b: Option<&Param>, stride: usize, pad: usize) -> Result<Tensor> {
-        let y = crate::kernels::conv2d(x, &w.t, stride, pad).with_context(|| format!("conv2d {}", w.name))?;
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor> {
+        let y = crate::kernels::conv2d(x, &w.t, stride, pad)
+            .with_context(|| format!("conv2d {}", w.name))?;
         match b {
             Some(b) => Ok(y.broadcast_add(&b.t.reshape((1, b.t.dim(0)?, 1, 1))?)?),
             None => Ok(y),
@@ -63,21 +102,43 @@ impl Backend for CandleBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Param, b: Option<&Param>) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&w.t.t()?).with_context(|| format!("linear {}", w.name))?;
+        let y = x
+            .broadcast_matmul(&w.t.t()?)
+            .with_context(|| format!("linear {}", w.name))?;
         match b {
             Some(b) => Ok(y.broadcast_add(&b.t)?),
             None => Ok(y),
         }
     }
 
-    fn group_norm(&self, x: &Tensor, groups: usize, eps: f64, gamma: &Param, beta: &Param) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let xg = x.reshape((n, groups, (c / groups) * h * w))?;
-        let mean = xg.mean_keepdim(D::Minus1)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape((n, c, h, w))?;
-        Ok(xn.broadcast_mul(&gamma.t.reshape((1, c, 1, 1))?)?.broadcast_add(&beta.t.reshape((1, c, 1, 1))?)?)
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        eps: f64,
+        gamma: &Param,
+        beta: &Param,
+    ) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, false)? {
+            return Ok(y);
+        }
+        stock_group_norm(x, groups, eps, gamma, beta)
+    }
+
+    fn group_norm_silu(
+        &self,
+        x: &Tensor,
+        groups: usize,
+        eps: f64,
+        gamma: &Param,
+        beta: &Param,
+    ) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, true)? {
+            return Ok(y);
+        }
+        Ok(candle_nn::ops::silu(&stock_group_norm(
+            x, groups, eps, gamma, beta,
+        )?)?)
     }
 
     fn silu(&self, x: &Tensor) -> Result<Tensor> {
@@ -142,7 +203,10 @@ impl Backend for CandleBackend {
         let ids = ids.to_dtype(DType::U32)?;
         let max = ids.max(0)?.to_scalar::<u32>()? as usize;
         if max >= rows {
-            bail!("embedding {}: id {max} out of range (table has {rows} rows)", table.name);
+            bail!(
+                "embedding {}: id {max} out of range (table has {rows} rows)",
+                table.name
+            );
         }
         Ok(table.t.index_select(&ids, 0)?)
     }

@@ -6,8 +6,8 @@
 pub mod backend;
 pub mod candle_backend;
 pub mod denoiser;
-pub mod kernels;
 pub mod flops;
+pub mod kernels;
 pub mod losses;
 pub mod nn;
 pub mod params;

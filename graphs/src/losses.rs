@@ -16,7 +16,14 @@ pub fn mean_per_sample(x: &Tensor) -> Result<Tensor> {
 ///
 /// EDM: `lambda(sigma) * |D(x0 + sigma n, sigma) - x0|^2`, `lambda = (sigma^2 + sd^2) / (sigma sd)^2`.
 /// VP: `|eps(x_t, t) - n|^2` (the DDPM "simple" loss). Returns the batch mean (a scalar).
-pub fn teacher_loss(b: &CandleBackend, den: &Denoiser, x0: &Tensor, labels: &Tensor, noise_cond: &Tensor, noise: &Tensor) -> Result<Tensor> {
+pub fn teacher_loss(
+    b: &CandleBackend,
+    den: &Denoiser,
+    x0: &Tensor,
+    labels: &Tensor,
+    noise_cond: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
     match &den.param {
         Parameterisation::Edm(e) => {
             let sigma = noise_cond;

@@ -69,8 +69,12 @@ pub fn sample_ode<B: Backend>(
 ) -> anyhow::Result<(B::T, usize)> {
     anyhow::ensure!(steps >= 1, "a sampler needs at least one step");
     match (kind, &den.param) {
-        (SamplerKind::Ddim, Parameterisation::Edm(_)) => anyhow::bail!("DDIM is for VP models; use heun or euler on an EDM model"),
-        (SamplerKind::Student, _) => anyhow::bail!("the student sampler is run with sample_student"),
+        (SamplerKind::Ddim, Parameterisation::Edm(_)) => {
+            anyhow::bail!("DDIM is for VP models; use heun or euler on an EDM model")
+        }
+        (SamplerKind::Student, _) => {
+            anyhow::bail!("the student sampler is run with sample_student")
+        }
         _ => {}
     }
     let sigmas = sampling_sigmas(&den.param, steps);
@@ -83,7 +87,13 @@ pub fn sample_ode<B: Backend>(
         let slope = b.affine(&b.sub(&x, &d)?, 1.0 / s, 0.0)?;
         let x_euler = b.add(&x, &b.affine(&slope, next - s, 0.0)?)?;
         if kind == SamplerKind::Heun && next > 0.0 {
-            let d2 = den.guided(b, &x_euler, &den.level_const(b, z, next)?, labels, cfg_scale)?;
+            let d2 = den.guided(
+                b,
+                &x_euler,
+                &den.level_const(b, z, next)?,
+                labels,
+                cfg_scale,
+            )?;
             nfe += 1;
             let slope2 = b.affine(&b.sub(&x_euler, &d2)?, 1.0 / next, 0.0)?;
             let avg = b.affine(&b.add(&slope, &slope2)?, 0.5 * (next - s), 0.0)?;
@@ -107,7 +117,13 @@ pub fn sample_student<B: Backend>(
 ) -> anyhow::Result<B::T> {
     anyhow::ensure!(!sigmas.is_empty(), "a student needs at least one step");
     if let Renoise::Fresh(n) = renoise {
-        anyhow::ensure!(n.len() + 1 >= sigmas.len(), "{} steps need {} fresh noise tensors, got {}", sigmas.len(), sigmas.len() - 1, n.len());
+        anyhow::ensure!(
+            n.len() + 1 >= sigmas.len(),
+            "{} steps need {} fresh noise tensors, got {}",
+            sigmas.len(),
+            sigmas.len() - 1,
+            n.len()
+        );
     }
     let mut x = b.affine(z, initial_scale(&den.param, sigmas[0]), 0.0)?;
     for (i, &s) in sigmas.iter().enumerate() {
@@ -172,11 +188,27 @@ impl GeneratorSpec {
 
 /// Runs the generator described by `spec`: unit noise `z` `[N, C, H, W]`, labels `[N]`, and
 /// `spec.num_fresh_noise()` extra unit-noise tensors -> images `[N, C, H, W]` clamped to [-1, 1].
-pub fn generate<B: Backend>(b: &B, den: &Denoiser, spec: &GeneratorSpec, z: &B::T, labels: &B::T, fresh: &[B::T]) -> anyhow::Result<B::T> {
-    anyhow::ensure!(fresh.len() == spec.num_fresh_noise(), "generator needs {} fresh noise tensors, got {}", spec.num_fresh_noise(), fresh.len());
+pub fn generate<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    spec: &GeneratorSpec,
+    z: &B::T,
+    labels: &B::T,
+    fresh: &[B::T],
+) -> anyhow::Result<B::T> {
+    anyhow::ensure!(
+        fresh.len() == spec.num_fresh_noise(),
+        "generator needs {} fresh noise tensors, got {}",
+        spec.num_fresh_noise(),
+        fresh.len()
+    );
     match spec.sampler {
         SamplerKind::Student => {
-            let renoise = if spec.fresh_noise { Renoise::Fresh(fresh.to_vec()) } else { Renoise::Deterministic };
+            let renoise = if spec.fresh_noise {
+                Renoise::Fresh(fresh.to_vec())
+            } else {
+                Renoise::Deterministic
+            };
             sample_student(b, den, z, labels, &spec.sigmas, &renoise)
         }
         kind => {

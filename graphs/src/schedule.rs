@@ -38,7 +38,14 @@ pub struct EdmSchedule {
 
 impl Default for EdmSchedule {
     fn default() -> Self {
-        Self { sigma_data: 0.5, sigma_min: 0.002, sigma_max: 80.0, rho: 7.0, p_mean: -1.2, p_std: 1.2 }
+        Self {
+            sigma_data: 0.5,
+            sigma_min: 0.002,
+            sigma_max: 80.0,
+            rho: 7.0,
+            p_mean: -1.2,
+            p_std: 1.2,
+        }
     }
 }
 
@@ -72,7 +79,9 @@ pub fn karras_sigmas(n: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<
         return vec![sigma_max];
     }
     let (a, b) = (sigma_max.powf(1.0 / rho), sigma_min.powf(1.0 / rho));
-    (0..n).map(|i| (a + i as f64 / (n - 1) as f64 * (b - a)).powf(rho)).collect()
+    (0..n)
+        .map(|i| (a + i as f64 / (n - 1) as f64 * (b - a)).powf(rho))
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,31 +94,50 @@ pub struct VpSchedule {
 
 impl Default for VpSchedule {
     fn default() -> Self {
-        Self { num_timesteps: 1000, beta_start: 1e-4, beta_end: 2e-2, beta_schedule: BetaSchedule::Linear }
+        Self {
+            num_timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 2e-2,
+            beta_schedule: BetaSchedule::Linear,
+        }
     }
 }
 
 impl VpSchedule {
     pub fn betas(&self) -> Vec<f64> {
         let n = self.num_timesteps;
-        let lin = |a: f64, b: f64, i: usize| if n == 1 { a } else { a + (b - a) * i as f64 / (n - 1) as f64 };
+        let lin = |a: f64, b: f64, i: usize| {
+            if n == 1 {
+                a
+            } else {
+                a + (b - a) * i as f64 / (n - 1) as f64
+            }
+        };
         (0..n)
             .map(|i| match self.beta_schedule {
                 BetaSchedule::Linear => lin(self.beta_start, self.beta_end, i),
-                BetaSchedule::ScaledLinear => lin(self.beta_start.sqrt(), self.beta_end.sqrt(), i).powi(2),
+                BetaSchedule::ScaledLinear => {
+                    lin(self.beta_start.sqrt(), self.beta_end.sqrt(), i).powi(2)
+                }
             })
             .collect()
     }
     pub fn alphas_cumprod(&self) -> Vec<f64> {
         let mut acc = 1.0;
-        self.betas().into_iter().map(|b| {
-            acc *= 1.0 - b;
-            acc
-        }).collect()
+        self.betas()
+            .into_iter()
+            .map(|b| {
+                acc *= 1.0 - b;
+                acc
+            })
+            .collect()
     }
     /// sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every timestep.
     pub fn sigmas(&self) -> Vec<f64> {
-        self.alphas_cumprod().into_iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+        self.alphas_cumprod()
+            .into_iter()
+            .map(|a| ((1.0 - a) / a).sqrt())
+            .collect()
     }
     /// Continuous timestep for a sigma, by linear interpolation of ln(sigma) over the grid.
     pub fn t_from_sigma(&self, sigma: f64) -> f64 {
@@ -128,7 +156,9 @@ impl VpSchedule {
     /// Evenly spaced DDIM timesteps, descending (`T-1`, ..., like diffusers' "leading" spacing + offset).
     pub fn ddim_timesteps(&self, n: usize) -> Vec<usize> {
         let t = self.num_timesteps;
-        (0..n).map(|i| ((t - 1) as f64 * (1.0 - i as f64 / n as f64)).round() as usize).collect()
+        (0..n)
+            .map(|i| ((t - 1) as f64 * (1.0 - i as f64 / n as f64)).round() as usize)
+            .collect()
     }
 }
 
@@ -137,7 +167,10 @@ impl Parameterisation {
         Self::Edm(EdmSchedule::default())
     }
     pub fn vp(beta_schedule: BetaSchedule) -> Self {
-        Self::Vp(VpSchedule { beta_schedule, ..Default::default() })
+        Self::Vp(VpSchedule {
+            beta_schedule,
+            ..Default::default()
+        })
     }
     pub fn name(&self) -> &'static str {
         match self {

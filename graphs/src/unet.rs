@@ -2,7 +2,9 @@
 //! resolutions, sinusoidal noise embedding plus a label embedding with a "null" class).
 
 use crate::backend::Backend;
-use crate::nn::{Conv2d, Embedding, GroupNorm, Linear, ResBlock, SelfAttention, SinusoidalEmbedding};
+use crate::nn::{
+    Conv2d, Embedding, GroupNorm, Linear, ResBlock, SelfAttention, SinusoidalEmbedding,
+};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +45,12 @@ impl UNetConfig {
 
     /// The 2.39M-parameter UNet of the CPU benchmark (#3): 32-64-128, two blocks, attention at 8.
     pub fn bench() -> Self {
-        Self { base_channels: 32, channel_mult: vec![1, 2, 4], num_res_blocks: 2, ..Self::mnist_small() }
+        Self {
+            base_channels: 32,
+            channel_mult: vec![1, 2, 4],
+            num_res_blocks: 2,
+            ..Self::mnist_small()
+        }
     }
 
     /// A very small network for tests.
@@ -70,7 +77,10 @@ impl UNetConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(!self.channel_mult.is_empty(), "channel_mult must not be empty");
+        anyhow::ensure!(
+            !self.channel_mult.is_empty(),
+            "channel_mult must not be empty"
+        );
         let down = 1usize << (self.channel_mult.len() - 1);
         anyhow::ensure!(
             self.resolution % down == 0,
@@ -79,9 +89,17 @@ impl UNetConfig {
             self.channel_mult.len()
         );
         for m in &self.channel_mult {
-            anyhow::ensure!((self.base_channels * m) % self.groups == 0, "channels {} not divisible by {} groups", self.base_channels * m, self.groups);
+            anyhow::ensure!(
+                (self.base_channels * m) % self.groups == 0,
+                "channels {} not divisible by {} groups",
+                self.base_channels * m,
+                self.groups
+            );
         }
-        anyhow::ensure!(self.num_classes > 0 && self.channels > 0, "num_classes and channels must be positive");
+        anyhow::ensure!(
+            self.num_classes > 0 && self.channels > 0,
+            "num_classes and channels must be positive"
+        );
         Ok(())
     }
 }
@@ -128,7 +146,14 @@ impl UNet {
             let cout = base * m;
             for i in 0..cfg.num_res_blocks {
                 let vbl = vb.pp(format!("down.{lvl}.{i}"));
-                down.push(Layer::Res(ResBlock::new(vbl.pp("res"), ch, cout, ed, g, cfg.dropout)?));
+                down.push(Layer::Res(ResBlock::new(
+                    vbl.pp("res"),
+                    ch,
+                    cout,
+                    ed,
+                    g,
+                    cfg.dropout,
+                )?));
                 ch = cout;
                 if cfg.attn_resolutions.contains(&res) {
                     down.push(Layer::Attn(SelfAttention::new(vbl.pp("attn"), ch, g)?, res));
@@ -136,15 +161,36 @@ impl UNet {
                 skip_ch.push(ch);
             }
             if lvl + 1 < levels {
-                down.push(Layer::Down(Conv2d::new(vb.pp(format!("down.{lvl}.downsample")), ch, ch, 3, 2, 1)?));
+                down.push(Layer::Down(Conv2d::new(
+                    vb.pp(format!("down.{lvl}.downsample")),
+                    ch,
+                    ch,
+                    3,
+                    2,
+                    1,
+                )?));
                 res /= 2;
                 skip_ch.push(ch);
             }
         }
         let mid = vec![
-            Layer::Res(ResBlock::new(vb.pp("mid.res1"), ch, ch, ed, g, cfg.dropout)?),
+            Layer::Res(ResBlock::new(
+                vb.pp("mid.res1"),
+                ch,
+                ch,
+                ed,
+                g,
+                cfg.dropout,
+            )?),
             Layer::Attn(SelfAttention::new(vb.pp("mid.attn"), ch, g)?, res),
-            Layer::Res(ResBlock::new(vb.pp("mid.res2"), ch, ch, ed, g, cfg.dropout)?),
+            Layer::Res(ResBlock::new(
+                vb.pp("mid.res2"),
+                ch,
+                ch,
+                ed,
+                g,
+                cfg.dropout,
+            )?),
         ];
         let mut up = Vec::new();
         for (lvl, m) in cfg.channel_mult.iter().enumerate().rev() {
@@ -152,14 +198,28 @@ impl UNet {
             for i in 0..=cfg.num_res_blocks {
                 let vbl = vb.pp(format!("up.{lvl}.{i}"));
                 let sc = skip_ch.pop().expect("skip channel bookkeeping");
-                up.push(Layer::Res(ResBlock::new(vbl.pp("res"), ch + sc, cout, ed, g, cfg.dropout)?));
+                up.push(Layer::Res(ResBlock::new(
+                    vbl.pp("res"),
+                    ch + sc,
+                    cout,
+                    ed,
+                    g,
+                    cfg.dropout,
+                )?));
                 ch = cout;
                 if cfg.attn_resolutions.contains(&res) {
                     up.push(Layer::Attn(SelfAttention::new(vbl.pp("attn"), ch, g)?, res));
                 }
             }
             if lvl > 0 {
-                up.push(Layer::Up(Conv2d::new(vb.pp(format!("up.{lvl}.upsample")), ch, ch, 3, 1, 1)?));
+                up.push(Layer::Up(Conv2d::new(
+                    vb.pp(format!("up.{lvl}.upsample")),
+                    ch,
+                    ch,
+                    3,
+                    1,
+                    1,
+                )?));
                 res *= 2;
             }
         }
@@ -197,7 +257,13 @@ impl UNet {
 
     /// Raw network output F(x, c_noise, label): `x` `[N, C, H, W]`, `c_noise` `[N]` f32,
     /// `labels` `[N]` integer (the null class `num_classes` means "unconditional").
-    pub fn forward<B: Backend>(&self, b: &B, x: &B::T, c_noise: &B::T, labels: &B::T) -> anyhow::Result<B::T> {
+    pub fn forward<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        c_noise: &B::T,
+        labels: &B::T,
+    ) -> anyhow::Result<B::T> {
         let emb = self.embed(b, c_noise, labels)?;
         let mut h = self.conv_in.forward(b, x)?;
         let mut skips = vec![h.clone()];
@@ -219,6 +285,7 @@ impl UNet {
             }
             h = self.layer(b, l, &h, &emb)?;
         }
-        self.conv_out.forward(b, &self.norm_out.forward_silu(b, &h)?)
+        self.conv_out
+            .forward(b, &self.norm_out.forward_silu(b, &h)?)
     }
 }

@@ -10,7 +10,10 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 #[test]
 fn edm_preconditioning_closed_form() {
     let e = EdmSchedule::default();
-    assert_eq!((e.sigma_data, e.sigma_min, e.sigma_max, e.rho), (0.5, 0.002, 80.0, 7.0));
+    assert_eq!(
+        (e.sigma_data, e.sigma_min, e.sigma_max, e.rho),
+        (0.5, 0.002, 80.0, 7.0)
+    );
     // sigma = sigma_data: c_skip = 1/2, c_out = sd/sqrt(2), c_in = 1/(sd sqrt 2).
     let s = 0.5;
     assert!(close(e.c_skip(s), 0.5, 1e-12));
@@ -56,8 +59,15 @@ fn vp_linear_and_scaled_linear() {
     let sig = v.sigmas();
     assert!(close(sig[9], ((1.0 - ab[9]) / ab[9]).sqrt(), 1e-12));
     assert!(close(v.t_from_sigma(sig[123]), 123.0, 1e-9));
-    assert!(close(v.t_from_sigma((sig[10] * sig[11]).sqrt()), 10.5, 0.05));
-    let s = VpSchedule { beta_schedule: BetaSchedule::ScaledLinear, ..Default::default() };
+    assert!(close(
+        v.t_from_sigma((sig[10] * sig[11]).sqrt()),
+        10.5,
+        0.05
+    ));
+    let s = VpSchedule {
+        beta_schedule: BetaSchedule::ScaledLinear,
+        ..Default::default()
+    };
     let bs = s.betas();
     assert!(close(bs[0], 1e-4, 1e-12) && close(bs[999], 2e-2, 1e-12));
     let mid = (1e-4f64.sqrt() + (2e-2f64.sqrt() - 1e-4f64.sqrt()) * 0.5).powi(2);

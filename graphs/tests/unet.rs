@@ -8,13 +8,25 @@ use graphs::{CandleBackend, Denoiser, ModelConfig, Parameterisation, SamplerKind
 fn tiny(param: Parameterisation) -> (VarMap, Denoiser) {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    let den = Denoiser::new(vb, &ModelConfig { unet: UNetConfig::tiny(), parameterisation: param }).unwrap();
+    let den = Denoiser::new(
+        vb,
+        &ModelConfig {
+            unet: UNetConfig::tiny(),
+            parameterisation: param,
+        },
+    )
+    .unwrap();
     (vm, den)
 }
 
 fn inputs(n: usize) -> (Tensor, Tensor) {
     let x = Tensor::randn(0f32, 1.0, (n, 1, 16, 16), &Device::Cpu).unwrap();
-    let l = Tensor::from_vec((0..n as u32).map(|i| i % 11).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
+    let l = Tensor::from_vec(
+        (0..n as u32).map(|i| i % 11).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap();
     (x, l)
 }
 
@@ -29,10 +41,22 @@ fn unet_shapes_and_gradients_reach_every_parameter() {
     assert_eq!(y.dims(), &[3, 1, 16, 16]);
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let params = graphs::params::collect(&den);
-    assert_eq!(params.len(), vm.all_vars().len(), "params::collect must see every variable");
+    assert_eq!(
+        params.len(),
+        vm.all_vars().len(),
+        "params::collect must see every variable"
+    );
     for v in vm.all_vars() {
         let g = grads.get(&v).expect("every parameter gets a gradient");
-        assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0);
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                >= 0.0
+        );
     }
 }
 
@@ -47,9 +71,19 @@ fn preconditioning_matches_closed_form_at_large_sigma() {
     let d = den.forward(&b, &x, &level, &l).unwrap();
     let e = graphs::EdmSchedule::default();
     let c_noise = Tensor::new(&[e.c_noise(s) as f32; 2], &Device::Cpu).unwrap();
-    let f = den.unet.forward(&b, &(&x * e.c_in(s)).unwrap(), &c_noise, &l).unwrap();
+    let f = den
+        .unet
+        .forward(&b, &(&x * e.c_in(s)).unwrap(), &c_noise, &l)
+        .unwrap();
     let want = ((&x * e.c_skip(s)).unwrap() + (f * e.c_out(s)).unwrap()).unwrap();
-    let diff = (d - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (d - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "{diff}");
 }
 
@@ -64,7 +98,14 @@ fn vp_denoiser_is_x_minus_sigma_eps() {
     let d = den.forward(&b, &x, &level, &l).unwrap();
     let s = level.sigma.reshape((2, 1, 1, 1)).unwrap();
     let want = (&x - eps.broadcast_mul(&s).unwrap()).unwrap();
-    let diff = (d - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (d - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "{diff}");
 }
 
@@ -73,15 +114,27 @@ fn samplers_count_their_network_evaluations() {
     let (_, den) = tiny(Parameterisation::edm());
     let b = CandleBackend::new(&Device::Cpu);
     let (z, l) = inputs(2);
-    for (kind, steps, nfe) in [(SamplerKind::Heun, 5, 9), (SamplerKind::Euler, 5, 5), (SamplerKind::Heun, 1, 1)] {
+    for (kind, steps, nfe) in [
+        (SamplerKind::Heun, 5, 9),
+        (SamplerKind::Euler, 5, 5),
+        (SamplerKind::Heun, 1, 1),
+    ] {
         let (x, got) = sample_ode(&b, &den, kind, &z, &l, steps, 1.0).unwrap();
         assert_eq!(got, nfe, "{kind:?} {steps}");
         assert_eq!(got, kind.nfe(steps));
         assert_eq!(x.dims(), z.dims());
     }
-    assert!(sample_ode(&b, &den, SamplerKind::Ddim, &z, &l, 4, 1.0).is_err(), "DDIM needs a VP model");
+    assert!(
+        sample_ode(&b, &den, SamplerKind::Ddim, &z, &l, 4, 1.0).is_err(),
+        "DDIM needs a VP model"
+    );
     let (_, vp) = tiny(Parameterisation::vp(graphs::BetaSchedule::Linear));
-    assert_eq!(sample_ode(&b, &vp, SamplerKind::Ddim, &z, &l, 4, 2.0).unwrap().1, 4);
+    assert_eq!(
+        sample_ode(&b, &vp, SamplerKind::Ddim, &z, &l, 4, 2.0)
+            .unwrap()
+            .1,
+        4
+    );
 }
 
 #[test]
@@ -91,12 +144,50 @@ fn student_sampler_renoise_modes() {
     let (z, l) = inputs(2);
     // One step: just D(80 z, 80) clamped.
     let one = sample_student(&b, &den, &z, &l, &[80.0], &Renoise::Deterministic).unwrap();
-    let d = den.forward(&b, &(&z * 80.0).unwrap(), &den.level_const(&b, &z, 80.0).unwrap(), &l).unwrap().clamp(-1.0, 1.0).unwrap();
-    assert_eq!(one.flatten_all().unwrap().to_vec1::<f32>().unwrap(), d.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let d = den
+        .forward(
+            &b,
+            &(&z * 80.0).unwrap(),
+            &den.level_const(&b, &z, 80.0).unwrap(),
+            &l,
+        )
+        .unwrap()
+        .clamp(-1.0, 1.0)
+        .unwrap();
+    assert_eq!(
+        one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        d.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     // Fresh noise changes the result; deterministic does not depend on it.
     let n1 = Tensor::randn(0f32, 1.0, z.dims(), &Device::Cpu).unwrap();
-    let a = sample_student(&b, &den, &z, &l, &[80.0, 1.0], &Renoise::Fresh(vec![n1.clone()])).unwrap();
-    let c = sample_student(&b, &den, &z, &l, &[80.0, 1.0], &Renoise::Fresh(vec![(n1 * -1.0).unwrap()])).unwrap();
-    assert!((a - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    let a = sample_student(
+        &b,
+        &den,
+        &z,
+        &l,
+        &[80.0, 1.0],
+        &Renoise::Fresh(vec![n1.clone()]),
+    )
+    .unwrap();
+    let c = sample_student(
+        &b,
+        &den,
+        &z,
+        &l,
+        &[80.0, 1.0],
+        &Renoise::Fresh(vec![(n1 * -1.0).unwrap()]),
+    )
+    .unwrap();
+    assert!(
+        (a - c)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
     assert!(sample_student(&b, &den, &z, &l, &[80.0, 1.0, 0.1], &Renoise::Fresh(vec![])).is_err());
 }

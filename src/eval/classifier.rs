@@ -87,7 +87,10 @@ pub struct Classifier {
 /// Forward pass to the 128-d features (post-ReLU). `p` in [`param_specs`] order.
 fn forward_features(p: &[Tensor], x: &Tensor) -> candle_core::Result<Tensor> {
     let conv = |x: &Tensor, w: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
-        graphs::kernels::conv2d(x, w, 1, 1)?.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?.relu()?.max_pool2d(2)
+        graphs::kernels::conv2d(x, w, 1, 1)?
+            .broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?
+            .relu()?
+            .max_pool2d(2)
     };
     let x = conv(x, &p[0], &p[1])?;
     let x = conv(&x, &p[2], &p[3])?;
@@ -121,7 +124,11 @@ impl Classifier {
     }
 
     /// Runs `f` over `x` (`[N, 1, 32, 32]`) in batches of 256 and concatenates the results.
-    fn batched(&self, x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Tensor> {
+    fn batched(
+        &self,
+        x: &Tensor,
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
         check_image_shape(x)?;
         let n = x.dim(0)?;
         let x = x.to_device(&self.device)?.to_dtype(DType::F32)?;
@@ -133,7 +140,12 @@ impl Classifier {
             i += b;
         }
         if outs.is_empty() {
-            let width = f(&Tensor::zeros((1, 1, IMAGE_SIZE, IMAGE_SIZE), DType::F32, &self.device)?)?.dim(1)?;
+            let width = f(&Tensor::zeros(
+                (1, 1, IMAGE_SIZE, IMAGE_SIZE),
+                DType::F32,
+                &self.device,
+            )?)?
+            .dim(1)?;
             return Ok(Tensor::zeros((0, width), DType::F32, &self.device)?);
         }
         Ok(Tensor::cat(&outs, 0)?)
@@ -146,7 +158,9 @@ impl Classifier {
 
     /// Class logits `[N, 10]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.batched(x, |b| forward_logits(&self.params, &forward_features(&self.params, b)?))
+        self.batched(x, |b| {
+            forward_logits(&self.params, &forward_features(&self.params, b)?)
+        })
     }
 
     /// Features `[N, 128]` and logits `[N, 10]` in one pass.
@@ -156,7 +170,10 @@ impl Classifier {
             let l = forward_logits(&self.params, &f)?;
             Tensor::cat(&[&f, &l], 1)
         })?;
-        Ok((both.narrow(1, 0, FEATURE_DIM)?, both.narrow(1, FEATURE_DIM, NUM_CLASSES)?))
+        Ok((
+            both.narrow(1, 0, FEATURE_DIM)?,
+            both.narrow(1, FEATURE_DIM, NUM_CLASSES)?,
+        ))
     }
 
     /// Predicted digit of each image.
@@ -170,7 +187,10 @@ pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     if logits.dim(0)? == 0 {
         return Ok(Vec::new());
     }
-    Ok(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+    Ok(logits
+        .argmax(D::Minus1)?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?)
 }
 
 /// Errors unless `x` is `[N, 1, 32, 32]`.
@@ -187,9 +207,17 @@ pub(crate) fn check_image_shape(x: &Tensor) -> Result<()> {
 /// `$DISTILL_CACHE` if set, else `$XDG_CACHE_HOME/distill`, else `~/.cache/distill` (falling back
 /// to the system temp dir without a home), then `classifier-v1`.
 pub fn default_cache_dir() -> PathBuf {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let nonempty = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let base = nonempty("DISTILL_CACHE")
-        .or_else(|| nonempty("XDG_CACHE_HOME").filter(|p| p.is_absolute()).map(|p| p.join("distill")))
+        .or_else(|| {
+            nonempty("XDG_CACHE_HOME")
+                .filter(|p| p.is_absolute())
+                .map(|p| p.join("distill"))
+        })
         .or_else(|| nonempty("HOME").map(|h| h.join(".cache").join("distill")))
         .unwrap_or_else(|| std::env::temp_dir().join("distill-cache"));
     base.join(format!("classifier-v{ARCH_VERSION}"))
@@ -208,8 +236,11 @@ impl EvalData {
     }
 
     pub fn load() -> Result<Self> {
-        let d = crate::data::embedded_mnist().map_err(|e| anyhow::anyhow!("loading the embedded MNIST digits: {e}"))?;
-        let d = d.to_resolution(IMAGE_SIZE).map_err(|e| anyhow::anyhow!("padding the embedded MNIST digits to 32x32: {e}"))?;
+        let d = crate::data::embedded_mnist()
+            .map_err(|e| anyhow::anyhow!("loading the embedded MNIST digits: {e}"))?;
+        let d = d
+            .to_resolution(IMAGE_SIZE)
+            .map_err(|e| anyhow::anyhow!("padding the embedded MNIST digits to 32x32: {e}"))?;
         ensure!(
             d.channels == 1 && d.height == IMAGE_SIZE && d.width == IMAGE_SIZE,
             "embedded MNIST came back as {}x{}x{}, expected 1x{IMAGE_SIZE}x{IMAGE_SIZE}",
@@ -217,16 +248,31 @@ impl EvalData {
             d.height,
             d.width
         );
-        ensure!(d.len() >= TRAIN_IMAGES + TEST_IMAGES, "embedded MNIST has {} digits, need {}", d.len(), TRAIN_IMAGES + TEST_IMAGES);
-        ensure!(d.labels.iter().all(|&l| (l as usize) < NUM_CLASSES), "embedded MNIST has a label outside 0..10");
-        Ok(Self { images: d.images, labels: d.labels })
+        ensure!(
+            d.len() >= TRAIN_IMAGES + TEST_IMAGES,
+            "embedded MNIST has {} digits, need {}",
+            d.len(),
+            TRAIN_IMAGES + TEST_IMAGES
+        );
+        ensure!(
+            d.labels.iter().all(|&l| (l as usize) < NUM_CLASSES),
+            "embedded MNIST has a label outside 0..10"
+        );
+        Ok(Self {
+            images: d.images,
+            labels: d.labels,
+        })
     }
 
     /// Images `range` as a `[n, 1, 32, 32]` tensor.
     pub fn tensor(&self, range: std::ops::Range<usize>, device: &Device) -> Result<Tensor> {
         let m = IMAGE_SIZE * IMAGE_SIZE;
         let n = range.len();
-        Ok(Tensor::from_slice(&self.images[range.start * m..range.end * m], (n, 1, IMAGE_SIZE, IMAGE_SIZE), device)?)
+        Ok(Tensor::from_slice(
+            &self.images[range.start * m..range.end * m],
+            (n, 1, IMAGE_SIZE, IMAGE_SIZE),
+            device,
+        )?)
     }
 
     /// sha256 of the first `TRAIN_IMAGES + TEST_IMAGES` images (f32 LE) and labels (u32 LE).
@@ -234,7 +280,10 @@ impl EvalData {
         let n = TRAIN_IMAGES + TEST_IMAGES;
         let m = IMAGE_SIZE * IMAGE_SIZE;
         let mut h = Sha256::new();
-        h.update(format!("distill-eval-classifier v{ARCH_VERSION} {n}x1x{IMAGE_SIZE}x{IMAGE_SIZE}\n").as_bytes());
+        h.update(
+            format!("distill-eval-classifier v{ARCH_VERSION} {n}x1x{IMAGE_SIZE}x{IMAGE_SIZE}\n")
+                .as_bytes(),
+        );
         let mut buf = Vec::with_capacity(m * 4);
         for img in self.images[..n * m].chunks_exact(m) {
             buf.clear();
@@ -262,16 +311,27 @@ pub fn load_or_train(cache_dir: &Path, device: &Device, progress: bool) -> Resul
     load_or_train_with(cache_dir, device, progress, &data)
 }
 
-pub(crate) fn load_or_train_with(cache_dir: &Path, device: &Device, progress: bool, data: &EvalData) -> Result<Classifier> {
+pub(crate) fn load_or_train_with(
+    cache_dir: &Path,
+    device: &Device,
+    progress: bool,
+    data: &EvalData,
+) -> Result<Classifier> {
     let data_sha = data.sha256();
     let reason = match load_checked(cache_dir, device, &data_sha) {
         Ok(c) => return Ok(c),
         Err(e) => e,
     };
     if cache_dir.join(META_FILE).exists() || cache_dir.join(WEIGHTS_FILE).exists() {
-        eprintln!("eval classifier: cache in {} not usable ({reason:#}); retraining", cache_dir.display());
+        eprintln!(
+            "eval classifier: cache in {} not usable ({reason:#}); retraining",
+            cache_dir.display()
+        );
     } else if progress {
-        eprintln!("eval classifier: no cache in {}; training (about a minute)", cache_dir.display());
+        eprintln!(
+            "eval classifier: no cache in {}; training (about a minute)",
+            cache_dir.display()
+        );
     }
     let (params, meta) = train(data, &data_sha, device, progress)?;
     eprintln!(
@@ -286,8 +346,14 @@ pub(crate) fn load_or_train_with(cache_dir: &Path, device: &Device, progress: bo
         100.0 * meta.test_accuracy,
         100.0 * MIN_TEST_ACCURACY
     );
-    let meta = save(cache_dir, &params, meta).with_context(|| format!("caching the eval classifier in {}", cache_dir.display()))?;
-    Ok(Classifier { params, device: device.clone(), meta, from_cache: false })
+    let meta = save(cache_dir, &params, meta)
+        .with_context(|| format!("caching the eval classifier in {}", cache_dir.display()))?;
+    Ok(Classifier {
+        params,
+        device: device.clone(),
+        meta,
+        from_cache: false,
+    })
 }
 
 /// Loads the cached classifier without ever training; errors (with the reason) on a cache miss,
@@ -299,34 +365,72 @@ pub fn load_cached(cache_dir: &Path, device: &Device) -> Result<Classifier> {
 
 fn load_checked(dir: &Path, device: &Device, data_sha: &str) -> Result<Classifier> {
     let meta_path = dir.join(META_FILE);
-    let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
-    let meta: ClassifierMeta = serde_json::from_str(&text).with_context(|| format!("parsing {}", meta_path.display()))?;
-    ensure!(meta.version == ARCH_VERSION, "cached classifier is version {}, this build uses {ARCH_VERSION}", meta.version);
-    ensure!(meta.data_sha256 == data_sha, "cached classifier was trained on other data (sha256 {})", meta.data_sha256);
-    ensure!(meta.test_accuracy >= MIN_TEST_ACCURACY, "cached classifier's accuracy {:.4} is below the minimum", meta.test_accuracy);
+    let text = std::fs::read_to_string(&meta_path)
+        .with_context(|| format!("reading {}", meta_path.display()))?;
+    let meta: ClassifierMeta =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", meta_path.display()))?;
+    ensure!(
+        meta.version == ARCH_VERSION,
+        "cached classifier is version {}, this build uses {ARCH_VERSION}",
+        meta.version
+    );
+    ensure!(
+        meta.data_sha256 == data_sha,
+        "cached classifier was trained on other data (sha256 {})",
+        meta.data_sha256
+    );
+    ensure!(
+        meta.test_accuracy >= MIN_TEST_ACCURACY,
+        "cached classifier's accuracy {:.4} is below the minimum",
+        meta.test_accuracy
+    );
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&wpath).with_context(|| format!("reading {}", wpath.display()))?;
     let sha = hex(&Sha256::digest(&bytes));
-    ensure!(sha == meta.weights_sha256, "{} does not match the sha256 recorded in {META_FILE} (corrupt or replaced)", wpath.display());
-    let mut tensors = candle_core::safetensors::load_buffer(&bytes, device).with_context(|| format!("parsing {}", wpath.display()))?;
+    ensure!(
+        sha == meta.weights_sha256,
+        "{} does not match the sha256 recorded in {META_FILE} (corrupt or replaced)",
+        wpath.display()
+    );
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .with_context(|| format!("parsing {}", wpath.display()))?;
     let mut params = Vec::new();
     for (name, shape) in param_specs() {
-        let t = tensors.remove(name).with_context(|| format!("{} has no tensor {name}", wpath.display()))?;
-        ensure!(t.dims() == shape.as_slice(), "{}: {name} has shape {:?}, expected {shape:?}", wpath.display(), t.dims());
+        let t = tensors
+            .remove(name)
+            .with_context(|| format!("{} has no tensor {name}", wpath.display()))?;
+        ensure!(
+            t.dims() == shape.as_slice(),
+            "{}: {name} has shape {:?}, expected {shape:?}",
+            wpath.display(),
+            t.dims()
+        );
         params.push(t.to_dtype(DType::F32)?);
     }
-    Ok(Classifier { params, device: device.clone(), meta, from_cache: true })
+    Ok(Classifier {
+        params,
+        device: device.clone(),
+        meta,
+        from_cache: true,
+    })
 }
 
 /// Writes weights then metadata (the commit marker), each atomically; returns `meta` with the
 /// weights' sha256 filled in.
 fn save(dir: &Path, params: &[Tensor], mut meta: ClassifierMeta) -> Result<ClassifierMeta> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let map: HashMap<String, Tensor> = param_specs().iter().zip(params).map(|((n, _), t)| (n.to_string(), t.clone())).collect();
+    let map: HashMap<String, Tensor> = param_specs()
+        .iter()
+        .zip(params)
+        .map(|((n, _), t)| (n.to_string(), t.clone()))
+        .collect();
     let bytes = crate::checkpoint::safetensors_bytes(&map)?;
     meta.weights_sha256 = hex(&Sha256::digest(&bytes));
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
-    write_atomic(&dir.join(META_FILE), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    write_atomic(
+        &dir.join(META_FILE),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )?;
     Ok(meta)
 }
 
@@ -335,13 +439,24 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().context("cache path has no parent")?;
-    let name = path.file_name().context("cache path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let name = path
+        .file_name()
+        .context("cache path has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.tmp{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
     let res = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -360,10 +475,18 @@ fn init_params(rng: &mut StdRng, device: &Device) -> Result<Vec<Var>> {
             vec![0.0; numel]
         } else {
             let fan_in: usize = shape[1..].iter().product();
-            let bound = if i == last { (1.0 / fan_in as f64).sqrt() } else { (6.0 / fan_in as f64).sqrt() } as f32;
+            let bound = if i == last {
+                (1.0 / fan_in as f64).sqrt()
+            } else {
+                (6.0 / fan_in as f64).sqrt()
+            } as f32;
             (0..numel).map(|_| rng.gen_range(-bound..bound)).collect()
         };
-        out.push(Var::from_tensor(&Tensor::from_vec(v, shape.as_slice(), device)?)?);
+        out.push(Var::from_tensor(&Tensor::from_vec(
+            v,
+            shape.as_slice(),
+            device,
+        )?)?);
     }
     Ok(out)
 }
@@ -374,7 +497,11 @@ fn shifted(src: &[f32], dst: &mut [f32], dy: i64, dx: i64) {
     for y in 0..s {
         for x in 0..s {
             let (sy, sx) = (y - dy, x - dx);
-            dst[(y * s + x) as usize] = if (0..s).contains(&sy) && (0..s).contains(&sx) { src[(sy * s + sx) as usize] } else { -1.0 };
+            dst[(y * s + x) as usize] = if (0..s).contains(&sy) && (0..s).contains(&sx) {
+                src[(sy * s + sx) as usize]
+            } else {
+                -1.0
+            };
         }
     }
 }
@@ -382,19 +509,33 @@ fn shifted(src: &[f32], dst: &mut [f32], dy: i64, dx: i64) {
 /// Trains on the first `TRAIN_IMAGES` digits (random shifts of up to 2 pixels, AdamW, cosine
 /// learning rate), measures accuracy on the next `TEST_IMAGES`. Seeded: the same data and thread
 /// count give the same weights.
-fn train(data: &EvalData, data_sha: &str, device: &Device, progress: bool) -> Result<(Vec<Tensor>, ClassifierMeta)> {
+fn train(
+    data: &EvalData,
+    data_sha: &str,
+    device: &Device,
+    progress: bool,
+) -> Result<(Vec<Tensor>, ClassifierMeta)> {
     let t0 = Instant::now();
     let mut rng = StdRng::seed_from_u64(SEED);
     let vars = init_params(&mut rng, device)?;
-    let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: LR, weight_decay: 1e-4, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        vars.clone(),
+        ParamsAdamW {
+            lr: LR,
+            weight_decay: 1e-4,
+            ..Default::default()
+        },
+    )?;
     let m = IMAGE_SIZE * IMAGE_SIZE;
     let steps_per_epoch = TRAIN_IMAGES.div_ceil(BATCH);
     let total = EPOCHS * steps_per_epoch;
     let bar = if progress {
         let b = indicatif::ProgressBar::new(total as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("eval classifier {bar:30} {pos}/{len} steps {elapsed}<{eta} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "eval classifier {bar:30} {pos}/{len} steps {elapsed}<{eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     } else {
@@ -409,8 +550,16 @@ fn train(data: &EvalData, data_sha: &str, device: &Device, progress: bool) -> Re
             let b = chunk.len();
             let mut labels = Vec::with_capacity(b);
             for (j, &i) in chunk.iter().enumerate() {
-                let (dy, dx) = (rng.gen_range(-MAX_SHIFT..=MAX_SHIFT), rng.gen_range(-MAX_SHIFT..=MAX_SHIFT));
-                shifted(&data.images[i * m..(i + 1) * m], &mut img[j * m..(j + 1) * m], dy, dx);
+                let (dy, dx) = (
+                    rng.gen_range(-MAX_SHIFT..=MAX_SHIFT),
+                    rng.gen_range(-MAX_SHIFT..=MAX_SHIFT),
+                );
+                shifted(
+                    &data.images[i * m..(i + 1) * m],
+                    &mut img[j * m..(j + 1) * m],
+                    dy,
+                    dx,
+                );
                 labels.push(data.labels[i]);
             }
             let x = Tensor::from_slice(&img[..b * m], (b, 1, IMAGE_SIZE, IMAGE_SIZE), device)?;
@@ -418,24 +567,40 @@ fn train(data: &EvalData, data_sha: &str, device: &Device, progress: bool) -> Re
             let p: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let logits = forward_logits(&p, &forward_features(&p, &x)?)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let lr = 0.1 * LR + 0.9 * LR * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
+            let lr = 0.1 * LR
+                + 0.9
+                    * LR
+                    * 0.5
+                    * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos());
             opt.set_learning_rate(lr);
             opt.backward_step(&loss)?;
             step += 1;
             bar.inc(1);
             if step % 10 == 0 {
                 let l = loss.to_scalar::<f32>()?;
-                ensure!(l.is_finite(), "eval classifier training diverged (loss {l})");
+                ensure!(
+                    l.is_finite(),
+                    "eval classifier training diverged (loss {l})"
+                );
                 bar.set_message(format!("loss {l:.4}"));
             }
         }
     }
     bar.finish_and_clear();
     let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
-    let clf = Classifier { params, device: device.clone(), meta: dummy_meta(), from_cache: false };
+    let clf = Classifier {
+        params,
+        device: device.clone(),
+        meta: dummy_meta(),
+        from_cache: false,
+    };
     let test = TRAIN_IMAGES..TRAIN_IMAGES + TEST_IMAGES;
     let pred = clf.predict(&data.tensor(test.clone(), device)?)?;
-    let correct = pred.iter().zip(&data.labels[test]).filter(|(a, b)| a == b).count();
+    let correct = pred
+        .iter()
+        .zip(&data.labels[test])
+        .filter(|(a, b)| a == b)
+        .count();
     let meta = ClassifierMeta {
         version: ARCH_VERSION,
         test_accuracy: correct as f64 / TEST_IMAGES as f64,
@@ -480,9 +645,13 @@ mod tests {
     #[test]
     fn shape_check_names_the_supported_shape() {
         let dev = Device::Cpu;
-        assert!(check_image_shape(&Tensor::zeros((3, 1, 32, 32), DType::F32, &dev).unwrap()).is_ok());
+        assert!(
+            check_image_shape(&Tensor::zeros((3, 1, 32, 32), DType::F32, &dev).unwrap()).is_ok()
+        );
         for bad in [vec![3, 3, 32, 32], vec![3, 1, 28, 28], vec![1, 32, 32]] {
-            let e = check_image_shape(&Tensor::zeros(bad.as_slice(), DType::F32, &dev).unwrap()).unwrap_err().to_string();
+            let e = check_image_shape(&Tensor::zeros(bad.as_slice(), DType::F32, &dev).unwrap())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("1x32x32"), "{e}");
         }
     }

@@ -6,7 +6,13 @@
 /// row-major in `features`. Panics if `n < 2` or `features.len() != n * d`.
 pub fn stats(features: &[f32], n: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
     assert!(n >= 2, "covariance needs at least 2 samples, got {n}");
-    assert_eq!(features.len(), n * d, "features: expected {n} x {d} = {} values, got {}", n * d, features.len());
+    assert_eq!(
+        features.len(),
+        n * d,
+        "features: expected {n} x {d} = {} values, got {}",
+        n * d,
+        features.len()
+    );
     let mut mean = vec![0f64; d];
     for row in features.chunks_exact(d) {
         for (m, &x) in mean.iter_mut().zip(row) {
@@ -51,8 +57,14 @@ pub fn stats(features: &[f32], n: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
 /// The covariances must be symmetric positive semi-definite `d x d` (row-major); tiny negative
 /// eigenvalues from rounding are clamped to 0. The result is clamped at 0 (it is a squared distance).
 pub fn frechet_distance(mu1: &[f64], cov1: &[f64], mu2: &[f64], cov2: &[f64], d: usize) -> f64 {
-    assert!(mu1.len() == d && mu2.len() == d, "means must have length {d}");
-    assert!(cov1.len() == d * d && cov2.len() == d * d, "covariances must be {d} x {d}");
+    assert!(
+        mu1.len() == d && mu2.len() == d,
+        "means must have length {d}"
+    );
+    assert!(
+        cov1.len() == d * d && cov2.len() == d * d,
+        "covariances must be {d} x {d}"
+    );
     let diff: f64 = mu1.iter().zip(mu2).map(|(a, b)| (a - b) * (a - b)).sum();
     let tr1: f64 = (0..d).map(|i| cov1[i * d + i]).sum();
     let tr2: f64 = (0..d).map(|i| cov2[i * d + i]).sum();
@@ -98,7 +110,10 @@ pub fn symmetric_eigen(a: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
         return ((0..d).map(|i| m[i * d + i]).collect(), v);
     }
     for _sweep in 0..100 {
-        let off2: f64 = (0..d).flat_map(|i| (i + 1..d).map(move |j| (i, j))).map(|(i, j)| 2.0 * m[i * d + j] * m[i * d + j]).sum();
+        let off2: f64 = (0..d)
+            .flat_map(|i| (i + 1..d).map(move |j| (i, j)))
+            .map(|(i, j)| 2.0 * m[i * d + j] * m[i * d + j])
+            .sum();
         if off2 <= 1e-30 * frob2 {
             break;
         }
@@ -110,7 +125,9 @@ pub fn symmetric_eigen(a: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
                 }
                 let (app, aqq) = (m[p * d + p], m[q * d + q]);
                 // Skip rotations that would not change the diagonal in f64.
-                if apq.abs() < 1e-300 || (apq.abs() * 1e18 < app.abs() && apq.abs() * 1e18 < aqq.abs()) {
+                if apq.abs() < 1e-300
+                    || (apq.abs() * 1e18 < app.abs() && apq.abs() * 1e18 < aqq.abs())
+                {
                     m[p * d + q] = 0.0;
                     m[q * d + p] = 0.0;
                     continue;
@@ -221,7 +238,12 @@ mod tests {
 
     #[test]
     fn one_dimensional_closed_form() {
-        for &(m1, s1, m2, s2) in &[(0.0, 1.0, 0.0, 2.0), (1.5, 0.3, -2.0, 4.0), (3.0, 2.0, 3.0, 2.0), (0.0, 0.0, 1.0, 1.0)] {
+        for &(m1, s1, m2, s2) in &[
+            (0.0, 1.0, 0.0, 2.0),
+            (1.5, 0.3, -2.0, 4.0),
+            (3.0, 2.0, 3.0, 2.0),
+            (0.0, 0.0, 1.0, 1.0),
+        ] {
             let fd = frechet_distance(&[m1], &[s1 * s1], &[m2], &[s2 * s2], 1);
             let want: f64 = (m1 - m2) * (m1 - m2) + (s1 - s2) * (s1 - s2);
             assert!((fd - want).abs() < 1e-12, "1-D FD {fd} != {want}");
@@ -242,8 +264,13 @@ mod tests {
         let mu1: Vec<f64> = (0..d).map(|i| i as f64 * 0.1).collect();
         let mu2 = vec![0.2; d];
         let fd = frechet_distance(&mu1, &c1, &mu2, &c2, d);
-        let want: f64 = (0..d).map(|i| (mu1[i] - mu2[i]).powi(2) + (a[i].sqrt() - b[i].sqrt()).powi(2)).sum();
-        assert!((fd - want).abs() < 1e-9 * want.max(1.0), "diagonal FD {fd} != {want}");
+        let want: f64 = (0..d)
+            .map(|i| (mu1[i] - mu2[i]).powi(2) + (a[i].sqrt() - b[i].sqrt()).powi(2))
+            .sum();
+        assert!(
+            (fd - want).abs() < 1e-9 * want.max(1.0),
+            "diagonal FD {fd} != {want}"
+        );
     }
 
     #[test]
@@ -265,8 +292,15 @@ mod tests {
         };
         let zero = vec![0f64; d];
         let fd = frechet_distance(&zero, &build(&a), &zero, &build(&b), d);
-        let want: f64 = a.iter().zip(&b).map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2)).sum();
-        assert!((fd - want).abs() < 1e-8 * want.max(1.0), "FD {fd} != {want}");
+        let want: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
+            .sum();
+        assert!(
+            (fd - want).abs() < 1e-8 * want.max(1.0),
+            "FD {fd} != {want}"
+        );
     }
 
     #[test]
@@ -276,7 +310,10 @@ mod tests {
         let (m2, c2) = stats(&random_features(300, d, 0.4, 0.6, 3), 300, d);
         let ab = frechet_distance(&m1, &c1, &m2, &c2, d);
         let ba = frechet_distance(&m2, &c2, &m1, &c1, d);
-        assert!(ab > 1.0, "distinct distributions should be far apart, FD {ab}");
+        assert!(
+            ab > 1.0,
+            "distinct distributions should be far apart, FD {ab}"
+        );
         assert!((ab - ba).abs() < 1e-9 * ab, "FD(a,b) {ab} != FD(b,a) {ba}");
     }
 
@@ -287,7 +324,11 @@ mod tests {
             let a = random_spd(d, &mut rng);
             let s = sqrtm_psd(&a, d);
             let s2 = matmul(&s, &s, d);
-            let err = a.iter().zip(&s2).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            let err = a
+                .iter()
+                .zip(&s2)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
             let scale = a.iter().map(|x| x.abs()).fold(0.0, f64::max);
             assert!(err < 1e-10 * scale, "d={d}: |sqrt(A)^2 - A|_max = {err}");
             // The root is symmetric.
@@ -313,7 +354,10 @@ mod tests {
         for i in 0..d {
             for j in 0..d {
                 let rec: f64 = (0..d).map(|k| v[i * d + k] * l[k] * v[j * d + k]).sum();
-                assert!((rec - a[i * d + j]).abs() < 1e-11, "reconstruction off at ({i},{j})");
+                assert!(
+                    (rec - a[i * d + j]).abs() < 1e-11,
+                    "reconstruction off at ({i},{j})"
+                );
                 let dot: f64 = (0..d).map(|k| v[k * d + i] * v[k * d + j]).sum();
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((dot - want).abs() < 1e-11, "V not orthonormal at ({i},{j})");

@@ -60,7 +60,13 @@ impl fmt::Display for EvalReport {
                 let parts: Vec<String> = per
                     .iter()
                     .enumerate()
-                    .map(|(c, a)| if a.is_nan() { format!("{c}: -") } else { format!("{c}: {:.1}", 100.0 * a) })
+                    .map(|(c, a)| {
+                        if a.is_nan() {
+                            format!("{c}: -")
+                        } else {
+                            format!("{c}: {:.1}", 100.0 * a)
+                        }
+                    })
                     .collect();
                 write!(f, " (per class %: {})", parts.join(", "))?;
             }
@@ -84,7 +90,10 @@ pub struct Evaluator {
 
 /// Features `[N, 128]` as one row-major f32 buffer.
 fn feature_rows(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(t.to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 impl Evaluator {
@@ -103,7 +112,11 @@ impl Evaluator {
         let half = n / 2;
         for i in 0..2 * half {
             let row = &feats[i * d..(i + 1) * d];
-            if i % 2 == 0 { even.extend_from_slice(row) } else { odd.extend_from_slice(row) }
+            if i % 2 == 0 {
+                even.extend_from_slice(row)
+            } else {
+                odd.extend_from_slice(row)
+            }
         }
         let (m1, c1) = frechet::stats(&even, half, d);
         let (m2, c2) = frechet::stats(&odd, half, d);
@@ -111,12 +124,27 @@ impl Evaluator {
         // Gaussian noise images.
         let mut rng = rand::rngs::StdRng::seed_from_u64(NOISE_SEED);
         let numel = NOISE_REFERENCE_N * IMAGE_SIZE * IMAGE_SIZE;
-        let noise: Vec<f32> = (0..numel).map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal).clamp(-1.0, 1.0)).collect();
-        let noise = Tensor::from_vec(noise, (NOISE_REFERENCE_N, 1, IMAGE_SIZE, IMAGE_SIZE), device)?;
+        let noise: Vec<f32> = (0..numel)
+            .map(|_| {
+                rng.sample::<f32, _>(rand_distr::StandardNormal)
+                    .clamp(-1.0, 1.0)
+            })
+            .collect();
+        let noise = Tensor::from_vec(
+            noise,
+            (NOISE_REFERENCE_N, 1, IMAGE_SIZE, IMAGE_SIZE),
+            device,
+        )?;
         let nf = feature_rows(&classifier.features(&noise)?)?;
         let (mn, cn) = frechet::stats(&nf, NOISE_REFERENCE_N, d);
         let ref_noise_fd = frechet::frechet_distance(&mn, &cn, &real_mean, &real_cov, d);
-        Ok(Evaluator { classifier, real_mean, real_cov, ref_real_fd, ref_noise_fd })
+        Ok(Evaluator {
+            classifier,
+            real_mean,
+            real_cov,
+            ref_real_fd,
+            ref_noise_fd,
+        })
     }
 
     /// Scores `images` (`[N, 1, 32, 32]`, values in `[-1, 1]`; values outside are clamped as they
@@ -128,9 +156,15 @@ impl Evaluator {
     pub fn evaluate(&self, images: &Tensor, labels: Option<&[u32]>) -> Result<EvalReport> {
         classifier::check_image_shape(images)?;
         let n = images.dim(0)?;
-        ensure!(n >= 2, "eval needs at least 2 images for a covariance, got {n}");
+        ensure!(
+            n >= 2,
+            "eval needs at least 2 images for a covariance, got {n}"
+        );
         let images = images.to_dtype(DType::F32)?;
-        let values = images.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let values = images
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             let bad = values.iter().filter(|v| !v.is_finite()).count();
             anyhow::bail!(
@@ -142,7 +176,10 @@ impl Evaluator {
         if let Some(l) = labels {
             ensure!(l.len() == n, "eval: {} labels for {n} images", l.len());
             if let Some(bad) = l.iter().find(|&&c| c as usize >= NUM_CLASSES) {
-                anyhow::bail!("eval: label {bad} out of range (the classifier knows digits 0..{})", NUM_CLASSES - 1);
+                anyhow::bail!(
+                    "eval: label {bad} out of range (the classifier knows digits 0..{})",
+                    NUM_CLASSES - 1
+                );
             }
         }
         let images = images.clamp(-1f32, 1f32)?;
@@ -161,11 +198,26 @@ impl Evaluator {
                     hit[y as usize] += (p == y) as usize;
                 }
                 let acc = hit.iter().sum::<usize>() as f64 / n as f64;
-                let per = (0..NUM_CLASSES).map(|c| if tot[c] == 0 { f64::NAN } else { hit[c] as f64 / tot[c] as f64 }).collect();
+                let per = (0..NUM_CLASSES)
+                    .map(|c| {
+                        if tot[c] == 0 {
+                            f64::NAN
+                        } else {
+                            hit[c] as f64 / tot[c] as f64
+                        }
+                    })
+                    .collect();
                 (Some(acc), Some(per))
             }
         };
-        Ok(EvalReport { n, fd, class_accuracy, ref_real_fd: self.ref_real_fd, ref_noise_fd: self.ref_noise_fd, per_class_accuracy })
+        Ok(EvalReport {
+            n,
+            fd,
+            class_accuracy,
+            ref_real_fd: self.ref_real_fd,
+            ref_noise_fd: self.ref_noise_fd,
+            per_class_accuracy,
+        })
     }
 }
 
@@ -181,17 +233,40 @@ mod tests {
             class_accuracy: Some(0.975),
             ref_real_fd: 2.1,
             ref_noise_fd: 480.2,
-            per_class_accuracy: Some((0..10).map(|c| if c == 3 { f64::NAN } else { 0.9 + c as f64 / 100.0 }).collect()),
+            per_class_accuracy: Some(
+                (0..10)
+                    .map(|c| {
+                        if c == 3 {
+                            f64::NAN
+                        } else {
+                            0.9 + c as f64 / 100.0
+                        }
+                    })
+                    .collect(),
+            ),
         };
         let s = r.to_string();
         assert!(s.contains("N = 1000"), "{s}");
-        assert!(s.contains("Frechet distance (classifier features): 12.35"), "{s}");
-        assert!(s.contains("real vs real 2.10") && s.contains("Gaussian noise 480.20"), "{s}");
-        assert!(s.contains("class accuracy: 97.5%") && s.contains("3: -") && s.contains("9: 99.0"), "{s}");
+        assert!(
+            s.contains("Frechet distance (classifier features): 12.35"),
+            "{s}"
+        );
+        assert!(
+            s.contains("real vs real 2.10") && s.contains("Gaussian noise 480.20"),
+            "{s}"
+        );
+        assert!(
+            s.contains("class accuracy: 97.5%") && s.contains("3: -") && s.contains("9: 99.0"),
+            "{s}"
+        );
         let j: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(j["n"], 1000);
         assert!(j["per_class_accuracy"][3].is_null());
-        let unlabeled = EvalReport { class_accuracy: None, per_class_accuracy: None, ..r };
+        let unlabeled = EvalReport {
+            class_accuracy: None,
+            per_class_accuracy: None,
+            ..r
+        };
         assert!(!unlabeled.to_string().contains("class accuracy"));
     }
 }

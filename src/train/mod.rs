@@ -23,8 +23,11 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn new(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root.join("samples")).with_context(|| format!("creating run folder {}", root.display()))?;
-        Ok(Self { root: root.to_path_buf() })
+        std::fs::create_dir_all(root.join("samples"))
+            .with_context(|| format!("creating run folder {}", root.display()))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
     pub fn checkpoint(&self) -> PathBuf {
         self.root.join("checkpoint")
@@ -43,7 +46,9 @@ impl RunDir {
 /// An RNG for one purpose (`stream`) at one step: runs are reproducible and a resumed run draws
 /// exactly what the uninterrupted run would have.
 pub fn step_rng(seed: u64, step: u64, stream: u64) -> rand::rngs::StdRng {
-    let mix = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ stream.wrapping_mul(0x94D0_49BB_1331_11EB);
+    let mix = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        ^ stream.wrapping_mul(0x94D0_49BB_1331_11EB);
     rand::rngs::StdRng::seed_from_u64(mix)
 }
 
@@ -64,7 +69,11 @@ pub struct DataOrder {
 
 impl DataOrder {
     pub fn new(n: usize, seed: u64) -> Self {
-        Self { n, seed, cached: None }
+        Self {
+            n,
+            seed,
+            cached: None,
+        }
     }
 
     fn perm(&mut self, epoch: u64) -> &[usize] {
@@ -99,7 +108,12 @@ impl MetricsLog {
             if let Ok(text) = std::fs::read_to_string(path) {
                 let kept: String = text
                     .lines()
-                    .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_some_and(|s| s <= step))
+                    .filter(|l| {
+                        serde_json::from_str::<serde_json::Value>(l)
+                            .ok()
+                            .and_then(|v| v.get("step")?.as_u64())
+                            .is_some_and(|s| s <= step)
+                    })
                     .map(|l| format!("{l}\n"))
                     .collect();
                 crate::checkpoint::write_atomic(path, kept.as_bytes())?;
@@ -107,7 +121,11 @@ impl MetricsLog {
         } else {
             let _ = std::fs::remove_file(path);
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(Self { file })
     }
 
@@ -121,7 +139,11 @@ impl MetricsLog {
 
 /// A progress bar with rate and ETA (hidden when `show` is false, e.g. in tests).
 pub fn progress_bar(total: u64, start: u64, show: bool, what: &str) -> ProgressBar {
-    let pb = if show { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let pb = if show {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
         ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}, {{per_sec}}] {{msg}}"))
             .expect("valid template"),

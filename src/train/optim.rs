@@ -22,7 +22,15 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, warmup_steps: 200, grad_clip: 1.0 }
+        Self {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            warmup_steps: 200,
+            grad_clip: 1.0,
+        }
     }
 }
 
@@ -47,9 +55,21 @@ impl AdamW {
     /// `vars` sorted by name, so the state layout is stable across runs.
     pub fn new(mut vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { cfg, vars, m, v, t: 0 })
+        let m = vars
+            .iter()
+            .map(|(_, v)| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg,
+            vars,
+            m,
+            v,
+            t: 0,
+        })
     }
 
     pub fn lr_at(&self, t: u64) -> f64 {
@@ -65,7 +85,11 @@ impl AdamW {
         let mut sq = 0f64;
         for (_, v) in &self.vars {
             if let Some(g) = grads.get(v) {
-                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(sq.sqrt())
@@ -75,9 +99,16 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
         let norm = self.grad_norm(grads)?;
         if !norm.is_finite() {
-            bail!("gradient norm is {norm} at step {}: refusing to update the weights", self.t);
+            bail!(
+                "gradient norm is {norm} at step {}: refusing to update the weights",
+                self.t
+            );
         }
-        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip { self.cfg.grad_clip / norm } else { 1.0 };
+        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / norm
+        } else {
+            1.0
+        };
         let lr = self.lr_at(self.t);
         self.t += 1;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -85,7 +116,11 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
-            let g = if scale != 1.0 { g.affine(scale, 0.0)? } else { g.clone() };
+            let g = if scale != 1.0 {
+                g.affine(scale, 0.0)?
+            } else {
+                g.clone()
+            };
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
@@ -95,7 +130,10 @@ impl AdamW {
             self.m[i] = m;
             self.v[i] = v;
         }
-        Ok(StepStats { grad_norm: norm, lr })
+        Ok(StepStats {
+            grad_norm: norm,
+            lr,
+        })
     }
 
     /// Moments as named tensors (`adam.m.<name>`, `adam.v.<name>`) for the training state file.
@@ -112,9 +150,15 @@ impl AdamW {
         for (i, (n, var)) in self.vars.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("adam.{kind}.{n}");
-                let t = state.get(&key).with_context(|| format!("training state lacks {key}"))?;
+                let t = state
+                    .get(&key)
+                    .with_context(|| format!("training state lacks {key}"))?;
                 if t.dims() != var.dims() {
-                    bail!("training state {key} has shape {:?}, the model needs {:?}", t.dims(), var.dims());
+                    bail!(
+                        "training state {key} has shape {:?}, the model needs {:?}",
+                        t.dims(),
+                        var.dims()
+                    );
                 }
                 *slot = t.to_device(var.device())?;
             }
@@ -136,7 +180,10 @@ impl Ema {
         Ok(Self {
             decay,
             names: vars.iter().map(|(n, _)| n.clone()).collect(),
-            shadow: vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
+            shadow: vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<Vec<_>>>()?,
         })
     }
 
@@ -149,12 +196,18 @@ impl Ema {
     }
 
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.names.iter().cloned().zip(self.shadow.iter().cloned()).collect()
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.shadow.iter().cloned())
+            .collect()
     }
 
     pub fn load(&mut self, weights: &HashMap<String, Tensor>) -> Result<()> {
         for (n, s) in self.names.iter().zip(self.shadow.iter_mut()) {
-            let t = weights.get(n).with_context(|| format!("EMA weights lack {n}"))?;
+            let t = weights
+                .get(n)
+                .with_context(|| format!("EMA weights lack {n}"))?;
             *s = t.to_device(s.device())?;
         }
         Ok(())

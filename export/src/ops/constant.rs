@@ -12,7 +12,12 @@ fn batch_shape(b: &OnnxBackend, like: &str) -> Result<String> {
         return Ok(s.clone());
     }
     let li = b.info(like)?;
-    let shape = b.node("Shape", &[like], vec![], ValueInfo::new(ElemType::I64, vec![Dim::Fixed(li.rank())]))?;
+    let shape = b.node(
+        "Shape",
+        &[like],
+        vec![],
+        ValueInfo::new(ElemType::I64, vec![Dim::Fixed(li.rank())]),
+    )?;
     let zero = b.const_i64(&[0], &[1])?;
     let one = b.const_i64(&[1], &[1])?;
     let s = b.node(
@@ -21,7 +26,9 @@ fn batch_shape(b: &OnnxBackend, like: &str) -> Result<String> {
         vec![],
         ValueInfo::new(ElemType::I64, vec![Dim::Fixed(1)]),
     )?;
-    b.g.borrow_mut().batch_shape_cache.insert(like.to_string(), s.clone());
+    b.g.borrow_mut()
+        .batch_shape_cache
+        .insert(like.to_string(), s.clone());
     Ok(s)
 }
 

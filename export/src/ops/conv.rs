@@ -5,24 +5,57 @@ use crate::backend::{attr_int, attr_ints, Dim, ElemType, OnnxBackend, ValueInfo}
 use anyhow::{ensure, Result};
 use graphs::Param;
 
-pub fn conv2d(b: &OnnxBackend, x: &str, w: &Param, bias: Option<&Param>, stride: usize, pad: usize) -> Result<String> {
+pub fn conv2d(
+    b: &OnnxBackend,
+    x: &str,
+    w: &Param,
+    bias: Option<&Param>,
+    stride: usize,
+    pad: usize,
+) -> Result<String> {
     let xi = f32_input(b, "Conv", x)?;
-    ensure!(xi.rank() == 4, "Conv {}: input {x} has rank {}", w.name, xi.rank());
+    ensure!(
+        xi.rank() == 4,
+        "Conv {}: input {x} has rank {}",
+        w.name,
+        xi.rank()
+    );
     let wd = w.dims();
-    ensure!(wd.len() == 4, "Conv {}: weight must be 4-D, got {wd:?}", w.name);
+    ensure!(
+        wd.len() == 4,
+        "Conv {}: weight must be 4-D, got {wd:?}",
+        w.name
+    );
     let (cout, kh, kw) = (wd[0], wd[2], wd[3]);
     let elem = b.precision().weight_elem();
-    let wn = b.param_init(w, &w.name, &wd.iter().map(|&d| d as i64).collect::<Vec<_>>(), elem, false)?;
+    let wn = b.param_init(
+        w,
+        &w.name,
+        &wd.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+        elem,
+        false,
+    )?;
     let mut inputs = vec![b.cast(x, elem)?, wn];
     if let Some(p) = bias {
-        ensure!(p.dims() == [cout], "Conv {}: bias {} has shape {:?}", w.name, p.name, p.dims());
+        ensure!(
+            p.dims() == [cout],
+            "Conv {}: bias {} has shape {:?}",
+            w.name,
+            p.name,
+            p.dims()
+        );
         inputs.push(b.param_init(p, &p.name, &[cout as i64], elem, false)?);
     }
     let out = |d: Dim, k: usize| match d {
         Dim::Fixed(n) => Dim::Fixed((n + 2 * pad - k) / stride + 1),
         _ => Dim::Unknown,
     };
-    let dims = vec![xi.dims[0], Dim::Fixed(cout), out(xi.dims[2], kh), out(xi.dims[3], kw)];
+    let dims = vec![
+        xi.dims[0],
+        Dim::Fixed(cout),
+        out(xi.dims[2], kh),
+        out(xi.dims[3], kw),
+    ];
     let (s, p) = (stride as i64, pad as i64);
     let attrs = vec![
         attr_ints("kernel_shape", &[kh as i64, kw as i64]),

@@ -9,7 +9,12 @@ use anyhow::{ensure, Result};
 pub fn binary(b: &OnnxBackend, op: &str, a: &str, c: &str) -> Result<String> {
     let ai = b.info(a)?;
     let ci = b.info(c)?;
-    ensure!(ai.elem == ci.elem, "{op}: {a} is {:?} but {c} is {:?}", ai.elem, ci.elem);
+    ensure!(
+        ai.elem == ci.elem,
+        "{op}: {a} is {:?} but {c} is {:?}",
+        ai.elem,
+        ci.elem
+    );
     let dims = broadcast(&ai.dims, &ci.dims)?;
     b.node(op, &[a, c], vec![], ValueInfo::new(ai.elem, dims))
 }

@@ -11,7 +11,11 @@ use graphs::Param;
 pub fn linear(b: &OnnxBackend, x: &str, w: &Param, bias: Option<&Param>) -> Result<String> {
     let xi = f32_input(b, "linear", x)?;
     let wd = w.dims();
-    ensure!(wd.len() == 2, "linear {}: weight must be 2-D, got {wd:?}", w.name);
+    ensure!(
+        wd.len() == 2,
+        "linear {}: weight must be 2-D, got {wd:?}",
+        w.name
+    );
     let (dout, din) = (wd[0], wd[1]);
     ensure!(xi.rank() >= 1, "linear {}: scalar input", w.name);
     let last = *xi.dims.last().unwrap();
@@ -27,7 +31,13 @@ pub fn linear(b: &OnnxBackend, x: &str, w: &Param, bias: Option<&Param>) -> Resu
     *dims.last_mut().unwrap() = Dim::Fixed(dout);
     let bias_init = match bias {
         Some(p) => {
-            ensure!(p.dims() == [dout], "linear {}: bias {} has shape {:?}", w.name, p.name, p.dims());
+            ensure!(
+                p.dims() == [dout],
+                "linear {}: bias {} has shape {:?}",
+                w.name,
+                p.name,
+                p.dims()
+            );
             Some(b.param_init(p, &p.name, &[dout as i64], elem, false)?)
         }
         None => None,
@@ -38,21 +48,47 @@ pub fn linear(b: &OnnxBackend, x: &str, w: &Param, bias: Option<&Param>) -> Resu
         if let Some(bn) = &bias_init {
             inputs.push(bn);
         }
-        b.node("Gemm", &inputs, vec![attr_int("transB", 1)], ValueInfo::new(elem, dims))?
+        b.node(
+            "Gemm",
+            &inputs,
+            vec![attr_int("transB", 1)],
+            ValueInfo::new(elem, dims),
+        )?
     } else if xi.rank() == 2 {
         // f16: Gemm without C, then Add. tract 0.23.9 fails on an f16 Gemm with a C input (it
         // scales C by an f32 beta constant: "tensor is F16, accessed as F32").
         let wn = b.param_init(w, &w.name, &[dout as i64, din as i64], elem, false)?;
-        let y = b.node("Gemm", &[&xin, &wn], vec![attr_int("transB", 1)], ValueInfo::new(elem, dims.clone()))?;
+        let y = b.node(
+            "Gemm",
+            &[&xin, &wn],
+            vec![attr_int("transB", 1)],
+            ValueInfo::new(elem, dims.clone()),
+        )?;
         match &bias_init {
             Some(bn) => b.node("Add", &[&y, bn], vec![], ValueInfo::new(elem, dims))?,
             None => y,
         }
     } else {
-        let wn = b.param_init(w, &format!("{}.transposed", w.name), &[din as i64, dout as i64], elem, true)?;
-        let y = b.node("MatMul", &[&xin, &wn], vec![], ValueInfo::new(elem, dims.clone()))?;
+        let wn = b.param_init(
+            w,
+            &format!("{}.transposed", w.name),
+            &[din as i64, dout as i64],
+            elem,
+            true,
+        )?;
+        let y = b.node(
+            "MatMul",
+            &[&xin, &wn],
+            vec![],
+            ValueInfo::new(elem, dims.clone()),
+        )?;
         match &bias_init {
-            Some(bn) => b.node("Add", &[&y, bn], vec![], ValueInfo::new(elem, broadcast(&dims, &[Dim::Fixed(dout)])?))?,
+            Some(bn) => b.node(
+                "Add",
+                &[&y, bn],
+                vec![],
+                ValueInfo::new(elem, broadcast(&dims, &[Dim::Fixed(dout)])?),
+            )?,
             None => y,
         }
     };

@@ -35,6 +35,10 @@ use anyhow::{ensure, Result};
 /// Checks `v` is f32 and returns its info.
 pub(crate) fn f32_input(b: &OnnxBackend, op: &str, v: &str) -> Result<ValueInfo> {
     let i = b.info(v)?;
-    ensure!(i.elem == ElemType::F32, "{op}: input {v} is {:?}, expected f32", i.elem);
+    ensure!(
+        i.elem == ElemType::F32,
+        "{op}: input {v} is {:?}, expected f32",
+        i.elem
+    );
     Ok(i)
 }

@@ -12,9 +12,21 @@ use crate::ops::{elementwise::binary, shape::reshape};
 use anyhow::{ensure, Result};
 use graphs::Param;
 
-pub fn group_norm(b: &OnnxBackend, x: &str, groups: usize, eps: f64, gamma: &Param, beta: &Param) -> Result<String> {
+pub fn group_norm(
+    b: &OnnxBackend,
+    x: &str,
+    groups: usize,
+    eps: f64,
+    gamma: &Param,
+    beta: &Param,
+) -> Result<String> {
     let xi = f32_input(b, "GroupNorm", x)?;
-    ensure!(xi.rank() == 4, "GroupNorm {}: input {x} has rank {}", gamma.name, xi.rank());
+    ensure!(
+        xi.rank() == 4,
+        "GroupNorm {}: input {x} has rank {}",
+        gamma.name,
+        xi.rank()
+    );
     let c = gamma.dims().first().copied().unwrap_or(0);
     ensure!(
         xi.dims[1] == Dim::Fixed(c),
@@ -22,7 +34,11 @@ pub fn group_norm(b: &OnnxBackend, x: &str, groups: usize, eps: f64, gamma: &Par
         gamma.name,
         xi.dims
     );
-    ensure!(c % groups == 0, "GroupNorm {}: {c} channels in {groups} groups", gamma.name);
+    ensure!(
+        c % groups == 0,
+        "GroupNorm {}: {c} channels in {groups} groups",
+        gamma.name
+    );
     let grouped = reshape(b, x, &[0, groups as i64, -1])?;
     let scale = b.const_f32(&vec![1.0; groups], &[groups])?;
     let shift = b.const_f32(&vec![0.0; groups], &[groups])?;
@@ -33,7 +49,12 @@ pub fn group_norm(b: &OnnxBackend, x: &str, groups: usize, eps: f64, gamma: &Par
         vec![attr_float("epsilon", eps as f32)],
         gi,
     )?;
-    let shape = b.node("Shape", &[x], vec![], ValueInfo::new(ElemType::I64, vec![Dim::Fixed(4)]))?;
+    let shape = b.node(
+        "Shape",
+        &[x],
+        vec![],
+        ValueInfo::new(ElemType::I64, vec![Dim::Fixed(4)]),
+    )?;
     let back = b.node("Reshape", &[&normed, &shape], vec![], xi.clone())?;
     let g = b.param_init(gamma, &gamma.name, &[c as i64, 1, 1], ElemType::F32, false)?;
     let bt = b.param_init(beta, &beta.name, &[c as i64, 1, 1], ElemType::F32, false)?;

@@ -21,5 +21,10 @@ pub fn upsample_nearest2x(b: &OnnxBackend, x: &str) -> Result<String> {
         attr_str("coordinate_transformation_mode", "asymmetric"),
         attr_str("nearest_mode", "floor"),
     ];
-    b.node("Resize", &[x, "", &scales], attrs, ValueInfo::new(xi.elem, dims))
+    b.node(
+        "Resize",
+        &[x, "", &scales],
+        attrs,
+        ValueInfo::new(xi.elem, dims),
+    )
 }

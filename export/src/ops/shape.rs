@@ -26,7 +26,10 @@ pub fn reshape_dims(dims: &[Dim], shape: &[i64]) -> Result<Vec<Dim>> {
     let summary = |d: &[Dim]| {
         let unknown = d.contains(&Dim::Unknown);
         let batches = d.iter().filter(|x| **x == Dim::Batch).count();
-        let fixed: usize = d.iter().map(|x| if let Dim::Fixed(n) = x { *n } else { 1 }).product();
+        let fixed: usize = d
+            .iter()
+            .map(|x| if let Dim::Fixed(n) = x { *n } else { 1 })
+            .product();
         (unknown, batches, fixed)
     };
     let (ui, bi, fi) = summary(dims);
@@ -36,7 +39,10 @@ pub fn reshape_dims(dims: &[Dim], shape: &[i64]) -> Result<Vec<Dim>> {
             out[i] = if ui || uo {
                 Dim::Unknown
             } else if bi == bo {
-                ensure!(fo > 0 && fi % fo == 0, "Reshape: cannot reshape {dims:?} into {shape:?}");
+                ensure!(
+                    fo > 0 && fi % fo == 0,
+                    "Reshape: cannot reshape {dims:?} into {shape:?}"
+                );
                 Dim::Fixed(fi / fo)
             } else if bi == bo + 1 && fi == fo {
                 Dim::Batch
@@ -62,22 +68,38 @@ pub fn reshape(b: &OnnxBackend, x: &str, shape: &[i64]) -> Result<String> {
 
 pub fn transpose(b: &OnnxBackend, x: &str, perm: &[usize]) -> Result<String> {
     let xi = b.info(x)?;
-    ensure!(perm.len() == xi.rank(), "Transpose: perm {perm:?} for rank {}", xi.rank());
+    ensure!(
+        perm.len() == xi.rank(),
+        "Transpose: perm {perm:?} for rank {}",
+        xi.rank()
+    );
     let mut seen = vec![false; perm.len()];
     for &p in perm {
-        ensure!(p < perm.len() && !seen[p], "Transpose: invalid perm {perm:?}");
+        ensure!(
+            p < perm.len() && !seen[p],
+            "Transpose: invalid perm {perm:?}"
+        );
         seen[p] = true;
     }
     let dims = perm.iter().map(|&p| xi.dims[p]).collect();
     let perm: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
-    b.node("Transpose", &[x], vec![attr_ints("perm", &perm)], ValueInfo::new(xi.elem, dims))
+    b.node(
+        "Transpose",
+        &[x],
+        vec![attr_ints("perm", &perm)],
+        ValueInfo::new(xi.elem, dims),
+    )
 }
 
 pub fn concat(b: &OnnxBackend, xs: &[&String], axis: usize) -> Result<String> {
     ensure!(!xs.is_empty(), "Concat of nothing");
     let infos = xs.iter().map(|x| b.info(x)).collect::<Result<Vec<_>>>()?;
     let first = &infos[0];
-    ensure!(axis < first.rank(), "Concat: axis {axis} for rank {}", first.rank());
+    ensure!(
+        axis < first.rank(),
+        "Concat: axis {axis} for rank {}",
+        first.rank()
+    );
     let mut dims = first.dims.clone();
     for (x, i) in xs.iter().zip(&infos).skip(1) {
         ensure!(
@@ -100,5 +122,10 @@ pub fn concat(b: &OnnxBackend, xs: &[&String], axis: usize) -> Result<String> {
         }
     }
     let refs: Vec<&str> = xs.iter().map(|s| s.as_str()).collect();
-    b.node("Concat", &refs, vec![attr_int("axis", axis as i64)], ValueInfo::new(first.elem, dims))
+    b.node(
+        "Concat",
+        &refs,
+        vec![attr_int("axis", axis as i64)],
+        ValueInfo::new(first.elem, dims),
+    )
 }

@@ -54,7 +54,8 @@ pub struct IoSpec {
 pub fn io_specs(model: &ModelProto) -> Result<(Vec<IoSpec>, Vec<IoSpec>)> {
     use crate::proto::{tensor_shape_proto::dimension::Value as D, type_proto::Value as V};
     let g = model.graph.as_ref().context("model has no graph")?;
-    let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inits: std::collections::HashSet<&str> =
+        g.initializer.iter().map(|t| t.name.as_str()).collect();
     let conv = |vi: &crate::proto::ValueInfoProto| -> Result<IoSpec> {
         let Some(V::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
             anyhow::bail!("{} is not a tensor", vi.name)
@@ -79,7 +80,12 @@ pub fn io_specs(model: &ModelProto) -> Result<(Vec<IoSpec>, Vec<IoSpec>)> {
             dims,
         })
     };
-    let ins = g.input.iter().filter(|i| !inits.contains(i.name.as_str())).map(conv).collect::<Result<_>>()?;
+    let ins = g
+        .input
+        .iter()
+        .filter(|i| !inits.contains(i.name.as_str()))
+        .map(conv)
+        .collect::<Result<_>>()?;
     let outs = g.output.iter().map(conv).collect::<Result<_>>()?;
     Ok((ins, outs))
 }
@@ -87,7 +93,8 @@ pub fn io_specs(model: &ModelProto) -> Result<(Vec<IoSpec>, Vec<IoSpec>)> {
 /// Decodes a model file (initializers in external data stay external).
 pub fn load_model(path: &std::path::Path) -> Result<ModelProto> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    ModelProto::decode(bytes.as_slice()).with_context(|| format!("decoding {} as an ONNX model", path.display()))
+    ModelProto::decode(bytes.as_slice())
+        .with_context(|| format!("decoding {} as an ONNX model", path.display()))
 }
 
 pub(crate) fn find_input<'a>(inputs: &'a Inputs, name: &str) -> Result<&'a TensorData> {

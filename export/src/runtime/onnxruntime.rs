@@ -22,20 +22,30 @@ fn venv_candidates() -> Vec<PathBuf> {
     let mut found = Vec::new();
     for root in roots {
         let lib = root.join(".venv").join("lib");
-        let Ok(pys) = std::fs::read_dir(&lib) else { continue };
+        let Ok(pys) = std::fs::read_dir(&lib) else {
+            continue;
+        };
         let mut pys: Vec<_> = pys
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3")))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+            })
             .collect();
         pys.sort();
         for py in pys {
             let capi = py.join("site-packages").join("onnxruntime").join("capi");
-            let Ok(files) = std::fs::read_dir(&capi) else { continue };
+            let Ok(files) = std::fs::read_dir(&capi) else {
+                continue;
+            };
             let mut libs: Vec<_> = files
                 .flatten()
                 .map(|e| e.path())
-                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
+                })
                 .collect();
             libs.sort();
             found.extend(libs);
@@ -53,14 +63,19 @@ pub fn find_onnxruntime() -> Result<PathBuf> {
         }
         bail!("ORT_DYLIB_PATH={} is not a file. {NOT_FOUND}", p.display());
     }
-    venv_candidates().into_iter().next().ok_or_else(|| anyhow!(NOT_FOUND))
+    venv_candidates()
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!(NOT_FOUND))
 }
 
 fn environment() -> Result<&'static ort::environment::Environment> {
-    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
+        OnceLock::new();
     ENV.get_or_init(|| {
         let lib = find_onnxruntime().map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&lib).map_err(|e| format!("loading ONNX Runtime from {}: {e}", lib.display()))?;
+        let builder = ort::init_from(&lib)
+            .map_err(|e| format!("loading ONNX Runtime from {}: {e}", lib.display()))?;
         builder
             .with_name("distill")
             .build()
@@ -82,9 +97,16 @@ impl OrtRunner {
         let model = super::load_model(path)?;
         let (inputs, outputs) = io_specs(&model)?;
         let env = environment()?;
-        let mut builder = Session::builder(env).map_err(|e| anyhow!("ort: session builder: {e}"))?;
-        let session = builder.commit_from_file(path).map_err(|e| anyhow!("ort: loading {}: {e}", path.display()))?;
-        Ok(Self { session, inputs, outputs })
+        let mut builder =
+            Session::builder(env).map_err(|e| anyhow!("ort: session builder: {e}"))?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| anyhow!("ort: loading {}: {e}", path.display()))?;
+        Ok(Self {
+            session,
+            inputs,
+            outputs,
+        })
     }
 
     /// Loads serialized model bytes.
@@ -93,9 +115,16 @@ impl OrtRunner {
         let model = crate::proto::ModelProto::decode(bytes)?;
         let (inputs, outputs) = io_specs(&model)?;
         let env = environment()?;
-        let mut builder = Session::builder(env).map_err(|e| anyhow!("ort: session builder: {e}"))?;
-        let session = builder.commit_from_memory(bytes).map_err(|e| anyhow!("ort: loading the model: {e}"))?;
-        Ok(Self { session, inputs, outputs })
+        let mut builder =
+            Session::builder(env).map_err(|e| anyhow!("ort: session builder: {e}"))?;
+        let session = builder
+            .commit_from_memory(bytes)
+            .map_err(|e| anyhow!("ort: loading the model: {e}"))?;
+        Ok(Self {
+            session,
+            inputs,
+            outputs,
+        })
     }
 }
 
@@ -119,11 +148,18 @@ impl Runner for OrtRunner {
             };
             values.push((spec.name.clone(), v));
         }
-        let outs = self.session.run(values).map_err(|e| anyhow!("ort: run: {e}"))?;
+        let outs = self
+            .session
+            .run(values)
+            .map_err(|e| anyhow!("ort: run: {e}"))?;
         let mut res = Vec::new();
         for spec in &self.outputs {
-            let v = outs.get(&spec.name).with_context(|| format!("ort: no output {}", spec.name))?;
-            let a = v.try_extract_array::<f32>().map_err(|e| anyhow!("ort: output {}: {e}", spec.name))?;
+            let v = outs
+                .get(&spec.name)
+                .with_context(|| format!("ort: no output {}", spec.name))?;
+            let a = v
+                .try_extract_array::<f32>()
+                .map_err(|e| anyhow!("ort: output {}: {e}", spec.name))?;
             res.push((spec.name.clone(), a.to_owned()));
         }
         Ok(res)

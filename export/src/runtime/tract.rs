@@ -53,7 +53,9 @@ impl TractRunner {
         }
         // The graph's symbolic `batch` (in outputs and value_info) would not unify with the
         // concrete input facts set below: let tract infer every shape from the inputs instead.
-        let onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+        let onnx = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true);
         let mut model = match &self.source {
             Source::Path(p) => onnx.model_for_path(p),
             Source::Bytes(b) => onnx.model_for_read(&mut b.as_slice()),
@@ -104,7 +106,9 @@ impl Runner for TractRunner {
             .iter()
             .zip(outs.iter())
             .map(|(spec, v)| {
-                let a = v.to_plain_array_view::<f32>().map_err(|e| anyhow!("tract: output {}: {e:?}", spec.name))?;
+                let a = v
+                    .to_plain_array_view::<f32>()
+                    .map_err(|e| anyhow!("tract: output {}: {e:?}", spec.name))?;
                 Ok((spec.name.clone(), a.to_owned()))
             })
             .collect::<Result<Outputs>>()
@@ -113,7 +117,18 @@ impl Runner for TractRunner {
 }
 
 pub(crate) fn check_shape(spec: &IoSpec, shape: &[usize]) -> Result<()> {
-    let ok = spec.dims.is_empty() || (spec.dims.len() == shape.len() && spec.dims.iter().zip(shape).all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n != s)));
-    anyhow::ensure!(ok, "input {}: shape {shape:?} does not match {:?}", spec.name, spec.dims);
+    let ok = spec.dims.is_empty()
+        || (spec.dims.len() == shape.len()
+            && spec
+                .dims
+                .iter()
+                .zip(shape)
+                .all(|(d, &s)| !matches!(d, Dim::Fixed(n) if *n != s)));
+    anyhow::ensure!(
+        ok,
+        "input {}: shape {shape:?} does not match {:?}",
+        spec.name,
+        spec.dims
+    );
     Ok(())
 }

@@ -31,21 +31,33 @@ pub fn randomize_norms(vm: &VarMap, seed: u64) -> Result<()> {
         let v = &data[&name];
         let n = v.as_tensor().elem_count();
         let base = if name.ends_with("weight") { 1.0 } else { 0.0 };
-        let vals: Vec<f32> = (0..n).map(|_| base + 0.3 * rng.sample::<f32, _>(StandardNormal)).collect();
-        v.set(&Tensor::from_vec(vals, v.as_tensor().shape(), &Device::Cpu)?)?;
+        let vals: Vec<f32> = (0..n)
+            .map(|_| base + 0.3 * rng.sample::<f32, _>(StandardNormal))
+            .collect();
+        v.set(&Tensor::from_vec(
+            vals,
+            v.as_tensor().shape(),
+            &Device::Cpu,
+        )?)?;
     }
     Ok(())
 }
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// `onnx.checker.check_model(onnx.load(P), full_check=True)` with the project's .venv python.
 pub fn onnx_check(path: &Path) -> Result<()> {
     let py = workspace().join(".venv/bin/python");
     if !py.exists() {
-        bail!("{} is missing: run scripts/setup.sh (creates .venv with onnx and onnxruntime)", py.display());
+        bail!(
+            "{} is missing: run scripts/setup.sh (creates .venv with onnx and onnxruntime)",
+            py.display()
+        );
     }
     let out = std::process::Command::new(&py)
         .arg("-c")
@@ -54,7 +66,11 @@ pub fn onnx_check(path: &Path) -> Result<()> {
         .output()
         .context("running the onnx checker")?;
     if !out.status.success() {
-        bail!("onnx checker rejected {}:\n{}", path.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "onnx checker rejected {}:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -71,7 +87,9 @@ impl TestInput {
     pub fn normal(name: &str, shape: &[usize], seed: u64, scale: f32) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| scale * rng.sample::<f32, _>(StandardNormal)).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| scale * rng.sample::<f32, _>(StandardNormal))
+            .collect();
         Self {
             name: name.into(),
             data: TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v).unwrap()),
@@ -81,14 +99,26 @@ impl TestInput {
     pub fn ints(name: &str, values: &[i32]) -> Self {
         Self {
             name: name.into(),
-            data: TensorData::I32(ArrayD::from_shape_vec(vec![values.len()], values.to_vec()).unwrap()),
+            data: TensorData::I32(
+                ArrayD::from_shape_vec(vec![values.len()], values.to_vec()).unwrap(),
+            ),
             dims: vec![Dim::Batch],
         }
     }
     pub fn candle(&self) -> Tensor {
         match &self.data {
-            TensorData::F32(a) => Tensor::from_vec(a.iter().copied().collect::<Vec<_>>(), a.shape(), &Device::Cpu).unwrap(),
-            TensorData::I32(a) => Tensor::from_vec(a.iter().map(|&v| v as u32).collect::<Vec<_>>(), a.shape(), &Device::Cpu).unwrap(),
+            TensorData::F32(a) => Tensor::from_vec(
+                a.iter().copied().collect::<Vec<_>>(),
+                a.shape(),
+                &Device::Cpu,
+            )
+            .unwrap(),
+            TensorData::I32(a) => Tensor::from_vec(
+                a.iter().map(|&v| v as u32).collect::<Vec<_>>(),
+                a.shape(),
+                &Device::Cpu,
+            )
+            .unwrap(),
         }
     }
     pub fn elem(&self) -> export::ElemType {
@@ -109,17 +139,30 @@ fn batch_dims(shape: &[usize]) -> Vec<Dim> {
 
 /// Writes the model, runs the onnx checker, runs it in tract and ONNX Runtime, and returns the
 /// max abs error of each against `reference`.
-pub fn run_both(model: &export::proto::ModelProto, label: &str, inputs: &[TestInput], reference: &Tensor) -> Result<(f64, f64)> {
+pub fn run_both(
+    model: &export::proto::ModelProto,
+    label: &str,
+    inputs: &[TestInput],
+    reference: &Tensor,
+) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join(format!("{label}.onnx"));
     export::write_model(model, &path)?;
     onnx_check(&path)?;
-    let named: Vec<(String, TensorData)> = inputs.iter().map(|i| (i.name.clone(), i.data.clone())).collect();
+    let named: Vec<(String, TensorData)> = inputs
+        .iter()
+        .map(|i| (i.name.clone(), i.data.clone()))
+        .collect();
     let reference: Vec<f32> = reference.flatten_all()?.to_vec1()?;
     let mut errs = Vec::new();
-    let runners: Vec<Box<dyn Runner>> = vec![Box::new(TractRunner::from_path(&path)?), Box::new(OrtRunner::from_path(&path)?)];
+    let runners: Vec<Box<dyn Runner>> = vec![
+        Box::new(TractRunner::from_path(&path)?),
+        Box::new(OrtRunner::from_path(&path)?),
+    ];
     for mut r in runners {
-        let out = r.run(&named).with_context(|| format!("{label} in {}", r.name()))?;
+        let out = r
+            .run(&named)
+            .with_context(|| format!("{label} in {}", r.name()))?;
         let y = &out[0].1;
         anyhow::ensure!(
             y.len() == reference.len(),
@@ -128,8 +171,16 @@ pub fn run_both(model: &export::proto::ModelProto, label: &str, inputs: &[TestIn
             y.len(),
             reference.len()
         );
-        let err = y.iter().zip(&reference).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
-        anyhow::ensure!(y.iter().all(|v| v.is_finite()), "{label} in {}: non-finite output", r.name());
+        let err = y
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .fold(0.0, f64::max);
+        anyhow::ensure!(
+            y.iter().all(|v| v.is_finite()),
+            "{label} in {}: non-finite output",
+            r.name()
+        );
         eprintln!("{label:<28} {:<12} max abs {err:.3e}", r.name());
         errs.push(err);
     }
@@ -151,7 +202,10 @@ macro_rules! parity {
         };
         let model = {
             let ob = export::OnnxBackend::new(export::Precision::Fp32);
-            let owned: Vec<String> = inputs.iter().map(|i| ob.input(&i.name, i.elem(), &i.dims).unwrap()).collect();
+            let owned: Vec<String> = inputs
+                .iter()
+                .map(|i| ob.input(&i.name, i.elem(), &i.dims).unwrap())
+                .collect();
             let y: String = {
                 let $b = &ob;
                 let $xs = &owned[..];

@@ -19,7 +19,10 @@ struct Geom {
 
 impl Geom {
     fn out_hw(&self) -> (usize, usize) {
-        ((self.h + 2 * self.pad - self.k) / self.stride + 1, (self.w + 2 * self.pad - self.k) / self.stride + 1)
+        (
+            (self.h + 2 * self.pad - self.k) / self.stride + 1,
+            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+        )
     }
 }
 
@@ -30,7 +33,9 @@ struct Im2Col(Geom, usize);
 struct Col2Im(Geom, usize);
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("fast conv kernels take f32") };
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fast conv kernels take f32")
+    };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("fast conv kernels need contiguous input"),
@@ -39,8 +44,16 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 
 /// Input column range `[lo, hi)` of output positions whose input index `o*stride + k - pad` is in `[0, size)`.
 fn valid_range(k: usize, stride: usize, pad: usize, size: usize, out: usize) -> (usize, usize) {
-    let lo = if k >= pad { 0 } else { (pad - k).div_ceil(stride) };
-    let hi = if size + pad > k { ((size + pad - k - 1) / stride + 1).min(out) } else { 0 };
+    let lo = if k >= pad {
+        0
+    } else {
+        (pad - k).div_ceil(stride)
+    };
+    let hi = if size + pad > k {
+        ((size + pad - k - 1) / stride + 1).min(out)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
 }
 
@@ -55,29 +68,31 @@ impl CustomOp1 for Im2Col {
         let rows = g.c * g.k * g.k;
         let plane = ho * wo;
         let mut out = vec![0f32; rows * n * plane];
-        out.par_chunks_mut(n * plane).enumerate().for_each(|(r, dst)| {
-            let (c, ky, kx) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-            let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
-            for b in 0..n {
-                let src = &x[(b * g.c + c) * g.h * g.w..(b * g.c + c + 1) * g.h * g.w];
-                for oy in 0..ho {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue; // zero padding (already zero)
-                    }
-                    let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    let drow = &mut dst[b * plane + oy * wo..b * plane + (oy + 1) * wo];
-                    if g.stride == 1 {
-                        let off = x_lo + kx - g.pad;
-                        drow[x_lo..x_hi].copy_from_slice(&srow[off..off + (x_hi - x_lo)]);
-                    } else {
-                        for ox in x_lo..x_hi {
-                            drow[ox] = srow[ox * g.stride + kx - g.pad];
+        out.par_chunks_mut(n * plane)
+            .enumerate()
+            .for_each(|(r, dst)| {
+                let (c, ky, kx) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
+                let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
+                for b in 0..n {
+                    let src = &x[(b * g.c + c) * g.h * g.w..(b * g.c + c + 1) * g.h * g.w];
+                    for oy in 0..ho {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue; // zero padding (already zero)
+                        }
+                        let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        let drow = &mut dst[b * plane + oy * wo..b * plane + (oy + 1) * wo];
+                        if g.stride == 1 {
+                            let off = x_lo + kx - g.pad;
+                            drow[x_lo..x_hi].copy_from_slice(&srow[off..off + (x_hi - x_lo)]);
+                        } else {
+                            for ox in x_lo..x_hi {
+                                drow[ox] = srow[ox * g.stride + kx - g.pad];
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((rows, n * plane))))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -95,27 +110,29 @@ impl CustomOp1 for Col2Im {
         let (ho, wo) = g.out_hw();
         let plane = ho * wo;
         let mut out = vec![0f32; n * g.c * g.h * g.w];
-        out.par_chunks_mut(g.h * g.w).enumerate().for_each(|(bc, dst)| {
-            let (b, c) = (bc / g.c, bc % g.c);
-            for ky in 0..g.k {
-                for kx in 0..g.k {
-                    let r = (c * g.k + ky) * g.k + kx;
-                    let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
-                    let src = &cols[(r * n + b) * plane..(r * n + b + 1) * plane];
-                    for oy in 0..ho {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        let srow = &src[oy * wo..(oy + 1) * wo];
-                        for ox in x_lo..x_hi {
-                            drow[ox * g.stride + kx - g.pad] += srow[ox];
+        out.par_chunks_mut(g.h * g.w)
+            .enumerate()
+            .for_each(|(bc, dst)| {
+                let (b, c) = (bc / g.c, bc % g.c);
+                for ky in 0..g.k {
+                    for kx in 0..g.k {
+                        let r = (c * g.k + ky) * g.k + kx;
+                        let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
+                        let src = &cols[(r * n + b) * plane..(r * n + b + 1) * plane];
+                        for oy in 0..ho {
+                            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                            if iy < 0 || iy >= g.h as isize {
+                                continue;
+                            }
+                            let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
+                            let srow = &src[oy * wo..(oy + 1) * wo];
+                            for ox in x_lo..x_hi {
+                                drow[ox * g.stride + kx - g.pad] += srow[ox];
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((n, g.c, g.h, g.w))))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -132,16 +149,34 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
     let (n, c, h, wd) = x.dims4()?;
     let (cout, cin, k, k2) = w.dims4()?;
     if cin != c || k != k2 {
-        candle_core::bail!("conv2d: input {:?} does not fit weight {:?}", x.dims(), w.dims());
+        candle_core::bail!(
+            "conv2d: input {:?} does not fit weight {:?}",
+            x.dims(),
+            w.dims()
+        );
     }
-    let g = Geom { c, h, w: wd, k, stride, pad };
+    let g = Geom {
+        c,
+        h,
+        w: wd,
+        k,
+        stride,
+        pad,
+    };
     let (ho, wo) = g.out_hw();
     let wm = w.reshape((cout, cin * k * k))?;
     let cols = if k == 1 && stride == 1 && pad == 0 {
-        x.reshape((n, c, h * wd))?.transpose(0, 1)?.contiguous()?.reshape((c, n * h * wd))?
+        x.reshape((n, c, h * wd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((c, n * h * wd))?
     } else {
         x.contiguous()?.apply_op1(Im2Col(g, n))?
     };
     // [Cout, N*HoWo] -> [N, Cout, Ho, Wo]
-    wm.matmul(&cols)?.reshape((cout, n, ho * wo))?.transpose(0, 1)?.contiguous()?.reshape((n, cout, ho, wo))
+    wm.matmul(&cols)?
+        .reshape((cout, n, ho * wo))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((n, cout, ho, wo))
 }

@@ -2,5 +2,7 @@
 //! calling [`crate::Backend`]; only the candle lowering on CPU routes through these.
 
 pub mod conv;
+pub mod norm;
 
 pub use conv::conv2d;
+pub use norm::group_norm;

@@ -12,11 +12,23 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> candle_core::Result<Self> {
         let init = uniform_fan_in(cin * k * k);
         let weight = param(&vb, (cout, cin, k, k), "weight", init)?;
         let bias = param(&vb, cout, "bias", init)?;
-        Ok(Self { weight, bias, stride, pad })
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            pad,
+        })
     }
 
     pub fn forward<B: Backend>(&self, b: &B, x: &B::T) -> anyhow::Result<B::T> {

@@ -10,7 +10,17 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(vb: VarBuilder, rows: usize, dim: usize) -> candle_core::Result<Self> {
-        Ok(Self { table: param(&vb, (rows, dim), "weight", candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 })? })
+        Ok(Self {
+            table: param(
+                &vb,
+                (rows, dim),
+                "weight",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?,
+        })
     }
 
     pub fn forward<B: Backend>(&self, b: &B, ids: &B::T) -> anyhow::Result<B::T> {
@@ -34,7 +44,9 @@ impl SinusoidalEmbedding {
 
     pub fn freqs(&self) -> Vec<f32> {
         let half = self.dim / 2;
-        (0..half).map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32).collect()
+        (0..half)
+            .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+            .collect()
     }
 
     /// `x`: `[N]` -> `[N, dim]`.

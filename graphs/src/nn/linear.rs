@@ -12,7 +12,10 @@ pub struct Linear {
 impl Linear {
     pub fn new(vb: VarBuilder, din: usize, dout: usize) -> candle_core::Result<Self> {
         let init = uniform_fan_in(din);
-        Ok(Self { weight: param(&vb, (dout, din), "weight", init)?, bias: param(&vb, dout, "bias", init)? })
+        Ok(Self {
+            weight: param(&vb, (dout, din), "weight", init)?,
+            bias: param(&vb, dout, "bias", init)?,
+        })
     }
 
     pub fn forward<B: Backend>(&self, b: &B, x: &B::T) -> anyhow::Result<B::T> {

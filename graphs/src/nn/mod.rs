@@ -20,10 +20,19 @@ use candle_core::Shape;
 use candle_nn::VarBuilder;
 
 /// Gets (or creates) a parameter and records its full safetensors key.
-pub fn param<S: Into<Shape>>(vb: &VarBuilder, shape: S, name: &str, init: candle_nn::Init) -> candle_core::Result<Param> {
+pub fn param<S: Into<Shape>>(
+    vb: &VarBuilder,
+    shape: S,
+    name: &str,
+    init: candle_nn::Init,
+) -> candle_core::Result<Param> {
     let t = vb.get_with_hints(shape, name, init)?;
     let prefix = vb.prefix();
-    let name = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+    let name = if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    };
     Ok(Param { name, t })
 }
 

@@ -14,7 +14,9 @@ pub struct GroupNorm {
 impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize) -> candle_core::Result<Self> {
         if channels % groups != 0 {
-            candle_core::bail!("GroupNorm: {channels} channels are not divisible into {groups} groups");
+            candle_core::bail!(
+                "GroupNorm: {channels} channels are not divisible into {groups} groups"
+            );
         }
         Ok(Self {
             gamma: param(&vb, channels, "weight", candle_nn::Init::Const(1.0))?,
@@ -30,6 +32,6 @@ impl GroupNorm {
 
     /// GroupNorm then SiLU, the pair every block of the UNet uses.
     pub fn forward_silu<B: Backend>(&self, b: &B, x: &B::T) -> anyhow::Result<B::T> {
-        b.silu(&self.forward(b, x)?)
+        b.group_norm_silu(x, self.groups, self.eps, &self.gamma, &self.beta)
     }
 }

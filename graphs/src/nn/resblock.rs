@@ -17,14 +17,25 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, emb_dim: usize, groups: usize, dropout: f64) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        emb_dim: usize,
+        groups: usize,
+        dropout: f64,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, cin)?,
             conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
             emb_proj: Linear::new(vb.pp("emb_proj"), emb_dim, cout)?,
             norm2: GroupNorm::new(vb.pp("norm2"), groups, cout)?,
             conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
-            skip: if cin != cout { Some(Conv2d::new(vb.pp("skip"), cin, cout, 1, 1, 0)?) } else { None },
+            skip: if cin != cout {
+                Some(Conv2d::new(vb.pp("skip"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
             dropout,
             cout,
         })
@@ -33,7 +44,10 @@ impl ResBlock {
     /// `emb_silu` is SiLU(embedding), `[N, emb_dim]`, shared by all blocks.
     pub fn forward<B: Backend>(&self, b: &B, x: &B::T, emb_silu: &B::T) -> anyhow::Result<B::T> {
         let h = self.conv1.forward(b, &self.norm1.forward_silu(b, x)?)?;
-        let e = b.reshape(&self.emb_proj.forward(b, emb_silu)?, &[-1, self.cout as i64, 1, 1])?;
+        let e = b.reshape(
+            &self.emb_proj.forward(b, emb_silu)?,
+            &[-1, self.cout as i64, 1, 1],
+        )?;
         let h = b.add(&h, &e)?;
         let h = b.dropout(&self.norm2.forward_silu(b, &h)?, self.dropout)?;
         let h = self.conv2.forward(b, &h)?;
