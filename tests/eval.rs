@@ -360,8 +360,7 @@ fn bad_inputs_get_clear_errors() {
         let x = Tensor::zeros(shape.as_slice(), candle_core::DType::F32, &dev).unwrap();
         let e = ev
             .evaluate(&x, None)
-            .err()
-            .expect("wrong shape accepted")
+            .expect_err("wrong shape accepted")
             .to_string();
         assert!(
             e.contains("1x32x32") && e.contains(&format!("{shape:?}")),
@@ -372,11 +371,7 @@ fn bad_inputs_get_clear_errors() {
     let mut v = vec![0f32; 4 * 1024];
     v[1024 + 5] = f32::NAN;
     let x = Tensor::from_vec(v.clone(), (4, 1, 32, 32), &dev).unwrap();
-    let e = ev
-        .evaluate(&x, None)
-        .err()
-        .expect("NaN accepted")
-        .to_string();
+    let e = ev.evaluate(&x, None).expect_err("NaN accepted").to_string();
     assert!(e.contains("NaN"), "{e}");
     v[1024 + 5] = f32::INFINITY;
     let x = Tensor::from_vec(v.clone(), (4, 1, 32, 32), &dev).unwrap();

@@ -1,11 +1,12 @@
 //! A small MNIST CNN whose penultimate layer is the feature space of the Frechet distance and whose
-//! predictions give class accuracy. Trained once (about a minute on 2 CPU cores) on the embedded
-//! digits and cached on disk.
+//! predictions give class accuracy. Trained once (about a minute on 2 idle CPU cores) on the
+//! embedded digits and cached on disk.
 //!
-//! Architecture (input `[N, 1, 32, 32]` in `[-1, 1]`, MNIST padded to 32):
-//! conv(1->32, 3, pad 1)-ReLU-maxpool2 -> conv(32->64, 3, pad 1)-ReLU-maxpool2 ->
-//! conv(64->64, 3, pad 1)-ReLU-maxpool2 -> flatten (1024) -> linear(1024->128)-ReLU (the 128-d
-//! features) -> linear(128->10) (logits).
+//! Architecture (input `[N, 1, 32, 32]` in `[-1, 1]`, MNIST padded to 32, standardised with the
+//! MNIST pixel mean/std): conv(1->16, 3, pad 1)-ReLU-maxpool2 -> conv(16->32, 3, pad 1)-ReLU-maxpool2
+//! -> conv(32->64, 3, pad 1)-ReLU-maxpool2 -> flatten (1024) -> linear(1024->128)-ReLU (the 128-d
+//! features) -> linear(128->10) (logits). The convolutions use the graphs crate's im2col+GEMM
+//! kernel (several times faster than stock candle on CPU, forward and backward).
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -39,20 +40,23 @@ pub const MIN_TEST_ACCURACY: f64 = 0.97;
 const WEIGHTS_FILE: &str = "classifier.safetensors";
 const META_FILE: &str = "classifier.json";
 const SEED: u64 = 0x5EED_C1A5;
-const EPOCHS: usize = 3;
-const BATCH: usize = 128;
-const LR: f64 = 1e-3;
-const MAX_SHIFT: i64 = 2;
+const EPOCHS: usize = 4;
+const BATCH: usize = 64;
+const LR: f64 = 2e-3;
+const MAX_SHIFT: i64 = 1;
+/// MNIST pixel mean and std in `[-1, 1]` units (0.1307 and 0.3081 in `[0, 1]`).
+const PIXEL_MEAN: f64 = -0.7386;
+const PIXEL_STD: f64 = 0.6162;
 const EVAL_BATCH: usize = 256;
 
 /// Parameter names and shapes, in a fixed order.
 fn param_specs() -> Vec<(&'static str, Vec<usize>)> {
     vec![
-        ("conv1.weight", vec![32, 1, 3, 3]),
-        ("conv1.bias", vec![32]),
-        ("conv2.weight", vec![64, 32, 3, 3]),
-        ("conv2.bias", vec![64]),
-        ("conv3.weight", vec![64, 64, 3, 3]),
+        ("conv1.weight", vec![16, 1, 3, 3]),
+        ("conv1.bias", vec![16]),
+        ("conv2.weight", vec![32, 16, 3, 3]),
+        ("conv2.bias", vec![32]),
+        ("conv3.weight", vec![64, 32, 3, 3]),
         ("conv3.bias", vec![64]),
         ("fc1.weight", vec![FEATURE_DIM, 1024]),
         ("fc1.bias", vec![FEATURE_DIM]),
@@ -92,7 +96,8 @@ fn forward_features(p: &[Tensor], x: &Tensor) -> candle_core::Result<Tensor> {
             .relu()?
             .max_pool2d(2)
     };
-    let x = conv(x, &p[0], &p[1])?;
+    let x = ((x - PIXEL_MEAN)? * (1.0 / PIXEL_STD))?;
+    let x = conv(&x, &p[0], &p[1])?;
     let x = conv(&x, &p[2], &p[3])?;
     let x = conv(&x, &p[4], &p[5])?;
     let x = x.flatten_from(1)?;
@@ -506,7 +511,7 @@ fn shifted(src: &[f32], dst: &mut [f32], dy: i64, dx: i64) {
     }
 }
 
-/// Trains on the first `TRAIN_IMAGES` digits (random shifts of up to 2 pixels, AdamW, cosine
+/// Trains on the first `TRAIN_IMAGES` digits (random shifts of up to 1 pixel, AdamW, cosine
 /// learning rate), measures accuracy on the next `TEST_IMAGES`. Seeded: the same data and thread
 /// count give the same weights.
 fn train(
