@@ -206,6 +206,10 @@ pub struct PipelineTeacher {
 pub enum TrainCommand {
     /// Train the diffusion teacher (EDM or VP) on real data.
     Teacher(TeacherArgs),
+    /// Distil a teacher into a 1-4 step student with DMD2 (distribution matching + GAN).
+    Dmd2(crate::cli_distill::Dmd2Args),
+    /// Distil a teacher into a few-step student with TDM (trajectory distribution matching).
+    Tdm(crate::cli_distill::TdmArgs),
 }
 
 /// Model size presets.
@@ -902,6 +906,12 @@ pub fn main() -> Result<()> {
     let dev = device(&cli.device)?;
     match &cli.command {
         Command::Train(TrainCommand::Teacher(a)) => cmd_teacher(a, &dev, cli.quiet),
+        Command::Train(TrainCommand::Dmd2(a)) => {
+            crate::cli_distill::cmd_dmd2(a, &dev, show_progress(cli.quiet), cli.quiet).map(|_| ())
+        }
+        Command::Train(TrainCommand::Tdm(a)) => {
+            crate::cli_distill::cmd_tdm(a, &dev, show_progress(cli.quiet), cli.quiet).map(|_| ())
+        }
         Command::Sample(a) => cmd_sample(a, &dev),
         Command::Eval(a) => cmd_eval(a, &dev, cli.quiet),
         Command::Export(a) => cmd_export(a),

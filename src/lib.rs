@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod cli_distill;
 pub mod data;
 pub mod eval;
 pub mod grid;

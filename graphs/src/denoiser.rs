@@ -151,6 +151,29 @@ impl Denoiser {
         }
     }
 
+    /// The UNet's bottleneck features at the preconditioned input, `[N, C_mid, r, r]` (what DMD2's
+    /// GAN head classifies).
+    pub fn bottleneck<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        level: &NoiseLevel<B::T>,
+        labels: &B::T,
+    ) -> anyhow::Result<B::T> {
+        let s = b.reshape(&level.sigma, &[-1, 1, 1, 1])?;
+        let s2 = b.mul(&s, &s)?;
+        let add = match &self.param {
+            Parameterisation::Edm(e) => e.sigma_data * e.sigma_data,
+            Parameterisation::Vp(_) => 1.0,
+        };
+        let c_in = b.div(
+            &b.constant(&[1.0], &[1])?,
+            &b.sqrt(&b.affine(&s2, 1.0, add)?)?,
+        )?;
+        self.unet
+            .bottleneck(b, &b.mul(x, &c_in)?, &level.c_noise, labels)
+    }
+
     /// Classifier-free guidance: `D_u + scale * (D_c - D_u)`; `scale == 1` is one plain call.
     pub fn guided<B: Backend>(
         &self,

@@ -19,7 +19,7 @@ pub use backend::{Backend, Kind, Param};
 pub use candle_backend::CandleBackend;
 pub use denoiser::{Denoiser, ModelConfig, NoiseLevel};
 pub use sampler::{generate, GeneratorSpec, Renoise, SamplerKind};
-pub use schedule::{BetaSchedule, EdmSchedule, Parameterisation, VpSchedule};
+pub use schedule::{BetaSchedule, EdmSchedule, NoiseGrid, Parameterisation, VpSchedule};
 pub use unet::{UNet, UNetConfig};
 
 // glibc returns large freed blocks to the OS, so every activation of a training step page-faults

@@ -1,6 +1,6 @@
 //! Walks a network's parameters (name -> tensor), e.g. to save them or to count them.
 
-use crate::nn::{Conv2d, GroupNorm, Linear, ResBlock, SelfAttention};
+use crate::nn::{Conv2d, GanHead, GroupNorm, Linear, ResBlock, SelfAttention};
 use crate::unet::Layer;
 use crate::{Denoiser, Param};
 
@@ -55,4 +55,45 @@ pub fn collect(den: &Denoiser) -> Vec<Param> {
 
 pub fn count(den: &Denoiser) -> usize {
     collect(den).iter().map(|p| p.t.elem_count()).sum()
+}
+
+/// Every parameter of a GAN head, in a fixed order.
+pub fn collect_head(head: &GanHead) -> Vec<Param> {
+    let mut v = Vec::new();
+    for (c, g) in &head.blocks {
+        conv(&mut v, c);
+        gn(&mut v, g);
+    }
+    conv(&mut v, &head.out);
+    v
+}
+
+/// A copy of `den` whose weights are detached from autograd (same storage, no gradient): for
+/// no-grad rollouts and for frozen copies of a trainable network inside another network's loss.
+pub fn detached(den: &Denoiser) -> anyhow::Result<Denoiser> {
+    let map: std::collections::HashMap<String, candle_core::Tensor> = collect(den)
+        .into_iter()
+        .map(|p| (p.name, p.t.detach()))
+        .collect();
+    let device = map
+        .values()
+        .next()
+        .map(|t| t.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_tensors(map, candle_core::DType::F32, &device);
+    Denoiser::new(vb, &den.config())
+}
+
+/// A copy of a GAN head with detached weights (see [`detached`]).
+pub fn detached_head(head: &GanHead) -> GanHead {
+    let mut h = head.clone();
+    for (c, g) in &mut h.blocks {
+        for p in [&mut c.weight, &mut c.bias, &mut g.gamma, &mut g.beta] {
+            p.t = p.t.detach();
+        }
+    }
+    for p in [&mut h.out.weight, &mut h.out.bias] {
+        p.t = p.t.detach();
+    }
+    h
 }

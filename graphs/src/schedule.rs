@@ -193,3 +193,59 @@ impl Parameterisation {
         }
     }
 }
+
+/// The discrete grid of noise levels that distillation draws its timesteps from: 1000 bins,
+/// index 0 the least noisy. EDM: the Karras grid from `sigma_min` to `sigma_max` (as in DMD2's EDM
+/// code); VP: the DDPM schedule's own timesteps. A "timestep" in the distillation configs is an
+/// index into this grid, for both parameterisations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NoiseGrid {
+    /// Ascending sigmas, one per timestep.
+    pub sigmas: Vec<f64>,
+    param: Parameterisation,
+}
+
+/// Timesteps of the EDM grid (DMD2 uses 1000 Karras bins; VP uses its own schedule length).
+pub const EDM_GRID_BINS: usize = 1000;
+
+impl NoiseGrid {
+    pub fn new(param: &Parameterisation) -> Self {
+        let sigmas = match param {
+            Parameterisation::Edm(e) => {
+                let mut s = e.karras_sigmas(EDM_GRID_BINS);
+                s.reverse();
+                s
+            }
+            Parameterisation::Vp(v) => v.sigmas(),
+        };
+        Self {
+            sigmas,
+            param: param.clone(),
+        }
+    }
+    /// Number of timesteps (`T`); valid timesteps are `0..T`.
+    pub fn len(&self) -> usize {
+        self.sigmas.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.sigmas.is_empty()
+    }
+    pub fn sigma(&self, t: usize) -> f64 {
+        self.sigmas[t]
+    }
+    /// The network's conditioning at timestep `t`: ln(sigma)/4 (EDM) or `t` itself (VP).
+    pub fn c_noise(&self, t: usize) -> f64 {
+        match &self.param {
+            Parameterisation::Edm(e) => e.c_noise(self.sigmas[t]),
+            Parameterisation::Vp(_) => t as f64,
+        }
+    }
+    /// Signal-to-noise ratio `1 / sigma^2` (VP: `alpha_bar / (1 - alpha_bar)`, the same number).
+    pub fn snr(&self, t: usize) -> f64 {
+        1.0 / (self.sigmas[t] * self.sigmas[t])
+    }
+    /// Sigmas of a list of timesteps.
+    pub fn sigmas_of(&self, ts: &[usize]) -> Vec<f64> {
+        ts.iter().map(|&t| self.sigmas[t]).collect()
+    }
+}

@@ -25,6 +25,17 @@ pub struct UNetConfig {
     /// Number of real classes; the label embedding has one more row, the null class.
     pub num_classes: usize,
     pub groups: usize,
+    /// Copies of the label table (default 1). A TDM fake score conditioned on the student's step
+    /// index uses one copy per step: label id `k * (num_classes + 1) + class`.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub label_groups: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl UNetConfig {
@@ -40,6 +51,7 @@ impl UNetConfig {
             dropout: 0.0,
             num_classes: 10,
             groups: 8,
+            label_groups: 1,
         }
     }
 
@@ -65,11 +77,26 @@ impl UNetConfig {
             dropout: 0.0,
             num_classes: 10,
             groups: 4,
+            label_groups: 1,
         }
     }
 
     pub fn null_class(&self) -> usize {
         self.num_classes
+    }
+
+    /// Rows of the label table: `label_groups * (num_classes + 1)`.
+    pub fn label_rows(&self) -> usize {
+        self.label_groups * (self.num_classes + 1)
+    }
+
+    /// Channels and side of the bottleneck (the mid block's output), what a GAN head reads.
+    pub fn bottleneck_shape(&self) -> (usize, usize) {
+        let levels = self.channel_mult.len();
+        (
+            self.base_channels * self.channel_mult[levels - 1],
+            self.resolution >> (levels - 1),
+        )
     }
 
     pub fn emb_dim(&self) -> usize {
@@ -97,8 +124,8 @@ impl UNetConfig {
             );
         }
         anyhow::ensure!(
-            self.num_classes > 0 && self.channels > 0,
-            "num_classes and channels must be positive"
+            self.num_classes > 0 && self.channels > 0 && self.label_groups > 0,
+            "num_classes, channels and label_groups must be positive"
         );
         Ok(())
     }
@@ -228,7 +255,7 @@ impl UNet {
             noise_emb: SinusoidalEmbedding::new(base, 1.0),
             emb1: Linear::new(vb.pp("emb.0"), base, ed)?,
             emb2: Linear::new(vb.pp("emb.1"), ed, ed)?,
-            label_emb: Embedding::new(vb.pp("label_emb"), cfg.num_classes + 1, ed)?,
+            label_emb: Embedding::new(vb.pp("label_emb"), cfg.label_rows(), ed)?,
             conv_in,
             down,
             mid,
@@ -255,15 +282,15 @@ impl UNet {
         }
     }
 
-    /// Raw network output F(x, c_noise, label): `x` `[N, C, H, W]`, `c_noise` `[N]` f32,
-    /// `labels` `[N]` integer (the null class `num_classes` means "unconditional").
-    pub fn forward<B: Backend>(
+    /// Encoder and mid block: the bottleneck features `[N, C_mid, r, r]`, the skip connections
+    /// and the embedding (what the decoder needs to finish the pass).
+    fn encode<B: Backend>(
         &self,
         b: &B,
         x: &B::T,
         c_noise: &B::T,
         labels: &B::T,
-    ) -> anyhow::Result<B::T> {
+    ) -> anyhow::Result<(B::T, Vec<B::T>, B::T)> {
         let emb = self.embed(b, c_noise, labels)?;
         let mut h = self.conv_in.forward(b, x)?;
         let mut skips = vec![h.clone()];
@@ -278,6 +305,30 @@ impl UNet {
         for l in &self.mid {
             h = self.layer(b, l, &h, &emb)?;
         }
+        Ok((h, skips, emb))
+    }
+
+    /// Bottleneck features only (encoder + mid block), e.g. for DMD2's GAN head on the fake score.
+    pub fn bottleneck<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        c_noise: &B::T,
+        labels: &B::T,
+    ) -> anyhow::Result<B::T> {
+        Ok(self.encode(b, x, c_noise, labels)?.0)
+    }
+
+    /// Raw network output F(x, c_noise, label): `x` `[N, C, H, W]`, `c_noise` `[N]` f32,
+    /// `labels` `[N]` integer (the null class `num_classes` means "unconditional").
+    pub fn forward<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        c_noise: &B::T,
+        labels: &B::T,
+    ) -> anyhow::Result<B::T> {
+        let (mut h, mut skips, emb) = self.encode(b, x, c_noise, labels)?;
         for l in &self.up {
             if matches!(l, Layer::Res(_)) {
                 let s = skips.pop().expect("skip bookkeeping");

@@ -1,7 +1,10 @@
 //! Training loops. `teacher` trains the diffusion teacher; the machinery here (run folders,
 //! deterministic data order and noise, metrics, progress) is shared by every trainer.
 
+pub mod distill;
+pub mod dmd2;
 pub mod optim;
+pub mod tdm;
 pub mod teacher;
 
 use anyhow::{Context, Result};

@@ -8,16 +8,29 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    /// Linear warm-up of the learning rate over this many steps.
+    /// Linear warm-up of the learning rate over this many updates.
     pub warmup_steps: u64,
     /// Clip the global gradient norm to this value (0 = off).
     pub grad_clip: f64,
+    /// After warm-up: `constant`, or `cosine` decay to `min_lr_ratio * lr` at `decay_steps` updates.
+    pub schedule: LrSchedule,
+    /// Updates over which the cosine schedule decays (usually the run's total).
+    pub decay_steps: u64,
+    pub min_lr_ratio: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
 }
 
 impl Default for AdamWConfig {
@@ -30,6 +43,9 @@ impl Default for AdamWConfig {
             weight_decay: 0.01,
             warmup_steps: 200,
             grad_clip: 1.0,
+            schedule: LrSchedule::Constant,
+            decay_steps: 0,
+            min_lr_ratio: 0.0,
         }
     }
 }
@@ -72,32 +88,51 @@ impl AdamW {
         })
     }
 
+    /// Learning rate of update number `t` (0-based): linear warm-up, then the schedule.
     pub fn lr_at(&self, t: u64) -> f64 {
-        if self.cfg.warmup_steps == 0 {
-            self.cfg.lr
-        } else {
-            self.cfg.lr * ((t + 1) as f64 / self.cfg.warmup_steps as f64).min(1.0)
+        let c = &self.cfg;
+        if c.warmup_steps > 0 && t < c.warmup_steps {
+            return c.lr * (t + 1) as f64 / c.warmup_steps as f64;
         }
+        match c.schedule {
+            LrSchedule::Constant => c.lr,
+            LrSchedule::Cosine => {
+                let span = c.decay_steps.saturating_sub(c.warmup_steps).max(1) as f64;
+                let p = ((t - c.warmup_steps.min(t)) as f64 / span).min(1.0);
+                let floor = c.min_lr_ratio * c.lr;
+                floor + (c.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            }
+        }
+    }
+
+    /// This optimiser's gradients out of a store, in variable order (missing ones are `None`).
+    pub fn grads_of(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
+        self.vars
+            .iter()
+            .map(|(_, v)| grads.get(v).cloned())
+            .collect()
     }
 
     /// Global L2 norm of the gradients of our variables (missing gradients count as zero).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sq = 0f64;
-        for (_, v) in &self.vars {
-            if let Some(g) = grads.get(v) {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
-        }
-        Ok(sq.sqrt())
+        grad_norm(&self.grads_of(grads))
     }
 
     /// Clips, checks for non-finite gradients (error: the weights stay untouched) and updates.
     pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
-        let norm = self.grad_norm(grads)?;
+        let g = self.grads_of(grads);
+        self.step_grads(&g)
+    }
+
+    /// [`Self::step`] on gradients given in variable order (e.g. accumulated over micro-batches).
+    pub fn step_grads(&mut self, grads: &[Option<Tensor>]) -> Result<StepStats> {
+        anyhow::ensure!(
+            grads.len() == self.vars.len(),
+            "{} gradients for {} variables",
+            grads.len(),
+            self.vars.len()
+        );
+        let norm = grad_norm(grads)?;
         if !norm.is_finite() {
             bail!(
                 "gradient norm is {norm} at step {}: refusing to update the weights",
@@ -115,7 +150,7 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var) else { continue };
+            let Some(g) = &grads[i] else { continue };
             let g = if scale != 1.0 {
                 g.affine(scale, 0.0)?
             } else {
@@ -138,18 +173,33 @@ impl AdamW {
 
     /// Moments as named tensors (`adam.m.<name>`, `adam.v.<name>`) for the training state file.
     pub fn state(&self) -> HashMap<String, Tensor> {
+        self.state_with_prefix("adam.")
+    }
+
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+        self.load_state_with_prefix(state, "adam.", t)
+    }
+
+    /// Moments as `<prefix>m.<name>` and `<prefix>v.<name>`.
+    pub fn state_with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (i, (n, _)) in self.vars.iter().enumerate() {
-            out.insert(format!("adam.m.{n}"), self.m[i].clone());
-            out.insert(format!("adam.v.{n}"), self.v[i].clone());
+            out.insert(format!("{prefix}m.{n}"), self.m[i].clone());
+            out.insert(format!("{prefix}v.{n}"), self.v[i].clone());
         }
         out
     }
 
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+    /// Restores moments written by [`Self::state_with_prefix`] and the update count `t`.
+    pub fn load_state_with_prefix(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        prefix: &str,
+        t: u64,
+    ) -> Result<()> {
         for (i, (n, var)) in self.vars.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let key = format!("adam.{kind}.{n}");
+                let key = format!("{prefix}{kind}.{n}");
                 let t = state
                     .get(&key)
                     .with_context(|| format!("training state lacks {key}"))?;
@@ -165,6 +215,55 @@ impl AdamW {
         }
         self.t = t;
         Ok(())
+    }
+}
+
+/// Global L2 norm of a list of gradients (missing ones count as zero).
+pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sq.sqrt())
+}
+
+/// Sums gradients over micro-batches (gradient accumulation); [`Self::mean`] is their average.
+pub struct GradAccum {
+    sum: Vec<Option<Tensor>>,
+    count: usize,
+}
+
+impl GradAccum {
+    pub fn new(n_vars: usize) -> Self {
+        Self {
+            sum: vec![None; n_vars],
+            count: 0,
+        }
+    }
+    pub fn add(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
+        anyhow::ensure!(grads.len() == self.sum.len(), "gradient count changed");
+        for (s, g) in self.sum.iter_mut().zip(grads) {
+            if let Some(g) = g {
+                *s = Some(match s.take() {
+                    Some(a) => (a + g)?,
+                    None => g,
+                });
+            }
+        }
+        self.count += 1;
+        Ok(())
+    }
+    pub fn mean(self) -> Result<Vec<Option<Tensor>>> {
+        let k = self.count.max(1) as f64;
+        Ok(self
+            .sum
+            .into_iter()
+            .map(|g| g.map(|g| g.affine(1.0 / k, 0.0)).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?)
     }
 }
 

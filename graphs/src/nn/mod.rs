@@ -4,6 +4,7 @@
 mod attention;
 mod conv;
 mod embedding;
+mod gan_head;
 mod linear;
 mod norm;
 mod resblock;
@@ -11,6 +12,7 @@ mod resblock;
 pub use attention::SelfAttention;
 pub use conv::Conv2d;
 pub use embedding::{Embedding, SinusoidalEmbedding};
+pub use gan_head::GanHead;
 pub use linear::Linear;
 pub use norm::GroupNorm;
 pub use resblock::ResBlock;

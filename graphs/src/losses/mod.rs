@@ -1,4 +1,14 @@
 //! Training losses (candle only: they run with autograd and never get exported).
+//!
+//! * this file: the teacher's denoising loss (EDM or VP), also the fake score's loss in DMD2;
+//! * [`dmd2`]: the distribution-matching loss;
+//! * [`gan`]: DMD2's GAN losses on the fake score's bottleneck;
+//! * [`tdm`]: trajectory distribution matching (trajectory points, importance weights, the
+//!   fake-score and student losses).
+
+pub mod dmd2;
+pub mod gan;
+pub mod tdm;
 
 use crate::candle_backend::CandleBackend;
 use crate::denoiser::Denoiser;
@@ -45,4 +55,32 @@ pub fn teacher_loss(
             Ok((eps - noise)?.sqr()?.mean_all()?)
         }
     }
+}
+
+/// Replaces NaN by 0 and +/-inf by the largest finite f32 of that sign (`torch.nan_to_num`).
+pub fn nan_to_num(x: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = x.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    if v.iter().all(|f| f.is_finite()) {
+        return Ok(x.clone());
+    }
+    let v: Vec<f32> = v
+        .into_iter()
+        .map(|f| {
+            if f.is_nan() {
+                0.0
+            } else if f == f32::INFINITY {
+                f32::MAX
+            } else if f == f32::NEG_INFINITY {
+                f32::MIN
+            } else {
+                f
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, x.dims(), x.device())?.to_dtype(x.dtype())?)
+}
+
+/// Per-sample `[N]` as `[N, 1, 1, 1]`, to scale images.
+pub fn per_image(v: &Tensor) -> Result<Tensor> {
+    Ok(v.reshape((v.dim(0)?, 1, 1, 1))?)
 }

@@ -1,0 +1,462 @@
+//! DMD2 (Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis", 2024),
+//! following the official EDM code (`main/edm/edm_guidance.py`, `train_edm.py`):
+//!
+//! * three networks: the frozen teacher (real score), a fake score and the student (generator),
+//!   both initialised from the teacher's EMA weights, plus a GAN head on the fake score's bottleneck;
+//! * every iteration the student generates images from noise (`sigma_0 * z` through the teacher's
+//!   preconditioning at `sigma_0`, 80 for EDM); every `dfake_gen_update_ratio` iterations it gets
+//!   the distribution-matching gradient (see `graphs::losses::dmd2`) plus the GAN generator loss;
+//! * every iteration the fake score learns the student's (detached) images with the teacher's own
+//!   denoising loss over the whole grid, and the GAN head (with the fake score) learns real vs
+//!   generated images, both noised at a random level;
+//! * multi-step students use backward simulation: one random step `k` per iteration, a no-grad
+//!   rollout from pure noise for `k` steps with fresh noise at every re-noise, and the losses on
+//!   step `k`'s x0 estimate.
+
+use super::distill::{
+    self, grid_level, random_labels, rollout, scalar, sigma_level, teacher_x0, uniform_ints,
+    guide, Method, RunConfig, StepMetrics, Teacher, Trainable,
+};
+use super::optim::AdamWConfig;
+use super::{randn, step_rng, DataOrder};
+use crate::checkpoint::Role;
+use crate::data::Dataset;
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use graphs::losses::{dmd2::dm_loss, gan, teacher_loss};
+use graphs::nn::GanHead;
+use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, Parameterisation, SamplerKind};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Everything that defines a DMD2 run (the `config.toml` of the run folder).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dmd2Config {
+    /// The teacher checkpoint folder.
+    pub teacher: PathBuf,
+    pub run: RunConfig,
+    /// The student's steps as timesteps of the 1000-bin noise grid, descending (`[999]`: one step
+    /// at sigma_max; `[999, 749, 499, 249]`: four steps).
+    pub timesteps: Vec<usize>,
+    /// Overrides the first step's sigma (DMD2's `conditioning_sigma`, 80 for EDM = sigma_max).
+    pub conditioning_sigma: Option<f64>,
+    /// The student is updated every this many iterations, the fake score every iteration.
+    pub dfake_gen_update_ratio: u64,
+    /// Distribution-matching timesteps are drawn from `[min_step, max_step]` (fractions of the grid).
+    pub min_step: f64,
+    pub max_step: f64,
+    /// Classifier-free guidance on the real score (the teacher); the fake score is never guided.
+    pub real_guidance_scale: f64,
+    /// The GAN head and its losses.
+    pub gan: bool,
+    /// Weight of the student's GAN loss `softplus(-D(fake))`.
+    pub gan_generator_weight: f64,
+    /// Weight of the head's loss `softplus(D(fake)) + softplus(-D(real))`.
+    pub gan_critic_weight: f64,
+    /// Real and generated images are noised at a grid timestep below this before the head.
+    pub gan_max_timestep: usize,
+    /// Optimiser of the student.
+    pub student_optim: AdamWConfig,
+    /// Optimiser of the fake score and the GAN head.
+    pub fake_optim: AdamWConfig,
+}
+
+impl Default for Dmd2Config {
+    fn default() -> Self {
+        let adam = AdamWConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.01,
+            warmup_steps: 100,
+            grad_clip: 10.0,
+            ..Default::default()
+        };
+        Self {
+            teacher: PathBuf::from("runs/teacher/checkpoint"),
+            run: RunConfig::default(),
+            timesteps: vec![999],
+            conditioning_sigma: None,
+            dfake_gen_update_ratio: 10,
+            min_step: 0.02,
+            max_step: 0.98,
+            real_guidance_scale: 1.5,
+            gan: true,
+            gan_generator_weight: 3e-3,
+            gan_critic_weight: 1e-2,
+            gan_max_timestep: 1000,
+            student_optim: adam.clone(),
+            fake_optim: adam,
+        }
+    }
+}
+
+/// Checks a student's timesteps against a grid: in range, strictly descending.
+pub fn check_timesteps(ts: &[usize], grid: &NoiseGrid) -> Result<()> {
+    ensure!(!ts.is_empty(), "a student needs at least one timestep");
+    for w in ts.windows(2) {
+        ensure!(
+            w[0] > w[1],
+            "student timesteps must be strictly descending, got {ts:?}"
+        );
+    }
+    ensure!(
+        ts[0] < grid.len(),
+        "timestep {} is outside the noise grid 0..{}",
+        ts[0],
+        grid.len()
+    );
+    Ok(())
+}
+
+impl Dmd2Config {
+    pub fn validate(&self, grid: &NoiseGrid) -> Result<()> {
+        self.run.validate()?;
+        check_timesteps(&self.timesteps, grid)?;
+        ensure!(self.dfake_gen_update_ratio >= 1, "dfake_gen_update_ratio must be >= 1");
+        ensure!(
+            (0.0..=1.0).contains(&self.min_step)
+                && (0.0..=1.0).contains(&self.max_step)
+                && self.min_step <= self.max_step,
+            "need 0 <= min_step <= max_step <= 1"
+        );
+        ensure!(
+            self.gan_max_timestep >= 1 && self.gan_max_timestep <= grid.len(),
+            "gan_max_timestep must be in 1..={}",
+            grid.len()
+        );
+        if let Some(s) = self.conditioning_sigma {
+            ensure!(s > 0.0, "conditioning_sigma must be positive");
+        }
+        Ok(())
+    }
+
+    /// The student's sigmas, descending.
+    pub fn sigmas(&self, grid: &NoiseGrid) -> Vec<f64> {
+        let mut s = grid.sigmas_of(&self.timesteps);
+        if let Some(c) = self.conditioning_sigma {
+            s[0] = c;
+        }
+        s
+    }
+
+    /// The config without what may change on resume (totals and cadence).
+    pub fn resume_key(&self) -> Result<String> {
+        let mut c = self.clone();
+        c.run.steps = 0;
+        (c.run.log_every, c.run.sample_every, c.run.checkpoint_every) = (0, 0, 0);
+        (c.run.eval_every, c.run.eval_n) = (0, 0);
+        Ok(toml::to_string(&c)?)
+    }
+}
+
+/// The DMD2 method: student, fake score, GAN head and their optimisers.
+pub struct Dmd2<'a> {
+    pub cfg: Dmd2Config,
+    teacher: &'a Teacher,
+    data: &'a Dataset,
+    grid: NoiseGrid,
+    sigmas: Vec<f64>,
+    student: Denoiser,
+    fake: Denoiser,
+    head: Option<GanHead>,
+    student_t: Trainable,
+    /// Fake score and GAN head together (DMD2's "guidance" optimiser).
+    fake_t: Trainable,
+    order: DataOrder,
+    device: Device,
+    /// Counts, for the update-schedule test.
+    pub generator_updates: u64,
+    pub fake_updates: u64,
+    _head_vars: Option<VarMap>,
+}
+
+/// Seeded PyTorch-default init for a fresh module's variables (norm layers: 1 and 0).
+fn seeded_init(varmap: &VarMap, seed: u64, device: &Device) -> Result<Vec<(String, Var)>> {
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let shapes: HashMap<String, Vec<usize>> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    let mut rng = step_rng(seed, 0, 0x6A11);
+    for (name, var) in &vars {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+        let is_norm = parent.rsplit('.').next().is_some_and(|p| p.starts_with("norm"));
+        let values: Vec<f32> = if is_norm {
+            vec![if leaf == "weight" { 1.0 } else { 0.0 }; n]
+        } else {
+            let w = shapes
+                .get(&format!("{parent}.weight"))
+                .cloned()
+                .unwrap_or(dims.clone());
+            let fan_in: usize = w.iter().skip(1).product::<usize>().max(1);
+            let b = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| rng.gen_range(-b..b)).collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, device)?)?;
+    }
+    Ok(vars)
+}
+
+impl<'a> Dmd2<'a> {
+    pub fn new(
+        cfg: Dmd2Config,
+        teacher: &'a Teacher,
+        data: &'a Dataset,
+        device: &Device,
+    ) -> Result<Self> {
+        let mcfg = teacher.meta.model.clone();
+        let grid = NoiseGrid::new(&mcfg.parameterisation);
+        cfg.validate(&grid)?;
+        let u = &mcfg.unet;
+        if cfg.gan
+            && (data.channels != u.channels || data.height != u.resolution || data.width != u.resolution)
+        {
+            bail!(
+                "the GAN head compares generated images with real ones: data {} is {}x{}x{}, the teacher makes {}x{}x{}",
+                data.source, data.channels, data.height, data.width, u.channels, u.resolution, u.resolution
+            );
+        }
+        if cfg.gan && data.labels.iter().any(|&l| l as usize >= u.num_classes) {
+            bail!("data {} has labels outside the teacher's {} classes", data.source, u.num_classes);
+        }
+        let w = teacher.weights();
+        let (student, svars) = distill::trainable_denoiser(&mcfg, &w, device)?;
+        let (fake, mut fvars) = distill::trainable_denoiser(&mcfg, &w, device)?;
+        let (head, head_vm) = if cfg.gan {
+            let vm = VarMap::new();
+            let (c, side) = u.bottleneck_shape();
+            let head = GanHead::new(
+                VarBuilder::from_varmap(&vm, DType::F32, device).pp("gan_head"),
+                c,
+                side,
+                u.groups,
+            )?;
+            fvars.extend(seeded_init(&vm, cfg.run.seed, device)?);
+            (Some(head), Some(vm))
+        } else {
+            (None, None)
+        };
+        let sigmas = cfg.sigmas(&grid);
+        Ok(Self {
+            student_t: Trainable::new("student", svars, cfg.student_optim.clone())?,
+            fake_t: Trainable::new("fake", fvars, cfg.fake_optim.clone())?,
+            order: DataOrder::new(data.len().max(1), cfg.run.seed ^ 0xD2),
+            teacher,
+            data,
+            grid,
+            sigmas,
+            student,
+            fake,
+            head,
+            cfg,
+            device: device.clone(),
+            generator_updates: 0,
+            fake_updates: 0,
+            _head_vars: head_vm,
+        })
+    }
+
+    /// Grid timesteps in `[lo, hi]` as fractions of the grid, like DMD2's min/max_step_percent.
+    fn dm_bounds(&self) -> (usize, usize) {
+        let t = self.grid.len();
+        let lo = (self.cfg.min_step * t as f64) as usize;
+        let hi = ((self.cfg.max_step * t as f64) as usize).min(t - 1);
+        (lo, hi.max(lo))
+    }
+
+    /// GAN realism logits of `x` (noised at a random level below `gan_max_timestep`).
+    fn gan_logits(
+        &self,
+        b: &CandleBackend,
+        fake: &Denoiser,
+        head: &GanHead,
+        x: &Tensor,
+        labels: &Tensor,
+        rng: &mut impl Rng,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let ts = uniform_ints(rng, n, 0, self.cfg.gan_max_timestep - 1);
+        let level = grid_level(&self.grid, &ts, &self.device)?;
+        let eps = randn(rng, x.dims(), &self.device)?;
+        let xn = (x + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
+        head.forward(b, &fake.bottleneck(b, &xn, &level, labels)?)
+    }
+}
+
+fn finite(name: &str, t: &Tensor) -> Result<f64> {
+    let v = scalar(t)?;
+    ensure!(v.is_finite(), "{name} is {v}: training diverged");
+    Ok(v)
+}
+
+impl Method for Dmd2<'_> {
+    const ROLE: Role = Role::Dmd2;
+
+    fn name(&self) -> &'static str {
+        "dmd2"
+    }
+
+    fn step(&mut self, step: u64) -> Result<StepMetrics> {
+        let dev = self.device.clone();
+        let b = CandleBackend::training(&dev);
+        let u = &self.teacher.meta.model.unet;
+        let (n, c, r) = (self.cfg.run.batch_size, u.channels, u.resolution);
+        let shape = [n, c, r, r];
+        let mut rng = step_rng(self.cfg.run.seed, step, 0xD3D2);
+        let mut m = StepMetrics::new();
+        let labels = random_labels(&mut rng, n, u.num_classes, &dev)?;
+        let z = randn(&mut rng, &shape, &dev)?;
+        // Backward simulation: the input of a random step k, from a no-grad rollout.
+        let steps = self.sigmas.len();
+        let k = if steps > 1 { rng.gen_range(0..steps) } else { 0 };
+        let fresh: Vec<Tensor> = (0..k)
+            .map(|_| randn(&mut rng, &shape, &dev))
+            .collect::<Result<_>>()?;
+        let x_in = if k == 0 {
+            (&z * graphs::sampler::initial_scale(&self.student.param, self.sigmas[0]))?
+        } else {
+            let frozen = graphs::params::detached(&self.student)?;
+            let ro = rollout(&b, &frozen, &z, &labels, &self.sigmas, k, Some(&fresh))?;
+            ro.xs[k].clone()
+        };
+        let level_k = sigma_level(&self.student, &vec![self.sigmas[k]; n], &dev)?;
+        let gen_turn = step % self.cfg.dfake_gen_update_ratio == 0;
+        let x0_gen = if gen_turn {
+            let x0 = self.student.forward(&b, &x_in, &level_k, &labels)?;
+            // Distribution matching at a random timestep (no gradient through either score).
+            let (lo, hi) = self.dm_bounds();
+            let ts = uniform_ints(&mut rng, n, lo, hi);
+            let level = grid_level(&self.grid, &ts, &dev)?;
+            let eps = randn(&mut rng, &shape, &dev)?;
+            let xd = x0.detach();
+            let x_t = (&xd + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
+            let (rc, ru) = teacher_x0(
+                &b,
+                &self.teacher.den,
+                &x_t,
+                &level,
+                &labels,
+                self.cfg.real_guidance_scale,
+            )?;
+            let real = guide(&rc, ru.as_ref(), self.cfg.real_guidance_scale)?;
+            let fake_frozen = graphs::params::detached(&self.fake)?;
+            let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &labels)?;
+            let dm = dm_loss(&x0, &real, &fake_x0)?;
+            m.insert("loss_dm", finite("loss_dm", &dm.loss)?);
+            m.insert("dm_normaliser", dm.normaliser);
+            let mut loss = dm.loss;
+            if let Some(head) = &self.head {
+                // Through frozen copies: the head and fake score get nothing from this term.
+                let hf = graphs::params::detached_head(head);
+                let logits = self.gan_logits(&b, &fake_frozen, &hf, &x0, &labels, &mut rng)?;
+                let g = gan::generator_loss(&logits)?;
+                m.insert("loss_gan_gen", finite("loss_gan_gen", &g)?);
+                loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
+            }
+            let grads = loss.backward()?;
+            let st = self.student_t.opt.step(&grads)?;
+            self.generator_updates += 1;
+            m.insert("grad_norm_student", st.grad_norm);
+            m.insert("lr_student", st.lr);
+            x0.detach()
+        } else {
+            let frozen = graphs::params::detached(&self.student)?;
+            frozen.forward(&b, &x_in, &level_k, &labels)?
+        };
+        // Fake-score turn: the teacher's own loss on the student's images, over the whole grid.
+        let ts = uniform_ints(&mut rng, n, 0, self.grid.len() - 1);
+        let noise = randn(&mut rng, &shape, &dev)?;
+        let cond = match &self.teacher.meta.model.parameterisation {
+            Parameterisation::Edm(_) => {
+                let s: Vec<f32> = ts.iter().map(|&t| self.grid.sigma(t) as f32).collect();
+                Tensor::from_vec(s, n, &dev)?
+            }
+            Parameterisation::Vp(_) => {
+                Tensor::from_vec(ts.iter().map(|&t| t as u32).collect::<Vec<_>>(), n, &dev)?
+            }
+        };
+        let lf = teacher_loss(&b, &self.fake, &x0_gen, &labels, &cond, &noise)?;
+        m.insert("loss_fake", finite("loss_fake", &lf)?);
+        let mut loss = lf;
+        if let Some(head) = &self.head {
+            let idx = self.order.batch(step, n);
+            let (real, real_labels) = self.data.batch(&idx, &dev)?;
+            let real_logits =
+                self.gan_logits(&b, &self.fake, head, &real, &real_labels, &mut rng)?;
+            let fake_logits = self.gan_logits(&b, &self.fake, head, &x0_gen, &labels, &mut rng)?;
+            let cl = gan::critic_loss(&real_logits, &fake_logits)?;
+            m.insert("loss_gan_critic", finite("loss_gan_critic", &cl)?);
+            m.insert(
+                "p_real_on_real",
+                scalar(&candle_nn::ops::sigmoid(&real_logits)?.mean_all()?)?,
+            );
+            m.insert(
+                "p_real_on_fake",
+                scalar(&candle_nn::ops::sigmoid(&fake_logits)?.mean_all()?)?,
+            );
+            loss = (loss + (cl * self.cfg.gan_critic_weight)?)?;
+        }
+        let grads = loss.backward()?;
+        let st = self.fake_t.opt.step(&grads)?;
+        self.fake_updates += 1;
+        m.insert("grad_norm_fake", st.grad_norm);
+        m.insert("lr_fake", st.lr);
+        Ok(m)
+    }
+
+    fn student_vars(&self) -> &[(String, Var)] {
+        self.student_t.vars()
+    }
+    fn student_updates(&self) -> u64 {
+        self.student_t.opt.t
+    }
+    fn save_state(&self, t: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
+        self.student_t.save(t, meta);
+        self.fake_t.save(t, meta);
+        meta.insert("generator_updates".into(), self.generator_updates.to_string());
+        meta.insert("fake_updates".into(), self.fake_updates.to_string());
+    }
+    fn load_state(
+        &mut self,
+        t: &HashMap<String, Tensor>,
+        meta: &HashMap<String, String>,
+    ) -> Result<()> {
+        self.student_t.load(t, meta)?;
+        self.fake_t.load(t, meta)?;
+        let get = |k: &str| -> Result<u64> {
+            Ok(meta
+                .get(k)
+                .ok_or_else(|| anyhow::anyhow!("training state lacks {k}"))?
+                .parse()?)
+        };
+        self.generator_updates = get("generator_updates")?;
+        self.fake_updates = get("fake_updates")?;
+        Ok(())
+    }
+    fn spec(&self) -> GeneratorSpec {
+        GeneratorSpec {
+            sampler: SamplerKind::Student,
+            steps: self.sigmas.len(),
+            sigmas: self.sigmas.clone(),
+            fresh_noise: self.sigmas.len() > 1,
+            cfg_scale: 1.0,
+        }
+    }
+    fn model_config(&self) -> ModelConfig {
+        self.teacher.meta.model.clone()
+    }
+}

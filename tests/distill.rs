@@ -1,0 +1,414 @@
+//! DMD2 and TDM trainers on tiny teachers: the update schedule, rollouts without gradient,
+//! TDM's interval sampler, resume, NaN handling, student checkpoints in sample/eval, and short runs
+//! that lower the Frechet distance of the student's samples.
+
+use candle_core::{Device, Tensor};
+use distill::checkpoint::{self, Role};
+use distill::data::Dataset;
+use distill::train::distill::{self as dist, RunConfig, RunSpec, Teacher};
+use distill::train::dmd2::{Dmd2, Dmd2Config};
+use distill::train::tdm::{NoiseMode, Tdm, TdmConfig};
+use distill::train::teacher::{self, TeacherConfig};
+use distill::train::RunDir;
+use graphs::{CandleBackend, NoiseGrid, UNetConfig};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+static CPU: Device = Device::Cpu;
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+
+/// The embedded digits at `res`.
+fn mnist(res: usize) -> Dataset {
+    distill::data::embedded_mnist()
+        .unwrap()
+        .to_resolution(res)
+        .unwrap()
+}
+
+fn shared_dir() -> &'static tempfile::TempDir {
+    static D: OnceLock<tempfile::TempDir> = OnceLock::new();
+    D.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("distill-test")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap()
+    })
+}
+
+/// Trains a teacher of `model` for `steps` steps on the embedded digits (once per test binary
+/// and name).
+fn teacher_ckpt(name: &str, model: UNetConfig, steps: u64) -> PathBuf {
+    let dir = shared_dir().path().join(name);
+    if !dir.join("checkpoint/config.json").exists() {
+        let mut c = TeacherConfig {
+            model: model.clone(),
+            steps,
+            batch_size: 32,
+            log_every: 50,
+            checkpoint_every: steps,
+            sample_every: 0,
+            sample_steps: 8,
+            ..Default::default()
+        };
+        c.optim.lr = 2e-3;
+        c.optim.warmup_steps = 20;
+        c.ema_decay = 0.99;
+        let run = RunDir::new(&dir).unwrap();
+        teacher::train(&c, &mnist(model.resolution), &run, false, false, &cpu()).unwrap();
+    }
+    dir.join("checkpoint")
+}
+
+/// A 16x16 teacher trained for a few steps: enough for schedule, resume and NaN tests.
+fn tiny_teacher() -> &'static Path {
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| teacher_ckpt("tiny", UNetConfig::tiny(), 30))
+}
+
+fn run_cfg(steps: u64) -> RunConfig {
+    RunConfig {
+        steps,
+        batch_size: 8,
+        seed: 3,
+        log_every: 1,
+        sample_every: 0,
+        checkpoint_every: 3,
+        eval_every: 0,
+        eval_n: 100,
+        ema_decay: 0.9,
+    }
+}
+
+fn spec<'a>(cfg: &'a RunConfig, toml: String, key: String, t: &'a Teacher, resume: bool) -> RunSpec<'a> {
+    RunSpec {
+        cfg,
+        config_toml: toml,
+        resume_key: key,
+        teacher: t,
+        resume,
+        show_progress: false,
+        evaluator: None,
+        device: &CPU,
+    }
+}
+
+fn run_dmd2(cfg: &Dmd2Config, t: &Teacher, data: &Dataset, out: &Path, resume: bool) -> anyhow::Result<(u64, u64)> {
+    let mut m = Dmd2::new(cfg.clone(), t, data, &cpu())?;
+    let rs = spec(&cfg.run, toml::to_string(cfg)?, cfg.resume_key()?, t, resume);
+    dist::run(&mut m, &rs, &RunDir::new(out)?)?;
+    Ok((m.generator_updates, m.fake_updates))
+}
+
+fn run_tdm(cfg: &TdmConfig, t: &Teacher, out: &Path, resume: bool) -> anyhow::Result<u64> {
+    let mut m = Tdm::new(cfg.clone(), t, &cpu())?;
+    let c = m.cfg.clone();
+    let rs = spec(&c.run, toml::to_string(&c)?, c.resume_key()?, t, resume);
+    dist::run(&mut m, &rs, &RunDir::new(out)?)?;
+    Ok(m.fake_updates)
+}
+
+fn dmd2_cfg(teacher: &Path, steps: u64) -> Dmd2Config {
+    Dmd2Config {
+        teacher: teacher.to_path_buf(),
+        run: run_cfg(steps),
+        dfake_gen_update_ratio: 3,
+        ..Default::default()
+    }
+}
+
+fn tdm_cfg(teacher: &Path, steps: u64) -> TdmConfig {
+    TdmConfig {
+        teacher: teacher.to_path_buf(),
+        run: run_cfg(steps),
+        ..Default::default()
+    }
+}
+
+fn metric(run: &Path, key: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v.get(key)?.as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn dmd2_updates_generator_every_ratio_steps_and_fake_score_every_step() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dmd2_cfg(tiny_teacher(), 10);
+    let (gen, fake) = run_dmd2(&cfg, &t, &mnist(16), dir.path(), false).unwrap();
+    assert_eq!((gen, fake), (4, 10), "generator at steps 0, 3, 6, 9; fake score every step");
+    // The metrics record the DM loss only on generator steps, the fake loss on all.
+    assert_eq!(metric(dir.path(), "loss_dm").iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4, 7, 10]);
+    assert_eq!(metric(dir.path(), "loss_fake").len(), 10);
+    assert!(metric(dir.path(), "loss_gan_critic").len() == 10);
+    // The checkpoint is a one-step student that `sample` understands.
+    let (den, meta) = checkpoint::load(&dir.path().join("checkpoint"), &cpu()).unwrap();
+    assert_eq!(meta.role, Role::Dmd2);
+    assert_eq!(meta.generator.sigmas, vec![80.0]);
+    assert_eq!(meta.generator.nfe(), 1);
+    let inputs = distill::sample::seeded_noise(&den, &meta.generator, 4, 0, &cpu()).unwrap();
+    let imgs = distill::sample::generate(&den, &meta.generator, &inputs, &Tensor::new(&[0u32, 1, 2, 3], &cpu()).unwrap(), 4, &cpu()).unwrap();
+    assert_eq!(imgs.dims(), &[4, 1, 16, 16]);
+}
+
+#[test]
+fn rollouts_carry_no_gradient_and_step_zero_is_pure_noise() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let (student, vars) = dist::trainable_denoiser(&t.meta.model, &t.weights(), &cpu()).unwrap();
+    let b = CandleBackend::training(&cpu());
+    let z = Tensor::randn(0f32, 1.0, (3, 1, 16, 16), &cpu()).unwrap();
+    let labels = Tensor::new(&[1u32, 2, 3], &cpu()).unwrap();
+    let sigmas = [80.0, 10.0, 1.0];
+    let frozen = graphs::params::detached(&student).unwrap();
+    let fresh = vec![z.ones_like().unwrap(); 2];
+    let ro = dist::rollout(&b, &frozen, &z, &labels, &sigmas, 2, Some(&fresh)).unwrap();
+    assert_eq!((ro.xs.len(), ro.x0s.len()), (3, 2));
+    // Step 0's input is the scaled pure noise.
+    let d = (&ro.xs[0] - (&z * 80.0).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    // Fresh re-noise: x_1 = x0_0 + sigma_1 * noise_1.
+    let want = (&ro.x0s[0] + 10.0).unwrap();
+    let d = (&ro.xs[1] - want).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+    // No gradient reaches the student's variables through a rollout.
+    let loss = ro.xs[2].sqr().unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    assert!(vars.iter().all(|(_, v)| g.get(v).is_none()));
+    // ...while a direct call does.
+    let level = dist::sigma_level(&student, &[80.0; 3], &cpu()).unwrap();
+    let g = student.forward(&b, &z, &level, &labels).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(vars.iter().any(|(_, v)| g.get(v).is_some()));
+    // Deterministic re-noise (TDM): x_1 = x0 + s_1 (x - x0) / s_0.
+    let ro = dist::rollout(&b, &frozen, &z, &labels, &sigmas, 3, None).unwrap();
+    assert_eq!((ro.xs.len(), ro.x0s.len()), (3, 3));
+    let eps = ((&ro.xs[0] - &ro.x0s[0]).unwrap() / 80.0).unwrap();
+    let want = (&ro.x0s[0] + (eps * 10.0).unwrap()).unwrap();
+    let d = (&ro.xs[1] - want).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+}
+
+#[test]
+fn tdm_separate_intervals_never_leave_their_step() {
+    use rand::SeedableRng;
+    let grid = NoiseGrid::new(&graphs::Parameterisation::edm());
+    let mut cfg = tdm_cfg(tiny_teacher(), 1);
+    cfg.validate(&grid).unwrap();
+    let ts = cfg.timesteps.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let d = cfg.draw(&mut rng, 20_000, grid.len());
+    let mut seen = vec![(usize::MAX, 0); ts.len()];
+    for i in 0..d.k.len() {
+        let k = d.k[i];
+        let next = ts.get(k + 1).copied().unwrap_or(0);
+        assert_eq!(d.t_m[i], next);
+        assert!(d.t[i] >= next.max(cfg.min_timestep) && d.t[i] < ts[k], "k {k}: t {}", d.t[i]);
+        seen[k] = (seen[k].0.min(d.t[i]), seen[k].1.max(d.t[i]));
+    }
+    // The intervals are disjoint and cover their range.
+    for k in 0..ts.len() {
+        let next = ts.get(k + 1).copied().unwrap_or(0);
+        assert_eq!(seen[k], (next.max(20), ts[k] - 10), "step {k}");
+    }
+    // to-T: the upper end is T - 10 for every step.
+    cfg.noise_mode = NoiseMode::ToT;
+    let d = cfg.draw(&mut rng, 5_000, grid.len());
+    assert!(d.t.iter().all(|&t| t <= 990));
+    assert!(d.k.iter().zip(&d.t).any(|(&k, &t)| k == 3 && t > 900));
+    // random_mid keeps t_m within [next, t_k - 20].
+    cfg.noise_mode = NoiseMode::Separate;
+    cfg.random_mid = true;
+    let d = cfg.draw(&mut rng, 5_000, grid.len());
+    for i in 0..d.k.len() {
+        let next = ts.get(d.k[i] + 1).copied().unwrap_or(0);
+        assert!(d.t_m[i] >= next && d.t_m[i] <= ts[d.k[i]] - 20 && d.t[i] >= d.t_m[i]);
+    }
+    // Timesteps too close together leave no interval: a clear error.
+    let mut bad = tdm_cfg(tiny_teacher(), 1);
+    bad.timesteps = vec![999, 995];
+    assert!(bad.validate(&grid).unwrap_err().to_string().contains("no matching interval"));
+}
+
+#[test]
+fn distill_runs_resume_on_the_same_curve() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let data = mnist(16);
+    // DMD2, 4-step with backward simulation.
+    let mut c = dmd2_cfg(tiny_teacher(), 7);
+    c.timesteps = vec![999, 749, 499, 249];
+    let full = tempfile::tempdir().unwrap();
+    run_dmd2(&c, &t, &data, full.path(), false).unwrap();
+    let part = tempfile::tempdir().unwrap();
+    let mut c3 = c.clone();
+    c3.run.steps = 3;
+    run_dmd2(&c3, &t, &data, part.path(), false).unwrap();
+    assert!(run_dmd2(&c, &t, &data, part.path(), false).is_err(), "refuses to overwrite");
+    let mut other = c.clone();
+    other.real_guidance_scale = 3.0;
+    let e = run_dmd2(&other, &t, &data, part.path(), true).unwrap_err();
+    assert!(format!("{e:#}").contains("different configuration"), "{e:#}");
+    run_dmd2(&c, &t, &data, part.path(), true).unwrap();
+    for key in ["loss_fake", "loss_gan_critic", "grad_norm_fake"] {
+        let (a, b) = (metric(full.path(), key), metric(part.path(), key));
+        assert_eq!(a.len(), 7, "{key}");
+        for ((s, x), (_, y)) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key} step {s}: {x} vs {y}");
+        }
+    }
+    let w = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    assert_eq!(w(full.path()), w(part.path()), "same final student weights");
+    let (_, meta) = checkpoint::load(&part.path().join("checkpoint"), &cpu()).unwrap();
+    assert!(meta.generator.fresh_noise && meta.generator.num_fresh_noise() == 3);
+
+    // TDM with gradient accumulation and step-conditioned fake score.
+    let mut c = tdm_cfg(tiny_teacher(), 6);
+    c.grad_accum = 2;
+    c.noise_mode = NoiseMode::ToT;
+    c.condition_on_step = true;
+    let full = tempfile::tempdir().unwrap();
+    assert_eq!(run_tdm(&c, &t, full.path(), false).unwrap(), 6);
+    let part = tempfile::tempdir().unwrap();
+    let mut c3 = c.clone();
+    c3.run.steps = 3;
+    run_tdm(&c3, &t, part.path(), false).unwrap();
+    run_tdm(&c, &t, part.path(), true).unwrap();
+    for key in ["loss_student", "loss_fake"] {
+        let (a, b) = (metric(full.path(), key), metric(part.path(), key));
+        assert_eq!(a.len(), 6, "{key}");
+        for ((s, x), (_, y)) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key} step {s}: {x} vs {y}");
+        }
+    }
+    assert_eq!(w(full.path()), w(part.path()));
+    let (_, meta) = checkpoint::load(&part.path().join("checkpoint"), &cpu()).unwrap();
+    assert_eq!(meta.role, Role::Tdm);
+    assert!(!meta.generator.fresh_noise);
+    assert_eq!(meta.generator.sigmas.len(), 4);
+}
+
+#[test]
+fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = dmd2_cfg(tiny_teacher(), 3);
+    run_dmd2(&c, &t, &mnist(16), dir.path(), false).unwrap();
+    let before = std::fs::read(dir.path().join("checkpoint/train_state.safetensors")).unwrap();
+    let mut bad = mnist(16);
+    for v in bad.images.iter_mut() {
+        *v = f32::NAN;
+    }
+    let mut c6 = c.clone();
+    c6.run.steps = 6;
+    let e = run_dmd2(&c6, &t, &bad, dir.path(), true).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("NaN") && msg.contains("checkpoint"), "{msg}");
+    assert_eq!(before, std::fs::read(dir.path().join("checkpoint/train_state.safetensors")).unwrap());
+    // TDM with an exploding learning rate.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = tdm_cfg(tiny_teacher(), 50);
+    c.run.checkpoint_every = 1;
+    c.student_optim.lr = 1e12;
+    c.student_optim.grad_clip = 0.0;
+    c.student_optim.warmup_steps = 0;
+    let e = run_tdm(&c, &t, dir.path(), false).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("diverged") || msg.contains("NaN") || msg.contains("inf"), "{msg}");
+    assert!(msg.contains("checkpoint"), "{msg}");
+}
+
+#[test]
+fn distillation_refuses_students_and_bad_configs() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    run_tdm(&tdm_cfg(tiny_teacher(), 1), &t, dir.path(), false).unwrap();
+    let e = Teacher::load(&dir.path().join("checkpoint"), &cpu()).err().unwrap();
+    assert!(format!("{e:#}").contains("not a teacher"), "{e:#}");
+    let mut c = dmd2_cfg(tiny_teacher(), 1);
+    c.timesteps = vec![249, 999];
+    assert!(Dmd2::new(c, &t, &mnist(16), &cpu()).err().unwrap().to_string().contains("descending"));
+    let mut c = dmd2_cfg(tiny_teacher(), 1);
+    c.timesteps = vec![1000];
+    assert!(Dmd2::new(c, &t, &mnist(16), &cpu()).err().unwrap().to_string().contains("outside"));
+    // The GAN needs real images of the teacher's shape.
+    let c = dmd2_cfg(tiny_teacher(), 1);
+    let e = Dmd2::new(c, &t, &mnist(32), &cpu()).err().unwrap();
+    assert!(e.to_string().contains("16x16"), "{e}");
+    let mut c = tdm_cfg(tiny_teacher(), 1);
+    c.condition_on_step = true;
+    assert!(Tdm::new(c, &t, &cpu()).err().unwrap().to_string().contains("to-t"));
+}
+
+/// A 32x32 teacher (the evaluation classifier's size) trained briefly, and the evaluator.
+fn quality_fixture() -> &'static (PathBuf, distill::eval::Evaluator) {
+    static F: OnceLock<(PathBuf, distill::eval::Evaluator)> = OnceLock::new();
+    F.get_or_init(|| {
+        let model = UNetConfig {
+            resolution: 32,
+            base_channels: 16,
+            channel_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            attn_resolutions: vec![],
+            groups: 8,
+            ..UNetConfig::tiny()
+        };
+        let ckpt = teacher_ckpt("q32", model, 400);
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("distill-classifier-cache");
+        let ev = distill::eval::Evaluator::new(&cache, &cpu(), false).unwrap();
+        (ckpt, ev)
+    })
+}
+
+fn student_fd(run: &Path, ev: &distill::eval::Evaluator) -> f64 {
+    let (den, meta) = checkpoint::load(&run.join("checkpoint"), &cpu()).unwrap();
+    dist::eval_student(ev, &den, &meta.generator, 500, &cpu()).unwrap().fd
+}
+
+#[test]
+fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
+    let (teacher_dir, ev) = quality_fixture();
+    let t = Teacher::load(teacher_dir, &cpu()).unwrap();
+    let data = mnist(32);
+    // DMD2, one step: the student starts as the teacher evaluated once at sigma 80 (a blur).
+    let mut c = dmd2_cfg(teacher_dir, 1);
+    c.dfake_gen_update_ratio = 5;
+    c.run.batch_size = 16;
+    c.run.checkpoint_every = 1000;
+    let before = tempfile::tempdir().unwrap();
+    c.run.ema_decay = 0.0;
+    c.student_optim.lr = 0.0; // one iteration at lr 0: the initial student
+    run_dmd2(&c, &t, &data, before.path(), false).unwrap();
+    let fd0 = student_fd(before.path(), ev);
+    let after = tempfile::tempdir().unwrap();
+    c.student_optim.lr = 2e-4;
+    c.fake_optim.lr = 2e-4;
+    c.run.steps = 150;
+    run_dmd2(&c, &t, &data, after.path(), false).unwrap();
+    let fd1 = student_fd(after.path(), ev);
+    eprintln!("dmd2 1-step student FD: {fd0:.2} -> {fd1:.2}");
+    assert!(fd1 < 0.8 * fd0, "DMD2 FD {fd0:.2} -> {fd1:.2}");
+
+    // TDM, four steps: the student starts as the teacher's 4-step DDIM sampler.
+    let mut c = tdm_cfg(teacher_dir, 1);
+    c.run.batch_size = 16;
+    c.run.checkpoint_every = 1000;
+    c.run.ema_decay = 0.0;
+    c.student_optim.lr = 0.0;
+    let before = tempfile::tempdir().unwrap();
+    run_tdm(&c, &t, before.path(), false).unwrap();
+    let fd0 = student_fd(before.path(), ev);
+    c.student_optim.lr = 5e-5;
+    c.fake_optim.lr = 2.5e-4;
+    c.run.steps = 60;
+    let after = tempfile::tempdir().unwrap();
+    run_tdm(&c, &t, after.path(), false).unwrap();
+    let fd1 = student_fd(after.path(), ev);
+    eprintln!("tdm 4-step student FD: {fd0:.2} -> {fd1:.2}");
+    assert!(fd1 < 0.9 * fd0, "TDM FD {fd0:.2} -> {fd1:.2}");
+}
