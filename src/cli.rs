@@ -49,9 +49,26 @@ pub enum Command {
     /// Time a teacher training step and a forward pass in candle and, when torch is installed
     /// (scripts/setup-bench.sh), the identical UNet in PyTorch in the same run; prints ratios.
     Bench(BenchArgs),
-    /// The main job: train the teacher on the embedded digits, then evaluate it per NFE (later
-    /// stages are resumed/skipped when already done).
+    /// Draw training curves from a run's metrics.jsonl as a PNG line chart.
+    Plot(PlotArgs),
+    /// The main job: teacher -> DMD2 and TDM students -> quality per NFE -> ONNX export -> parity,
+    /// on the embedded digits by default (finished stages are skipped, interrupted ones resumed).
     Pipeline(PipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A metrics.jsonl file, or a run folder holding one.
+    pub metrics: PathBuf,
+    /// Keys to draw, comma-separated (default: every logged quantity but step, time and learning rates).
+    #[arg(long, value_delimiter = ',')]
+    pub keys: Vec<String>,
+    /// Output PNG (default: curves.png beside the metrics file).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Logarithmic y axis.
+    #[arg(long)]
+    pub log_y: bool,
 }
 
 #[derive(Args, Debug)]
@@ -181,25 +198,31 @@ pub struct BenchArgs {
 
 #[derive(Args, Debug)]
 pub struct PipelineArgs {
-    /// Folder for every stage's run (teacher/, eval.json, ...).
+    /// Folder for every stage (teacher/, dmd2_1step/, dmd2_4step/, tdm_4step/, export/,
+    /// results.md, results.json).
     #[arg(long, short, default_value = "runs/pipeline")]
     pub out: PathBuf,
-    /// Teacher options (same flags as `distill train teacher`, without --out).
-    #[command(flatten)]
-    pub teacher: PipelineTeacher,
-    /// Images per evaluation.
-    #[arg(long, default_value_t = 1000)]
-    pub eval_n: usize,
-}
-
-#[derive(Args, Debug)]
-pub struct PipelineTeacher {
-    /// Teacher training steps.
-    #[arg(long)]
-    pub teacher_steps: Option<u64>,
     /// Training data (default: the embedded MNIST digits).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Teacher training steps (default: the teacher's default, 2000).
+    #[arg(long)]
+    pub teacher_steps: Option<u64>,
+    /// DMD2 iterations per student.
+    #[arg(long, default_value_t = 1000)]
+    pub dmd2_steps: u64,
+    /// TDM iterations.
+    #[arg(long, default_value_t = 500)]
+    pub tdm_steps: u64,
+    /// Skip the 4-step DMD2 student.
+    #[arg(long)]
+    pub no_dmd2_4step: bool,
+    /// Images per evaluation.
+    #[arg(long, default_value_t = 1000)]
+    pub eval_n: usize,
+    /// Skip the ONNX export and parity stage.
+    #[arg(long)]
+    pub no_export: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -400,7 +423,8 @@ pub struct SampleArgs {
     /// Sampler (default: the checkpoint's own: Heun for EDM teachers, DDIM for VP, student for students).
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerArg>,
-    /// Sampling steps (Heun with N steps costs 2N-1 NFE).
+    /// Sampling steps (Heun with N steps costs 2N-1 NFE; a student can use fewer than its trained
+    /// steps: every (N/k)-th of its sigmas).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classifier-free guidance scale (1 = off).
@@ -447,13 +471,11 @@ pub fn spec_from_flags(
         }
     }
     if let Some(n) = steps {
-        if spec.sampler == SamplerKind::Student && n != spec.sigmas.len() {
-            bail!(
-                "a student samples with its trained {} steps; --steps {n} would need other sigmas",
-                spec.sigmas.len()
-            );
+        if spec.sampler == SamplerKind::Student {
+            spec = spec.student_substeps(n)?;
+        } else {
+            spec.steps = n;
         }
-        spec.steps = n;
     }
     if let Some(c) = cfg {
         spec.cfg_scale = c;
@@ -496,7 +518,7 @@ pub fn load_data(
     Ok(d.to_resolution(resolution)?)
 }
 
-fn cmd_teacher(a: &TeacherArgs, dev: &Device, quiet: bool) -> Result<()> {
+pub fn cmd_teacher(a: &TeacherArgs, dev: &Device, quiet: bool) -> Result<()> {
     let mut cfg = a.resolve()?;
     let data = load_data(a.data.as_deref(), cfg.model.resolution, a.limit)?;
     cfg.model.channels = data.channels;
@@ -788,98 +810,42 @@ fn cmd_bench(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// One row of the pipeline's quality-per-NFE table.
-#[derive(serde::Serialize, Debug)]
-pub struct QualityRow {
-    pub model: String,
-    pub sampler: String,
-    pub nfe: usize,
-    pub cfg_scale: f64,
-    pub fd: f64,
-    pub class_accuracy: Option<f64>,
-    pub ms_per_image: f64,
-    pub command: String,
+fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
+    let o = crate::pipeline::PipelineOptions {
+        out: a.out.clone(),
+        data: a.data.clone(),
+        teacher_steps: a.teacher_steps,
+        dmd2_steps: a.dmd2_steps,
+        tdm_steps: a.tdm_steps,
+        dmd2_four_step: !a.no_dmd2_4step,
+        eval_n: a.eval_n,
+        export: !a.no_export,
+        quiet,
+    };
+    let r = crate::pipeline::run(&o, dev)?;
+    println!("{}", crate::pipeline::markdown(&r));
+    Ok(())
 }
 
-fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    // 1. Teacher (resumed if a previous pipeline run was interrupted, skipped if finished).
-    let mut targs = TeacherArgs {
-        data: a.teacher.data.clone(),
-        out: a.out.join("teacher"),
-        steps: a.teacher.teacher_steps,
-        ..Default::default()
-    };
-    let cfg = targs.resolve()?;
-    let ckpt = RunDir::new(&targs.out)?.checkpoint();
-    let done = checkpoint::load_meta(&ckpt)
-        .map(|m| m.step >= cfg.steps)
-        .unwrap_or(false);
-    if done {
-        eprintln!(
-            "pipeline: teacher already trained ({}), skipping",
-            ckpt.display()
-        );
+fn cmd_plot(a: &PlotArgs) -> Result<()> {
+    let file = if a.metrics.is_dir() {
+        a.metrics.join("metrics.jsonl")
     } else {
-        targs.resume = ckpt.join(teacher::TRAIN_STATE_FILE).exists();
-        cmd_teacher(&targs, dev, quiet)?;
-    }
-    // 2. Quality per NFE.
-    let ev = evaluator(None, dev, quiet)?;
-    let mut rows = Vec::new();
-    let cfgs = [
-        (Some(SamplerArg::Heun), Some(18), Some(cfg.cfg_scale)),
-        (Some(SamplerArg::Heun), Some(18), Some(1.0)),
-        (Some(SamplerArg::Euler), Some(4), Some(cfg.cfg_scale)),
-        (Some(SamplerArg::Euler), Some(1), Some(cfg.cfg_scale)),
-    ];
-    for flags in cfgs {
-        let (r, spec, ms) = eval_checkpoint(&ev, &ckpt, flags, a.eval_n, 1, dev)?;
-        let row = QualityRow {
-            model: "teacher".into(),
-            sampler: format!("{:?}", spec.sampler).to_lowercase(),
-            nfe: spec.nfe(),
-            cfg_scale: spec.cfg_scale,
-            fd: r.fd,
-            class_accuracy: r.class_accuracy,
-            ms_per_image: ms,
-            command: format!(
-                "distill eval {} --sampler {} --steps {} --cfg-scale {} --n {}",
-                ckpt.display(),
-                format!("{:?}", spec.sampler).to_lowercase(),
-                spec.steps,
-                spec.cfg_scale,
-                a.eval_n
-            ),
-        };
-        eprintln!(
-            "{:>8} {:>6} NFE {:>3} cfg {:.1}: FD {:.2}, class accuracy {}",
-            row.model,
-            row.sampler,
-            row.nfe,
-            row.cfg_scale,
-            row.fd,
-            r.class_accuracy
-                .map(|x| format!("{:.1}%", 100.0 * x))
-                .unwrap_or_default()
-        );
-        rows.push(row);
-    }
+        a.metrics.clone()
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        file.parent()
+            .unwrap_or(Path::new("."))
+            .join("curves.png")
+    });
+    let series = crate::plot::read_metrics(&file, &a.keys)?;
+    crate::plot::plot_png(&out, &file.display().to_string(), &series, a.log_y)?;
     println!(
-        "reference: real vs real FD {:.2}, Gaussian noise FD {:.2}",
-        ev.ref_real_fd, ev.ref_noise_fd
+        "{}: {} ({} points)",
+        out.display(),
+        series.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+        series.iter().map(|s| s.points.len()).sum::<usize>()
     );
-    let path = a.out.join("quality.json");
-    checkpoint::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
-    println!("pipeline: quality per NFE in {}", path.display());
-    crate::sample::class_grid(
-        &checkpoint::load(&ckpt, dev)?.0,
-        &checkpoint::load_meta(&ckpt)?.generator,
-        10,
-        0,
-        dev,
-        &a.out.join("teacher_samples.png"),
-    )?;
     Ok(())
 }
 
@@ -918,5 +884,6 @@ pub fn main() -> Result<()> {
         Command::Bench(a) => cmd_bench(a, cli.threads),
         Command::Validate(a) => cmd_validate(a),
         Command::Pipeline(a) => cmd_pipeline(a, &dev, cli.quiet),
+        Command::Plot(a) => cmd_plot(a),
     }
 }

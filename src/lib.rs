@@ -8,5 +8,7 @@ pub mod cli_distill;
 pub mod data;
 pub mod eval;
 pub mod grid;
+pub mod pipeline;
+pub mod plot;
 pub mod sample;
 pub mod train;

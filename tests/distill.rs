@@ -351,14 +351,14 @@ fn quality_fixture() -> &'static (PathBuf, distill::eval::Evaluator) {
     F.get_or_init(|| {
         let model = UNetConfig {
             resolution: 32,
-            base_channels: 16,
+            base_channels: 8,
             channel_mult: vec![1, 2, 2],
             num_res_blocks: 1,
             attn_resolutions: vec![],
-            groups: 8,
+            groups: 4,
             ..UNetConfig::tiny()
         };
-        let ckpt = teacher_ckpt("q32", model, 400);
+        let ckpt = teacher_ckpt("q32", model, 200);
         let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("distill-classifier-cache");
         let ev = distill::eval::Evaluator::new(&cache, &cpu(), false).unwrap();
         (ckpt, ev)
@@ -411,4 +411,71 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     let fd1 = student_fd(after.path(), ev);
     eprintln!("tdm 4-step student FD: {fd0:.2} -> {fd1:.2}");
     assert!(fd1 < 0.9 * fd0, "TDM FD {fd0:.2} -> {fd1:.2}");
+}
+
+/// `onnx.checker.check_model(onnx.load(P), full_check=True)` with the project's .venv python.
+fn onnx_check(path: &Path) {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(py.exists(), "{} is missing: run scripts/setup.sh", py.display());
+    let out = std::process::Command::new(&py)
+        .arg("-c")
+        .arg("import sys, onnx; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "checker: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    let one = runs.path().join("dmd2_1");
+    run_dmd2(&dmd2_cfg(tiny_teacher(), 3), &t, &mnist(16), &one, false).unwrap();
+    let four = runs.path().join("dmd2_4");
+    let mut c = dmd2_cfg(tiny_teacher(), 3);
+    c.timesteps = vec![999, 749, 499, 249];
+    run_dmd2(&c, &t, &mnist(16), &four, false).unwrap();
+    let tdm = runs.path().join("tdm_4");
+    run_tdm(&tdm_cfg(tiny_teacher(), 2), &t, &tdm, false).unwrap();
+    for (run, fresh) in [(&one, 0), (&four, 3), (&tdm, 0)] {
+        for precision in [distill::cli::PrecisionArg::Fp32, distill::cli::PrecisionArg::Fp16] {
+            let out = run.join("export");
+            let a = distill::cli::ExportArgs {
+                checkpoint: run.join("checkpoint"),
+                onnx: true,
+                out: out.clone(),
+                what: distill::cli::ExportWhat::Generator,
+                precision,
+                sampler: None,
+                steps: None,
+                cfg_scale: None,
+            };
+            let path = distill::cli::export_checkpoint(&a).unwrap();
+            onnx_check(&path);
+            let model = export::runtime::load_model(&path).unwrap();
+            let (inputs, _) = export::runtime::io_specs(&model).unwrap();
+            let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+            let mut want = vec!["noise".to_string(), "class_labels".to_string()];
+            want.extend((1..=fresh).map(|i| format!("noise_{i}")));
+            for w in &want {
+                assert!(names.contains(&w.as_str()), "{}: inputs {names:?}", path.display());
+            }
+            assert_eq!(names.len(), want.len());
+            let v = distill::cli::ValidateArgs {
+                model: path.clone(),
+                reference: run.join("checkpoint"),
+                runtimes: vec!["tract".into(), "ort".into()],
+                cases: 32,
+                batches: vec![1, 7, 4, 2],
+                seed: 0,
+                atol: None,
+                mean_atol: None,
+                json: None,
+            };
+            let r = distill::cli::validate_model(&v).unwrap();
+            eprintln!("{}:\n{r}", path.display());
+            assert!(r.passed(), "{}:\n{r}", path.display());
+        }
+    }
 }

@@ -176,6 +176,23 @@ impl GeneratorSpec {
             0
         }
     }
+    /// A student sampled with only `k` of its trained steps: every `steps / k`-th sigma, starting
+    /// at the first (e.g. a 4-step student at 2 steps uses its 1st and 3rd sigma).
+    pub fn student_substeps(&self, k: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(self.sampler == SamplerKind::Student, "not a student sampler");
+        let n = self.sigmas.len();
+        anyhow::ensure!(
+            (1..=n).contains(&k),
+            "a student trained with {n} steps samples with 1..={n} of them, not {k}"
+        );
+        let sigmas: Vec<f64> = (0..k).map(|i| self.sigmas[i * n / k]).collect();
+        Ok(Self {
+            steps: k,
+            sigmas,
+            ..self.clone()
+        })
+    }
+
     /// The sigma of each network evaluation's step (ODE: the sampler grid; student: its sigmas).
     pub fn step_sigmas(&self, param: &Parameterisation) -> Vec<f64> {
         if self.sampler == SamplerKind::Student {

@@ -527,6 +527,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<DistillOu
         }
     }
     pb.finish();
+    write_curves(run)?;
     Ok(DistillOutcome {
         checkpoint: run.checkpoint(),
         steps: cfg.steps,
@@ -587,4 +588,19 @@ pub fn gather_steps(xs: &[Tensor], idx: &[usize]) -> Result<Tensor> {
 /// Host f64 scalar of a 0-d tensor.
 pub fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// `curves.png` (the losses, log scale) and, when evaluated, `fd.png` in the run folder.
+pub fn write_curves(run: &RunDir) -> Result<()> {
+    let all = crate::plot::read_metrics(&run.metrics(), &[])?;
+    let title = run.metrics().display().to_string();
+    let losses: Vec<_> = all.iter().filter(|s| s.name.starts_with("loss")).cloned().collect();
+    if !losses.is_empty() {
+        crate::plot::plot_png(&run.root.join("curves.png"), &title, &losses, true)?;
+    }
+    let fd: Vec<_> = all.iter().filter(|s| s.name == "fd").cloned().collect();
+    if !fd.is_empty() {
+        crate::plot::plot_png(&run.root.join("fd.png"), &title, &fd, false)?;
+    }
+    Ok(())
 }

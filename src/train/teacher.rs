@@ -410,6 +410,7 @@ pub fn train(
         }
     }
     pb.finish_with_message(format!("loss {last_loss:.4} grad-norm {last_norm:.3}"));
+    super::distill::write_curves(run)?;
     Ok(TeacherOutcome {
         checkpoint: run.checkpoint(),
         final_loss: last_loss,

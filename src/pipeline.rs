@@ -1,0 +1,351 @@
+//! The main job (`distill pipeline`): teacher -> DMD2 (1 and 4 steps) -> TDM (4 steps) ->
+//! quality per NFE -> ONNX export (fp32, fp16) -> parity in tract and ONNX Runtime -> a results
+//! table. Every stage is skipped when its output is complete and resumed when it was interrupted,
+//! so running the command again after a crash continues where it stopped.
+
+use crate::checkpoint;
+use crate::cli::{self, SamplerArg};
+use crate::cli_distill::{self, DistillRunArgs, Dmd2Args, TdmArgs};
+use crate::train::RunDir;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Sizes of the main job's stages (the defaults are what the README's numbers come from).
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    pub out: PathBuf,
+    pub data: Option<PathBuf>,
+    pub teacher_steps: Option<u64>,
+    pub dmd2_steps: u64,
+    pub tdm_steps: u64,
+    /// Train the 4-step DMD2 student too.
+    pub dmd2_four_step: bool,
+    pub eval_n: usize,
+    /// Export and validate the students (and the teacher's 35-NFE sampler).
+    pub export: bool,
+    pub quiet: bool,
+}
+
+/// One row of the quality-per-NFE table.
+#[derive(Serialize, Debug, Clone)]
+pub struct QualityRow {
+    pub model: String,
+    pub sampler: String,
+    pub nfe: usize,
+    pub cfg_scale: f64,
+    pub fd: f64,
+    pub class_accuracy: Option<f64>,
+    pub ms_per_image: f64,
+    pub command: String,
+}
+
+/// One row of the parity table.
+#[derive(Serialize, Debug, Clone)]
+pub struct ParityRow {
+    pub model: String,
+    pub precision: String,
+    pub runtime: String,
+    pub max_abs: f64,
+    pub mean_abs: f64,
+    pub cosine: f64,
+    pub passed: bool,
+    pub command: String,
+}
+
+#[derive(Serialize, Debug, Default)]
+pub struct Results {
+    pub quality: Vec<QualityRow>,
+    pub parity: Vec<ParityRow>,
+    pub ref_real_fd: f64,
+    pub ref_noise_fd: f64,
+}
+
+/// True when `ckpt` holds a finished run of `steps` iterations.
+fn finished(ckpt: &Path, steps: u64) -> bool {
+    checkpoint::load_meta(ckpt)
+        .map(|m| m.step >= steps)
+        .unwrap_or(false)
+}
+
+fn resumable(ckpt: &Path) -> bool {
+    ckpt.join(crate::train::distill::TRAIN_STATE_FILE).exists()
+}
+
+/// The distillation stages' shared flags.
+fn run_args(out: &Path, teacher: &Path, steps: u64, timesteps: Vec<usize>) -> DistillRunArgs {
+    DistillRunArgs {
+        teacher: Some(teacher.to_path_buf()),
+        out: Some(out.to_path_buf()),
+        timesteps: Some(timesteps),
+        steps: Some(steps),
+        resume: resumable(&out.join("checkpoint")),
+        eval_every: Some((steps / 8).max(1)),
+        eval_n: Some(500),
+        sample_every: Some((steps / 4).max(1)),
+        ..Default::default()
+    }
+}
+
+/// Runs every stage; returns the results (also written to `results.json` and `results.md`).
+pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let show = !o.quiet && {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal()
+    };
+    // 1. Teacher.
+    let targs = cli::TeacherArgs {
+        data: o.data.clone(),
+        out: o.out.join("teacher"),
+        steps: o.teacher_steps,
+        ..Default::default()
+    };
+    let tcfg = targs.resolve()?;
+    let teacher = RunDir::new(&targs.out)?.checkpoint();
+    if finished(&teacher, tcfg.steps) {
+        eprintln!("pipeline: teacher done ({}), skipping", teacher.display());
+    } else {
+        let mut a = targs;
+        a.resume = resumable(&teacher);
+        cli::cmd_teacher(&a, dev, o.quiet)?;
+    }
+    // 2. Students.
+    let mut students: Vec<(&str, PathBuf)> = Vec::new();
+    let stage = |name: &str| o.out.join(name);
+    let dmd2 = |name: &str, ts: Vec<usize>, ratio: u64| -> Result<PathBuf> {
+        let out = stage(name);
+        if finished(&out.join("checkpoint"), o.dmd2_steps) {
+            eprintln!("pipeline: {name} done, skipping");
+            return Ok(out.join("checkpoint"));
+        }
+        let a = Dmd2Args {
+            common: run_args(&out, &teacher, o.dmd2_steps, ts),
+            data: o.data.clone(),
+            dfake_gen_update_ratio: Some(ratio),
+            ..Default::default()
+        };
+        cli_distill::cmd_dmd2(&a, dev, show, o.quiet)
+    };
+    students.push(("dmd2_1step", dmd2("dmd2_1step", vec![999], 5)?));
+    if o.dmd2_four_step {
+        students.push((
+            "dmd2_4step",
+            dmd2("dmd2_4step", vec![999, 749, 499, 249], 5)?,
+        ));
+    }
+    let out = stage("tdm_4step");
+    let tdm_ckpt = if finished(&out.join("checkpoint"), o.tdm_steps) {
+        eprintln!("pipeline: tdm_4step done, skipping");
+        out.join("checkpoint")
+    } else {
+        let a = TdmArgs {
+            common: run_args(&out, &teacher, o.tdm_steps, vec![999, 749, 499, 249]),
+            ..Default::default()
+        };
+        cli_distill::cmd_tdm(&a, dev, show, o.quiet)?
+    };
+    students.push(("tdm_4step", tdm_ckpt));
+    // 3. Quality per NFE.
+    let cache = crate::eval::classifier::default_cache_dir();
+    let ev = crate::eval::Evaluator::new(&cache, dev, show)?;
+    let mut res = Results {
+        ref_real_fd: ev.ref_real_fd,
+        ref_noise_fd: ev.ref_noise_fd,
+        ..Default::default()
+    };
+    let cfg = tcfg.cfg_scale;
+    let mut evals: Vec<(String, PathBuf, Option<SamplerArg>, Option<usize>, f64)> = vec![
+        ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(18), cfg),
+        ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(18), 1.0),
+        ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(3), cfg),
+        ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(4), cfg),
+        ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(2), cfg),
+        ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(1), cfg),
+    ];
+    for (name, ckpt) in &students {
+        let steps = checkpoint::load_meta(ckpt)?.generator.steps;
+        for k in (1..=steps).rev().filter(|k| *k == steps || *k <= 2) {
+            evals.push((name.to_string(), ckpt.clone(), None, Some(k), 1.0));
+        }
+    }
+    for (name, ckpt, sampler, steps, cfg) in evals {
+        let (r, spec, ms) =
+            cli::eval_checkpoint(&ev, &ckpt, (sampler, steps, Some(cfg)), o.eval_n, 1, dev)?;
+        let sname = format!("{:?}", spec.sampler).to_lowercase();
+        let row = QualityRow {
+            model: name,
+            sampler: sname.clone(),
+            nfe: spec.nfe(),
+            cfg_scale: spec.cfg_scale,
+            fd: r.fd,
+            class_accuracy: r.class_accuracy,
+            ms_per_image: ms,
+            command: match sampler {
+                Some(_) => format!(
+                    "distill eval {} --sampler {sname} --steps {} --cfg-scale {} --n {}",
+                    ckpt.display(),
+                    spec.steps,
+                    spec.cfg_scale,
+                    o.eval_n
+                ),
+                None => format!(
+                    "distill eval {} --steps {} --n {}",
+                    ckpt.display(),
+                    spec.steps,
+                    o.eval_n
+                ),
+            },
+        };
+        eprintln!(
+            "{:>10} {:>7} NFE {:>2} cfg {:.1}: FD {:7.2}, class accuracy {:5.1}%, {:.2} ms/image",
+            row.model,
+            row.sampler,
+            row.nfe,
+            row.cfg_scale,
+            row.fd,
+            100.0 * row.class_accuracy.unwrap_or(f64::NAN),
+            row.ms_per_image
+        );
+        res.quality.push(row);
+    }
+    // 4. Export + parity.
+    if o.export {
+        let mut targets: Vec<(String, PathBuf)> = students
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.clone()))
+            .collect();
+        targets.push(("teacher".into(), teacher.clone()));
+        for (name, ckpt) in targets {
+            for precision in [cli::PrecisionArg::Fp32, cli::PrecisionArg::Fp16] {
+                let dir = o.out.join("export").join(&name);
+                let path = cli::export_checkpoint(&cli::ExportArgs {
+                    checkpoint: ckpt.clone(),
+                    onnx: true,
+                    out: dir,
+                    what: cli::ExportWhat::Generator,
+                    precision,
+                    sampler: None,
+                    steps: None,
+                    cfg_scale: None,
+                })?;
+                let v = cli::ValidateArgs {
+                    model: path.clone(),
+                    reference: ckpt.clone(),
+                    runtimes: vec!["tract".into(), "ort".into()],
+                    cases: 32,
+                    batches: vec![1, 7, 4, 2],
+                    seed: 0,
+                    atol: None,
+                    mean_atol: None,
+                    json: None,
+                };
+                let r = cli::validate_model(&v)?;
+                eprintln!("{r}");
+                for m in &r.metrics {
+                    res.parity.push(ParityRow {
+                        model: name.clone(),
+                        precision: format!("{:?}", precision).to_lowercase(),
+                        runtime: m.runtime.clone(),
+                        max_abs: m.max_abs,
+                        mean_abs: m.mean_abs,
+                        cosine: m.cosine,
+                        passed: m.passed,
+                        command: format!(
+                            "distill export {} -o {} --precision {} && distill validate {} --reference {}",
+                            ckpt.display(),
+                            path.parent().unwrap_or(Path::new(".")).display(),
+                            format!("{:?}", precision).to_lowercase(),
+                            path.display(),
+                            ckpt.display()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    checkpoint::write_atomic(
+        &o.out.join("results.json"),
+        serde_json::to_string_pretty(&res)?.as_bytes(),
+    )?;
+    checkpoint::write_atomic(&o.out.join("results.md"), markdown(&res).as_bytes())?;
+    crate::sample::class_grid(
+        &checkpoint::load(&teacher, dev)?.0,
+        &checkpoint::load_meta(&teacher)?.generator,
+        10,
+        0,
+        dev,
+        &o.out.join("teacher_samples.png"),
+    )?;
+    for (name, ckpt) in &students {
+        crate::sample::class_grid(
+            &checkpoint::load(ckpt, dev)?.0,
+            &checkpoint::load_meta(ckpt)?.generator,
+            10,
+            0,
+            dev,
+            &o.out.join(format!("{name}_samples.png")),
+        )?;
+    }
+    eprintln!(
+        "pipeline: results in {} and {}",
+        o.out.join("results.md").display(),
+        o.out.join("results.json").display()
+    );
+    Ok(res)
+}
+
+/// The results as the README's markdown tables.
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Quality per NFE ({} images each; FD references: real vs real {:.2}, Gaussian noise {:.1})\n",
+        r.quality.first().map(|_| "N").unwrap_or("N"),
+        r.ref_real_fd,
+        r.ref_noise_fd
+    );
+    let _ = writeln!(
+        s,
+        "| model | sampler | NFE | CFG | FD | class accuracy | ms/image (candle CPU) | command |\n|---|---|---|---|---|---|---|---|"
+    );
+    for q in &r.quality {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.2} | {} | {:.2} | `{}` |",
+            q.model,
+            q.sampler,
+            q.nfe,
+            q.cfg_scale,
+            q.fd,
+            q.class_accuracy
+                .map(|a| format!("{:.1}%", 100.0 * a))
+                .unwrap_or_default(),
+            q.ms_per_image,
+            q.command
+        );
+    }
+    if !r.parity.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nParity of the exported generators vs candle (32 seeded input sets, batches 1/7/4/2)\n\n| model | precision | runtime | max abs | mean abs | cosine | result | command |\n|---|---|---|---|---|---|---|---|"
+        );
+        for p in &r.parity {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2e} | {:.2e} | {:.7} | {} | `{}` |",
+                p.model,
+                p.precision,
+                p.runtime,
+                p.max_abs,
+                p.mean_abs,
+                p.cosine,
+                if p.passed { "PASS" } else { "FAIL" },
+                p.command
+            );
+        }
+    }
+    s
+}
