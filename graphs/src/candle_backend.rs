@@ -4,11 +4,14 @@ use crate::backend::{Backend, Kind, Param};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-/// Runs graph definitions on candle tensors. `train` enables dropout.
+/// Runs graph definitions on candle tensors. `train` enables dropout; `autocast` (f16/bf16)
+/// runs convolutions and matrix products in that dtype on f32 tensors and returns f32 (PyTorch's
+/// autocast): gradients reach the f32 master weights through the casts.
 #[derive(Clone, Debug)]
 pub struct CandleBackend {
     pub device: Device,
     pub train: bool,
+    pub autocast: Option<DType>,
 }
 
 impl CandleBackend {
@@ -16,13 +19,33 @@ impl CandleBackend {
         Self {
             device: device.clone(),
             train: false,
+            autocast: None,
         }
     }
     pub fn training(device: &Device) -> Self {
         Self {
             device: device.clone(),
             train: true,
+            autocast: None,
         }
+    }
+    pub fn with_autocast(mut self, dtype: Option<DType>) -> Self {
+        self.autocast = dtype.filter(|d| *d != DType::F32);
+        self
+    }
+    /// `t` in the autocast dtype (unchanged without autocast).
+    fn down(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(match self.autocast {
+            Some(d) if t.dtype() != d => t.to_dtype(d)?,
+            _ => t.clone(),
+        })
+    }
+    /// Back to f32 after an autocast op.
+    fn up(&self, t: Tensor) -> Result<Tensor> {
+        Ok(match self.autocast {
+            Some(_) => t.to_dtype(DType::F32)?,
+            None => t,
+        })
     }
 }
 
@@ -93,22 +116,25 @@ impl Backend for CandleBackend {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor> {
-        let y = crate::kernels::conv2d(x, &w.t, stride, pad)
+        let y = crate::kernels::conv2d(&self.down(x)?, &self.down(&w.t)?, stride, pad)
             .with_context(|| format!("conv2d {}", w.name))?;
-        match b {
-            Some(b) => Ok(y.broadcast_add(&b.t.reshape((1, b.t.dim(0)?, 1, 1))?)?),
-            None => Ok(y),
-        }
+        let y = match b {
+            Some(b) => y.broadcast_add(&self.down(&b.t)?.reshape((1, b.t.dim(0)?, 1, 1))?)?,
+            None => y,
+        };
+        self.up(y)
     }
 
     fn linear(&self, x: &Tensor, w: &Param, b: Option<&Param>) -> Result<Tensor> {
-        let y = x
-            .broadcast_matmul(&w.t.t()?)
+        let y = self
+            .down(x)?
+            .broadcast_matmul(&self.down(&w.t)?.t()?)
             .with_context(|| format!("linear {}", w.name))?;
-        match b {
-            Some(b) => Ok(y.broadcast_add(&b.t)?),
-            None => Ok(y),
-        }
+        let y = match b {
+            Some(b) => y.broadcast_add(&self.down(&b.t)?)?,
+            None => y,
+        };
+        self.up(y)
     }
 
     fn group_norm(
@@ -178,7 +204,8 @@ impl Backend for CandleBackend {
         Ok(x.clamp(lo, hi)?)
     }
     fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        Ok(a.contiguous()?.broadcast_matmul(&b.contiguous()?)?)
+        let (a, b) = (self.down(a)?.contiguous()?, self.down(b)?.contiguous()?);
+        self.up(a.broadcast_matmul(&b)?)
     }
     fn softmax_last(&self, x: &Tensor) -> Result<Tensor> {
         // candle_nn::ops::softmax_last_dim has no backward.

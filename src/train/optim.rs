@@ -312,3 +312,161 @@ impl Ema {
         Ok(())
     }
 }
+
+/// Compute precision of training: the weights and optimiser state stay f32 ("master weights");
+/// fp16/bf16 run the convolutions and matrix products (forward and backward) in half precision,
+/// like PyTorch's autocast, while norms, softmax, the embeddings and the losses stay f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Precision {
+    /// The autocast dtype (`None` for fp32).
+    pub fn autocast(self) -> Option<candle_core::DType> {
+        match self {
+            Self::Fp32 => None,
+            Self::Fp16 => Some(candle_core::DType::F16),
+            Self::Bf16 => Some(candle_core::DType::BF16),
+        }
+    }
+    /// fp16 needs dynamic loss scaling (its exponent range is narrow); bf16 does not.
+    pub fn needs_loss_scaling(self) -> bool {
+        self == Self::Fp16
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Fp16 => "fp16",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Dynamic loss scaling (as torch.cuda.amp.GradScaler).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossScaleConfig {
+    pub init_scale: f64,
+    /// Multiply the scale by this after `growth_interval` clean steps.
+    pub growth_factor: f64,
+    /// Multiply the scale by this on a step with inf/NaN gradients (which is skipped).
+    pub backoff_factor: f64,
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaleConfig {
+    fn default() -> Self {
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+/// The loss scaler's state: scale the loss up before backward, unscale the gradients, skip the
+/// update and halve the scale when they overflowed, grow it after a run of clean steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossScaler {
+    pub cfg: LossScaleConfig,
+    pub scale: f64,
+    /// Clean steps since the last change of scale.
+    pub good_steps: u64,
+    /// Steps skipped because of inf/NaN gradients, in total.
+    pub skipped: u64,
+}
+
+impl LossScaler {
+    pub fn new(cfg: LossScaleConfig) -> Self {
+        Self {
+            scale: cfg.init_scale,
+            cfg,
+            good_steps: 0,
+            skipped: 0,
+        }
+    }
+
+    /// `loss * scale`, what `backward` is called on.
+    pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor> {
+        Ok(loss.affine(self.scale, 0.0)?)
+    }
+
+    /// Unscales `grads` in place of the scaled ones. Returns `None` (the step must be skipped)
+    /// when any gradient is inf/NaN, after backing the scale off; otherwise updates the growth
+    /// counter and returns the true gradients.
+    pub fn unscale(&mut self, grads: Vec<Option<Tensor>>) -> Result<Option<Vec<Option<Tensor>>>> {
+        let inv = 1.0 / self.scale;
+        let mut out = Vec::with_capacity(grads.len());
+        let mut finite = true;
+        for g in grads {
+            match g {
+                Some(g) => {
+                    let g = g.to_dtype(candle_core::DType::F32)?.affine(inv, 0.0)?;
+                    let s = g
+                        .abs()?
+                        .max_all()?
+                        .to_dtype(candle_core::DType::F64)?
+                        .to_scalar::<f64>()?;
+                    if !s.is_finite() {
+                        finite = false;
+                    }
+                    out.push(Some(g));
+                }
+                None => out.push(None),
+            }
+        }
+        if !finite {
+            self.scale *= self.cfg.backoff_factor;
+            self.good_steps = 0;
+            self.skipped += 1;
+            return Ok(None);
+        }
+        self.good_steps += 1;
+        if self.good_steps >= self.cfg.growth_interval {
+            self.scale *= self.cfg.growth_factor;
+            self.good_steps = 0;
+        }
+        Ok(Some(out))
+    }
+
+    /// State for the training-state file (metadata strings).
+    pub fn save(&self, prefix: &str, meta: &mut HashMap<String, String>) {
+        meta.insert(format!("{prefix}.loss_scale"), self.scale.to_string());
+        meta.insert(format!("{prefix}.good_steps"), self.good_steps.to_string());
+        meta.insert(format!("{prefix}.skipped"), self.skipped.to_string());
+    }
+
+    /// Restores [`Self::save`]'s state; a run saved in another precision starts a fresh scaler.
+    pub fn load(&mut self, prefix: &str, meta: &HashMap<String, String>) -> Result<()> {
+        let get = |k: &str| meta.get(&format!("{prefix}.{k}"));
+        if let (Some(s), Some(g), Some(k)) = (get("loss_scale"), get("good_steps"), get("skipped")) {
+            self.scale = s.parse()?;
+            self.good_steps = g.parse()?;
+            self.skipped = k.parse()?;
+        }
+        Ok(())
+    }
+}
+
+/// One optimiser update under a precision: unscale (fp16) and skip on overflow, else step.
+/// Returns the step's stats, or `None` for a skipped step.
+pub fn precision_step(
+    opt: &mut AdamW,
+    scaler: Option<&mut LossScaler>,
+    grads: Vec<Option<Tensor>>,
+) -> Result<Option<StepStats>> {
+    let grads = match scaler {
+        Some(s) => match s.unscale(grads)? {
+            Some(g) => g,
+            None => return Ok(None),
+        },
+        None => grads,
+    };
+    Ok(Some(opt.step_grads(&grads)?))
+}
