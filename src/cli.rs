@@ -754,8 +754,9 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
 pub fn validate_model(a: &ValidateArgs) -> Result<export::ValidateReport> {
     let dev = Device::Cpu;
     let (den, _) = checkpoint::load(&a.reference, &dev)?;
-    let meta: std::collections::HashMap<String, String> =
-        export::tensorrt::metadata_of(&a.model)?.into_iter().collect();
+    let meta: std::collections::HashMap<String, String> = export::tensorrt::metadata_of(&a.model)?
+        .into_iter()
+        .collect();
     let spec: GeneratorSpec;
     let target = match meta.get("kind").map(String::as_str) {
         Some("generator") => {

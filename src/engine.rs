@@ -22,14 +22,18 @@ pub enum TrtPrecisionArg {
 
 /// What an exported model is, from its metadata: `Some(spec)` for a generator, `None` for a
 /// denoiser.
-pub fn spec_from_metadata(meta: &HashMap<String, String>, what: &Path) -> Result<Option<GeneratorSpec>> {
+pub fn spec_from_metadata(
+    meta: &HashMap<String, String>,
+    what: &Path,
+) -> Result<Option<GeneratorSpec>> {
     match meta.get("kind").map(String::as_str) {
         Some("generator") => {
             let text = meta
                 .get("generator_spec")
                 .context("generator model lacks `generator_spec` metadata")?;
             Ok(Some(
-                serde_json::from_str(text).context("parsing the model's generator_spec metadata")?,
+                serde_json::from_str(text)
+                    .context("parsing the model's generator_spec metadata")?,
             ))
         }
         Some("denoiser") => Ok(None),

@@ -48,7 +48,12 @@ fn lint(model: &Path) -> Result<Vec<Violation>> {
     Ok(tensorrt::lint(&export::runtime::load_model(&onnx)?))
 }
 
-fn write_junit(a: &ValidateArgs, lint: Option<&[Violation]>, report: Option<&export::ValidateReport>, error: Option<&str>) -> Result<()> {
+fn write_junit(
+    a: &ValidateArgs,
+    lint: Option<&[Violation]>,
+    report: Option<&export::ValidateReport>,
+    error: Option<&str>,
+) -> Result<()> {
     if let Some(p) = &a.junit {
         let xml = export::junit::to_junit(&a.model.display().to_string(), lint, report, error);
         crate::checkpoint::write_atomic(p, xml.as_bytes())

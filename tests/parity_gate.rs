@@ -27,8 +27,21 @@ fn fixture() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
         let run = dir.path().join("run");
         let o = distill(
             &[
-                "train", "teacher", "--preset", "tiny", "--resolution", "16", "--limit", "64",
-                "--batch-size", "8", "--steps", "2", "--sample-every", "0", "--out",
+                "train",
+                "teacher",
+                "--preset",
+                "tiny",
+                "--resolution",
+                "16",
+                "--limit",
+                "64",
+                "--batch-size",
+                "8",
+                "--steps",
+                "2",
+                "--sample-every",
+                "0",
+                "--out",
                 run.to_str().unwrap(),
             ],
             &[],
@@ -38,8 +51,14 @@ fn fixture() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
         let out = dir.path().join("export");
         let o = distill(
             &[
-                "export", ckpt.to_str().unwrap(), "-o", out.to_str().unwrap(), "--sampler",
-                "euler", "--steps", "2",
+                "export",
+                ckpt.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--sampler",
+                "euler",
+                "--steps",
+                "2",
             ],
             &[],
         );
@@ -60,19 +79,35 @@ fn junit(p: &Path) -> (usize, usize, usize, String) {
 fn export_trt_without_tensorrt_fails_fast_and_writes_nothing() {
     let (dir, ckpt, _) = fixture();
     let out = dir.path().join("trt_missing");
-    let args = ["export", ckpt.to_str().unwrap(), "-o", out.to_str().unwrap(), "--trt"];
+    let args = [
+        "export",
+        ckpt.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--trt",
+    ];
     // An explicit DISTILL_TRTEXEC that is not there is named (on every machine).
     let o = distill(&args, &[("DISTILL_TRTEXEC", "/nonexistent/trtexec")]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("DISTILL_TRTEXEC=/nonexistent/trtexec is not an executable"), "{}", text(&o));
+    assert!(
+        text(&o).contains("DISTILL_TRTEXEC=/nonexistent/trtexec is not an executable"),
+        "{}",
+        text(&o)
+    );
     // No trtexec anywhere (PATH empty): the message says what to install.
     if !Path::new(export::tensorrt::trtexec::APT_TRTEXEC).exists() {
         let empty = dir.path().join("empty_path");
         std::fs::create_dir_all(&empty).unwrap();
-        let o = distill(&args, &[("PATH", empty.to_str().unwrap()), ("DISTILL_TRTEXEC", "")]);
+        let o = distill(
+            &args,
+            &[("PATH", empty.to_str().unwrap()), ("DISTILL_TRTEXEC", "")],
+        );
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         let t = text(&o);
-        assert!(t.contains("TensorRT's trtexec not found on PATH: install TensorRT 10"), "{t}");
+        assert!(
+            t.contains("TensorRT's trtexec not found on PATH: install TensorRT 10"),
+            "{t}"
+        );
         assert!(t.contains("DISTILL_TRTEXEC=/path/to/trtexec"), "{t}");
     }
     for f in ["generator.plan", "generator.plan.json", "generator.onnx"] {
@@ -86,8 +121,17 @@ fn validate_lint_junit_pass_and_allow_missing() {
     let xml = dir.path().join("pass.xml");
     let o = distill(
         &[
-            "validate", onnx.to_str().unwrap(), "--reference", ckpt.to_str().unwrap(),
-            "--runtimes", "tract,ort", "--cases", "4", "--lint", "--junit", xml.to_str().unwrap(),
+            "validate",
+            onnx.to_str().unwrap(),
+            "--reference",
+            ckpt.to_str().unwrap(),
+            "--runtimes",
+            "tract,ort",
+            "--cases",
+            "4",
+            "--lint",
+            "--junit",
+            xml.to_str().unwrap(),
         ],
         &[],
     );
@@ -95,14 +139,25 @@ fn validate_lint_junit_pass_and_allow_missing() {
     assert!(text(&o).contains("is TensorRT-compatible"), "{}", text(&o));
     let (tests, failures, skipped, body) = junit(&xml);
     assert_eq!((tests, failures, skipped), (3, 0, 0), "{body}");
-    assert!(body.contains("distill.lint") && body.contains("distill.parity.onnxruntime"), "{body}");
+    assert!(
+        body.contains("distill.lint") && body.contains("distill.parity.onnxruntime"),
+        "{body}"
+    );
 
     // TensorRT requested with --allow-missing: skipped where it is not installed, run where it is.
     let xml = dir.path().join("missing.xml");
     let o = distill(
         &[
-            "validate", onnx.to_str().unwrap(), "--reference", ckpt.to_str().unwrap(),
-            "--runtimes", "tract,trt", "--allow-missing", "--cases", "2", "--junit",
+            "validate",
+            onnx.to_str().unwrap(),
+            "--reference",
+            ckpt.to_str().unwrap(),
+            "--runtimes",
+            "tract,trt",
+            "--allow-missing",
+            "--cases",
+            "2",
+            "--junit",
             xml.to_str().unwrap(),
         ],
         &[],
@@ -116,15 +171,26 @@ fn validate_lint_junit_pass_and_allow_missing() {
     if !has_trt {
         let o = distill(
             &[
-                "validate", onnx.to_str().unwrap(), "--reference", ckpt.to_str().unwrap(),
-                "--runtimes", "tract,trt", "--cases", "2", "--junit", xml.to_str().unwrap(),
+                "validate",
+                onnx.to_str().unwrap(),
+                "--reference",
+                ckpt.to_str().unwrap(),
+                "--runtimes",
+                "tract,trt",
+                "--cases",
+                "2",
+                "--junit",
+                xml.to_str().unwrap(),
             ],
             &[],
         );
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         let (tests, _, _, body) = junit(&xml);
         assert_eq!(tests, 1);
-        assert!(body.contains("<error") && (body.contains("trtexec") || body.contains("nvidia-smi")), "{body}");
+        assert!(
+            body.contains("<error") && (body.contains("trtexec") || body.contains("nvidia-smi")),
+            "{body}"
+        );
     }
 }
 
@@ -135,8 +201,18 @@ fn past_tolerance_exits_3_and_lint_failure_exits_4() {
     let xml = dir.path().join("tol.xml");
     let o = distill(
         &[
-            "validate", onnx.to_str().unwrap(), "--reference", ckpt.to_str().unwrap(),
-            "--runtimes", "tract", "--cases", "2", "--atol", "0", "--junit", xml.to_str().unwrap(),
+            "validate",
+            onnx.to_str().unwrap(),
+            "--reference",
+            ckpt.to_str().unwrap(),
+            "--runtimes",
+            "tract",
+            "--cases",
+            "2",
+            "--atol",
+            "0",
+            "--junit",
+            xml.to_str().unwrap(),
         ],
         &[],
     );
@@ -146,25 +222,40 @@ fn past_tolerance_exits_3_and_lint_failure_exits_4() {
 
     // The same model with an op TensorRT lacks: --lint stops before any runtime, exit 4.
     let mut m = export::runtime::load_model(onnx).unwrap();
-    m.graph.as_mut().unwrap().node.push(export::proto::NodeProto {
-        name: "uniq".into(),
-        op_type: "Unique".into(),
-        input: vec!["noise".into()],
-        output: vec!["u".into()],
-        ..Default::default()
-    });
+    m.graph
+        .as_mut()
+        .unwrap()
+        .node
+        .push(export::proto::NodeProto {
+            name: "uniq".into(),
+            op_type: "Unique".into(),
+            input: vec!["noise".into()],
+            output: vec!["u".into()],
+            ..Default::default()
+        });
     let bad = dir.path().join("bad.onnx");
     export::write_model(&m, &bad).unwrap();
     let xml = dir.path().join("lint.xml");
     let o = distill(
         &[
-            "validate", bad.to_str().unwrap(), "--reference", ckpt.to_str().unwrap(),
-            "--runtimes", "tract", "--lint", "--junit", xml.to_str().unwrap(),
+            "validate",
+            bad.to_str().unwrap(),
+            "--reference",
+            ckpt.to_str().unwrap(),
+            "--runtimes",
+            "tract",
+            "--lint",
+            "--junit",
+            xml.to_str().unwrap(),
         ],
         &[],
     );
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(text(&o).contains("node uniq (Unique): op Unique is not supported by TensorRT 10"), "{}", text(&o));
+    assert!(
+        text(&o).contains("node uniq (Unique): op Unique is not supported by TensorRT 10"),
+        "{}",
+        text(&o)
+    );
     let (tests, failures, _, body) = junit(&xml);
     assert_eq!((tests, failures), (1, 1), "{body}");
     assert!(body.contains("type=\"lint\""), "{body}");
@@ -174,11 +265,22 @@ fn past_tolerance_exits_3_and_lint_failure_exits_4() {
 fn help_documents_the_new_flags() {
     let o = distill(&["export", "--help"], &[]);
     let t = text(&o);
-    for f in ["--trt", "--min-batch", "--opt-batch", "--max-batch", "--trt-precision"] {
+    for f in [
+        "--trt",
+        "--min-batch",
+        "--opt-batch",
+        "--max-batch",
+        "--trt-precision",
+    ] {
         assert!(t.contains(f), "export --help lacks {f}");
     }
     let t = text(&distill(&["validate", "--help"], &[]));
-    for f in ["--trt <PLAN_OR_ONNX>", "--allow-missing", "--lint", "--junit"] {
+    for f in [
+        "--trt <PLAN_OR_ONNX>",
+        "--allow-missing",
+        "--lint",
+        "--junit",
+    ] {
         assert!(t.contains(f), "validate --help lacks {f}");
     }
 }

@@ -234,10 +234,7 @@ impl DistillModel {
     fn generate(&self, labels: &[i32], noise: &[f32]) -> Result<Vec<f32>> {
         let n = labels.len();
         let i = &self.info;
-        if let Some(bad) = labels
-            .iter()
-            .find(|&&l| l < 0 || l as u32 >= i.num_classes)
-        {
+        if let Some(bad) = labels.iter().find(|&&l| l < 0 || l as u32 >= i.num_classes) {
             bail!(
                 "class label {bad} is out of range: the model has {} classes (0..{})",
                 i.num_classes,
@@ -246,7 +243,10 @@ impl DistillModel {
         }
         let per = self.image_len(n);
         let shape = vec![n, i.channels as usize, i.height as usize, i.width as usize];
-        let blocks: Vec<&[f32]> = noise.chunks(per.max(1)).take(1 + i.num_fresh_noise as usize).collect();
+        let blocks: Vec<&[f32]> = noise
+            .chunks(per.max(1))
+            .take(1 + i.num_fresh_noise as usize)
+            .collect();
         let mut engine = self
             .engine
             .lock()
@@ -256,7 +256,10 @@ impl DistillModel {
                 let mut inputs = vec![
                     (
                         "noise".to_string(),
-                        TensorData::F32(ndarray::ArrayD::from_shape_vec(shape.clone(), blocks[0].to_vec())?),
+                        TensorData::F32(ndarray::ArrayD::from_shape_vec(
+                            shape.clone(),
+                            blocks[0].to_vec(),
+                        )?),
                     ),
                     (
                         "class_labels".to_string(),
@@ -266,7 +269,10 @@ impl DistillModel {
                 for (k, b) in blocks.iter().enumerate().skip(1) {
                     inputs.push((
                         format!("noise_{k}"),
-                        TensorData::F32(ndarray::ArrayD::from_shape_vec(shape.clone(), b.to_vec())?),
+                        TensorData::F32(ndarray::ArrayD::from_shape_vec(
+                            shape.clone(),
+                            b.to_vec(),
+                        )?),
                     ));
                 }
                 let out = r.run(&inputs)?;
@@ -281,9 +287,16 @@ impl DistillModel {
                 let t = |b: &[f32]| Tensor::from_vec(b.to_vec(), shape.as_slice(), &dev);
                 let inputs = distill::sample::NoiseInputs {
                     noise: t(blocks[0])?,
-                    fresh: blocks[1..].iter().map(|b| t(b)).collect::<candle_core::Result<_>>()?,
+                    fresh: blocks[1..]
+                        .iter()
+                        .map(|b| t(b))
+                        .collect::<candle_core::Result<_>>()?,
                 };
-                let lt = Tensor::from_vec(labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), n, &dev)?;
+                let lt = Tensor::from_vec(
+                    labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+                    n,
+                    &dev,
+                )?;
                 let y = distill::sample::generate(den, spec, &inputs, &lt, n.max(1), &dev)?;
                 Ok(y.flatten_all()?.to_vec1::<f32>()?)
             }
@@ -298,7 +311,10 @@ impl DistillModel {
 /// # Safety
 /// `path` is a NUL-terminated UTF-8 string; `out` points to writable storage for a pointer.
 #[no_mangle]
-pub unsafe extern "C" fn distill_model_load(path: *const c_char, out: *mut *mut DistillModel) -> DistillStatus {
+pub unsafe extern "C" fn distill_model_load(
+    path: *const c_char,
+    out: *mut *mut DistillModel,
+) -> DistillStatus {
     guard(|| {
         not_null(path, "path")?;
         not_null(out, "out")?;
@@ -328,7 +344,10 @@ pub unsafe extern "C" fn distill_model_free(model: *mut DistillModel) {
 /// # Safety
 /// `model` is a live model; `out` points to a writable `DistillModelInfo`.
 #[no_mangle]
-pub unsafe extern "C" fn distill_model_info(model: *const DistillModel, out: *mut DistillModelInfo) -> DistillStatus {
+pub unsafe extern "C" fn distill_model_info(
+    model: *const DistillModel,
+    out: *mut DistillModelInfo,
+) -> DistillStatus {
     guard(|| {
         not_null(model, "model")?;
         not_null(out, "out")?;
@@ -387,7 +406,9 @@ pub unsafe extern "C" fn distill_seeded_noise(
                 format!("out holds {out_len} floats, {need} needed"),
             ));
         }
-        let v = m.seeded_noise(n, seed).map_err(err(DistillStatus::Runtime))?;
+        let v = m
+            .seeded_noise(n, seed)
+            .map_err(err(DistillStatus::Runtime))?;
         std::slice::from_raw_parts_mut(out, need).copy_from_slice(&v);
         Ok(())
     })

@@ -14,7 +14,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// 16 synthetic 16x16 "digits" (a bar at row k + 3 for class k).
@@ -67,7 +70,8 @@ fn fixture() -> &'static (tempfile::TempDir, PathBuf, PathBuf, GeneratorSpec) {
             cfg_scale: 1.0,
         };
         let onnx = dir.path().join("generator.onnx");
-        let model = export::export_generator(&den, &spec, &export::ExportOptions::default()).unwrap();
+        let model =
+            export::export_generator(&den, &spec, &export::ExportOptions::default()).unwrap();
         export::write_model(&model, &onnx).unwrap();
         (dir, ckpt, onnx, spec)
     })
@@ -102,7 +106,11 @@ fn cdylib_dir() -> PathBuf {
 
 fn compiler() -> String {
     for c in ["c++", "g++", "clang++"] {
-        if Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        if Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
             return c.to_string();
         }
     }
@@ -139,11 +147,18 @@ fn demo() -> &'static PathBuf {
 
 fn run_demo(model: &Path, out_prefix: &Path, seed: u64, labels: &[u32]) -> String {
     let mut c = Command::new(demo());
-    c.arg(model).arg(out_prefix).args(["--seed", &seed.to_string()]);
+    c.arg(model)
+        .arg(out_prefix)
+        .args(["--seed", &seed.to_string()]);
     c.args(labels.iter().map(|l| l.to_string()));
     let o = c.env("RAYON_NUM_THREADS", "2").output().unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "demo failed on {}:\n{text}", model.display());
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "demo failed on {}:\n{text}",
+        model.display()
+    );
     text
 }
 
@@ -157,7 +172,10 @@ fn read_f32(p: &Path) -> Vec<f32> {
 
 fn max_abs(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -173,7 +191,10 @@ fn cpp_demo_matches_the_rust_reference_on_a_checkpoint_and_an_onnx() {
     ] {
         let prefix = dir.path().join(format!("demo_{backend}"));
         let text = run_demo(model, &prefix, seed, &labels);
-        assert!(text.contains(&format!("({backend}), 1x16x16, 10 classes")), "{text}");
+        assert!(
+            text.contains(&format!("({backend}), 1x16x16, 10 classes")),
+            "{text}"
+        );
         let got = read_f32(&prefix.with_extension("f32"));
         let want = reference(ckpt, spec, &labels, seed);
         let err = max_abs(&got, &want);
@@ -182,7 +203,9 @@ fn cpp_demo_matches_the_rust_reference_on_a_checkpoint_and_an_onnx() {
         assert!(got.iter().all(|v| (-1.0..=1.0).contains(v)));
         // The zlib-free PNG decodes, with the images side by side.
         let png = std::fs::File::open(prefix.with_extension("png")).unwrap();
-        let mut reader = png::Decoder::new(std::io::BufReader::new(png)).read_info().unwrap();
+        let mut reader = png::Decoder::new(std::io::BufReader::new(png))
+            .read_info()
+            .unwrap();
         let mut buf = vec![0; reader.output_buffer_size()];
         let frame = reader.next_frame(&mut buf).unwrap();
         assert_eq!((frame.width, frame.height), (48, 16));
@@ -192,7 +215,10 @@ fn cpp_demo_matches_the_rust_reference_on_a_checkpoint_and_an_onnx() {
             ((want[(k * 16 + y) * 16 + x].clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8
         };
         for (k, y, x) in [(0, 0, 0), (1, 8, 5), (2, 15, 15)] {
-            assert!(px(k, y, x).abs_diff(want_px(k, y, x)) <= 1, "pixel {k},{y},{x}");
+            assert!(
+                px(k, y, x).abs_diff(want_px(k, y, x)) <= 1,
+                "pixel {k},{y},{x}"
+            );
         }
     }
     // A bad label is reported by the demo with the library's message.
@@ -217,23 +243,44 @@ fn c_api_checks_its_arguments() {
     let (_dir, ckpt, onnx, _) = fixture();
     unsafe {
         let mut m: *mut DistillModel = std::ptr::null_mut();
-        assert_eq!(distill_model_load(std::ptr::null(), &mut m), DistillStatus::NullArgument);
+        assert_eq!(
+            distill_model_load(std::ptr::null(), &mut m),
+            DistillStatus::NullArgument
+        );
         assert!(last_error().contains("path is NULL"));
         let missing = CString::new("/nonexistent/model.onnx").unwrap();
-        assert_eq!(distill_model_load(missing.as_ptr(), &mut m), DistillStatus::Load);
-        assert!(m.is_null() && last_error().contains("/nonexistent/model.onnx"), "{}", last_error());
+        assert_eq!(
+            distill_model_load(missing.as_ptr(), &mut m),
+            DistillStatus::Load
+        );
+        assert!(
+            m.is_null() && last_error().contains("/nonexistent/model.onnx"),
+            "{}",
+            last_error()
+        );
         let plan = CString::new("/x/generator.plan").unwrap();
-        assert_eq!(distill_model_load(plan.as_ptr(), &mut m), DistillStatus::Load);
+        assert_eq!(
+            distill_model_load(plan.as_ptr(), &mut m),
+            DistillStatus::Load
+        );
         assert!(last_error().contains("TensorRT plans"), "{}", last_error());
 
         for path in [ckpt.as_path(), onnx.as_path()] {
             let p = CString::new(path.to_str().unwrap()).unwrap();
-            assert_eq!(distill_model_load(p.as_ptr(), &mut m), DistillStatus::Ok, "{}", last_error());
+            assert_eq!(
+                distill_model_load(p.as_ptr(), &mut m),
+                DistillStatus::Ok,
+                "{}",
+                last_error()
+            );
             assert_eq!(last_error(), "");
             let mut info = std::mem::MaybeUninit::<DistillModelInfo>::uninit();
             assert_eq!(distill_model_info(m, info.as_mut_ptr()), DistillStatus::Ok);
             let info = info.assume_init();
-            assert_eq!((info.channels, info.height, info.width, info.num_classes), (1, 16, 16, 10));
+            assert_eq!(
+                (info.channels, info.height, info.width, info.num_classes),
+                (1, 16, 16, 10)
+            );
             assert_eq!(info.num_fresh_noise, 0);
             assert_eq!(distill_image_len(m, 2), 512);
             assert_eq!(distill_noise_len(m, 2), 512);
@@ -244,7 +291,11 @@ fn c_api_checks_its_arguments() {
                 distill_generate_seeded(m, labels.as_ptr(), 2, 0, out.as_mut_ptr(), 511),
                 DistillStatus::BufferTooSmall
             );
-            assert!(last_error().contains("511 floats, 512 needed"), "{}", last_error());
+            assert!(
+                last_error().contains("511 floats, 512 needed"),
+                "{}",
+                last_error()
+            );
             assert_eq!(
                 distill_generate_seeded(m, std::ptr::null(), 2, 0, out.as_mut_ptr(), 512),
                 DistillStatus::NullArgument
@@ -258,16 +309,39 @@ fn c_api_checks_its_arguments() {
                 distill_generate_seeded(m, bad.as_ptr(), 2, 0, out.as_mut_ptr(), 512),
                 DistillStatus::InvalidArgument
             );
-            assert!(last_error().contains("class label 10 is out of range"), "{}", last_error());
+            assert!(
+                last_error().contains("class label 10 is out of range"),
+                "{}",
+                last_error()
+            );
             // Given noise = seeded noise gives the same images.
             let mut noise = vec![0f32; 512];
-            assert_eq!(distill_seeded_noise(m, 2, 9, noise.as_mut_ptr(), 512), DistillStatus::Ok);
             assert_eq!(
-                distill_generate(m, labels.as_ptr(), 2, noise.as_ptr(), 511, out.as_mut_ptr(), 512),
+                distill_seeded_noise(m, 2, 9, noise.as_mut_ptr(), 512),
+                DistillStatus::Ok
+            );
+            assert_eq!(
+                distill_generate(
+                    m,
+                    labels.as_ptr(),
+                    2,
+                    noise.as_ptr(),
+                    511,
+                    out.as_mut_ptr(),
+                    512
+                ),
                 DistillStatus::BufferTooSmall
             );
             assert_eq!(
-                distill_generate(m, labels.as_ptr(), 2, noise.as_ptr(), 512, out.as_mut_ptr(), 512),
+                distill_generate(
+                    m,
+                    labels.as_ptr(),
+                    2,
+                    noise.as_ptr(),
+                    512,
+                    out.as_mut_ptr(),
+                    512
+                ),
                 DistillStatus::Ok
             );
             let mut seeded = vec![0f32; 512];
@@ -279,7 +353,10 @@ fn c_api_checks_its_arguments() {
             distill_model_free(m);
         }
         distill_model_free(std::ptr::null_mut());
-        assert_eq!(distill_model_info(std::ptr::null(), std::ptr::null_mut()), DistillStatus::NullArgument);
+        assert_eq!(
+            distill_model_info(std::ptr::null(), std::ptr::null_mut()),
+            DistillStatus::NullArgument
+        );
         assert_eq!(distill_image_len(std::ptr::null(), 3), 0);
         assert!(!CStr::from_ptr(distill_version()).to_bytes().is_empty());
     }

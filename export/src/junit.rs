@@ -46,7 +46,11 @@ pub fn to_junit(
 ) -> String {
     let mut cases = Vec::new();
     if let Some(v) = lint {
-        let details = v.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n");
+        let details = v
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
         cases.push(Case {
             class: "distill.lint".into(),
             name: "tensorrt_compatibility".into(),
@@ -146,7 +150,11 @@ pub fn to_junit(
                 x,
                 "      <failure message=\"{}\" type=\"{}\">{}</failure>",
                 escape(msg),
-                if c.class == "distill.lint" { "lint" } else { "tolerance" },
+                if c.class == "distill.lint" {
+                    "lint"
+                } else {
+                    "tolerance"
+                },
                 escape(body)
             );
         }
@@ -177,7 +185,10 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape("a<b & \"c\" 'd'>"), "a&lt;b &amp; &quot;c&quot; &apos;d&apos;&gt;");
+        assert_eq!(
+            escape("a<b & \"c\" 'd'>"),
+            "a&lt;b &amp; &quot;c&quot; &apos;d&apos;&gt;"
+        );
         assert_eq!(escape("bell\u{7}"), "bell?");
     }
 }

@@ -551,11 +551,7 @@ pub fn validate(
                 reason: format!("{e:#}"),
             }),
             Err(e) => {
-                return Err(e.context(format!(
-                    "loading {} in {}",
-                    model_path.display(),
-                    rk.name()
-                )))
+                return Err(e.context(format!("loading {} in {}", model_path.display(), rk.name())))
             }
         }
     }
@@ -609,7 +605,11 @@ pub fn compare(
         let (inputs, reference) = make_case(den, target, batch, &mut rng)
             .with_context(|| format!("case {case}: candle reference"))?;
         let inputs: &Inputs = &inputs;
-        for ((c, acc), secs) in candidates.iter_mut().zip(accs.iter_mut()).zip(seconds.iter_mut()) {
+        for ((c, acc), secs) in candidates
+            .iter_mut()
+            .zip(accs.iter_mut())
+            .zip(seconds.iter_mut())
+        {
             let t0 = std::time::Instant::now();
             let out = c
                 .runner

@@ -10,7 +10,9 @@ use export::{
     export_denoiser, export_generator, validate, ExportOptions, Precision, RuntimeKind, Target,
     ValidateOptions,
 };
-use graphs::{BetaSchedule, Denoiser, GeneratorSpec, ModelConfig, Parameterisation, SamplerKind, UNetConfig};
+use graphs::{
+    BetaSchedule, Denoiser, GeneratorSpec, ModelConfig, Parameterisation, SamplerKind, UNetConfig,
+};
 
 fn denoiser(param: Parameterisation, seed: u64) -> (candle_nn::VarMap, Denoiser) {
     let (vm, vb) = varmap();
@@ -67,7 +69,11 @@ fn every_exported_model_passes_the_tensorrt_lint() {
             }
             for m in &models {
                 let v = lint(m);
-                assert!(v.is_empty(), "{:?} {precision}: {v:#?}", m.graph.as_ref().unwrap().name);
+                assert!(
+                    v.is_empty(),
+                    "{:?} {precision}: {v:#?}",
+                    m.graph.as_ref().unwrap().name
+                );
                 n += 1;
             }
         }
@@ -75,9 +81,17 @@ fn every_exported_model_passes_the_tensorrt_lint() {
     assert_eq!(n, 12);
 }
 
-fn write_generator(dir: &std::path::Path, den: &Denoiser, spec: &GeneratorSpec) -> std::path::PathBuf {
+fn write_generator(
+    dir: &std::path::Path,
+    den: &Denoiser,
+    spec: &GeneratorSpec,
+) -> std::path::PathBuf {
     let path = dir.join("generator.onnx");
-    export::write_model(&export_generator(den, spec, &ExportOptions::default()).unwrap(), &path).unwrap();
+    export::write_model(
+        &export_generator(den, spec, &ExportOptions::default()).unwrap(),
+        &path,
+    )
+    .unwrap();
     path
 }
 
@@ -110,7 +124,10 @@ fn tensorrt_runtime_runs_or_names_what_is_missing() {
             let r = strict.unwrap();
             eprintln!("TensorRT on {}:\n{r}", tc.gpu.name);
             let m = r.metrics.iter().find(|m| m.runtime == "tensorrt").unwrap();
-            assert!(m.passed && m.max_abs_tol == 2e-2 && m.mean_abs_tol == Some(2e-3), "{r}");
+            assert!(
+                m.passed && m.max_abs_tol == 2e-2 && m.mean_abs_tol == Some(2e-3),
+                "{r}"
+            );
             assert!(relaxed.unavailable.is_empty());
         }
         Err(missing) => {
@@ -124,7 +141,10 @@ fn tensorrt_runtime_runs_or_names_what_is_missing() {
             assert_eq!(relaxed.unavailable.len(), 1);
             assert_eq!(relaxed.unavailable[0].runtime, "tensorrt");
             assert_eq!(relaxed.unavailable[0].reason, missing.to_string());
-            assert!(relaxed.to_string().contains("tensorrt     unavailable:"), "{relaxed}");
+            assert!(
+                relaxed.to_string().contains("tensorrt     unavailable:"),
+                "{relaxed}"
+            );
         }
     }
     // A broken model is an error even with allow_missing (only *missing* runtimes are skipped).
@@ -179,24 +199,48 @@ fn junit_xml_is_well_formed_with_counts() {
     assert_eq!(root.attribute("failures"), Some("2"));
     assert_eq!(root.attribute("skipped"), Some("1"));
     assert_eq!(root.attribute("errors"), Some("0"));
-    let cases: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("testcase")).collect();
+    let cases: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("testcase"))
+        .collect();
     assert_eq!(cases.len(), 4);
-    let by_class = |c: &str| cases.iter().find(|n| n.attribute("classname") == Some(c)).unwrap();
+    let by_class = |c: &str| {
+        cases
+            .iter()
+            .find(|n| n.attribute("classname") == Some(c))
+            .unwrap()
+    };
     let tract = by_class("distill.parity.tract");
     assert_eq!(tract.attribute("name"), Some("images"));
     assert!(tract.children().all(|c| !c.has_tag_name("failure")));
-    let out = tract.children().find(|c| c.has_tag_name("system-out")).unwrap().text().unwrap();
-    assert!(out.contains("max_abs") && out.contains("cosine") && out.contains("tolerance max abs <= 1.0e-4"), "{out}");
+    let out = tract
+        .children()
+        .find(|c| c.has_tag_name("system-out"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        out.contains("max_abs")
+            && out.contains("cosine")
+            && out.contains("tolerance max abs <= 1.0e-4"),
+        "{out}"
+    );
     let ort = by_class("distill.parity.onnxruntime");
     let f = ort.children().find(|c| c.has_tag_name("failure")).unwrap();
     assert_eq!(f.attribute("type"), Some("tolerance"));
     assert!(f.attribute("message").unwrap().contains("past tolerance"));
     let trt = by_class("distill.parity.tensorrt");
     let s = trt.children().find(|c| c.has_tag_name("skipped")).unwrap();
-    assert_eq!(s.attribute("message"), Some("TensorRT's trtexec not found on PATH <&>"));
+    assert_eq!(
+        s.attribute("message"),
+        Some("TensorRT's trtexec not found on PATH <&>")
+    );
     let l = by_class("distill.lint");
     assert_eq!(
-        l.children().find(|c| c.has_tag_name("failure")).unwrap().attribute("type"),
+        l.children()
+            .find(|c| c.has_tag_name("failure"))
+            .unwrap()
+            .attribute("type"),
         Some("lint")
     );
     // A run that failed outright is one error test.

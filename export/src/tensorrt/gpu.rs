@@ -41,7 +41,8 @@ pub fn parse_query(csv: &str) -> Result<Vec<GpuInfo>, TrtError> {
         .collect::<Result<_, _>>()?;
     if gpus.is_empty() {
         return Err(TrtError::NoGpu(
-            "nvidia-smi lists no GPU (is one visible to this process? check CUDA_VISIBLE_DEVICES)".into(),
+            "nvidia-smi lists no GPU (is one visible to this process? check CUDA_VISIBLE_DEVICES)"
+                .into(),
         ));
     }
     Ok(gpus)
@@ -92,7 +93,8 @@ mod tests {
 
     #[test]
     fn query_lines() {
-        let g = parse_query("NVIDIA H100 80GB HBM3, 9.0, 550.54.15\nNVIDIA A10, 8.6, 535.104.05\n").unwrap();
+        let g = parse_query("NVIDIA H100 80GB HBM3, 9.0, 550.54.15\nNVIDIA A10, 8.6, 535.104.05\n")
+            .unwrap();
         assert_eq!(g.len(), 2);
         assert_eq!(
             g[0],
@@ -104,7 +106,10 @@ mod tests {
             }
         );
         assert_eq!(g[1].compute_capability, "8.6");
-        assert!(parse_query("").unwrap_err().to_string().contains("lists no GPU"));
+        assert!(parse_query("")
+            .unwrap_err()
+            .to_string()
+            .contains("lists no GPU"));
         assert!(parse_query("garbage").is_err());
     }
 
@@ -120,7 +125,10 @@ mod tests {
     fn missing_nvidia_smi_says_what_to_install() {
         let dir = tempfile::tempdir().unwrap();
         let e = locate(Some(dir.path().into())).unwrap_err().to_string();
-        assert!(e.contains("nvidia-smi") && e.contains("NVIDIA driver"), "{e}");
+        assert!(
+            e.contains("nvidia-smi") && e.contains("NVIDIA driver"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -131,6 +139,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let e = query(&exe).unwrap_err().to_string();
-        assert!(e.contains("could not communicate with the NVIDIA driver"), "{e}");
+        assert!(
+            e.contains("could not communicate with the NVIDIA driver"),
+            "{e}"
+        );
     }
 }

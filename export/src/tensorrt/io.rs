@@ -24,7 +24,8 @@ pub fn write_raw(path: &Path, t: &TensorData) -> Result<(), TrtError> {
         TensorData::F32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
         TensorData::I32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
     };
-    std::fs::write(path, bytes).map_err(|e| TrtError::Io(format!("writing {}: {e}", path.display())))
+    std::fs::write(path, bytes)
+        .map_err(|e| TrtError::Io(format!("writing {}: {e}", path.display())))
 }
 
 /// Writes every input into `dir` as `<name>.bin`; returns (name, shape, file) in input order.
@@ -87,7 +88,11 @@ fn parse_value(tok: &str) -> Result<f32, TrtError> {
         return Ok(f32::NAN);
     }
     if body.starts_with("inf") {
-        return Ok(if neg { f32::NEG_INFINITY } else { f32::INFINITY });
+        return Ok(if neg {
+            f32::NEG_INFINITY
+        } else {
+            f32::INFINITY
+        });
     }
     t.parse::<f32>()
         .map_err(|_| bad(format!("value {t:?} is not a number")))
@@ -129,7 +134,9 @@ pub fn parse_export_output(text: &str) -> Result<Vec<ExportedTensor>, TrtError> 
         let values = if body.is_empty() {
             Vec::new()
         } else {
-            body.split(',').map(parse_value).collect::<Result<Vec<_>, _>>()?
+            body.split(',')
+                .map(parse_value)
+                .collect::<Result<Vec<_>, _>>()?
         };
         let n: usize = dims.iter().product();
         if n != values.len() {
@@ -161,7 +168,10 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].name, "images");
         assert_eq!(t[0].dims, vec![2, 1, 2, 2]);
-        assert_eq!(&t[0].values[..6], &[-0.998413, 0.0123901, 1.0, -1.0, 0.5, 3.05176e-05]);
+        assert_eq!(
+            &t[0].values[..6],
+            &[-0.998413, 0.0123901, 1.0, -1.0, 0.5, 3.05176e-05]
+        );
         assert!(t[0].values[6].is_nan() && t[0].values[7] == f32::INFINITY);
     }
 
@@ -169,7 +179,10 @@ mod tests {
     fn parses_several_outputs() {
         let two = "[\n  { \"name\" : \"a\"\n  , \"dimensions\" : \"2\"\n  , \"values\" : [ 1, 2 ]\n  }\n, { \"name\" : \"b\"\n  , \"dimensions\" : \"1x3\"\n  , \"values\" : [ -inf, 0, 7.5e+10 ]\n  }\n]\n";
         let t = parse_export_output(two).unwrap();
-        assert_eq!(t.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            t.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(t[1].values[0], f32::NEG_INFINITY);
         assert_eq!(t[1].values[2], 7.5e10);
     }
@@ -178,15 +191,22 @@ mod tests {
     fn rejects_malformed_files() {
         assert!(parse_export_output("[]").is_err());
         let short = SAMPLE.replace("2x1x2x2", "2x1x2x3");
-        assert!(parse_export_output(&short).unwrap_err().to_string().contains("hold 12 values but 8"));
+        assert!(parse_export_output(&short)
+            .unwrap_err()
+            .to_string()
+            .contains("hold 12 values but 8"));
         let junk = SAMPLE.replace("0.5", "zebra");
-        assert!(parse_export_output(&junk).unwrap_err().to_string().contains("zebra"));
+        assert!(parse_export_output(&junk)
+            .unwrap_err()
+            .to_string()
+            .contains("zebra"));
     }
 
     #[test]
     fn raw_inputs_are_little_endian_row_major() {
         let dir = tempfile::tempdir().unwrap();
-        let noise = TensorData::F32(ArrayD::from_shape_vec(vec![1, 1, 1, 2], vec![1.5f32, -2.0]).unwrap());
+        let noise =
+            TensorData::F32(ArrayD::from_shape_vec(vec![1, 1, 1, 2], vec![1.5f32, -2.0]).unwrap());
         let labels = TensorData::I32(ArrayD::from_shape_vec(vec![1], vec![7]).unwrap());
         let files = write_inputs(
             dir.path(),

@@ -428,7 +428,10 @@ pub fn lint(model: &ModelProto) -> Vec<Violation> {
                 if !trt_has(t) {
                     push(
                         loc.clone(),
-                        format!("output {o} is {}, a type TensorRT does not have", dtype_name(t)),
+                        format!(
+                            "output {o} is {}, a type TensorRT does not have",
+                            dtype_name(t)
+                        ),
                     );
                 }
             }
@@ -473,8 +476,9 @@ fn check_rule(n: &NodeProto, c: &Check, g: &Graph, shape_like: &HashSet<&str>) -
             let v = attr(n, name)
                 .map(|a| String::from_utf8_lossy(&a.s).into_owned())
                 .unwrap_or_else(|| default.to_string());
-            (!allowed.contains(&v.as_str()))
-                .then(|| format!("{name} = {v:?} is not supported by TensorRT (supported: {allowed:?})"))
+            (!allowed.contains(&v.as_str())).then(|| {
+                format!("{name} = {v:?} is not supported by TensorRT (supported: {allowed:?})")
+            })
         }
         Check::IntAttr {
             name,
@@ -482,8 +486,9 @@ fn check_rule(n: &NodeProto, c: &Check, g: &Graph, shape_like: &HashSet<&str>) -
             allowed,
         } => {
             let v = attr(n, name).map(|a| a.i).unwrap_or(default);
-            (!allowed.contains(&v))
-                .then(|| format!("{name} = {v} is not supported by TensorRT (supported: {allowed:?})"))
+            (!allowed.contains(&v)).then(|| {
+                format!("{name} = {v} is not supported by TensorRT (supported: {allowed:?})")
+            })
         }
         Check::ConstInput { index, what } => {
             let i = n.input.get(index).filter(|i| !i.is_empty())?;
@@ -494,17 +499,14 @@ fn check_rule(n: &NodeProto, c: &Check, g: &Graph, shape_like: &HashSet<&str>) -
             })
         }
         Check::KernelDims { min, max } => {
-            let k = attr(n, "kernel_shape")
-                .map(|a| a.ints.len())
-                .or_else(|| {
-                    n.input
-                        .get(1)
-                        .and_then(|w| g.ranks.get(w.as_str()))
-                        .map(|r| r.saturating_sub(2))
-                })?;
-            (k < min || k > max).then(|| {
-                format!("has {k} spatial kernel dims; TensorRT supports {min} to {max}")
-            })
+            let k = attr(n, "kernel_shape").map(|a| a.ints.len()).or_else(|| {
+                n.input
+                    .get(1)
+                    .and_then(|w| g.ranks.get(w.as_str()))
+                    .map(|r| r.saturating_sub(2))
+            })?;
+            (k < min || k > max)
+                .then(|| format!("has {k} spatial kernel dims; TensorRT supports {min} to {max}"))
         }
         Check::InputRank { index, min, max } => {
             let r = *g.ranks.get(n.input.get(index)?.as_str())?;
@@ -531,7 +533,8 @@ fn check_rule(n: &NodeProto, c: &Check, g: &Graph, shape_like: &HashSet<&str>) -
         }
         Check::CastTo => {
             let to = attr(n, "to").map(|a| a.i as i32)?;
-            (!trt_has(to)).then(|| format!("casts to {}, a type TensorRT does not have", dtype_name(to)))
+            (!trt_has(to))
+                .then(|| format!("casts to {}, a type TensorRT does not have", dtype_name(to)))
         }
     }
 }
@@ -556,7 +559,11 @@ mod tests {
         }
     }
 
-    fn model(nodes: Vec<NodeProto>, inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>) -> ModelProto {
+    fn model(
+        nodes: Vec<NodeProto>,
+        inputs: Vec<ValueInfoProto>,
+        outputs: Vec<ValueInfoProto>,
+    ) -> ModelProto {
         ModelProto {
             ir_version: crate::IR_VERSION,
             opset_import: vec![OperatorSetIdProto {
@@ -586,7 +593,11 @@ mod tests {
     }
 
     fn messages(m: &ModelProto) -> String {
-        lint(m).iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+        lint(m)
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     #[test]
@@ -608,12 +619,20 @@ mod tests {
             version: 1,
         });
         let msg = messages(&m);
-        assert!(msg.contains("node uniq (Unique): op Unique is not supported"), "{msg}");
-        assert!(msg.contains("node my_op (FancyNorm): is in custom domain \"com.example\""), "{msg}");
+        assert!(
+            msg.contains("node uniq (Unique): op Unique is not supported"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("node my_op (FancyNorm): is in custom domain \"com.example\""),
+            "{msg}"
+        );
         assert!(msg.contains("model: imports custom domain"), "{msg}");
         let err = check(&m, "bad.onnx").unwrap_err();
         assert_eq!(err.violations.len(), 3);
-        assert!(err.to_string().starts_with("bad.onnx is not TensorRT-compatible (3 problems)"));
+        assert!(err
+            .to_string()
+            .starts_with("bad.onnx is not TensorRT-compatible (3 problems)"));
     }
 
     #[test]
@@ -626,12 +645,18 @@ mod tests {
     #[test]
     fn int64_input_and_second_dynamic_dim() {
         let m = model(
-            vec![node("s", "Sigmoid", &["x"], &["y"]), node("id", "Identity", &["t"], &["t2"])],
+            vec![
+                node("s", "Sigmoid", &["x"], &["y"]),
+                node("id", "Identity", &["t"], &["t2"]),
+            ],
             vec![
                 vi("x", ElemType::F32, &img()),
                 vi("t", ElemType::I64, &[Dim::Batch]),
             ],
-            vec![vi("y", ElemType::F32, &img()), vi("t2", ElemType::F32, &[Dim::Batch])],
+            vec![
+                vi("y", ElemType::F32, &img()),
+                vi("t2", ElemType::F32, &[Dim::Batch]),
+            ],
         );
         let mut m = m;
         // A second, unnamed dynamic dim on x.
@@ -641,16 +666,32 @@ mod tests {
         }
         let msg = messages(&m);
         assert!(msg.contains("graph input t: is int64"), "{msg}");
-        assert!(msg.contains("graph input x: dim 2 is dynamic (`height`)"), "{msg}");
+        assert!(
+            msg.contains("graph input x: dim 2 is dynamic (`height`)"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn nms_with_a_dynamic_box_count_is_named() {
         let m = model(
-            vec![node("nms", "NonMaxSuppression", &["boxes", "scores", "k"], &["sel"])],
+            vec![node(
+                "nms",
+                "NonMaxSuppression",
+                &["boxes", "scores", "k"],
+                &["sel"],
+            )],
             vec![
-                vi("boxes", ElemType::F32, &[Dim::Batch, Dim::Fixed(10), Dim::Fixed(4)]),
-                vi("scores", ElemType::F32, &[Dim::Batch, Dim::Fixed(1), Dim::Fixed(10)]),
+                vi(
+                    "boxes",
+                    ElemType::F32,
+                    &[Dim::Batch, Dim::Fixed(10), Dim::Fixed(4)],
+                ),
+                vi(
+                    "scores",
+                    ElemType::F32,
+                    &[Dim::Batch, Dim::Fixed(1), Dim::Fixed(10)],
+                ),
                 vi("k", ElemType::I32, &[Dim::Fixed(1)]),
             ],
             vec![vi("sel", ElemType::I32, &[Dim::Fixed(3), Dim::Fixed(3)])],
@@ -692,10 +733,19 @@ mod tests {
             msg.contains("node up (Resize): coordinate_transformation_mode = \"tf_crop_and_resize\" is not supported"),
             "{msg}"
         );
-        assert!(msg.contains("node c (Cast) output xi: is an int64 tensor computed from data"), "{msg}");
-        assert!(msg.contains("node g (Gather): indices `xi` are int64 data"), "{msg}");
+        assert!(
+            msg.contains("node c (Cast) output xi: is an int64 tensor computed from data"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("node g (Gather): indices `xi` are int64 data"),
+            "{msg}"
+        );
         // Defaults of an unset nearest_mode/exclude_outside are fine.
-        assert!(!msg.contains("nearest_mode") && !msg.contains("exclude_outside"), "{msg}");
+        assert!(
+            !msg.contains("nearest_mode") && !msg.contains("exclude_outside"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -724,7 +774,9 @@ mod tests {
         // The same Slice with a non-constant `axes` is a violation.
         let g = m.graph.as_mut().unwrap();
         g.node[1].input[3] = "s".into();
-        assert!(messages(&m).contains("node sl (Slice): input 3 (axes, `s`) must be an initializer"));
+        assert!(
+            messages(&m).contains("node sl (Slice): input 3 (axes, `s`) must be an initializer")
+        );
     }
 
     #[test]
@@ -736,7 +788,10 @@ mod tests {
         }
         m.graph.as_mut().unwrap().value_info.push(bad);
         let msg = messages(&m);
-        assert!(msg.contains("node s (Sigmoid) output y: value_info dim 3 is dynamic (unnamed)"), "{msg}");
+        assert!(
+            msg.contains("node s (Sigmoid) output y: value_info dim 3 is dynamic (unnamed)"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -750,7 +805,15 @@ mod tests {
             vec![vi("y", ElemType::F32, &img())],
         );
         let msg = messages(&m);
-        assert!(msg.contains("node c4d (Conv): has 4 spatial kernel dims"), "{msg}");
-        assert!(msg.contains("node in (InstanceNormalization): input 1 (scale, `x`) must be an initializer"), "{msg}");
+        assert!(
+            msg.contains("node c4d (Conv): has 4 spatial kernel dims"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(
+                "node in (InstanceNormalization): input 1 (scale, `x`) must be an initializer"
+            ),
+            "{msg}"
+        );
     }
 }

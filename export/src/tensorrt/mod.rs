@@ -48,7 +48,11 @@ pub enum TrtError {
     #[error("optimisation profile: {0}")]
     BadProfile(String),
     #[error("batch {batch} is outside the plan's optimisation profile [{min}, {max}]: rebuild with `distill export --trt --min-batch/--max-batch` or validate with `--batches` inside it")]
-    BatchOutsideProfile { batch: usize, min: usize, max: usize },
+    BatchOutsideProfile {
+        batch: usize,
+        min: usize,
+        max: usize,
+    },
     #[error("the plan was built for compute capability {plan} ({plan_gpu}) but this GPU ({gpu}) is {here}: TensorRT plans are specific to the GPU; rebuild it here with `distill export --trt`")]
     GpuMismatch {
         plan: String,
@@ -84,14 +88,14 @@ impl Toolchain {
 
 /// A `.plan` path (TensorRT engine), judged by its extension (`.plan` or `.engine`).
 pub fn is_plan(p: &Path) -> bool {
-    p.extension()
-        .is_some_and(|e| e == "plan" || e == "engine")
+    p.extension().is_some_and(|e| e == "plan" || e == "engine")
 }
 
 /// SHA-256 (hex) of a file.
 pub fn sha256_file(p: &Path) -> Result<String, TrtError> {
     use sha2::Digest;
-    let bytes = std::fs::read(p).map_err(|e| TrtError::Io(format!("reading {}: {e}", p.display())))?;
+    let bytes =
+        std::fs::read(p).map_err(|e| TrtError::Io(format!("reading {}: {e}", p.display())))?;
     Ok(sha2::Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))

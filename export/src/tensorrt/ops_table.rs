@@ -31,7 +31,11 @@ pub enum Check {
     /// Number of spatial dims of a convolution kernel (`kernel_shape`, else weight rank - 2).
     KernelDims { min: usize, max: usize },
     /// Rank of input `index`, where known from the graph's shapes.
-    InputRank { index: usize, min: usize, max: usize },
+    InputRank {
+        index: usize,
+        min: usize,
+        max: usize,
+    },
     /// `axis` attribute (absent = 0) within the rank of input 0 where known, and indices (input 1)
     /// int32, or int64 only when shape-like.
     GatherAxis,
@@ -347,7 +351,10 @@ mod tests {
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(names, sorted, "keep OPS alphabetical (case-insensitive) and unique");
+        assert_eq!(
+            names, sorted,
+            "keep OPS alphabetical (case-insensitive) and unique"
+        );
     }
 
     #[test]

@@ -63,13 +63,15 @@ impl TrtRunner {
     }
 
     /// The inputs in engine order, checked against the plan's shapes and profile.
-    fn ordered<'a>(&self, inputs: &'a Inputs) -> Result<Vec<(String, crate::runtime::TensorData)>> {
+    fn ordered(&self, inputs: &Inputs) -> Result<Vec<(String, crate::runtime::TensorData)>> {
         let mut batch = None;
         let mut out = Vec::new();
         for d in &self.inputs {
             let t = crate::runtime::find_input(inputs, &d.name)?;
             let s = t.shape();
-            let b = *s.first().with_context(|| format!("input {} is a scalar", d.name))?;
+            let b = *s
+                .first()
+                .with_context(|| format!("input {} is a scalar", d.name))?;
             anyhow::ensure!(
                 s == d.at_batch(b).as_slice(),
                 "input {}: shape {s:?} does not match the plan's {:?}",
@@ -233,16 +235,29 @@ mod tests {
     fn inputs_are_ordered_and_checked_against_the_profile() {
         let dir = tempfile::tempdir().unwrap();
         let a10 = gpu("NVIDIA A10", "8.6");
-        let r = TrtRunner::new(&toolchain(dir.path(), a10.clone()), Path::new("g.plan"), &sidecar(a10)).unwrap();
+        let r = TrtRunner::new(
+            &toolchain(dir.path(), a10.clone()),
+            Path::new("g.plan"),
+            &sidecar(a10),
+        )
+        .unwrap();
         assert_eq!(r.precision(), TrtPrecision::Fp16);
         let o = r.ordered(&inputs(2)).unwrap();
         assert_eq!(o[0].0, "noise");
         assert_eq!(o[1].0, "class_labels");
         let e = r.ordered(&inputs(5)).unwrap_err().to_string();
-        assert!(e.contains("batch 5 is outside the plan's optimisation profile [1, 4]"), "{e}");
+        assert!(
+            e.contains("batch 5 is outside the plan's optimisation profile [1, 4]"),
+            "{e}"
+        );
         let mut bad = inputs(2);
-        bad[1].1 = TensorData::F32(ArrayD::from_shape_vec(vec![2, 1, 3, 2], vec![0.0; 12]).unwrap());
-        assert!(r.ordered(&bad).unwrap_err().to_string().contains("does not match"));
+        bad[1].1 =
+            TensorData::F32(ArrayD::from_shape_vec(vec![2, 1, 3, 2], vec![0.0; 12]).unwrap());
+        assert!(r
+            .ordered(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("does not match"));
     }
 
     #[test]
@@ -256,6 +271,9 @@ mod tests {
         .err()
         .unwrap()
         .to_string();
-        assert!(e.contains("compute capability 9.0") && e.contains("is 8.6"), "{e}");
+        assert!(
+            e.contains("compute capability 9.0") && e.contains("is 8.6"),
+            "{e}"
+        );
     }
 }

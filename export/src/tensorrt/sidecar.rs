@@ -45,7 +45,10 @@ pub struct ModelInfo {
 impl ModelInfo {
     pub fn from_metadata(meta: &BTreeMap<String, String>) -> Self {
         let num = |k: &str| meta.get(k).and_then(|v| v.parse().ok());
-        fn json<T: serde::de::DeserializeOwned>(meta: &BTreeMap<String, String>, k: &str) -> Option<T> {
+        fn json<T: serde::de::DeserializeOwned>(
+            meta: &BTreeMap<String, String>,
+            k: &str,
+        ) -> Option<T> {
             meta.get(k).and_then(|v| serde_json::from_str(v).ok())
         }
         Self {
@@ -305,7 +308,10 @@ mod tests {
             batches: vec![1, 8, 32],
             seed: 0,
         });
-        assert_eq!(path_for(Path::new("out/generator.plan")), Path::new("out/generator.plan.json"));
+        assert_eq!(
+            path_for(Path::new("out/generator.plan")),
+            Path::new("out/generator.plan.json")
+        );
         let v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
         assert_eq!(v["format"], FORMAT);
         assert_eq!(v["plan"], "generator.plan");
@@ -322,7 +328,10 @@ mod tests {
         );
         assert_eq!(v["outputs"][0]["name"], "images");
         assert_eq!(v["outputs"][0]["shape"], serde_json::json!([-1, 1, 16, 16]));
-        assert_eq!(v["profiles"], serde_json::json!([{"min_batch": 1, "opt_batch": 8, "max_batch": 32}]));
+        assert_eq!(
+            v["profiles"],
+            serde_json::json!([{"min_batch": 1, "opt_batch": 8, "max_batch": 32}])
+        );
         assert_eq!(v["model"]["sampler"], "student");
         assert_eq!(v["model"]["sigmas"], serde_json::json!([80.0, 1.2]));
         assert_eq!(v["model"]["fresh_noise_inputs"], 1);
@@ -348,7 +357,9 @@ mod tests {
 
     #[test]
     fn a_missing_sidecar_says_where_it_comes_from() {
-        let e = Sidecar::read(Path::new("/nope/g.plan.json")).unwrap_err().to_string();
+        let e = Sidecar::read(Path::new("/nope/g.plan.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("distill export --trt"), "{e}");
     }
 }

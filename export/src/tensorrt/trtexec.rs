@@ -255,7 +255,8 @@ pub fn run(trtexec: &Path, args: &[String]) -> Result<String, TrtError> {
             status: format!("could not start: {e}"),
             log_tail: String::new(),
         })?;
-    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || !passed(&log) {
         return Err(TrtError::TrtexecFailed {
             command,
@@ -374,17 +375,38 @@ mod tests {
         let a = infer_args(
             Path::new("g.plan"),
             &[
-                ("noise".into(), vec![2, 1, 16, 16], PathBuf::from("/t/noise.bin")),
-                ("class_labels".into(), vec![2], PathBuf::from("/t/class_labels.bin")),
+                (
+                    "noise".into(),
+                    vec![2, 1, 16, 16],
+                    PathBuf::from("/t/noise.bin"),
+                ),
+                (
+                    "class_labels".into(),
+                    vec![2],
+                    PathBuf::from("/t/class_labels.bin"),
+                ),
             ],
             Path::new("/t/out.json"),
         );
         assert_eq!(a[0], "--loadEngine=g.plan");
         assert_eq!(a[1], "--shapes=noise:2x1x16x16,class_labels:2");
-        assert_eq!(a[2], "--loadInputs=noise:/t/noise.bin,class_labels:/t/class_labels.bin");
+        assert_eq!(
+            a[2],
+            "--loadInputs=noise:/t/noise.bin,class_labels:/t/class_labels.bin"
+        );
         assert_eq!(a[3], "--exportOutput=/t/out.json");
         assert!(a.contains(&"--iterations=1".to_string()));
-        assert_eq!(shapes_arg(&[TensorDesc { name: "a:b".into(), shape: vec![-1], dtype: "int32".into() }], 3), "'a:b':3");
+        assert_eq!(
+            shapes_arg(
+                &[TensorDesc {
+                    name: "a:b".into(),
+                    shape: vec![-1],
+                    dtype: "int32".into()
+                }],
+                3
+            ),
+            "'a:b':3"
+        );
     }
 
     #[test]
@@ -393,7 +415,12 @@ mod tests {
         // Missing everywhere: the message says what to install.
         let e = locate(None, Some(dir.path().into()), &[]).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("trtexec not found on PATH") && msg.contains("TensorRT 10") && msg.contains("DISTILL_TRTEXEC"), "{msg}");
+        assert!(
+            msg.contains("trtexec not found on PATH")
+                && msg.contains("TensorRT 10")
+                && msg.contains("DISTILL_TRTEXEC"),
+            "{msg}"
+        );
         // A DISTILL_TRTEXEC that is not there is an error naming it (never a silent PATH fallback).
         let e = locate(Some("/nope/trtexec".into()), Some(dir.path().into()), &[]).unwrap_err();
         assert!(e.to_string().contains("/nope/trtexec"), "{e}");
@@ -419,7 +446,14 @@ mod tests {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = run(&exe, &["--onnx=x.onnx".into()]).unwrap_err().to_string();
-        assert!(e.contains("--onnx=x.onnx") && e.contains("Error Code 4") && e.contains("exit status: 1"), "{e}");
+        let e = run(&exe, &["--onnx=x.onnx".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--onnx=x.onnx")
+                && e.contains("Error Code 4")
+                && e.contains("exit status: 1"),
+            "{e}"
+        );
     }
 }
