@@ -437,11 +437,12 @@ pub fn lint(model: &ModelProto) -> Vec<Violation> {
             }
         }
         for (ix, i) in n.input.iter().enumerate() {
+            let shape_op = matches!(n.op_type.as_str(), "Cast" | "Shape" | "Size")
+                || SHAPE_ARITH.contains(&n.op_type.as_str());
             if !i.is_empty()
                 && gr.types.get(i.as_str()) == Some(&I64)
                 && !is_shape_slot(&n.op_type, ix)
-                && !SHAPE_ARITH.contains(&n.op_type.as_str())
-                && !(n.op_type == "Cast" || n.op_type == "Shape" || n.op_type == "Size")
+                && !shape_op
             {
                 push(
                     loc.clone(),

@@ -1,12 +1,12 @@
 //! TensorRT: fp16 engines (`.plan`) built from exported ONNX by `trtexec`, their JSON sidecar,
 //! running them for parity, and the TensorRT compatibility lint every export passes.
 //!
-//! * [`trtexec`]: locating trtexec, its build/run command lines, its log (version, PASSED).
-//! * [`gpu`]: the GPU from nvidia-smi (name, compute capability, driver, CUDA version).
-//! * [`io`]: raw input files for `--loadInputs`, parsing `--exportOutput`.
-//! * [`sidecar`]: `<stem>.plan.json`.
-//! * [`runner`]: [`TrtRunner`], a [`crate::runtime::Runner`] over a plan.
-//! * [`engine`]: build -> validate -> write, never leaving a plan that did not pass.
+//! * [`trtexec`][]: locating trtexec, its build/run command lines, its log (version, PASSED).
+//! * [`gpu`][]: the GPU from nvidia-smi (name, compute capability, driver, CUDA version).
+//! * [`io`][]: raw input files for `--loadInputs`, parsing `--exportOutput`.
+//! * [`sidecar`][]: `<stem>.plan.json`.
+//! * [`runner`][]: [`TrtRunner`], a [`crate::runtime::Runner`] over a plan.
+//! * [`engine`][]: build -> validate -> write, never leaving a plan that did not pass.
 //! * [`lint`] with its op table [`ops_table`].
 //!
 //! Where trtexec or a GPU is missing every entry point fails fast with a [`TrtError`] naming
