@@ -139,18 +139,36 @@ pub struct ExportArgs {
     /// Generator only: classifier-free guidance scale baked into the graph.
     #[arg(long)]
     pub cfg_scale: Option<f64>,
+    /// Also build a TensorRT engine `<stem>.plan` (+ `<stem>.plan.json` sidecar) from the ONNX
+    /// with trtexec, validated against the checkpoint before it is written. Needs TensorRT 10's
+    /// trtexec (PATH, /usr/src/tensorrt/bin or DISTILL_TRTEXEC) and an NVIDIA GPU.
+    #[arg(long)]
+    pub trt: bool,
+    /// --trt: smallest batch of the engine's optimisation profile.
+    #[arg(long, default_value_t = 1)]
+    pub min_batch: usize,
+    /// --trt: the batch TensorRT tunes its kernels for.
+    #[arg(long, default_value_t = 8)]
+    pub opt_batch: usize,
+    /// --trt: largest batch of the optimisation profile.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// --trt: engine precision.
+    #[arg(long, value_enum, default_value = "fp16")]
+    pub trt_precision: crate::engine::TrtPrecisionArg,
 }
 
 #[derive(Args, Debug)]
 pub struct ValidateArgs {
-    /// The exported .onnx file.
+    /// The exported .onnx file, or a .plan (with its .plan.json) from `distill export --trt`.
     pub model: PathBuf,
     /// The checkpoint it was exported from (the candle reference).
     #[arg(long)]
     pub reference: PathBuf,
-    /// Runtimes to compare, comma-separated (tract, ort). Leaving one out is how to skip it.
-    #[arg(long, value_delimiter = ',', default_value = "tract,ort")]
-    pub runtimes: Vec<String>,
+    /// Runtimes to compare, comma-separated (tract, ort, trt); default tract,ort for an .onnx and
+    /// trt for a .plan. Leaving one out is how to skip it.
+    #[arg(long, value_delimiter = ',')]
+    pub runtimes: Option<Vec<String>>,
     /// Number of seeded input sets.
     #[arg(long, default_value_t = 32)]
     pub cases: usize,
@@ -169,6 +187,21 @@ pub struct ValidateArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also run the TensorRT runtime (trtexec) on this engine: a .plan written by `distill export
+    /// --trt`, or an .onnx to build a temporary fp16 engine from.
+    #[arg(long, value_name = "PLAN_OR_ONNX")]
+    pub trt: Option<PathBuf>,
+    /// Report a requested runtime that is not installed here (ONNX Runtime's library, trtexec, an
+    /// NVIDIA GPU) as unavailable, a skipped JUnit test, instead of failing (at least one must run).
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// Run the TensorRT compatibility lint first; a violation exits with code 4.
+    #[arg(long)]
+    pub lint: bool,
+    /// Write the results as JUnit XML here: one test per runtime x output (metrics in
+    /// system-out, failure past tolerance), plus the lint.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -709,6 +742,12 @@ pub fn export_checkpoint(a: &ExportArgs) -> Result<PathBuf> {
 }
 
 fn cmd_export(a: &ExportArgs) -> Result<()> {
+    // Fail fast: find trtexec and the GPU before spending time on the export.
+    let toolchain = if a.trt {
+        Some(export::tensorrt::Toolchain::locate()?)
+    } else {
+        None
+    };
     let path = export_checkpoint(a)?;
     let model = export::runtime::load_model(&path)?;
     let g = model
@@ -731,6 +770,9 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
         path.display(),
         a.checkpoint.display()
     );
+    if let Some(tc) = toolchain {
+        crate::engine::build_engine(a, &path, &tc)?;
+    }
     Ok(())
 }
 
@@ -738,9 +780,9 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
 pub fn validate_model(a: &ValidateArgs) -> Result<export::ValidateReport> {
     let dev = Device::Cpu;
     let (den, _) = checkpoint::load(&a.reference, &dev)?;
-    let model = export::runtime::load_model(&a.model)?;
-    let meta: std::collections::HashMap<String, String> =
-        export::metadata(&model).into_iter().collect();
+    let meta: std::collections::HashMap<String, String> = export::tensorrt::metadata_of(&a.model)?
+        .into_iter()
+        .collect();
     let spec: GeneratorSpec;
     let target = match meta.get("kind").map(String::as_str) {
         Some("generator") => {
@@ -757,8 +799,7 @@ pub fn validate_model(a: &ValidateArgs) -> Result<export::ValidateReport> {
             a.model.display()
         ),
     };
-    let runtimes = a
-        .runtimes
+    let runtimes = crate::gate::runtime_names(a)
         .iter()
         .map(|r| r.parse())
         .collect::<Result<Vec<export::RuntimeKind>>>()?;
@@ -770,27 +811,14 @@ pub fn validate_model(a: &ValidateArgs) -> Result<export::ValidateReport> {
         precision: None,
         max_abs_tol: a.atol,
         mean_abs_tol: a.mean_atol,
+        trt_engine: a.trt.clone(),
+        allow_missing: a.allow_missing,
     };
     export::validate(&a.model, &den, target, &opts)
 }
 
 fn cmd_validate(a: &ValidateArgs) -> Result<()> {
-    let report = validate_model(a)?;
-    println!("{report}");
-    if let Some(p) = &a.json {
-        checkpoint::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
-        println!("report: {}", p.display());
-    }
-    if !report.passed() {
-        return Err(ValidationFailed(format!(
-            "{} is past tolerance in at least one runtime (max abs error {:.3e})",
-            a.model.display(),
-            report.max_abs()
-        ))
-        .into());
-    }
-    println!("PASS");
-    Ok(())
+    crate::gate::run(a)
 }
 
 fn cmd_bench(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
@@ -849,10 +877,13 @@ fn cmd_plot(a: &PlotArgs) -> Result<()> {
     Ok(())
 }
 
-/// Exit codes: 0 success, 1 error, 2 usage (clap), 3 validation failed past tolerance.
+/// Exit codes: 0 success, 1 error, 2 usage (clap), 3 validation failed past tolerance,
+/// 4 the TensorRT compatibility lint failed.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     if e.downcast_ref::<ValidationFailed>().is_some() {
         3
+    } else if e.downcast_ref::<export::tensorrt::LintFailed>().is_some() {
+        4
     } else {
         1
     }

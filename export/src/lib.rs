@@ -7,7 +7,10 @@
 //!   Each op's emission lives in its own file under `src/ops/` (`conv.rs`, `norm.rs`, ...).
 //! * [`export_generator`] / [`export_denoiser`] build whole models (opset 17, IR version 8), with
 //!   metadata; [`write_model`] writes them atomically (with ONNX external data past 2 GB).
-//! * [`runtime`]: tract and ONNX Runtime runners; [`validate()`]: seeded parity against candle.
+//! * [`runtime`]: tract and ONNX Runtime runners; [`validate()`]: seeded parity against candle
+//!   (tract, ONNX Runtime and TensorRT), [`junit`]: its JUnit XML for CI.
+//! * [`tensorrt`]: fp16 engines built by trtexec with a JSON sidecar, their runner, and the
+//!   TensorRT compatibility lint every exported model passes.
 //!
 //! Class labels (and VP timesteps) are **int32** in every exported graph: TensorRT prefers int32
 //! indices, and Gather accepts them in every runtime.
@@ -19,9 +22,11 @@ pub mod proto {
 }
 
 mod backend;
+pub mod junit;
 mod model;
 mod ops;
 pub mod runtime;
+pub mod tensorrt;
 pub mod validate;
 mod write;
 
@@ -29,5 +34,7 @@ pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use model::{
     export_denoiser, export_generator, metadata, weights_sha256, ExportOptions, Precision,
 };
-pub use validate::{validate, Metrics, RuntimeKind, Target, ValidateOptions, ValidateReport};
+pub use validate::{
+    validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions, ValidateReport,
+};
 pub use write::{write_model, write_model_with, DEFAULT_EXTERNAL_THRESHOLD};

@@ -287,6 +287,8 @@ pub fn export_generator(
     ]);
     let mut model = b.into_model("distill_generator", &[("images", out)], meta)?;
     finish_metadata(&mut model, opts);
+    // Every export is TensorRT-ready or fails here, before anything is written.
+    crate::tensorrt::lint_check(&model, "the exported generator")?;
     Ok(model)
 }
 
@@ -316,5 +318,6 @@ pub fn export_denoiser(den: &Denoiser, opts: &ExportOptions) -> Result<ModelProt
     let meta = common_metadata(den, "denoiser", opts)?;
     let mut model = b.into_model("distill_denoiser", &[(out_name, out)], meta)?;
     finish_metadata(&mut model, opts);
+    crate::tensorrt::lint_check(&model, "the exported denoiser")?;
     Ok(model)
 }

@@ -22,6 +22,9 @@ pub enum RuntimeKind {
     Tract,
     #[serde(rename = "onnxruntime")]
     OnnxRuntime,
+    /// A TensorRT engine run by trtexec (see [`crate::tensorrt`]).
+    #[serde(rename = "tensorrt")]
+    TensorRt,
 }
 
 impl RuntimeKind {
@@ -29,12 +32,14 @@ impl RuntimeKind {
         match self {
             Self::Tract => "tract",
             Self::OnnxRuntime => "onnxruntime",
+            Self::TensorRt => "tensorrt",
         }
     }
     fn load(self, path: &Path) -> Result<Box<dyn Runner>> {
         Ok(match self {
             Self::Tract => Box::new(TractRunner::from_path(path)?),
             Self::OnnxRuntime => Box::new(OrtRunner::from_path(path)?),
+            Self::TensorRt => Box::new(crate::tensorrt::TrtRunner::from_plan(path)?),
         })
     }
 }
@@ -45,7 +50,8 @@ impl std::str::FromStr for RuntimeKind {
         match s.to_ascii_lowercase().as_str() {
             "tract" => Ok(Self::Tract),
             "ort" | "onnxruntime" | "onnx-runtime" => Ok(Self::OnnxRuntime),
-            _ => bail!("unknown runtime {s:?} (expected tract or ort)"),
+            "trt" | "tensorrt" => Ok(Self::TensorRt),
+            _ => bail!("unknown runtime {s:?} (expected tract, ort or trt)"),
         }
     }
 }
@@ -74,6 +80,11 @@ pub struct ValidateOptions {
     pub max_abs_tol: Option<f64>,
     /// Tolerance on the mean absolute error (default fp32 none, fp16 2e-3).
     pub mean_abs_tol: Option<f64>,
+    /// Engine for the TensorRT runtime: a `.plan`, or an `.onnx` to build a temporary one from
+    /// (default: see [`validate()`]).
+    pub trt_engine: Option<std::path::PathBuf>,
+    /// Report a runtime that is not installed here as unavailable instead of failing.
+    pub allow_missing: bool,
 }
 
 impl Default for ValidateOptions {
@@ -86,6 +97,8 @@ impl Default for ValidateOptions {
             precision: None,
             max_abs_tol: None,
             mean_abs_tol: None,
+            trt_engine: None,
+            allow_missing: false,
         }
     }
 }
@@ -107,6 +120,16 @@ pub struct Metrics {
     pub max_abs_tol: f64,
     pub mean_abs_tol: Option<f64>,
     pub passed: bool,
+    /// Time spent in this runtime over all cases.
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+/// A requested runtime that is not installed here (only with `allow_missing`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Unavailable {
+    pub runtime: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,6 +140,11 @@ pub struct ValidateReport {
     pub batches: Vec<usize>,
     pub seed: u64,
     pub metrics: Vec<Metrics>,
+    #[serde(default)]
+    pub unavailable: Vec<Unavailable>,
+    /// The engine the TensorRT runtime ran (a file, or "temporary engine built from ...").
+    #[serde(default)]
+    pub trt_engine: Option<String>,
 }
 
 impl ValidateReport {
@@ -170,6 +198,12 @@ impl std::fmt::Display for ValidateReport {
                 tol,
                 if m.passed { "PASS" } else { "FAIL" }
             )?;
+        }
+        for u in &self.unavailable {
+            writeln!(f, "{:<12} unavailable: {}", u.runtime, u.reason)?;
+        }
+        if let Some(e) = &self.trt_engine {
+            writeln!(f, "tensorrt engine: {e}")?;
         }
         write!(
             f,
@@ -249,6 +283,7 @@ impl Acc {
             max_abs_tol: max_tol,
             mean_abs_tol: mean_tol,
             passed,
+            seconds: 0.0,
         }
     }
 }
@@ -370,9 +405,63 @@ fn make_case(
     Ok((inputs, out))
 }
 
+/// A runtime ready to compare: its runner and its tolerances.
+pub struct Candidate {
+    pub name: &'static str,
+    pub runner: Box<dyn Runner>,
+    pub max_abs_tol: f64,
+    pub mean_abs_tol: Option<f64>,
+}
+
+/// Default tolerances for a precision (fp32: max abs 1e-4; fp16: max abs 2e-2, mean abs 2e-3),
+/// overridden by `opts`.
+pub fn tolerances(precision: Precision, opts: &ValidateOptions) -> (f64, Option<f64>) {
+    let (default_max, default_mean) = match precision {
+        Precision::Fp32 => (1e-4, None),
+        Precision::Fp16 => (2e-2, Some(2e-3)),
+    };
+    (
+        opts.max_abs_tol.unwrap_or(default_max),
+        opts.mean_abs_tol.or(default_mean),
+    )
+}
+
+fn metadata_precision(model: &crate::proto::ModelProto) -> Result<Precision> {
+    match crate::metadata(model)
+        .into_iter()
+        .find(|(k, _)| k == "precision")
+    {
+        Some((_, v)) => v.parse(),
+        None => Ok(Precision::Fp32),
+    }
+}
+
+/// Whether a runtime-loading error means "this runtime is not installed here" (what
+/// `allow_missing` turns into an `unavailable` entry) rather than a broken model.
+fn is_missing(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::tensorrt::TrtError>(),
+            Some(
+                crate::tensorrt::TrtError::TrtexecMissing
+                    | crate::tensorrt::TrtError::TrtexecEnvInvalid(_)
+                    | crate::tensorrt::TrtError::NoGpu(_)
+            )
+        ) || c.to_string().contains(runtime::onnxruntime::NOT_FOUND)
+    })
+}
+
 /// Runs the model at `model_path` in each selected runtime on `opts.cases` seeded input sets and
-/// compares its (single) output with candle's. A runtime that cannot be loaded (e.g. a missing
-/// ONNX Runtime) is an error, never a silent skip.
+/// compares its (single) output with candle's.
+///
+/// `model_path` is an `.onnx` file, or a `.plan` (with its `.plan.json` sidecar) for the
+/// TensorRT runtime alone. For an `.onnx` the TensorRT runtime runs `opts.trt_engine` (a `.plan`,
+/// or an `.onnx` to build a temporary engine from), else the `<model>.plan` beside it when its
+/// sidecar records this ONNX's sha256, else a temporary engine built from the model.
+///
+/// A runtime that cannot be loaded (e.g. a missing ONNX Runtime or trtexec) is an error, never a
+/// silent skip; with `opts.allow_missing` a *missing* runtime is listed in
+/// [`ValidateReport::unavailable`] with the reason instead (at least one runtime must run).
 pub fn validate(
     model_path: &Path,
     den: &Denoiser,
@@ -385,40 +474,128 @@ pub fn validate(
         "validate: batches must be positive"
     );
     ensure!(!opts.runtimes.is_empty(), "validate: no runtime selected");
-    let model = runtime::load_model(model_path)?;
-    let precision = match opts.precision {
-        Some(p) => p,
-        None => match crate::metadata(&model)
-            .into_iter()
-            .find(|(k, _)| k == "precision")
-        {
-            Some((_, v)) => v.parse()?,
-            None => Precision::Fp32,
-        },
+    let is_plan = crate::tensorrt::is_plan(model_path);
+    let (precision, out_name) = if is_plan {
+        let sc = crate::tensorrt::Sidecar::read(&crate::tensorrt::sidecar::path_for(model_path))?;
+        let p = match opts.precision {
+            Some(p) => p,
+            None => sc.precision.name().parse()?,
+        };
+        ensure!(
+            sc.outputs.len() == 1,
+            "validate: expected one output, the plan has {}",
+            sc.outputs.len()
+        );
+        (p, sc.outputs[0].name.clone())
+    } else {
+        let model = runtime::load_model(model_path)?;
+        let p = match opts.precision {
+            Some(p) => p,
+            None => metadata_precision(&model)?,
+        };
+        let (_, outs) = runtime::io_specs(&model)?;
+        ensure!(
+            outs.len() == 1,
+            "validate: expected one output, the model has {}",
+            outs.len()
+        );
+        (p, outs[0].name.clone())
     };
-    let (default_max, default_mean) = match precision {
-        Precision::Fp32 => (1e-4, None),
-        Precision::Fp16 => (2e-2, Some(2e-3)),
-    };
-    let max_tol = opts.max_abs_tol.unwrap_or(default_max);
-    let mean_tol = opts.mean_abs_tol.or(default_mean);
-    let (_, outs) = runtime::io_specs(&model)?;
-    ensure!(
-        outs.len() == 1,
-        "validate: expected one output, the model has {}",
-        outs.len()
-    );
-    let out_name = outs[0].name.clone();
 
-    let mut runners = Vec::new();
+    let mut candidates = Vec::new();
+    let mut unavailable = Vec::new();
+    let mut trt_engine = None;
     for rk in &opts.runtimes {
-        runners.push((
-            *rk,
-            rk.load(model_path)
-                .with_context(|| format!("loading {} in {}", model_path.display(), rk.name()))?,
-        ));
+        let loaded: Result<Candidate> = (|| {
+            if is_plan && *rk != RuntimeKind::TensorRt {
+                bail!(
+                    "{} runs ONNX files, not TensorRT plans: validate the .onnx the plan was built from (its sidecar names it)",
+                    rk.name()
+                );
+            }
+            Ok(match rk {
+                RuntimeKind::Tract | RuntimeKind::OnnxRuntime => {
+                    let (max_abs_tol, mean_abs_tol) = tolerances(precision, opts);
+                    Candidate {
+                        name: rk.name(),
+                        runner: rk.load(model_path)?,
+                        max_abs_tol,
+                        mean_abs_tol,
+                    }
+                }
+                RuntimeKind::TensorRt => {
+                    let (runner, engine) =
+                        crate::tensorrt::runner_for_validation(model_path, is_plan, opts)?;
+                    // The engine's own precision decides (an fp16 engine of an fp32 ONNX gets
+                    // fp16 tolerances).
+                    let p = if runner.precision() == crate::tensorrt::TrtPrecision::Fp16 {
+                        Precision::Fp16
+                    } else {
+                        precision
+                    };
+                    let (max_abs_tol, mean_abs_tol) = tolerances(p, opts);
+                    trt_engine = Some(engine);
+                    Candidate {
+                        name: rk.name(),
+                        runner: Box::new(runner),
+                        max_abs_tol,
+                        mean_abs_tol,
+                    }
+                }
+            })
+        })();
+        match loaded {
+            Ok(c) => candidates.push(c),
+            Err(e) if opts.allow_missing && is_missing(&e) => unavailable.push(Unavailable {
+                runtime: rk.name().to_string(),
+                reason: format!("{e:#}"),
+            }),
+            Err(e) => {
+                return Err(e.context(format!("loading {} in {}", model_path.display(), rk.name())))
+            }
+        }
     }
-    let mut accs: Vec<Acc> = runners.iter().map(|_| Acc::default()).collect();
+    ensure!(
+        !candidates.is_empty(),
+        "no runtime could run {}: {}",
+        model_path.display(),
+        unavailable
+            .iter()
+            .map(|u| format!("{}: {}", u.runtime, u.reason))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let mut report = compare(
+        &model_path.display().to_string(),
+        precision,
+        &out_name,
+        den,
+        target,
+        candidates,
+        opts,
+    )?;
+    report.unavailable = unavailable;
+    report.trt_engine = trt_engine;
+    Ok(report)
+}
+
+/// The comparison itself: every candidate on the same seeded cases against candle.
+pub fn compare(
+    label: &str,
+    precision: Precision,
+    out_name: &str,
+    den: &Denoiser,
+    target: Target,
+    mut candidates: Vec<Candidate>,
+    opts: &ValidateOptions,
+) -> Result<ValidateReport> {
+    ensure!(opts.cases > 0, "validate: zero cases");
+    ensure!(
+        !opts.batches.is_empty() && opts.batches.iter().all(|&b| b > 0),
+        "validate: batches must be positive"
+    );
+    let mut accs: Vec<Acc> = candidates.iter().map(|_| Acc::default()).collect();
+    let mut seconds = vec![0.0f64; candidates.len()];
     let mut batches = Vec::new();
     for case in 0..opts.cases {
         let batch = opts.batches[case % opts.batches.len()];
@@ -428,18 +605,25 @@ pub fn validate(
         let (inputs, reference) = make_case(den, target, batch, &mut rng)
             .with_context(|| format!("case {case}: candle reference"))?;
         let inputs: &Inputs = &inputs;
-        for ((rk, runner), acc) in runners.iter_mut().zip(accs.iter_mut()) {
-            let out = runner
+        for ((c, acc), secs) in candidates
+            .iter_mut()
+            .zip(accs.iter_mut())
+            .zip(seconds.iter_mut())
+        {
+            let t0 = std::time::Instant::now();
+            let out = c
+                .runner
                 .run(inputs)
-                .with_context(|| format!("case {case} (batch {batch}) in {}", rk.name()))?;
+                .with_context(|| format!("case {case} (batch {batch}) in {}", c.name))?;
+            *secs += t0.elapsed().as_secs_f64();
             let (_, y) = out
                 .iter()
-                .find(|(n, _)| *n == out_name)
-                .with_context(|| format!("{} returned no {out_name}", rk.name()))?;
+                .find(|(n, _)| n == out_name)
+                .with_context(|| format!("{} returned no {out_name}", c.name))?;
             ensure!(
                 y.len() == reference.len(),
                 "{}: output {out_name} has shape {:?}, expected {} values",
-                rk.name(),
+                c.name,
                 y.shape(),
                 reference.len()
             );
@@ -447,20 +631,27 @@ pub fn validate(
             acc.add(&reference, &y);
         }
     }
-    let metrics = runners
+    let metrics = candidates
         .iter()
         .zip(accs)
-        .map(|((rk, _), acc)| acc.finish(rk.name(), &out_name, max_tol, mean_tol))
+        .zip(seconds)
+        .map(|((c, acc), secs)| {
+            let mut m = acc.finish(c.name, out_name, c.max_abs_tol, c.mean_abs_tol);
+            m.seconds = secs;
+            m
+        })
         .collect();
     let mut uniq = batches.clone();
     uniq.sort();
     uniq.dedup();
     Ok(ValidateReport {
-        model: model_path.display().to_string(),
+        model: label.to_string(),
         precision,
         cases: opts.cases,
         batches: uniq,
         seed: opts.seed,
         metrics,
+        unavailable: Vec::new(),
+        trt_engine: None,
     })
 }

@@ -17,7 +17,7 @@ pub fn write_model(model: &ModelProto, path: &Path) -> Result<()> {
     write_model_with(model, path, DEFAULT_EXTERNAL_THRESHOLD)
 }
 
-fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

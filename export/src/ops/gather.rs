@@ -1,5 +1,6 @@
 //! `embedding` -> `Gather(table, ids, axis=0)` with the table as an f32 initializer;
-//! `gather_const` -> `Gather` of a constant f32 table (ids cast to int64 unless already integer).
+//! `gather_const` -> `Gather` of a constant f32 table (ids cast to int32 unless already integer:
+//! TensorRT wants int32 indices).
 //! Label ids are int32 graph inputs (Gather takes int32 or int64 indices).
 
 use crate::backend::{attr_int, ElemType, OnnxBackend, ValueInfo};
@@ -42,7 +43,7 @@ pub fn gather_const(b: &OnnxBackend, table: &[f32], ids: &str) -> Result<String>
     let ids = if ii.elem.is_int() {
         ids.to_string()
     } else {
-        b.cast(ids, ElemType::I64)?
+        b.cast(ids, ElemType::I32)?
     };
     let t = b.const_f32(table, &[table.len()])?;
     b.node(
