@@ -204,6 +204,48 @@ pub struct ValidateArgs {
     pub junit: Option<PathBuf>,
 }
 
+impl ExportArgs {
+    /// The flags' defaults for an ONNX generator export of `checkpoint` into `out`.
+    pub fn generator(checkpoint: &Path, out: &Path, precision: PrecisionArg) -> Self {
+        Self {
+            checkpoint: checkpoint.to_path_buf(),
+            onnx: true,
+            out: out.to_path_buf(),
+            what: ExportWhat::Generator,
+            precision,
+            sampler: None,
+            steps: None,
+            cfg_scale: None,
+            trt: false,
+            min_batch: 1,
+            opt_batch: 8,
+            max_batch: 16,
+            trt_precision: crate::engine::TrtPrecisionArg::Fp16,
+        }
+    }
+}
+
+impl ValidateArgs {
+    /// The flags' defaults for validating `model` against `reference` in tract and ONNX Runtime.
+    pub fn new(model: &Path, reference: &Path) -> Self {
+        Self {
+            model: model.to_path_buf(),
+            reference: reference.to_path_buf(),
+            runtimes: None,
+            cases: 32,
+            batches: vec![1, 7, 4, 2],
+            seed: 0,
+            atol: None,
+            mean_atol: None,
+            json: None,
+            trt: None,
+            allow_missing: false,
+            lint: false,
+            junit: None,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default teacher) or `tiny`.

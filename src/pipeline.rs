@@ -221,27 +221,10 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
         for (name, ckpt) in targets {
             for precision in [cli::PrecisionArg::Fp32, cli::PrecisionArg::Fp16] {
                 let dir = o.out.join("export").join(&name);
-                let path = cli::export_checkpoint(&cli::ExportArgs {
-                    checkpoint: ckpt.clone(),
-                    onnx: true,
-                    out: dir,
-                    what: cli::ExportWhat::Generator,
-                    precision,
-                    sampler: None,
-                    steps: None,
-                    cfg_scale: None,
-                })?;
-                let v = cli::ValidateArgs {
-                    model: path.clone(),
-                    reference: ckpt.clone(),
-                    runtimes: vec!["tract".into(), "ort".into()],
-                    cases: 32,
-                    batches: vec![1, 7, 4, 2],
-                    seed: 0,
-                    atol: None,
-                    mean_atol: None,
-                    json: None,
-                };
+                let path = cli::export_checkpoint(&cli::ExportArgs::generator(
+                    &ckpt, &dir, precision,
+                ))?;
+                let v = cli::ValidateArgs::new(&path, &ckpt);
                 let r = cli::validate_model(&v)?;
                 eprintln!("{r}");
                 for m in &r.metrics {

@@ -441,16 +441,7 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
     for (run, fresh) in [(&one, 0), (&four, 3), (&tdm, 0)] {
         for precision in [distill::cli::PrecisionArg::Fp32, distill::cli::PrecisionArg::Fp16] {
             let out = run.join("export");
-            let a = distill::cli::ExportArgs {
-                checkpoint: run.join("checkpoint"),
-                onnx: true,
-                out: out.clone(),
-                what: distill::cli::ExportWhat::Generator,
-                precision,
-                sampler: None,
-                steps: None,
-                cfg_scale: None,
-            };
+            let a = distill::cli::ExportArgs::generator(&run.join("checkpoint"), &out, precision);
             let path = distill::cli::export_checkpoint(&a).unwrap();
             onnx_check(&path);
             let model = export::runtime::load_model(&path).unwrap();
@@ -462,17 +453,7 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
                 assert!(names.contains(&w.as_str()), "{}: inputs {names:?}", path.display());
             }
             assert_eq!(names.len(), want.len());
-            let v = distill::cli::ValidateArgs {
-                model: path.clone(),
-                reference: run.join("checkpoint"),
-                runtimes: vec!["tract".into(), "ort".into()],
-                cases: 32,
-                batches: vec![1, 7, 4, 2],
-                seed: 0,
-                atol: None,
-                mean_atol: None,
-                json: None,
-            };
+            let v = distill::cli::ValidateArgs::new(&path, &run.join("checkpoint"));
             let r = distill::cli::validate_model(&v).unwrap();
             eprintln!("{}:\n{r}", path.display());
             assert!(r.passed(), "{}:\n{r}", path.display());
