@@ -418,6 +418,28 @@ pub struct TeacherArgs {
     /// Train on the first N images only.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
+    /// master weights, optimiser state and checkpoints stay f32.
+    #[arg(long, value_enum)]
+    pub precision: Option<TrainPrecisionArg>,
+}
+
+/// Training compute precision.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TrainPrecisionArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl From<TrainPrecisionArg> for crate::train::optim::Precision {
+    fn from(p: TrainPrecisionArg) -> Self {
+        match p {
+            TrainPrecisionArg::Fp32 => Self::Fp32,
+            TrainPrecisionArg::Fp16 => Self::Fp16,
+            TrainPrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -475,6 +497,9 @@ impl TeacherArgs {
         set!(c.checkpoint_every, self.checkpoint_every);
         set!(c.sample_steps, self.sample_steps);
         set!(c.cfg_scale, self.cfg_scale);
+        if let Some(p) = self.precision {
+            c.precision = p.into();
+        }
         Ok(c)
     }
 }

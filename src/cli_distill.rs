@@ -81,6 +81,10 @@ pub struct DistillRunArgs {
     /// Images per in-training evaluation.
     #[arg(long)]
     pub eval_n: Option<usize>,
+    /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
+    /// master weights, optimiser state and checkpoints stay f32.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::cli::TrainPrecisionArg>,
 }
 
 impl DistillRunArgs {
@@ -96,6 +100,9 @@ impl DistillRunArgs {
         set!(run.checkpoint_every, self.checkpoint_every);
         set!(run.eval_every, self.eval_every);
         set!(run.eval_n, self.eval_n);
+        if let Some(p) = self.precision {
+            run.precision = p.into();
+        }
     }
 }
 

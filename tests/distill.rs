@@ -79,6 +79,7 @@ fn run_cfg(steps: u64) -> RunConfig {
         eval_every: 0,
         eval_n: 100,
         ema_decay: 0.9,
+        ..Default::default()
     }
 }
 
@@ -458,5 +459,31 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
             eprintln!("{}:\n{r}", path.display());
             assert!(r.passed(), "{}:\n{r}", path.display());
         }
+    }
+}
+
+#[test]
+fn fp16_and_bf16_distillation_runs_log_the_scaler_and_keep_f32_checkpoints() {
+    use distill::train::optim::Precision;
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    for p in [Precision::Fp16, Precision::Bf16] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = dmd2_cfg(tiny_teacher(), 3);
+        c.run.precision = p;
+        run_dmd2(&c, &t, &mnist(16), dir.path(), false).unwrap();
+        assert_eq!(metric(dir.path(), "loss_scale_fake").is_empty(), p != Precision::Fp16, "{p:?}");
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut c = tdm_cfg(tiny_teacher(), 2);
+        c.run.precision = p;
+        run_tdm(&c, &t, dir2.path(), false).unwrap();
+        assert_eq!(metric(dir2.path(), "loss_scale_student").is_empty(), p != Precision::Fp16);
+        for d in [dir.path(), dir2.path()] {
+            let w = checkpoint::load_tensors(&d.join("checkpoint/model.safetensors"), &cpu()).unwrap();
+            assert!(w.values().all(|x| x.dtype() == candle_core::DType::F32));
+        }
+        // A run may resume in another precision.
+        let mut c = dmd2_cfg(tiny_teacher(), 5);
+        c.run.precision = Precision::Fp32;
+        run_dmd2(&c, &t, &mnist(16), dir.path(), true).unwrap();
     }
 }

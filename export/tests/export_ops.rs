@@ -13,10 +13,11 @@ const TOL: f64 = 1e-4;
 
 #[test]
 fn conv_stride1_and_stride2() {
-    let (_vm, vb) = varmap();
+    let (vm, vb) = varmap();
     let c1 = Conv2d::new(vb.pp("c1"), 3, 8, 3, 1, 1).unwrap();
     let c2 = Conv2d::new(vb.pp("c2"), 8, 8, 3, 2, 1).unwrap();
     let c3 = Conv2d::new(vb.pp("c3"), 3, 5, 1, 1, 0).unwrap();
+    randomize_norms(&vm, 1).unwrap();
     parity!(
         "conv_s1",
         vec![TestInput::normal("x", &[3, 3, 16, 16], 1, 1.0)],
@@ -50,8 +51,9 @@ fn group_norm_and_silu() {
 
 #[test]
 fn linear_2d_gemm_and_3d_matmul() {
-    let (_vm, vb) = varmap();
+    let (vm, vb) = varmap();
     let l = Linear::new(vb.pp("lin"), 12, 20).unwrap();
+    randomize_norms(&vm, 2).unwrap();
     parity!(
         "linear_2d",
         vec![TestInput::normal("x", &[3, 12], 5, 1.0)],
@@ -81,8 +83,9 @@ fn self_attention() {
 
 #[test]
 fn upsample_then_conv() {
-    let (_vm, vb) = varmap();
+    let (vm, vb) = varmap();
     let c = Conv2d::new(vb.pp("up"), 8, 8, 3, 1, 1).unwrap();
+    randomize_norms(&vm, 3).unwrap();
     parity!(
         "upsample",
         vec![TestInput::normal("x", &[2, 8, 4, 5], 10, 1.0)],
@@ -99,9 +102,10 @@ fn upsample_then_conv() {
 
 #[test]
 fn sinusoidal_and_label_embedding() {
-    let (_vm, vb) = varmap();
+    let (vm, vb) = varmap();
     let sin = SinusoidalEmbedding::new(16, 1.0);
     let emb = Embedding::new(vb.pp("label_emb"), 11, 16).unwrap();
+    randomize_norms(&vm, 4).unwrap();
     let inputs = || {
         vec![
             TestInput::normal("c_noise", &[5], 12, 1.5),

@@ -33,9 +33,12 @@ impl CandleBackend {
         self.autocast = dtype.filter(|d| *d != DType::F32);
         self
     }
-    /// `t` in the autocast dtype (unchanged without autocast).
+    /// `t` in the autocast dtype (unchanged without autocast). candle has no bf16 matmul on the
+    /// CPU, so there bf16 is emulated the way bf16 tensor cores compute: inputs rounded to bf16,
+    /// products accumulated in f32.
     fn down(&self, t: &Tensor) -> Result<Tensor> {
         Ok(match self.autocast {
+            Some(DType::BF16) if t.device().is_cpu() => t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
             Some(d) if t.dtype() != d => t.to_dtype(d)?,
             _ => t.clone(),
         })
@@ -43,8 +46,8 @@ impl CandleBackend {
     /// Back to f32 after an autocast op.
     fn up(&self, t: Tensor) -> Result<Tensor> {
         Ok(match self.autocast {
-            Some(_) => t.to_dtype(DType::F32)?,
-            None => t,
+            Some(_) if t.dtype() != DType::F32 => t.to_dtype(DType::F32)?,
+            _ => t,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! weights (student, fake score), the guided teacher call, the student's no-grad rollout, and the
 //! run loop (resume, metrics, checkpoints, sample grids, in-training evaluation, NaN checks).
 
-use super::optim::{AdamW, AdamWConfig, Ema};
+use super::optim::{AdamW, AdamWConfig, Ema, LossScaleConfig, LossScaler, Precision, StepStats};
 use super::{check_finite, progress_bar, MetricsLog, RunDir};
 use crate::checkpoint::{self, CheckpointMeta, Role};
 use anyhow::{bail, ensure, Context, Result};
@@ -88,10 +88,12 @@ pub fn trainable_denoiser(
     Ok((den, vars))
 }
 
-/// A trainable network's variables and optimiser, saved under `prefix` in the training state.
+/// A trainable network's variables, optimiser and (fp16) loss scaler, saved under `prefix` in the
+/// training state.
 pub struct Trainable {
     pub prefix: &'static str,
     pub opt: AdamW,
+    pub scaler: Option<LossScaler>,
 }
 
 impl Trainable {
@@ -99,13 +101,52 @@ impl Trainable {
         Ok(Self {
             prefix,
             opt: AdamW::new(vars, cfg)?,
+            scaler: None,
         })
+    }
+    /// Adds a dynamic loss scaler when `precision` needs one (fp16).
+    pub fn with_precision(mut self, precision: Precision, cfg: &LossScaleConfig) -> Self {
+        self.scaler = precision
+            .needs_loss_scaling()
+            .then(|| LossScaler::new(cfg.clone()));
+        self
     }
     pub fn vars(&self) -> &[(String, Var)] {
         &self.opt.vars
     }
+    /// Gradients of `loss` (scaled by the loss scaler, if any) for this network's variables.
+    pub fn backward(&self, loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let grads = match &self.scaler {
+            Some(s) => s.scale_loss(loss)?.backward()?,
+            None => loss.backward()?,
+        };
+        Ok(self.opt.grads_of(&grads))
+    }
+    /// Applies (possibly accumulated) gradients from [`Self::backward`]: unscales them and skips
+    /// the update on inf/NaN under fp16 (`None`), else steps the optimiser.
+    pub fn apply(&mut self, grads: Vec<Option<Tensor>>) -> Result<Option<StepStats>> {
+        super::optim::precision_step(&mut self.opt, self.scaler.as_mut(), grads)
+    }
+    /// `backward` then `apply`.
+    pub fn update(&mut self, loss: &Tensor) -> Result<Option<StepStats>> {
+        let g = self.backward(loss)?;
+        self.apply(g)
+    }
+    /// Records a step's stats (or the skip) as `grad_norm_<name>`, `lr_<name>`, and under fp16
+    /// `loss_scale_<name>`, `skipped_<name>`.
+    pub fn log(&self, m: &mut StepMetrics, name: &str, st: &Option<StepStats>) {
+        let key = |k: &str| format!("{k}_{name}");
+        if let Some(st) = st {
+            m.insert(key("grad_norm"), st.grad_norm);
+            m.insert(key("lr"), st.lr);
+        }
+        if let Some(s) = &self.scaler {
+            m.insert(key("loss_scale"), s.scale);
+            m.insert(key("skipped"), s.skipped as f64);
+        }
+    }
     /// Weights and optimiser moments as `<prefix>.<name>` / `adam.<prefix>.{m,v}.<name>`, and the
-    /// update count as metadata `adam_t.<prefix>`.
+    /// update count as metadata `adam_t.<prefix>` (plus the loss scaler's state under fp16).
     pub fn save(&self, tensors: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
         for (n, v) in self.vars() {
             tensors.insert(format!("{}.{n}", self.prefix), v.as_tensor().detach());
@@ -115,6 +156,9 @@ impl Trainable {
                 .state_with_prefix(&format!("adam.{}.", self.prefix)),
         );
         meta.insert(format!("adam_t.{}", self.prefix), self.opt.t.to_string());
+        if let Some(s) = &self.scaler {
+            s.save(&format!("scaler.{}", self.prefix), meta);
+        }
     }
     pub fn load(
         &mut self,
@@ -139,7 +183,11 @@ impl Trainable {
             .with_context(|| format!("training state lacks adam_t.{}", self.prefix))?
             .parse()?;
         let prefix = format!("adam.{}.", self.prefix);
-        self.opt.load_state_with_prefix(tensors, &prefix, t)
+        self.opt.load_state_with_prefix(tensors, &prefix, t)?;
+        if let Some(s) = &mut self.scaler {
+            s.load(&format!("scaler.{}", self.prefix), meta)?;
+        }
+        Ok(())
     }
 }
 
@@ -268,6 +316,10 @@ pub struct RunConfig {
     pub eval_n: usize,
     /// EMA decay of the student's weights over its updates (0 = use the raw weights).
     pub ema_decay: f64,
+    /// `fp32`, `fp16` (autocast + dynamic loss scaling) or `bf16` (autocast); weights, optimiser
+    /// state and checkpoints stay f32, so a run may resume in another precision.
+    pub precision: Precision,
+    pub loss_scale: LossScaleConfig,
 }
 
 impl Default for RunConfig {
@@ -282,6 +334,8 @@ impl Default for RunConfig {
             eval_every: 0,
             eval_n: 500,
             ema_decay: 0.99,
+            precision: Precision::Fp32,
+            loss_scale: LossScaleConfig::default(),
         }
     }
 }
@@ -306,7 +360,7 @@ impl RunConfig {
 }
 
 /// Numbers one iteration reports for the metrics log (averaged over the log window).
-pub type StepMetrics = BTreeMap<&'static str, f64>;
+pub type StepMetrics = BTreeMap<String, f64>;
 
 /// A distillation method, driven by [`run`].
 pub trait Method {
@@ -443,7 +497,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<DistillOu
     let mut log = MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?;
     let pb = progress_bar(cfg.steps, start, rs.show_progress, m.name());
     let t0 = Instant::now();
-    let mut window: BTreeMap<&'static str, (f64, u64)> = BTreeMap::new();
+    let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let mut last = BTreeMap::new();
     let mut win_start = Instant::now();
     let mut win_steps = 0u64;
@@ -458,7 +512,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<DistillOu
         })?;
         for (k, v) in &metrics {
             check_finite(k, *v, step, &run.checkpoint())?;
-            let e = window.entry(k).or_insert((0.0, 0));
+            let e = window.entry(k.clone()).or_insert((0.0, 0));
             e.0 += v;
             e.1 += 1;
         }
@@ -475,7 +529,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<DistillOu
         let mut record: BTreeMap<String, f64> = BTreeMap::new();
         if done % cfg.log_every == 0 || done == cfg.steps {
             for (k, (s, n)) in std::mem::take(&mut window) {
-                record.insert(k.to_string(), s / n as f64);
+                record.insert(k, s / n as f64);
             }
             record.insert(
                 "it_per_s".into(),

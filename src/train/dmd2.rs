@@ -150,6 +150,8 @@ impl Dmd2Config {
         c.run.steps = 0;
         (c.run.log_every, c.run.sample_every, c.run.checkpoint_every) = (0, 0, 0);
         (c.run.eval_every, c.run.eval_n) = (0, 0);
+        // Precision may change on resume (everything is stored in f32).
+        (c.run.precision, c.run.loss_scale) = (Default::default(), Default::default());
         Ok(toml::to_string(&c)?)
     }
 }
@@ -252,8 +254,10 @@ impl<'a> Dmd2<'a> {
         };
         let sigmas = cfg.sigmas(&grid);
         Ok(Self {
-            student_t: Trainable::new("student", svars, cfg.student_optim.clone())?,
-            fake_t: Trainable::new("fake", fvars, cfg.fake_optim.clone())?,
+            student_t: Trainable::new("student", svars, cfg.student_optim.clone())?
+                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
+            fake_t: Trainable::new("fake", fvars, cfg.fake_optim.clone())?
+                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
             order: DataOrder::new(data.len().max(1), cfg.run.seed ^ 0xD2),
             teacher,
             data,
@@ -312,7 +316,7 @@ impl Method for Dmd2<'_> {
 
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let dev = self.device.clone();
-        let b = CandleBackend::training(&dev);
+        let b = CandleBackend::training(&dev).with_autocast(self.cfg.run.precision.autocast());
         let u = &self.teacher.meta.model.unet;
         let (n, c, r) = (self.cfg.run.batch_size, u.channels, u.resolution);
         let shape = [n, c, r, r];
@@ -356,22 +360,22 @@ impl Method for Dmd2<'_> {
             let fake_frozen = graphs::params::detached(&self.fake)?;
             let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &labels)?;
             let dm = dm_loss(&x0, &real, &fake_x0)?;
-            m.insert("loss_dm", finite("loss_dm", &dm.loss)?);
-            m.insert("dm_normaliser", dm.normaliser);
+            m.insert("loss_dm".into(), finite("loss_dm", &dm.loss)?);
+            m.insert("dm_normaliser".into(), dm.normaliser);
             let mut loss = dm.loss;
             if let Some(head) = &self.head {
                 // Through frozen copies: the head and fake score get nothing from this term.
                 let hf = graphs::params::detached_head(head);
                 let logits = self.gan_logits(&b, &fake_frozen, &hf, &x0, &labels, &mut rng)?;
                 let g = gan::generator_loss(&logits)?;
-                m.insert("loss_gan_gen", finite("loss_gan_gen", &g)?);
+                m.insert("loss_gan_gen".into(), finite("loss_gan_gen", &g)?);
                 loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
             }
-            let grads = loss.backward()?;
-            let st = self.student_t.opt.step(&grads)?;
-            self.generator_updates += 1;
-            m.insert("grad_norm_student", st.grad_norm);
-            m.insert("lr_student", st.lr);
+            let st = self.student_t.update(&loss)?;
+            if st.is_some() {
+                self.generator_updates += 1;
+            }
+            self.student_t.log(&mut m, "student", &st);
             x0.detach()
         } else {
             let frozen = graphs::params::detached(&self.student)?;
@@ -390,7 +394,7 @@ impl Method for Dmd2<'_> {
             }
         };
         let lf = teacher_loss(&b, &self.fake, &x0_gen, &labels, &cond, &noise)?;
-        m.insert("loss_fake", finite("loss_fake", &lf)?);
+        m.insert("loss_fake".into(), finite("loss_fake", &lf)?);
         let mut loss = lf;
         if let Some(head) = &self.head {
             let idx = self.order.batch(step, n);
@@ -399,22 +403,22 @@ impl Method for Dmd2<'_> {
                 self.gan_logits(&b, &self.fake, head, &real, &real_labels, &mut rng)?;
             let fake_logits = self.gan_logits(&b, &self.fake, head, &x0_gen, &labels, &mut rng)?;
             let cl = gan::critic_loss(&real_logits, &fake_logits)?;
-            m.insert("loss_gan_critic", finite("loss_gan_critic", &cl)?);
+            m.insert("loss_gan_critic".into(), finite("loss_gan_critic", &cl)?);
             m.insert(
-                "p_real_on_real",
+                "p_real_on_real".into(),
                 scalar(&candle_nn::ops::sigmoid(&real_logits)?.mean_all()?)?,
             );
             m.insert(
-                "p_real_on_fake",
+                "p_real_on_fake".into(),
                 scalar(&candle_nn::ops::sigmoid(&fake_logits)?.mean_all()?)?,
             );
             loss = (loss + (cl * self.cfg.gan_critic_weight)?)?;
         }
-        let grads = loss.backward()?;
-        let st = self.fake_t.opt.step(&grads)?;
-        self.fake_updates += 1;
-        m.insert("grad_norm_fake", st.grad_norm);
-        m.insert("lr_fake", st.lr);
+        let st = self.fake_t.update(&loss)?;
+        if st.is_some() {
+            self.fake_updates += 1;
+        }
+        self.fake_t.log(&mut m, "fake", &st);
         Ok(m)
     }
 

@@ -166,6 +166,8 @@ impl TdmConfig {
         c.run.steps = 0;
         (c.run.log_every, c.run.sample_every, c.run.checkpoint_every) = (0, 0, 0);
         (c.run.eval_every, c.run.eval_n) = (0, 0);
+        // Precision may change on resume (everything is stored in f32).
+        (c.run.precision, c.run.loss_scale) = (Default::default(), Default::default());
         // Derived from the step count when 0 in the config.
         (c.student_optim.decay_steps, c.fake_optim.decay_steps) = (0, 0);
         Ok(toml::to_string(&c)?)
@@ -250,8 +252,10 @@ impl<'a> Tdm<'a> {
         let (fake, fvars) = distill::trainable_denoiser(&fcfg, &fw, device)?;
         let sigmas = grid.sigmas_of(&cfg.timesteps);
         Ok(Self {
-            student_t: Trainable::new("student", svars, cfg.student_optim.clone())?,
-            fake_t: Trainable::new("fake", fvars, cfg.fake_optim.clone())?,
+            student_t: Trainable::new("student", svars, cfg.student_optim.clone())?
+                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
+            fake_t: Trainable::new("fake", fvars, cfg.fake_optim.clone())?
+                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
             teacher,
             grid,
             sigmas,
@@ -324,7 +328,7 @@ impl Method for Tdm<'_> {
 
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let dev = self.device.clone();
-        let b = CandleBackend::training(&dev);
+        let b = CandleBackend::training(&dev).with_autocast(self.cfg.run.precision.autocast());
         let u = &self.teacher.meta.model.unet;
         let (n, c, r) = (self.cfg.run.batch_size, u.channels, u.resolution);
         let shape = [n, c, r, r];
@@ -367,15 +371,16 @@ impl Method for Tdm<'_> {
                 }
                 let lf = tdm::fake_score_loss(&fake_x0, &x0, &w)?;
                 sum_lf += finite("loss_fake", &lf)?;
-                acc.add(self.fake_t.opt.grads_of(&lf.backward()?))?;
+                acc.add(self.fake_t.backward(&lf)?)?;
             }
-            let st = self.fake_t.opt.step_grads(&acc.mean()?)?;
-            self.fake_updates += 1;
-            m.insert("loss_fake", sum_lf / k);
-            m.insert("grad_norm_fake", st.grad_norm);
-            m.insert("lr_fake", st.lr);
+            let st = self.fake_t.apply(acc.mean()?)?;
+            if st.is_some() {
+                self.fake_updates += 1;
+            }
+            m.insert("loss_fake".into(), sum_lf / k);
+            self.fake_t.log(&mut m, "fake", &st);
             if self.cfg.importance_weight {
-                m.insert("importance_weight", sum_w / k);
+                m.insert("importance_weight".into(), sum_w / k);
             }
         }
         // Student: its (x0, eps) at step k with gradient, matched at x_t (no gradient).
@@ -409,13 +414,12 @@ impl Method for Tdm<'_> {
             )?;
             sum_ls += finite("loss_student", &sl.loss)?;
             sum_norm += sl.normaliser;
-            acc_student.add(self.student_t.opt.grads_of(&sl.loss.backward()?))?;
+            acc_student.add(self.student_t.backward(&sl.loss)?)?;
         }
-        let st = self.student_t.opt.step_grads(&acc_student.mean()?)?;
-        m.insert("loss_student", sum_ls / k);
-        m.insert("normaliser", sum_norm / k);
-        m.insert("grad_norm_student", st.grad_norm);
-        m.insert("lr_student", st.lr);
+        let st = self.student_t.apply(acc_student.mean()?)?;
+        m.insert("loss_student".into(), sum_ls / k);
+        m.insert("normaliser".into(), sum_norm / k);
+        self.student_t.log(&mut m, "student", &st);
         Ok(m)
     }
 

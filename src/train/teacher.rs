@@ -2,7 +2,7 @@
 //! epsilon loss, label dropout for classifier-free guidance, AdamW with warm-up and clipping, and an
 //! EMA of the weights (the EMA is what sampling, distillation and export use).
 
-use super::optim::{AdamW, AdamWConfig, Ema};
+use super::optim::{AdamW, AdamWConfig, Ema, LossScaleConfig, LossScaler, Precision};
 use super::{check_finite, progress_bar, randn, step_rng, DataOrder, MetricsLog, RunDir};
 use crate::checkpoint::{self, CheckpointMeta, Role};
 use crate::data::Dataset;
@@ -43,6 +43,10 @@ pub struct TeacherConfig {
     pub sample_steps: usize,
     /// CFG scale for the sample grids and the checkpoint's default sampler.
     pub cfg_scale: f64,
+    /// `fp32`, `fp16` (autocast + dynamic loss scaling) or `bf16` (autocast); weights, optimiser
+    /// state and checkpoints stay f32, so a run may resume in another precision.
+    pub precision: Precision,
+    pub loss_scale: LossScaleConfig,
 }
 
 impl Default for TeacherConfig {
@@ -67,6 +71,8 @@ impl Default for TeacherConfig {
             checkpoint_every: 100,
             sample_steps: 18,
             cfg_scale: 1.5,
+            precision: Precision::Fp32,
+            loss_scale: LossScaleConfig::default(),
         }
     }
 }
@@ -200,6 +206,11 @@ struct Record {
     lr: f64,
     it_per_s: f64,
     elapsed_s: f64,
+    /// fp16 only: the dynamic loss scale and the steps skipped for inf/NaN gradients so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skipped_steps: Option<u64>,
 }
 
 /// Builds a denoiser for inference from a tensor map (EMA weights).
@@ -219,6 +230,7 @@ pub fn save_run(
     vars: &[(String, Var)],
     opt: &AdamW,
     ema: &Ema,
+    scaler: Option<&LossScaler>,
 ) -> Result<()> {
     let dir = run.checkpoint();
     let mut state: HashMap<String, Tensor> = vars_to_tensors(vars)
@@ -231,11 +243,14 @@ pub fn save_run(
             .into_iter()
             .map(|(k, v)| (format!("ema.{k}"), v)),
     );
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("step".to_string(), step.to_string()),
         ("adam_t".to_string(), opt.t.to_string()),
         ("config".to_string(), toml::to_string(cfg)?),
     ]);
+    if let Some(s) = scaler {
+        s.save("scaler", &mut meta);
+    }
     checkpoint::write_atomic(
         &dir.join(TRAIN_STATE_FILE),
         &checkpoint::safetensors_bytes_with_meta(&state, Some(meta))?,
@@ -279,6 +294,10 @@ pub fn train(
     let mut opt = AdamW::new(vars.clone(), cfg.optim.clone())?;
     let vars = opt.vars.clone();
     let mut ema = Ema::new(&vars, cfg.ema_decay)?;
+    let mut scaler = cfg
+        .precision
+        .needs_loss_scaling()
+        .then(|| LossScaler::new(cfg.loss_scale.clone()));
     let mut start = 0u64;
     let state_path = run.checkpoint().join(TRAIN_STATE_FILE);
     if resume {
@@ -320,6 +339,9 @@ pub fn train(
             .filter_map(|(k, v)| k.strip_prefix("ema.").map(|n| (n.to_string(), v.clone())))
             .collect();
         ema.load(&ema_w)?;
+        if let Some(s) = &mut scaler {
+            s.load("scaler", &meta)?;
+        }
     } else if state_path.exists() {
         bail!(
             "{} already holds a run; pass --resume to continue it or choose another --out",
@@ -329,7 +351,7 @@ pub fn train(
     checkpoint::write_atomic(&run.config(), toml::to_string(cfg)?.as_bytes())?;
     let mut log = MetricsLog::open(&run.metrics(), resume.then_some(start))?;
     let mut order = DataOrder::new(data.len(), cfg.seed);
-    let b = CandleBackend::training(device);
+    let b = CandleBackend::training(device).with_autocast(cfg.precision.autocast());
     let param = mcfg.parameterisation.clone();
     let pb = progress_bar(cfg.steps, start, show_progress, "teacher");
     let t0 = Instant::now();
@@ -373,15 +395,22 @@ pub fn train(
         let loss = graphs::losses::teacher_loss(&b, &den, &x0, &labels, &noise_cond, &noise)?;
         let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         check_finite("loss", lv, step, &run.checkpoint())?;
-        let grads = loss.backward()?;
-        let stats = opt.step(&grads).with_context(|| {
-            format!(
-                "the last good checkpoint is kept in {}",
-                run.checkpoint().display()
-            )
-        })?;
-        ema.update(&vars, step)?;
-        last_norm = stats.grad_norm;
+        let grads = match &scaler {
+            Some(s) => s.scale_loss(&loss)?.backward()?,
+            None => loss.backward()?,
+        };
+        let g = opt.grads_of(&grads);
+        let stats = super::optim::precision_step(&mut opt, scaler.as_mut(), g)
+            .with_context(|| {
+                format!(
+                    "the last good checkpoint is kept in {}",
+                    run.checkpoint().display()
+                )
+            })?;
+        if let Some(st) = &stats {
+            ema.update(&vars, step)?;
+            last_norm = st.grad_norm;
+        }
         acc_loss += lv;
         acc_n += 1;
         let done = step + 1;
@@ -392,16 +421,18 @@ pub fn train(
             log.write(&Record {
                 step: done,
                 loss: last_loss,
-                grad_norm: stats.grad_norm,
-                lr: stats.lr,
+                grad_norm: last_norm,
+                lr: opt.lr_at(opt.t.saturating_sub(1)),
                 it_per_s: rate,
                 elapsed_s: t0.elapsed().as_secs_f64(),
+                loss_scale: scaler.as_ref().map(|s| s.scale),
+                skipped_steps: scaler.as_ref().map(|s| s.skipped),
             })?;
             pb.set_message(format!("loss {last_loss:.4}"));
             (acc_loss, acc_n, last_log) = (0.0, 0, Instant::now());
         }
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save_run(run, cfg, done, &vars, &opt, &ema)?;
+            save_run(run, cfg, done, &vars, &opt, &ema, scaler.as_ref())?;
         }
         if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.steps) {
             let ema_den = denoiser_from(&mcfg, ema.tensors(), device)?;

@@ -18,27 +18,36 @@ pub fn varmap() -> (VarMap, VarBuilder<'static>) {
     (vm, vb)
 }
 
-/// Gives every GroupNorm a non-trivial affine (the init is gamma 1, beta 0) so it is tested.
+/// Seeds every parameter, so the tests see the same weights on every run (candle's own
+/// initialisers are unseeded): GroupNorms get a non-trivial affine around gamma 1, beta 0 (so it
+/// is tested), label tables N(0, 1), everything else PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 pub fn randomize_norms(vm: &VarMap, seed: u64) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let data = vm.data().lock().unwrap();
     let mut names: Vec<_> = data.keys().cloned().collect();
     names.sort();
     for name in names {
-        if !name.contains("norm") {
-            continue;
-        }
         let v = &data[&name];
+        let dims = v.as_tensor().dims().to_vec();
         let n = v.as_tensor().elem_count();
-        let base = if name.ends_with("weight") { 1.0 } else { 0.0 };
-        let vals: Vec<f32> = (0..n)
-            .map(|_| base + 0.3 * rng.sample::<f32, _>(StandardNormal))
-            .collect();
-        v.set(&Tensor::from_vec(
-            vals,
-            v.as_tensor().shape(),
-            &Device::Cpu,
-        )?)?;
+        let vals: Vec<f32> = if name.contains("norm") {
+            let base = if name.ends_with("weight") { 1.0 } else { 0.0 };
+            (0..n)
+                .map(|_| base + 0.3 * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        } else if name.contains("label_emb") {
+            (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+        } else {
+            let wname = name.replace(".bias", ".weight");
+            let fan_in: usize = data
+                .get(&wname)
+                .map(|w| w.as_tensor().dims()[1..].iter().product())
+                .unwrap_or(dims[1..].iter().product::<usize>())
+                .max(1);
+            let b = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| rng.gen_range(-b..b)).collect()
+        };
+        v.set(&Tensor::from_vec(vals, dims.as_slice(), &Device::Cpu)?)?;
     }
     Ok(())
 }
