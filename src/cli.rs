@@ -979,6 +979,22 @@ pub fn main() -> Result<()> {
         Command::Sample(a) => cmd_sample(a, &dev),
         Command::Eval(a) => cmd_eval(a, &dev, cli.quiet),
         Command::Export(a) => cmd_export(a),
+        Command::Bench(a) if dev.is_cuda() => {
+            let o = crate::bench_gpu::GpuBenchOptions {
+                config: a.config.clone(),
+                batch: a.batch,
+                warmup: a.warmup,
+                iters: a.iters,
+                torch_python: a.torch_python.clone(),
+                torch: a.torch != "off",
+            };
+            let r = crate::bench_gpu::run(&o, &dev)?;
+            println!("{r}");
+            if let Some(p) = &a.json {
+                checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            }
+            Ok(())
+        }
         Command::Bench(a) => cmd_bench(a, cli.threads),
         Command::Validate(a) => cmd_validate(a),
         Command::Pipeline(a) => cmd_pipeline(a, &dev, cli.quiet),

@@ -202,3 +202,17 @@ fn corrupt_checkpoint_is_a_clear_error() {
     let err = checkpoint::load(dir.path().join("nope").as_path(), &Device::Cpu).unwrap_err();
     assert!(format!("{err:#}").contains("does not exist"));
 }
+
+#[test]
+fn ema_weights_are_detached_from_the_trained_variables() {
+    // A copy of a Var keeps an autograd edge; a model built on such weights would record and
+    // keep alive every activation of its forward passes (it once took sampling to 8 GB).
+    use distill::train::optim::Ema;
+    let v = candle_core::Var::from_tensor(&Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let vars = vec![("w".to_string(), v.clone())];
+    let mut ema = Ema::new(&vars, 0.9).unwrap();
+    ema.update(&vars, 5).unwrap();
+    let w = ema.tensors()["w"].clone();
+    let g = (w * 3.0).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&v).is_none(), "the EMA must not reach the variable");
+}

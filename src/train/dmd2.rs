@@ -399,9 +399,18 @@ impl Method for Dmd2<'_> {
         if let Some(head) = &self.head {
             let idx = self.order.batch(step, n);
             let (real, real_labels) = self.data.batch(&idx, &dev)?;
-            let real_logits =
-                self.gan_logits(&b, &self.fake, head, &real, &real_labels, &mut rng)?;
-            let fake_logits = self.gan_logits(&b, &self.fake, head, &x0_gen, &labels, &mut rng)?;
+            // Real and generated images through the fake score and head in one batched call.
+            let both = self.gan_logits(
+                &b,
+                &self.fake,
+                head,
+                &Tensor::cat(&[&real, &x0_gen], 0)?,
+                &Tensor::cat(&[&real_labels, &labels], 0)?,
+                &mut rng,
+            )?;
+            let nr = real.dim(0)?;
+            let real_logits = both.narrow(0, 0, nr)?;
+            let fake_logits = both.narrow(0, nr, n)?;
             let cl = gan::critic_loss(&real_logits, &fake_logits)?;
             m.insert("loss_gan_critic".into(), finite("loss_gan_critic", &cl)?);
             m.insert(

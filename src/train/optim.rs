@@ -281,7 +281,9 @@ impl Ema {
             names: vars.iter().map(|(n, _)| n.clone()).collect(),
             shadow: vars
                 .iter()
-                .map(|(_, v)| v.as_tensor().copy())
+                // detach first: a copy of a Var keeps an autograd edge to it, and a model built on
+                // tracked weights records (and keeps alive) every activation of its forward passes.
+                .map(|(_, v)| v.as_tensor().detach().copy())
                 .collect::<candle_core::Result<Vec<_>>>()?,
         })
     }
