@@ -283,11 +283,11 @@ pub struct PipelineArgs {
     /// Teacher training steps (default: the teacher's default, 2000).
     #[arg(long)]
     pub teacher_steps: Option<u64>,
-    /// DMD2 iterations per student.
-    #[arg(long, default_value_t = 1000)]
+    /// DMD2 iterations per student (the student is updated every 5th).
+    #[arg(long, default_value_t = 600)]
     pub dmd2_steps: u64,
-    /// TDM iterations.
-    #[arg(long, default_value_t = 500)]
+    /// TDM iterations (the student is updated every iteration).
+    #[arg(long, default_value_t = 300)]
     pub tdm_steps: u64,
     /// Skip the 4-step DMD2 student.
     #[arg(long)]

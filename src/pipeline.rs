@@ -159,7 +159,6 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
     let cfg = tcfg.cfg_scale;
     let mut evals: Vec<(String, PathBuf, Option<SamplerArg>, Option<usize>, f64)> = vec![
         ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(18), cfg),
-        ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(18), 1.0),
         ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(3), cfg),
         ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(4), cfg),
         ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(2), cfg),
