@@ -93,12 +93,8 @@ impl Backend for CandleBackend {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor> {
-        let y = crate::kernels::conv2d(x, &w.t, stride, pad)
-            .with_context(|| format!("conv2d {}", w.name))?;
-        match b {
-            Some(b) => Ok(y.broadcast_add(&b.t.reshape((1, b.t.dim(0)?, 1, 1))?)?),
-            None => Ok(y),
-        }
+        crate::kernels::conv2d(x, &w.t, b.map(|b| &b.t), stride, pad)
+            .with_context(|| format!("conv2d {}", w.name))
     }
 
     fn linear(&self, x: &Tensor, w: &Param, b: Option<&Param>) -> Result<Tensor> {

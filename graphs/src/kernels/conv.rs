@@ -1,182 +1,383 @@
-//! conv2d as im2col + GEMM. Stock candle computes the input gradient with a direct
-//! conv_transpose2d loop and the kernel gradient as a conv with a huge kernel (~12-26 GFLOP/s);
-//! here every FLOP-heavy part is a matmul (candle's gemm, ~180 GFLOP/s on this machine) and
-//! only the cheap data movement (im2col / col2im) is custom: `Im2Col`'s backward is `Col2Im`.
+//! conv2d (+ bias) as one candle custom op with a hand-written backward.
+//!
+//! Stock candle runs the forward as im2col + GEMM, the input gradient as a direct
+//! conv_transpose2d (~12 GFLOP/s) and the weight gradient as a conv with a huge kernel; the bias
+//! is a separate broadcast add with its own reduction in the backward. Here the forward and the
+//! input gradient are direct convolutions ([`super::conv_direct`]), the weight gradient an
+//! outer-product reduction ([`super::conv_wgrad`]), all per image on thread-local buffers that
+//! stay in cache, with the bias (optionally per image: bias + embedding) added in registers.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use super::conv_direct::{pack, Pass, CO_B};
+use super::conv_plan::{FwdPlan, Geom, GradPlan};
+use super::conv_wgrad::{self, Reduce, CB};
+use super::scratch::{self, SendPtr, Slot};
+use super::tensor_io::with_f32;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Geometry of one square-kernel convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geom {
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
+/// Bias of a conv: none, one per output channel, or one per (image, output channel).
+#[derive(Clone, Copy, Debug)]
+enum Bias<'a> {
+    None,
+    Channel(&'a [f32]),
+    Image(&'a [f32]),
+}
+
+impl Bias<'_> {
+    fn for_image(&self, img: usize, cout: usize) -> Option<&[f32]> {
+        match self {
+            Bias::None => None,
+            Bias::Channel(b) => Some(b),
+            Bias::Image(b) => Some(&b[img * cout..(img + 1) * cout]),
+        }
+    }
+}
+
+/// Parts each image's channel blocks are split into, so that small batches still give every
+/// thread work (whole images otherwise: the prepared source is then built once per image).
+fn parts_per_image(n: usize, blocks: usize) -> usize {
+    let want = 4 * rayon::current_num_threads();
+    if n >= want {
+        1
+    } else {
+        want.div_ceil(n.max(1)).clamp(1, blocks.max(1))
+    }
+}
+
+/// `(image, lo, hi)` channel ranges (multiples of `CO_B` at `lo`) of task `task`.
+fn task_range(task: usize, parts: usize, blocks: usize, channels: usize) -> (usize, usize, usize) {
+    let per = blocks.div_ceil(parts);
+    let (img, part) = (task / parts, task % parts);
+    let lo = (part * per * CO_B).min(channels);
+    (img, lo, ((part + 1) * per * CO_B).min(channels))
+}
+
+/// Forward: `[n, cout, ho, wo]`.
+fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>) -> Vec<f32> {
+    let plan = FwdPlan::new(g);
+    let taps = g.taps();
+    let wp = pack(g.cout, g.cin, taps, |co, ci, t| w[(co * g.cin + ci) * taps + t]);
+    let blocks = g.cout.div_ceil(CO_B);
+    let parts = parts_per_image(g.n, blocks);
+    let (in_img, out_img) = (g.in_image(), g.out_image());
+    let run = |out: SendPtr, src: &[f32], img: usize, lo: usize, hi: usize| {
+        let pass = Pass {
+            src,
+            cstride: plan.cstride,
+            cin: g.cin,
+            taps: &plan.taps,
+            w: &wp,
+            pos: &plan.pos,
+            dst_cstride: g.ho * g.wo,
+        };
+        let res = residual.map(|r| r[img * out_img..(img + 1) * out_img].as_ptr());
+        // SAFETY: the plan's positions cover the image's output planes and stay inside the
+        // prepared (or, direct, the input) image; tasks write disjoint (image, channel) planes.
+        unsafe { pass.run(out.add(img * out_img), bias.for_image(img, g.cout), res, lo, hi) }
+    };
+    // SAFETY: every (image, channel, position) is written by exactly one task below.
+    unsafe {
+        scratch::filled_by(g.n * out_img, |out| {
+            let out = SendPtr(out);
+            (0..g.n * parts).into_par_iter().for_each(|task| {
+                let (img, lo, hi) = task_range(task, parts, blocks, g.cout);
+                if lo >= hi {
+                    return;
+                }
+                let xi = &x[img * in_img..(img + 1) * in_img];
+                if plan.direct {
+                    run(out, xi, img, lo, hi);
+                } else {
+                    scratch::with(Slot::A, plan.image_len(g), |buf| {
+                        plan.prepare(g, xi, buf);
+                        run(out, buf, img, lo, hi);
+                    });
+                }
+            });
+        })
+    }
+}
+
+/// The pass of input-gradient phase `ph` over the padded gradient image `src`.
+fn grad_pass<'a>(plan: &'a GradPlan, g: &Geom, src: &'a [f32], ph: usize, dst_cstride: usize) -> Pass<'a> {
+    Pass {
+        src,
+        cstride: plan.ph * plan.pw,
+        cin: g.cout,
+        taps: &plan.phases[ph].taps,
+        w: &plan.phases[ph].w,
+        pos: &plan.phases[ph].pos,
+        dst_cstride,
+    }
+}
+
+/// Input gradient: `[n, cin, h, w]`.
+fn grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let plan = GradPlan::new(g, w);
+    let blocks = g.cin.div_ceil(CO_B);
+    let parts = parts_per_image(g.n, blocks);
+    let (in_img, out_img, hw) = (g.in_image(), g.out_image(), g.h * g.w);
+    // SAFETY: every (image, channel) plane is written by one task: directly for stride 1 (one
+    // phase covering the plane), else phase by phase (the phases partition the plane).
+    unsafe {
+        scratch::filled_by(g.n * in_img, |dx| {
+            let dx = SendPtr(dx);
+            (0..g.n * parts).into_par_iter().for_each(|task| {
+                let (img, lo, hi) = task_range(task, parts, blocks, g.cin);
+                if lo >= hi {
+                    return;
+                }
+                let dyi = &dy[img * out_img..(img + 1) * out_img];
+                scratch::with(Slot::A, plan.image_len(g), |buf| {
+                    plan.prepare(g, dyi, buf);
+                    let dst = dx.add(img * in_img);
+                    if g.s == 1 {
+                        grad_pass(&plan, g, buf, 0, hw).run(dst, None, None, lo, hi);
+                        return;
+                    }
+                    for (i, ph) in plan.phases.iter().enumerate() {
+                        let plane = ph.rows * ph.cols;
+                        scratch::with(Slot::B, g.cin * plane, |tmp| {
+                            grad_pass(&plan, g, buf, i, plane).run(tmp.as_mut_ptr(), None, None, lo, hi);
+                            for ci in lo..hi {
+                                for a in 0..ph.rows {
+                                    let row = dst.add(ci * hw + (a * g.s + ph.py) * g.w + ph.px);
+                                    let src = &tmp[ci * plane + a * ph.cols..][..ph.cols];
+                                    for (b, v) in src.iter().enumerate() {
+                                        *row.add(b * g.s) = *v;
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+            });
+        })
+    }
+}
+
+/// Weight gradient `[cout, cin, k, k]` and the per-image bias gradient `[n, cout]`.
+fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let plan = FwdPlan::new(g);
+    let taps = g.taps();
+    let offs: Vec<usize> = (0..g.cin * taps)
+        .map(|j| (j / taps) * plan.cstride + plan.taps[j % taps])
+        .collect();
+    let blocks = g.cout.div_ceil(CB);
+    let stride = blocks * CB;
+    let threads = rayon::current_num_threads();
+    let chunks = g.n.min(threads).max(1);
+    let groups = if g.n >= threads {
+        1
+    } else {
+        threads.div_ceil(g.n.max(1)).min(blocks)
+    };
+    let per = blocks.div_ceil(groups);
+    let (in_img, out_img, pix) = (g.in_image(), g.out_image(), g.ho * g.wo);
+    let mut db = vec![0f32; g.n * g.cout];
+    let dbp = SendPtr(db.as_mut_ptr());
+    let accs: Vec<Vec<f32>> = (0..chunks * groups)
+        .into_par_iter()
+        .map(|task| {
+            let (c, grp) = (task / groups, task % groups);
+            let (b_lo, b_hi) = (grp * per, ((grp + 1) * per).min(blocks));
+            let mut acc = vec![0f32; g.cin * taps * stride];
+            if b_lo >= b_hi {
+                return acc;
+            }
+            for img in c * g.n / chunks..(c + 1) * g.n / chunks {
+                let xi = &x[img * in_img..(img + 1) * in_img];
+                let dyi = &dy[img * out_img..(img + 1) * out_img];
+                scratch::with(Slot::B, blocks * pix * CB, |dyt| {
+                    // SAFETY: (image, channel) pairs are disjoint across tasks.
+                    let sums = unsafe {
+                        std::slice::from_raw_parts_mut(dbp.add(img * g.cout), g.cout)
+                    };
+                    conv_wgrad::transpose(dyi, g.cout, pix, dyt, b_lo, b_hi, sums);
+                    let red = |src: &[f32], acc: &mut [f32]| {
+                        let r = Reduce {
+                            src,
+                            offs: &offs,
+                            rows: g.ho,
+                            cols: g.wo,
+                            src_row: plan.src_row,
+                            dyt,
+                            blocks,
+                        };
+                        // SAFETY: offsets come from the plan, whose prepared image holds every
+                        // tap of every output pixel; sizes as allocated above.
+                        unsafe { r.run(acc, b_lo, b_hi) }
+                    };
+                    if plan.direct {
+                        red(xi, &mut acc);
+                    } else {
+                        scratch::with(Slot::A, plan.image_len(g), |buf| {
+                            plan.prepare(g, xi, buf);
+                            red(buf, &mut acc);
+                        });
+                    }
+                });
+            }
+            acc
+        })
+        .collect();
+    let mut sum = accs[0].clone();
+    for a in &accs[1..] {
+        for (s, v) in sum.iter_mut().zip(a) {
+            *s += v;
+        }
+    }
+    let mut dw = vec![0f32; g.cout * g.cin * taps];
+    for (co, d) in dw.chunks_mut(g.cin * taps).enumerate() {
+        for (j, v) in d.iter_mut().enumerate() {
+            *v = sum[j * stride + co];
+        }
+    }
+    (dw, db)
+}
+
+/// The custom op: input, weight and (for [`CustomOp3`]) bias `[cout]` or `[n, cout]`.
+#[derive(Clone, Copy, Debug)]
+struct Conv2dOp {
     stride: usize,
     pad: usize,
 }
 
-impl Geom {
-    fn out_hw(&self) -> (usize, usize) {
-        (
-            (self.h + 2 * self.pad - self.k) / self.stride + 1,
-            (self.w + 2 * self.pad - self.k) / self.stride + 1,
-        )
+impl Conv2dOp {
+    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
+        let (&[n, c, h, wd], &[cout, cin, k, k2]) = (x, w) else {
+            candle_core::bail!("fast conv2d: input {x:?} / weight {w:?} are not 4-D");
+        };
+        if c != cin || k != k2 {
+            candle_core::bail!("fast conv2d: input {x:?} does not fit weight {w:?}");
+        }
+        Geom::new((n, c, h, wd), cout, k, self.stride, self.pad).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "fast conv2d: kernel {k} stride {} pad {} does not fit input {x:?}",
+                self.stride, self.pad
+            ))
+        })
+    }
+
+    fn fwd(&self, x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom(x.1.dims(), w.1.dims())?;
+        let (xs, ws) = (slice(x.0, x.1)?, slice(w.0, w.1)?);
+        let bias = match b {
+            None => Bias::None,
+            Some((s, l)) => {
+                let v = slice(s, l)?;
+                match l.dims() {
+                    [c] if *c == g.cout => Bias::Channel(v),
+                    [n, c] if *n == g.n && *c == g.cout => Bias::Image(v),
+                    d => candle_core::bail!("fast conv2d: bias {d:?} for {} images x {} channels", g.n, g.cout),
+                }
+            }
+        };
+        let y = forward(&g, xs, ws, bias, None);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
+    }
+
+    /// Gradients of input, weight and (per image) bias, each only if that input tracks gradients.
+    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor, need_bias: bool) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geom(x.dims(), w.dims())?;
+        let dev = x.device();
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            let v = with_f32(&grad, |dy| with_f32(w, |ws| Ok(grad_input(&g, dy, ws))))?;
+            Some(Tensor::from_vec(v, x.shape(), dev)?)
+        } else {
+            None
+        };
+        let (dw, db) = if w.track_op() || need_bias {
+            let (dw, db) = with_f32(x, |xs| with_f32(&grad, |dy| Ok(grad_weight(&g, xs, dy))))?;
+            (
+                Some(Tensor::from_vec(dw, w.shape(), dev)?),
+                Some(Tensor::from_vec(db, (g.n, g.cout), dev)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok((dx, dw, db))
     }
 }
 
-/// `[N, C, H, W]` -> `[C*k*k, N*Ho*Wo]`: rows ordered (c, ky, kx) like a conv weight's
-/// flattening, columns (n, oy, ox), so the whole batch is one GEMM with the weight.
-struct Im2Col(Geom, usize);
-/// Adjoint of [`Im2Col`]: scatter-adds the columns back to `[N, C, H, W]`.
-struct Col2Im(Geom, usize);
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fast conv kernels take f32")
+        candle_core::bail!("fast conv2d takes f32")
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fast conv kernels need contiguous input"),
+        None => candle_core::bail!("fast conv2d needs contiguous inputs"),
     }
 }
 
-/// Input column range `[lo, hi)` of output positions whose input index `o*stride + k - pad` is in `[0, size)`.
-fn valid_range(k: usize, stride: usize, pad: usize, size: usize, out: usize) -> (usize, usize) {
-    let lo = if k >= pad {
-        0
-    } else {
-        (pad - k).div_ceil(stride)
-    };
-    let hi = if size + pad > k {
-        ((size + pad - k - 1) / stride + 1).min(out)
-    } else {
-        0
-    };
-    (lo.min(hi), hi)
-}
-
-impl CustomOp1 for Im2Col {
+impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
-        "im2col"
+        "conv2d"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, n) = (self.0, self.1);
-        let x = f32_slice(s, l)?;
-        let (ho, wo) = g.out_hw();
-        let rows = g.c * g.k * g.k;
-        let plane = ho * wo;
-        let mut out = vec![0f32; rows * n * plane];
-        out.par_chunks_mut(n * plane)
-            .enumerate()
-            .for_each(|(r, dst)| {
-                let (c, ky, kx) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-                let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
-                for b in 0..n {
-                    let src = &x[(b * g.c + c) * g.h * g.w..(b * g.c + c + 1) * g.h * g.w];
-                    for oy in 0..ho {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue; // zero padding (already zero)
-                        }
-                        let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        let drow = &mut dst[b * plane + oy * wo..b * plane + (oy + 1) * wo];
-                        if g.stride == 1 {
-                            let off = x_lo + kx - g.pad;
-                            drow[x_lo..x_hi].copy_from_slice(&srow[off..off + (x_hi - x_lo)]);
-                        } else {
-                            for ox in x_lo..x_hi {
-                                drow[ox] = srow[ox * g.stride + kx - g.pad];
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((rows, n * plane))))
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
     }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0, self.1))?))
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, grad, false)?;
+        Ok((dx, dw))
     }
 }
 
-impl CustomOp1 for Col2Im {
+impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
-        "col2im"
+        "conv2d_bias"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, n) = (self.0, self.1);
-        let cols = f32_slice(s, l)?;
-        let (ho, wo) = g.out_hw();
-        let plane = ho * wo;
-        let mut out = vec![0f32; n * g.c * g.h * g.w];
-        out.par_chunks_mut(g.h * g.w)
-            .enumerate()
-            .for_each(|(bc, dst)| {
-                let (b, c) = (bc / g.c, bc % g.c);
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let r = (c * g.k + ky) * g.k + kx;
-                        let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
-                        let src = &cols[(r * n + b) * plane..(r * n + b + 1) * plane];
-                        for oy in 0..ho {
-                            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                            if iy < 0 || iy >= g.h as isize {
-                                continue;
-                            }
-                            let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
-                            let srow = &src[oy * wo..(oy + 1) * wo];
-                            for ox in x_lo..x_hi {
-                                drow[ox * g.stride + kx - g.pad] += srow[ox];
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, g.c, g.h, g.w))))
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
     }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0, self.1))?))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, grad, b.track_op())?;
+        let db = match (db, b.rank()) {
+            (Some(db), 1) if b.track_op() => Some(db.sum(0)?),
+            (Some(db), _) if b.track_op() => Some(db),
+            _ => None,
+        };
+        Ok((dx, if w.track_op() { dw } else { None }, db))
     }
 }
 
-/// conv2d (`w` `[Cout, Cin, k, k]`, square stride/padding, no bias) with gradients for both
-/// inputs; falls back to candle's own conv for non-f32 or non-CPU tensors.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return x.conv2d(w, pad, stride, 1, 1);
+/// conv2d of `x` `[n, cin, h, w]` with `w` `[cout, cin, k, k]` (square stride and zero padding),
+/// plus `bias` `[cout]` or, per image, `[n, cout]` (e.g. a conv bias plus an embedding).
+/// Gradients flow to all three. Runs the fast kernels for f32 on the CPU and candle's own conv
+/// elsewhere.
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let fast = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32);
+    if !fast {
+        let y = x.conv2d(w, pad, stride, 1, 1)?;
+        return match bias {
+            None => Ok(y),
+            Some(b) if b.rank() == 1 => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(b) => y.broadcast_add(&b.reshape((b.dim(0)?, b.dim(1)?, 1, 1))?),
+        };
     }
-    let (n, c, h, wd) = x.dims4()?;
-    let (cout, cin, k, k2) = w.dims4()?;
-    if cin != c || k != k2 {
-        candle_core::bail!(
-            "conv2d: input {:?} does not fit weight {:?}",
-            x.dims(),
-            w.dims()
-        );
+    let op = Conv2dOp { stride, pad };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        None => x.apply_op2(&w, op),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
     }
-    let g = Geom {
-        c,
-        h,
-        w: wd,
-        k,
-        stride,
-        pad,
-    };
-    let (ho, wo) = g.out_hw();
-    let wm = w.reshape((cout, cin * k * k))?;
-    let cols = if k == 1 && stride == 1 && pad == 0 {
-        x.reshape((n, c, h * wd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((c, n * h * wd))?
-    } else {
-        x.contiguous()?.apply_op1(Im2Col(g, n))?
-    };
-    // [Cout, N*HoWo] -> [N, Cout, Ho, Wo]
-    wm.matmul(&cols)?
-        .reshape((cout, n, ho * wo))?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((n, cout, ho, wo))
 }

@@ -2,7 +2,14 @@
 //! calling [`crate::Backend`]; only the candle lowering on CPU routes through these.
 
 pub mod conv;
+mod conv_direct;
+mod conv_plan;
+mod conv_wgrad;
 pub mod norm;
+mod reduce;
+pub mod scratch;
+pub mod simd;
+mod tensor_io;
 
 pub use conv::conv2d;
 pub use norm::group_norm;

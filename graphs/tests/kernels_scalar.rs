@@ -1,0 +1,16 @@
+//! The portable (non-AVX2) fallback of the fast CPU kernels against candle's stock ops. A
+//! separate test binary, because the instruction-set switch is process-wide.
+
+mod checks;
+
+#[test]
+fn conv2d_fallback_matches_stock() {
+    graphs::kernels::simd::force_scalar(true);
+    checks::conv_suite();
+}
+
+#[test]
+fn group_norm_fallback_matches_stock() {
+    graphs::kernels::simd::force_scalar(true);
+    checks::group_norm_suite();
+}
