@@ -5,12 +5,12 @@ mod checks;
 
 #[test]
 fn conv2d_fallback_matches_stock() {
-    graphs::kernels::simd::force_scalar(true);
+    graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
     checks::conv_suite();
 }
 
 #[test]
 fn group_norm_fallback_matches_stock() {
-    graphs::kernels::simd::force_scalar(true);
+    graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
     checks::group_norm_suite();
 }

@@ -7,10 +7,12 @@
 //! outer-product reduction ([`super::conv_wgrad`]), all per image on thread-local buffers that
 //! stay in cache, with the bias (optionally per image: bias + embedding) added in registers.
 
-use super::conv_direct::{pack, Pass, CO_B};
-use super::conv_plan::{FwdPlan, Geom, GradPlan};
-use super::conv_wgrad::{self, Reduce, CB};
+use super::conv_direct::{block_width, Pass};
+use super::conv_plan::{blocks, FwdPlan, Geom, GradPlan, WgradPlan};
+use super::conv_wgrad::{self, Reduce};
+use super::layout::to_planes;
 use super::scratch::{self, SendPtr, Slot};
+use super::simd::{self, Level};
 use super::tensor_io::with_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -24,19 +26,25 @@ enum Bias<'a> {
 }
 
 impl Bias<'_> {
-    fn for_image(&self, img: usize, cout: usize) -> Option<&[f32]> {
+    /// Per image, zero-padded to `cpad` channels (the engine reads whole weight blocks).
+    fn padded(&self, n: usize, cout: usize, cpad: usize) -> Option<Vec<f32>> {
+        let mut v = vec![0f32; n * cpad];
         match self {
-            Bias::None => None,
-            Bias::Channel(b) => Some(b),
-            Bias::Image(b) => Some(&b[img * cout..(img + 1) * cout]),
+            Bias::None => return None,
+            Bias::Channel(b) => v.chunks_mut(cpad).for_each(|d| d[..cout].copy_from_slice(b)),
+            Bias::Image(b) => v
+                .chunks_mut(cpad)
+                .zip(b.chunks(cout))
+                .for_each(|(d, b)| d[..cout].copy_from_slice(b)),
         }
+        Some(v)
     }
 }
 
 /// Parts each image's channel blocks are split into, so that small batches still give every
 /// thread work (whole images otherwise: the prepared source is then built once per image).
 fn parts_per_image(n: usize, blocks: usize) -> usize {
-    let want = 4 * rayon::current_num_threads();
+    let want = 2 * rayon::current_num_threads();
     if n >= want {
         1
     } else {
@@ -44,43 +52,50 @@ fn parts_per_image(n: usize, blocks: usize) -> usize {
     }
 }
 
-/// `(image, lo, hi)` channel ranges (multiples of `CO_B` at `lo`) of task `task`.
-fn task_range(task: usize, parts: usize, blocks: usize, channels: usize) -> (usize, usize, usize) {
+/// Image and channel-block range of task `task`.
+fn task_range(task: usize, parts: usize, blocks: usize) -> (usize, usize, usize) {
     let per = blocks.div_ceil(parts);
     let (img, part) = (task / parts, task % parts);
-    let lo = (part * per * CO_B).min(channels);
-    (img, lo, ((part + 1) * per * CO_B).min(channels))
+    (img, (part * per).min(blocks), ((part + 1) * per).min(blocks))
 }
 
 /// Forward: `[n, cout, ho, wo]`.
-fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>) -> Vec<f32> {
-    let plan = FwdPlan::new(g);
-    let taps = g.taps();
-    let wp = pack(g.cout, g.cin, taps, |co, ci, t| w[(co * g.cin + ci) * taps + t]);
-    let blocks = g.cout.div_ceil(CO_B);
-    let parts = parts_per_image(g.n, blocks);
-    let (in_img, out_img) = (g.in_image(), g.out_image());
+fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>, level: Level) -> Vec<f32> {
+    let plan = FwdPlan::new(g, w, level);
+    let (nb, cpad) = blocks(g.cout, level);
+    let bw = block_width(level);
+    let bias = bias.padded(g.n, g.cout, cpad);
+    let parts = parts_per_image(g.n, nb);
+    let (in_img, out_img, pix) = (g.in_image(), g.out_image(), g.ho * g.wo);
+    // Computes blocks lo..hi of image `img` from its source and writes those channel planes.
     let run = |out: SendPtr, src: &[f32], img: usize, lo: usize, hi: usize| {
         let pass = Pass {
             src,
             cstride: plan.cstride,
             cin: g.cin,
             taps: &plan.taps,
-            w: &wp,
-            pos: &plan.pos,
-            dst_cstride: g.ho * g.wo,
+            w: &plan.w,
+            bw,
+            cout: g.cout,
+            runs: &plan.runs,
+            out_step: 1,
         };
-        let res = residual.map(|r| r[img * out_img..(img + 1) * out_img].as_ptr());
-        // SAFETY: the plan's positions cover the image's output planes and stay inside the
-        // prepared (or, direct, the input) image; tasks write disjoint (image, channel) planes.
-        unsafe { pass.run(out.add(img * out_img), bias.for_image(img, g.cout), res, lo, hi) }
+        let b = bias.as_ref().map(|b| &b[img * cpad..(img + 1) * cpad]);
+        scratch::with(Slot::B, pix * cpad, |t| {
+            // SAFETY: the plan's runs cover every output pixel and their taps stay inside the
+            // prepared (or, direct, the input) image; `t` holds every pixel row.
+            unsafe { pass.run(level, t.as_mut_ptr(), cpad, b, lo, hi) };
+            let res = residual.map(|r| &r[img * out_img..(img + 1) * out_img]);
+            // SAFETY: tasks write disjoint (image, channel) planes of the output.
+            unsafe { to_planes(t, pix, cpad, (lo * bw, (hi * bw).min(g.cout)), out.add(img * out_img), res) };
+        });
     };
-    // SAFETY: every (image, channel, position) is written by exactly one task below.
+    // SAFETY: every (image, channel) plane is written by exactly one task below.
     unsafe {
         scratch::filled_by(g.n * out_img, |out| {
             let out = SendPtr(out);
             (0..g.n * parts).into_par_iter().for_each(|task| {
-                let (img, lo, hi) = task_range(task, parts, blocks, g.cout);
+                let (img, lo, hi) = task_range(task, parts, nb);
                 if lo >= hi {
                     return;
                 }
@@ -98,58 +113,43 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>)
     }
 }
 
-/// The pass of input-gradient phase `ph` over the padded gradient image `src`.
-fn grad_pass<'a>(plan: &'a GradPlan, g: &Geom, src: &'a [f32], ph: usize, dst_cstride: usize) -> Pass<'a> {
-    Pass {
-        src,
-        cstride: plan.ph * plan.pw,
-        cin: g.cout,
-        taps: &plan.phases[ph].taps,
-        w: &plan.phases[ph].w,
-        pos: &plan.phases[ph].pos,
-        dst_cstride,
-    }
-}
-
 /// Input gradient: `[n, cin, h, w]`.
-fn grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let plan = GradPlan::new(g, w);
-    let blocks = g.cin.div_ceil(CO_B);
-    let parts = parts_per_image(g.n, blocks);
+fn grad_input(g: &Geom, dy: &[f32], w: &[f32], level: Level) -> Vec<f32> {
+    let plan = GradPlan::new(g, w, level);
+    let (nb, cpad) = blocks(g.cin, level);
+    let bw = block_width(level);
+    let parts = parts_per_image(g.n, nb);
     let (in_img, out_img, hw) = (g.in_image(), g.out_image(), g.h * g.w);
-    // SAFETY: every (image, channel) plane is written by one task: directly for stride 1 (one
-    // phase covering the plane), else phase by phase (the phases partition the plane).
+    // SAFETY: every (image, channel) plane is written by one task: the phases' runs partition
+    // the image's pixels.
     unsafe {
         scratch::filled_by(g.n * in_img, |dx| {
             let dx = SendPtr(dx);
             (0..g.n * parts).into_par_iter().for_each(|task| {
-                let (img, lo, hi) = task_range(task, parts, blocks, g.cin);
+                let (img, lo, hi) = task_range(task, parts, nb);
                 if lo >= hi {
                     return;
                 }
                 let dyi = &dy[img * out_img..(img + 1) * out_img];
                 scratch::with(Slot::A, plan.image_len(g), |buf| {
                     plan.prepare(g, dyi, buf);
-                    let dst = dx.add(img * in_img);
-                    if g.s == 1 {
-                        grad_pass(&plan, g, buf, 0, hw).run(dst, None, None, lo, hi);
-                        return;
-                    }
-                    for (i, ph) in plan.phases.iter().enumerate() {
-                        let plane = ph.rows * ph.cols;
-                        scratch::with(Slot::B, g.cin * plane, |tmp| {
-                            grad_pass(&plan, g, buf, i, plane).run(tmp.as_mut_ptr(), None, None, lo, hi);
-                            for ci in lo..hi {
-                                for a in 0..ph.rows {
-                                    let row = dst.add(ci * hw + (a * g.s + ph.py) * g.w + ph.px);
-                                    let src = &tmp[ci * plane + a * ph.cols..][..ph.cols];
-                                    for (b, v) in src.iter().enumerate() {
-                                        *row.add(b * g.s) = *v;
-                                    }
-                                }
-                            }
-                        });
-                    }
+                    scratch::with(Slot::B, hw * cpad, |t| {
+                        for ph in &plan.phases {
+                            let pass = Pass {
+                                src: buf,
+                                cstride: plan.ph * plan.pw,
+                                cin: g.cout,
+                                taps: &ph.taps,
+                                w: &ph.w,
+                                bw,
+                                cout: g.cin,
+                                runs: &ph.runs,
+                                out_step: g.s,
+                            };
+                            pass.run(level, t.as_mut_ptr(), cpad, None, lo, hi);
+                        }
+                        to_planes(t, hw, cpad, (lo * bw, (hi * bw).min(g.cin)), dx.add(img * in_img), None);
+                    });
                 });
             });
         })
@@ -157,22 +157,19 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
 }
 
 /// Weight gradient `[cout, cin, k, k]` and the per-image bias gradient `[n, cout]`.
-fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let plan = FwdPlan::new(g);
+fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, Vec<f32>) {
+    let plan = WgradPlan::new(g);
     let taps = g.taps();
-    let offs: Vec<usize> = (0..g.cin * taps)
-        .map(|j| (j / taps) * plan.cstride + plan.taps[j % taps])
-        .collect();
-    let blocks = g.cout.div_ceil(CB);
-    let stride = blocks * CB;
+    let (nb, cpad) = blocks(g.cout, level);
+    let bw = block_width(level);
     let threads = rayon::current_num_threads();
     let chunks = g.n.min(threads).max(1);
     let groups = if g.n >= threads {
         1
     } else {
-        threads.div_ceil(g.n.max(1)).min(blocks)
+        threads.div_ceil(g.n.max(1)).min(nb)
     };
-    let per = blocks.div_ceil(groups);
+    let per = nb.div_ceil(groups);
     let (in_img, out_img, pix) = (g.in_image(), g.out_image(), g.ho * g.wo);
     let mut db = vec![0f32; g.n * g.cout];
     let dbp = SendPtr(db.as_mut_ptr());
@@ -180,42 +177,36 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
         .into_par_iter()
         .map(|task| {
             let (c, grp) = (task / groups, task % groups);
-            let (b_lo, b_hi) = (grp * per, ((grp + 1) * per).min(blocks));
-            let mut acc = vec![0f32; g.cin * taps * stride];
+            let (b_lo, b_hi) = (grp * per, ((grp + 1) * per).min(nb));
+            let mut acc = vec![0f32; taps * g.cin * cpad];
             if b_lo >= b_hi {
                 return acc;
             }
             for img in c * g.n / chunks..(c + 1) * g.n / chunks {
                 let xi = &x[img * in_img..(img + 1) * in_img];
                 let dyi = &dy[img * out_img..(img + 1) * out_img];
-                scratch::with(Slot::B, blocks * pix * CB, |dyt| {
+                scratch::with(Slot::B, cpad * pix, |dyt| {
                     // SAFETY: (image, channel) pairs are disjoint across tasks.
-                    let sums = unsafe {
-                        std::slice::from_raw_parts_mut(dbp.add(img * g.cout), g.cout)
-                    };
-                    conv_wgrad::transpose(dyi, g.cout, pix, dyt, b_lo, b_hi, sums);
-                    let red = |src: &[f32], acc: &mut [f32]| {
+                    let sums = unsafe { std::slice::from_raw_parts_mut(dbp.add(img * g.cout), g.cout) };
+                    conv_wgrad::transpose(dyi, g.cout, pix, bw, dyt, b_lo, b_hi, sums);
+                    scratch::with(Slot::A, plan.image_len(g), |xt| {
+                        plan.prepare(g, xi, xt);
                         let r = Reduce {
-                            src,
-                            offs: &offs,
+                            xt,
+                            cin: g.cin,
+                            taps: &plan.taps,
+                            pw: plan.pw,
+                            s: g.s,
                             rows: g.ho,
                             cols: g.wo,
-                            src_row: plan.src_row,
                             dyt,
-                            blocks,
+                            bw,
+                            cpad,
                         };
-                        // SAFETY: offsets come from the plan, whose prepared image holds every
-                        // tap of every output pixel; sizes as allocated above.
-                        unsafe { r.run(acc, b_lo, b_hi) }
-                    };
-                    if plan.direct {
-                        red(xi, &mut acc);
-                    } else {
-                        scratch::with(Slot::A, plan.image_len(g), |buf| {
-                            plan.prepare(g, xi, buf);
-                            red(buf, &mut acc);
-                        });
-                    }
+                        // SAFETY: the padded image holds every tap of every output pixel;
+                        // sizes as allocated above.
+                        unsafe { r.run(level, &mut acc, b_lo, b_hi) }
+                    });
                 });
             }
             acc
@@ -229,8 +220,10 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     }
     let mut dw = vec![0f32; g.cout * g.cin * taps];
     for (co, d) in dw.chunks_mut(g.cin * taps).enumerate() {
-        for (j, v) in d.iter_mut().enumerate() {
-            *v = sum[j * stride + co];
+        for ci in 0..g.cin {
+            for t in 0..taps {
+                d[ci * taps + t] = sum[(t * g.cin + ci) * cpad + co];
+            }
         }
     }
     (dw, db)
@@ -273,7 +266,7 @@ impl Conv2dOp {
                 }
             }
         };
-        let y = forward(&g, xs, ws, bias, None);
+        let y = forward(&g, xs, ws, bias, None, simd::level());
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
 
@@ -282,14 +275,15 @@ impl Conv2dOp {
         let g = self.geom(x.dims(), w.dims())?;
         let dev = x.device();
         let grad = grad.contiguous()?;
+        let level = simd::level();
         let dx = if x.track_op() {
-            let v = with_f32(&grad, |dy| with_f32(w, |ws| Ok(grad_input(&g, dy, ws))))?;
+            let v = with_f32(&grad, |dy| with_f32(w, |ws| Ok(grad_input(&g, dy, ws, level))))?;
             Some(Tensor::from_vec(v, x.shape(), dev)?)
         } else {
             None
         };
         let (dw, db) = if w.track_op() || need_bias {
-            let (dw, db) = with_f32(x, |xs| with_f32(&grad, |dy| Ok(grad_weight(&g, xs, dy))))?;
+            let (dw, db) = with_f32(x, |xs| with_f32(&grad, |dy| Ok(grad_weight(&g, xs, dy, level))))?;
             (
                 Some(Tensor::from_vec(dw, w.shape(), dev)?),
                 Some(Tensor::from_vec(db, (g.n, g.cout), dev)?),

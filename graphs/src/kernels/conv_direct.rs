@@ -1,70 +1,61 @@
 //! Direct convolution engine (the forward pass and the input gradient of conv2d).
 //!
-//! Computes `out[co][pos] = bias[co] + sum_ci sum_t w[co][ci][t] * src[ci][pos.src + tap[t]]`
-//! (+ an optional residual) with no im2col matrix: the source is one image already padded (and
-//! phase-split for strides) so that every tap of a vector of 8 adjacent outputs is one unaligned
-//! load. A register block is 4 output channels x 3 vectors: 12 FMA accumulators, 3 loads and 4
-//! broadcasts per tap, which keeps the FMA units (not the load ports) the bottleneck.
+//! Computes `out[pixel][co] = bias[co] + sum_ci sum_t w[co][ci][t] * src[ci][pixel.src + tap[t]]`
+//! with no im2col matrix, vectorised over output channels: the source is one image, padded (and
+//! phase-split for strides) so that the `PIX` pixels of a run are consecutive floats of every
+//! source plane. A register block is `PIX` pixels x 2 vectors of channels; per (channel, tap) it
+//! loads 2 weight vectors and broadcasts `PIX` inputs into `2 PIX` FMA accumulators (24 of
+//! AVX-512's 32 registers), which keeps the FMA units, not the loads, the bottleneck for any
+//! image size. The output is pixel-major (`[pixel][channel]`); callers transpose it to NCHW.
 
-use super::simd::{dispatch, Simd, LANES};
+use super::simd::{dispatch, Level, Simd};
 
-/// Output channels per register block (the packed weights' innermost dimension).
-pub const CO_B: usize = 4;
-/// Output vectors per register block.
-const NV: usize = 3;
-
-/// One output vector: where it reads (offset in a source plane) and writes (offset in an output
-/// plane), and how many of its lanes are valid (`LANES` except in rows shorter than a vector).
+/// Up to `PIX` output pixels that are consecutive in the source: pixel `i` reads source offset
+/// `src + i` and writes output row `out + i * out_step`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pos {
+pub struct Run {
     pub src: usize,
-    pub dst: usize,
-    pub len: usize,
+    pub out: usize,
+    pub n: usize,
 }
 
-/// Vectors covering `rows` rows of `len` outputs. Rows of 8 or more end with a vector that
-/// overlaps the previous one (recomputing a few outputs) instead of a partial one.
-pub fn positions(rows: usize, len: usize, src_row: usize, dst_row: usize) -> Vec<Pos> {
-    let mut out = Vec::with_capacity(rows * len.div_ceil(LANES));
+/// Runs covering `rows` rows of `len` pixels, each row split into near-equal runs of at most
+/// `pix` pixels. Pixel `(r, i)` reads `r * src_row + i` and writes row
+/// `out_base + r * out_row + i * out_step`.
+pub fn runs(rows: usize, len: usize, src_row: usize, out_base: usize, out_row: usize, out_step: usize, pix: usize) -> Vec<Run> {
+    let mut out = Vec::new();
+    if len == 0 {
+        return out;
+    }
+    let per_row = len.div_ceil(pix);
     for r in 0..rows {
-        let (s, d) = (r * src_row, r * dst_row);
-        if len < LANES {
-            if len > 0 {
-                out.push(Pos { src: s, dst: d, len });
-            }
-            continue;
-        }
-        let mut x = 0;
-        while x + LANES <= len {
-            out.push(Pos {
-                src: s + x,
-                dst: d + x,
-                len: LANES,
-            });
-            x += LANES;
-        }
-        if x < len {
-            let x = len - LANES;
-            out.push(Pos {
-                src: s + x,
-                dst: d + x,
-                len: LANES,
+        for k in 0..per_row {
+            let (a, b) = (k * len / per_row, (k + 1) * len / per_row);
+            out.push(Run {
+                src: r * src_row + a,
+                out: out_base + r * out_row + a * out_step,
+                n: b - a,
             });
         }
     }
     out
 }
 
-/// Weights as the engine reads them: `[co / CO_B][ci][tap][CO_B]`, zero-padded to a multiple of
-/// `CO_B` output channels. `get(co, ci, t)` reads the logical weight.
-pub fn pack(cout: usize, cin: usize, taps: usize, get: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
-    let blocks = cout.div_ceil(CO_B);
-    let mut w = vec![0f32; blocks * cin * taps * CO_B];
+/// Channels per weight block at `level`: two vectors.
+pub fn block_width(level: Level) -> usize {
+    2 * level.lanes()
+}
+
+/// Weights as the engine reads them: `[co / bw][ci][tap][bw]`, zero-padded to whole blocks of
+/// `bw` ([`block_width`]) output channels. `get(co, ci, t)` reads the logical weight.
+pub fn pack(cout: usize, cin: usize, taps: usize, bw: usize, get: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+    let blocks = cout.div_ceil(bw);
+    let mut w = vec![0f32; blocks * cin * taps * bw];
     for co in 0..cout {
-        let (b, c) = (co / CO_B, co % CO_B);
+        let (b, c) = (co / bw, co % bw);
         for ci in 0..cin {
             for t in 0..taps {
-                w[((b * cin + ci) * taps + t) * CO_B + c] = get(co, ci, t);
+                w[((b * cin + ci) * taps + t) * bw + c] = get(co, ci, t);
             }
         }
     }
@@ -74,155 +65,115 @@ pub fn pack(cout: usize, cin: usize, taps: usize, get: impl Fn(usize, usize, usi
 /// One pass over a prepared source image.
 #[derive(Clone, Copy, Debug)]
 pub struct Pass<'a> {
-    /// Channel-0 plane of the source; `cin` planes `cstride` floats apart. Every load of every
-    /// position and tap (8 lanes, even for short rows) must stay inside.
+    /// Channel-0 plane of the source; `cin` planes `cstride` floats apart. Every tap of every
+    /// pixel of every run must stay inside.
     pub src: &'a [f32],
     pub cstride: usize,
     pub cin: usize,
-    /// Offset of each tap relative to a position's `src`.
+    /// Offset of each tap relative to a pixel's source offset.
     pub taps: &'a [usize],
-    /// Weights from [`pack`] for these `cin` and `taps`.
+    /// Weights from [`pack`] for these `cin` and `taps`, blocks of `bw` channels.
     pub w: &'a [f32],
-    pub pos: &'a [Pos],
-    /// Floats between output planes.
-    pub dst_cstride: usize,
+    pub bw: usize,
+    /// Output channels (the rest of the last block is padding).
+    pub cout: usize,
+    pub runs: &'a [Run],
+    /// Output rows between consecutive pixels of a run.
+    pub out_step: usize,
 }
 
 impl Pass<'_> {
-    /// Writes output channels `co_lo..co_hi` (`co_lo` a multiple of [`CO_B`]) of one image to
-    /// `dst` (its channel-0 plane). `bias` (per output channel, indexed by absolute channel) and
-    /// `residual` (laid out like `dst`) are optional.
+    /// Writes channel blocks `b_lo..b_hi` of every run's pixels to `out`, pixel-major with
+    /// `out_stride` floats per pixel (at least the padded channel count); `bias` (padded to whole
+    /// blocks) initialises the accumulators.
     ///
     /// # Safety
-    /// `dst` (and `residual`) must be valid for every plane `co_lo..co_hi` at every position, and
-    /// the source must cover every load (see [`Pass::src`]); `bias` must have `co_hi` entries.
-    pub unsafe fn run(
-        &self,
-        dst: *mut f32,
-        bias: Option<&[f32]>,
-        residual: Option<*const f32>,
-        co_lo: usize,
-        co_hi: usize,
-    ) {
-        debug_assert!(co_lo % CO_B == 0);
+    /// `level.lanes() * 2 == self.bw`; `out` must hold every output row the runs name; the
+    /// source must cover every tap of every run; `bias` (if given) whole blocks.
+    pub unsafe fn run(&self, level: Level, out: *mut f32, out_stride: usize, bias: Option<&[f32]>, b_lo: usize, b_hi: usize) {
+        debug_assert_eq!(self.bw, block_width(level));
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        let res = residual.unwrap_or(std::ptr::null());
-        run_blocks(self, dst, bias, res, co_lo, co_hi);
+        run_blocks(level, self, out, out_stride, bias, b_lo, b_hi);
     }
 }
 
-dispatch!(unsafe fn run_blocks(p: &Pass, dst: *mut f32, bias: *const f32, res: *const f32, co_lo: usize, co_hi: usize) => run_imp);
+dispatch!(unsafe fn run_blocks(p: &Pass, out: *mut f32, os: usize, bias: *const f32, b_lo: usize, b_hi: usize) => run_imp);
 
-#[inline(always)]
-unsafe fn run_imp<S: Simd>(
-    p: &Pass,
-    dst: *mut f32,
-    bias: *const f32,
-    res: *const f32,
-    co_lo: usize,
-    co_hi: usize,
-) {
-    let mut co = co_lo;
-    while co < co_hi {
-        match (co_hi - co).min(CO_B) {
-            4 => block::<S, 4>(p, dst, bias, res, co),
-            3 => block::<S, 3>(p, dst, bias, res, co),
-            2 => block::<S, 2>(p, dst, bias, res, co),
-            _ => block::<S, 1>(p, dst, bias, res, co),
+/// Calls `tile::<S, CV, P>` for the run length `n` (1..=12).
+macro_rules! by_len {
+    ($S:ty, $cv:literal, $n:expr, $($args:expr),*) => {
+        match $n {
+            1 => tile::<$S, $cv, 1>($($args),*),
+            2 => tile::<$S, $cv, 2>($($args),*),
+            3 => tile::<$S, $cv, 3>($($args),*),
+            4 => tile::<$S, $cv, 4>($($args),*),
+            5 => tile::<$S, $cv, 5>($($args),*),
+            6 => tile::<$S, $cv, 6>($($args),*),
+            7 => tile::<$S, $cv, 7>($($args),*),
+            8 => tile::<$S, $cv, 8>($($args),*),
+            9 => tile::<$S, $cv, 9>($($args),*),
+            10 => tile::<$S, $cv, 10>($($args),*),
+            11 => tile::<$S, $cv, 11>($($args),*),
+            _ => tile::<$S, $cv, 12>($($args),*),
         }
-        co += CO_B;
-    }
-}
-
-/// All positions of the `CO` channels starting at `co`.
-#[inline(always)]
-unsafe fn block<S: Simd, const CO: usize>(
-    p: &Pass,
-    dst: *mut f32,
-    bias: *const f32,
-    res: *const f32,
-    co: usize,
-) {
-    let mut b = [0f32; CO];
-    if !bias.is_null() {
-        for (c, b) in b.iter_mut().enumerate() {
-            *b = *bias.add(co + c);
-        }
-    }
-    let w = p.w.as_ptr().add(co / CO_B * p.cin * p.taps.len() * CO_B);
-    let dst = dst.add(co * p.dst_cstride);
-    let res = if res.is_null() {
-        res
-    } else {
-        res.add(co * p.dst_cstride)
     };
-    let mut chunks = p.pos.chunks_exact(NV);
-    for ps in &mut chunks {
-        tile::<S, CO, NV>(p, w, ps, dst, &b, res);
-    }
-    match chunks.remainder() {
-        [a, b2] => tile::<S, CO, 2>(p, w, &[*a, *b2], dst, &b, res),
-        [a] => tile::<S, CO, 1>(p, w, &[*a], dst, &b, res),
-        _ => {}
+}
+
+#[inline(always)]
+unsafe fn run_imp<S: Simd>(p: &Pass, out: *mut f32, os: usize, bias: *const f32, b_lo: usize, b_hi: usize) {
+    let wblock = p.cin * p.taps.len() * p.bw;
+    for b in b_lo..b_hi {
+        // One vector suffices for a last block with at most LANES real channels.
+        let cv1 = p.cout - b * p.bw <= S::LANES;
+        let w = p.w.as_ptr().add(b * wblock);
+        let bias = if bias.is_null() { bias } else { bias.add(b * p.bw) };
+        let out = out.add(b * p.bw);
+        for r in p.runs {
+            debug_assert!(r.n >= 1 && r.n <= S::PIX);
+            if cv1 {
+                by_len!(S, 1, r.n, p, w, bias, r, out, os);
+            } else {
+                by_len!(S, 2, r.n, p, w, bias, r, out, os);
+            }
+        }
     }
 }
 
-/// `CO` channels x `V` vectors, accumulated in registers over every input channel and tap.
+/// `P` pixels x `CV` channel vectors, accumulated in registers over every input channel and tap.
 #[inline(always)]
-unsafe fn tile<S: Simd, const CO: usize, const V: usize>(
-    p: &Pass,
-    w: *const f32,
-    ps: &[Pos],
-    dst: *mut f32,
-    bias: &[f32; CO],
-    res: *const f32,
-) {
-    let mut acc = [[S::zero(); V]; CO];
-    for c in 0..CO {
-        let b = S::splat(bias[c]);
-        for a in acc[c].iter_mut() {
-            *a = b;
+unsafe fn tile<S: Simd, const CV: usize, const P: usize>(p: &Pass, w: *const f32, bias: *const f32, r: &Run, out: *mut f32, os: usize) {
+    let mut acc = [[S::zero(); CV]; P];
+    if !bias.is_null() {
+        for v in 0..CV {
+            let b = S::load(bias.add(v * S::LANES));
+            for a in acc.iter_mut() {
+                a[v] = b;
+            }
         }
     }
-    let mut sp = [p.src.as_ptr(); V];
-    for v in 0..V {
-        sp[v] = sp[v].add(ps[v].src);
-    }
+    let mut sp = p.src.as_ptr().add(r.src);
     let mut wp = w;
     for _ in 0..p.cin {
         for &o in p.taps {
-            let mut x = [S::zero(); V];
-            for v in 0..V {
-                x[v] = S::load(sp[v].add(o));
+            let xp = sp.add(o);
+            let mut wv = [S::zero(); CV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = S::load(wp.add(v * S::LANES));
             }
-            for c in 0..CO {
-                let wv = S::splat(*wp.add(c));
-                for v in 0..V {
-                    acc[c][v] = S::fma(wv, x[v], acc[c][v]);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = S::splat(*xp.add(i));
+                for v in 0..CV {
+                    a[v] = S::fma(x, wv[v], a[v]);
                 }
             }
-            wp = wp.add(CO_B);
+            wp = wp.add(p.bw);
         }
-        for s in sp.iter_mut() {
-            *s = s.add(p.cstride);
-        }
+        sp = sp.add(p.cstride);
     }
-    for c in 0..CO {
-        for v in 0..V {
-            let off = c * p.dst_cstride + ps[v].dst;
-            let mut a = acc[c][v];
-            let n = ps[v].len;
-            if n == LANES {
-                if !res.is_null() {
-                    a = S::add(a, S::load(res.add(off)));
-                }
-                S::store(dst.add(off), a);
-            } else {
-                if !res.is_null() {
-                    a = S::add(a, S::load_part(res.add(off), n));
-                }
-                S::store_part(dst.add(off), a, n);
-            }
+    for (i, a) in acc.iter().enumerate() {
+        let o = out.add((r.out + i * p.out_step) * os);
+        for (v, a) in a.iter().enumerate() {
+            S::store(o.add(v * S::LANES), *a);
         }
     }
 }
@@ -232,18 +183,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn positions_cover_every_output_once_or_overlap() {
-        for len in 1..30 {
-            let ps = positions(3, len, 40, len);
-            let mut seen = vec![0; 3 * len];
-            for p in &ps {
-                assert_eq!(p.src / 40, p.dst / len.max(1));
-                for i in 0..p.len {
-                    seen[p.dst + i] += 1;
+    fn runs_cover_every_pixel_once() {
+        for len in 1..40 {
+            for pix in [6, 12] {
+                let rs = runs(3, len, 50, 7, len, 1, pix);
+                let mut seen = vec![0; 7 + 3 * len];
+                for r in &rs {
+                    assert!(r.n >= 1 && r.n <= pix);
+                    assert_eq!(r.src / 50, (r.out - 7) / len);
+                    for i in 0..r.n {
+                        seen[r.out + i] += 1;
+                    }
                 }
-                assert!(p.dst % len + p.len <= len);
+                assert!(seen[7..].iter().all(|&s| s == 1), "len {len}: {seen:?}");
             }
-            assert!(seen.iter().all(|&s| s >= 1), "len {len}: {seen:?}");
         }
     }
 }

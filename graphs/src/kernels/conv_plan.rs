@@ -1,11 +1,15 @@
-//! Geometry of a conv2d and the source layouts the engines read: the forward (and weight
-//! gradient) source is the input padded and split into `stride` column phases, so output column
-//! `ox` of tap `kx` reads phase `kx % s` at column `ox + kx / s` -- contiguous for any stride.
-//! The input gradient is a sum of stride-1 convolutions of the padded output gradient, one per
-//! output phase `(iy % s, ix % s)`, each with the taps that land on that phase.
+//! Geometry of a conv2d and the source layouts the engines read.
+//!
+//! * Forward: the input padded and split into `stride` column phases, so output column `ox` of
+//!   tap `kx` reads phase `kx % s` at column `ox + kx / s`: the pixels of a run are consecutive
+//!   for any stride.
+//! * Input gradient: a sum of stride-1 convolutions of the padded output gradient, one per input
+//!   phase `(iy % s, ix % s)`, each with the taps that land on that phase; every phase writes its
+//!   own rows of the pixel-major result.
+//! * Weight gradient: the padded input transposed to pixel-major `[pixel][channel]`.
 
-use super::conv_direct::{pack, positions, Pos};
-use super::simd::LANES;
+use super::conv_direct::{block_width, pack, runs, Run};
+use super::simd::Level;
 
 /// A square-kernel conv2d on `[n, cin, h, w]` with `cout` filters, stride `s`, zero padding `p`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,26 +63,37 @@ impl Geom {
     }
 }
 
-/// How the forward pass (and the weight gradient) reads one input image.
+/// Whole weight blocks covering `c` channels at `level`, and their padded channel count.
+pub fn blocks(c: usize, level: Level) -> (usize, usize) {
+    let bw = block_width(level);
+    (c.div_ceil(bw), c.div_ceil(bw) * bw)
+}
+
+/// How the forward pass reads one input image.
 #[derive(Clone, Debug)]
 pub struct FwdPlan {
-    /// 1x1, stride 1, no padding, >= 8 pixels: the input image is read as it is.
+    /// 1x1, stride 1, no padding: the input image is read as it is.
     pub direct: bool,
     /// Rows and columns of one phase plane of the prepared image.
     pub ph: usize,
     pub pw: usize,
     /// Floats per prepared channel (all phases).
     pub cstride: usize,
-    /// Offset of tap `ky * k + kx` relative to an output position.
+    /// Offset of tap `ky * k + kx` relative to an output pixel.
     pub taps: Vec<usize>,
-    /// Source floats per output row.
-    pub src_row: usize,
-    pub pos: Vec<Pos>,
+    pub runs: Vec<Run>,
+    /// Packed weights.
+    pub w: Vec<f32>,
 }
 
 impl FwdPlan {
-    pub fn new(g: &Geom) -> Self {
-        if g.k == 1 && g.s == 1 && g.p == 0 && g.h * g.w >= LANES {
+    /// `w`: the conv weight `[cout][cin][k][k]`.
+    pub fn new(g: &Geom, w: &[f32], level: Level) -> Self {
+        let t = g.taps();
+        let w = pack(g.cout, g.cin, t, block_width(level), |co, ci, tap| {
+            w[(co * g.cin + ci) * t + tap]
+        });
+        if g.k == 1 && g.s == 1 && g.p == 0 {
             let hw = g.h * g.w;
             return Self {
                 direct: true,
@@ -86,17 +101,14 @@ impl FwdPlan {
                 pw: g.w,
                 cstride: hw,
                 taps: vec![0],
-                src_row: g.w,
-                // The whole plane is one row: no per-row tails.
-                pos: positions(1, hw, 0, 0),
+                // The whole plane is one row: no short runs at row ends.
+                runs: runs(1, hw, 0, 0, 0, 1, level.pix()),
+                w,
             };
         }
         let (s, k) = (g.s, g.k);
         let ph = g.h + 2 * g.p;
-        // Room for 8-lane loads of the last (or only, short) vector of a row at the last tap.
-        let pw = (g.w + 2 * g.p)
-            .div_ceil(s)
-            .max(g.wo.max(LANES) + (k - 1) / s);
+        let pw = (g.w + 2 * g.p).div_ceil(s);
         let taps = (0..k * k)
             .map(|t| {
                 let (ky, kx) = (t / k, t % k);
@@ -109,8 +121,8 @@ impl FwdPlan {
             pw,
             cstride: s * ph * pw,
             taps,
-            src_row: s * pw,
-            pos: positions(g.ho, g.wo, s * pw, g.wo),
+            runs: runs(g.ho, g.wo, s * pw, 0, g.wo, 1, level.pix()),
+            w,
         }
     }
 
@@ -158,17 +170,13 @@ impl FwdPlan {
     }
 }
 
-/// One output phase of the input gradient.
+/// One input phase of the input gradient.
 #[derive(Clone, Debug)]
 pub struct Phase {
-    pub py: usize,
-    pub px: usize,
-    pub rows: usize,
-    pub cols: usize,
     pub taps: Vec<usize>,
-    /// Packed weights: output = input channels of the conv, input = its output channels.
+    /// Packed weights: output = the conv's input channels, input = its output channels.
     pub w: Vec<f32>,
-    pub pos: Vec<Pos>,
+    pub runs: Vec<Run>,
 }
 
 /// How the input gradient reads one padded output-gradient image.
@@ -183,9 +191,9 @@ pub struct GradPlan {
 
 impl GradPlan {
     /// `w`: the conv weight `[cout][cin][k][k]`.
-    pub fn new(g: &Geom, w: &[f32]) -> Self {
+    pub fn new(g: &Geom, w: &[f32], level: Level) -> Self {
         let (s, p, k) = (g.s as isize, g.p as isize, g.k);
-        // Taps of output phase `ph` along one axis, with their source offset in the gradient.
+        // Taps of input phase `ph` along one axis, with their source offset in the gradient.
         let axis = |ph: usize| -> Vec<(usize, isize)> {
             (0..k)
                 .filter(|&t| (ph as isize + p - t as isize).rem_euclid(s) == 0)
@@ -193,7 +201,8 @@ impl GradPlan {
                 .collect()
         };
         let mut specs = Vec::new();
-        let (mut top, mut left, mut bottom, mut right) = (0isize, 0isize, g.ho as isize, g.wo as isize);
+        let (mut top, mut left) = (0isize, 0isize);
+        let (mut bottom, mut right) = (g.ho as isize, g.wo as isize);
         for py in 0..g.s.min(g.h) {
             for px in 0..g.s.min(g.w) {
                 let (rows, cols) = ((g.h - py).div_ceil(g.s), (g.w - px).div_ceil(g.s));
@@ -204,15 +213,14 @@ impl GradPlan {
                 }
                 for &(_, dx) in &ax {
                     left = left.max(-dx);
-                    right = right.max(cols.max(LANES) as isize + dx);
+                    right = right.max(cols as isize + dx);
                 }
                 specs.push((py, px, rows, cols, ay, ax));
             }
         }
         let (top, left) = (top as usize, left as usize);
-        let ph = top + bottom as usize;
-        let pw = left + right as usize;
-        let dst_row = |cols: usize| if g.s == 1 { g.w } else { cols };
+        let (ph, pw) = (top + bottom as usize, left + right as usize);
+        let bw = block_width(level);
         let phases = specs
             .into_iter()
             .map(|(py, px, rows, cols, ay, ax)| {
@@ -220,21 +228,18 @@ impl GradPlan {
                 let mut kt = Vec::new();
                 for &(ky, dy) in &ay {
                     for &(kx, dx) in &ax {
-                        taps.push((dy + top as isize) as usize * pw + (dx + left as isize) as usize);
+                        let (y, x) = ((dy + top as isize) as usize, (dx + left as isize) as usize);
+                        taps.push(y * pw + x);
                         kt.push(ky * k + kx);
                     }
                 }
-                let wp = pack(g.cin, g.cout, kt.len(), |ci, co, t| {
+                let wp = pack(g.cin, g.cout, kt.len(), bw, |ci, co, t| {
                     w[(co * g.cin + ci) * k * k + kt[t]]
                 });
                 Phase {
-                    py,
-                    px,
-                    rows,
-                    cols,
                     taps,
                     w: wp,
-                    pos: positions(rows, cols, pw, dst_row(cols)),
+                    runs: runs(rows, cols, pw, py * g.w + px, g.s * g.w, g.s, level.pix()),
                 }
             })
             .collect();
@@ -266,6 +271,49 @@ impl GradPlan {
                 row[self.left + g.wo..].fill(0.0);
             }
             d[(self.top + g.ho) * self.pw..].fill(0.0);
+        }
+    }
+}
+
+/// The weight gradient's view of one input image: padded, pixel-major `[ph * pw][cin]`.
+#[derive(Clone, Debug)]
+pub struct WgradPlan {
+    pub ph: usize,
+    pub pw: usize,
+    /// Offset (in pixels of the padded image) of tap `ky * k + kx`.
+    pub taps: Vec<usize>,
+}
+
+impl WgradPlan {
+    pub fn new(g: &Geom) -> Self {
+        let (ph, pw) = (g.h + 2 * g.p, g.w + 2 * g.p);
+        Self {
+            ph,
+            pw,
+            taps: (0..g.taps()).map(|t| (t / g.k) * pw + t % g.k).collect(),
+        }
+    }
+
+    pub fn image_len(&self, g: &Geom) -> usize {
+        self.ph * self.pw * g.cin
+    }
+
+    /// Transposes and pads one input image `x` (`[cin][h][w]`) into `dst`.
+    pub fn prepare(&self, g: &Geom, x: &[f32], dst: &mut [f32]) {
+        let (c, p) = (g.cin, g.p);
+        let row_len = self.pw * c;
+        dst[..p * row_len].fill(0.0);
+        dst[(p + g.h) * row_len..self.ph * row_len].fill(0.0);
+        for iy in 0..g.h {
+            let row = &mut dst[(p + iy) * row_len..(p + iy + 1) * row_len];
+            row[..p * c].fill(0.0);
+            row[(p + g.w) * c..].fill(0.0);
+            for ci in 0..c {
+                let src = &x[(ci * g.h + iy) * g.w..(ci * g.h + iy + 1) * g.w];
+                for (ix, v) in src.iter().enumerate() {
+                    row[(p + ix) * c + ci] = *v;
+                }
+            }
         }
     }
 }

@@ -1,133 +1,153 @@
-//! Weight-gradient engine of conv2d: `dW[co][ci][t] = sum_pixels dY[co][p] * src[ci][p + tap[t]]`.
+//! Weight-gradient engine of conv2d: `dW[co][ci][t] = sum_pixels dY[co][p] * x[ci][p + tap[t]]`.
 //!
-//! An outer-product GEMM with the pixels as the reduction: the output gradient is transposed per
-//! image to `[co / 16][pixel][16]`, so each pixel contributes 2 vector loads of 16 output
-//! channels and 6 broadcasts of (channel, tap) inputs to a block of 12 accumulators that stay in
-//! registers for the whole image; nothing of im2col size is ever materialised.
+//! An outer-product GEMM with the pixels as the reduction. Per image, the output gradient is
+//! transposed to `[block][pixel][bw]` and the padded input to pixel-major `[pixel][cin]`; then
+//! each pixel of a register block (one tap, `PIX` input channels, 2 vectors of output channels)
+//! costs 2 vector loads and `PIX` broadcasts from one row for `2 PIX` FMAs, with the
+//! accumulators in registers for the whole image. Nothing of im2col size is materialised.
 
-use super::simd::{dispatch, Simd, LANES};
+use super::simd::{dispatch, Level, Simd};
 
-/// Output channels per block of the transposed gradient.
-pub const CB: usize = 2 * LANES;
-/// (input channel, tap) pairs per register block.
-const J: usize = 6;
-
-/// Geometry of one image's reduction.
+/// One image's reduction.
 #[derive(Clone, Copy, Debug)]
 pub struct Reduce<'a> {
-    /// Prepared source image (as for the forward pass).
-    pub src: &'a [f32],
-    /// Offset in `src` of each (input channel, tap) pair `j = ci * taps + t`, at pixel (0, 0).
-    pub offs: &'a [usize],
-    /// Output rows and columns; source floats per output row.
+    /// Padded input, pixel-major with `cin` floats per pixel.
+    pub xt: &'a [f32],
+    pub cin: usize,
+    /// Pixel offset of each tap in the padded input; padded pixels per row; stride.
+    pub taps: &'a [usize],
+    pub pw: usize,
+    pub s: usize,
+    /// Output rows and columns.
     pub rows: usize,
     pub cols: usize,
-    pub src_row: usize,
-    /// Transposed gradient `[block][rows * cols][CB]` (the last block zero-padded).
+    /// Transposed output gradient `[block][rows * cols][bw]` (the last block zero-padded).
     pub dyt: &'a [f32],
-    pub blocks: usize,
+    pub bw: usize,
+    /// Padded output channels (`blocks * bw`).
+    pub cpad: usize,
 }
 
 impl Reduce<'_> {
-    /// Adds this image's contribution for blocks `b_lo..b_hi` to `acc`, laid out `[j][blocks * CB]`.
+    /// Adds this image's contribution for blocks `b_lo..b_hi` to `acc`, laid out
+    /// `[tap][ci][cpad]`.
     ///
     /// # Safety
-    /// `offs[j] + (rows - 1) * src_row + cols - 1` must be inside `src` for every `j`; `dyt` must
-    /// hold `blocks * rows * cols * CB` floats and `acc` `offs.len() * blocks * CB`.
-    pub unsafe fn run(&self, acc: &mut [f32], b_lo: usize, b_hi: usize) {
-        debug_assert!(acc.len() >= self.offs.len() * self.blocks * CB);
-        debug_assert!(self.dyt.len() >= self.blocks * self.rows * self.cols * CB);
-        reduce(self, acc.as_mut_ptr(), b_lo, b_hi)
+    /// `bw == 2 * level.lanes()`; every tap of every output pixel must lie inside `xt`; `dyt` and
+    /// `acc` must have the sizes documented above.
+    pub unsafe fn run(&self, level: Level, acc: &mut [f32], b_lo: usize, b_hi: usize) {
+        debug_assert!(acc.len() >= self.taps.len() * self.cin * self.cpad);
+        debug_assert!(self.dyt.len() >= self.cpad * self.rows * self.cols);
+        reduce(level, self, acc.as_mut_ptr(), b_lo, b_hi)
     }
 }
 
 dispatch!(unsafe fn reduce(r: &Reduce, acc: *mut f32, b_lo: usize, b_hi: usize) => reduce_imp);
 
+/// Calls `tile::<S, CV, J>` for `n` (1..=12) input channels.
+macro_rules! by_width {
+    ($S:ty, $cv:literal, $n:expr, $($args:expr),*) => {
+        match $n {
+            1 => tile::<$S, $cv, 1>($($args),*),
+            2 => tile::<$S, $cv, 2>($($args),*),
+            3 => tile::<$S, $cv, 3>($($args),*),
+            4 => tile::<$S, $cv, 4>($($args),*),
+            5 => tile::<$S, $cv, 5>($($args),*),
+            6 => tile::<$S, $cv, 6>($($args),*),
+            7 => tile::<$S, $cv, 7>($($args),*),
+            8 => tile::<$S, $cv, 8>($($args),*),
+            9 => tile::<$S, $cv, 9>($($args),*),
+            10 => tile::<$S, $cv, 10>($($args),*),
+            11 => tile::<$S, $cv, 11>($($args),*),
+            _ => tile::<$S, $cv, 12>($($args),*),
+        }
+    };
+}
+
 #[inline(always)]
 unsafe fn reduce_imp<S: Simd>(r: &Reduce, acc: *mut f32, b_lo: usize, b_hi: usize) {
-    let nj = r.offs.len();
+    // A last block with one vector of real channels still accumulates two (its padding is
+    // zero): simpler, and only small layers (e.g. a 1-channel output conv) have such blocks.
     for b in b_lo..b_hi {
-        let mut j = 0;
-        while j < nj {
-            match nj - j {
-                1 => tile::<S, 1>(r, acc, b, j),
-                2 => tile::<S, 2>(r, acc, b, j),
-                3 => tile::<S, 3>(r, acc, b, j),
-                4 => tile::<S, 4>(r, acc, b, j),
-                5 => tile::<S, 5>(r, acc, b, j),
-                _ => tile::<S, J>(r, acc, b, j),
+        for (t, &tap) in r.taps.iter().enumerate() {
+            let mut ci = 0;
+            while ci < r.cin {
+                let n = (r.cin - ci).min(S::PIX);
+                by_width!(S, 2, n, r, acc, b, t, tap, ci);
+                ci += n;
             }
-            j += J;
         }
     }
 }
 
-/// `JN` (channel, tap) pairs x 16 output channels of block `b`, over every pixel.
+/// Tap `t`, input channels `ci0..ci0 + J`, 2 vectors of output channels of block `b`, over every
+/// output pixel.
 #[inline(always)]
-unsafe fn tile<S: Simd, const JN: usize>(r: &Reduce, acc: *mut f32, b: usize, j0: usize) {
-    let mut a = [[S::zero(); 2]; JN];
-    let mut xp = [r.src.as_ptr(); JN];
-    for (j, x) in xp.iter_mut().enumerate() {
-        *x = x.add(r.offs[j0 + j]);
-    }
-    let mut d = r.dyt.as_ptr().add(b * r.rows * r.cols * CB);
-    for _ in 0..r.rows {
-        for c in 0..r.cols {
-            let d0 = S::load(d);
-            let d1 = S::load(d.add(LANES));
-            for j in 0..JN {
-                let x = S::splat(*xp[j].add(c));
-                a[j][0] = S::fma(x, d0, a[j][0]);
-                a[j][1] = S::fma(x, d1, a[j][1]);
+unsafe fn tile<S: Simd, const CV: usize, const J: usize>(r: &Reduce, acc: *mut f32, b: usize, t: usize, tap: usize, ci0: usize) {
+    let mut a = [[S::zero(); CV]; J];
+    let px = r.s * r.cin;
+    let mut d = r.dyt.as_ptr().add(b * r.rows * r.cols * r.bw);
+    for y in 0..r.rows {
+        let mut x = r.xt.as_ptr().add((y * r.s * r.pw + tap) * r.cin + ci0);
+        for _ in 0..r.cols {
+            let mut dv = [S::zero(); CV];
+            for (v, dv) in dv.iter_mut().enumerate() {
+                *dv = S::load(d.add(v * S::LANES));
             }
-            d = d.add(CB);
-        }
-        for x in xp.iter_mut() {
-            *x = x.add(r.src_row);
+            for (j, a) in a.iter_mut().enumerate() {
+                let xv = S::splat(*x.add(j));
+                for v in 0..CV {
+                    a[v] = S::fma(xv, dv[v], a[v]);
+                }
+            }
+            d = d.add(r.bw);
+            x = x.add(px);
         }
     }
-    let stride = r.blocks * CB;
     for (j, a) in a.iter().enumerate() {
-        let o = acc.add((j0 + j) * stride + b * CB);
-        S::store(o, S::add(S::load(o), a[0]));
-        S::store(o.add(LANES), S::add(S::load(o.add(LANES)), a[1]));
+        let o = acc.add((t * r.cin + ci0 + j) * r.cpad + b * r.bw);
+        for (v, a) in a.iter().enumerate() {
+            let p = o.add(v * S::LANES);
+            S::store(p, S::add(S::load(p), *a));
+        }
     }
 }
 
 /// Transposes blocks `b_lo..b_hi` of one image's gradient `dy` (`[cout][pixels]`) into `dyt`
-/// (`[block][pixel][CB]`, zero-padded) and writes each of their channels' sum over pixels to
+/// (`[block][pixel][bw]`, zero-padded) and writes each of their channels' sum over pixels to
 /// `sums[co]`.
 #[allow(clippy::too_many_arguments)]
 pub fn transpose(
     dy: &[f32],
     cout: usize,
     pixels: usize,
+    bw: usize,
     dyt: &mut [f32],
     b_lo: usize,
     b_hi: usize,
     sums: &mut [f32],
 ) {
-    debug_assert!(dy.len() >= cout * pixels && dyt.len() >= b_hi * pixels * CB);
+    debug_assert!(dy.len() >= cout * pixels && dyt.len() >= b_hi * pixels * bw);
     for b in b_lo..b_hi {
-        let blk = &mut dyt[b * pixels * CB..(b + 1) * pixels * CB];
-        let n = (cout - b * CB).min(CB);
-        // Pixel tiles keep the 16 source rows' lines in L1 while the block is written.
-        const PT: usize = 64;
+        let blk = &mut dyt[b * pixels * bw..(b + 1) * pixels * bw];
+        let n = (cout - b * bw).min(bw);
+        // Pixel tiles keep the block's source lines in L1 while it is written.
+        const PT: usize = 32;
         let mut p0 = 0;
         while p0 < pixels {
             let p1 = (p0 + PT).min(pixels);
             for c in 0..n {
-                let row = &dy[(b * CB + c) * pixels..];
+                let row = &dy[(b * bw + c) * pixels..];
                 for p in p0..p1 {
-                    blk[p * CB + c] = row[p];
+                    blk[p * bw + c] = row[p];
                 }
             }
             for p in p0..p1 {
-                blk[p * CB + n..(p + 1) * CB].fill(0.0);
+                blk[p * bw + n..(p + 1) * bw].fill(0.0);
             }
             p0 = p1;
         }
-        for co in b * CB..b * CB + n {
+        for co in b * bw..b * bw + n {
             sums[co] = super::reduce::sum(&dy[co * pixels..(co + 1) * pixels]);
         }
     }

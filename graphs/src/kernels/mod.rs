@@ -5,6 +5,7 @@ pub mod conv;
 mod conv_direct;
 mod conv_plan;
 mod conv_wgrad;
+mod layout;
 pub mod norm;
 mod reduce;
 pub mod scratch;

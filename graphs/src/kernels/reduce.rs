@@ -1,11 +1,11 @@
 //! Vectorised reductions shared by the kernels.
 
-use super::simd::{dispatch, Simd, LANES};
+use super::simd::{dispatch, level, Simd};
 
 /// Sum of `x` (4 x 8 partial sums, so the rounding differs from a sequential sum by round-off).
 pub fn sum(x: &[f32]) -> f32 {
     // SAFETY: reads only within `x`.
-    unsafe { sum_d(x) }
+    unsafe { sum_d(level(), x) }
 }
 
 dispatch!(unsafe fn sum_d(x: &[f32]) -> f32 => sum_imp);
@@ -16,15 +16,15 @@ unsafe fn sum_imp<S: Simd>(x: &[f32]) -> f32 {
     let n = x.len();
     let mut a = [S::zero(); 4];
     let mut i = 0;
-    while i + 4 * LANES <= n {
+    while i + 4 * S::LANES <= n {
         for (k, a) in a.iter_mut().enumerate() {
-            *a = S::add(*a, S::load(p.add(i + k * LANES)));
+            *a = S::add(*a, S::load(p.add(i + k * S::LANES)));
         }
-        i += 4 * LANES;
+        i += 4 * S::LANES;
     }
-    while i + LANES <= n {
+    while i + S::LANES <= n {
         a[0] = S::add(a[0], S::load(p.add(i)));
-        i += LANES;
+        i += S::LANES;
     }
     if i < n {
         a[1] = S::add(a[1], S::load_part(p.add(i), n - i));

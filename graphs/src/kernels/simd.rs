@@ -1,16 +1,21 @@
-//! 8-lane f32 vectors for the CPU kernels: AVX2+FMA where the CPU has it (checked at run time),
-//! else a portable `[f32; 8]` that the compiler lowers to SSE. Kernels are written once, generic
-//! over [`Simd`], `#[inline(always)]`, and instantiated inside a `#[target_feature]` function by
-//! [`dispatch!`], so the AVX2 copy is compiled with AVX2 enabled.
+//! f32 vectors for the CPU kernels: AVX-512 (16 lanes) or AVX2+FMA (8 lanes) where the CPU has
+//! them (checked at run time), else a portable `[f32; 8]` that the compiler lowers to SSE.
+//! Kernels are written once, generic over [`Simd`], `#[inline(always)]`, and instantiated inside
+//! a `#[target_feature]` function per level by [`dispatch!`].
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Lanes per vector.
+/// Lanes of the portable and AVX2 vectors.
 pub const LANES: usize = 8;
 
 /// One vector type and its operations. Pointers must be valid for the lanes they touch.
 pub trait Simd: Copy {
     type V: Copy;
+    /// f32 lanes per vector.
+    const LANES: usize;
+    /// Output pixels per register block of the conv kernels (2 x `PIX` accumulators: 12 of the
+    /// 16 AVX2 registers, 24 of the 32 AVX-512 ones).
+    const PIX: usize;
     unsafe fn zero() -> Self::V;
     unsafe fn splat(x: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
@@ -80,6 +85,8 @@ macro_rules! lanewise {
 
 impl Simd for Scalar {
     type V = [f32; LANES];
+    const LANES: usize = LANES;
+    const PIX: usize = 6;
     #[inline(always)]
     unsafe fn zero() -> Self::V {
         [0.0; LANES]
@@ -187,6 +194,8 @@ mod avx2 {
 
     impl Simd for Avx2 {
         type V = __m256;
+        const LANES: usize = LANES;
+        const PIX: usize = 6;
         #[inline(always)]
         unsafe fn zero() -> __m256 {
             _mm256_setzero_ps()
@@ -267,66 +276,211 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub use avx512::Avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Simd;
+    use std::arch::x86_64::*;
+
+    /// AVX-512F, 16 lanes. Only used from functions compiled with it after a run-time check.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Avx512;
+
+    #[inline(always)]
+    fn mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    impl Simd for Avx512 {
+        type V = __m512;
+        const LANES: usize = 16;
+        const PIX: usize = 12;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> __m512 {
+            _mm512_maskz_loadu_ps(mask(n), p)
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, v: __m512, n: usize) {
+            _mm512_mask_storeu_ps(p, mask(n), v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn div(a: __m512, b: __m512) -> __m512 {
+            _mm512_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn min(a: __m512, b: __m512) -> __m512 {
+            _mm512_min_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sqrt(a: __m512) -> __m512 {
+            _mm512_sqrt_ps(a)
+        }
+        #[inline(always)]
+        unsafe fn hsum(a: __m512) -> f32 {
+            _mm512_reduce_add_ps(a)
+        }
+        #[inline(always)]
+        unsafe fn hmax(a: __m512) -> f32 {
+            _mm512_reduce_max_ps(a)
+        }
+        #[inline(always)]
+        unsafe fn pow2i(n: __m512) -> __m512 {
+            let i = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+            _mm512_castsi512_ps(_mm512_slli_epi32(i, 23))
+        }
+        #[inline(always)]
+        unsafe fn round(a: __m512) -> __m512 {
+            _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+        }
+    }
+}
+
 /// Which instruction set the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
+    Avx512,
     Avx2,
     Scalar,
 }
 
-// 0 = not decided yet, 1 = AVX2, 2 = scalar.
+impl Level {
+    /// f32 lanes per vector.
+    pub fn lanes(self) -> usize {
+        match self {
+            Level::Avx512 => 16,
+            Level::Avx2 | Level::Scalar => LANES,
+        }
+    }
+    /// Output pixels per register block of the conv kernels ([`Simd::PIX`]).
+    pub fn pix(self) -> usize {
+        match self {
+            Level::Avx512 => 12,
+            Level::Avx2 | Level::Scalar => 6,
+        }
+    }
+    fn code(self) -> u8 {
+        match self {
+            Level::Avx512 => 1,
+            Level::Avx2 => 2,
+            Level::Scalar => 3,
+        }
+    }
+}
+
+// 0 = not decided yet, else `Level::code`.
 static LEVEL: AtomicU8 = AtomicU8::new(0);
 
-/// The instruction set in use: AVX2+FMA when the CPU has both, unless [`force_scalar`] was called
-/// or `DISTILL_SIMD=scalar` is set.
+/// The instruction set in use: the best the CPU has, unless [`force`] was called or
+/// `DISTILL_SIMD` is `avx2` or `scalar` (a cap, for comparisons and fallback tests).
 pub fn level() -> Level {
     match LEVEL.load(Ordering::Relaxed) {
-        1 => Level::Avx2,
-        2 => Level::Scalar,
+        1 => Level::Avx512,
+        2 => Level::Avx2,
+        3 => Level::Scalar,
         _ => {
             let l = detect();
-            LEVEL.store(if l == Level::Avx2 { 1 } else { 2 }, Ordering::Relaxed);
+            LEVEL.store(l.code(), Ordering::Relaxed);
             l
         }
     }
 }
 
-fn detect() -> Level {
-    if std::env::var("DISTILL_SIMD").is_ok_and(|v| v == "scalar") {
+/// The best level of this CPU, capped by `$DISTILL_SIMD`.
+pub fn detect() -> Level {
+    let cap = std::env::var("DISTILL_SIMD").unwrap_or_default();
+    if cap == "scalar" {
         return Level::Scalar;
     }
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        return Level::Avx2;
+    {
+        if cap != "avx2" && is_x86_feature_detected!("avx512f") {
+            return Level::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Level::Avx2;
+        }
     }
     Level::Scalar
 }
 
-/// Forces the portable path (`true`) or re-detects (`false`); for tests of the fallback.
-pub fn force_scalar(on: bool) {
-    let l = if on { Level::Scalar } else { detect() };
-    LEVEL.store(if l == Level::Avx2 { 1 } else { 2 }, Ordering::Relaxed);
+/// Uses `l` from now on (process-wide; for tests and comparisons). A level the CPU lacks falls
+/// back to [`detect`].
+pub fn force(l: Level) {
+    let best = detect();
+    let ok = match l {
+        Level::Scalar => true,
+        Level::Avx2 => best != Level::Scalar,
+        Level::Avx512 => best == Level::Avx512,
+    };
+    LEVEL.store(if ok { l } else { best }.code(), Ordering::Relaxed);
 }
 
-/// Defines `pub(crate) fn $name(args)` that runs `$imp::<S>(args)` with the best [`Simd`]:
-/// `$imp` must be an `#[inline(always)] unsafe fn` generic over `S: Simd`, whose safety
-/// requirements the caller of `$name` upholds (hence `$name` is `unsafe` too).
+/// Defines `unsafe fn $name(level: Level, args)` that runs `$imp::<S>(args)` with the [`Simd`]
+/// of `level`: `$imp` must be an `#[inline(always)] unsafe fn` generic over `S: Simd`, whose
+/// safety requirements the caller of `$name` upholds. The level is an argument so that a whole
+/// kernel (whose plan depends on the lane count) uses one level even if [`force`] is called.
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis unsafe fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? => $imp:ident) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        $vis unsafe fn $name($($a: $t),*) $(-> $r)? {
+        $vis unsafe fn $name(level: $crate::kernels::simd::Level, $($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($a: $t),*) $(-> $r)? {
+                    $imp::<$crate::kernels::simd::Avx512>($($a),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($a: $t),*) $(-> $r)? {
                     $imp::<$crate::kernels::simd::Avx2>($($a),*)
                 }
-                if $crate::kernels::simd::level() == $crate::kernels::simd::Level::Avx2 {
-                    return avx2($($a),*);
+                match level {
+                    $crate::kernels::simd::Level::Avx512 => return avx512($($a),*),
+                    $crate::kernels::simd::Level::Avx2 => return avx2($($a),*),
+                    $crate::kernels::simd::Level::Scalar => {}
                 }
             }
+            let _ = level;
             $imp::<$crate::kernels::simd::Scalar>($($a),*)
         }
     };
@@ -338,38 +492,27 @@ mod tests {
     use super::*;
 
     unsafe fn exp_of<S: Simd>(x: f32) -> f32 {
-        let mut o = [0f32; LANES];
+        let mut o = [0f32; 16];
         S::store(o.as_mut_ptr(), S::exp(S::splat(x)));
         o[0]
     }
 
+    dispatch!(unsafe fn exp_at(x: f32) -> f32 => exp_of);
+
     #[test]
     fn exp_is_close_to_libm() {
-        for i in -8700..8800 {
-            let x = i as f32 * 0.01;
-            let want = x.exp();
-            for got in [unsafe { exp_of::<Scalar>(x) }, {
-                #[cfg(target_arch = "x86_64")]
-                if level() == Level::Avx2 {
-                    unsafe { exp_avx2(x) }
-                } else {
-                    want
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                want
-            }] {
-                assert!(
-                    (got - want).abs() <= 3e-7 * want,
-                    "exp({x}) = {got}, libm {want}"
-                );
+        let best = detect();
+        for lv in [Level::Scalar, Level::Avx2, Level::Avx512] {
+            if lv.lanes() > best.lanes() || (lv != Level::Scalar && best == Level::Scalar) {
+                continue;
+            }
+            for i in -8700..8800 {
+                let x = i as f32 * 0.01;
+                let want = x.exp();
+                let got = unsafe { exp_at(lv, x) };
+                assert!((got - want).abs() <= 3e-7 * want, "{lv:?}: exp({x}) = {got}, libm {want}");
             }
         }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp_avx2(x: f32) -> f32 {
-        exp_of::<Avx2>(x)
     }
 
     #[test]
