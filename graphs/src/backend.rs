@@ -44,6 +44,42 @@ pub trait Backend {
         stride: usize,
         pad: usize,
     ) -> anyhow::Result<Self::T>;
+    /// `conv2d(x) + shift` where `shift` broadcasts from `[N, Cout, 1, 1]` (a per-image,
+    /// per-channel offset such as a projected embedding): one fused kernel where the backend has
+    /// one. `shift` builds that tensor; the default runs it after the conv, so a lowering emits
+    /// exactly what the unfused code did.
+    fn conv2d_shifted(
+        &self,
+        x: &Self::T,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        shift: impl FnOnce(&Self) -> anyhow::Result<Self::T>,
+    ) -> anyhow::Result<Self::T>
+    where
+        Self: Sized,
+    {
+        let y = self.conv2d(x, w, b, stride, pad)?;
+        self.add(&y, &shift(self)?)
+    }
+    /// `residual + conv2d(x)`: one fused kernel where the backend has one. `residual` builds the
+    /// tensor to add; the default runs it after the conv (the unfused order, as above).
+    fn conv2d_residual(
+        &self,
+        x: &Self::T,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        residual: impl FnOnce(&Self) -> anyhow::Result<Self::T>,
+    ) -> anyhow::Result<Self::T>
+    where
+        Self: Sized,
+    {
+        let y = self.conv2d(x, w, b, stride, pad)?;
+        self.add(&residual(self)?, &y)
+    }
     /// `x @ w^T + b` on the last axis; `w` is `[out, in]`.
     fn linear(&self, x: &Self::T, w: &Param, b: Option<&Param>) -> anyhow::Result<Self::T>;
     /// GroupNorm over `[N, C, H, W]` with per-channel affine `gamma`, `beta`.

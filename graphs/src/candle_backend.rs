@@ -4,11 +4,14 @@ use crate::backend::{Backend, Kind, Param};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-/// Runs graph definitions on candle tensors. `train` enables dropout.
+/// Runs graph definitions on candle tensors. `train` enables dropout; `kernels` routes conv2d,
+/// GroupNorm and the fused variants through [`crate::kernels`] (which themselves fall back to
+/// candle's ops off the CPU or for non-f32); without it every op is candle's own.
 #[derive(Clone, Debug)]
 pub struct CandleBackend {
     pub device: Device,
     pub train: bool,
+    pub kernels: bool,
 }
 
 impl CandleBackend {
@@ -16,13 +19,20 @@ impl CandleBackend {
         Self {
             device: device.clone(),
             train: false,
+            kernels: true,
         }
     }
     pub fn training(device: &Device) -> Self {
         Self {
-            device: device.clone(),
             train: true,
+            ..Self::new(device)
         }
+    }
+    /// The same backend on candle's stock ops only (the reference the kernels are tested and
+    /// benchmarked against).
+    pub fn stock(mut self) -> Self {
+        self.kernels = false;
+        self
     }
 }
 
@@ -93,8 +103,62 @@ impl Backend for CandleBackend {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor> {
+        if !self.kernels {
+            let y = x.conv2d(&w.t, pad, stride, 1, 1)?;
+            return match b {
+                Some(b) => Ok(y.broadcast_add(&b.t.reshape((1, b.t.dim(0)?, 1, 1))?)?),
+                None => Ok(y),
+            };
+        }
         crate::kernels::conv2d(x, &w.t, b.map(|b| &b.t), stride, pad)
             .with_context(|| format!("conv2d {}", w.name))
+    }
+
+    fn conv2d_shifted(
+        &self,
+        x: &Tensor,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        shift: impl FnOnce(&Self) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let shift = shift(self)?;
+        let (n, cout) = (x.dim(0)?, w.t.dim(0)?);
+        let d = shift.dims();
+        if !self.kernels
+            || d.len() != 4 || d[1] != cout || d[2] != 1 || d[3] != 1 || (d[0] != n && d[0] != 1) {
+            let y = self.conv2d(x, w, b, stride, pad)?;
+            return self.add(&y, &shift);
+        }
+        // The shift becomes a per-image bias of the conv: no pass over the output for the add.
+        let mut bias = shift.reshape((d[0], cout))?;
+        if let Some(b) = b {
+            bias = bias.broadcast_add(&b.t.reshape((1, cout))?)?;
+        }
+        if d[0] == 1 {
+            bias = bias.reshape(cout)?;
+        }
+        crate::kernels::conv2d(x, &w.t, Some(&bias), stride, pad)
+            .with_context(|| format!("conv2d {}", w.name))
+    }
+
+    fn conv2d_residual(
+        &self,
+        x: &Tensor,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        residual: impl FnOnce(&Self) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let r = residual(self)?;
+        if !self.kernels {
+            let y = self.conv2d(x, w, b, stride, pad)?;
+            return self.add(&r, &y);
+        }
+        crate::kernels::conv2d_residual(x, &w.t, b.map(|b| &b.t), &r, stride, pad)
+            .with_context(|| format!("conv2d {} + residual", w.name))
     }
 
     fn linear(&self, x: &Tensor, w: &Param, b: Option<&Param>) -> Result<Tensor> {
@@ -115,8 +179,10 @@ impl Backend for CandleBackend {
         gamma: &Param,
         beta: &Param,
     ) -> Result<Tensor> {
-        if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, false)? {
-            return Ok(y);
+        if self.kernels {
+            if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, false)? {
+                return Ok(y);
+            }
         }
         stock_group_norm(x, groups, eps, gamma, beta)
     }
@@ -129,8 +195,10 @@ impl Backend for CandleBackend {
         gamma: &Param,
         beta: &Param,
     ) -> Result<Tensor> {
-        if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, true)? {
-            return Ok(y);
+        if self.kernels {
+            if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, true)? {
+                return Ok(y);
+            }
         }
         Ok(candle_nn::ops::silu(&stock_group_norm(
             x, groups, eps, gamma, beta,

@@ -11,3 +11,8 @@ fn conv2d_matches_stock_values_and_gradients() {
 fn group_norm_matches_stock_values_and_gradients() {
     checks::group_norm_suite();
 }
+
+#[test]
+fn conv2d_residual_matches_stock() {
+    checks::conv_residual_suite();
+}

@@ -16,3 +16,9 @@ fn group_norm_avx2_matches_stock() {
     force(Level::Avx2);
     checks::group_norm_suite();
 }
+
+#[test]
+fn conv2d_residual_matches_stock() {
+    force(Level::Avx2);
+    checks::conv_residual_suite();
+}

@@ -14,3 +14,9 @@ fn group_norm_fallback_matches_stock() {
     graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
     checks::group_norm_suite();
 }
+
+#[test]
+fn conv2d_residual_matches_stock() {
+    graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
+    checks::conv_residual_suite();
+}

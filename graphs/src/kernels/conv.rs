@@ -1,25 +1,25 @@
-//! conv2d (+ bias) as one candle custom op with a hand-written backward.
+//! The three passes of conv2d on f32 slices: forward (+ bias, + residual), input gradient and
+//! weight (+ bias) gradient.
 //!
 //! Stock candle runs the forward as im2col + GEMM, the input gradient as a direct
 //! conv_transpose2d (~12 GFLOP/s) and the weight gradient as a conv with a huge kernel; the bias
 //! is a separate broadcast add with its own reduction in the backward. Here the forward and the
 //! input gradient are direct convolutions ([`super::conv_direct`]), the weight gradient an
 //! outer-product reduction ([`super::conv_wgrad`]), all per image on thread-local buffers that
-//! stay in cache, with the bias (optionally per image: bias + embedding) added in registers.
+//! stay in cache, with the bias (optionally per image: bias + embedding) added in registers and
+//! a residual added while the result is laid out as NCHW.
 
 use super::conv_direct::{block_width, Pass};
 use super::conv_plan::{blocks, FwdPlan, Geom, GradPlan, WgradPlan};
 use super::conv_wgrad::{self, Reduce};
 use super::layout::to_planes;
 use super::scratch::{self, SendPtr, Slot};
-use super::simd::{self, Level};
-use super::tensor_io::with_f32;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use super::simd::Level;
 use rayon::prelude::*;
 
 /// Bias of a conv: none, one per output channel, or one per (image, output channel).
 #[derive(Clone, Copy, Debug)]
-enum Bias<'a> {
+pub enum Bias<'a> {
     None,
     Channel(&'a [f32]),
     Image(&'a [f32]),
@@ -60,7 +60,7 @@ fn task_range(task: usize, parts: usize, blocks: usize) -> (usize, usize, usize)
 }
 
 /// Forward: `[n, cout, ho, wo]`.
-fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>, level: Level) -> Vec<f32> {
+pub fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>, level: Level) -> Vec<f32> {
     let plan = FwdPlan::new(g, w, level);
     let (nb, cpad) = blocks(g.cout, level);
     let bw = block_width(level);
@@ -114,7 +114,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>,
 }
 
 /// Input gradient: `[n, cin, h, w]`.
-fn grad_input(g: &Geom, dy: &[f32], w: &[f32], level: Level) -> Vec<f32> {
+pub fn grad_input(g: &Geom, dy: &[f32], w: &[f32], level: Level) -> Vec<f32> {
     let plan = GradPlan::new(g, w, level);
     let (nb, cpad) = blocks(g.cin, level);
     let bw = block_width(level);
@@ -157,7 +157,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], level: Level) -> Vec<f32> {
 }
 
 /// Weight gradient `[cout, cin, k, k]` and the per-image bias gradient `[n, cout]`.
-fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, Vec<f32>) {
+pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, Vec<f32>) {
     let plan = WgradPlan::new(g);
     let taps = g.taps();
     let (nb, cpad) = blocks(g.cout, level);
@@ -229,149 +229,3 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, Vec<
     (dw, db)
 }
 
-/// The custom op: input, weight and (for [`CustomOp3`]) bias `[cout]` or `[n, cout]`.
-#[derive(Clone, Copy, Debug)]
-struct Conv2dOp {
-    stride: usize,
-    pad: usize,
-}
-
-impl Conv2dOp {
-    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
-        let (&[n, c, h, wd], &[cout, cin, k, k2]) = (x, w) else {
-            candle_core::bail!("fast conv2d: input {x:?} / weight {w:?} are not 4-D");
-        };
-        if c != cin || k != k2 {
-            candle_core::bail!("fast conv2d: input {x:?} does not fit weight {w:?}");
-        }
-        Geom::new((n, c, h, wd), cout, k, self.stride, self.pad).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "fast conv2d: kernel {k} stride {} pad {} does not fit input {x:?}",
-                self.stride, self.pad
-            ))
-        })
-    }
-
-    fn fwd(&self, x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom(x.1.dims(), w.1.dims())?;
-        let (xs, ws) = (slice(x.0, x.1)?, slice(w.0, w.1)?);
-        let bias = match b {
-            None => Bias::None,
-            Some((s, l)) => {
-                let v = slice(s, l)?;
-                match l.dims() {
-                    [c] if *c == g.cout => Bias::Channel(v),
-                    [n, c] if *n == g.n && *c == g.cout => Bias::Image(v),
-                    d => candle_core::bail!("fast conv2d: bias {d:?} for {} images x {} channels", g.n, g.cout),
-                }
-            }
-        };
-        let y = forward(&g, xs, ws, bias, None, simd::level());
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
-    }
-
-    /// Gradients of input, weight and (per image) bias, each only if that input tracks gradients.
-    fn grads(&self, x: &Tensor, w: &Tensor, grad: &Tensor, need_bias: bool) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.geom(x.dims(), w.dims())?;
-        let dev = x.device();
-        let grad = grad.contiguous()?;
-        let level = simd::level();
-        let dx = if x.track_op() {
-            let v = with_f32(&grad, |dy| with_f32(w, |ws| Ok(grad_input(&g, dy, ws, level))))?;
-            Some(Tensor::from_vec(v, x.shape(), dev)?)
-        } else {
-            None
-        };
-        let (dw, db) = if w.track_op() || need_bias {
-            let (dw, db) = with_f32(x, |xs| with_f32(&grad, |dy| Ok(grad_weight(&g, xs, dy, level))))?;
-            (
-                Some(Tensor::from_vec(dw, w.shape(), dev)?),
-                Some(Tensor::from_vec(db, (g.n, g.cout), dev)?),
-            )
-        } else {
-            (None, None)
-        };
-        Ok((dx, dw, db))
-    }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fast conv2d takes f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fast conv2d needs contiguous inputs"),
-    }
-}
-
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "conv2d"
-    }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), None)
-    }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.grads(x, w, grad, false)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "conv2d_bias"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.grads(x, w, grad, b.track_op())?;
-        let db = match (db, b.rank()) {
-            (Some(db), 1) if b.track_op() => Some(db.sum(0)?),
-            (Some(db), _) if b.track_op() => Some(db),
-            _ => None,
-        };
-        Ok((dx, if w.track_op() { dw } else { None }, db))
-    }
-}
-
-/// conv2d of `x` `[n, cin, h, w]` with `w` `[cout, cin, k, k]` (square stride and zero padding),
-/// plus `bias` `[cout]` or, per image, `[n, cout]` (e.g. a conv bias plus an embedding).
-/// Gradients flow to all three. Runs the fast kernels for f32 on the CPU and candle's own conv
-/// elsewhere.
-pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
-    let fast = x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && bias.is_none_or(|b| b.dtype() == DType::F32);
-    if !fast {
-        let y = x.conv2d(w, pad, stride, 1, 1)?;
-        return match bias {
-            None => Ok(y),
-            Some(b) if b.rank() == 1 => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            Some(b) => y.broadcast_add(&b.reshape((b.dim(0)?, b.dim(1)?, 1, 1))?),
-        };
-    }
-    let op = Conv2dOp { stride, pad };
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match bias {
-        None => x.apply_op2(&w, op),
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
-    }
-}

@@ -1,7 +1,8 @@
 //! Fast CPU kernels behind candle's custom-op mechanism (forward and backward). The networks keep
 //! calling [`crate::Backend`]; only the candle lowering on CPU routes through these.
 
-pub mod conv;
+mod conv;
+pub mod conv_op;
 mod conv_direct;
 mod conv_plan;
 mod conv_wgrad;
@@ -12,5 +13,5 @@ pub mod scratch;
 pub mod simd;
 mod tensor_io;
 
-pub use conv::conv2d;
+pub use conv_op::{conv2d, conv2d_residual};
 pub use norm::group_norm;

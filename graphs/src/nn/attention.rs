@@ -42,6 +42,6 @@ impl SelfAttention {
         let attn = b.softmax_last(&scores)?;
         let out = b.matmul(&v, &b.permute(&attn, &[0, 2, 1])?)?; // [N, C, HW(q)]
         let out = b.reshape(&out, &[0, c, h as i64, w as i64])?;
-        b.add(x, &self.proj.forward(b, &out)?)
+        self.proj.forward_residual(b, &out, |_| Ok(x.clone()))
     }
 }

@@ -72,6 +72,48 @@ pub fn conv(n: usize, c: usize, h: usize, w: usize, cout: usize, k: usize, strid
     }
 }
 
+/// `residual + conv2d(x) (+ bias)` fused vs candle's conv2d and adds.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_residual(n: usize, c: usize, h: usize, w: usize, cout: usize, k: usize, stride: usize, pad: usize, bias: BiasKind) {
+    let what = format!("residual {n}x{c}x{h}x{w} -> {cout}, k{k} s{stride} p{pad}, bias {bias:?}");
+    let x = randn(&[n, c, h, w], 1.0);
+    let wt = randn(&[cout, c, k, k], 0.3);
+    let b = match bias {
+        BiasKind::None => None,
+        BiasKind::Channel => Some(randn(&[cout], 1.0)),
+        BiasKind::Image => Some(randn(&[n, cout], 1.0)),
+    };
+    let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+    let r = randn(&[n, cout, ho, wo], 1.0);
+    let ours = graphs::kernels::conv2d_residual(&x, &wt, b.as_deref(), &r, stride, pad).unwrap();
+    let mut stock = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
+    if let Some(b) = &b {
+        let shape = if bias == BiasKind::Channel { (1, cout, 1, 1) } else { (n, cout, 1, 1) };
+        stock = stock.broadcast_add(&b.reshape(shape).unwrap()).unwrap();
+    }
+    let stock = (r.as_tensor() + stock).unwrap();
+    assert_close(&format!("forward {what}"), &ours, &stock, 1e-5);
+    let g = Tensor::randn(0f32, 1.0, stock.dims(), &Device::Cpu).unwrap();
+    let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let gs = (stock * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut vars = vec![("input", &x), ("weight", &wt), ("residual", &r)];
+    if let Some(b) = &b {
+        vars.push(("bias", b));
+    }
+    for (name, v) in vars {
+        let (a, s) = (go.get(v).unwrap(), gs.get(v).unwrap());
+        assert_close(&format!("{name} gradient {what}"), a, s, 2e-5);
+    }
+}
+
+pub fn conv_residual_suite() {
+    use BiasKind::*;
+    conv_residual(2, 6, 8, 8, 5, 3, 1, 1, Channel);
+    conv_residual(3, 4, 7, 5, 9, 1, 1, 0, Image);
+    conv_residual(2, 5, 9, 9, 4, 3, 2, 1, None);
+    conv_residual(1, 16, 8, 8, 32, 1, 1, 0, Channel);
+}
+
 /// Every conv shape the networks use, and the odd ones around them.
 pub fn conv_suite() {
     use BiasKind::*;
