@@ -2,7 +2,9 @@
 //!
 //! Times (medians over `iters` after `warmup` untimed runs) the EDM-preconditioned denoiser
 //! forward without gradients and a full teacher training step (`teacher_loss` forward, backward
-//! and a `candle_nn::AdamW` step over every parameter of a `VarMap`), counts the forward's FLOPs with
+//! and an AdamW step over every parameter, with the trainer's optimiser ([`crate::train::optim`])
+//! set up like the PyTorch peer's: lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01, no
+//! warm-up or clipping), counts the forward's FLOPs with
 //! [`graphs::flops::FlopCounter`] (a training step counts as 3x forward) and reads the process's
 //! peak RSS. When a Python with torch is found (`$DISTILL_TORCH_PYTHON`, else `.venv-bench/bin/python`
 //! as made by `scripts/setup-bench.sh`), the same run first checks that the PyTorch peer
@@ -10,13 +12,14 @@
 //! the candle model's weights, then times it with the same configuration, batch, threads, warm-up
 //! and iterations. Without torch the candle numbers are still reported.
 //!
-//! Threads: candle's CPU kernels size their work by `RAYON_NUM_THREADS` (read at every call) and
-//! run on the current rayon pool; [`run`] sets that variable for the process and runs all candle
-//! work inside a rayon pool of exactly `threads` threads, so it works whenever it is called.
+//! Threads: candle's matmuls size their work by `RAYON_NUM_THREADS` (read at every call) and the
+//! fast kernels run on the current rayon pool; [`run`] applies [`graphs::tune_threads`] (as the
+//! CLI does for training) and runs all candle work inside a rayon pool of exactly `threads`
+//! threads, so it works whenever it is called.
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use graphs::flops::{self, FlopCount};
 use graphs::{CandleBackend, Denoiser, EdmSchedule, ModelConfig, Parameterisation, UNetConfig};
 use rand::rngs::StdRng;
@@ -190,10 +193,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 
     // The allocator setting of training (as the CLI sets it): the train step is timed as trained.
     graphs::tune_allocator();
-    // candle sizes its kernels by RAYON_NUM_THREADS; run everything in a pool of that size.
-    if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(threads.to_string().as_str()) {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
+    // The thread settings of training; candle sizes its matmuls by RAYON_NUM_THREADS, and all
+    // of candle's work runs in a pool of exactly that size.
+    graphs::tune_threads(Some(threads));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -457,7 +459,7 @@ fn time_candle(
     let rss_forward = peak_rss_mb()?;
 
     let bt = CandleBackend::training(&dev);
-    let mut opt = candle_nn::AdamW::new(model.varmap.all_vars(), ParamsAdamW::default())?;
+    let mut opt = peer_adamw(&model.varmap)?;
     let step_ms = time_it(opts.warmup, opts.iters, || {
         let loss = graphs::losses::teacher_loss(
             &bt,
@@ -478,6 +480,29 @@ fn time_candle(
         rss_forward,
         peak_rss_mb()?,
     ))
+}
+
+/// The trainer's AdamW over every variable of `varmap`, configured like the PyTorch peer's
+/// `torch.optim.AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)`.
+pub fn peer_adamw(varmap: &VarMap) -> Result<crate::train::optim::AdamW> {
+    let vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let cfg = crate::train::optim::AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        warmup_steps: 0,
+        grad_clip: 0.0,
+        ..Default::default()
+    };
+    crate::train::optim::AdamW::new(vars, cfg)
 }
 
 /// A scratch directory removed on drop.

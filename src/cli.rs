@@ -900,9 +900,7 @@ pub struct ValidationFailed(pub String);
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     graphs::tune_allocator();
-    if let Some(t) = cli.threads {
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    graphs::tune_threads(cli.threads);
     let dev = device(&cli.device)?;
     match &cli.command {
         Command::Train(TrainCommand::Teacher(a)) => cmd_teacher(a, &dev, cli.quiet),

@@ -16,3 +16,8 @@ fn group_norm_matches_stock_values_and_gradients() {
 fn conv2d_residual_matches_stock() {
     checks::conv_residual_suite();
 }
+
+#[test]
+fn adamw_update_matches_tensor_ops() {
+    checks::adamw_suite();
+}

@@ -22,3 +22,9 @@ fn conv2d_residual_matches_stock() {
     force(Level::Avx2);
     checks::conv_residual_suite();
 }
+
+#[test]
+fn adamw_update_matches_tensor_ops() {
+    force(Level::Avx2);
+    checks::adamw_suite();
+}

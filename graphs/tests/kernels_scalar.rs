@@ -20,3 +20,9 @@ fn conv2d_residual_matches_stock() {
     graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
     checks::conv_residual_suite();
 }
+
+#[test]
+fn adamw_update_matches_tensor_ops() {
+    graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
+    checks::adamw_suite();
+}

@@ -1,6 +1,7 @@
 //! Fast CPU kernels behind candle's custom-op mechanism (forward and backward). The networks keep
 //! calling [`crate::Backend`]; only the candle lowering on CPU routes through these.
 
+pub mod adamw;
 mod conv;
 pub mod conv_op;
 mod conv_direct;

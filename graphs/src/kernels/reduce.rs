@@ -32,8 +32,49 @@ unsafe fn sum_imp<S: Simd>(x: &[f32]) -> f32 {
     S::hsum(S::add(S::add(a[0], a[1]), S::add(a[2], a[3])))
 }
 
+/// Sum of squares of `x`, accumulated in f64 every 1024 values (a global gradient norm over
+/// millions of values stays accurate).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    x.chunks(1024)
+        // SAFETY: reads only within each chunk.
+        .map(|c| unsafe { sumsq_d(level(), c) } as f64)
+        .sum()
+}
+
+dispatch!(unsafe fn sumsq_d(x: &[f32]) -> f32 => sumsq_imp);
+
+#[inline(always)]
+unsafe fn sumsq_imp<S: Simd>(x: &[f32]) -> f32 {
+    let (p, n) = (x.as_ptr(), x.len());
+    let mut a = [S::zero(); 2];
+    let mut i = 0;
+    while i + 2 * S::LANES <= n {
+        for (k, a) in a.iter_mut().enumerate() {
+            let v = S::load(p.add(i + k * S::LANES));
+            *a = S::fma(v, v, *a);
+        }
+        i += 2 * S::LANES;
+    }
+    while i < n {
+        let m = (n - i).min(S::LANES);
+        let v = S::load_part(p.add(i), m);
+        a[0] = S::fma(v, v, a[0]);
+        i += m;
+    }
+    S::hsum(S::add(a[0], a[1]))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sum_of_squares_matches_f64() {
+        for n in [0, 1, 15, 16, 17, 33, 1000, 5000] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
+            let want: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+            assert!((super::sum_squares(&x) - want).abs() <= 1e-6 * want.max(1.0), "n {n}");
+        }
+    }
+
     #[test]
     fn sum_matches_f64_sum() {
         for n in [0, 1, 7, 8, 9, 31, 32, 33, 100, 1000] {

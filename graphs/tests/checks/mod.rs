@@ -181,3 +181,31 @@ pub fn group_norm_suite() {
         group_norm(1, 6, 2, 3, 6, silu);
     }
 }
+
+/// The in-place AdamW update against the same formula in candle tensor ops.
+pub fn adamw(n: usize, t: u64, grad_scale: f64) {
+    use graphs::kernels::adamw::{update, AdamWStep};
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+    let g = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+    let m = Tensor::randn(0f32, 0.1, n, &dev).unwrap();
+    let v = Tensor::randn(0f32, 0.1, n, &dev).unwrap().sqr().unwrap();
+    let p = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, t, grad_scale };
+    let gs = (&g * grad_scale).unwrap();
+    let m2 = ((&m * p.beta1).unwrap() + (&gs * (1.0 - p.beta1)).unwrap()).unwrap();
+    let v2 = ((&v * p.beta2).unwrap() + (gs.sqr().unwrap() * (1.0 - p.beta2)).unwrap()).unwrap();
+    let (bc1, bc2) = (1.0 - p.beta1.powi(t as i32), 1.0 - p.beta2.powi(t as i32));
+    let upd = ((&m2 / bc1).unwrap() / ((&v2 / bc2).unwrap().sqrt().unwrap() + p.eps).unwrap()).unwrap();
+    let w2 = ((&w * (1.0 - p.lr * p.weight_decay)).unwrap() - (upd * p.lr).unwrap()).unwrap();
+    let (wc, mc, vc) = (w.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
+    update(&wc, &mc, &vc, &g, &p).unwrap();
+    assert_close(&format!("adamw m (n {n}, t {t})"), &mc, &m2, 1e-6);
+    assert_close(&format!("adamw v (n {n}, t {t})"), &vc, &v2, 1e-6);
+    assert_close(&format!("adamw w (n {n}, t {t})"), &wc, &w2, 1e-6);
+}
+
+pub fn adamw_suite() {
+    for (n, t, s) in [(1, 1, 1.0), (7, 3, 0.5), (33, 100, 1.0), (100_000, 2, 0.25)] {
+        adamw(n, t, s);
+    }
+}
