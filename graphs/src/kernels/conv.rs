@@ -201,6 +201,7 @@ pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, 
                             cols: g.wo,
                             dyt,
                             bw,
+                            cout: g.cout,
                             cpad,
                         };
                         // SAFETY: the padded image holds every tap of every output pixel;

@@ -46,6 +46,16 @@ pub fn block_width(level: Level) -> usize {
     2 * level.lanes()
 }
 
+/// Pixels per run for a pass with `channels` output channels: twice as many when one vector
+/// holds them all (the accumulators are per pixel and vector).
+pub fn run_pixels(level: Level, channels: usize) -> usize {
+    if channels <= level.lanes() {
+        2 * level.pix()
+    } else {
+        level.pix()
+    }
+}
+
 /// Weights as the engine reads them: `[co / bw][ci][tap][bw]`, zero-padded to whole blocks of
 /// `bw` ([`block_width`]) output channels. `get(co, ci, t)` reads the logical weight.
 pub fn pack(cout: usize, cin: usize, taps: usize, bw: usize, get: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
@@ -99,8 +109,37 @@ impl Pass<'_> {
 
 dispatch!(unsafe fn run_blocks(p: &Pass, out: *mut f32, os: usize, bias: *const f32, b_lo: usize, b_hi: usize) => run_imp);
 
-/// Calls `tile::<S, CV, P>` for the run length `n` (1..=12).
+/// Calls `tile::<S, CV, P>` for the run length `n`: up to 12 pixels with two channel vectors,
+/// up to 24 with one (the same 24 accumulators).
 macro_rules! by_len {
+    ($S:ty, 1, $n:expr, $($args:expr),*) => {
+        match $n {
+            1 => tile::<$S, 1, 1>($($args),*),
+            2 => tile::<$S, 1, 2>($($args),*),
+            3 => tile::<$S, 1, 3>($($args),*),
+            4 => tile::<$S, 1, 4>($($args),*),
+            5 => tile::<$S, 1, 5>($($args),*),
+            6 => tile::<$S, 1, 6>($($args),*),
+            7 => tile::<$S, 1, 7>($($args),*),
+            8 => tile::<$S, 1, 8>($($args),*),
+            9 => tile::<$S, 1, 9>($($args),*),
+            10 => tile::<$S, 1, 10>($($args),*),
+            11 => tile::<$S, 1, 11>($($args),*),
+            12 => tile::<$S, 1, 12>($($args),*),
+            13 => tile::<$S, 1, 13>($($args),*),
+            14 => tile::<$S, 1, 14>($($args),*),
+            15 => tile::<$S, 1, 15>($($args),*),
+            16 => tile::<$S, 1, 16>($($args),*),
+            17 => tile::<$S, 1, 17>($($args),*),
+            18 => tile::<$S, 1, 18>($($args),*),
+            19 => tile::<$S, 1, 19>($($args),*),
+            20 => tile::<$S, 1, 20>($($args),*),
+            21 => tile::<$S, 1, 21>($($args),*),
+            22 => tile::<$S, 1, 22>($($args),*),
+            23 => tile::<$S, 1, 23>($($args),*),
+            _ => tile::<$S, 1, 24>($($args),*),
+        }
+    };
     ($S:ty, $cv:literal, $n:expr, $($args:expr),*) => {
         match $n {
             1 => tile::<$S, $cv, 1>($($args),*),
@@ -129,7 +168,7 @@ unsafe fn run_imp<S: Simd>(p: &Pass, out: *mut f32, os: usize, bias: *const f32,
         let bias = if bias.is_null() { bias } else { bias.add(b * p.bw) };
         let out = out.add(b * p.bw);
         for r in p.runs {
-            debug_assert!(r.n >= 1 && r.n <= S::PIX);
+            debug_assert!(r.n >= 1 && r.n <= if cv1 { 2 * S::PIX } else { S::PIX });
             if cv1 {
                 by_len!(S, 1, r.n, p, w, bias, r, out, os);
             } else {

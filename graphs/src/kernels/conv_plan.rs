@@ -8,7 +8,7 @@
 //!   own rows of the pixel-major result.
 //! * Weight gradient: the padded input transposed to pixel-major `[pixel][channel]`.
 
-use super::conv_direct::{block_width, pack, runs, Run};
+use super::conv_direct::{block_width, pack, run_pixels, runs, Run};
 use super::simd::Level;
 
 /// A square-kernel conv2d on `[n, cin, h, w]` with `cout` filters, stride `s`, zero padding `p`.
@@ -102,7 +102,7 @@ impl FwdPlan {
                 cstride: hw,
                 taps: vec![0],
                 // The whole plane is one row: no short runs at row ends.
-                runs: runs(1, hw, 0, 0, 0, 1, level.pix()),
+                runs: runs(1, hw, 0, 0, 0, 1, run_pixels(level, g.cout)),
                 w,
             };
         }
@@ -121,7 +121,7 @@ impl FwdPlan {
             pw,
             cstride: s * ph * pw,
             taps,
-            runs: runs(g.ho, g.wo, s * pw, 0, g.wo, 1, level.pix()),
+            runs: runs(g.ho, g.wo, s * pw, 0, g.wo, 1, run_pixels(level, g.cout)),
             w,
         }
     }
@@ -239,7 +239,7 @@ impl GradPlan {
                 Phase {
                     taps,
                     w: wp,
-                    runs: runs(rows, cols, pw, py * g.w + px, g.s * g.w, g.s, level.pix()),
+                    runs: runs(rows, cols, pw, py * g.w + px, g.s * g.w, g.s, run_pixels(level, g.cin)),
                 }
             })
             .collect();

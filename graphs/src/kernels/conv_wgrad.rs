@@ -24,7 +24,8 @@ pub struct Reduce<'a> {
     /// Transposed output gradient `[block][rows * cols][bw]` (the last block zero-padded).
     pub dyt: &'a [f32],
     pub bw: usize,
-    /// Padded output channels (`blocks * bw`).
+    /// Output channels, and their padded count (`blocks * bw`).
+    pub cout: usize,
     pub cpad: usize,
 }
 
@@ -44,8 +45,37 @@ impl Reduce<'_> {
 
 dispatch!(unsafe fn reduce(r: &Reduce, acc: *mut f32, b_lo: usize, b_hi: usize) => reduce_imp);
 
-/// Calls `tile::<S, CV, J>` for `n` (1..=12) input channels.
+/// Calls `tile::<S, CV, J>` for `n` input channels: up to 12 with two output-channel vectors,
+/// up to 24 with one.
 macro_rules! by_width {
+    ($S:ty, 1, $n:expr, $($args:expr),*) => {
+        match $n {
+            1 => tile::<$S, 1, 1>($($args),*),
+            2 => tile::<$S, 1, 2>($($args),*),
+            3 => tile::<$S, 1, 3>($($args),*),
+            4 => tile::<$S, 1, 4>($($args),*),
+            5 => tile::<$S, 1, 5>($($args),*),
+            6 => tile::<$S, 1, 6>($($args),*),
+            7 => tile::<$S, 1, 7>($($args),*),
+            8 => tile::<$S, 1, 8>($($args),*),
+            9 => tile::<$S, 1, 9>($($args),*),
+            10 => tile::<$S, 1, 10>($($args),*),
+            11 => tile::<$S, 1, 11>($($args),*),
+            12 => tile::<$S, 1, 12>($($args),*),
+            13 => tile::<$S, 1, 13>($($args),*),
+            14 => tile::<$S, 1, 14>($($args),*),
+            15 => tile::<$S, 1, 15>($($args),*),
+            16 => tile::<$S, 1, 16>($($args),*),
+            17 => tile::<$S, 1, 17>($($args),*),
+            18 => tile::<$S, 1, 18>($($args),*),
+            19 => tile::<$S, 1, 19>($($args),*),
+            20 => tile::<$S, 1, 20>($($args),*),
+            21 => tile::<$S, 1, 21>($($args),*),
+            22 => tile::<$S, 1, 22>($($args),*),
+            23 => tile::<$S, 1, 23>($($args),*),
+            _ => tile::<$S, 1, 24>($($args),*),
+        }
+    };
     ($S:ty, $cv:literal, $n:expr, $($args:expr),*) => {
         match $n {
             1 => tile::<$S, $cv, 1>($($args),*),
@@ -66,14 +96,20 @@ macro_rules! by_width {
 
 #[inline(always)]
 unsafe fn reduce_imp<S: Simd>(r: &Reduce, acc: *mut f32, b_lo: usize, b_hi: usize) {
-    // A last block with one vector of real channels still accumulates two (its padding is
-    // zero): simpler, and only small layers (e.g. a 1-channel output conv) have such blocks.
     for b in b_lo..b_hi {
+        // A last block with at most one vector of real channels accumulates one vector (and twice
+        // the input channels per register block).
+        let cv1 = r.cout - b * r.bw <= S::LANES;
+        let width = if cv1 { 2 * S::PIX } else { S::PIX };
         for (t, &tap) in r.taps.iter().enumerate() {
             let mut ci = 0;
             while ci < r.cin {
-                let n = (r.cin - ci).min(S::PIX);
-                by_width!(S, 2, n, r, acc, b, t, tap, ci);
+                let n = (r.cin - ci).min(width);
+                if cv1 {
+                    by_width!(S, 1, n, r, acc, b, t, tap, ci);
+                } else {
+                    by_width!(S, 2, n, r, acc, b, t, tap, ci);
+                }
                 ci += n;
             }
         }
