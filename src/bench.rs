@@ -71,6 +71,10 @@ pub struct BenchOptions {
     pub json_out: Option<PathBuf>,
     /// Seed of the (synthetic) inputs and of the initial weights.
     pub seed: u64,
+    /// Also time the model's building blocks one by one (stock candle, fast kernels, PyTorch).
+    pub ops: bool,
+    /// Also time the whole forward and step on candle's stock ops (slow: the "before").
+    pub stock: bool,
 }
 
 impl Default for BenchOptions {
@@ -86,6 +90,8 @@ impl Default for BenchOptions {
             torch_python: None,
             json_out: None,
             seed: 0,
+            ops: false,
+            stock: false,
         }
     }
 }
@@ -162,6 +168,12 @@ pub struct BenchReport {
     pub torch: Option<TorchResult>,
     /// Why there is no PyTorch comparison, when there is none.
     pub torch_note: Option<String>,
+    /// The same forward and step on candle's stock ops (with [`BenchOptions::stock`]).
+    #[serde(default)]
+    pub candle_stock: Option<EngineResult>,
+    /// Per-op timings (with [`BenchOptions::ops`]).
+    #[serde(default)]
+    pub ops: Vec<crate::bench_ops::OpRow>,
 }
 
 /// Runs the benchmark (see the module docs) and writes `json_out` if asked.
@@ -212,7 +224,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             Err(_) => None,
         };
 
-        let candle = time_candle(&model, &mcfg, opts, dense)?;
+        let candle = time_candle(&model, &mcfg, opts, dense, false)?;
 
         let (torch, torch_note) = match (&python, parity) {
             (Ok(py), Some((diff, loss_rel))) => (
@@ -223,6 +235,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             ),
             (Err(why), _) => (None, Some(why.clone())),
             (Ok(_), None) => unreachable!("parity runs whenever python is found"),
+        };
+        let candle_stock = if opts.stock {
+            Some(time_candle(&model, &mcfg, opts, dense, true)?)
+        } else {
+            None
+        };
+        let ops = if opts.ops {
+            time_ops(python.as_ref().ok(), &mcfg, opts, threads, &work)?
+        } else {
+            Vec::new()
         };
         let report = BenchReport {
             config_name: opts.config_name.clone(),
@@ -236,6 +258,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             candle,
             torch,
             torch_note,
+            candle_stock,
+            ops,
         };
         if let Some(path) = &opts.json_out {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -370,7 +394,7 @@ impl Inputs {
     }
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
@@ -384,7 +408,7 @@ fn median(xs: &[f64]) -> f64 {
 }
 
 /// Runs `f` `warmup + iters` times and returns the last `iters` durations in milliseconds.
-fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+pub(crate) fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(iters);
     for i in 0..warmup + iters {
         let t0 = Instant::now();
@@ -435,16 +459,21 @@ fn engine_result(
     }
 }
 
+/// Times the forward and the step on the fast kernels, or (`stock`) on candle's own ops.
 fn time_candle(
     model: &CandleModel,
     cfg: &ModelConfig,
     opts: &BenchOptions,
     dense: f64,
+    stock: bool,
 ) -> Result<EngineResult> {
     let dev = Device::Cpu;
     let inp = Inputs::new(cfg, opts.batch, opts.seed)?;
     let x = inp.noisy()?;
-    let b = CandleBackend::new(&dev);
+    let (mut b, mut bt) = (CandleBackend::new(&dev), CandleBackend::training(&dev));
+    if stock {
+        (b, bt) = (b.stock(), bt.stock());
+    }
     let forward_ms = time_it(opts.warmup, opts.iters, || {
         let level = model.den.level_from_sigma(&b, &inp.sigma)?;
         let d = model.den.forward(&b, &x, &level, &inp.labels)?;
@@ -458,7 +487,6 @@ fn time_candle(
     })?;
     let rss_forward = peak_rss_mb()?;
 
-    let bt = CandleBackend::training(&dev);
     let mut opt = peer_adamw(&model.varmap)?;
     let step_ms = time_it(opts.warmup, opts.iters, || {
         let loss = graphs::losses::teacher_loss(
@@ -480,6 +508,50 @@ fn time_candle(
         rss_forward,
         peak_rss_mb()?,
     ))
+}
+
+/// The per-op rows: candle (stock and fast) here, then the same specs in the PyTorch peer.
+fn time_ops(
+    python: Option<&PathBuf>,
+    cfg: &ModelConfig,
+    opts: &BenchOptions,
+    threads: usize,
+    work: &Workdir,
+) -> Result<Vec<crate::bench_ops::OpRow>> {
+    use crate::bench_ops as ops;
+    let specs = ops::specs(&cfg.unet, opts.batch);
+    let (warmup, iters) = (opts.warmup.max(1), opts.iters);
+    let mut rows = Vec::new();
+    for s in &specs {
+        let (stock, ours) = ops::time_candle(s, cfg, warmup, iters)
+            .with_context(|| format!("timing {}", s.name))?;
+        rows.push((s.clone(), stock, ours));
+    }
+    let peer = match python {
+        Some(py) => {
+            let path = work.path("ops.json");
+            std::fs::write(&path, serde_json::to_string(&specs)?)?;
+            let args: Vec<String> = vec![
+                "--config".into(),
+                write_config(cfg, work)?,
+                "--ops".into(),
+                format!("@{}", path.display()),
+                "--threads".into(),
+                threads.to_string(),
+                "--warmup".into(),
+                warmup.to_string(),
+                "--iters".into(),
+                iters.to_string(),
+            ];
+            #[derive(Deserialize)]
+            struct Answer {
+                ops: Vec<ops::PeerOp>,
+            }
+            Some(run_peer::<Answer>(py, work, &args)?.ops)
+        }
+        None => None,
+    };
+    ops::join(rows, peer)
 }
 
 /// The trainer's AdamW over every variable of `varmap`, configured like the PyTorch peer's
@@ -877,6 +949,23 @@ impl fmt::Display for BenchReport {
         }
         if let Some(note) = &self.torch_note {
             writeln!(f, "{note}")?;
+        }
+        if let Some(s) = &self.candle_stock {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "candle stock ops: forward {:.1} ms, train step {:.1} ms (peak RSS {:.0} MiB); the fast kernels are {:.2}x / {:.2}x faster",
+                s.forward_median_ms,
+                s.step_median_ms,
+                s.peak_rss_mb,
+                s.forward_median_ms / c.forward_median_ms,
+                s.step_median_ms / c.step_median_ms
+            )?;
+        }
+        if !self.ops.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "per op, batch {} (vs stock: stock time / ours; vs torch: PyTorch time / ours; above 1 = ours faster):", self.batch)?;
+            write!(f, "{}", crate::bench_ops::table(&self.ops))?;
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! to ONNX / TensorRT and validate parity. The binary in `main.rs` is a thin CLI over this library.
 
 pub mod bench;
+pub mod bench_ops;
 pub mod checkpoint;
 pub mod cli;
 pub mod cli_distill;
