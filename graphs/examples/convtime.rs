@@ -72,9 +72,23 @@ fn main() {
         let fb = time(|| {
             (fwd(stock) * &g).unwrap().sum_all().unwrap().backward().unwrap();
         });
+        // One gradient at a time: input only (weights detached), weights only (input detached).
+        let (xd, wd) = (x.as_tensor().detach(), w.as_tensor().detach());
+        let one = |xx: &Tensor, ww: &Tensor| {
+            let y = if stock {
+                xx.conv2d(ww, p, s, 1, 1).unwrap()
+            } else {
+                graphs::kernels::conv2d(xx, ww, None, s, p).unwrap()
+            };
+            (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        };
+        let dx = time(|| one(x.as_tensor(), &wd)) - f;
+        let dw = time(|| one(&xd, w.as_tensor())) - f;
         println!(
-            "{c:>3}->{co:<3} {hw:>2}x{hw:<2} k{k} s{s}: fwd {f:7.1} ms ({:5.1} GFLOP/s)  fwd+bwd {fb:7.1} ms ({:5.1} GFLOP/s)",
+            "{c:>3}->{co:<3} {hw:>2}x{hw:<2} k{k} s{s}: fwd {f:6.1} ms ({:5.1} GFLOP/s) dx {dx:6.1} ms ({:5.1}) dw {dw:6.1} ms ({:5.1})  fwd+bwd {fb:6.1} ms ({:5.1} GFLOP/s)",
             gf / f * 1e3,
+            gf / dx * 1e3,
+            gf / dw * 1e3,
             3.0 * gf / fb * 1e3
         );
     }

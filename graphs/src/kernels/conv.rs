@@ -87,7 +87,7 @@ pub fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f3
             unsafe { pass.run(level, t.as_mut_ptr(), cpad, b, lo, hi) };
             let res = residual.map(|r| &r[img * out_img..(img + 1) * out_img]);
             // SAFETY: tasks write disjoint (image, channel) planes of the output.
-            unsafe { to_planes(t, pix, cpad, (lo * bw, (hi * bw).min(g.cout)), out.add(img * out_img), res) };
+            unsafe { to_planes(level, t, pix, cpad, (lo * bw, (hi * bw).min(g.cout)), out.add(img * out_img), res) };
         });
     };
     // SAFETY: every (image, channel) plane is written by exactly one task below.
@@ -148,7 +148,7 @@ pub fn grad_input(g: &Geom, dy: &[f32], w: &[f32], level: Level) -> Vec<f32> {
                             };
                             pass.run(level, t.as_mut_ptr(), cpad, None, lo, hi);
                         }
-                        to_planes(t, hw, cpad, (lo * bw, (hi * bw).min(g.cin)), dx.add(img * in_img), None);
+                        to_planes(level, t, hw, cpad, (lo * bw, (hi * bw).min(g.cin)), dx.add(img * in_img), None);
                     });
                 });
             });
@@ -188,9 +188,9 @@ pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, 
                 scratch::with(Slot::B, cpad * pix, |dyt| {
                     // SAFETY: (image, channel) pairs are disjoint across tasks.
                     let sums = unsafe { std::slice::from_raw_parts_mut(dbp.add(img * g.cout), g.cout) };
-                    conv_wgrad::transpose(dyi, g.cout, pix, bw, dyt, b_lo, b_hi, sums);
+                    conv_wgrad::transpose(level, dyi, g.cout, pix, bw, dyt, b_lo, b_hi, sums);
                     scratch::with(Slot::A, plan.image_len(g), |xt| {
-                        plan.prepare(g, xi, xt);
+                        plan.prepare(level, g, xi, xt);
                         let r = Reduce {
                             xt,
                             cin: g.cin,

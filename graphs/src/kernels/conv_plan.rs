@@ -9,7 +9,7 @@
 //! * Weight gradient: the padded input transposed to pixel-major `[pixel][channel]`.
 
 use super::conv_direct::{block_width, pack, run_pixels, runs, Run};
-use super::simd::Level;
+use super::simd::{dispatch, Level, Simd};
 
 /// A square-kernel conv2d on `[n, cin, h, w]` with `cout` filters, stride `s`, zero padding `p`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,21 +299,28 @@ impl WgradPlan {
     }
 
     /// Transposes and pads one input image `x` (`[cin][h][w]`) into `dst`.
-    pub fn prepare(&self, g: &Geom, x: &[f32], dst: &mut [f32]) {
+    pub fn prepare(&self, level: Level, g: &Geom, x: &[f32], dst: &mut [f32]) {
         let (c, p) = (g.cin, g.p);
         let row_len = self.pw * c;
+        assert!(x.len() >= g.in_image() && dst.len() >= self.ph * row_len);
         dst[..p * row_len].fill(0.0);
         dst[(p + g.h) * row_len..self.ph * row_len].fill(0.0);
         for iy in 0..g.h {
             let row = &mut dst[(p + iy) * row_len..(p + iy + 1) * row_len];
             row[..p * c].fill(0.0);
             row[(p + g.w) * c..].fill(0.0);
-            for ci in 0..c {
-                let src = &x[(ci * g.h + iy) * g.w..(ci * g.h + iy + 1) * g.w];
-                for (ix, v) in src.iter().enumerate() {
-                    row[(p + ix) * c + ci] = *v;
-                }
-            }
+            // SAFETY: reads pixel (iy, ix) of every channel plane (inside `x`, asserted), writes
+            // one pixel row of `cin` floats inside `row`.
+            unsafe { transpose_row(level, x.as_ptr().add(iy * g.w), g.h * g.w, g.w, c, row.as_mut_ptr().add(p * c)) };
         }
+    }
+}
+
+dispatch!(unsafe fn transpose_row(x: *const f32, plane: usize, w: usize, c: usize, dst: *mut f32) => transpose_row_imp);
+
+#[inline(always)]
+unsafe fn transpose_row_imp<S: Simd>(x: *const f32, plane: usize, w: usize, c: usize, dst: *mut f32) {
+    for ix in 0..w {
+        super::layout::gather_pixel::<S>(x.add(ix), plane, c, dst.add(ix * c));
     }
 }

@@ -154,6 +154,7 @@ unsafe fn tile<S: Simd, const CV: usize, const J: usize>(r: &Reduce, acc: *mut f
 /// `sums[co]`.
 #[allow(clippy::too_many_arguments)]
 pub fn transpose(
+    level: Level,
     dy: &[f32],
     cout: usize,
     pixels: usize,
@@ -163,28 +164,27 @@ pub fn transpose(
     b_hi: usize,
     sums: &mut [f32],
 ) {
-    debug_assert!(dy.len() >= cout * pixels && dyt.len() >= b_hi * pixels * bw);
+    assert!(dy.len() >= cout * pixels && dyt.len() >= b_hi * pixels * bw);
     for b in b_lo..b_hi {
-        let blk = &mut dyt[b * pixels * bw..(b + 1) * pixels * bw];
         let n = (cout - b * bw).min(bw);
-        // Pixel tiles keep the block's source lines in L1 while it is written.
-        const PT: usize = 32;
-        let mut p0 = 0;
-        while p0 < pixels {
-            let p1 = (p0 + PT).min(pixels);
-            for c in 0..n {
-                let row = &dy[(b * bw + c) * pixels..];
-                for p in p0..p1 {
-                    blk[p * bw + c] = row[p];
-                }
-            }
-            for p in p0..p1 {
-                blk[p * bw + n..(p + 1) * bw].fill(0.0);
-            }
-            p0 = p1;
-        }
+        // SAFETY: the gathers read channels b*bw..b*bw+n of `dy` (asserted above) and write
+        // this block of `dyt`.
+        unsafe { transpose_block(level, dy.as_ptr().add(b * bw * pixels), n, pixels, bw, dyt.as_mut_ptr().add(b * pixels * bw)) };
         for co in b * bw..b * bw + n {
             sums[co] = super::reduce::sum(&dy[co * pixels..(co + 1) * pixels]);
+        }
+    }
+}
+
+dispatch!(unsafe fn transpose_block(dy: *const f32, n: usize, pixels: usize, bw: usize, dst: *mut f32) => transpose_imp);
+
+#[inline(always)]
+unsafe fn transpose_imp<S: Simd>(dy: *const f32, n: usize, pixels: usize, bw: usize, dst: *mut f32) {
+    for p in 0..pixels {
+        let d = dst.add(p * bw);
+        super::layout::gather_pixel::<S>(dy.add(p), pixels, n, d);
+        for c in n..bw {
+            *d.add(c) = 0.0;
         }
     }
 }
