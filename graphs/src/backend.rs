@@ -120,6 +120,15 @@ pub trait Backend {
     fn matmul(&self, a: &Self::T, b: &Self::T) -> anyhow::Result<Self::T>;
     /// Softmax over the last axis.
     fn softmax_last(&self, x: &Self::T) -> anyhow::Result<Self::T>;
+    /// Scaled dot-product attention on `[N, C, L]` queries, keys and values:
+    /// `v @ softmax(scale * q^T @ k)^T` (softmax over the keys), `[N, C, L]`. One fused kernel
+    /// where the backend has one; the default is the composition of the ops above.
+    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, scale: f64) -> anyhow::Result<Self::T> {
+        let qt = self.permute(q, &[0, 2, 1])?; // [N, L, C]
+        let scores = self.affine(&self.matmul(&qt, k)?, scale, 0.0)?; // [N, L(q), L(k)]
+        let attn = self.softmax_last(&scores)?;
+        self.matmul(v, &self.permute(&attn, &[0, 2, 1])?) // [N, C, L(q)]
+    }
     /// ONNX Reshape semantics: `0` copies the input's dim, `-1` is inferred.
     fn reshape(&self, x: &Self::T, shape: &[i64]) -> anyhow::Result<Self::T>;
     fn permute(&self, x: &Self::T, perm: &[usize]) -> anyhow::Result<Self::T>;

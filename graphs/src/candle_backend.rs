@@ -248,6 +248,17 @@ impl Backend for CandleBackend {
         // candle_nn::ops::softmax_last_dim has no backward.
         Ok(candle_nn::ops::softmax(x, D::Minus1)?)
     }
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        if self.kernels {
+            if let Some(y) = crate::kernels::attention(q, k, v, scale)? {
+                return Ok(y);
+            }
+        }
+        let qt = self.permute(q, &[0, 2, 1])?;
+        let scores = self.affine(&self.matmul(&qt, k)?, scale, 0.0)?;
+        let attn = self.softmax_last(&scores)?;
+        self.matmul(v, &self.permute(&attn, &[0, 2, 1])?)
+    }
     fn reshape(&self, x: &Tensor, shape: &[i64]) -> Result<Tensor> {
         let dims = resolve_shape(x.dims(), shape)?;
         Ok(x.reshape(dims)?)
@@ -256,6 +267,11 @@ impl Backend for CandleBackend {
         Ok(x.permute(perm.to_vec())?.contiguous()?)
     }
     fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        if self.kernels {
+            if let Some(y) = crate::kernels::upsample_nearest2x(x)? {
+                return Ok(y);
+            }
+        }
         let (_, _, h, w) = x.dims4()?;
         Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
     }

@@ -21,3 +21,13 @@ fn conv2d_residual_matches_stock() {
 fn adamw_update_matches_tensor_ops() {
     checks::adamw_suite();
 }
+
+#[test]
+fn upsample_matches_stock() {
+    checks::upsample_suite();
+}
+
+#[test]
+fn attention_matches_stock() {
+    checks::attention_suite();
+}

@@ -28,3 +28,9 @@ fn adamw_update_matches_tensor_ops() {
     force(Level::Avx2);
     checks::adamw_suite();
 }
+
+#[test]
+fn attention_matches_stock() {
+    force(Level::Avx2);
+    checks::attention_suite();
+}

@@ -26,3 +26,9 @@ fn adamw_update_matches_tensor_ops() {
     graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
     checks::adamw_suite();
 }
+
+#[test]
+fn attention_matches_stock() {
+    graphs::kernels::simd::force(graphs::kernels::simd::Level::Scalar);
+    checks::attention_suite();
+}

@@ -2,6 +2,7 @@
 //! calling [`crate::Backend`]; only the candle lowering on CPU routes through these.
 
 pub mod adamw;
+pub mod attention;
 mod conv;
 pub mod conv_op;
 mod conv_direct;
@@ -13,6 +14,9 @@ mod reduce;
 pub mod scratch;
 pub mod simd;
 mod tensor_io;
+pub mod upsample;
 
+pub use attention::attention;
 pub use conv_op::{conv2d, conv2d_residual};
 pub use norm::group_norm;
+pub use upsample::upsample_nearest2x;

@@ -209,3 +209,37 @@ pub fn adamw_suite() {
         adamw(n, t, s);
     }
 }
+
+/// Nearest 2x upsampling vs candle's `upsample_nearest2d`, values and gradients.
+pub fn upsample_suite() {
+    for (n, c, h, w) in [(2, 3, 4, 4), (1, 5, 3, 7), (3, 2, 1, 1), (2, 64, 8, 8)] {
+        let x = randn(&[n, c, h, w], 1.0);
+        let ours = graphs::kernels::upsample_nearest2x(&x).unwrap().unwrap();
+        let stock = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+        assert_close("upsample forward", &ours, &stock, 0.0);
+        let g = Tensor::randn(0f32, 1.0, stock.dims(), &Device::Cpu).unwrap();
+        let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (stock * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close("upsample gradient", go.get(&x).unwrap(), gs.get(&x).unwrap(), 1e-6);
+    }
+}
+
+/// Fused attention core vs candle's transpose / matmul / softmax composition.
+pub fn attention_suite() {
+    for (n, c, l) in [(2, 8, 16), (3, 5, 7), (2, 64, 64), (1, 3, 1), (2, 128, 64)] {
+        let what = format!("attention {n}x{c}x{l}");
+        let (q, k, v) = (randn(&[n, c, l], 1.0), randn(&[n, c, l], 1.0), randn(&[n, c, l], 1.0));
+        let scale = 1.0 / (c as f64).sqrt();
+        let ours = graphs::kernels::attention(&q, &k, &v, scale).unwrap().unwrap();
+        let qt = q.transpose(1, 2).unwrap().contiguous().unwrap();
+        let attn = candle_nn::ops::softmax(&(qt.matmul(&k).unwrap() * scale).unwrap(), candle_core::D::Minus1).unwrap();
+        let stock = v.matmul(&attn.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+        assert_close(&format!("forward {what}"), &ours, &stock, 1e-5);
+        let g = Tensor::randn(0f32, 1.0, stock.dims(), &Device::Cpu).unwrap();
+        let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (stock * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+            assert_close(&format!("{name} gradient {what}"), go.get(t).unwrap(), gs.get(t).unwrap(), 2e-5);
+        }
+    }
+}
