@@ -408,7 +408,11 @@ pub(crate) fn median(xs: &[f64]) -> f64 {
 }
 
 /// Runs `f` `warmup + iters` times and returns the last `iters` durations in milliseconds.
-pub(crate) fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+pub(crate) fn time_it(
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(iters);
     for i in 0..warmup + iters {
         let t0 = Instant::now();

@@ -67,7 +67,13 @@ pub fn specs(cfg: &UNetConfig, batch: usize) -> Vec<OpSpec> {
     let cl = b * cfg.channel_mult[levels - 1];
     let c1 = b * cfg.channel_mult[1.min(levels - 1)];
     let rl = r >> (levels - 1);
-    let spec = |name: String, kind: OpKind, cin: usize, cout: usize, k: usize, stride: usize, hw: usize| OpSpec {
+    let spec = |name: String,
+                kind: OpKind,
+                cin: usize,
+                cout: usize,
+                k: usize,
+                stride: usize,
+                hw: usize| OpSpec {
         name,
         kind,
         batch,
@@ -80,17 +86,81 @@ pub fn specs(cfg: &UNetConfig, batch: usize) -> Vec<OpSpec> {
         emb_dim: cfg.emb_dim(),
     };
     let mut v = vec![
-        spec(format!("conv3x3 {c0}->{c0} @{r}"), OpKind::Conv, c0, c0, 3, 1, r),
-        spec(format!("conv3x3 {cl}->{cl} @{rl}"), OpKind::Conv, cl, cl, 3, 1, rl),
+        spec(
+            format!("conv3x3 {c0}->{c0} @{r}"),
+            OpKind::Conv,
+            c0,
+            c0,
+            3,
+            1,
+            r,
+        ),
+        spec(
+            format!("conv3x3 {cl}->{cl} @{rl}"),
+            OpKind::Conv,
+            cl,
+            cl,
+            3,
+            1,
+            rl,
+        ),
     ];
     if levels > 1 {
-        v.push(spec(format!("conv3x3/2 {c0}->{c0} @{r}"), OpKind::Conv, c0, c0, 3, 2, r));
-        v.push(spec(format!("conv1x1 {}->{c0} @{r}", c0 + c1), OpKind::Conv, c0 + c1, c0, 1, 1, r));
+        v.push(spec(
+            format!("conv3x3/2 {c0}->{c0} @{r}"),
+            OpKind::Conv,
+            c0,
+            c0,
+            3,
+            2,
+            r,
+        ));
+        v.push(spec(
+            format!("conv1x1 {}->{c0} @{r}", c0 + c1),
+            OpKind::Conv,
+            c0 + c1,
+            c0,
+            1,
+            1,
+            r,
+        ));
     }
-    v.push(spec(format!("groupnorm+silu {c0} @{r}"), OpKind::GnSilu, c0, c0, 0, 1, r));
-    v.push(spec(format!("resblock {c0} @{r}"), OpKind::Resblock, c0, c0, 3, 1, r));
-    v.push(spec(format!("attention {cl} @{rl}"), OpKind::Attention, cl, cl, 1, 1, rl));
-    v.push(spec("adamw step (all params)".into(), OpKind::Adamw, 0, 0, 0, 0, 0));
+    v.push(spec(
+        format!("groupnorm+silu {c0} @{r}"),
+        OpKind::GnSilu,
+        c0,
+        c0,
+        0,
+        1,
+        r,
+    ));
+    v.push(spec(
+        format!("resblock {c0} @{r}"),
+        OpKind::Resblock,
+        c0,
+        c0,
+        3,
+        1,
+        r,
+    ));
+    v.push(spec(
+        format!("attention {cl} @{rl}"),
+        OpKind::Attention,
+        cl,
+        cl,
+        1,
+        1,
+        rl,
+    ));
+    v.push(spec(
+        "adamw step (all params)".into(),
+        OpKind::Adamw,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ));
     v
 }
 
@@ -147,24 +217,51 @@ fn time_op(
 
 /// Times one spec on stock candle and on the fast kernels. `model` supplies the parameters
 /// (and a gradient for each) of the optimiser row.
-pub fn time_candle(spec: &OpSpec, model: &ModelConfig, warmup: usize, iters: usize) -> Result<(OpTimes, OpTimes)> {
+pub fn time_candle(
+    spec: &OpSpec,
+    model: &ModelConfig,
+    warmup: usize,
+    iters: usize,
+) -> Result<(OpTimes, OpTimes)> {
     let dev = Device::Cpu;
-    let (ours, stock) = (CandleBackend::training(&dev), CandleBackend::training(&dev).stock());
-    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (spec.batch, spec.cin, spec.hw, spec.hw), &dev)?)?;
+    let (ours, stock) = (
+        CandleBackend::training(&dev),
+        CandleBackend::training(&dev).stock(),
+    );
+    let x = Var::from_tensor(&Tensor::randn(
+        0f32,
+        1.0,
+        (spec.batch, spec.cin, spec.hw, spec.hw),
+        &dev,
+    )?)?;
     let both = |f: &dyn Fn(&CandleBackend, &Tensor, bool) -> Result<Tensor>| -> Result<(OpTimes, OpTimes)> {
         Ok((time_op(warmup, iters, &x, f, &stock)?, time_op(warmup, iters, &x, f, &ours)?))
     };
     match spec.kind {
         OpKind::Conv => {
-            let m = build(|vb| Conv2d::new(vb, spec.cin, spec.cout, spec.k, spec.stride, spec.k / 2))?;
-            both(&|b, x, grad| if grad { m.train.forward(b, x) } else { m.infer.forward(b, x) })
+            let m =
+                build(|vb| Conv2d::new(vb, spec.cin, spec.cout, spec.k, spec.stride, spec.k / 2))?;
+            both(&|b, x, grad| {
+                if grad {
+                    m.train.forward(b, x)
+                } else {
+                    m.infer.forward(b, x)
+                }
+            })
         }
         OpKind::GnSilu => {
             let m = build(|vb| GroupNorm::new(vb, spec.groups, spec.cin))?;
-            both(&|b, x, grad| if grad { m.train.forward_silu(b, x) } else { m.infer.forward_silu(b, x) })
+            both(&|b, x, grad| {
+                if grad {
+                    m.train.forward_silu(b, x)
+                } else {
+                    m.infer.forward_silu(b, x)
+                }
+            })
         }
         OpKind::Resblock => {
-            let m = build(|vb| ResBlock::new(vb, spec.cin, spec.cout, spec.emb_dim, spec.groups, 0.0))?;
+            let m =
+                build(|vb| ResBlock::new(vb, spec.cin, spec.cout, spec.emb_dim, spec.groups, 0.0))?;
             let emb = Tensor::randn(0f32, 1.0, (spec.batch, spec.emb_dim), &dev)?;
             both(&|b, x, grad| {
                 if grad {
@@ -234,16 +331,18 @@ pub struct PeerOp {
 }
 
 /// Joins candle's rows with the peer's (by name).
-pub fn join(rows: Vec<(OpSpec, OpTimes, OpTimes)>, peer: Option<Vec<PeerOp>>) -> Result<Vec<OpRow>> {
+pub fn join(
+    rows: Vec<(OpSpec, OpTimes, OpTimes)>,
+    peer: Option<Vec<PeerOp>>,
+) -> Result<Vec<OpRow>> {
     rows.into_iter()
         .map(|(spec, stock, ours)| {
             let torch = match &peer {
                 None => None,
                 Some(p) => {
-                    let r = p
-                        .iter()
-                        .find(|r| r.name == spec.name)
-                        .with_context(|| format!("the PyTorch peer did not time {:?}", spec.name))?;
+                    let r = p.iter().find(|r| r.name == spec.name).with_context(|| {
+                        format!("the PyTorch peer did not time {:?}", spec.name)
+                    })?;
                     Some(OpTimes {
                         fwd_ms: r.fwd_ms,
                         fwdbwd_ms: r.fwdbwd_ms,
@@ -279,12 +378,21 @@ pub fn table(rows: &[OpRow]) -> String {
         let t = row.torch.clone().unwrap_or_default();
         for (pass, st, ou, to) in [
             ("fwd", row.stock.fwd_ms, row.ours.fwd_ms, t.fwd_ms),
-            ("fwd+bwd", row.stock.fwdbwd_ms, row.ours.fwdbwd_ms, t.fwdbwd_ms),
+            (
+                "fwd+bwd",
+                row.stock.fwdbwd_ms,
+                row.ours.fwdbwd_ms,
+                t.fwdbwd_ms,
+            ),
         ] {
             if ou.is_none() {
                 continue;
             }
-            let pass = if row.spec.kind == OpKind::Adamw { "step" } else { pass };
+            let pass = if row.spec.kind == OpKind::Adamw {
+                "step"
+            } else {
+                pass
+            };
             let _ = writeln!(
                 s,
                 "{:<30} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8}",

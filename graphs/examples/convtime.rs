@@ -4,7 +4,10 @@ use candle_core::{Device, Tensor, Var};
 
 /// Process CPU time in ms (all threads): robust to other processes taking the cores.
 fn cpu_ms() -> f64 {
-    let mut t = libc_timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut t = libc_timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: plain syscall wrapper writing into `t`.
     unsafe { clock_gettime(2, &mut t) }; // CLOCK_PROCESS_CPUTIME_ID
     t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 * 1e-6
@@ -70,7 +73,12 @@ fn main() {
             fwd(stock);
         });
         let fb = time(|| {
-            (fwd(stock) * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (fwd(stock) * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
         });
         // One gradient at a time: input only (weights detached), weights only (input detached).
         let (xd, wd) = (x.as_tensor().detach(), w.as_tensor().detach());

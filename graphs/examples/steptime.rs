@@ -22,13 +22,18 @@ fn main() -> anyhow::Result<()> {
     let vm = VarMap::new();
     let den = Denoiser::new(
         VarBuilder::from_varmap(&vm, DType::F32, &dev),
-        &ModelConfig { unet: cfg.clone(), parameterisation: Parameterisation::edm() },
+        &ModelConfig {
+            unet: cfg.clone(),
+            parameterisation: Parameterisation::edm(),
+        },
     )?;
     let r = cfg.resolution;
     let x0 = Tensor::randn(0f32, 1.0, (n, 1, r, r), &dev)?;
     let noise = Tensor::randn(0f32, 1.0, (n, 1, r, r), &dev)?;
     let labels = Tensor::from_vec((0..n as u32).map(|i| i % 11).collect::<Vec<_>>(), n, &dev)?;
-    let sigma = Tensor::randn(0f32, 1.0, n, &dev)?.affine(1.2, -1.2)?.exp()?;
+    let sigma = Tensor::randn(0f32, 1.0, n, &dev)?
+        .affine(1.2, -1.2)?
+        .exp()?;
     let (mut b, mut bt) = (CandleBackend::new(&dev), CandleBackend::training(&dev));
     if stock {
         (b, bt) = (b.stock(), bt.stock());

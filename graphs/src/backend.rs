@@ -123,7 +123,13 @@ pub trait Backend {
     /// Scaled dot-product attention on `[N, C, L]` queries, keys and values:
     /// `v @ softmax(scale * q^T @ k)^T` (softmax over the keys), `[N, C, L]`. One fused kernel
     /// where the backend has one; the default is the composition of the ops above.
-    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T, scale: f64) -> anyhow::Result<Self::T> {
+    fn attention(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        scale: f64,
+    ) -> anyhow::Result<Self::T> {
         let qt = self.permute(q, &[0, 2, 1])?; // [N, L, C]
         let scores = self.affine(&self.matmul(&qt, k)?, scale, 0.0)?; // [N, L(q), L(k)]
         let attn = self.softmax_last(&scores)?;

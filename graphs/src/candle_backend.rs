@@ -61,7 +61,7 @@ pub fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             bail!("reshape: cannot reshape {dims:?} into {shape:?}");
         }
         out[i] = total / known;
@@ -127,7 +127,12 @@ impl Backend for CandleBackend {
         let (n, cout) = (x.dim(0)?, w.t.dim(0)?);
         let d = shift.dims();
         if !self.kernels
-            || d.len() != 4 || d[1] != cout || d[2] != 1 || d[3] != 1 || (d[0] != n && d[0] != 1) {
+            || d.len() != 4
+            || d[1] != cout
+            || d[2] != 1
+            || d[3] != 1
+            || (d[0] != n && d[0] != 1)
+        {
             let y = self.conv2d(x, w, b, stride, pad)?;
             return self.add(&y, &shift);
         }

@@ -217,14 +217,37 @@ fn fast_kernels_match_stock_candle_on_the_whole_unet() {
         let stock = CandleBackend::training(&Device::Cpu).stock();
         let lf = graphs::losses::teacher_loss(&fast, &den, &x0, &labels, &sigma, &noise).unwrap();
         let ls = graphs::losses::teacher_loss(&stock, &den, &x0, &labels, &sigma, &noise).unwrap();
-        let (a, b) = (lf.to_scalar::<f32>().unwrap(), ls.to_scalar::<f32>().unwrap());
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "{cfg:?}: loss {a} vs stock {b}");
+        let (a, b) = (
+            lf.to_scalar::<f32>().unwrap(),
+            ls.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "{cfg:?}: loss {a} vs stock {b}"
+        );
         let (gf, gs) = (lf.backward().unwrap(), ls.backward().unwrap());
         for (name, v) in vm.data().lock().unwrap().iter() {
             let (f, s) = (gf.get(v).unwrap(), gs.get(v).unwrap());
-            let scale = s.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
-            let d = (f - s).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(d <= 2e-4 * scale, "{name}: gradient differs by {d} (scale {scale})");
+            let scale = s
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1e-3);
+            let d = (f - s)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                d <= 2e-4 * scale,
+                "{name}: gradient differs by {d} (scale {scale})"
+            );
         }
     }
 }

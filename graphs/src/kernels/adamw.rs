@@ -56,7 +56,15 @@ struct Moment {
 dispatch!(unsafe fn moment(x: *mut f32, g: *const f32, n: usize, beta: f32, one_minus: f32, scale: f32, square: bool) => moment_imp);
 
 #[inline(always)]
-unsafe fn moment_imp<S: Simd>(x: *mut f32, g: *const f32, n: usize, beta: f32, one_minus: f32, scale: f32, square: bool) {
+unsafe fn moment_imp<S: Simd>(
+    x: *mut f32,
+    g: *const f32,
+    n: usize,
+    beta: f32,
+    one_minus: f32,
+    scale: f32,
+    square: bool,
+) {
     let (b, c, s) = (S::splat(beta), S::splat(one_minus), S::splat(scale));
     let mut i = 0;
     while i < n {
@@ -82,15 +90,36 @@ impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
         "adamw_moment"
     }
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
         let (x, g) = (slice_mut(dst, dst_l)?, slice(g, gl)?);
         if x.len() != g.len() {
-            candle_core::bail!("adamw: moment of {} values, gradient of {}", x.len(), g.len());
+            candle_core::bail!(
+                "adamw: moment of {} values, gradient of {}",
+                x.len(),
+                g.len()
+            );
         }
         let (lv, c) = (level(), chunk(x.len()));
         x.par_chunks_mut(c).zip(g.par_chunks(c)).for_each(|(x, g)| {
             // SAFETY: both chunks have the same length.
-            unsafe { moment(lv, x.as_mut_ptr(), g.as_ptr(), x.len(), self.beta, self.one_minus, self.scale, self.square) }
+            unsafe {
+                moment(
+                    lv,
+                    x.as_mut_ptr(),
+                    g.as_ptr(),
+                    x.len(),
+                    self.beta,
+                    self.one_minus,
+                    self.scale,
+                    self.square,
+                )
+            }
         });
         Ok(())
     }
@@ -109,7 +138,13 @@ dispatch!(unsafe fn weight(w: *mut f32, m: *const f32, v: *const f32, n: usize, 
 
 #[inline(always)]
 unsafe fn weight_imp<S: Simd>(w: *mut f32, m: *const f32, v: *const f32, n: usize, k: &Weight) {
-    let (d, lr, i1, i2, eps) = (S::splat(k.decay), S::splat(k.lr), S::splat(k.inv_bc1), S::splat(k.inv_bc2), S::splat(k.eps));
+    let (d, lr, i1, i2, eps) = (
+        S::splat(k.decay),
+        S::splat(k.lr),
+        S::splat(k.inv_bc1),
+        S::splat(k.inv_bc2),
+        S::splat(k.eps),
+    );
     let mut i = 0;
     while i < n {
         let c = (n - i).min(S::LANES);
@@ -117,7 +152,11 @@ unsafe fn weight_imp<S: Simd>(w: *mut f32, m: *const f32, v: *const f32, n: usiz
             (S::load(w.add(i)), S::load(m.add(i)), S::load(v.add(i)))
         } else {
             // Padding lanes: v = 0 gives upd = 0 / eps, discarded by the partial store.
-            (S::load_part(w.add(i), c), S::load_part(m.add(i), c), S::load_part(v.add(i), c))
+            (
+                S::load_part(w.add(i), c),
+                S::load_part(m.add(i), c),
+                S::load_part(v.add(i), c),
+            )
         };
         let upd = S::div(S::mul(mv, i1), S::add(S::sqrt(S::mul(vv, i2)), eps));
         let r = S::sub(S::mul(wv, d), S::mul(upd, lr));
@@ -134,16 +173,41 @@ impl InplaceOp3 for Weight {
     fn name(&self) -> &'static str {
         "adamw_weight"
     }
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, m: &CpuStorage, ml: &Layout, v: &CpuStorage, vl: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
         let (w, m, v) = (slice_mut(dst, dst_l)?, slice(m, ml)?, slice(v, vl)?);
         if w.len() != m.len() || w.len() != v.len() {
-            candle_core::bail!("adamw: weight, moments of {} / {} / {} values", w.len(), m.len(), v.len());
+            candle_core::bail!(
+                "adamw: weight, moments of {} / {} / {} values",
+                w.len(),
+                m.len(),
+                v.len()
+            );
         }
         let (lv, c) = (level(), chunk(w.len()));
-        let (mp, vp) = (SendPtr(m.as_ptr() as *mut f32), SendPtr(v.as_ptr() as *mut f32));
+        let (mp, vp) = (
+            SendPtr(m.as_ptr() as *mut f32),
+            SendPtr(v.as_ptr() as *mut f32),
+        );
         w.par_chunks_mut(c).enumerate().for_each(|(k, w)| {
             // SAFETY: chunk `k` of `m` and `v` has the same range as `w`'s; only read.
-            unsafe { weight(lv, w.as_mut_ptr(), mp.add(k * c), vp.add(k * c), w.len(), self) }
+            unsafe {
+                weight(
+                    lv,
+                    w.as_mut_ptr(),
+                    mp.add(k * c),
+                    vp.add(k * c),
+                    w.len(),
+                    self,
+                )
+            }
         });
         Ok(())
     }
@@ -164,8 +228,24 @@ pub fn update(w: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, p: &AdamWStep) -> 
     }
     let t = p.t.max(1) as i32;
     let scale = p.grad_scale as f32;
-    m.inplace_op2(g, &Moment { beta: p.beta1 as f32, one_minus: (1.0 - p.beta1) as f32, scale, square: false })?;
-    v.inplace_op2(g, &Moment { beta: p.beta2 as f32, one_minus: (1.0 - p.beta2) as f32, scale, square: true })?;
+    m.inplace_op2(
+        g,
+        &Moment {
+            beta: p.beta1 as f32,
+            one_minus: (1.0 - p.beta1) as f32,
+            scale,
+            square: false,
+        },
+    )?;
+    v.inplace_op2(
+        g,
+        &Moment {
+            beta: p.beta2 as f32,
+            one_minus: (1.0 - p.beta2) as f32,
+            scale,
+            square: true,
+        },
+    )?;
     w.inplace_op3(
         m,
         v,

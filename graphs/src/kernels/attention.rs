@@ -20,9 +20,37 @@ struct Attention {
 
 /// `dst (m x n) = beta * lhs (m x k) * rhs (k x n)` with explicit (row, column) strides.
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, (drs, dcs): (usize, usize), lhs: *const f32, (lrs, lcs): (usize, usize), rhs: *const f32, (rrs, rcs): (usize, usize), beta: f32) {
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    (drs, dcs): (usize, usize),
+    lhs: *const f32,
+    (lrs, lcs): (usize, usize),
+    rhs: *const f32,
+    (rrs, rcs): (usize, usize),
+    beta: f32,
+) {
     gemm::gemm(
-        m, n, k, dst, dcs as isize, drs as isize, false, lhs, lcs as isize, lrs as isize, rhs, rcs as isize, rrs as isize, 0.0, beta, false, false, false,
+        m,
+        n,
+        k,
+        dst,
+        dcs as isize,
+        drs as isize,
+        false,
+        lhs,
+        lcs as isize,
+        lrs as isize,
+        rhs,
+        rcs as isize,
+        rrs as isize,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
         Parallelism::None,
     )
 }
@@ -89,7 +117,15 @@ impl CustomOp3 for Attention {
         "attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, len) = dims(l1)?;
         if dims(l2)? != (n, c, len) || dims(l3)? != (n, c, len) {
             candle_core::bail!("attention: q, k, v shapes differ");
@@ -103,48 +139,133 @@ impl CustomOp3 for Attention {
             scratch::filled_by(n * img, |out| {
                 let out = SendPtr(out);
                 (0..n).into_par_iter().for_each(|i| {
-                    let (qi, ki, vi) = (q[i * img..].as_ptr(), k[i * img..].as_ptr(), v[i * img..].as_ptr());
+                    let (qi, ki, vi) = (
+                        q[i * img..].as_ptr(),
+                        k[i * img..].as_ptr(),
+                        v[i * img..].as_ptr(),
+                    );
                     let ai = ap.add(i * len * len);
                     // S = scale q^T k, A = softmax(S), out = v A^T.
-                    mm(len, len, c, ai, (len, 1), qi, (1, len), ki, (len, 1), self.scale);
+                    mm(
+                        len,
+                        len,
+                        c,
+                        ai,
+                        (len, 1),
+                        qi,
+                        (1, len),
+                        ki,
+                        (len, 1),
+                        self.scale,
+                    );
                     softmax_rows(lv, ai, len, len);
-                    mm(c, len, len, out.add(i * img), (len, 1), vi, (len, 1), ai, (1, len), 1.0);
+                    mm(
+                        c,
+                        len,
+                        len,
+                        out.add(i * img),
+                        (len, 1),
+                        vi,
+                        (len, 1),
+                        ai,
+                        (1, len),
+                        1.0,
+                    );
                 });
             })
         };
-        *self.weights.lock().map_err(|_| candle_core::Error::Msg("attention: lock poisoned".into()))? = Some(a);
+        *self
+            .weights
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: lock poisoned".into()))? = Some(a);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, len) = q.dims3()?;
-        let guard = self.weights.lock().map_err(|_| candle_core::Error::Msg("attention: lock poisoned".into()))?;
+        let guard = self
+            .weights
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: lock poisoned".into()))?;
         let Some(a) = guard.as_ref() else {
             candle_core::bail!("attention: backward before forward")
         };
         let (img, lv, scale) = (c * len, level(), self.scale);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n * img], vec![0f32; n * img], vec![0f32; n * img]);
-        let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; n * img],
+            vec![0f32; n * img],
+            vec![0f32; n * img],
+        );
+        let (dqp, dkp, dvp) = (
+            SendPtr(dq.as_mut_ptr()),
+            SendPtr(dk.as_mut_ptr()),
+            SendPtr(dv.as_mut_ptr()),
+        );
         with_f32(q, |qs| {
             with_f32(k, |ks| {
                 with_f32(v, |vs| {
                     with_f32(grad, |gs| {
                         (0..n).into_par_iter().for_each(|i| {
                             let o = i * img;
-                            let (qi, ki, vi, gi) = (qs[o..].as_ptr(), ks[o..].as_ptr(), vs[o..].as_ptr(), gs[o..].as_ptr());
+                            let (qi, ki, vi, gi) = (
+                                qs[o..].as_ptr(),
+                                ks[o..].as_ptr(),
+                                vs[o..].as_ptr(),
+                                gs[o..].as_ptr(),
+                            );
                             let ai = a[i * len * len..].as_ptr();
                             // SAFETY: per-image slices of the inputs, outputs and scratch.
                             unsafe {
                                 // dv = dout A
-                                mm(c, len, len, dvp.add(o), (len, 1), gi, (len, 1), ai, (len, 1), 1.0);
+                                mm(
+                                    c,
+                                    len,
+                                    len,
+                                    dvp.add(o),
+                                    (len, 1),
+                                    gi,
+                                    (len, 1),
+                                    ai,
+                                    (len, 1),
+                                    1.0,
+                                );
                                 scratch::with(scratch::Slot::C, len * len, |da| {
                                     let dap = da.as_mut_ptr();
                                     // dA = dout^T v
                                     mm(len, len, c, dap, (len, 1), gi, (1, len), vi, (len, 1), 1.0);
                                     softmax_adjoint(lv, dap, ai, len);
                                     // dq = scale k dS^T, dk = scale q dS
-                                    mm(c, len, len, dqp.add(o), (len, 1), ki, (len, 1), dap, (1, len), scale);
-                                    mm(c, len, len, dkp.add(o), (len, 1), qi, (len, 1), dap, (len, 1), scale);
+                                    mm(
+                                        c,
+                                        len,
+                                        len,
+                                        dqp.add(o),
+                                        (len, 1),
+                                        ki,
+                                        (len, 1),
+                                        dap,
+                                        (1, len),
+                                        scale,
+                                    );
+                                    mm(
+                                        c,
+                                        len,
+                                        len,
+                                        dkp.add(o),
+                                        (len, 1),
+                                        qi,
+                                        (len, 1),
+                                        dap,
+                                        (len, 1),
+                                        scale,
+                                    );
                                 });
                             }
                         });
@@ -154,8 +275,18 @@ impl CustomOp3 for Attention {
             })
         })?;
         let dev = q.device();
-        let t = |d: Vec<f32>, on: bool| if on { Tensor::from_vec(d, (n, c, len), dev).map(Some) } else { Ok(None) };
-        Ok((t(dq, q.track_op())?, t(dk, k.track_op())?, t(dv, v.track_op())?))
+        let t = |d: Vec<f32>, on: bool| {
+            if on {
+                Tensor::from_vec(d, (n, c, len), dev).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok((
+            t(dq, q.track_op())?,
+            t(dk, k.track_op())?,
+            t(dv, v.track_op())?,
+        ))
     }
 }
 
@@ -179,7 +310,10 @@ unsafe fn adjoint_imp<S: Simd>(da: *mut f32, a: *const f32, len: usize) {
         let dv = S::splat(dot);
         let mut i = 0;
         while i + S::LANES <= len {
-            S::store(d.add(i), S::mul(S::load(p.add(i)), S::sub(S::load(d.add(i)), dv)));
+            S::store(
+                d.add(i),
+                S::mul(S::load(p.add(i)), S::sub(S::load(d.add(i)), dv)),
+            );
             i += S::LANES;
         }
         for i in i..len {
@@ -191,12 +325,19 @@ unsafe fn adjoint_imp<S: Simd>(da: *mut f32, a: *const f32, len: usize) {
 /// `v softmax(scale q^T k)^T` for `[N, C, L]` inputs (softmax over the keys), with gradients to
 /// all three; `None` where the kernel does not apply (non-CPU or non-f32).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    if [q, k, v].iter().any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || t.rank() != 3) {
+    if [q, k, v]
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || t.rank() != 3)
+    {
         return Ok(None);
     }
     let op = Attention {
         scale: scale as f32,
         weights: Mutex::new(None),
     };
-    Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
+    Ok(Some(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        op,
+    )?))
 }

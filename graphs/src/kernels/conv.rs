@@ -31,7 +31,9 @@ impl Bias<'_> {
         let mut v = vec![0f32; n * cpad];
         match self {
             Bias::None => return None,
-            Bias::Channel(b) => v.chunks_mut(cpad).for_each(|d| d[..cout].copy_from_slice(b)),
+            Bias::Channel(b) => v
+                .chunks_mut(cpad)
+                .for_each(|d| d[..cout].copy_from_slice(b)),
             Bias::Image(b) => v
                 .chunks_mut(cpad)
                 .zip(b.chunks(cout))
@@ -56,11 +58,22 @@ fn parts_per_image(n: usize, blocks: usize) -> usize {
 fn task_range(task: usize, parts: usize, blocks: usize) -> (usize, usize, usize) {
     let per = blocks.div_ceil(parts);
     let (img, part) = (task / parts, task % parts);
-    (img, (part * per).min(blocks), ((part + 1) * per).min(blocks))
+    (
+        img,
+        (part * per).min(blocks),
+        ((part + 1) * per).min(blocks),
+    )
 }
 
 /// Forward: `[n, cout, ho, wo]`.
-pub fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f32]>, level: Level) -> Vec<f32> {
+pub fn forward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Bias,
+    residual: Option<&[f32]>,
+    level: Level,
+) -> Vec<f32> {
     let plan = FwdPlan::new(g, w, level);
     let (nb, cpad) = blocks(g.cout, level);
     let bw = block_width(level);
@@ -87,7 +100,17 @@ pub fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Bias, residual: Option<&[f3
             unsafe { pass.run(level, t.as_mut_ptr(), cpad, b, lo, hi) };
             let res = residual.map(|r| &r[img * out_img..(img + 1) * out_img]);
             // SAFETY: tasks write disjoint (image, channel) planes of the output.
-            unsafe { to_planes(level, t, pix, cpad, (lo * bw, (hi * bw).min(g.cout)), out.add(img * out_img), res) };
+            unsafe {
+                to_planes(
+                    level,
+                    t,
+                    pix,
+                    cpad,
+                    (lo * bw, (hi * bw).min(g.cout)),
+                    out.add(img * out_img),
+                    res,
+                )
+            };
         });
     };
     // SAFETY: every (image, channel) plane is written by exactly one task below.
@@ -148,7 +171,15 @@ pub fn grad_input(g: &Geom, dy: &[f32], w: &[f32], level: Level) -> Vec<f32> {
                             };
                             pass.run(level, t.as_mut_ptr(), cpad, None, lo, hi);
                         }
-                        to_planes(level, t, hw, cpad, (lo * bw, (hi * bw).min(g.cin)), dx.add(img * in_img), None);
+                        to_planes(
+                            level,
+                            t,
+                            hw,
+                            cpad,
+                            (lo * bw, (hi * bw).min(g.cin)),
+                            dx.add(img * in_img),
+                            None,
+                        );
                     });
                 });
             });
@@ -187,7 +218,8 @@ pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, 
                 let dyi = &dy[img * out_img..(img + 1) * out_img];
                 scratch::with(Slot::B, cpad * pix, |dyt| {
                     // SAFETY: (image, channel) pairs are disjoint across tasks.
-                    let sums = unsafe { std::slice::from_raw_parts_mut(dbp.add(img * g.cout), g.cout) };
+                    let sums =
+                        unsafe { std::slice::from_raw_parts_mut(dbp.add(img * g.cout), g.cout) };
                     conv_wgrad::transpose(level, dyi, g.cout, pix, bw, dyt, b_lo, b_hi, sums);
                     scratch::with(Slot::A, plan.image_len(g), |xt| {
                         plan.prepare(level, g, xi, xt);
@@ -229,4 +261,3 @@ pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, 
     }
     (dw, db)
 }
-

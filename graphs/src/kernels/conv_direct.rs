@@ -22,7 +22,15 @@ pub struct Run {
 /// Runs covering `rows` rows of `len` pixels, each row split into near-equal runs of at most
 /// `pix` pixels. Pixel `(r, i)` reads `r * src_row + i` and writes row
 /// `out_base + r * out_row + i * out_step`.
-pub fn runs(rows: usize, len: usize, src_row: usize, out_base: usize, out_row: usize, out_step: usize, pix: usize) -> Vec<Run> {
+pub fn runs(
+    rows: usize,
+    len: usize,
+    src_row: usize,
+    out_base: usize,
+    out_row: usize,
+    out_step: usize,
+    pix: usize,
+) -> Vec<Run> {
     let mut out = Vec::new();
     if len == 0 {
         return out;
@@ -58,7 +66,13 @@ pub fn run_pixels(level: Level, channels: usize) -> usize {
 
 /// Weights as the engine reads them: `[co / bw][ci][tap][bw]`, zero-padded to whole blocks of
 /// `bw` ([`block_width`]) output channels. `get(co, ci, t)` reads the logical weight.
-pub fn pack(cout: usize, cin: usize, taps: usize, bw: usize, get: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+pub fn pack(
+    cout: usize,
+    cin: usize,
+    taps: usize,
+    bw: usize,
+    get: impl Fn(usize, usize, usize) -> f32,
+) -> Vec<f32> {
     let blocks = cout.div_ceil(bw);
     let mut w = vec![0f32; blocks * cin * taps * bw];
     for co in 0..cout {
@@ -100,7 +114,15 @@ impl Pass<'_> {
     /// # Safety
     /// `level.lanes() * 2 == self.bw`; `out` must hold every output row the runs name; the
     /// source must cover every tap of every run; `bias` (if given) whole blocks.
-    pub unsafe fn run(&self, level: Level, out: *mut f32, out_stride: usize, bias: Option<&[f32]>, b_lo: usize, b_hi: usize) {
+    pub unsafe fn run(
+        &self,
+        level: Level,
+        out: *mut f32,
+        out_stride: usize,
+        bias: Option<&[f32]>,
+        b_lo: usize,
+        b_hi: usize,
+    ) {
         debug_assert_eq!(self.bw, block_width(level));
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
         run_blocks(level, self, out, out_stride, bias, b_lo, b_hi);
@@ -159,13 +181,24 @@ macro_rules! by_len {
 }
 
 #[inline(always)]
-unsafe fn run_imp<S: Simd>(p: &Pass, out: *mut f32, os: usize, bias: *const f32, b_lo: usize, b_hi: usize) {
+unsafe fn run_imp<S: Simd>(
+    p: &Pass,
+    out: *mut f32,
+    os: usize,
+    bias: *const f32,
+    b_lo: usize,
+    b_hi: usize,
+) {
     let wblock = p.cin * p.taps.len() * p.bw;
     for b in b_lo..b_hi {
         // One vector suffices for a last block with at most LANES real channels.
         let cv1 = p.cout - b * p.bw <= S::LANES;
         let w = p.w.as_ptr().add(b * wblock);
-        let bias = if bias.is_null() { bias } else { bias.add(b * p.bw) };
+        let bias = if bias.is_null() {
+            bias
+        } else {
+            bias.add(b * p.bw)
+        };
         let out = out.add(b * p.bw);
         for r in p.runs {
             debug_assert!(r.n >= 1 && r.n <= if cv1 { 2 * S::PIX } else { S::PIX });
@@ -180,7 +213,14 @@ unsafe fn run_imp<S: Simd>(p: &Pass, out: *mut f32, os: usize, bias: *const f32,
 
 /// `P` pixels x `CV` channel vectors, accumulated in registers over every input channel and tap.
 #[inline(always)]
-unsafe fn tile<S: Simd, const CV: usize, const P: usize>(p: &Pass, w: *const f32, bias: *const f32, r: &Run, out: *mut f32, os: usize) {
+unsafe fn tile<S: Simd, const CV: usize, const P: usize>(
+    p: &Pass,
+    w: *const f32,
+    bias: *const f32,
+    r: &Run,
+    out: *mut f32,
+    os: usize,
+) {
     let mut acc = [[S::zero(); CV]; P];
     if !bias.is_null() {
         for v in 0..CV {

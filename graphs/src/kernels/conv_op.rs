@@ -50,7 +50,10 @@ impl Conv2dOp {
             candle_core::bail!("fast conv2d: input {x:?} is not 4-D");
         };
         if c != cin {
-            candle_core::bail!("fast conv2d: input {x:?} does not fit weight {:?}", [cout, cin, k, k]);
+            candle_core::bail!(
+                "fast conv2d: input {x:?} does not fit weight {:?}",
+                [cout, cin, k, k]
+            );
         }
         Geom::new((n, c, h, w), cout, k, self.stride, self.pad).ok_or_else(|| {
             candle_core::Error::Msg(format!(
@@ -71,11 +74,21 @@ impl Conv2dOp {
         } else if v.len() == g.n * g.cout {
             Ok(Bias::Image(v))
         } else {
-            candle_core::bail!("fast conv2d: {} bias values for {} images x {} channels", v.len(), g.n, g.cout)
+            candle_core::bail!(
+                "fast conv2d: {} bias values for {} images x {} channels",
+                v.len(),
+                g.n,
+                g.cout
+            )
         }
     }
 
-    fn fwd(&self, x: (&CpuStorage, &Layout), a2: &[f32], a3: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        a2: &[f32],
+        a3: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = self.geom(x.1.dims())?;
         let xs = slice(x.0, x.1)?;
         let (w, bias, res) = match (self.args, a3) {
@@ -97,7 +110,13 @@ impl Conv2dOp {
 
     /// Input gradient (if `x` tracks gradients), weight gradient and per-image bias gradient
     /// `[n, cout]` (if `want_wb`).
-    fn grads(&self, x: &Tensor, w: &[f32], grad: &Tensor, want_wb: bool) -> Result<(Option<Tensor>, Option<(Vec<f32>, Vec<f32>)>)> {
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &[f32],
+        grad: &Tensor,
+        want_wb: bool,
+    ) -> Result<(Option<Tensor>, Option<WeightGrads>)> {
         let g = self.geom(x.dims())?;
         let level = simd::level();
         let grad = grad.contiguous()?;
@@ -108,13 +127,18 @@ impl Conv2dOp {
             None
         };
         let wb = if want_wb {
-            Some(with_f32(x, |xs| with_f32(&grad, |dy| Ok(conv::grad_weight(&g, xs, dy, level))))?)
+            Some(with_f32(x, |xs| {
+                with_f32(&grad, |dy| Ok(conv::grad_weight(&g, xs, dy, level)))
+            })?)
         } else {
             None
         };
         Ok((dx, wb))
     }
 }
+
+/// Weight gradient and per-image bias gradient `[n, cout]`.
+type WeightGrads = (Vec<f32>, Vec<f32>);
 
 /// Sums a per-image bias gradient `[n, cout]` over images.
 fn sum_images(db: &[f32], cout: usize) -> Vec<f32> {
@@ -131,12 +155,26 @@ impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "conv2d"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.fwd((s1, l1), slice(s2, l2)?, None)
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, wb) = with_f32(w, |ws| self.grads(x, ws, grad, w.track_op()))?;
-        let dw = wb.map(|(dw, _)| Tensor::from_vec(dw, w.shape(), w.device())).transpose()?;
+        let dw = wb
+            .map(|(dw, _)| Tensor::from_vec(dw, w.shape(), w.device()))
+            .transpose()?;
         Ok((dx, dw))
     }
 }
@@ -172,10 +210,19 @@ impl CustomOp3 for Conv2dOp {
         let want = a2.track_op() || (self.args == Args::WB && a3.track_op());
         let (dx, wb) = with_f32(a2, |v| self.grads(x, &v[..self.wlen()], grad, want))?;
         // The residual's gradient is the output's.
-        let dres = || if a3.track_op() { Some(grad.clone()) } else { None };
+        let dres = || {
+            if a3.track_op() {
+                Some(grad.clone())
+            } else {
+                None
+            }
+        };
         Ok(match (self.args, wb) {
             (Args::WB, Some((dw, db))) => {
-                let dw = a2.track_op().then(|| Tensor::from_vec(dw, a2.shape(), dev)).transpose()?;
+                let dw = a2
+                    .track_op()
+                    .then(|| Tensor::from_vec(dw, a2.shape(), dev))
+                    .transpose()?;
                 let db = if !a3.track_op() {
                     None
                 } else if a3.rank() == 1 {
@@ -200,11 +247,19 @@ impl CustomOp3 for Conv2dOp {
 }
 
 fn fast(ts: &[Option<&Tensor>]) -> bool {
-    ts.iter().flatten().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    ts.iter()
+        .flatten()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// Candle's own conv2d with the bias (`[cout]` or `[n, cout]`) broadcast-added.
-fn stock(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+fn stock(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     let y = x.conv2d(w, pad, stride, 1, 1)?;
     match bias {
         None => Ok(y),
@@ -230,7 +285,13 @@ fn op(w: &Tensor, stride: usize, pad: usize, args: Args) -> Result<Conv2dOp> {
 /// plus `bias` `[cout]` or, per image, `[n, cout]` (e.g. a conv bias plus an embedding).
 /// Gradients flow to all three. Runs the fast kernels for f32 on the CPU and candle's own conv
 /// elsewhere.
-pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     if !fast(&[Some(x), Some(w), bias]) {
         return stock(x, w, bias, stride, pad);
     }
@@ -243,14 +304,30 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
 
 /// `residual + conv2d(x, w, bias)` (shapes as in [`conv2d`]; `residual` like the output), the
 /// add fused into the kernel.
-pub fn conv2d_residual(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+pub fn conv2d_residual(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     if !fast(&[Some(x), Some(w), bias, Some(residual)]) {
         return residual + stock(x, w, bias, stride, pad)?;
     }
     let (cout, _, k, _) = w.dims4()?;
     let g = Geom::new(x.dims4()?, cout, k, stride, pad);
-    if g.map(|g| [g.n, g.cout, g.ho, g.wo]).as_ref().map(|d| &d[..]) != Some(residual.dims()) {
-        candle_core::bail!("conv2d_residual: residual {:?} does not fit the conv of {:?} with {:?}", residual.dims(), x.dims(), w.dims());
+    if g.map(|g| [g.n, g.cout, g.ho, g.wo])
+        .as_ref()
+        .map(|d| &d[..])
+        != Some(residual.dims())
+    {
+        candle_core::bail!(
+            "conv2d_residual: residual {:?} does not fit the conv of {:?} with {:?}",
+            residual.dims(),
+            x.dims(),
+            w.dims()
+        );
     }
     let (x, r) = (x.contiguous()?, residual.contiguous()?);
     match bias {
@@ -259,7 +336,14 @@ pub fn conv2d_residual(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: 
             x.apply_op3(&w, &r, op(&w, stride, pad, Args::WR)?)
         }
         Some(b) => {
-            let o = op(w, stride, pad, Args::PackedR { per_image: b.rank() == 2 })?;
+            let o = op(
+                w,
+                stride,
+                pad,
+                Args::PackedR {
+                    per_image: b.rank() == 2,
+                },
+            )?;
             let packed = Tensor::cat(&[&w.flatten_all()?, &b.flatten_all()?], 0)?;
             x.apply_op3(&packed, &r, o)
         }

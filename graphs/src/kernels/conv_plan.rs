@@ -239,7 +239,15 @@ impl GradPlan {
                 Phase {
                     taps,
                     w: wp,
-                    runs: runs(rows, cols, pw, py * g.w + px, g.s * g.w, g.s, run_pixels(level, g.cin)),
+                    runs: runs(
+                        rows,
+                        cols,
+                        pw,
+                        py * g.w + px,
+                        g.s * g.w,
+                        g.s,
+                        run_pixels(level, g.cin),
+                    ),
                 }
             })
             .collect();
@@ -311,7 +319,16 @@ impl WgradPlan {
             row[(p + g.w) * c..].fill(0.0);
             // SAFETY: reads pixel (iy, ix) of every channel plane (inside `x`, asserted), writes
             // one pixel row of `cin` floats inside `row`.
-            unsafe { transpose_row(level, x.as_ptr().add(iy * g.w), g.h * g.w, g.w, c, row.as_mut_ptr().add(p * c)) };
+            unsafe {
+                transpose_row(
+                    level,
+                    x.as_ptr().add(iy * g.w),
+                    g.h * g.w,
+                    g.w,
+                    c,
+                    row.as_mut_ptr().add(p * c),
+                )
+            };
         }
     }
 }
@@ -319,7 +336,13 @@ impl WgradPlan {
 dispatch!(unsafe fn transpose_row(x: *const f32, plane: usize, w: usize, c: usize, dst: *mut f32) => transpose_row_imp);
 
 #[inline(always)]
-unsafe fn transpose_row_imp<S: Simd>(x: *const f32, plane: usize, w: usize, c: usize, dst: *mut f32) {
+unsafe fn transpose_row_imp<S: Simd>(
+    x: *const f32,
+    plane: usize,
+    w: usize,
+    c: usize,
+    dst: *mut f32,
+) {
     for ix in 0..w {
         super::layout::gather_pixel::<S>(x.add(ix), plane, c, dst.add(ix * c));
     }

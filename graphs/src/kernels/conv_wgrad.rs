@@ -119,7 +119,14 @@ unsafe fn reduce_imp<S: Simd>(r: &Reduce, acc: *mut f32, b_lo: usize, b_hi: usiz
 /// Tap `t`, input channels `ci0..ci0 + J`, 2 vectors of output channels of block `b`, over every
 /// output pixel.
 #[inline(always)]
-unsafe fn tile<S: Simd, const CV: usize, const J: usize>(r: &Reduce, acc: *mut f32, b: usize, t: usize, tap: usize, ci0: usize) {
+unsafe fn tile<S: Simd, const CV: usize, const J: usize>(
+    r: &Reduce,
+    acc: *mut f32,
+    b: usize,
+    t: usize,
+    tap: usize,
+    ci0: usize,
+) {
     let mut a = [[S::zero(); CV]; J];
     let px = r.s * r.cin;
     let mut d = r.dyt.as_ptr().add(b * r.rows * r.cols * r.bw);
@@ -169,7 +176,16 @@ pub fn transpose(
         let n = (cout - b * bw).min(bw);
         // SAFETY: the gathers read channels b*bw..b*bw+n of `dy` (asserted above) and write
         // this block of `dyt`.
-        unsafe { transpose_block(level, dy.as_ptr().add(b * bw * pixels), n, pixels, bw, dyt.as_mut_ptr().add(b * pixels * bw)) };
+        unsafe {
+            transpose_block(
+                level,
+                dy.as_ptr().add(b * bw * pixels),
+                n,
+                pixels,
+                bw,
+                dyt.as_mut_ptr().add(b * pixels * bw),
+            )
+        };
         for co in b * bw..b * bw + n {
             sums[co] = super::reduce::sum(&dy[co * pixels..(co + 1) * pixels]);
         }
@@ -179,7 +195,13 @@ pub fn transpose(
 dispatch!(unsafe fn transpose_block(dy: *const f32, n: usize, pixels: usize, bw: usize, dst: *mut f32) => transpose_imp);
 
 #[inline(always)]
-unsafe fn transpose_imp<S: Simd>(dy: *const f32, n: usize, pixels: usize, bw: usize, dst: *mut f32) {
+unsafe fn transpose_imp<S: Simd>(
+    dy: *const f32,
+    n: usize,
+    pixels: usize,
+    bw: usize,
+    dst: *mut f32,
+) {
     for p in 0..pixels {
         let d = dst.add(p * bw);
         super::layout::gather_pixel::<S>(dy.add(p), pixels, n, d);

@@ -11,7 +11,15 @@ const PT: usize = 32;
 ///
 /// # Safety
 /// `dst` (an image's channel-0 plane) must be valid for writes to planes `c_lo..c_hi`.
-pub unsafe fn to_planes(level: Level, src: &[f32], pixels: usize, stride: usize, (c_lo, c_hi): (usize, usize), dst: *mut f32, res: Option<&[f32]>) {
+pub unsafe fn to_planes(
+    level: Level,
+    src: &[f32],
+    pixels: usize,
+    stride: usize,
+    (c_lo, c_hi): (usize, usize),
+    dst: *mut f32,
+    res: Option<&[f32]>,
+) {
     debug_assert!(c_hi <= stride && src.len() >= (pixels.max(1) - 1) * stride + c_hi);
     debug_assert!(res.is_none_or(|r| r.len() >= c_hi * pixels));
     let res = res.map_or(std::ptr::null(), |r| r.as_ptr());
@@ -21,13 +29,25 @@ pub unsafe fn to_planes(level: Level, src: &[f32], pixels: usize, stride: usize,
 dispatch!(unsafe fn to_planes_d(src: *const f32, pixels: usize, stride: usize, c_lo: usize, c_hi: usize, dst: *mut f32, res: *const f32) => to_planes_imp);
 
 #[inline(always)]
-unsafe fn to_planes_imp<S: Simd>(src: *const f32, pixels: usize, stride: usize, c_lo: usize, c_hi: usize, dst: *mut f32, res: *const f32) {
+unsafe fn to_planes_imp<S: Simd>(
+    src: *const f32,
+    pixels: usize,
+    stride: usize,
+    c_lo: usize,
+    c_hi: usize,
+    dst: *mut f32,
+    res: *const f32,
+) {
     let mut p0 = 0;
     while p0 < pixels {
         let p1 = (p0 + PT).min(pixels);
         for c in c_lo..c_hi {
             let (s, d) = (src.add(c), dst.add(c * pixels));
-            let r = if res.is_null() { res } else { res.add(c * pixels) };
+            let r = if res.is_null() {
+                res
+            } else {
+                res.add(c * pixels)
+            };
             let mut p = p0;
             while p + S::LANES <= p1 {
                 let mut v = S::gather(s.add(p * stride), stride);
@@ -53,7 +73,12 @@ unsafe fn to_planes_imp<S: Simd>(src: *const f32, pixels: usize, stride: usize, 
 /// `src` must be readable at every `c * src_plane` for `c < channels`, `dst` writable for
 /// `channels` floats.
 #[inline(always)]
-pub unsafe fn gather_pixel<S: Simd>(src: *const f32, src_plane: usize, channels: usize, dst: *mut f32) {
+pub unsafe fn gather_pixel<S: Simd>(
+    src: *const f32,
+    src_plane: usize,
+    channels: usize,
+    dst: *mut f32,
+) {
     let mut c = 0;
     while c + S::LANES <= channels {
         S::store(dst.add(c), S::gather(src.add(c * src_plane), src_plane));

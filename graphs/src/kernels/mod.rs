@@ -4,8 +4,8 @@
 pub mod adamw;
 pub mod attention;
 mod conv;
-pub mod conv_op;
 mod conv_direct;
+pub mod conv_op;
 mod conv_plan;
 mod conv_wgrad;
 mod layout;

@@ -75,7 +75,15 @@ dispatch!(unsafe fn fwd_group(x: &[f32], y: *mut f32, hw: usize, gamma: &[f32], 
 
 /// One (image, group): `x` holds `gamma.len()` channels of `hw` values.
 #[inline(always)]
-unsafe fn fwd_imp<S: Simd>(x: &[f32], y: *mut f32, hw: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
+unsafe fn fwd_imp<S: Simd>(
+    x: &[f32],
+    y: *mut f32,
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    silu: bool,
+) {
     let (mean, rstd) = stats::<S>(x, eps);
     for (ci, (&g, &b)) in gamma.iter().zip(beta).enumerate() {
         let a = g * rstd;
@@ -84,7 +92,11 @@ unsafe fn fwd_imp<S: Simd>(x: &[f32], y: *mut f32, hw: usize, gamma: &[f32], bet
         let mut i = 0;
         while i < hw {
             let m = (hw - i).min(S::LANES);
-            let v = if m == S::LANES { S::load(xp.add(i)) } else { S::load_part(xp.add(i), m) };
+            let v = if m == S::LANES {
+                S::load(xp.add(i))
+            } else {
+                S::load_part(xp.add(i), m)
+            };
             let mut z = S::fma(v, av, bv);
             if silu {
                 z = S::mul(z, S::sigmoid(z));
@@ -104,6 +116,7 @@ dispatch!(unsafe fn bwd_group(x: &[f32], dy: &[f32], dx: *mut f32, dz: *mut f32,
 /// One (image, group) of the backward. `dz` is scratch for `x.len()` floats; `sums_out` gets,
 /// per channel, the sum of dz (beta's gradient) then the sum of dz * xhat (gamma's).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn bwd_imp<S: Simd>(
     x: &[f32],
     dy: &[f32],
@@ -128,9 +141,15 @@ unsafe fn bwd_imp<S: Simd>(
         while i < hw {
             let m = (hw - i).min(S::LANES);
             let (xv, dv) = if m == S::LANES {
-                (S::load(x.as_ptr().add(o + i)), S::load(dy.as_ptr().add(o + i)))
+                (
+                    S::load(x.as_ptr().add(o + i)),
+                    S::load(dy.as_ptr().add(o + i)),
+                )
             } else {
-                (S::load_part(x.as_ptr().add(o + i), m), S::load_part(dy.as_ptr().add(o + i), m))
+                (
+                    S::load_part(x.as_ptr().add(o + i), m),
+                    S::load_part(dy.as_ptr().add(o + i), m),
+                )
             };
             let xhat = S::mul(S::sub(xv, mv), rv);
             let d = if silu {
@@ -161,7 +180,11 @@ unsafe fn bwd_imp<S: Simd>(
         let mut i = 0;
         while i < hw {
             let m = (hw - i).min(S::LANES);
-            let xv = if m == S::LANES { S::load(x.as_ptr().add(o + i)) } else { S::load_part(x.as_ptr().add(o + i), m) };
+            let xv = if m == S::LANES {
+                S::load(x.as_ptr().add(o + i))
+            } else {
+                S::load_part(x.as_ptr().add(o + i), m)
+            };
             let xhat = S::mul(S::sub(xv, mv), rv);
             let d = S::load(dz.add(o + i));
             let r = S::mul(rv, S::sub(S::sub(S::mul(d, gv), av), S::mul(xhat, bv)));
@@ -177,7 +200,7 @@ unsafe fn bwd_imp<S: Simd>(
 
 impl GroupNormOp {
     fn dims(&self, d: &[usize]) -> Result<(usize, usize, usize)> {
-        if d.len() != 4 || self.groups == 0 || d[1] % self.groups != 0 {
+        if d.len() != 4 || self.groups == 0 || !d[1].is_multiple_of(self.groups) {
             candle_core::bail!(
                 "fused group_norm: input {d:?} is not [N, C, H, W] with C divisible by {}",
                 self.groups
@@ -223,7 +246,16 @@ impl CustomOp3 for GroupNormOp {
                 (0..x.len() / (cg * hw)).into_par_iter().for_each(|ng| {
                     let c0 = (ng % self.groups) * cg;
                     let xg = &x[ng * cg * hw..(ng + 1) * cg * hw];
-                    fwd_group(level, xg, y.add(ng * cg * hw), hw, &gamma[c0..c0 + cg], &beta[c0..c0 + cg], self.eps, self.silu);
+                    fwd_group(
+                        level,
+                        xg,
+                        y.add(ng * cg * hw),
+                        hw,
+                        &gamma[c0..c0 + cg],
+                        &beta[c0..c0 + cg],
+                        self.eps,
+                        self.silu,
+                    );
                 });
             })
         };
@@ -256,7 +288,8 @@ impl CustomOp3 for GroupNormOp {
                                 (0..n_groups).into_par_iter().for_each(|ng| {
                                     let c0 = (ng % self.groups) * cg;
                                     let r = ng * cg * hw..(ng + 1) * cg * hw;
-                                    let sums = std::slice::from_raw_parts_mut(pp.add(ng * 2 * cg), 2 * cg);
+                                    let sums =
+                                        std::slice::from_raw_parts_mut(pp.add(ng * 2 * cg), 2 * cg);
                                     scratch::with(Slot::C, cg * hw + 16, |dz| {
                                         bwd_group(
                                             level,
@@ -289,11 +322,21 @@ impl CustomOp3 for GroupNormOp {
             }
         }
         let dev = x.device();
-        let to = |v: Vec<f64>| Tensor::from_vec(v.into_iter().map(|f| f as f32).collect::<Vec<_>>(), c, dev);
+        let to = |v: Vec<f64>| {
+            Tensor::from_vec(v.into_iter().map(|f| f as f32).collect::<Vec<_>>(), c, dev)
+        };
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            if gamma.track_op() { Some(to(dgamma)?) } else { None },
-            if beta.track_op() { Some(to(dbeta)?) } else { None },
+            if gamma.track_op() {
+                Some(to(dgamma)?)
+            } else {
+                None
+            },
+            if beta.track_op() {
+                Some(to(dbeta)?)
+            } else {
+                None
+            },
         ))
     }
 }

@@ -71,7 +71,10 @@ mod tests {
         for n in [0, 1, 15, 16, 17, 33, 1000, 5000] {
             let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
             let want: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
-            assert!((super::sum_squares(&x) - want).abs() <= 1e-6 * want.max(1.0), "n {n}");
+            assert!(
+                (super::sum_squares(&x) - want).abs() <= 1e-6 * want.max(1.0),
+                "n {n}"
+            );
         }
     }
 

@@ -6,10 +6,10 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Lanes of the portable and AVX2 vectors.
-pub const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// One vector type and its operations. Pointers must be valid for the lanes they touch.
-pub trait Simd: Copy {
+pub(crate) trait Simd: Copy {
     type V: Copy;
     /// f32 lanes per vector.
     const LANES: usize;
@@ -73,7 +73,7 @@ pub trait Simd: Copy {
 
 /// Portable fallback: plain arrays (SSE2 after auto-vectorisation).
 #[derive(Clone, Copy, Debug)]
-pub struct Scalar;
+pub(crate) struct Scalar;
 
 macro_rules! lanewise {
     ($a:expr, $b:expr, $f:expr) => {{
@@ -185,7 +185,7 @@ impl Simd for Scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use avx2::Avx2;
+pub(crate) use avx2::Avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -194,7 +194,7 @@ mod avx2 {
 
     /// AVX2 + FMA. Only used from functions compiled with those features after a run-time check.
     #[derive(Clone, Copy, Debug)]
-    pub struct Avx2;
+    pub(crate) struct Avx2;
 
     #[inline(always)]
     unsafe fn mask(n: usize) -> __m256i {
@@ -295,7 +295,7 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use avx512::Avx512;
+pub(crate) use avx512::Avx512;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -304,7 +304,7 @@ mod avx512 {
 
     /// AVX-512F, 16 lanes. Only used from functions compiled with it after a run-time check.
     #[derive(Clone, Copy, Debug)]
-    pub struct Avx512;
+    pub(crate) struct Avx512;
 
     #[inline(always)]
     fn mask(n: usize) -> __mmask16 {
@@ -536,7 +536,10 @@ mod tests {
                 let x = i as f32 * 0.01;
                 let want = x.exp();
                 let got = unsafe { exp_at(lv, x) };
-                assert!((got - want).abs() <= 3e-7 * want, "{lv:?}: exp({x}) = {got}, libm {want}");
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "{lv:?}: exp({x}) = {got}, libm {want}"
+                );
             }
         }
     }

@@ -20,7 +20,9 @@ impl CustomOp1 for Upsample2x {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(v), Some((a, b)), &[n, c, h, w]) = (s, l.contiguous_offsets(), l.dims()) else {
+        let (CpuStorage::F32(v), Some((a, b)), &[n, c, h, w]) =
+            (s, l.contiguous_offsets(), l.dims())
+        else {
             candle_core::bail!("upsample_nearest2x: contiguous f32 [N, C, H, W] input only")
         };
         let x = &v[a..b];
@@ -61,9 +63,13 @@ impl CustomOp1 for Upsample2x {
                             let src = &g[pc * 4 * plane..(pc + 1) * 4 * plane];
                             let dst = dx.add(pc * plane);
                             for r in 0..h {
-                                let (r0, r1) = (&src[2 * r * 2 * w..][..2 * w], &src[(2 * r + 1) * 2 * w..][..2 * w]);
+                                let (r0, r1) = (
+                                    &src[2 * r * 2 * w..][..2 * w],
+                                    &src[(2 * r + 1) * 2 * w..][..2 * w],
+                                );
                                 for i in 0..w {
-                                    *dst.add(r * w + i) = (r0[2 * i] + r0[2 * i + 1]) + (r1[2 * i] + r1[2 * i + 1]);
+                                    *dst.add(r * w + i) =
+                                        (r0[2 * i] + r0[2 * i + 1]) + (r1[2 * i] + r1[2 * i + 1]);
                                 }
                             }
                         }

@@ -43,7 +43,14 @@ impl Conv2d {
         x: &B::T,
         shift: impl FnOnce(&B) -> anyhow::Result<B::T>,
     ) -> anyhow::Result<B::T> {
-        b.conv2d_shifted(x, &self.weight, Some(&self.bias), self.stride, self.pad, shift)
+        b.conv2d_shifted(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.pad,
+            shift,
+        )
     }
 
     /// `residual(b) + forward(x)` (see [`Backend::conv2d_residual`]).
@@ -53,6 +60,13 @@ impl Conv2d {
         x: &B::T,
         residual: impl FnOnce(&B) -> anyhow::Result<B::T>,
     ) -> anyhow::Result<B::T> {
-        b.conv2d_residual(x, &self.weight, Some(&self.bias), self.stride, self.pad, residual)
+        b.conv2d_residual(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.pad,
+            residual,
+        )
     }
 }

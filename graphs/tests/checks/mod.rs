@@ -42,7 +42,17 @@ pub enum BiasKind {
 
 /// conv2d `[n, c, h, w]` * `[cout, c, k, k]` (+ bias) vs candle's conv2d + broadcast add.
 #[allow(clippy::too_many_arguments)]
-pub fn conv(n: usize, c: usize, h: usize, w: usize, cout: usize, k: usize, stride: usize, pad: usize, bias: BiasKind) {
+pub fn conv(
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    bias: BiasKind,
+) {
     let what = format!("{n}x{c}x{h}x{w} -> {cout}, k{k} s{stride} p{pad}, bias {bias:?}");
     let x = randn(&[n, c, h, w], 1.0);
     let wt = randn(&[cout, c, k, k], 0.3);
@@ -54,7 +64,11 @@ pub fn conv(n: usize, c: usize, h: usize, w: usize, cout: usize, k: usize, strid
     let ours = graphs::kernels::conv2d(&x, &wt, b.as_deref(), stride, pad).unwrap();
     let mut stock = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
     if let Some(b) = &b {
-        let shape = if bias == BiasKind::Channel { (1, cout, 1, 1) } else { (n, cout, 1, 1) };
+        let shape = if bias == BiasKind::Channel {
+            (1, cout, 1, 1)
+        } else {
+            (n, cout, 1, 1)
+        };
         stock = stock.broadcast_add(&b.reshape(shape).unwrap()).unwrap();
     }
     assert_close(&format!("forward {what}"), &ours, &stock, 1e-5);
@@ -74,7 +88,17 @@ pub fn conv(n: usize, c: usize, h: usize, w: usize, cout: usize, k: usize, strid
 
 /// `residual + conv2d(x) (+ bias)` fused vs candle's conv2d and adds.
 #[allow(clippy::too_many_arguments)]
-pub fn conv_residual(n: usize, c: usize, h: usize, w: usize, cout: usize, k: usize, stride: usize, pad: usize, bias: BiasKind) {
+pub fn conv_residual(
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    bias: BiasKind,
+) {
     let what = format!("residual {n}x{c}x{h}x{w} -> {cout}, k{k} s{stride} p{pad}, bias {bias:?}");
     let x = randn(&[n, c, h, w], 1.0);
     let wt = randn(&[cout, c, k, k], 0.3);
@@ -83,12 +107,19 @@ pub fn conv_residual(n: usize, c: usize, h: usize, w: usize, cout: usize, k: usi
         BiasKind::Channel => Some(randn(&[cout], 1.0)),
         BiasKind::Image => Some(randn(&[n, cout], 1.0)),
     };
-    let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+    let (ho, wo) = (
+        (h + 2 * pad - k) / stride + 1,
+        (w + 2 * pad - k) / stride + 1,
+    );
     let r = randn(&[n, cout, ho, wo], 1.0);
     let ours = graphs::kernels::conv2d_residual(&x, &wt, b.as_deref(), &r, stride, pad).unwrap();
     let mut stock = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
     if let Some(b) = &b {
-        let shape = if bias == BiasKind::Channel { (1, cout, 1, 1) } else { (n, cout, 1, 1) };
+        let shape = if bias == BiasKind::Channel {
+            (1, cout, 1, 1)
+        } else {
+            (n, cout, 1, 1)
+        };
         stock = stock.broadcast_add(&b.reshape(shape).unwrap()).unwrap();
     }
     let stock = (r.as_tensor() + stock).unwrap();
@@ -147,7 +178,10 @@ pub fn conv_suite() {
 /// Fused GroupNorm(+SiLU) vs the stock composition.
 pub fn group_norm(n: usize, c: usize, h: usize, w: usize, groups: usize, silu: bool) {
     let what = format!("{n}x{c}x{h}x{w}, {groups} groups, silu {silu}");
-    let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (n, c, h, w), &Device::Cpu).unwrap() + 0.5).unwrap()).unwrap();
+    let x = Var::from_tensor(
+        &(Tensor::randn(0f32, 2.0, (n, c, h, w), &Device::Cpu).unwrap() + 0.5).unwrap(),
+    )
+    .unwrap();
     let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.3, c, &Device::Cpu).unwrap()).unwrap();
     let beta = randn(&[c], 0.3);
     let ours = graphs::kernels::group_norm(&x, groups, 1e-5, &gamma, &beta, silu)
@@ -158,7 +192,11 @@ pub fn group_norm(n: usize, c: usize, h: usize, w: usize, groups: usize, silu: b
         t: v.as_tensor().clone(),
     };
     let stock = stock_group_norm(&x, groups, 1e-5, &p("g", &gamma), &p("b", &beta)).unwrap();
-    let stock = if silu { candle_nn::ops::silu(&stock).unwrap() } else { stock };
+    let stock = if silu {
+        candle_nn::ops::silu(&stock).unwrap()
+    } else {
+        stock
+    };
     assert_close(&format!("forward {what}"), &ours, &stock, 1e-5);
     let g = Tensor::randn(0f32, 1.0, stock.dims(), &Device::Cpu).unwrap();
     let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -190,12 +228,21 @@ pub fn adamw(n: usize, t: u64, grad_scale: f64) {
     let g = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
     let m = Tensor::randn(0f32, 0.1, n, &dev).unwrap();
     let v = Tensor::randn(0f32, 0.1, n, &dev).unwrap().sqr().unwrap();
-    let p = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, t, grad_scale };
+    let p = AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        t,
+        grad_scale,
+    };
     let gs = (&g * grad_scale).unwrap();
     let m2 = ((&m * p.beta1).unwrap() + (&gs * (1.0 - p.beta1)).unwrap()).unwrap();
     let v2 = ((&v * p.beta2).unwrap() + (gs.sqr().unwrap() * (1.0 - p.beta2)).unwrap()).unwrap();
     let (bc1, bc2) = (1.0 - p.beta1.powi(t as i32), 1.0 - p.beta2.powi(t as i32));
-    let upd = ((&m2 / bc1).unwrap() / ((&v2 / bc2).unwrap().sqrt().unwrap() + p.eps).unwrap()).unwrap();
+    let upd =
+        ((&m2 / bc1).unwrap() / ((&v2 / bc2).unwrap().sqrt().unwrap() + p.eps).unwrap()).unwrap();
     let w2 = ((&w * (1.0 - p.lr * p.weight_decay)).unwrap() - (upd * p.lr).unwrap()).unwrap();
     let (wc, mc, vc) = (w.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
     update(&wc, &mc, &vc, &g, &p).unwrap();
@@ -220,7 +267,12 @@ pub fn upsample_suite() {
         let g = Tensor::randn(0f32, 1.0, stock.dims(), &Device::Cpu).unwrap();
         let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (stock * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_close("upsample gradient", go.get(&x).unwrap(), gs.get(&x).unwrap(), 1e-6);
+        assert_close(
+            "upsample gradient",
+            go.get(&x).unwrap(),
+            gs.get(&x).unwrap(),
+            1e-6,
+        );
     }
 }
 
@@ -228,18 +280,35 @@ pub fn upsample_suite() {
 pub fn attention_suite() {
     for (n, c, l) in [(2, 8, 16), (3, 5, 7), (2, 64, 64), (1, 3, 1), (2, 128, 64)] {
         let what = format!("attention {n}x{c}x{l}");
-        let (q, k, v) = (randn(&[n, c, l], 1.0), randn(&[n, c, l], 1.0), randn(&[n, c, l], 1.0));
+        let (q, k, v) = (
+            randn(&[n, c, l], 1.0),
+            randn(&[n, c, l], 1.0),
+            randn(&[n, c, l], 1.0),
+        );
         let scale = 1.0 / (c as f64).sqrt();
-        let ours = graphs::kernels::attention(&q, &k, &v, scale).unwrap().unwrap();
+        let ours = graphs::kernels::attention(&q, &k, &v, scale)
+            .unwrap()
+            .unwrap();
         let qt = q.transpose(1, 2).unwrap().contiguous().unwrap();
-        let attn = candle_nn::ops::softmax(&(qt.matmul(&k).unwrap() * scale).unwrap(), candle_core::D::Minus1).unwrap();
-        let stock = v.matmul(&attn.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+        let attn = candle_nn::ops::softmax(
+            &(qt.matmul(&k).unwrap() * scale).unwrap(),
+            candle_core::D::Minus1,
+        )
+        .unwrap();
+        let stock = v
+            .matmul(&attn.transpose(1, 2).unwrap().contiguous().unwrap())
+            .unwrap();
         assert_close(&format!("forward {what}"), &ours, &stock, 1e-5);
         let g = Tensor::randn(0f32, 1.0, stock.dims(), &Device::Cpu).unwrap();
         let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (stock * &g).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
-            assert_close(&format!("{name} gradient {what}"), go.get(t).unwrap(), gs.get(t).unwrap(), 2e-5);
+            assert_close(
+                &format!("{name} gradient {what}"),
+                go.get(t).unwrap(),
+                gs.get(t).unwrap(),
+                2e-5,
+            );
         }
     }
 }
