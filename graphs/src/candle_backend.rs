@@ -14,12 +14,19 @@ pub struct CandleBackend {
     pub kernels: bool,
 }
 
+/// Whether new backends use the fast kernels: yes unless `DISTILL_KERNELS=stock` (an escape
+/// hatch to rerun anything on candle's own ops, e.g. to rule out a kernel).
+fn kernels_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DISTILL_KERNELS").map_or(true, |v| v != "stock"))
+}
+
 impl CandleBackend {
     pub fn new(device: &Device) -> Self {
         Self {
             device: device.clone(),
             train: false,
-            kernels: true,
+            kernels: kernels_default(),
         }
     }
     pub fn training(device: &Device) -> Self {
