@@ -5,7 +5,7 @@ The architecture mirrors graphs/src/unet.rs, graphs/src/nn/*.rs and graphs/src/d
 for module, with the same parameter names as distill's safetensors keys (so `load_state_dict`
 with strict=True takes a candle checkpoint as is).
 
-Two modes (both print one JSON object on stdout; progress goes to stderr):
+Three modes (each prints one JSON object on stdout; progress goes to stderr):
 
   time:   torch_unet.py --config CFG --batch 64 --threads 2 --warmup 3 --iters 10
           times the denoiser forward (EDM preconditioning, torch.no_grad) and a full teacher
@@ -15,6 +15,11 @@ Two modes (both print one JSON object on stdout; progress goes to stderr):
                         --out OUT.safetensors
           loads the weights (strict), reads x0/noise/sigma/labels from IN, writes
           `denoised` = D(x0 + sigma * noise, sigma, labels) and the teacher `loss` to OUT.
+
+  ops:    torch_unet.py --config CFG --ops @SPECS.json --threads 2 --warmup 3 --iters 10
+          times each building block of SPECS (distill's bench_ops::OpSpec list: conv, GroupNorm+SiLU,
+          res block, attention at given shapes) forward under no_grad and forward + backward of
+          sum(y * g), and one AdamW step over the model's parameters; medians in ms.
 
 CFG is distill's ModelConfig as JSON ({"unet": {...}, "parameterisation": {"kind": "edm", ...}}),
 inline or as @path. Only the EDM parameterisation is implemented here.
@@ -345,6 +350,70 @@ def run_time(args, cfg):
     print(json.dumps(out))
 
 
+def median_of(fn, warmup, iters):
+    """Median wall time of `fn` in ms over `iters` runs after `warmup`."""
+    ts = []
+    for it in range(warmup + iters):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if it >= warmup:
+            ts.append(dt)
+    return median_ms(ts)
+
+
+def run_ops(args, cfg):
+    text = open(args.ops[1:]).read() if args.ops.startswith("@") else args.ops
+    specs = json.loads(text)
+    torch.manual_seed(args.seed)
+    w, n_it = args.warmup, args.iters
+    out = []
+    for s in specs:
+        kind, name = s["kind"], s["name"]
+        log(f"torch: op {name}")
+        if kind == "adamw":
+            model = EdmDenoiser(cfg)
+            params = list(model.parameters())
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+            out.append({"name": name, "fwd_ms": None, "fwdbwd_ms": median_of(opt.step, w, n_it)})
+            continue
+        n, cin, hw = s["batch"], s["cin"], s["hw"]
+        if kind == "conv":
+            m = nn.Conv2d(cin, s["cout"], s["k"], stride=s["stride"], padding=s["k"] // 2)
+            f = m
+        elif kind == "gn_silu":
+            m = nn.GroupNorm(s["groups"], cin, eps=1e-5)
+            f = lambda x: F.silu(m(x))
+        elif kind == "resblock":
+            m = ResBlock(cin, s["cout"], s["emb_dim"], s["groups"], 0.0)
+            emb = torch.randn(n, s["emb_dim"])
+            f = lambda x: m(x, emb)
+        elif kind == "attention":
+            m = SelfAttention(cin, s["groups"])
+            f = m
+        else:
+            raise SystemExit(f"unknown op kind {kind!r}")
+        x = torch.randn(n, cin, hw, hw)
+        with torch.no_grad():
+            g = torch.randn_like(f(x))
+
+        def fwd():
+            with torch.no_grad():
+                f(x)
+
+        xg = x.clone().requires_grad_(True)
+
+        def fwd_bwd():
+            m.zero_grad(set_to_none=True)
+            xg.grad = None
+            (f(xg) * g).sum().backward()
+
+        out.append({"name": name, "fwd_ms": median_of(fwd, w, n_it), "fwdbwd_ms": median_of(fwd_bwd, w, n_it)})
+    print(json.dumps({"mode": "ops", "torch_version": torch.__version__, "threads": torch.get_num_threads(), "ops": out}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="distill ModelConfig JSON, or @file")
@@ -356,11 +425,16 @@ def main():
     ap.add_argument("--check", metavar="WEIGHTS", help="safetensors weights to load (check mode)")
     ap.add_argument("--input", help="check mode: safetensors with x0, noise, sigma, labels")
     ap.add_argument("--out", help="check mode: where to write denoised and loss")
+    ap.add_argument("--ops", metavar="SPECS", help="ops mode: distill's op specs as JSON, or @file")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    if args.check:
+    if args.ops:
+        if args.iters < 1 or args.warmup < 0:
+            ap.error("--iters must be positive, --warmup non-negative")
+        run_ops(args, cfg)
+    elif args.check:
         if not (args.input and args.out):
             ap.error("--check needs --input and --out")
         run_check(args, cfg)

@@ -2,7 +2,9 @@
 //!
 //! Times (medians over `iters` after `warmup` untimed runs) the EDM-preconditioned denoiser
 //! forward without gradients and a full teacher training step (`teacher_loss` forward, backward
-//! and a `candle_nn::AdamW` step over every parameter of a `VarMap`), counts the forward's FLOPs with
+//! and an AdamW step over every parameter, with the trainer's optimiser ([`crate::train::optim`])
+//! set up like the PyTorch peer's: lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01, no
+//! warm-up or clipping), counts the forward's FLOPs with
 //! [`graphs::flops::FlopCounter`] (a training step counts as 3x forward) and reads the process's
 //! peak RSS. When a Python with torch is found (`$DISTILL_TORCH_PYTHON`, else `.venv-bench/bin/python`
 //! as made by `scripts/setup-bench.sh`), the same run first checks that the PyTorch peer
@@ -10,13 +12,14 @@
 //! the candle model's weights, then times it with the same configuration, batch, threads, warm-up
 //! and iterations. Without torch the candle numbers are still reported.
 //!
-//! Threads: candle's CPU kernels size their work by `RAYON_NUM_THREADS` (read at every call) and
-//! run on the current rayon pool; [`run`] sets that variable for the process and runs all candle
-//! work inside a rayon pool of exactly `threads` threads, so it works whenever it is called.
+//! Threads: candle's matmuls size their work by `RAYON_NUM_THREADS` (read at every call) and the
+//! fast kernels run on the current rayon pool; [`run`] applies [`graphs::tune_threads`] (as the
+//! CLI does for training) and runs all candle work inside a rayon pool of exactly `threads`
+//! threads, so it works whenever it is called.
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use graphs::flops::{self, FlopCount};
 use graphs::{CandleBackend, Denoiser, EdmSchedule, ModelConfig, Parameterisation, UNetConfig};
 use rand::rngs::StdRng;
@@ -68,6 +71,10 @@ pub struct BenchOptions {
     pub json_out: Option<PathBuf>,
     /// Seed of the (synthetic) inputs and of the initial weights.
     pub seed: u64,
+    /// Also time the model's building blocks one by one (stock candle, fast kernels, PyTorch).
+    pub ops: bool,
+    /// Also time the whole forward and step on candle's stock ops (slow: the "before").
+    pub stock: bool,
 }
 
 impl Default for BenchOptions {
@@ -83,6 +90,8 @@ impl Default for BenchOptions {
             torch_python: None,
             json_out: None,
             seed: 0,
+            ops: false,
+            stock: false,
         }
     }
 }
@@ -159,6 +168,12 @@ pub struct BenchReport {
     pub torch: Option<TorchResult>,
     /// Why there is no PyTorch comparison, when there is none.
     pub torch_note: Option<String>,
+    /// The same forward and step on candle's stock ops (with [`BenchOptions::stock`]).
+    #[serde(default)]
+    pub candle_stock: Option<EngineResult>,
+    /// Per-op timings (with [`BenchOptions::ops`]).
+    #[serde(default)]
+    pub ops: Vec<crate::bench_ops::OpRow>,
 }
 
 /// Runs the benchmark (see the module docs) and writes `json_out` if asked.
@@ -190,10 +205,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 
     // The allocator setting of training (as the CLI sets it): the train step is timed as trained.
     graphs::tune_allocator();
-    // candle sizes its kernels by RAYON_NUM_THREADS; run everything in a pool of that size.
-    if std::env::var("RAYON_NUM_THREADS").ok().as_deref() != Some(threads.to_string().as_str()) {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
+    // The thread settings of training; candle sizes its matmuls by RAYON_NUM_THREADS, and all
+    // of candle's work runs in a pool of exactly that size.
+    graphs::tune_threads(Some(threads));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -210,7 +224,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             Err(_) => None,
         };
 
-        let candle = time_candle(&model, &mcfg, opts, dense)?;
+        let candle = time_candle(&model, &mcfg, opts, dense, false)?;
 
         let (torch, torch_note) = match (&python, parity) {
             (Ok(py), Some((diff, loss_rel))) => (
@@ -221,6 +235,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             ),
             (Err(why), _) => (None, Some(why.clone())),
             (Ok(_), None) => unreachable!("parity runs whenever python is found"),
+        };
+        let candle_stock = if opts.stock {
+            Some(time_candle(&model, &mcfg, opts, dense, true)?)
+        } else {
+            None
+        };
+        let ops = if opts.ops {
+            time_ops(python.as_ref().ok(), &mcfg, opts, threads, &work)?
+        } else {
+            Vec::new()
         };
         let report = BenchReport {
             config_name: opts.config_name.clone(),
@@ -234,6 +258,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             candle,
             torch,
             torch_note,
+            candle_stock,
+            ops,
         };
         if let Some(path) = &opts.json_out {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -368,7 +394,7 @@ impl Inputs {
     }
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
@@ -382,7 +408,11 @@ fn median(xs: &[f64]) -> f64 {
 }
 
 /// Runs `f` `warmup + iters` times and returns the last `iters` durations in milliseconds.
-fn time_it(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+pub(crate) fn time_it(
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(iters);
     for i in 0..warmup + iters {
         let t0 = Instant::now();
@@ -433,16 +463,21 @@ fn engine_result(
     }
 }
 
+/// Times the forward and the step on the fast kernels, or (`stock`) on candle's own ops.
 fn time_candle(
     model: &CandleModel,
     cfg: &ModelConfig,
     opts: &BenchOptions,
     dense: f64,
+    stock: bool,
 ) -> Result<EngineResult> {
     let dev = Device::Cpu;
     let inp = Inputs::new(cfg, opts.batch, opts.seed)?;
     let x = inp.noisy()?;
-    let b = CandleBackend::new(&dev);
+    let (mut b, mut bt) = (CandleBackend::new(&dev), CandleBackend::training(&dev));
+    if stock {
+        (b, bt) = (b.stock(), bt.stock());
+    }
     let forward_ms = time_it(opts.warmup, opts.iters, || {
         let level = model.den.level_from_sigma(&b, &inp.sigma)?;
         let d = model.den.forward(&b, &x, &level, &inp.labels)?;
@@ -456,8 +491,7 @@ fn time_candle(
     })?;
     let rss_forward = peak_rss_mb()?;
 
-    let bt = CandleBackend::training(&dev);
-    let mut opt = candle_nn::AdamW::new(model.varmap.all_vars(), ParamsAdamW::default())?;
+    let mut opt = peer_adamw(&model.varmap)?;
     let step_ms = time_it(opts.warmup, opts.iters, || {
         let loss = graphs::losses::teacher_loss(
             &bt,
@@ -478,6 +512,73 @@ fn time_candle(
         rss_forward,
         peak_rss_mb()?,
     ))
+}
+
+/// The per-op rows: candle (stock and fast) here, then the same specs in the PyTorch peer.
+fn time_ops(
+    python: Option<&PathBuf>,
+    cfg: &ModelConfig,
+    opts: &BenchOptions,
+    threads: usize,
+    work: &Workdir,
+) -> Result<Vec<crate::bench_ops::OpRow>> {
+    use crate::bench_ops as ops;
+    let specs = ops::specs(&cfg.unet, opts.batch);
+    let (warmup, iters) = (opts.warmup.max(1), opts.iters);
+    let mut rows = Vec::new();
+    for s in &specs {
+        let (stock, ours) = ops::time_candle(s, cfg, warmup, iters)
+            .with_context(|| format!("timing {}", s.name))?;
+        rows.push((s.clone(), stock, ours));
+    }
+    let peer = match python {
+        Some(py) => {
+            let path = work.path("ops.json");
+            std::fs::write(&path, serde_json::to_string(&specs)?)?;
+            let args: Vec<String> = vec![
+                "--config".into(),
+                write_config(cfg, work)?,
+                "--ops".into(),
+                format!("@{}", path.display()),
+                "--threads".into(),
+                threads.to_string(),
+                "--warmup".into(),
+                warmup.to_string(),
+                "--iters".into(),
+                iters.to_string(),
+            ];
+            #[derive(Deserialize)]
+            struct Answer {
+                ops: Vec<ops::PeerOp>,
+            }
+            Some(run_peer::<Answer>(py, work, &args)?.ops)
+        }
+        None => None,
+    };
+    ops::join(rows, peer)
+}
+
+/// The trainer's AdamW over every variable of `varmap`, configured like the PyTorch peer's
+/// `torch.optim.AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)`.
+pub fn peer_adamw(varmap: &VarMap) -> Result<crate::train::optim::AdamW> {
+    let vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let cfg = crate::train::optim::AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        warmup_steps: 0,
+        grad_clip: 0.0,
+        ..Default::default()
+    };
+    crate::train::optim::AdamW::new(vars, cfg)
 }
 
 /// A scratch directory removed on drop.
@@ -852,6 +953,23 @@ impl fmt::Display for BenchReport {
         }
         if let Some(note) = &self.torch_note {
             writeln!(f, "{note}")?;
+        }
+        if let Some(s) = &self.candle_stock {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "candle stock ops: forward {:.1} ms, train step {:.1} ms (peak RSS {:.0} MiB); the fast kernels are {:.2}x / {:.2}x faster",
+                s.forward_median_ms,
+                s.step_median_ms,
+                s.peak_rss_mb,
+                s.forward_median_ms / c.forward_median_ms,
+                s.step_median_ms / c.step_median_ms
+            )?;
+        }
+        if !self.ops.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "per op, batch {} (vs stock: stock time / ours; vs torch: PyTorch time / ours; above 1 = ours faster):", self.batch)?;
+            write!(f, "{}", crate::bench_ops::table(&self.ops))?;
         }
         Ok(())
     }

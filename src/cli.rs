@@ -263,6 +263,13 @@ pub struct BenchArgs {
     /// PyTorch comparison: `auto` (when torch is found), `require`, or `off`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "require", "off"])]
     pub torch: String,
+    /// Skip the per-op table (conv, GroupNorm+SiLU, res block, attention, AdamW: stock candle vs
+    /// the fast kernels vs PyTorch).
+    #[arg(long)]
+    pub no_ops: bool,
+    /// Also time the whole forward and step on candle's stock ops (slow).
+    #[arg(long)]
+    pub stock: bool,
     /// Python interpreter with torch (default: $DISTILL_TORCH_PYTHON, then .venv-bench/bin/python).
     #[arg(long)]
     pub torch_python: Option<PathBuf>,
@@ -901,6 +908,8 @@ fn cmd_bench(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
     };
     o.torch_python = a.torch_python.clone();
     o.json_out = a.json.clone();
+    o.ops = !a.no_ops;
+    o.stock = a.stock;
     println!("{}", crate::bench::run(&o)?);
     Ok(())
 }
@@ -964,9 +973,7 @@ pub struct ValidationFailed(pub String);
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     graphs::tune_allocator();
-    if let Some(t) = cli.threads {
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    graphs::tune_threads(cli.threads);
     let dev = device(&cli.device)?;
     match &cli.command {
         Command::Train(TrainCommand::Teacher(a)) => cmd_teacher(a, &dev, cli.quiet),

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_gpu;
+pub mod bench_ops;
 pub mod checkpoint;
 pub mod cli;
 pub mod cli_distill;

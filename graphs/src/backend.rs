@@ -44,6 +44,42 @@ pub trait Backend {
         stride: usize,
         pad: usize,
     ) -> anyhow::Result<Self::T>;
+    /// `conv2d(x) + shift` where `shift` broadcasts from `[N, Cout, 1, 1]` (a per-image,
+    /// per-channel offset such as a projected embedding): one fused kernel where the backend has
+    /// one. `shift` builds that tensor; the default runs it after the conv, so a lowering emits
+    /// exactly what the unfused code did.
+    fn conv2d_shifted(
+        &self,
+        x: &Self::T,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        shift: impl FnOnce(&Self) -> anyhow::Result<Self::T>,
+    ) -> anyhow::Result<Self::T>
+    where
+        Self: Sized,
+    {
+        let y = self.conv2d(x, w, b, stride, pad)?;
+        self.add(&y, &shift(self)?)
+    }
+    /// `residual + conv2d(x)`: one fused kernel where the backend has one. `residual` builds the
+    /// tensor to add; the default runs it after the conv (the unfused order, as above).
+    fn conv2d_residual(
+        &self,
+        x: &Self::T,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        residual: impl FnOnce(&Self) -> anyhow::Result<Self::T>,
+    ) -> anyhow::Result<Self::T>
+    where
+        Self: Sized,
+    {
+        let y = self.conv2d(x, w, b, stride, pad)?;
+        self.add(&residual(self)?, &y)
+    }
     /// `x @ w^T + b` on the last axis; `w` is `[out, in]`.
     fn linear(&self, x: &Self::T, w: &Param, b: Option<&Param>) -> anyhow::Result<Self::T>;
     /// GroupNorm over `[N, C, H, W]` with per-channel affine `gamma`, `beta`.
@@ -84,6 +120,21 @@ pub trait Backend {
     fn matmul(&self, a: &Self::T, b: &Self::T) -> anyhow::Result<Self::T>;
     /// Softmax over the last axis.
     fn softmax_last(&self, x: &Self::T) -> anyhow::Result<Self::T>;
+    /// Scaled dot-product attention on `[N, C, L]` queries, keys and values:
+    /// `v @ softmax(scale * q^T @ k)^T` (softmax over the keys), `[N, C, L]`. One fused kernel
+    /// where the backend has one; the default is the composition of the ops above.
+    fn attention(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        scale: f64,
+    ) -> anyhow::Result<Self::T> {
+        let qt = self.permute(q, &[0, 2, 1])?; // [N, L, C]
+        let scores = self.affine(&self.matmul(&qt, k)?, scale, 0.0)?; // [N, L(q), L(k)]
+        let attn = self.softmax_last(&scores)?;
+        self.matmul(v, &self.permute(&attn, &[0, 2, 1])?) // [N, C, L(q)]
+    }
     /// ONNX Reshape semantics: `0` copies the input's dim, `-1` is inferred.
     fn reshape(&self, x: &Self::T, shape: &[i64]) -> anyhow::Result<Self::T>;
     fn permute(&self, x: &Self::T, perm: &[usize]) -> anyhow::Result<Self::T>;

@@ -4,14 +4,25 @@ use crate::backend::{Backend, Kind, Param};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-/// Runs graph definitions on candle tensors. `train` enables dropout; `autocast` (f16/bf16)
-/// runs convolutions and matrix products in that dtype on f32 tensors and returns f32 (PyTorch's
-/// autocast): gradients reach the f32 master weights through the casts.
+/// Runs graph definitions on candle tensors. `train` enables dropout; `kernels` routes conv2d,
+/// GroupNorm, attention and the fused variants through [`crate::kernels`] (which themselves fall
+/// back to candle's ops off the CPU or for non-f32); without it every op is candle's own.
+/// `autocast` (f16/bf16) runs convolutions and matrix products in that dtype on f32 tensors and
+/// returns f32 (PyTorch's autocast): gradients reach the f32 master weights through the casts.
+/// Autocast ops always take candle's path (the kernels are f32).
 #[derive(Clone, Debug)]
 pub struct CandleBackend {
     pub device: Device,
     pub train: bool,
     pub autocast: Option<DType>,
+    pub kernels: bool,
+}
+
+/// Whether new backends use the fast kernels: yes unless `DISTILL_KERNELS=stock` (an escape
+/// hatch to rerun anything on candle's own ops, e.g. to rule out a kernel).
+fn kernels_default() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DISTILL_KERNELS").map_or(true, |v| v != "stock"))
 }
 
 impl CandleBackend {
@@ -20,18 +31,28 @@ impl CandleBackend {
             device: device.clone(),
             train: false,
             autocast: None,
+            kernels: kernels_default(),
         }
     }
     pub fn training(device: &Device) -> Self {
         Self {
-            device: device.clone(),
             train: true,
-            autocast: None,
+            ..Self::new(device)
         }
+    }
+    /// The same backend on candle's stock ops only (the reference the kernels are tested and
+    /// benchmarked against).
+    pub fn stock(mut self) -> Self {
+        self.kernels = false;
+        self
     }
     pub fn with_autocast(mut self, dtype: Option<DType>) -> Self {
         self.autocast = dtype.filter(|d| *d != DType::F32);
         self
+    }
+    /// Whether f32 ops take the fast kernels.
+    fn fast(&self) -> bool {
+        self.kernels && self.autocast.is_none()
     }
     /// `t` in the autocast dtype (unchanged without autocast). candle has no bf16 matmul on the
     /// CPU, so there bf16 is emulated the way bf16 tensor cores compute: inputs rounded to bf16,
@@ -77,7 +98,7 @@ pub fn resolve_shape(dims: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             bail!("reshape: cannot reshape {dims:?} into {shape:?}");
         }
         out[i] = total / known;
@@ -119,13 +140,71 @@ impl Backend for CandleBackend {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor> {
-        let y = crate::kernels::conv2d(&self.down(x)?, &self.down(&w.t)?, stride, pad)
-            .with_context(|| format!("conv2d {}", w.name))?;
-        let y = match b {
-            Some(b) => y.broadcast_add(&self.down(&b.t)?.reshape((1, b.t.dim(0)?, 1, 1))?)?,
-            None => y,
-        };
-        self.up(y)
+        if !self.fast() {
+            let y = self
+                .down(x)?
+                .conv2d(&self.down(&w.t)?, pad, stride, 1, 1)
+                .with_context(|| format!("conv2d {}", w.name))?;
+            let y = match b {
+                Some(b) => y.broadcast_add(&self.down(&b.t)?.reshape((1, b.t.dim(0)?, 1, 1))?)?,
+                None => y,
+            };
+            return self.up(y);
+        }
+        crate::kernels::conv2d(x, &w.t, b.map(|b| &b.t), stride, pad)
+            .with_context(|| format!("conv2d {}", w.name))
+    }
+
+    fn conv2d_shifted(
+        &self,
+        x: &Tensor,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        shift: impl FnOnce(&Self) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let shift = shift(self)?;
+        let (n, cout) = (x.dim(0)?, w.t.dim(0)?);
+        let d = shift.dims();
+        if !self.fast()
+            || d.len() != 4
+            || d[1] != cout
+            || d[2] != 1
+            || d[3] != 1
+            || (d[0] != n && d[0] != 1)
+        {
+            let y = self.conv2d(x, w, b, stride, pad)?;
+            return self.add(&y, &shift);
+        }
+        // The shift becomes a per-image bias of the conv: no pass over the output for the add.
+        let mut bias = shift.reshape((d[0], cout))?;
+        if let Some(b) = b {
+            bias = bias.broadcast_add(&b.t.reshape((1, cout))?)?;
+        }
+        if d[0] == 1 {
+            bias = bias.reshape(cout)?;
+        }
+        crate::kernels::conv2d(x, &w.t, Some(&bias), stride, pad)
+            .with_context(|| format!("conv2d {}", w.name))
+    }
+
+    fn conv2d_residual(
+        &self,
+        x: &Tensor,
+        w: &Param,
+        b: Option<&Param>,
+        stride: usize,
+        pad: usize,
+        residual: impl FnOnce(&Self) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let r = residual(self)?;
+        if !self.fast() {
+            let y = self.conv2d(x, w, b, stride, pad)?;
+            return self.add(&r, &y);
+        }
+        crate::kernels::conv2d_residual(x, &w.t, b.map(|b| &b.t), &r, stride, pad)
+            .with_context(|| format!("conv2d {} + residual", w.name))
     }
 
     fn linear(&self, x: &Tensor, w: &Param, b: Option<&Param>) -> Result<Tensor> {
@@ -148,8 +227,10 @@ impl Backend for CandleBackend {
         gamma: &Param,
         beta: &Param,
     ) -> Result<Tensor> {
-        if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, false)? {
-            return Ok(y);
+        if self.kernels {
+            if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, false)? {
+                return Ok(y);
+            }
         }
         stock_group_norm(x, groups, eps, gamma, beta)
     }
@@ -162,8 +243,10 @@ impl Backend for CandleBackend {
         gamma: &Param,
         beta: &Param,
     ) -> Result<Tensor> {
-        if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, true)? {
-            return Ok(y);
+        if self.kernels {
+            if let Some(y) = crate::kernels::group_norm(x, groups, eps, &gamma.t, &beta.t, true)? {
+                return Ok(y);
+            }
         }
         Ok(candle_nn::ops::silu(&stock_group_norm(
             x, groups, eps, gamma, beta,
@@ -214,6 +297,17 @@ impl Backend for CandleBackend {
         // candle_nn::ops::softmax_last_dim has no backward.
         Ok(candle_nn::ops::softmax(x, D::Minus1)?)
     }
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        if self.fast() {
+            if let Some(y) = crate::kernels::attention(q, k, v, scale)? {
+                return Ok(y);
+            }
+        }
+        let qt = self.permute(q, &[0, 2, 1])?;
+        let scores = self.affine(&self.matmul(&qt, k)?, scale, 0.0)?;
+        let attn = self.softmax_last(&scores)?;
+        self.matmul(v, &self.permute(&attn, &[0, 2, 1])?)
+    }
     fn reshape(&self, x: &Tensor, shape: &[i64]) -> Result<Tensor> {
         let dims = resolve_shape(x.dims(), shape)?;
         Ok(x.reshape(dims)?)
@@ -222,6 +316,11 @@ impl Backend for CandleBackend {
         Ok(x.permute(perm.to_vec())?.contiguous()?)
     }
     fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        if self.kernels {
+            if let Some(y) = crate::kernels::upsample_nearest2x(x)? {
+                return Ok(y);
+            }
+        }
         let (_, _, h, w) = x.dims4()?;
         Ok(x.upsample_nearest2d(2 * h, 2 * w)?)
     }

@@ -91,8 +91,7 @@ pub struct Classifier {
 /// Forward pass to the 128-d features (post-ReLU). `p` in [`param_specs`] order.
 fn forward_features(p: &[Tensor], x: &Tensor) -> candle_core::Result<Tensor> {
     let conv = |x: &Tensor, w: &Tensor, b: &Tensor| -> candle_core::Result<Tensor> {
-        graphs::kernels::conv2d(x, w, 1, 1)?
-            .broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?
+        graphs::kernels::conv2d(x, w, Some(b), 1, 1)?
             .relu()?
             .max_pool2d(2)
     };

@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use graphs::kernels::adamw::{self, AdamWStep};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -151,6 +152,22 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            let w = var.as_tensor();
+            let (m, v) = (&self.m[i], &self.v[i]);
+            if adamw::applies(&[w, m, v]) && adamw::applies(&[g]) {
+                // One in-place pass per tensor (CPU f32): the same formula as below.
+                let p = AdamWStep {
+                    lr,
+                    beta1: b1,
+                    beta2: b2,
+                    eps: self.cfg.eps,
+                    weight_decay: self.cfg.weight_decay,
+                    t: self.t,
+                    grad_scale: scale,
+                };
+                adamw::update(w, m, v, g, &p)?;
+                continue;
+            }
             let g = if scale != 1.0 {
                 g.affine(scale, 0.0)?
             } else {
@@ -159,7 +176,6 @@ impl AdamW {
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
-            let w = var.as_tensor();
             let decayed = (w * (1.0 - lr * self.cfg.weight_decay))?;
             var.set(&(decayed - (upd * lr)?)?)?;
             self.m[i] = m;
@@ -180,7 +196,8 @@ impl AdamW {
         self.load_state_with_prefix(state, "adam.", t)
     }
 
-    /// Moments as `<prefix>m.<name>` and `<prefix>v.<name>`.
+    /// Moments as `<prefix>m.<name>` and `<prefix>v.<name>` (they share storage with the live
+    /// moments, which the next step updates in place: save them before stepping again).
     pub fn state_with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (i, (n, _)) in self.vars.iter().enumerate() {
@@ -210,7 +227,8 @@ impl AdamW {
                         var.dims()
                     );
                 }
-                *slot = t.to_device(var.device())?;
+                // A copy: the moments are updated in place, the caller's tensors must not be.
+                *slot = t.to_device(var.device())?.copy()?;
             }
         }
         self.t = t;
@@ -222,11 +240,14 @@ impl AdamW {
 pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter().flatten() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        sq += match adamw::sum_squares(g)? {
+            Some(s) => s,
+            None => g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?,
+        };
     }
     Ok(sq.sqrt())
 }

@@ -1,182 +1,263 @@
-//! conv2d as im2col + GEMM. Stock candle computes the input gradient with a direct
-//! conv_transpose2d loop and the kernel gradient as a conv with a huge kernel (~12-26 GFLOP/s);
-//! here every FLOP-heavy part is a matmul (candle's gemm, ~180 GFLOP/s on this machine) and
-//! only the cheap data movement (im2col / col2im) is custom: `Im2Col`'s backward is `Col2Im`.
+//! The three passes of conv2d on f32 slices: forward (+ bias, + residual), input gradient and
+//! weight (+ bias) gradient.
+//!
+//! Stock candle runs the forward as im2col + GEMM, the input gradient as a direct
+//! conv_transpose2d (~12 GFLOP/s) and the weight gradient as a conv with a huge kernel; the bias
+//! is a separate broadcast add with its own reduction in the backward. Here the forward and the
+//! input gradient are direct convolutions ([`super::conv_direct`]), the weight gradient an
+//! outer-product reduction ([`super::conv_wgrad`]), all per image on thread-local buffers that
+//! stay in cache, with the bias (optionally per image: bias + embedding) added in registers and
+//! a residual added while the result is laid out as NCHW.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use super::conv_direct::{block_width, Pass};
+use super::conv_plan::{blocks, FwdPlan, Geom, GradPlan, WgradPlan};
+use super::conv_wgrad::{self, Reduce};
+use super::layout::to_planes;
+use super::scratch::{self, SendPtr, Slot};
+use super::simd::Level;
 use rayon::prelude::*;
 
-/// Geometry of one square-kernel convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geom {
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+/// Bias of a conv: none, one per output channel, or one per (image, output channel).
+#[derive(Clone, Copy, Debug)]
+pub enum Bias<'a> {
+    None,
+    Channel(&'a [f32]),
+    Image(&'a [f32]),
 }
 
-impl Geom {
-    fn out_hw(&self) -> (usize, usize) {
-        (
-            (self.h + 2 * self.pad - self.k) / self.stride + 1,
-            (self.w + 2 * self.pad - self.k) / self.stride + 1,
-        )
+impl Bias<'_> {
+    /// Per image, zero-padded to `cpad` channels (the engine reads whole weight blocks).
+    fn padded(&self, n: usize, cout: usize, cpad: usize) -> Option<Vec<f32>> {
+        let mut v = vec![0f32; n * cpad];
+        match self {
+            Bias::None => return None,
+            Bias::Channel(b) => v
+                .chunks_mut(cpad)
+                .for_each(|d| d[..cout].copy_from_slice(b)),
+            Bias::Image(b) => v
+                .chunks_mut(cpad)
+                .zip(b.chunks(cout))
+                .for_each(|(d, b)| d[..cout].copy_from_slice(b)),
+        }
+        Some(v)
     }
 }
 
-/// `[N, C, H, W]` -> `[C*k*k, N*Ho*Wo]`: rows ordered (c, ky, kx) like a conv weight's
-/// flattening, columns (n, oy, ox), so the whole batch is one GEMM with the weight.
-struct Im2Col(Geom, usize);
-/// Adjoint of [`Im2Col`]: scatter-adds the columns back to `[N, C, H, W]`.
-struct Col2Im(Geom, usize);
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fast conv kernels take f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fast conv kernels need contiguous input"),
-    }
-}
-
-/// Input column range `[lo, hi)` of output positions whose input index `o*stride + k - pad` is in `[0, size)`.
-fn valid_range(k: usize, stride: usize, pad: usize, size: usize, out: usize) -> (usize, usize) {
-    let lo = if k >= pad {
-        0
+/// Parts each image's channel blocks are split into, so that small batches still give every
+/// thread work (whole images otherwise: the prepared source is then built once per image).
+fn parts_per_image(n: usize, blocks: usize) -> usize {
+    let want = 2 * rayon::current_num_threads();
+    if n >= want {
+        1
     } else {
-        (pad - k).div_ceil(stride)
-    };
-    let hi = if size + pad > k {
-        ((size + pad - k - 1) / stride + 1).min(out)
-    } else {
-        0
-    };
-    (lo.min(hi), hi)
+        want.div_ceil(n.max(1)).clamp(1, blocks.max(1))
+    }
 }
 
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, n) = (self.0, self.1);
-        let x = f32_slice(s, l)?;
-        let (ho, wo) = g.out_hw();
-        let rows = g.c * g.k * g.k;
-        let plane = ho * wo;
-        let mut out = vec![0f32; rows * n * plane];
-        out.par_chunks_mut(n * plane)
-            .enumerate()
-            .for_each(|(r, dst)| {
-                let (c, ky, kx) = (r / (g.k * g.k), (r / g.k) % g.k, r % g.k);
-                let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
-                for b in 0..n {
-                    let src = &x[(b * g.c + c) * g.h * g.w..(b * g.c + c + 1) * g.h * g.w];
-                    for oy in 0..ho {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue; // zero padding (already zero)
-                        }
-                        let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        let drow = &mut dst[b * plane + oy * wo..b * plane + (oy + 1) * wo];
-                        if g.stride == 1 {
-                            let off = x_lo + kx - g.pad;
-                            drow[x_lo..x_hi].copy_from_slice(&srow[off..off + (x_hi - x_lo)]);
-                        } else {
-                            for ox in x_lo..x_hi {
-                                drow[ox] = srow[ox * g.stride + kx - g.pad];
-                            }
-                        }
-                    }
+/// Image and channel-block range of task `task`.
+fn task_range(task: usize, parts: usize, blocks: usize) -> (usize, usize, usize) {
+    let per = blocks.div_ceil(parts);
+    let (img, part) = (task / parts, task % parts);
+    (
+        img,
+        (part * per).min(blocks),
+        ((part + 1) * per).min(blocks),
+    )
+}
+
+/// Forward: `[n, cout, ho, wo]`.
+pub fn forward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Bias,
+    residual: Option<&[f32]>,
+    level: Level,
+) -> Vec<f32> {
+    let plan = FwdPlan::new(g, w, level);
+    let (nb, cpad) = blocks(g.cout, level);
+    let bw = block_width(level);
+    let bias = bias.padded(g.n, g.cout, cpad);
+    let parts = parts_per_image(g.n, nb);
+    let (in_img, out_img, pix) = (g.in_image(), g.out_image(), g.ho * g.wo);
+    // Computes blocks lo..hi of image `img` from its source and writes those channel planes.
+    let run = |out: SendPtr, src: &[f32], img: usize, lo: usize, hi: usize| {
+        let pass = Pass {
+            src,
+            cstride: plan.cstride,
+            cin: g.cin,
+            taps: &plan.taps,
+            w: &plan.w,
+            bw,
+            cout: g.cout,
+            runs: &plan.runs,
+            out_step: 1,
+        };
+        let b = bias.as_ref().map(|b| &b[img * cpad..(img + 1) * cpad]);
+        scratch::with(Slot::B, pix * cpad, |t| {
+            // SAFETY: the plan's runs cover every output pixel and their taps stay inside the
+            // prepared (or, direct, the input) image; `t` holds every pixel row.
+            unsafe { pass.run(level, t.as_mut_ptr(), cpad, b, lo, hi) };
+            let res = residual.map(|r| &r[img * out_img..(img + 1) * out_img]);
+            // SAFETY: tasks write disjoint (image, channel) planes of the output.
+            unsafe {
+                to_planes(
+                    level,
+                    t,
+                    pix,
+                    cpad,
+                    (lo * bw, (hi * bw).min(g.cout)),
+                    out.add(img * out_img),
+                    res,
+                )
+            };
+        });
+    };
+    // SAFETY: every (image, channel) plane is written by exactly one task below.
+    unsafe {
+        scratch::filled_by(g.n * out_img, |out| {
+            let out = SendPtr(out);
+            (0..g.n * parts).into_par_iter().for_each(|task| {
+                let (img, lo, hi) = task_range(task, parts, nb);
+                if lo >= hi {
+                    return;
+                }
+                let xi = &x[img * in_img..(img + 1) * in_img];
+                if plan.direct {
+                    run(out, xi, img, lo, hi);
+                } else {
+                    scratch::with(Slot::A, plan.image_len(g), |buf| {
+                        plan.prepare(g, xi, buf);
+                        run(out, buf, img, lo, hi);
+                    });
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((rows, n * plane))))
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0, self.1))?))
+        })
     }
 }
 
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, n) = (self.0, self.1);
-        let cols = f32_slice(s, l)?;
-        let (ho, wo) = g.out_hw();
-        let plane = ho * wo;
-        let mut out = vec![0f32; n * g.c * g.h * g.w];
-        out.par_chunks_mut(g.h * g.w)
-            .enumerate()
-            .for_each(|(bc, dst)| {
-                let (b, c) = (bc / g.c, bc % g.c);
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        let r = (c * g.k + ky) * g.k + kx;
-                        let (x_lo, x_hi) = valid_range(kx, g.stride, g.pad, g.w, wo);
-                        let src = &cols[(r * n + b) * plane..(r * n + b + 1) * plane];
-                        for oy in 0..ho {
-                            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                            if iy < 0 || iy >= g.h as isize {
-                                continue;
-                            }
-                            let drow = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
-                            let srow = &src[oy * wo..(oy + 1) * wo];
-                            for ox in x_lo..x_hi {
-                                drow[ox * g.stride + kx - g.pad] += srow[ox];
-                            }
-                        }
-                    }
+/// Input gradient: `[n, cin, h, w]`.
+pub fn grad_input(g: &Geom, dy: &[f32], w: &[f32], level: Level) -> Vec<f32> {
+    let plan = GradPlan::new(g, w, level);
+    let (nb, cpad) = blocks(g.cin, level);
+    let bw = block_width(level);
+    let parts = parts_per_image(g.n, nb);
+    let (in_img, out_img, hw) = (g.in_image(), g.out_image(), g.h * g.w);
+    // SAFETY: every (image, channel) plane is written by one task: the phases' runs partition
+    // the image's pixels.
+    unsafe {
+        scratch::filled_by(g.n * in_img, |dx| {
+            let dx = SendPtr(dx);
+            (0..g.n * parts).into_par_iter().for_each(|task| {
+                let (img, lo, hi) = task_range(task, parts, nb);
+                if lo >= hi {
+                    return;
                 }
+                let dyi = &dy[img * out_img..(img + 1) * out_img];
+                scratch::with(Slot::A, plan.image_len(g), |buf| {
+                    plan.prepare(g, dyi, buf);
+                    scratch::with(Slot::B, hw * cpad, |t| {
+                        for ph in &plan.phases {
+                            let pass = Pass {
+                                src: buf,
+                                cstride: plan.ph * plan.pw,
+                                cin: g.cout,
+                                taps: &ph.taps,
+                                w: &ph.w,
+                                bw,
+                                cout: g.cin,
+                                runs: &ph.runs,
+                                out_step: g.s,
+                            };
+                            pass.run(level, t.as_mut_ptr(), cpad, None, lo, hi);
+                        }
+                        to_planes(
+                            level,
+                            t,
+                            hw,
+                            cpad,
+                            (lo * bw, (hi * bw).min(g.cin)),
+                            dx.add(img * in_img),
+                            None,
+                        );
+                    });
+                });
             });
-        Ok((CpuStorage::F32(out), Shape::from((n, g.c, g.h, g.w))))
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0, self.1))?))
+        })
     }
 }
 
-/// conv2d (`w` `[Cout, Cin, k, k]`, square stride/padding, no bias) with gradients for both
-/// inputs; falls back to candle's own conv for non-f32 or non-CPU tensors.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return x.conv2d(w, pad, stride, 1, 1);
-    }
-    let (n, c, h, wd) = x.dims4()?;
-    let (cout, cin, k, k2) = w.dims4()?;
-    if cin != c || k != k2 {
-        candle_core::bail!(
-            "conv2d: input {:?} does not fit weight {:?}",
-            x.dims(),
-            w.dims()
-        );
-    }
-    let g = Geom {
-        c,
-        h,
-        w: wd,
-        k,
-        stride,
-        pad,
-    };
-    let (ho, wo) = g.out_hw();
-    let wm = w.reshape((cout, cin * k * k))?;
-    let cols = if k == 1 && stride == 1 && pad == 0 {
-        x.reshape((n, c, h * wd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((c, n * h * wd))?
+/// Weight gradient `[cout, cin, k, k]` and the per-image bias gradient `[n, cout]`.
+pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, Vec<f32>) {
+    let plan = WgradPlan::new(g);
+    let taps = g.taps();
+    let (nb, cpad) = blocks(g.cout, level);
+    let bw = block_width(level);
+    let threads = rayon::current_num_threads();
+    let chunks = g.n.min(threads).max(1);
+    let groups = if g.n >= threads {
+        1
     } else {
-        x.contiguous()?.apply_op1(Im2Col(g, n))?
+        threads.div_ceil(g.n.max(1)).min(nb)
     };
-    // [Cout, N*HoWo] -> [N, Cout, Ho, Wo]
-    wm.matmul(&cols)?
-        .reshape((cout, n, ho * wo))?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((n, cout, ho, wo))
+    let per = nb.div_ceil(groups);
+    let (in_img, out_img, pix) = (g.in_image(), g.out_image(), g.ho * g.wo);
+    let mut db = vec![0f32; g.n * g.cout];
+    let dbp = SendPtr(db.as_mut_ptr());
+    let accs: Vec<Vec<f32>> = (0..chunks * groups)
+        .into_par_iter()
+        .map(|task| {
+            let (c, grp) = (task / groups, task % groups);
+            let (b_lo, b_hi) = (grp * per, ((grp + 1) * per).min(nb));
+            let mut acc = vec![0f32; taps * g.cin * cpad];
+            if b_lo >= b_hi {
+                return acc;
+            }
+            for img in c * g.n / chunks..(c + 1) * g.n / chunks {
+                let xi = &x[img * in_img..(img + 1) * in_img];
+                let dyi = &dy[img * out_img..(img + 1) * out_img];
+                scratch::with(Slot::B, cpad * pix, |dyt| {
+                    // SAFETY: (image, channel) pairs are disjoint across tasks.
+                    let sums =
+                        unsafe { std::slice::from_raw_parts_mut(dbp.add(img * g.cout), g.cout) };
+                    conv_wgrad::transpose(level, dyi, g.cout, pix, bw, dyt, b_lo, b_hi, sums);
+                    scratch::with(Slot::A, plan.image_len(g), |xt| {
+                        plan.prepare(level, g, xi, xt);
+                        let r = Reduce {
+                            xt,
+                            cin: g.cin,
+                            taps: &plan.taps,
+                            pw: plan.pw,
+                            s: g.s,
+                            rows: g.ho,
+                            cols: g.wo,
+                            dyt,
+                            bw,
+                            cout: g.cout,
+                            cpad,
+                        };
+                        // SAFETY: the padded image holds every tap of every output pixel;
+                        // sizes as allocated above.
+                        unsafe { r.run(level, &mut acc, b_lo, b_hi) }
+                    });
+                });
+            }
+            acc
+        })
+        .collect();
+    let mut sum = accs[0].clone();
+    for a in &accs[1..] {
+        for (s, v) in sum.iter_mut().zip(a) {
+            *s += v;
+        }
+    }
+    let mut dw = vec![0f32; g.cout * g.cin * taps];
+    for (co, d) in dw.chunks_mut(g.cin * taps).enumerate() {
+        for ci in 0..g.cin {
+            for t in 0..taps {
+                d[ci * taps + t] = sum[(t * g.cin + ci) * cpad + co];
+            }
+        }
+    }
+    (dw, db)
 }

@@ -33,15 +33,8 @@ impl SelfAttention {
         let q = flat(self.q.forward(b, &xn)?)?; // [N, C, HW]
         let k = flat(self.k.forward(b, &xn)?)?;
         let v = flat(self.v.forward(b, &xn)?)?;
-        let qt = b.permute(&q, &[0, 2, 1])?; // [N, HW, C]
-        let scores = b.affine(
-            &b.matmul(&qt, &k)?,
-            1.0 / (self.channels as f64).sqrt(),
-            0.0,
-        )?; // [N, HW(q), HW(k)]
-        let attn = b.softmax_last(&scores)?;
-        let out = b.matmul(&v, &b.permute(&attn, &[0, 2, 1])?)?; // [N, C, HW(q)]
+        let out = b.attention(&q, &k, &v, 1.0 / (self.channels as f64).sqrt())?; // [N, C, HW]
         let out = b.reshape(&out, &[0, c, h as i64, w as i64])?;
-        b.add(x, &self.proj.forward(b, &out)?)
+        self.proj.forward_residual(b, &out, |_| Ok(x.clone()))
     }
 }

@@ -34,4 +34,39 @@ impl Conv2d {
     pub fn forward<B: Backend>(&self, b: &B, x: &B::T) -> anyhow::Result<B::T> {
         b.conv2d(x, &self.weight, Some(&self.bias), self.stride, self.pad)
     }
+
+    /// `forward(x) + shift(b)`, `shift` broadcast from `[N, Cout, 1, 1]` (see
+    /// [`Backend::conv2d_shifted`]).
+    pub fn forward_shifted<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        shift: impl FnOnce(&B) -> anyhow::Result<B::T>,
+    ) -> anyhow::Result<B::T> {
+        b.conv2d_shifted(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.pad,
+            shift,
+        )
+    }
+
+    /// `residual(b) + forward(x)` (see [`Backend::conv2d_residual`]).
+    pub fn forward_residual<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        residual: impl FnOnce(&B) -> anyhow::Result<B::T>,
+    ) -> anyhow::Result<B::T> {
+        b.conv2d_residual(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.stride,
+            self.pad,
+            residual,
+        )
+    }
 }

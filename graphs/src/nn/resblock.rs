@@ -43,18 +43,18 @@ impl ResBlock {
 
     /// `emb_silu` is SiLU(embedding), `[N, emb_dim]`, shared by all blocks.
     pub fn forward<B: Backend>(&self, b: &B, x: &B::T, emb_silu: &B::T) -> anyhow::Result<B::T> {
-        let h = self.conv1.forward(b, &self.norm1.forward_silu(b, x)?)?;
-        let e = b.reshape(
-            &self.emb_proj.forward(b, emb_silu)?,
-            &[-1, self.cout as i64, 1, 1],
-        )?;
-        let h = b.add(&h, &e)?;
+        let h = self
+            .conv1
+            .forward_shifted(b, &self.norm1.forward_silu(b, x)?, |b| {
+                b.reshape(
+                    &self.emb_proj.forward(b, emb_silu)?,
+                    &[-1, self.cout as i64, 1, 1],
+                )
+            })?;
         let h = b.dropout(&self.norm2.forward_silu(b, &h)?, self.dropout)?;
-        let h = self.conv2.forward(b, &h)?;
-        let skip = match &self.skip {
-            Some(s) => s.forward(b, x)?,
-            None => x.clone(),
-        };
-        b.add(&skip, &h)
+        self.conv2.forward_residual(b, &h, |b| match &self.skip {
+            Some(s) => s.forward(b, x),
+            None => Ok(x.clone()),
+        })
     }
 }
