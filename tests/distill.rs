@@ -377,8 +377,9 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     let t = Teacher::load(teacher_dir, &cpu()).unwrap();
     let data = mnist(32);
     // DMD2, one step: the student starts as the teacher evaluated once at sigma 80 (a blur).
+    // Measured: FD 1556 -> 987 (DMD2), 789 -> 496 (TDM); the bars leave room for round-off.
     let mut c = dmd2_cfg(teacher_dir, 1);
-    c.dfake_gen_update_ratio = 5;
+    c.dfake_gen_update_ratio = 2;
     c.run.batch_size = 16;
     c.run.checkpoint_every = 1000;
     let before = tempfile::tempdir().unwrap();
@@ -387,8 +388,8 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     run_dmd2(&c, &t, &data, before.path(), false).unwrap();
     let fd0 = student_fd(before.path(), ev);
     let after = tempfile::tempdir().unwrap();
-    c.student_optim.lr = 2e-4;
-    c.fake_optim.lr = 2e-4;
+    c.student_optim.lr = 5e-4;
+    c.fake_optim.lr = 5e-4;
     c.run.steps = 150;
     run_dmd2(&c, &t, &data, after.path(), false).unwrap();
     let fd1 = student_fd(after.path(), ev);
@@ -404,14 +405,14 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     let before = tempfile::tempdir().unwrap();
     run_tdm(&c, &t, before.path(), false).unwrap();
     let fd0 = student_fd(before.path(), ev);
-    c.student_optim.lr = 5e-5;
+    c.student_optim.lr = 1e-4;
     c.fake_optim.lr = 2.5e-4;
-    c.run.steps = 60;
+    c.run.steps = 80;
     let after = tempfile::tempdir().unwrap();
     run_tdm(&c, &t, after.path(), false).unwrap();
     let fd1 = student_fd(after.path(), ev);
     eprintln!("tdm 4-step student FD: {fd0:.2} -> {fd1:.2}");
-    assert!(fd1 < 0.9 * fd0, "TDM FD {fd0:.2} -> {fd1:.2}");
+    assert!(fd1 < 0.8 * fd0, "TDM FD {fd0:.2} -> {fd1:.2}");
 }
 
 /// `onnx.checker.check_model(onnx.load(P), full_check=True)` with the project's .venv python.
