@@ -108,7 +108,7 @@ pub fn safetensors_bytes_with_meta(
         data.push((n.clone(), tensors[n].to_device(&Device::Cpu)?.contiguous()?));
     }
     let views: Vec<(&str, &Tensor)> = data.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Ok(safetensors::tensor::serialize(views, meta).context("serialising safetensors")?)
+    safetensors::tensor::serialize(views, meta).context("serialising safetensors")
 }
 
 /// Writes tensors to a safetensors file atomically.

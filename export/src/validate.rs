@@ -76,7 +76,7 @@ pub struct ValidateOptions {
     pub runtimes: Vec<RuntimeKind>,
     /// Precision the tolerances are for; `None` reads the model's `precision` metadata.
     pub precision: Option<Precision>,
-    /// Tolerance on the max absolute error (default fp32 1e-4, fp16 2e-2).
+    /// Tolerance on the max absolute error (default fp32 1e-4, fp16 2e-2; fp16 in tract 6e-2).
     pub max_abs_tol: Option<f64>,
     /// Tolerance on the mean absolute error (default fp32 none, fp16 2e-3).
     pub mean_abs_tol: Option<f64>,
@@ -416,9 +416,23 @@ pub struct Candidate {
 /// Default tolerances for a precision (fp32: max abs 1e-4; fp16: max abs 2e-2, mean abs 2e-3),
 /// overridden by `opts`.
 pub fn tolerances(precision: Precision, opts: &ValidateOptions) -> (f64, Option<f64>) {
-    let (default_max, default_mean) = match precision {
-        Precision::Fp32 => (1e-4, None),
-        Precision::Fp16 => (2e-2, Some(2e-3)),
+    tolerances_for(precision, None, opts)
+}
+
+/// [`tolerances`] for one runtime. tract runs fp16 matrix products with f16 accumulators on
+/// x86 (`generic_f16_4x4<f16>` in tract-linalg 0.23), so a reduction over 9 x 128 terms is
+/// rounded at every add: its default max-abs bound on fp16 models is 6e-2 (measured 2.9e-2 on
+/// the pipeline's 1-step student, where ONNX Runtime's f32 accumulation gives 1.1e-3); the mean
+/// bound, which catches a wrong export, stays 2e-3.
+pub fn tolerances_for(
+    precision: Precision,
+    runtime: Option<RuntimeKind>,
+    opts: &ValidateOptions,
+) -> (f64, Option<f64>) {
+    let (default_max, default_mean) = match (precision, runtime) {
+        (Precision::Fp32, _) => (1e-4, None),
+        (Precision::Fp16, Some(RuntimeKind::Tract)) => (6e-2, Some(2e-3)),
+        (Precision::Fp16, _) => (2e-2, Some(2e-3)),
     };
     (
         opts.max_abs_tol.unwrap_or(default_max),
@@ -515,7 +529,7 @@ pub fn validate(
             }
             Ok(match rk {
                 RuntimeKind::Tract | RuntimeKind::OnnxRuntime => {
-                    let (max_abs_tol, mean_abs_tol) = tolerances(precision, opts);
+                    let (max_abs_tol, mean_abs_tol) = tolerances_for(precision, Some(*rk), opts);
                     Candidate {
                         name: rk.name(),
                         runner: rk.load(model_path)?,

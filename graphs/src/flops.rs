@@ -232,7 +232,7 @@ impl Backend for FlopCounter {
         );
         let c = x[1];
         ensure!(
-            groups > 0 && c % groups == 0,
+            groups > 0 && c.is_multiple_of(groups),
             "group_norm {}: {c} channels in {groups} groups",
             gamma.name
         );

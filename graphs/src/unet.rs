@@ -110,14 +110,14 @@ impl UNetConfig {
         );
         let down = 1usize << (self.channel_mult.len() - 1);
         anyhow::ensure!(
-            self.resolution % down == 0,
+            self.resolution.is_multiple_of(down),
             "resolution {} is not divisible by {down} ({} levels)",
             self.resolution,
             self.channel_mult.len()
         );
         for m in &self.channel_mult {
             anyhow::ensure!(
-                (self.base_channels * m) % self.groups == 0,
+                (self.base_channels * m).is_multiple_of(self.groups),
                 "channels {} not divisible by {} groups",
                 self.base_channels * m,
                 self.groups

@@ -580,7 +580,7 @@ fn train(
             opt.backward_step(&loss)?;
             step += 1;
             bar.inc(1);
-            if step % 10 == 0 {
+            if step.is_multiple_of(10) {
                 let l = loss.to_scalar::<f32>()?;
                 ensure!(
                     l.is_finite(),

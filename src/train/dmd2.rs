@@ -338,7 +338,7 @@ impl Method for Dmd2<'_> {
             ro.xs[k].clone()
         };
         let level_k = sigma_level(&self.student, &vec![self.sigmas[k]; n], &dev)?;
-        let gen_turn = step % self.cfg.dfake_gen_update_ratio == 0;
+        let gen_turn = step.is_multiple_of(self.cfg.dfake_gen_update_ratio);
         let x0_gen = if gen_turn {
             let x0 = self.student.forward(&b, &x_in, &level_k, &labels)?;
             // Distribution matching at a random timestep (no gradient through either score).

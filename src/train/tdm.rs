@@ -334,7 +334,7 @@ impl Method for Tdm<'_> {
         let shape = [n, c, r, r];
         let steps = self.sigmas.len();
         let mut m = StepMetrics::new();
-        let fake_turn = step % self.cfg.update_fake_every == 0;
+        let fake_turn = step.is_multiple_of(self.cfg.update_fake_every);
         let accum = self.cfg.grad_accum as u64;
         // One rollout per micro-batch, shared by the fake-score and the student turn.
         let mut micro = Vec::with_capacity(accum as usize);

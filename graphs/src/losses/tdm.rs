@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// Sigmas `[N]` as a tensor like `like`'s device.
 fn col(v: &[f64], like: &Tensor) -> Result<Tensor> {
     let f: Vec<f32> = v.iter().map(|&s| s as f32).collect();
-    Ok(per_image(&Tensor::from_vec(f, v.len(), like.device())?)?)
+    per_image(&Tensor::from_vec(f, v.len(), like.device())?)
 }
 
 /// The trajectory point `x_m = x0 + s_m * eps` (per-sample `s_m`).

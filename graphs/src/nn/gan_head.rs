@@ -25,7 +25,7 @@ impl GanHead {
         let mut blocks = Vec::new();
         let mut r = side;
         while r > 4 {
-            if r % 2 != 0 {
+            if !r.is_multiple_of(2) {
                 candle_core::bail!("GAN head: bottleneck side {side} does not halve down to 4");
             }
             let vbi = vb.pp(blocks.len().to_string());

@@ -13,7 +13,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize) -> candle_core::Result<Self> {
-        if channels % groups != 0 {
+        if !channels.is_multiple_of(groups) {
             candle_core::bail!(
                 "GroupNorm: {channels} channels are not divisible into {groups} groups"
             );
