@@ -288,7 +288,7 @@ pub struct PipelineArgs {
     /// Training data (default: the embedded MNIST digits).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Teacher training steps (default: the teacher's default, 2000).
+    /// Teacher training steps (default: the teacher's default, 5000).
     #[arg(long)]
     pub teacher_steps: Option<u64>,
     /// DMD2 iterations per student (the student is updated every 5th).

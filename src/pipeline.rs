@@ -135,6 +135,8 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
             common: run_args(&out, &teacher, o.dmd2_steps, ts),
             data: o.data.clone(),
             dfake_gen_update_ratio: Some(ratio),
+            // The students learn the teacher's guided distribution at the teacher's own scale.
+            real_guidance_scale: Some(tcfg.cfg_scale),
             ..Default::default()
         };
         cli_distill::cmd_dmd2(&a, dev, show, o.quiet)
@@ -153,6 +155,7 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
     } else {
         let a = TdmArgs {
             common: run_args(&out, &teacher, o.tdm_steps, vec![999, 749, 499, 249]),
+            cfg_scale: Some(tcfg.cfg_scale),
             ..Default::default()
         };
         cli_distill::cmd_tdm(&a, dev, show, o.quiet)?

@@ -55,7 +55,7 @@ impl Default for TeacherConfig {
             model: UNetConfig::mnist_small(),
             parameterisation: "edm".into(),
             beta_schedule: BetaSchedule::Linear,
-            steps: 2000,
+            steps: 5000,
             batch_size: 32,
             optim: AdamWConfig {
                 lr: 1e-3,
@@ -70,7 +70,7 @@ impl Default for TeacherConfig {
             sample_every: 500,
             checkpoint_every: 100,
             sample_steps: 18,
-            cfg_scale: 1.5,
+            cfg_scale: 2.0,
             precision: Precision::Fp32,
             loss_scale: LossScaleConfig::default(),
         }
