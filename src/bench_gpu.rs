@@ -5,7 +5,9 @@
 use crate::checkpoint::{CheckpointMeta, Role};
 use crate::train::distill::{Method, RunConfig, Teacher};
 use crate::train::dmd2::{Dmd2, Dmd2Config};
-use crate::train::optim::{precision_step, AdamW, AdamWConfig, LossScaleConfig, LossScaler, Precision};
+use crate::train::optim::{
+    precision_step, AdamW, AdamWConfig, LossScaleConfig, LossScaler, Precision,
+};
 use crate::train::tdm::{Tdm, TdmConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -52,11 +54,22 @@ pub struct GpuReport {
 
 impl fmt::Display for GpuReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "GPU {}, UNet `{}`, batch {}", self.gpu, self.config, self.batch)?;
+        writeln!(
+            f,
+            "GPU {}, UNet `{}`, batch {}",
+            self.gpu, self.config, self.batch
+        )?;
         writeln!(
             f,
             "{:<6} {:>14} {:>14} {:>9} {:>12} {:>12} {:>12} {:>12}",
-            "prec", "teacher img/s", "PyTorch img/s", "ratio", "DMD2 img/s", "TDM img/s", "GPU MiB", "torch MiB"
+            "prec",
+            "teacher img/s",
+            "PyTorch img/s",
+            "ratio",
+            "DMD2 img/s",
+            "TDM img/s",
+            "GPU MiB",
+            "torch MiB"
         )?;
         for r in &self.rows {
             let opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
@@ -75,7 +88,10 @@ impl fmt::Display for GpuReport {
                 opt(r.torch_peak_mib),
             )?;
         }
-        write!(f, "ratio = candle images/s / PyTorch AMP images/s (above 1: candle is faster)")
+        write!(
+            f,
+            "ratio = candle images/s / PyTorch AMP images/s (above 1: candle is faster)"
+        )
     }
 }
 
@@ -94,7 +110,10 @@ impl MemPoll {
             let mut peak: Option<f64> = None;
             while !s.load(Ordering::Relaxed) {
                 let out = std::process::Command::new("nvidia-smi")
-                    .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+                    .args([
+                        "--query-compute-apps=pid,used_memory",
+                        "--format=csv,noheader,nounits",
+                    ])
                     .output();
                 if let Ok(o) = out {
                     for line in String::from_utf8_lossy(&o.stdout).lines() {
@@ -124,7 +143,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median seconds of `f` over `iters` calls after `warmup`, synchronising the device each time.
-fn time(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut(u64) -> Result<()>) -> Result<f64> {
+fn time(
+    dev: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut(u64) -> Result<()>,
+) -> Result<f64> {
     for i in 0..warmup {
         f(i as u64)?;
     }
@@ -139,15 +163,33 @@ fn time(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut(u64) -> Res
     Ok(median(t))
 }
 
-fn teacher_step_s(cfg: &ModelConfig, o: &GpuBenchOptions, p: Precision, dev: &Device) -> Result<(f64, Option<f64>)> {
+fn teacher_step_s(
+    cfg: &ModelConfig,
+    o: &GpuBenchOptions,
+    p: Precision,
+    dev: &Device,
+) -> Result<(f64, Option<f64>)> {
     let (_vm, den, vars) = crate::train::teacher::init_trainable(cfg, 0, dev)?;
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
-    let mut scaler = p.needs_loss_scaling().then(|| LossScaler::new(LossScaleConfig::default()));
+    let mut scaler = p
+        .needs_loss_scaling()
+        .then(|| LossScaler::new(LossScaleConfig::default()));
     let b = CandleBackend::training(dev).with_autocast(p.autocast());
     let u = &cfg.unet;
     let n = o.batch;
-    let x0 = Tensor::rand(-1f32, 1f32, (n, u.channels, u.resolution, u.resolution), dev)?;
-    let labels = Tensor::from_vec((0..n as u32).map(|i| i % u.num_classes as u32).collect::<Vec<_>>(), n, dev)?;
+    let x0 = Tensor::rand(
+        -1f32,
+        1f32,
+        (n, u.channels, u.resolution, u.resolution),
+        dev,
+    )?;
+    let labels = Tensor::from_vec(
+        (0..n as u32)
+            .map(|i| i % u.num_classes as u32)
+            .collect::<Vec<_>>(),
+        n,
+        dev,
+    )?;
     let sigma = Tensor::rand(0.1f32, 5f32, n, dev)?;
     let noise = x0.randn_like(0.0, 1.0)?;
     let mut step = |_: u64| -> Result<()> {
@@ -206,7 +248,11 @@ pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
     };
     let teacher = random_teacher(&cfg, dev)?;
     let data = crate::data::embedded_mnist()?.to_resolution(unet.resolution)?;
-    let torch = if o.torch { torch_peer(o, &cfg)? } else { vec![] };
+    let torch = if o.torch {
+        torch_peer(o, &cfg)?
+    } else {
+        vec![]
+    };
     let mut rows = Vec::new();
     for p in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
         let (ts, mem) = teacher_step_s(&cfg, o, p, dev)?;
@@ -258,7 +304,13 @@ fn gpu_name() -> Option<String> {
         .args(["--query-gpu=name", "--format=csv,noheader"])
         .output()
         .ok()?;
-    Some(String::from_utf8_lossy(&o.stdout).lines().next()?.trim().to_string())
+    Some(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()?
+            .trim()
+            .to_string(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -292,7 +344,13 @@ fn torch_peer(o: &GpuBenchOptions, cfg: &ModelConfig) -> Result<Vec<TorchRow>> {
         .arg("--iters")
         .arg(o.iters.to_string())
         .output()
-        .with_context(|| format!("running the PyTorch peer {} with {}", script.display(), py.display()))?;
+        .with_context(|| {
+            format!(
+                "running the PyTorch peer {} with {}",
+                script.display(),
+                py.display()
+            )
+        })?;
     if !out.status.success() {
         bail!(
             "the PyTorch peer failed ({}): {}",

@@ -938,17 +938,20 @@ fn cmd_plot(a: &PlotArgs) -> Result<()> {
     } else {
         a.metrics.clone()
     };
-    let out = a.out.clone().unwrap_or_else(|| {
-        file.parent()
-            .unwrap_or(Path::new("."))
-            .join("curves.png")
-    });
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| file.parent().unwrap_or(Path::new(".")).join("curves.png"));
     let series = crate::plot::read_metrics(&file, &a.keys)?;
     crate::plot::plot_png(&out, &file.display().to_string(), &series, a.log_y)?;
     println!(
         "{}: {} ({} points)",
         out.display(),
-        series.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+        series
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         series.iter().map(|s| s.points.len()).sum::<usize>()
     );
     Ok(())

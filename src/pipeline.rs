@@ -172,11 +172,41 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
     };
     let cfg = tcfg.cfg_scale;
     let mut evals: Vec<(String, PathBuf, Option<SamplerArg>, Option<usize>, f64)> = vec![
-        ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(18), cfg),
-        ("teacher".into(), teacher.clone(), Some(SamplerArg::Heun), Some(3), cfg),
-        ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(4), cfg),
-        ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(2), cfg),
-        ("teacher".into(), teacher.clone(), Some(SamplerArg::Euler), Some(1), cfg),
+        (
+            "teacher".into(),
+            teacher.clone(),
+            Some(SamplerArg::Heun),
+            Some(18),
+            cfg,
+        ),
+        (
+            "teacher".into(),
+            teacher.clone(),
+            Some(SamplerArg::Heun),
+            Some(3),
+            cfg,
+        ),
+        (
+            "teacher".into(),
+            teacher.clone(),
+            Some(SamplerArg::Euler),
+            Some(4),
+            cfg,
+        ),
+        (
+            "teacher".into(),
+            teacher.clone(),
+            Some(SamplerArg::Euler),
+            Some(2),
+            cfg,
+        ),
+        (
+            "teacher".into(),
+            teacher.clone(),
+            Some(SamplerArg::Euler),
+            Some(1),
+            cfg,
+        ),
     ];
     for (name, ckpt) in &students {
         let steps = checkpoint::load_meta(ckpt)?.generator.steps;
@@ -236,9 +266,8 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
         for (name, ckpt) in targets {
             for precision in [cli::PrecisionArg::Fp32, cli::PrecisionArg::Fp16] {
                 let dir = o.out.join("export").join(&name);
-                let path = cli::export_checkpoint(&cli::ExportArgs::generator(
-                    &ckpt, &dir, precision,
-                ))?;
+                let path =
+                    cli::export_checkpoint(&cli::ExportArgs::generator(&ckpt, &dir, precision))?;
                 // tract's f16 kernels are scalar and the teacher's generator is 35 NFE unrolled:
                 // those get fewer (still seeded, all batch sizes) cases.
                 let cases = if name == "teacher" || precision == cli::PrecisionArg::Fp16 {
@@ -254,7 +283,11 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
                 if ort_only {
                     v.runtimes = Some(vec!["onnxruntime".into()]);
                 }
-                let runtimes = if ort_only { " --runtimes onnxruntime" } else { "" };
+                let runtimes = if ort_only {
+                    " --runtimes onnxruntime"
+                } else {
+                    ""
+                };
                 let r = cli::validate_model(&v)?;
                 eprintln!("{r}");
                 for m in &r.metrics {

@@ -31,8 +31,10 @@ pub fn read_metrics(path: &Path, keys: &[String]) -> Result<Vec<Series>> {
         };
         for (k, val) in obj {
             let wanted = if keys.is_empty() {
-                !matches!(k.as_str(), "step" | "elapsed_s" | "it_per_s" | "student_updates")
-                    && !k.starts_with("lr")
+                !matches!(
+                    k.as_str(),
+                    "step" | "elapsed_s" | "it_per_s" | "student_updates"
+                ) && !k.starts_with("lr")
             } else {
                 keys.iter().any(|x| x == k)
             };
@@ -140,8 +142,14 @@ fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
 
 /// Ticks at 1, 2 and 5 times powers of ten, in log10 units, covering `[lo, hi]` (log10 values).
 fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let decades: Vec<f64> = (lo.floor() as i64..=hi.ceil() as i64).map(|e| e as f64).collect();
-    let mut out: Vec<f64> = decades.iter().copied().filter(|&e| e >= lo && e <= hi).collect();
+    let decades: Vec<f64> = (lo.floor() as i64..=hi.ceil() as i64)
+        .map(|e| e as f64)
+        .collect();
+    let mut out: Vec<f64> = decades
+        .iter()
+        .copied()
+        .filter(|&e| e >= lo && e <= hi)
+        .collect();
     if out.len() < 3 {
         out = decades
             .iter()
@@ -176,7 +184,10 @@ pub fn plot_png(path: &Path, title: &str, series: &[Series], log_y: bool) -> Res
         .filter(|p| !log_y || p.1 > 0.0)
         .map(|(x, y)| (x, tf(y)))
         .collect();
-    ensure!(!pts.is_empty(), "no plottable points (log scale needs positive values)");
+    ensure!(
+        !pts.is_empty(),
+        "no plottable points (log scale needs positive values)"
+    );
     let (mut x0, mut x1) = (f64::MAX, f64::MIN);
     let (mut y0, mut y1) = (f64::MAX, f64::MIN);
     for &(x, y) in &pts {
@@ -199,9 +210,18 @@ pub fn plot_png(path: &Path, title: &str, series: &[Series], log_y: bool) -> Res
         let x = sx(t);
         c.line((x, TOP as f64), (x, (H - BOTTOM) as f64), grey);
         let s = fmt_tick(t);
-        c.text(&s, x as i64 - 3 * s.len() as i64, (H - BOTTOM + 8) as i64, black);
+        c.text(
+            &s,
+            x as i64 - 3 * s.len() as i64,
+            (H - BOTTOM + 8) as i64,
+            black,
+        );
     }
-    let yt = if log_y { log_ticks(y0, y1) } else { ticks(y0, y1, 6) };
+    let yt = if log_y {
+        log_ticks(y0, y1)
+    } else {
+        ticks(y0, y1, 6)
+    };
     for t in yt {
         let y = sy(t);
         c.line((LEFT as f64, y), ((W - RIGHT) as f64, y), grey);
@@ -210,9 +230,19 @@ pub fn plot_png(path: &Path, title: &str, series: &[Series], log_y: bool) -> Res
         } else {
             fmt_tick(t)
         };
-        c.text(&s, LEFT as i64 - 6 * s.len() as i64 - 6, y as i64 - 3, black);
+        c.text(
+            &s,
+            LEFT as i64 - 6 * s.len() as i64 - 6,
+            y as i64 - 3,
+            black,
+        );
     }
-    let (l, r, tp, b) = (LEFT as f64, (W - RIGHT) as f64, TOP as f64, (H - BOTTOM) as f64);
+    let (l, r, tp, b) = (
+        LEFT as f64,
+        (W - RIGHT) as f64,
+        TOP as f64,
+        (H - BOTTOM) as f64,
+    );
     c.line((l, b), (r, b), black);
     c.line((l, tp), (l, b), black);
     for (i, s) in series.iter().enumerate() {
@@ -231,7 +261,11 @@ pub fn plot_png(path: &Path, title: &str, series: &[Series], log_y: bool) -> Res
         }
         let ly = TOP as i64 + 6 + 12 * i as i64;
         let lx = (W - RIGHT) as i64 - 6 * s.name.len() as i64 - 30;
-        c.line((lx as f64, ly as f64 + 3.0), (lx as f64 + 18.0, ly as f64 + 3.0), col);
+        c.line(
+            (lx as f64, ly as f64 + 3.0),
+            (lx as f64 + 18.0, ly as f64 + 3.0),
+            col,
+        );
         c.text(&s.name, lx + 22, ly, col);
     }
     c.text(title, LEFT as i64, 10, black);
@@ -317,7 +351,10 @@ mod tests {
 
     #[test]
     fn ticks_are_round_and_cover_the_range() {
-        assert_eq!(ticks(0.0, 100.0, 5), vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
+        assert_eq!(
+            ticks(0.0, 100.0, 5),
+            vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+        );
         let t = ticks(0.013, 0.087, 6);
         assert!(t.len() >= 3 && t.windows(2).all(|w| w[1] > w[0]));
         assert!(t[0] >= 0.013 && *t.last().unwrap() <= 0.087);
@@ -331,15 +368,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = dir.path().join("metrics.jsonl");
         let lines: String = (1..=20)
-            .map(|s| format!("{{\"step\":{s},\"loss_a\":{},\"loss_b\":{},\"lr\":0.1}}\n", 1.0 / s as f64, 0.5))
+            .map(|s| {
+                format!(
+                    "{{\"step\":{s},\"loss_a\":{},\"loss_b\":{},\"lr\":0.1}}\n",
+                    1.0 / s as f64,
+                    0.5
+                )
+            })
             .collect();
         std::fs::write(&m, lines).unwrap();
         let all = read_metrics(&m, &[]).unwrap();
-        assert_eq!(all.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["loss_a", "loss_b"]);
+        assert_eq!(
+            all.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["loss_a", "loss_b"]
+        );
         let s = read_metrics(&m, &["loss_b".into()]).unwrap();
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].points.len(), 20);
-        assert!(read_metrics(&m, &["nope".into()]).unwrap_err().to_string().contains("nope"));
+        assert!(read_metrics(&m, &["nope".into()])
+            .unwrap_err()
+            .to_string()
+            .contains("nope"));
         let png = dir.path().join("c.png");
         plot_png(&png, "test", &all, true).unwrap();
         let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
@@ -347,8 +396,14 @@ mod tests {
         let mut buf = vec![0; r.output_buffer_size()];
         r.next_frame(&mut buf).unwrap();
         let count = |c: [u8; 3]| buf.chunks(3).filter(|p| *p == c).count();
-        assert!(count(COLORS[0]) > 200 && count(COLORS[1]) > 200, "both curves drawn");
+        assert!(
+            count(COLORS[0]) > 200 && count(COLORS[1]) > 200,
+            "both curves drawn"
+        );
         std::fs::write(&m, "{\"step\": 1, \"x\": 1}\nnot json\n").unwrap();
-        assert!(read_metrics(&m, &[]).unwrap_err().to_string().contains(":2"));
+        assert!(read_metrics(&m, &[])
+            .unwrap_err()
+            .to_string()
+            .contains(":2"));
     }
 }

@@ -83,7 +83,13 @@ fn run_cfg(steps: u64) -> RunConfig {
     }
 }
 
-fn spec<'a>(cfg: &'a RunConfig, toml: String, key: String, t: &'a Teacher, resume: bool) -> RunSpec<'a> {
+fn spec<'a>(
+    cfg: &'a RunConfig,
+    toml: String,
+    key: String,
+    t: &'a Teacher,
+    resume: bool,
+) -> RunSpec<'a> {
     RunSpec {
         cfg,
         config_toml: toml,
@@ -96,9 +102,21 @@ fn spec<'a>(cfg: &'a RunConfig, toml: String, key: String, t: &'a Teacher, resum
     }
 }
 
-fn run_dmd2(cfg: &Dmd2Config, t: &Teacher, data: &Dataset, out: &Path, resume: bool) -> anyhow::Result<(u64, u64)> {
+fn run_dmd2(
+    cfg: &Dmd2Config,
+    t: &Teacher,
+    data: &Dataset,
+    out: &Path,
+    resume: bool,
+) -> anyhow::Result<(u64, u64)> {
     let mut m = Dmd2::new(cfg.clone(), t, data, &cpu())?;
-    let rs = spec(&cfg.run, toml::to_string(cfg)?, cfg.resume_key()?, t, resume);
+    let rs = spec(
+        &cfg.run,
+        toml::to_string(cfg)?,
+        cfg.resume_key()?,
+        t,
+        resume,
+    );
     dist::run(&mut m, &rs, &RunDir::new(out)?)?;
     Ok((m.generator_updates, m.fake_updates))
 }
@@ -145,9 +163,19 @@ fn dmd2_updates_generator_every_ratio_steps_and_fake_score_every_step() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dmd2_cfg(tiny_teacher(), 10);
     let (gen, fake) = run_dmd2(&cfg, &t, &mnist(16), dir.path(), false).unwrap();
-    assert_eq!((gen, fake), (4, 10), "generator at steps 0, 3, 6, 9; fake score every step");
+    assert_eq!(
+        (gen, fake),
+        (4, 10),
+        "generator at steps 0, 3, 6, 9; fake score every step"
+    );
     // The metrics record the DM loss only on generator steps, the fake loss on all.
-    assert_eq!(metric(dir.path(), "loss_dm").iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4, 7, 10]);
+    assert_eq!(
+        metric(dir.path(), "loss_dm")
+            .iter()
+            .map(|x| x.0)
+            .collect::<Vec<_>>(),
+        vec![1, 4, 7, 10]
+    );
     assert_eq!(metric(dir.path(), "loss_fake").len(), 10);
     assert!(metric(dir.path(), "loss_gan_critic").len() == 10);
     // The checkpoint is a one-step student that `sample` understands.
@@ -156,7 +184,15 @@ fn dmd2_updates_generator_every_ratio_steps_and_fake_score_every_step() {
     assert_eq!(meta.generator.sigmas, vec![80.0]);
     assert_eq!(meta.generator.nfe(), 1);
     let inputs = distill::sample::seeded_noise(&den, &meta.generator, 4, 0, &cpu()).unwrap();
-    let imgs = distill::sample::generate(&den, &meta.generator, &inputs, &Tensor::new(&[0u32, 1, 2, 3], &cpu()).unwrap(), 4, &cpu()).unwrap();
+    let imgs = distill::sample::generate(
+        &den,
+        &meta.generator,
+        &inputs,
+        &Tensor::new(&[0u32, 1, 2, 3], &cpu()).unwrap(),
+        4,
+        &cpu(),
+    )
+    .unwrap();
     assert_eq!(imgs.dims(), &[4, 1, 16, 16]);
 }
 
@@ -173,11 +209,21 @@ fn rollouts_carry_no_gradient_and_step_zero_is_pure_noise() {
     let ro = dist::rollout(&b, &frozen, &z, &labels, &sigmas, 2, Some(&fresh)).unwrap();
     assert_eq!((ro.xs.len(), ro.x0s.len()), (3, 2));
     // Step 0's input is the scaled pure noise.
-    let d = (&ro.xs[0] - (&z * 80.0).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    let d = (&ro.xs[0] - (&z * 80.0).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     // Fresh re-noise: x_1 = x0_0 + sigma_1 * noise_1.
     let want = (&ro.x0s[0] + 10.0).unwrap();
-    let d = (&ro.xs[1] - want).unwrap().abs().unwrap().max_all().unwrap();
+    let d = (&ro.xs[1] - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
     // No gradient reaches the student's variables through a rollout.
     let loss = ro.xs[2].sqr().unwrap().sum_all().unwrap();
@@ -185,14 +231,25 @@ fn rollouts_carry_no_gradient_and_step_zero_is_pure_noise() {
     assert!(vars.iter().all(|(_, v)| g.get(v).is_none()));
     // ...while a direct call does.
     let level = dist::sigma_level(&student, &[80.0; 3], &cpu()).unwrap();
-    let g = student.forward(&b, &z, &level, &labels).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = student
+        .forward(&b, &z, &level, &labels)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert!(vars.iter().any(|(_, v)| g.get(v).is_some()));
     // Deterministic re-noise (TDM): x_1 = x0 + s_1 (x - x0) / s_0.
     let ro = dist::rollout(&b, &frozen, &z, &labels, &sigmas, 3, None).unwrap();
     assert_eq!((ro.xs.len(), ro.x0s.len()), (3, 3));
     let eps = ((&ro.xs[0] - &ro.x0s[0]).unwrap() / 80.0).unwrap();
     let want = (&ro.x0s[0] + (eps * 10.0).unwrap()).unwrap();
-    let d = (&ro.xs[1] - want).unwrap().abs().unwrap().max_all().unwrap();
+    let d = (&ro.xs[1] - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
 }
 
@@ -210,7 +267,11 @@ fn tdm_separate_intervals_never_leave_their_step() {
         let k = d.k[i];
         let next = ts.get(k + 1).copied().unwrap_or(0);
         assert_eq!(d.t_m[i], next);
-        assert!(d.t[i] >= next.max(cfg.min_timestep) && d.t[i] < ts[k], "k {k}: t {}", d.t[i]);
+        assert!(
+            d.t[i] >= next.max(cfg.min_timestep) && d.t[i] < ts[k],
+            "k {k}: t {}",
+            d.t[i]
+        );
         seen[k] = (seen[k].0.min(d.t[i]), seen[k].1.max(d.t[i]));
     }
     // The intervals are disjoint and cover their range.
@@ -234,7 +295,11 @@ fn tdm_separate_intervals_never_leave_their_step() {
     // Timesteps too close together leave no interval: a clear error.
     let mut bad = tdm_cfg(tiny_teacher(), 1);
     bad.timesteps = vec![999, 995];
-    assert!(bad.validate(&grid).unwrap_err().to_string().contains("no matching interval"));
+    assert!(bad
+        .validate(&grid)
+        .unwrap_err()
+        .to_string()
+        .contains("no matching interval"));
 }
 
 #[test]
@@ -250,17 +315,26 @@ fn distill_runs_resume_on_the_same_curve() {
     let mut c3 = c.clone();
     c3.run.steps = 3;
     run_dmd2(&c3, &t, &data, part.path(), false).unwrap();
-    assert!(run_dmd2(&c, &t, &data, part.path(), false).is_err(), "refuses to overwrite");
+    assert!(
+        run_dmd2(&c, &t, &data, part.path(), false).is_err(),
+        "refuses to overwrite"
+    );
     let mut other = c.clone();
     other.real_guidance_scale = 3.0;
     let e = run_dmd2(&other, &t, &data, part.path(), true).unwrap_err();
-    assert!(format!("{e:#}").contains("different configuration"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("different configuration"),
+        "{e:#}"
+    );
     run_dmd2(&c, &t, &data, part.path(), true).unwrap();
     for key in ["loss_fake", "loss_gan_critic", "grad_norm_fake"] {
         let (a, b) = (metric(full.path(), key), metric(part.path(), key));
         assert_eq!(a.len(), 7, "{key}");
         for ((s, x), (_, y)) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key} step {s}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{key} step {s}: {x} vs {y}"
+            );
         }
     }
     let w = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
@@ -284,7 +358,10 @@ fn distill_runs_resume_on_the_same_curve() {
         let (a, b) = (metric(full.path(), key), metric(part.path(), key));
         assert_eq!(a.len(), 6, "{key}");
         for ((s, x), (_, y)) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{key} step {s}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "{key} step {s}: {x} vs {y}"
+            );
         }
     }
     assert_eq!(w(full.path()), w(part.path()));
@@ -310,7 +387,10 @@ fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
     let e = run_dmd2(&c6, &t, &bad, dir.path(), true).unwrap_err();
     let msg = format!("{e:#}");
     assert!(msg.contains("NaN") && msg.contains("checkpoint"), "{msg}");
-    assert_eq!(before, std::fs::read(dir.path().join("checkpoint/train_state.safetensors")).unwrap());
+    assert_eq!(
+        before,
+        std::fs::read(dir.path().join("checkpoint/train_state.safetensors")).unwrap()
+    );
     // TDM with an exploding learning rate.
     let dir = tempfile::tempdir().unwrap();
     let mut c = tdm_cfg(tiny_teacher(), 50);
@@ -320,7 +400,10 @@ fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
     c.student_optim.warmup_steps = 0;
     let e = run_tdm(&c, &t, dir.path(), false).unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("diverged") || msg.contains("NaN") || msg.contains("inf"), "{msg}");
+    assert!(
+        msg.contains("diverged") || msg.contains("NaN") || msg.contains("inf"),
+        "{msg}"
+    );
     assert!(msg.contains("checkpoint"), "{msg}");
 }
 
@@ -329,21 +412,35 @@ fn distillation_refuses_students_and_bad_configs() {
     let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     run_tdm(&tdm_cfg(tiny_teacher(), 1), &t, dir.path(), false).unwrap();
-    let e = Teacher::load(&dir.path().join("checkpoint"), &cpu()).err().unwrap();
+    let e = Teacher::load(&dir.path().join("checkpoint"), &cpu())
+        .err()
+        .unwrap();
     assert!(format!("{e:#}").contains("not a teacher"), "{e:#}");
     let mut c = dmd2_cfg(tiny_teacher(), 1);
     c.timesteps = vec![249, 999];
-    assert!(Dmd2::new(c, &t, &mnist(16), &cpu()).err().unwrap().to_string().contains("descending"));
+    assert!(Dmd2::new(c, &t, &mnist(16), &cpu())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("descending"));
     let mut c = dmd2_cfg(tiny_teacher(), 1);
     c.timesteps = vec![1000];
-    assert!(Dmd2::new(c, &t, &mnist(16), &cpu()).err().unwrap().to_string().contains("outside"));
+    assert!(Dmd2::new(c, &t, &mnist(16), &cpu())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("outside"));
     // The GAN needs real images of the teacher's shape.
     let c = dmd2_cfg(tiny_teacher(), 1);
     let e = Dmd2::new(c, &t, &mnist(32), &cpu()).err().unwrap();
     assert!(e.to_string().contains("16x16"), "{e}");
     let mut c = tdm_cfg(tiny_teacher(), 1);
     c.condition_on_step = true;
-    assert!(Tdm::new(c, &t, &cpu()).err().unwrap().to_string().contains("to-t"));
+    assert!(Tdm::new(c, &t, &cpu())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("to-t"));
 }
 
 /// A 32x32 teacher (the evaluation classifier's size) trained briefly, and the evaluator.
@@ -368,7 +465,9 @@ fn quality_fixture() -> &'static (PathBuf, distill::eval::Evaluator) {
 
 fn student_fd(run: &Path, ev: &distill::eval::Evaluator) -> f64 {
     let (den, meta) = checkpoint::load(&run.join("checkpoint"), &cpu()).unwrap();
-    dist::eval_student(ev, &den, &meta.generator, 500, &cpu()).unwrap().fd
+    dist::eval_student(ev, &den, &meta.generator, 500, &cpu())
+        .unwrap()
+        .fd
 }
 
 #[test]
@@ -418,14 +517,22 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
 /// `onnx.checker.check_model(onnx.load(P), full_check=True)` with the project's .venv python.
 fn onnx_check(path: &Path) {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(py.exists(), "{} is missing: run scripts/setup.sh", py.display());
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/setup.sh",
+        py.display()
+    );
     let out = std::process::Command::new(&py)
         .arg("-c")
         .arg("import sys, onnx; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)")
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "checker: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "checker: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -441,7 +548,10 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
     let tdm = runs.path().join("tdm_4");
     run_tdm(&tdm_cfg(tiny_teacher(), 2), &t, &tdm, false).unwrap();
     for (run, fresh) in [(&one, 0), (&four, 3), (&tdm, 0)] {
-        for precision in [distill::cli::PrecisionArg::Fp32, distill::cli::PrecisionArg::Fp16] {
+        for precision in [
+            distill::cli::PrecisionArg::Fp32,
+            distill::cli::PrecisionArg::Fp16,
+        ] {
             let out = run.join("export");
             let a = distill::cli::ExportArgs::generator(&run.join("checkpoint"), &out, precision);
             let path = distill::cli::export_checkpoint(&a).unwrap();
@@ -452,7 +562,11 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
             let mut want = vec!["noise".to_string(), "class_labels".to_string()];
             want.extend((1..=fresh).map(|i| format!("noise_{i}")));
             for w in &want {
-                assert!(names.contains(&w.as_str()), "{}: inputs {names:?}", path.display());
+                assert!(
+                    names.contains(&w.as_str()),
+                    "{}: inputs {names:?}",
+                    path.display()
+                );
             }
             assert_eq!(names.len(), want.len());
             let v = distill::cli::ValidateArgs::new(&path, &run.join("checkpoint"));
@@ -472,14 +586,22 @@ fn fp16_and_bf16_distillation_runs_log_the_scaler_and_keep_f32_checkpoints() {
         let mut c = dmd2_cfg(tiny_teacher(), 3);
         c.run.precision = p;
         run_dmd2(&c, &t, &mnist(16), dir.path(), false).unwrap();
-        assert_eq!(metric(dir.path(), "loss_scale_fake").is_empty(), p != Precision::Fp16, "{p:?}");
+        assert_eq!(
+            metric(dir.path(), "loss_scale_fake").is_empty(),
+            p != Precision::Fp16,
+            "{p:?}"
+        );
         let dir2 = tempfile::tempdir().unwrap();
         let mut c = tdm_cfg(tiny_teacher(), 2);
         c.run.precision = p;
         run_tdm(&c, &t, dir2.path(), false).unwrap();
-        assert_eq!(metric(dir2.path(), "loss_scale_student").is_empty(), p != Precision::Fp16);
+        assert_eq!(
+            metric(dir2.path(), "loss_scale_student").is_empty(),
+            p != Precision::Fp16
+        );
         for d in [dir.path(), dir2.path()] {
-            let w = checkpoint::load_tensors(&d.join("checkpoint/model.safetensors"), &cpu()).unwrap();
+            let w =
+                checkpoint::load_tensors(&d.join("checkpoint/model.safetensors"), &cpu()).unwrap();
             assert!(w.values().all(|x| x.dtype() == candle_core::DType::F32));
         }
         // A run may resume in another precision.

@@ -44,16 +44,30 @@ fn overflow_skips_the_step_halves_the_scale_and_keeps_the_weights() {
     assert_eq!(vals(w.as_tensor()), before, "master weights unchanged");
     assert_eq!((s.scale, s.skipped, opt.t), (512.0, 1, 0));
     let nan = Tensor::new(&[f32::NAN, 0.0, 0.0], &Device::Cpu).unwrap();
-    assert!(precision_step(&mut opt, Some(&mut s), vec![Some(nan)]).unwrap().is_none());
+    assert!(precision_step(&mut opt, Some(&mut s), vec![Some(nan)])
+        .unwrap()
+        .is_none());
     assert_eq!(s.scale, 256.0);
     // Clean steps: unscaled gradients reach the optimiser; the scale doubles every 3.
     for i in 1..=7 {
         let scaled = Tensor::new(&[256.0f32 * 0.5, 0.0, -256.0], &Device::Cpu).unwrap();
         let scaled = (scaled * (s.scale / 256.0)).unwrap();
-        let st = precision_step(&mut opt, Some(&mut s), vec![Some(scaled)]).unwrap().unwrap();
+        let st = precision_step(&mut opt, Some(&mut s), vec![Some(scaled)])
+            .unwrap()
+            .unwrap();
         let want = (0.25f64 + 1.0).sqrt();
-        assert!((st.grad_norm - want).abs() < 1e-5, "step {i}: norm {} (unscaled)", st.grad_norm);
-        let expect = if i < 3 { 256.0 } else if i < 6 { 512.0 } else { 1024.0 };
+        assert!(
+            (st.grad_norm - want).abs() < 1e-5,
+            "step {i}: norm {} (unscaled)",
+            st.grad_norm
+        );
+        let expect = if i < 3 {
+            256.0
+        } else if i < 6 {
+            512.0
+        } else {
+            1024.0
+        };
         assert_eq!(s.scale, expect, "after clean step {i}");
     }
     assert_eq!(opt.t, 7);
@@ -63,7 +77,10 @@ fn overflow_skips_the_step_halves_the_scale_and_keeps_the_weights() {
     s.save("scaler", &mut meta);
     let mut t = LossScaler::new(LossScaleConfig::default());
     t.load("scaler", &meta).unwrap();
-    assert_eq!((t.scale, t.good_steps, t.skipped), (s.scale, s.good_steps, s.skipped));
+    assert_eq!(
+        (t.scale, t.good_steps, t.skipped),
+        (s.scale, s.good_steps, s.skipped)
+    );
 }
 
 #[test]
@@ -83,16 +100,41 @@ fn autocast_runs_convs_in_half_precision_and_keeps_f32_gradients() {
         let b = CandleBackend::training(&dev).with_autocast(Some(dt));
         let y = b.conv2d(&x, &pw, Some(&pb), 1, 1).unwrap();
         assert_eq!(y.dtype(), DType::F32, "autocast ops return f32");
-        let err = (&y - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (&y - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let tol = if dt == DType::F16 { 1e-2 } else { 6e-2 };
         assert!(err > 0.0 && err < tol, "{dt:?}: max abs {err}");
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let gw = g.get(&w).unwrap();
         assert_eq!(gw.dtype(), DType::F32, "master-weight gradient is f32");
         let g32 = want.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let r = (gw - g32.get(&w).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = g32.get(&w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(r < 0.05 * scale, "{dt:?}: gradient differs by {r} (scale {scale})");
+        let r = (gw - g32.get(&w).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = g32
+            .get(&w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            r < 0.05 * scale,
+            "{dt:?}: gradient differs by {r} (scale {scale})"
+        );
     }
     // GroupNorm and softmax stay f32 under autocast.
     let b = CandleBackend::training(&dev).with_autocast(Some(DType::F16));
@@ -100,7 +142,10 @@ fn autocast_runs_convs_in_half_precision_and_keeps_f32_gradients() {
 }
 
 fn toy_data() -> Dataset {
-    let d = distill::data::embedded_mnist().unwrap().to_resolution(16).unwrap();
+    let d = distill::data::embedded_mnist()
+        .unwrap()
+        .to_resolution(16)
+        .unwrap();
     d.subset(256)
 }
 
@@ -125,7 +170,11 @@ fn run_teacher(precision: Precision, steps: u64) -> Vec<f64> {
     let run = RunDir::new(dir.path()).unwrap();
     teacher::train(&c, &toy_data(), &run, false, false, &Device::Cpu).unwrap();
     // Checkpoints are f32 whatever the precision.
-    let w = distill::checkpoint::load_tensors(&run.checkpoint().join("model.safetensors"), &Device::Cpu).unwrap();
+    let w = distill::checkpoint::load_tensors(
+        &run.checkpoint().join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert!(w.values().all(|t| t.dtype() == DType::F32));
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.metrics())
         .unwrap()
@@ -134,8 +183,15 @@ fn run_teacher(precision: Precision, steps: u64) -> Vec<f64> {
         .collect();
     if precision == Precision::Fp16 {
         let last = lines.last().unwrap();
-        eprintln!("fp16: loss scale {} after {} skipped steps", last["loss_scale"], last["skipped_steps"]);
-        assert_eq!(last["loss_scale"].as_f64(), Some(4096.0), "the scale is logged");
+        eprintln!(
+            "fp16: loss scale {} after {} skipped steps",
+            last["loss_scale"], last["skipped_steps"]
+        );
+        assert_eq!(
+            last["loss_scale"].as_f64(),
+            Some(4096.0),
+            "the scale is logged"
+        );
         assert_eq!(last["skipped_steps"].as_u64(), Some(0));
     }
     lines.iter().map(|v| v["loss"].as_f64().unwrap()).collect()
@@ -150,7 +206,11 @@ fn fp16_and_bf16_teacher_runs_track_the_fp32_loss_curve() {
         eprintln!("fp32 {a:.4?}\n{p:?} {b:.4?}");
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= tol * x.abs(), "{p:?} step {}: fp32 {x} vs {y}", i + 1);
+            assert!(
+                (x - y).abs() <= tol * x.abs(),
+                "{p:?} step {}: fp32 {x} vs {y}",
+                i + 1
+            );
         }
     }
 }

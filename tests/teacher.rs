@@ -208,7 +208,10 @@ fn ema_weights_are_detached_from_the_trained_variables() {
     // A copy of a Var keeps an autograd edge; a model built on such weights would record and
     // keep alive every activation of its forward passes (it once took sampling to 8 GB).
     use distill::train::optim::Ema;
-    let v = candle_core::Var::from_tensor(&Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let v = candle_core::Var::from_tensor(
+        &Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
     let vars = vec![("w".to_string(), v.clone())];
     let mut ema = Ema::new(&vars, 0.9).unwrap();
     ema.update(&vars, 5).unwrap();

@@ -267,7 +267,12 @@ fn fp16_generator_within_fp16_tolerances() {
     // tract accumulates f16 products in f16: a looser max bound there, the same mean bound.
     for m in &r.metrics {
         let max = if m.runtime == "tract" { 6e-2 } else { 2e-2 };
-        assert_eq!((m.max_abs_tol, m.mean_abs_tol), (max, Some(2e-3)), "{}", m.runtime);
+        assert_eq!(
+            (m.max_abs_tol, m.mean_abs_tol),
+            (max, Some(2e-3)),
+            "{}",
+            m.runtime
+        );
     }
     assert_eq!(r.metrics.len(), 2);
     let model = load_model(&dir.path().join("student2_fp16.onnx")).unwrap();

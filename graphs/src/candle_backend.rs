@@ -59,7 +59,9 @@ impl CandleBackend {
     /// products accumulated in f32.
     fn down(&self, t: &Tensor) -> Result<Tensor> {
         Ok(match self.autocast {
-            Some(DType::BF16) if t.device().is_cpu() => t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+            Some(DType::BF16) if t.device().is_cpu() => {
+                t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?
+            }
             Some(d) if t.dtype() != d => t.to_dtype(d)?,
             _ => t.clone(),
         })

@@ -179,7 +179,10 @@ impl GeneratorSpec {
     /// A student sampled with only `k` of its trained steps: every `steps / k`-th sigma, starting
     /// at the first (e.g. a 4-step student at 2 steps uses its 1st and 3rd sigma).
     pub fn student_substeps(&self, k: usize) -> anyhow::Result<Self> {
-        anyhow::ensure!(self.sampler == SamplerKind::Student, "not a student sampler");
+        anyhow::ensure!(
+            self.sampler == SamplerKind::Student,
+            "not a student sampler"
+        );
         let n = self.sigmas.len();
         anyhow::ensure!(
             (1..=n).contains(&k),

@@ -24,7 +24,9 @@ fn close(a: &[f32], b: &[f32], tol: f32) {
 fn pr(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
         .map(|i| {
-            let h = (i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503));
+            let h = (i as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(seed.wrapping_mul(40503));
             (h % 2001) as f32 / 1000.0 - 1.0
         })
         .collect()
@@ -75,7 +77,11 @@ fn dm_gradient_of_a_sample_with_zero_normaliser_is_zeroed_not_nan() {
     let g = vals(&l.grad);
     assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
     assert_eq!(g[1], 0.0, "0/0 becomes 0");
-    assert_eq!(g[0], f32::MIN, "-inf (from -0.1/0) becomes the lowest finite f32, like torch");
+    assert_eq!(
+        g[0],
+        f32::MIN,
+        "-inf (from -0.1/0) becomes the lowest finite f32, like torch"
+    );
     close(&g[2..], &[0.0, 0.1 / 0.15], 1e-5); // sample 1 is unaffected
 }
 
@@ -94,7 +100,10 @@ fn gan_losses_have_the_right_signs() {
     close(&sp, &[0.0, std::f32::consts::LN_2, 100.0], 1e-6);
     // The generator's gradient pushes its logits up.
     let f = Var::from_tensor(&t(&[0.0, 1.0], &[2])).unwrap();
-    let g = gan::generator_loss(f.as_tensor()).unwrap().backward().unwrap();
+    let g = gan::generator_loss(f.as_tensor())
+        .unwrap()
+        .backward()
+        .unwrap();
     assert!(vals(g.get(&f).unwrap()).iter().all(|&d| d < 0.0));
 }
 
@@ -115,19 +124,31 @@ fn trajectory_point_and_diffusion_match_the_vp_formulas() {
         // VP view: alpha = 1/sqrt(1+s^2), sigma_vp = s*alpha; x_vp = alpha*x0 + sigma_vp*eps.
         let am = 1.0 / (1.0 + sm * sm).sqrt();
         let vp_m = am * x0v[i] + sm * am * ev[i];
-        assert!((xmv[i] * am - vp_m).abs() < 1e-6, "x_m is the VP point alpha*x0 + sigma*eps");
+        assert!(
+            (xmv[i] * am - vp_m).abs() < 1e-6,
+            "x_m is the VP point alpha*x0 + sigma*eps"
+        );
         // VP transition: x_t = (a_t/a_m) x_m + sqrt(sig_t^2 - (a_t/a_m)^2 sig_m^2) n.
         let at = 1.0 / (1.0 + st * st).sqrt();
-        let beta = ((st * at).powi(2) - (at / am * sm * am).powi(2)).max(0.0).sqrt();
+        let beta = ((st * at).powi(2) - (at / am * sm * am).powi(2))
+            .max(0.0)
+            .sqrt();
         let vp_t = at / am * vp_m + beta * fv[i];
-        assert!((xtv[i] * at - vp_t).abs() < 1e-5, "{} vs {vp_t}", xtv[i] * at);
+        assert!(
+            (xtv[i] * at - vp_t).abs() < 1e-5,
+            "{} vs {vp_t}",
+            xtv[i] * at
+        );
         // x_t = x0 + s_t * mixed.
         assert!((xtv[i] - (x0v[i] + st * mv[i])).abs() < 1e-5);
     }
     // Equal levels: no transition noise, x_t == x_m, mixed == eps.
     close(&xtv[3..], &xmv[3..], 1e-6);
     close(&mv[3..], &ev[3..], 1e-6);
-    assert!(tdm::diffuse(&x_m, &fresh, &[2.0, 2.0], &[1.0, 2.0]).is_err(), "t below m");
+    assert!(
+        tdm::diffuse(&x_m, &fresh, &[2.0, 2.0], &[1.0, 2.0]).is_err(),
+        "t below m"
+    );
 }
 
 #[test]
@@ -152,7 +173,10 @@ fn importance_weight_is_one_when_mixed_equals_fresh() {
 #[test]
 fn min_snr_clamps_and_other_weightings() {
     let snr = [0.1, 5.0, 100.0];
-    assert_eq!(tdm::Weighting::MinSnr.weights(&snr, 5.0), vec![0.1, 5.0, 5.0]);
+    assert_eq!(
+        tdm::Weighting::MinSnr.weights(&snr, 5.0),
+        vec![0.1, 5.0, 5.0]
+    );
     assert_eq!(tdm::Weighting::Snr.weights(&snr, 5.0), snr.to_vec());
     assert_eq!(tdm::Weighting::Constant.weights(&snr, 5.0), vec![1.0; 3]);
 }
@@ -167,16 +191,33 @@ fn student_target_and_pseudo_huber() {
     let fk = t(&pr(8, 11), &shape);
     let w = t(&[1.0, 1.0], &[2]);
     let cfg = 2.0;
-    let mse = tdm::student_loss(x0.as_tensor(), &rc, &ru, &fk, cfg, tdm::Distance::Mse, 1e-3, &w)
-        .unwrap();
+    let mse = tdm::student_loss(
+        x0.as_tensor(),
+        &rc,
+        &ru,
+        &fk,
+        cfg,
+        tdm::Distance::Mse,
+        1e-3,
+        &w,
+    )
+    .unwrap();
     // MSE: the gradient is 2 * (x0 - target) / (numel_per_sample * norm * N), target - x0 =
     // real_cfg - fake, so it points from the fake score's x0 to the guided teacher's.
     let g = vals(mse.loss.backward().unwrap().get(&x0).unwrap());
     let (rcv, ruv, fkv) = (vals(&rc), vals(&ru), vals(&fk));
     for s in 0..2 {
         let r = s * 4..(s + 1) * 4;
-        let cfgd: Vec<f32> = r.clone().map(|i| rcv[i] + (cfg as f32 - 1.0) * (rcv[i] - ruv[i])).collect();
-        let norm: f32 = r.clone().zip(&cfgd).map(|(i, c)| (x0v[i] - c).abs()).sum::<f32>() / 4.0;
+        let cfgd: Vec<f32> = r
+            .clone()
+            .map(|i| rcv[i] + (cfg as f32 - 1.0) * (rcv[i] - ruv[i]))
+            .collect();
+        let norm: f32 = r
+            .clone()
+            .zip(&cfgd)
+            .map(|(i, c)| (x0v[i] - c).abs())
+            .sum::<f32>()
+            / 4.0;
         for (j, i) in r.enumerate() {
             let want = -2.0 * (cfgd[j] - fkv[i]) / (4.0 * norm * 2.0);
             assert!((g[i] - want).abs() < 1e-5, "[{i}] {} vs {want}", g[i]);
@@ -184,13 +225,26 @@ fn student_target_and_pseudo_huber() {
     }
     // Pseudo-Huber sqrt(d^2 + c^2) - c is d^2 / (2c) for |d| << c: a scaled MSE.
     let c = 100.0;
-    let hub = tdm::student_loss(x0.as_tensor(), &rc, &ru, &fk, cfg, tdm::Distance::Huber, c, &w)
-        .unwrap();
+    let hub = tdm::student_loss(
+        x0.as_tensor(),
+        &rc,
+        &ru,
+        &fk,
+        cfg,
+        tdm::Distance::Huber,
+        c,
+        &w,
+    )
+    .unwrap();
     let (m, h) = (
         mse.loss.to_scalar::<f32>().unwrap() as f64,
         hub.loss.to_scalar::<f32>().unwrap() as f64,
     );
-    assert!((h * 2.0 * c / m - 1.0).abs() < 1e-3, "huber {h} vs mse/(2c) {}", m / (2.0 * c));
+    assert!(
+        (h * 2.0 * c / m - 1.0).abs() < 1e-3,
+        "huber {h} vs mse/(2c) {}",
+        m / (2.0 * c)
+    );
     // ...and |d| - c-ish (an L1) for |d| >> c: smaller than the MSE when |d| > 1.
     assert!((mse.normaliser - hub.normaliser).abs() < 1e-9);
 }

@@ -204,14 +204,13 @@ pub fn grid_level(grid: &NoiseGrid, ts: &[usize], device: &Device) -> Result<Noi
 
 /// Per-sample noise level from explicit sigmas (student steps may sit off the grid, e.g. a
 /// conditioning sigma of 80 on a VP teacher's grid).
-pub fn sigma_level(
-    den: &Denoiser,
-    sigmas: &[f64],
-    device: &Device,
-) -> Result<NoiseLevel<Tensor>> {
+pub fn sigma_level(den: &Denoiser, sigmas: &[f64], device: &Device) -> Result<NoiseLevel<Tensor>> {
     let n = sigmas.len();
     let s: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-    let c: Vec<f32> = sigmas.iter().map(|&s| den.param.c_noise(s) as f32).collect();
+    let c: Vec<f32> = sigmas
+        .iter()
+        .map(|&s| den.param.c_noise(s) as f32)
+        .collect();
     Ok(NoiseLevel {
         sigma: Tensor::from_vec(s, n, device)?,
         c_noise: Tensor::from_vec(c, n, device)?,
@@ -275,7 +274,11 @@ pub fn rollout(
     steps: usize,
     fresh: Option<&[Tensor]>,
 ) -> Result<Rollout> {
-    ensure!(steps <= sigmas.len(), "rollout of {steps} steps over {} sigmas", sigmas.len());
+    ensure!(
+        steps <= sigmas.len(),
+        "rollout of {steps} steps over {} sigmas",
+        sigmas.len()
+    );
     let n = z.dim(0)?;
     let mut x = (z * graphs::sampler::initial_scale(&student.param, sigmas[0]))?;
     let (mut xs, mut x0s) = (Vec::new(), Vec::new());
@@ -287,7 +290,12 @@ pub fn rollout(
         if let Some(&next) = sigmas.get(k + 1) {
             x = match fresh {
                 None => (&x0 + ((&x - &x0)? * (next / sigmas[k]))?)?,
-                Some(f) => (&x0 + (f.get(k).context("rollout needs one fresh noise per re-noise")? * next)?)?,
+                Some(f) => {
+                    (&x0 + (f
+                        .get(k)
+                        .context("rollout needs one fresh noise per re-noise")?
+                        * next)?)?
+                }
             };
         }
     }
@@ -350,7 +358,10 @@ impl RunConfig {
             self.log_every > 0 && self.checkpoint_every > 0,
             "log_every and checkpoint_every must be positive"
         );
-        ensure!((0.0..1.0).contains(&self.ema_decay), "ema_decay must be in [0, 1)");
+        ensure!(
+            (0.0..1.0).contains(&self.ema_decay),
+            "ema_decay must be in [0, 1)"
+        );
         ensure!(
             self.eval_every == 0 || self.eval_n >= 10,
             "eval_n must be at least 10"
@@ -419,13 +430,7 @@ fn student_weights(ema: &Option<Ema>, vars: &[(String, Var)]) -> HashMap<String,
     }
 }
 
-fn save<M: Method>(
-    m: &M,
-    rs: &RunSpec,
-    run: &RunDir,
-    step: u64,
-    ema: &Option<Ema>,
-) -> Result<()> {
+fn save<M: Method>(m: &M, rs: &RunSpec, run: &RunDir, step: u64, ema: &Option<Ema>) -> Result<()> {
     let mut tensors = HashMap::new();
     let mut meta = HashMap::from([
         ("step".to_string(), step.to_string()),
@@ -435,7 +440,11 @@ fn save<M: Method>(
     ]);
     m.save_state(&mut tensors, &mut meta);
     if let Some(e) = ema {
-        tensors.extend(e.tensors().into_iter().map(|(k, v)| (format!("ema.{k}"), v)));
+        tensors.extend(
+            e.tensors()
+                .into_iter()
+                .map(|(k, v)| (format!("ema.{k}"), v)),
+        );
     }
     let dir = run.checkpoint();
     checkpoint::write_atomic(
@@ -485,7 +494,8 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<DistillOu
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix("ema.").map(|n| (n.to_string(), v.clone())))
                 .collect();
-            e.load(&w).context("training state lacks the student's EMA")?;
+            e.load(&w)
+                .context("training state lacks the student's EMA")?;
         }
     } else if state_path.exists() {
         bail!(
@@ -625,7 +635,9 @@ pub fn random_labels<R: rand::Rng>(
     num_classes: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let l: Vec<u32> = (0..n).map(|_| rng.gen_range(0..num_classes as u32)).collect();
+    let l: Vec<u32> = (0..n)
+        .map(|_| rng.gen_range(0..num_classes as u32))
+        .collect();
     Ok(Tensor::from_vec(l, n, device)?)
 }
 
@@ -648,7 +660,11 @@ pub fn scalar(t: &Tensor) -> Result<f64> {
 pub fn write_curves(run: &RunDir) -> Result<()> {
     let all = crate::plot::read_metrics(&run.metrics(), &[])?;
     let title = run.metrics().display().to_string();
-    let losses: Vec<_> = all.iter().filter(|s| s.name.starts_with("loss")).cloned().collect();
+    let losses: Vec<_> = all
+        .iter()
+        .filter(|s| s.name.starts_with("loss"))
+        .cloned()
+        .collect();
     if !losses.is_empty() {
         crate::plot::plot_png(&run.root.join("curves.png"), &title, &losses, true)?;
     }

@@ -14,8 +14,8 @@
 //!   step `k`'s x0 estimate.
 
 use super::distill::{
-    self, grid_level, random_labels, rollout, scalar, sigma_level, teacher_x0, uniform_ints,
-    guide, Method, RunConfig, StepMetrics, Teacher, Trainable,
+    self, grid_level, guide, random_labels, rollout, scalar, sigma_level, teacher_x0, uniform_ints,
+    Method, RunConfig, StepMetrics, Teacher, Trainable,
 };
 use super::optim::AdamWConfig;
 use super::{randn, step_rng, DataOrder};
@@ -26,7 +26,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use graphs::losses::{dmd2::dm_loss, gan, teacher_loss};
 use graphs::nn::GanHead;
-use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, Parameterisation, SamplerKind};
+use graphs::{
+    CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, Parameterisation, SamplerKind,
+};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -117,7 +119,10 @@ impl Dmd2Config {
     pub fn validate(&self, grid: &NoiseGrid) -> Result<()> {
         self.run.validate()?;
         check_timesteps(&self.timesteps, grid)?;
-        ensure!(self.dfake_gen_update_ratio >= 1, "dfake_gen_update_ratio must be >= 1");
+        ensure!(
+            self.dfake_gen_update_ratio >= 1,
+            "dfake_gen_update_ratio must be >= 1"
+        );
         ensure!(
             (0.0..=1.0).contains(&self.min_step)
                 && (0.0..=1.0).contains(&self.max_step)
@@ -196,7 +201,10 @@ fn seeded_init(varmap: &VarMap, seed: u64, device: &Device) -> Result<Vec<(Strin
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
         let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-        let is_norm = parent.rsplit('.').next().is_some_and(|p| p.starts_with("norm"));
+        let is_norm = parent
+            .rsplit('.')
+            .next()
+            .is_some_and(|p| p.starts_with("norm"));
         let values: Vec<f32> = if is_norm {
             vec![if leaf == "weight" { 1.0 } else { 0.0 }; n]
         } else {
@@ -225,7 +233,9 @@ impl<'a> Dmd2<'a> {
         cfg.validate(&grid)?;
         let u = &mcfg.unet;
         if cfg.gan
-            && (data.channels != u.channels || data.height != u.resolution || data.width != u.resolution)
+            && (data.channels != u.channels
+                || data.height != u.resolution
+                || data.width != u.resolution)
         {
             bail!(
                 "the GAN head compares generated images with real ones: data {} is {}x{}x{}, the teacher makes {}x{}x{}",
@@ -233,7 +243,11 @@ impl<'a> Dmd2<'a> {
             );
         }
         if cfg.gan && data.labels.iter().any(|&l| l as usize >= u.num_classes) {
-            bail!("data {} has labels outside the teacher's {} classes", data.source, u.num_classes);
+            bail!(
+                "data {} has labels outside the teacher's {} classes",
+                data.source,
+                u.num_classes
+            );
         }
         let w = teacher.weights();
         let (student, svars) = distill::trainable_denoiser(&mcfg, &w, device)?;
@@ -326,7 +340,11 @@ impl Method for Dmd2<'_> {
         let z = randn(&mut rng, &shape, &dev)?;
         // Backward simulation: the input of a random step k, from a no-grad rollout.
         let steps = self.sigmas.len();
-        let k = if steps > 1 { rng.gen_range(0..steps) } else { 0 };
+        let k = if steps > 1 {
+            rng.gen_range(0..steps)
+        } else {
+            0
+        };
         let fresh: Vec<Tensor> = (0..k)
             .map(|_| randn(&mut rng, &shape, &dev))
             .collect::<Result<_>>()?;
@@ -440,7 +458,10 @@ impl Method for Dmd2<'_> {
     fn save_state(&self, t: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
         self.student_t.save(t, meta);
         self.fake_t.save(t, meta);
-        meta.insert("generator_updates".into(), self.generator_updates.to_string());
+        meta.insert(
+            "generator_updates".into(),
+            self.generator_updates.to_string(),
+        );
         meta.insert("fake_updates".into(), self.fake_updates.to_string());
     }
     fn load_state(

@@ -468,7 +468,8 @@ impl LossScaler {
     /// Restores [`Self::save`]'s state; a run saved in another precision starts a fresh scaler.
     pub fn load(&mut self, prefix: &str, meta: &HashMap<String, String>) -> Result<()> {
         let get = |k: &str| meta.get(&format!("{prefix}.{k}"));
-        if let (Some(s), Some(g), Some(k)) = (get("loss_scale"), get("good_steps"), get("skipped")) {
+        if let (Some(s), Some(g), Some(k)) = (get("loss_scale"), get("good_steps"), get("skipped"))
+        {
             self.scale = s.parse()?;
             self.good_steps = g.parse()?;
             self.skipped = k.parse()?;

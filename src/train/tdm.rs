@@ -128,7 +128,10 @@ impl TdmConfig {
     pub fn validate(&self, grid: &NoiseGrid) -> Result<()> {
         self.run.validate()?;
         check_timesteps(&self.timesteps, grid)?;
-        ensure!(self.update_fake_every >= 1, "update_fake_every must be >= 1");
+        ensure!(
+            self.update_fake_every >= 1,
+            "update_fake_every must be >= 1"
+        );
         ensure!(self.grad_accum >= 1, "grad_accum must be >= 1");
         ensure!(self.huber_c > 0.0, "huber_c must be positive");
         ensure!(
@@ -244,10 +247,7 @@ impl<'a> Tdm<'a> {
             fcfg.unet.label_groups = groups;
             let key = "label_emb.weight";
             let table = &w[key];
-            fw.insert(
-                key.into(),
-                Tensor::cat(&vec![table.clone(); groups], 0)?,
-            );
+            fw.insert(key.into(), Tensor::cat(&vec![table.clone(); groups], 0)?);
         }
         let (fake, fvars) = distill::trainable_denoiser(&fcfg, &fw, device)?;
         let sigmas = grid.sigmas_of(&cfg.timesteps);
@@ -396,8 +396,14 @@ impl Method for Tdm<'_> {
             let eps = tdm_eps(&x_in, &x0.detach(), &s_k)?;
             let (x_t, _, _) = self.matching_input(&x0.detach(), &eps, &d, rng)?;
             let level = grid_level(&self.grid, &d.t, &dev)?;
-            let (rc, ru) =
-                teacher_x0(&b, &self.teacher.den, &x_t, &level, labels, self.cfg.cfg_scale)?;
+            let (rc, ru) = teacher_x0(
+                &b,
+                &self.teacher.den,
+                &x_t,
+                &level,
+                labels,
+                self.cfg.cfg_scale,
+            )?;
             let ru = ru.unwrap_or_else(|| rc.clone());
             let fl = self.fake_labels(label_ids, &d.k)?;
             let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &fl)?;

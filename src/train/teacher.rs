@@ -400,8 +400,8 @@ pub fn train(
             None => loss.backward()?,
         };
         let g = opt.grads_of(&grads);
-        let stats = super::optim::precision_step(&mut opt, scaler.as_mut(), g)
-            .with_context(|| {
+        let stats =
+            super::optim::precision_step(&mut opt, scaler.as_mut(), g).with_context(|| {
                 format!(
                     "the last good checkpoint is kept in {}",
                     run.checkpoint().display()

@@ -36,7 +36,9 @@ pub fn randomize_norms(vm: &VarMap, seed: u64) -> Result<()> {
                 .map(|_| base + 0.3 * rng.sample::<f32, _>(StandardNormal))
                 .collect()
         } else if name.contains("label_emb") {
-            (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+            (0..n)
+                .map(|_| rng.sample::<f32, _>(StandardNormal))
+                .collect()
         } else {
             let wname = name.replace(".bias", ".weight");
             let fan_in: usize = data

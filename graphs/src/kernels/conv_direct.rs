@@ -271,7 +271,11 @@ unsafe fn tile<S: Simd, const CV: usize, const P: usize>(
         for i in 0..P {
             let o = out.add((r.out + i * p.out_step) * os);
             for v in 0..CV {
-                let b = if bias.is_null() { S::zero() } else { S::load(bias.add(v * S::LANES)) };
+                let b = if bias.is_null() {
+                    S::zero()
+                } else {
+                    S::load(bias.add(v * S::LANES))
+                };
                 S::store(o.add(v * S::LANES), b);
             }
         }

@@ -59,7 +59,10 @@ pub fn teacher_loss(
 
 /// Replaces NaN by 0 and +/-inf by the largest finite f32 of that sign (`torch.nan_to_num`).
 pub fn nan_to_num(x: &Tensor) -> Result<Tensor> {
-    let v: Vec<f32> = x.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let v: Vec<f32> = x
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
     if v.iter().all(|f| f.is_finite()) {
         return Ok(x.clone());
     }
