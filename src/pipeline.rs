@@ -171,43 +171,19 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
         ..Default::default()
     };
     let cfg = tcfg.cfg_scale;
-    let mut evals: Vec<(String, PathBuf, Option<SamplerArg>, Option<usize>, f64)> = vec![
-        (
-            "teacher".into(),
-            teacher.clone(),
-            Some(SamplerArg::Heun),
-            Some(18),
-            cfg,
-        ),
-        (
-            "teacher".into(),
-            teacher.clone(),
-            Some(SamplerArg::Heun),
-            Some(3),
-            cfg,
-        ),
-        (
-            "teacher".into(),
-            teacher.clone(),
-            Some(SamplerArg::Euler),
-            Some(4),
-            cfg,
-        ),
-        (
-            "teacher".into(),
-            teacher.clone(),
-            Some(SamplerArg::Euler),
-            Some(2),
-            cfg,
-        ),
-        (
-            "teacher".into(),
-            teacher.clone(),
-            Some(SamplerArg::Euler),
-            Some(1),
-            cfg,
-        ),
+    // The teacher at its own 35 NFE, then its few-step samplers for comparison.
+    let teacher_samplers = [
+        (SamplerArg::Heun, 18),
+        (SamplerArg::Heun, 3),
+        (SamplerArg::Euler, 4),
+        (SamplerArg::Euler, 2),
+        (SamplerArg::Euler, 1),
     ];
+    let mut evals: Vec<(String, PathBuf, Option<SamplerArg>, Option<usize>, f64)> =
+        teacher_samplers
+            .iter()
+            .map(|&(s, n)| ("teacher".into(), teacher.clone(), Some(s), Some(n), cfg))
+            .collect();
     for (name, ckpt) in &students {
         let steps = checkpoint::load_meta(ckpt)?.generator.steps;
         for k in (1..=steps).rev().filter(|k| *k == steps || *k <= 2) {
