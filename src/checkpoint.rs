@@ -91,6 +91,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     res
 }
 
+/// SHA-256 (lowercase hex) of a file's bytes.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+}
+
 /// Serialises tensors (sorted by name) to safetensors bytes.
 pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
     safetensors_bytes_with_meta(tensors, None)

@@ -113,7 +113,12 @@ fn train_resume_and_sample_a_tiny_teacher() {
     {
         use candle_core::{Device, Tensor};
         let (den, meta) = distill::checkpoint::load(&run.join("checkpoint"), &Device::Cpu).unwrap();
-        let spec = distill::cli::spec_from_flags(&meta, None, Some(3), None).unwrap();
+        let spec = distill::jobs::SamplerOverride {
+            sample_steps: Some(3),
+            ..Default::default()
+        }
+        .apply(&meta)
+        .unwrap();
         let inp = distill::sample::seeded_noise(&den, &spec, 4, 0, &Device::Cpu).unwrap();
         let t: std::collections::HashMap<String, Tensor> =
             [("noise".to_string(), inp.noise)].into();

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use distill::checkpoint::{self, Role};
 use distill::data::Dataset;
-use distill::train::distill::{self as dist, RunConfig, RunSpec, Teacher};
+use distill::train::distill::{self as dist, Method, RunConfig, RunSpec, Teacher};
 use distill::train::dmd2::{Dmd2, Dmd2Config};
 use distill::train::tdm::{NoiseMode, Tdm, TdmConfig};
 use distill::train::teacher::{self, TeacherConfig};
@@ -94,7 +94,8 @@ fn spec<'a>(
         cfg,
         config_toml: toml,
         resume_key: key,
-        teacher: t,
+        rekey: None,
+        teacher: Some((&t.sha256, &t.dir)),
         resume,
         show_progress: false,
         evaluator: None,
@@ -118,7 +119,7 @@ fn run_dmd2(
         resume,
     );
     dist::run(&mut m, &rs, &RunDir::new(out)?)?;
-    Ok((m.generator_updates, m.fake_updates))
+    Ok((m.student_updates(), m.fake_updates))
 }
 
 fn run_tdm(cfg: &TdmConfig, t: &Teacher, out: &Path, resume: bool) -> anyhow::Result<u64> {
@@ -320,7 +321,7 @@ fn distill_runs_resume_on_the_same_curve() {
         "refuses to overwrite"
     );
     let mut other = c.clone();
-    other.real_guidance_scale = 3.0;
+    other.cfg_scale = 3.0;
     let e = run_dmd2(&other, &t, &data, part.path(), true).unwrap_err();
     assert!(
         format!("{e:#}").contains("different configuration"),
@@ -405,6 +406,32 @@ fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
         "{msg}"
     );
     assert!(msg.contains("checkpoint"), "{msg}");
+    // Whatever is kept is finite, and the message names its step (or says there is none).
+    match checkpoint::load(&dir.path().join("checkpoint"), &cpu()) {
+        Ok((den, meta)) => {
+            assert!(msg.contains(&format!("(step {})", meta.step)), "{msg}");
+            for p in graphs::params::collect(&den) {
+                let v = p.t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(v.iter().all(|x| x.is_finite()), "{} is not finite", p.name);
+            }
+        }
+        Err(_) => assert!(msg.contains("no checkpoint was written yet"), "{msg}"),
+    }
+    // DMD2 with an exploding learning rate: the same guarantee.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = dmd2_cfg(tiny_teacher(), 30);
+    c.run.checkpoint_every = 1;
+    c.dfake_gen_update_ratio = 1;
+    for o in [&mut c.student_optim, &mut c.fake_optim] {
+        (o.lr, o.grad_clip, o.warmup_steps) = (1e12, 0.0, 0);
+    }
+    let e = run_dmd2(&c, &t, &mnist(16), dir.path(), false).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("diverged"), "{msg}");
+    match checkpoint::load_meta(&dir.path().join("checkpoint")) {
+        Ok(meta) => assert!(msg.contains(&format!("(step {})", meta.step)), "{msg}"),
+        Err(_) => assert!(msg.contains("no checkpoint was written yet"), "{msg}"),
+    }
 }
 
 #[test]
@@ -548,13 +575,10 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
     let tdm = runs.path().join("tdm_4");
     run_tdm(&tdm_cfg(tiny_teacher(), 2), &t, &tdm, false).unwrap();
     for (run, fresh) in [(&one, 0), (&four, 3), (&tdm, 0)] {
-        for precision in [
-            distill::cli::PrecisionArg::Fp32,
-            distill::cli::PrecisionArg::Fp16,
-        ] {
+        for precision in [export::Precision::Fp32, export::Precision::Fp16] {
             let out = run.join("export");
-            let a = distill::cli::ExportArgs::generator(&run.join("checkpoint"), &out, precision);
-            let path = distill::cli::export_checkpoint(&a).unwrap();
+            let a = distill::jobs::ExportJob::generator(&run.join("checkpoint"), &out, precision);
+            let path = a.write_onnx().unwrap();
             onnx_check(&path);
             let model = export::runtime::load_model(&path).unwrap();
             let (inputs, _) = export::runtime::io_specs(&model).unwrap();
@@ -569,8 +593,8 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
                 );
             }
             assert_eq!(names.len(), want.len());
-            let v = distill::cli::ValidateArgs::new(&path, &run.join("checkpoint"));
-            let r = distill::cli::validate_model(&v).unwrap();
+            let v = distill::jobs::ValidateJob::new(&path, &run.join("checkpoint"));
+            let r = v.report().unwrap();
             eprintln!("{}:\n{r}", path.display());
             assert!(r.passed(), "{}:\n{r}", path.display());
         }

@@ -24,7 +24,7 @@ fn seeded_checkpoint(
         parameterisation: param,
     };
     let (_vm, _den, vars) = distill::train::teacher::init_trainable(&cfg, 7, &Device::Cpu).unwrap();
-    let w = distill::train::teacher::vars_to_tensors(&vars);
+    let w = distill::train::vars_to_tensors(&vars);
     let ckpt = dir.join(role.name()).join("checkpoint");
     checkpoint::save(&ckpt, &CheckpointMeta::new(role, cfg, spec, 42), &w).unwrap();
     ckpt
@@ -32,11 +32,12 @@ fn seeded_checkpoint(
 
 fn export(ckpt: &Path, out: &Path, fp16: bool) -> PathBuf {
     let precision = if fp16 {
-        distill::cli::PrecisionArg::Fp16
+        export::Precision::Fp16
     } else {
-        distill::cli::PrecisionArg::Fp32
+        export::Precision::Fp32
     };
-    distill::cli::export_checkpoint(&distill::cli::ExportArgs::generator(ckpt, out, precision))
+    distill::jobs::ExportJob::generator(ckpt, out, precision)
+        .write_onnx()
         .unwrap()
 }
 

@@ -219,3 +219,117 @@ fn ema_weights_are_detached_from_the_trained_variables() {
     let g = (w * 3.0).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(g.get(&v).is_none(), "the EMA must not reach the variable");
 }
+
+/// Every weight of a checkpoint folder, flattened.
+fn weights(run: &RunDir) -> Vec<f32> {
+    let w = checkpoint::load_tensors(&run.checkpoint().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut names: Vec<_> = w.keys().cloned().collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| w[n].flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_destructive_update_never_replaces_the_last_good_checkpoint() {
+    // `train teacher --lr 1e6 --checkpoint-every 1 --resume` on a finished run: the update of
+    // step 6 wrecks the weights; the step-5 checkpoint must survive and the message must say so.
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::new(dir.path()).unwrap();
+    let data = toy_data(16);
+    teacher::train(&tiny_cfg(5), &data, &run, false, false, &Device::Cpu).unwrap();
+    let before = std::fs::read(run.checkpoint().join("model.safetensors")).unwrap();
+    let state_before = std::fs::read(run.checkpoint().join("train_state.safetensors")).unwrap();
+    let mut bad = tiny_cfg(20);
+    bad.optim.lr = 1e6;
+    bad.optim.warmup_steps = 0;
+    bad.checkpoint_every = 1;
+    let err = teacher::train(&bad, &data, &run, true, false, &Device::Cpu).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("diverged"), "{msg}");
+    let meta = checkpoint::load_meta(&run.checkpoint()).unwrap();
+    assert!(
+        msg.contains(&format!("checkpoint (step {})", meta.step)),
+        "the message names the step kept ({}): {msg}",
+        meta.step
+    );
+    assert!(weights(&run).iter().all(|v| v.is_finite()));
+    if meta.step == 5 {
+        assert_eq!(
+            before,
+            std::fs::read(run.checkpoint().join("model.safetensors")).unwrap()
+        );
+        assert_eq!(
+            state_before,
+            std::fs::read(run.checkpoint().join("train_state.safetensors")).unwrap()
+        );
+    }
+    // What is kept samples to finite images and resumes.
+    let (den, meta) = checkpoint::load(&run.checkpoint(), &Device::Cpu).unwrap();
+    let imgs = {
+        let inp = distill::sample::seeded_noise(&den, &meta.generator, 4, 0, &Device::Cpu).unwrap();
+        let l = Tensor::new(&[0u32, 1, 2, 3], &Device::Cpu).unwrap();
+        distill::sample::generate(&den, &meta.generator, &inp, &l, 4, &Device::Cpu).unwrap()
+    };
+    let v = imgs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(
+        v.iter().all(|x| x.is_finite()),
+        "the kept checkpoint samples NaN"
+    );
+    teacher::train(&tiny_cfg(8), &data, &run, true, false, &Device::Cpu).unwrap();
+    assert_eq!(checkpoint::load_meta(&run.checkpoint()).unwrap().step, 8);
+}
+
+#[test]
+fn divergence_before_the_first_checkpoint_says_nothing_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::new(dir.path()).unwrap();
+    let mut bad = toy_data(16);
+    bad.images[3] = f32::NAN;
+    let err = teacher::train(&tiny_cfg(10), &bad, &run, false, false, &Device::Cpu).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("no checkpoint was written yet"), "{msg}");
+    assert!(!run.checkpoint().join("config.json").exists());
+}
+
+#[test]
+fn a_teacher_state_of_the_old_layout_resumes_on_the_same_curve() {
+    // Layout 1 (before the runners were merged): moments as adam.{m,v}.*, metadata adam_t, no
+    // state_version or resume_key.
+    let data = toy_data(16);
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = RunDir::new(full_dir.path()).unwrap();
+    teacher::train(&tiny_cfg(8), &data, &full, false, false, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::new(dir.path()).unwrap();
+    teacher::train(&tiny_cfg(5), &data, &run, false, false, &Device::Cpu).unwrap();
+    let p = run.checkpoint().join("train_state.safetensors");
+    let (t, mut meta) = checkpoint::load_tensors_with_meta(&p, &Device::Cpu).unwrap();
+    let old: std::collections::HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k.replacen("adam.model.", "adam.", 1), v))
+        .collect();
+    let at = meta.remove("adam_t.model").unwrap();
+    meta.insert("adam_t".into(), at);
+    meta.remove("state_version");
+    meta.remove("resume_key");
+    let bytes = checkpoint::safetensors_bytes_with_meta(&old, Some(meta.clone())).unwrap();
+    std::fs::write(&p, bytes).unwrap();
+    teacher::train(&tiny_cfg(8), &data, &run, true, false, &Device::Cpu).unwrap();
+    let (a, b) = (losses(&full), losses(&run));
+    assert_eq!(a.len(), b.len());
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "step {s}: {x} vs {y}"
+        );
+    }
+    // A layout from the future is refused with the reason.
+    meta.insert("state_version".into(), "99".into());
+    let bytes = checkpoint::safetensors_bytes_with_meta(&old, Some(meta)).unwrap();
+    std::fs::write(&p, bytes).unwrap();
+    let err = teacher::train(&tiny_cfg(9), &data, &run, true, false, &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("newer distill"), "{err:#}");
+}

@@ -164,13 +164,12 @@ fn load(path: &Path) -> Result<DistillModel> {
         );
     }
     let model = export::runtime::load_model(path)?;
-    let meta: std::collections::HashMap<String, String> =
-        export::metadata(&model).into_iter().collect();
+    let meta = export::OnnxMetadata::from_model(&model, &path.display().to_string())?;
     ensure!(
-        meta.get("kind").map(String::as_str) == Some("generator"),
+        meta.generator().is_some(),
         "{}: not a distill generator (metadata kind = {:?}); export one with `distill export --what generator`",
         path.display(),
-        meta.get("kind")
+        meta.kind_name()
     );
     let (ins, outs) = export::runtime::io_specs(&model)?;
     ensure!(
@@ -187,17 +186,11 @@ fn load(path: &Path) -> Result<DistillModel> {
         Some(export::Dim::Fixed(n)) => Ok(*n as u32),
         other => bail!("noise dim {i} is {other:?}, expected a fixed size"),
     };
-    let num = |k: &str| -> Result<u32> {
-        meta.get(k)
-            .with_context(|| format!("metadata lacks {k}"))?
-            .parse()
-            .with_context(|| format!("metadata {k}"))
-    };
     let info = DistillModelInfo {
         channels: fixed(1)?,
         height: fixed(2)?,
         width: fixed(3)?,
-        num_classes: num("num_classes")?,
+        num_classes: meta.num_classes as u32,
         num_fresh_noise: ins.iter().filter(|i| i.name.starts_with("noise_")).count() as u32,
         backend: DistillBackend::OnnxRuntime,
     };

@@ -23,6 +23,7 @@ pub mod proto {
 
 mod backend;
 pub mod junit;
+pub mod metadata;
 mod model;
 mod ops;
 pub mod runtime;
@@ -31,6 +32,7 @@ pub mod validate;
 mod write;
 
 pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
+pub use metadata::{ModelKind, OnnxMetadata};
 pub use model::{
     export_denoiser, export_generator, metadata, weights_sha256, ExportOptions, Precision,
 };

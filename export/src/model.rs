@@ -1,6 +1,7 @@
 //! Whole models: the unrolled generator and the bare denoiser, with their metadata.
 
 use crate::backend::{Dim, ElemType, OnnxBackend, IR_VERSION, OPSET};
+use crate::metadata::OnnxMetadata;
 use crate::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto};
 use anyhow::{ensure, Context, Result};
 use graphs::{Denoiser, GeneratorSpec, Parameterisation};
@@ -184,54 +185,30 @@ fn image_dims(den: &Denoiser) -> [Dim; 4] {
     ]
 }
 
-fn common_metadata(
-    den: &Denoiser,
-    kind: &str,
+/// Sets the model's metadata from its record, with the weights hash of `opts` (or of the
+/// initializers) and `opts`' extra entries.
+fn write_metadata(
+    model: &mut ModelProto,
+    mut rec: OnnxMetadata,
     opts: &ExportOptions,
-) -> Result<Vec<(String, String)>> {
-    let c = &den.unet.cfg;
-    Ok(vec![
-        (
-            "producer".into(),
-            format!("distill {}", env!("CARGO_PKG_VERSION")),
-        ),
-        ("kind".into(), kind.into()),
-        ("method".into(), opts.method.clone()),
-        (
-            "parameterisation".into(),
-            serde_json::to_string(&den.param)?,
-        ),
-        ("resolution".into(), c.resolution.to_string()),
-        ("channels".into(), c.channels.to_string()),
-        ("num_classes".into(), c.num_classes.to_string()),
-        ("null_class_id".into(), c.null_class().to_string()),
-        ("pixel_range".into(), "[-1, 1]".into()),
-        ("label_dtype".into(), "int32".into()),
-        ("precision".into(), opts.precision.name().into()),
-    ])
-}
-
-fn finish_metadata(model: &mut ModelProto, opts: &ExportOptions) {
-    let sha = opts
+) -> Result<()> {
+    rec.weights_sha256 = opts
         .weights_sha256
         .clone()
         .unwrap_or_else(|| weights_sha256(model));
-    let source = if opts.weights_sha256.is_some() {
+    rec.weights_sha256_of = if opts.weights_sha256.is_some() {
         "checkpoint file"
     } else {
         "initializer bytes in graph order"
-    };
-    for (key, value) in [
-        ("weights_sha256".to_string(), sha),
-        ("weights_sha256_of".to_string(), source.to_string()),
-    ]
-    .into_iter()
-    .chain(opts.extra_metadata.iter().cloned())
-    {
-        model
-            .metadata_props
-            .push(StringStringEntryProto { key, value });
     }
+    .into();
+    rec.extra = opts.extra_metadata.clone();
+    model.metadata_props = rec
+        .to_props()?
+        .into_iter()
+        .map(|(key, value)| StringStringEntryProto { key, value })
+        .collect();
+    Ok(())
 }
 
 /// The deployable generator: `noise` `[batch, C, H, W]` f32 unit Gaussian, `class_labels`
@@ -254,39 +231,9 @@ pub fn export_generator(
         .collect::<Result<Vec<_>>>()?;
     let out =
         graphs::generate(&b, den, spec, &z, &labels, &fresh).context("lowering the generator")?;
-    let mut meta = common_metadata(den, "generator", opts)?;
-    let sigmas = spec.step_sigmas(&den.param);
-    meta.extend([
-        (
-            "sampler".to_string(),
-            serde_json::to_value(spec.sampler)?
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        ),
-        ("steps".into(), spec.steps.to_string()),
-        ("sigmas".into(), serde_json::to_string(&sigmas)?),
-        ("nfe".into(), spec.nfe().to_string()),
-        // With classifier-free guidance each guided evaluation is two network calls.
-        (
-            "network_calls".into(),
-            (spec.nfe()
-                * if spec.cfg_scale != 1.0 && spec.sampler != graphs::SamplerKind::Student {
-                    2
-                } else {
-                    1
-                })
-            .to_string(),
-        ),
-        ("cfg_scale".into(), spec.cfg_scale.to_string()),
-        (
-            "fresh_noise_inputs".into(),
-            spec.num_fresh_noise().to_string(),
-        ),
-        ("generator_spec".into(), serde_json::to_string(spec)?),
-    ]);
-    let mut model = b.into_model("distill_generator", &[("images", out)], meta)?;
-    finish_metadata(&mut model, opts);
+    let mut model = b.into_model("distill_generator", &[("images", out)], vec![])?;
+    let rec = OnnxMetadata::new(den, Some(spec), &opts.method, opts.precision);
+    write_metadata(&mut model, rec, opts)?;
     // Every export is TensorRT-ready or fails here, before anything is written.
     crate::tensorrt::lint_check(&model, "the exported generator")?;
     Ok(model)
@@ -315,9 +262,9 @@ pub fn export_denoiser(den: &Denoiser, opts: &ExportOptions) -> Result<ModelProt
             (den.eps(&b, &x, &level, &labels)?, "eps")
         }
     };
-    let meta = common_metadata(den, "denoiser", opts)?;
-    let mut model = b.into_model("distill_denoiser", &[(out_name, out)], meta)?;
-    finish_metadata(&mut model, opts);
+    let mut model = b.into_model("distill_denoiser", &[(out_name, out)], vec![])?;
+    let rec = OnnxMetadata::new(den, None, &opts.method, opts.precision);
+    write_metadata(&mut model, rec, opts)?;
     crate::tensorrt::lint_check(&model, "the exported denoiser")?;
     Ok(model)
 }

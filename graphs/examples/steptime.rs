@@ -9,8 +9,11 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+// As in the binary: mimalloc keeps freed activation memory for reuse.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
-    graphs::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).map_or(64, |a| a.parse().unwrap());
     let cfg = match args.get(2).map(String::as_str) {

@@ -174,7 +174,8 @@ impl Denoiser {
             .bottleneck(b, &b.mul(x, &c_in)?, &level.c_noise, labels)
     }
 
-    /// Classifier-free guidance: `D_u + scale * (D_c - D_u)`; `scale == 1` is one plain call.
+    /// Classifier-free guidance ([`crate::guidance`]): `D_u + scale * (D_c - D_u)`; `scale == 1`
+    /// is one plain call.
     pub fn guided<B: Backend>(
         &self,
         b: &B,
@@ -183,12 +184,6 @@ impl Denoiser {
         labels: &B::T,
         scale: f64,
     ) -> anyhow::Result<B::T> {
-        let cond = self.forward(b, x, level, labels)?;
-        if scale == 1.0 {
-            return Ok(cond);
-        }
-        let null = b.full_batch(labels, self.unet.cfg.null_class() as f64, Kind::Label)?;
-        let uncond = self.forward(b, x, level, &null)?;
-        b.add(&uncond, &b.affine(&b.sub(&cond, &uncond)?, scale, 0.0)?)
+        crate::guidance::cond_uncond(b, self, x, level, labels, scale)?.guided(b, scale)
     }
 }

@@ -115,10 +115,47 @@ pub fn sample_student<B: Backend>(
     sigmas: &[f64],
     renoise: &Renoise<B::T>,
 ) -> anyhow::Result<B::T> {
+    let mut last = None;
+    student_rollout(
+        b,
+        den,
+        z,
+        labels,
+        sigmas,
+        renoise,
+        sigmas.len(),
+        |_, _, x0| {
+            last = Some(x0.clone());
+            Ok(())
+        },
+    )?;
+    b.clamp(&last.expect("a student has at least one step"), -1.0, 1.0)
+}
+
+/// The student's first `steps` steps from unit noise `z` over its `sigmas`: at step `k` the input
+/// `x_k` (`x_0` the scaled noise) is denoised to `x0_k`, and `observe(k, x_k, x0_k)` sees both
+/// (the trajectory TDM and DMD2's backward simulation train on). Returns the next step's input
+/// when the rollout stops before the last step, else `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn student_rollout<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    z: &B::T,
+    labels: &B::T,
+    sigmas: &[f64],
+    renoise: &Renoise<B::T>,
+    steps: usize,
+    mut observe: impl FnMut(usize, &B::T, &B::T) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<B::T>> {
     anyhow::ensure!(!sigmas.is_empty(), "a student needs at least one step");
+    anyhow::ensure!(
+        steps <= sigmas.len(),
+        "rollout of {steps} steps over {} sigmas",
+        sigmas.len()
+    );
     if let Renoise::Fresh(n) = renoise {
         anyhow::ensure!(
-            n.len() + 1 >= sigmas.len(),
+            n.len() + 1 >= sigmas.len().min(steps + 1),
             "{} steps need {} fresh noise tensors, got {}",
             sigmas.len(),
             sigmas.len() - 1,
@@ -126,10 +163,11 @@ pub fn sample_student<B: Backend>(
         );
     }
     let mut x = b.affine(z, initial_scale(&den.param, sigmas[0]), 0.0)?;
-    for (i, &s) in sigmas.iter().enumerate() {
+    for (i, &s) in sigmas.iter().enumerate().take(steps) {
         let x0 = den.forward(b, &x, &den.level_const(b, z, s)?, labels)?;
+        observe(i, &x, &x0)?;
         let Some(&next) = sigmas.get(i + 1) else {
-            return b.clamp(&x0, -1.0, 1.0);
+            return Ok(None);
         };
         x = match renoise {
             Renoise::Deterministic => {
@@ -139,7 +177,7 @@ pub fn sample_student<B: Backend>(
             Renoise::Fresh(noise) => b.add(&x0, &b.affine(&noise[i], next, 0.0)?)?,
         };
     }
-    unreachable!("the loop returns at the last sigma")
+    Ok(Some(x))
 }
 
 /// Everything needed to turn unit noise + labels into images: what an exported generator

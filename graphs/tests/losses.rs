@@ -191,17 +191,9 @@ fn student_target_and_pseudo_huber() {
     let fk = t(&pr(8, 11), &shape);
     let w = t(&[1.0, 1.0], &[2]);
     let cfg = 2.0;
-    let mse = tdm::student_loss(
-        x0.as_tensor(),
-        &rc,
-        &ru,
-        &fk,
-        cfg,
-        tdm::Distance::Mse,
-        1e-3,
-        &w,
-    )
-    .unwrap();
+    let b = graphs::CandleBackend::new(&candle_core::Device::Cpu);
+    let real = graphs::guidance::combine(&b, &rc, &ru, cfg).unwrap();
+    let mse = tdm::student_loss(x0.as_tensor(), &real, &fk, tdm::Distance::Mse, 1e-3, &w).unwrap();
     // MSE: the gradient is 2 * (x0 - target) / (numel_per_sample * norm * N), target - x0 =
     // real_cfg - fake, so it points from the fake score's x0 to the guided teacher's.
     let g = vals(mse.loss.backward().unwrap().get(&x0).unwrap());
@@ -225,17 +217,7 @@ fn student_target_and_pseudo_huber() {
     }
     // Pseudo-Huber sqrt(d^2 + c^2) - c is d^2 / (2c) for |d| << c: a scaled MSE.
     let c = 100.0;
-    let hub = tdm::student_loss(
-        x0.as_tensor(),
-        &rc,
-        &ru,
-        &fk,
-        cfg,
-        tdm::Distance::Huber,
-        c,
-        &w,
-    )
-    .unwrap();
+    let hub = tdm::student_loss(x0.as_tensor(), &real, &fk, tdm::Distance::Huber, c, &w).unwrap();
     let (m, h) = (
         mse.loss.to_scalar::<f32>().unwrap() as f64,
         hub.loss.to_scalar::<f32>().unwrap() as f64,

@@ -2,19 +2,17 @@
 //! weights (student, fake score), the guided teacher call, the student's no-grad rollout, and the
 //! run loop (resume, metrics, checkpoints, sample grids, in-training evaluation, NaN checks).
 
-use super::optim::{AdamW, AdamWConfig, Ema, LossScaleConfig, LossScaler, Precision, StepStats};
-use super::{check_finite, progress_bar, MetricsLog, RunDir};
+use super::optim::{AdamW, AdamWConfig, LossScaleConfig, LossScaler, Precision, StepStats};
+pub use super::runner::{
+    eval_student, run, Method, RunConfig, RunOutcome as DistillOutcome, RunSpec, StepMetrics,
+};
 use crate::checkpoint::{self, CheckpointMeta, Role};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, NoiseLevel};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use graphs::{CandleBackend, Denoiser, ModelConfig, NoiseGrid, NoiseLevel, Renoise};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
-
-pub const TRAIN_STATE_FILE: &str = "train_state.safetensors";
 
 /// The frozen teacher a student is distilled from (its EMA weights, detached from autograd).
 pub struct Teacher {
@@ -36,9 +34,7 @@ impl Teacher {
                 meta.role.name()
             );
         }
-        let bytes = std::fs::read(dir.join(checkpoint::WEIGHTS_FILE))?;
-        use sha2::Digest;
-        let sha256 = format!("{:x}", sha2::Sha256::digest(&bytes));
+        let sha256 = checkpoint::file_sha256(&dir.join(checkpoint::WEIGHTS_FILE))?;
         Ok(Self {
             den,
             meta,
@@ -217,42 +213,6 @@ pub fn sigma_level(den: &Denoiser, sigmas: &[f64], device: &Device) -> Result<No
     })
 }
 
-/// The teacher's x0 at `x` for `labels` (`cond`) and, when `cfg != 1`, for the null class
-/// (`uncond`), both in one batched network call.
-pub fn teacher_x0(
-    b: &CandleBackend,
-    teacher: &Denoiser,
-    x: &Tensor,
-    level: &NoiseLevel<Tensor>,
-    labels: &Tensor,
-    cfg: f64,
-) -> Result<(Tensor, Option<Tensor>)> {
-    if cfg == 1.0 {
-        return Ok((teacher.forward(b, x, level, labels)?, None));
-    }
-    let n = x.dim(0)?;
-    let null = Tensor::full(teacher.unet.cfg.null_class() as u32, n, x.device())?;
-    let both = NoiseLevel {
-        sigma: Tensor::cat(&[&level.sigma, &level.sigma], 0)?,
-        c_noise: Tensor::cat(&[&level.c_noise, &level.c_noise], 0)?,
-    };
-    let out = teacher.forward(
-        b,
-        &Tensor::cat(&[x, x], 0)?,
-        &both,
-        &Tensor::cat(&[labels, &null], 0)?,
-    )?;
-    Ok((out.narrow(0, 0, n)?, Some(out.narrow(0, n, n)?)))
-}
-
-/// `cond + (cfg - 1) * (cond - uncond)`: classifier-free guidance in x0-space.
-pub fn guide(cond: &Tensor, uncond: Option<&Tensor>, cfg: f64) -> Result<Tensor> {
-    match uncond {
-        Some(u) if cfg != 1.0 => Ok((cond + ((cond - u)? * (cfg - 1.0))?)?),
-        _ => Ok(cond.clone()),
-    }
-}
-
 /// A no-grad student rollout: the input `x` of each step and the x0 estimate there.
 pub struct Rollout {
     /// `xs[k]`: the input of step `k` (`xs[0]` is the scaled pure noise); one more than `x0s`
@@ -263,8 +223,9 @@ pub struct Rollout {
 }
 
 /// Runs the student (detached weights: no gradient) from unit noise `z` for `steps` steps of its
-/// own sampler over `sigmas`, re-noising deterministically (`fresh == None`, DDIM along the
-/// student's steps: TDM) or with the given fresh unit noise (DMD2's backward simulation).
+/// own sampler over `sigmas` ([`graphs::sampler::student_rollout`]), re-noising
+/// deterministically (`fresh == None`, DDIM along the student's steps: TDM) or with the given
+/// fresh unit noise (DMD2's backward simulation).
 pub fn rollout(
     b: &CandleBackend,
     student: &Denoiser,
@@ -274,353 +235,52 @@ pub fn rollout(
     steps: usize,
     fresh: Option<&[Tensor]>,
 ) -> Result<Rollout> {
-    ensure!(
-        steps <= sigmas.len(),
-        "rollout of {steps} steps over {} sigmas",
-        sigmas.len()
-    );
-    let n = z.dim(0)?;
-    let mut x = (z * graphs::sampler::initial_scale(&student.param, sigmas[0]))?;
+    let renoise = match fresh {
+        None => Renoise::Deterministic,
+        Some(f) => Renoise::Fresh(f.to_vec()),
+    };
     let (mut xs, mut x0s) = (Vec::new(), Vec::new());
-    for k in 0..steps {
-        let level = sigma_level(student, &vec![sigmas[k]; n], z.device())?;
-        let x0 = student.forward(b, &x, &level, labels)?.detach();
-        xs.push(x.clone());
-        x0s.push(x0.clone());
-        if let Some(&next) = sigmas.get(k + 1) {
-            x = match fresh {
-                None => (&x0 + ((&x - &x0)? * (next / sigmas[k]))?)?,
-                Some(f) => {
-                    (&x0 + (f
-                        .get(k)
-                        .context("rollout needs one fresh noise per re-noise")?
-                        * next)?)?
-                }
-            };
-        }
-    }
-    if steps < sigmas.len() {
-        xs.push(x);
-    }
+    let next = graphs::sampler::student_rollout(
+        b,
+        student,
+        z,
+        labels,
+        sigmas,
+        &renoise,
+        steps,
+        |_, x, x0| {
+            xs.push(x.clone());
+            x0s.push(x0.detach());
+            Ok(())
+        },
+    )?;
+    xs.extend(next);
     Ok(Rollout { xs, x0s })
 }
 
-/// Run-loop cadence shared by the distillation trainers (`[run]` in their TOML).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RunConfig {
-    /// Training iterations in total (a resumed run stops at the same total).
-    pub steps: u64,
-    pub batch_size: usize,
-    pub seed: u64,
-    pub log_every: u64,
-    /// PNG grid of the student every N iterations (0 = only at the end).
-    pub sample_every: u64,
-    pub checkpoint_every: u64,
-    /// Frechet distance + class accuracy of the student every N iterations (0 = off); needs
-    /// 1x32x32 data with 10 classes (the evaluation classifier is an MNIST model).
-    pub eval_every: u64,
-    /// Images per in-training evaluation.
-    pub eval_n: usize,
-    /// EMA decay of the student's weights over its updates (0 = use the raw weights).
-    pub ema_decay: f64,
-    /// `fp32`, `fp16` (autocast + dynamic loss scaling) or `bf16` (autocast); weights, optimiser
-    /// state and checkpoints stay f32, so a run may resume in another precision.
-    pub precision: Precision,
-    pub loss_scale: LossScaleConfig,
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        Self {
-            steps: 2000,
-            batch_size: 32,
-            seed: 0,
-            log_every: 25,
-            sample_every: 500,
-            checkpoint_every: 100,
-            eval_every: 0,
-            eval_n: 500,
-            ema_decay: 0.99,
-            precision: Precision::Fp32,
-            loss_scale: LossScaleConfig::default(),
-        }
-    }
-}
-
-impl RunConfig {
-    pub fn validate(&self) -> Result<()> {
+/// Checks a student's timesteps against a grid: in range, strictly descending.
+pub fn check_timesteps(ts: &[usize], grid: &NoiseGrid) -> Result<()> {
+    ensure!(!ts.is_empty(), "a student needs at least one timestep");
+    for w in ts.windows(2) {
         ensure!(
-            self.steps > 0 && self.batch_size > 0,
-            "steps and batch_size must be positive"
-        );
-        ensure!(
-            self.log_every > 0 && self.checkpoint_every > 0,
-            "log_every and checkpoint_every must be positive"
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.ema_decay),
-            "ema_decay must be in [0, 1)"
-        );
-        ensure!(
-            self.eval_every == 0 || self.eval_n >= 10,
-            "eval_n must be at least 10"
-        );
-        Ok(())
-    }
-}
-
-/// Numbers one iteration reports for the metrics log (averaged over the log window).
-pub type StepMetrics = BTreeMap<String, f64>;
-
-/// A distillation method, driven by [`run`].
-pub trait Method {
-    const ROLE: Role;
-    /// What the progress bar and messages call it.
-    fn name(&self) -> &'static str;
-    /// One training iteration (`step` is 0-based); every randomness derives from (seed, step).
-    fn step(&mut self, step: u64) -> Result<StepMetrics>;
-    /// The student's trainable variables (the EMA follows them).
-    fn student_vars(&self) -> &[(String, Var)];
-    /// How many times the student has been updated (drives the EMA warm-up).
-    fn student_updates(&self) -> u64;
-    /// Every trainable network and optimiser, for the training state.
-    fn save_state(&self, tensors: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>);
-    fn load_state(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        meta: &HashMap<String, String>,
-    ) -> Result<()>;
-    /// The student's sampler, stored in its checkpoint.
-    fn spec(&self) -> GeneratorSpec;
-    fn model_config(&self) -> ModelConfig;
-}
-
-/// Everything [`run`] needs besides the method.
-pub struct RunSpec<'a> {
-    pub cfg: &'a RunConfig,
-    /// The method's full config as TOML (written to `config.toml` and into the training state).
-    pub config_toml: String,
-    /// The part of the config a resumed run must agree with (everything but cadence and totals).
-    pub resume_key: String,
-    pub teacher: &'a Teacher,
-    pub resume: bool,
-    pub show_progress: bool,
-    /// Scores the student during training (`eval_every`), when the data suits the classifier.
-    pub evaluator: Option<&'a crate::eval::Evaluator>,
-    pub device: &'a Device,
-}
-
-/// Result of a finished distillation run.
-#[derive(Debug)]
-pub struct DistillOutcome {
-    pub checkpoint: PathBuf,
-    pub steps: u64,
-    pub seconds: f64,
-    /// The last log window's averages.
-    pub last: BTreeMap<String, f64>,
-    pub student_updates: u64,
-}
-
-/// The student's inference weights: the EMA when enabled, else the raw weights.
-fn student_weights(ema: &Option<Ema>, vars: &[(String, Var)]) -> HashMap<String, Tensor> {
-    match ema {
-        Some(e) => e.tensors(),
-        None => super::teacher::vars_to_tensors(vars),
-    }
-}
-
-fn save<M: Method>(m: &M, rs: &RunSpec, run: &RunDir, step: u64, ema: &Option<Ema>) -> Result<()> {
-    let mut tensors = HashMap::new();
-    let mut meta = HashMap::from([
-        ("step".to_string(), step.to_string()),
-        ("config".to_string(), rs.config_toml.clone()),
-        ("resume_key".to_string(), rs.resume_key.clone()),
-        ("teacher_sha256".to_string(), rs.teacher.sha256.clone()),
-    ]);
-    m.save_state(&mut tensors, &mut meta);
-    if let Some(e) = ema {
-        tensors.extend(
-            e.tensors()
-                .into_iter()
-                .map(|(k, v)| (format!("ema.{k}"), v)),
+            w[0] > w[1],
+            "student timesteps must be strictly descending, got {ts:?}"
         );
     }
-    let dir = run.checkpoint();
-    checkpoint::write_atomic(
-        &dir.join(TRAIN_STATE_FILE),
-        &checkpoint::safetensors_bytes_with_meta(&tensors, Some(meta))?,
-    )?;
-    let cm = CheckpointMeta::new(M::ROLE, m.model_config(), m.spec(), step);
-    checkpoint::save(&dir, &cm, &student_weights(ema, m.student_vars()))
+    ensure!(
+        ts[0] < grid.len(),
+        "timestep {} is outside the noise grid 0..{}",
+        ts[0],
+        grid.len()
+    );
+    Ok(())
 }
 
-/// Trains (or resumes) a distillation method in `run`: the loop every method shares.
-pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<DistillOutcome> {
-    let cfg = rs.cfg;
-    cfg.validate()?;
-    let state_path = run.checkpoint().join(TRAIN_STATE_FILE);
-    let mut ema = (cfg.ema_decay > 0.0)
-        .then(|| Ema::new(m.student_vars(), cfg.ema_decay))
-        .transpose()?;
-    let mut start = 0;
-    if rs.resume {
-        let (tensors, meta) = checkpoint::load_tensors_with_meta(&state_path, rs.device)
-            .with_context(|| {
-                format!(
-                    "--resume: no usable training state in {}",
-                    run.checkpoint().display()
-                )
-            })?;
-        if meta.get("resume_key") != Some(&rs.resume_key) {
-            bail!(
-                "--resume: the run in {} was started with a different configuration (only the step count and logging cadence may change); start a new run with another --out",
-                run.root.display()
-            );
-        }
-        if meta.get("teacher_sha256") != Some(&rs.teacher.sha256) {
-            bail!(
-                "--resume: the teacher {} is not the one this run started from (its weights changed)",
-                rs.teacher.dir.display()
-            );
-        }
-        start = meta
-            .get("step")
-            .context("training state lacks its step")?
-            .parse()?;
-        m.load_state(&tensors, &meta)?;
-        if let Some(e) = &mut ema {
-            let w: HashMap<String, Tensor> = tensors
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix("ema.").map(|n| (n.to_string(), v.clone())))
-                .collect();
-            e.load(&w)
-                .context("training state lacks the student's EMA")?;
-        }
-    } else if state_path.exists() {
-        bail!(
-            "{} already holds a run; pass --resume to continue it or choose another --out",
-            run.root.display()
-        );
-    }
-    checkpoint::write_atomic(&run.config(), rs.config_toml.as_bytes())?;
-    let mut log = MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?;
-    let pb = progress_bar(cfg.steps, start, rs.show_progress, m.name());
-    let t0 = Instant::now();
-    let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
-    let mut last = BTreeMap::new();
-    let mut win_start = Instant::now();
-    let mut win_steps = 0u64;
-    let mut seen_updates = m.student_updates();
-    for step in start..cfg.steps {
-        let metrics = m.step(step).with_context(|| {
-            format!(
-                "{} iteration {step}; the last good checkpoint is kept in {}",
-                m.name(),
-                run.checkpoint().display()
-            )
-        })?;
-        for (k, v) in &metrics {
-            check_finite(k, *v, step, &run.checkpoint())?;
-            let e = window.entry(k.clone()).or_insert((0.0, 0));
-            e.0 += v;
-            e.1 += 1;
-        }
-        if let Some(e) = &mut ema {
-            let u = m.student_updates();
-            if u > seen_updates {
-                e.update(m.student_vars(), u - 1)?;
-                seen_updates = u;
-            }
-        }
-        win_steps += 1;
-        let done = step + 1;
-        pb.set_position(done);
-        let mut record: BTreeMap<String, f64> = BTreeMap::new();
-        if done % cfg.log_every == 0 || done == cfg.steps {
-            for (k, (s, n)) in std::mem::take(&mut window) {
-                record.insert(k, s / n as f64);
-            }
-            record.insert(
-                "it_per_s".into(),
-                win_steps as f64 / win_start.elapsed().as_secs_f64(),
-            );
-            record.insert("student_updates".into(), m.student_updates() as f64);
-            (win_start, win_steps) = (Instant::now(), 0);
-            let msg: Vec<String> = record
-                .iter()
-                .filter(|(k, _)| k.starts_with("loss"))
-                .map(|(k, v)| format!("{k} {v:.4}"))
-                .collect();
-            pb.set_message(msg.join(" "));
-        }
-        let want_eval = cfg.eval_every > 0 && (done % cfg.eval_every == 0 || done == cfg.steps);
-        if let (true, Some(ev)) = (want_eval, rs.evaluator) {
-            let den = super::teacher::denoiser_from(
-                &m.model_config(),
-                student_weights(&ema, m.student_vars()),
-                rs.device,
-            )?;
-            let r = eval_student(ev, &den, &m.spec(), cfg.eval_n, rs.device)?;
-            record.insert("fd".into(), r.fd);
-            if let Some(a) = r.class_accuracy {
-                record.insert("class_accuracy".into(), a);
-            }
-        }
-        if !record.is_empty() {
-            record.insert("elapsed_s".into(), t0.elapsed().as_secs_f64());
-            let mut obj = serde_json::Map::new();
-            obj.insert("step".into(), done.into());
-            for (k, v) in &record {
-                obj.insert(k.clone(), serde_json::json!(v));
-            }
-            log.write(&serde_json::Value::Object(obj))?;
-            last.extend(record);
-        }
-        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save(m, rs, run, done, &ema)?;
-        }
-        if (cfg.sample_every > 0 && done % cfg.sample_every == 0) || done == cfg.steps {
-            let den = super::teacher::denoiser_from(
-                &m.model_config(),
-                student_weights(&ema, m.student_vars()),
-                rs.device,
-            )?;
-            let png = run.samples().join(format!("step_{done:06}.png"));
-            crate::sample::class_grid(&den, &m.spec(), 10, cfg.seed, rs.device, &png)?;
-        }
-    }
-    pb.finish();
-    write_curves(run)?;
-    Ok(DistillOutcome {
-        checkpoint: run.checkpoint(),
-        steps: cfg.steps,
-        seconds: t0.elapsed().as_secs_f64(),
-        last,
-        student_updates: m.student_updates(),
-    })
-}
-
-/// Scores `n` class-balanced samples of a student with fixed noise (seed 1, as `distill eval`).
-pub fn eval_student(
-    ev: &crate::eval::Evaluator,
-    den: &Denoiser,
-    spec: &GeneratorSpec,
-    n: usize,
-    device: &Device,
-) -> Result<crate::eval::EvalReport> {
-    let ncls = den.unet.cfg.num_classes;
-    let labels: Vec<u32> = (0..n).map(|i| (i % ncls) as u32).collect();
-    let inputs = crate::sample::seeded_noise(den, spec, n, 1, device)?;
-    let images = crate::sample::generate(
-        den,
-        spec,
-        &inputs,
-        &Tensor::from_vec(labels.clone(), n, device)?,
-        250,
-        device,
-    )?;
-    ev.evaluate(&images, Some(&labels))
+/// A scalar loss as f64, refused when it is not finite.
+pub fn finite(name: &str, t: &Tensor) -> Result<f64> {
+    let v = scalar(t)?;
+    ensure!(v.is_finite(), "{name} is {v}: training diverged");
+    Ok(v)
 }
 
 /// Draws `n` integers uniformly from `[lo, hi]` (inclusive).
@@ -654,23 +314,4 @@ pub fn gather_steps(xs: &[Tensor], idx: &[usize]) -> Result<Tensor> {
 /// Host f64 scalar of a 0-d tensor.
 pub fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// `curves.png` (the losses, log scale) and, when evaluated, `fd.png` in the run folder.
-pub fn write_curves(run: &RunDir) -> Result<()> {
-    let all = crate::plot::read_metrics(&run.metrics(), &[])?;
-    let title = run.metrics().display().to_string();
-    let losses: Vec<_> = all
-        .iter()
-        .filter(|s| s.name.starts_with("loss"))
-        .cloned()
-        .collect();
-    if !losses.is_empty() {
-        crate::plot::plot_png(&run.root.join("curves.png"), &title, &losses, true)?;
-    }
-    let fd: Vec<_> = all.iter().filter(|s| s.name == "fd").cloned().collect();
-    if !fd.is_empty() {
-        crate::plot::plot_png(&run.root.join("fd.png"), &title, &fd, false)?;
-    }
-    Ok(())
 }

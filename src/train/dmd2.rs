@@ -14,8 +14,8 @@
 //!   step `k`'s x0 estimate.
 
 use super::distill::{
-    self, grid_level, guide, random_labels, rollout, scalar, sigma_level, teacher_x0, uniform_ints,
-    Method, RunConfig, StepMetrics, Teacher, Trainable,
+    self, check_timesteps, finite, grid_level, random_labels, rollout, scalar, sigma_level,
+    uniform_ints, Method, RunConfig, StepMetrics, Teacher, Trainable,
 };
 use super::optim::AdamWConfig;
 use super::{randn, step_rng, DataOrder};
@@ -24,11 +24,10 @@ use crate::data::Dataset;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use graphs::guidance::cond_uncond_batched;
 use graphs::losses::{dmd2::dm_loss, gan, teacher_loss};
 use graphs::nn::GanHead;
-use graphs::{
-    CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, Parameterisation, SamplerKind,
-};
+use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, SamplerKind};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -52,7 +51,9 @@ pub struct Dmd2Config {
     pub min_step: f64,
     pub max_step: f64,
     /// Classifier-free guidance on the real score (the teacher); the fake score is never guided.
-    pub real_guidance_scale: f64,
+    /// (`real_guidance_scale` before; still read, with a deprecation note.)
+    #[serde(alias = "real_guidance_scale")]
+    pub cfg_scale: f64,
     /// The GAN head and its losses.
     pub gan: bool,
     /// Weight of the student's GAN loss `softplus(-D(fake))`.
@@ -86,7 +87,7 @@ impl Default for Dmd2Config {
             dfake_gen_update_ratio: 10,
             min_step: 0.02,
             max_step: 0.98,
-            real_guidance_scale: 1.5,
+            cfg_scale: 1.5,
             gan: true,
             gan_generator_weight: 3e-3,
             gan_critic_weight: 1e-2,
@@ -95,24 +96,6 @@ impl Default for Dmd2Config {
             fake_optim: adam,
         }
     }
-}
-
-/// Checks a student's timesteps against a grid: in range, strictly descending.
-pub fn check_timesteps(ts: &[usize], grid: &NoiseGrid) -> Result<()> {
-    ensure!(!ts.is_empty(), "a student needs at least one timestep");
-    for w in ts.windows(2) {
-        ensure!(
-            w[0] > w[1],
-            "student timesteps must be strictly descending, got {ts:?}"
-        );
-    }
-    ensure!(
-        ts[0] < grid.len(),
-        "timestep {} is outside the noise grid 0..{}",
-        ts[0],
-        grid.len()
-    );
-    Ok(())
 }
 
 impl Dmd2Config {
@@ -152,11 +135,7 @@ impl Dmd2Config {
     /// The config without what may change on resume (totals and cadence).
     pub fn resume_key(&self) -> Result<String> {
         let mut c = self.clone();
-        c.run.steps = 0;
-        (c.run.log_every, c.run.sample_every, c.run.checkpoint_every) = (0, 0, 0);
-        (c.run.eval_every, c.run.eval_n) = (0, 0);
-        // Precision may change on resume (everything is stored in f32).
-        (c.run.precision, c.run.loss_scale) = (Default::default(), Default::default());
+        c.run.clear_resumable();
         Ok(toml::to_string(&c)?)
     }
 }
@@ -177,48 +156,8 @@ pub struct Dmd2<'a> {
     order: DataOrder,
     device: Device,
     /// Counts, for the update-schedule test.
-    pub generator_updates: u64,
     pub fake_updates: u64,
     _head_vars: Option<VarMap>,
-}
-
-/// Seeded PyTorch-default init for a fresh module's variables (norm layers: 1 and 0).
-fn seeded_init(varmap: &VarMap, seed: u64, device: &Device) -> Result<Vec<(String, Var)>> {
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let shapes: HashMap<String, Vec<usize>> = vars
-        .iter()
-        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
-        .collect();
-    let mut rng = step_rng(seed, 0, 0x6A11);
-    for (name, var) in &vars {
-        let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-        let is_norm = parent
-            .rsplit('.')
-            .next()
-            .is_some_and(|p| p.starts_with("norm"));
-        let values: Vec<f32> = if is_norm {
-            vec![if leaf == "weight" { 1.0 } else { 0.0 }; n]
-        } else {
-            let w = shapes
-                .get(&format!("{parent}.weight"))
-                .cloned()
-                .unwrap_or(dims.clone());
-            let fan_in: usize = w.iter().skip(1).product::<usize>().max(1);
-            let b = 1.0 / (fan_in as f32).sqrt();
-            (0..n).map(|_| rng.gen_range(-b..b)).collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, device)?)?;
-    }
-    Ok(vars)
 }
 
 impl<'a> Dmd2<'a> {
@@ -261,7 +200,7 @@ impl<'a> Dmd2<'a> {
                 side,
                 u.groups,
             )?;
-            fvars.extend(seeded_init(&vm, cfg.run.seed, device)?);
+            fvars.extend(super::seeded_init(&vm, cfg.run.seed, 0x6A11, device)?);
             (Some(head), Some(vm))
         } else {
             (None, None)
@@ -282,7 +221,6 @@ impl<'a> Dmd2<'a> {
             head,
             cfg,
             device: device.clone(),
-            generator_updates: 0,
             fake_updates: 0,
             _head_vars: head_vm,
         })
@@ -313,12 +251,6 @@ impl<'a> Dmd2<'a> {
         let xn = (x + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
         head.forward(b, &fake.bottleneck(b, &xn, &level, labels)?)
     }
-}
-
-fn finite(name: &str, t: &Tensor) -> Result<f64> {
-    let v = scalar(t)?;
-    ensure!(v.is_finite(), "{name} is {v}: training diverged");
-    Ok(v)
 }
 
 impl Method for Dmd2<'_> {
@@ -366,15 +298,9 @@ impl Method for Dmd2<'_> {
             let eps = randn(&mut rng, &shape, &dev)?;
             let xd = x0.detach();
             let x_t = (&xd + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
-            let (rc, ru) = teacher_x0(
-                &b,
-                &self.teacher.den,
-                &x_t,
-                &level,
-                &labels,
-                self.cfg.real_guidance_scale,
-            )?;
-            let real = guide(&rc, ru.as_ref(), self.cfg.real_guidance_scale)?;
+            let scale = self.cfg.cfg_scale;
+            let real = cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, &labels, scale)?
+                .guided(&b, scale)?;
             let fake_frozen = graphs::params::detached(&self.fake)?;
             let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &labels)?;
             let dm = dm_loss(&x0, &real, &fake_x0)?;
@@ -390,9 +316,6 @@ impl Method for Dmd2<'_> {
                 loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
             }
             let st = self.student_t.update(&loss)?;
-            if st.is_some() {
-                self.generator_updates += 1;
-            }
             self.student_t.log(&mut m, "student", &st);
             x0.detach()
         } else {
@@ -402,15 +325,13 @@ impl Method for Dmd2<'_> {
         // Fake-score turn: the teacher's own loss on the student's images, over the whole grid.
         let ts = uniform_ints(&mut rng, n, 0, self.grid.len() - 1);
         let noise = randn(&mut rng, &shape, &dev)?;
-        let cond = match &self.teacher.meta.model.parameterisation {
-            Parameterisation::Edm(_) => {
-                let s: Vec<f32> = ts.iter().map(|&t| self.grid.sigma(t) as f32).collect();
-                Tensor::from_vec(s, n, &dev)?
-            }
-            Parameterisation::Vp(_) => {
-                Tensor::from_vec(ts.iter().map(|&t| t as u32).collect::<Vec<_>>(), n, &dev)?
-            }
-        };
+        let cond = self
+            .teacher
+            .meta
+            .model
+            .parameterisation
+            .grid_training_level(&self.grid, &ts)
+            .to_tensor(&dev)?;
         let lf = teacher_loss(&b, &self.fake, &x0_gen, &labels, &cond, &noise)?;
         m.insert("loss_fake".into(), finite("loss_fake", &lf)?);
         let mut loss = lf;
@@ -449,6 +370,9 @@ impl Method for Dmd2<'_> {
         Ok(m)
     }
 
+    fn gauges(&self) -> StepMetrics {
+        StepMetrics::from([("student_updates".to_string(), self.student_updates() as f64)])
+    }
     fn student_vars(&self) -> &[(String, Var)] {
         self.student_t.vars()
     }
@@ -458,10 +382,6 @@ impl Method for Dmd2<'_> {
     fn save_state(&self, t: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
         self.student_t.save(t, meta);
         self.fake_t.save(t, meta);
-        meta.insert(
-            "generator_updates".into(),
-            self.generator_updates.to_string(),
-        );
         meta.insert("fake_updates".into(), self.fake_updates.to_string());
     }
     fn load_state(
@@ -477,7 +397,6 @@ impl Method for Dmd2<'_> {
                 .ok_or_else(|| anyhow::anyhow!("training state lacks {k}"))?
                 .parse()?)
         };
-        self.generator_updates = get("generator_updates")?;
         self.fake_updates = get("fake_updates")?;
         Ok(())
     }

@@ -1,9 +1,11 @@
-//! Training loops. `teacher` trains the diffusion teacher; the machinery here (run folders,
-//! deterministic data order and noise, metrics, progress) is shared by every trainer.
+//! Training. Every method (`teacher`, `dmd2`, `tdm`) is a [`runner::Method`] driven by the one
+//! loop in [`runner`]; `distill` holds what the distillation methods share; the machinery here
+//! (run folders, deterministic data order and noise, metrics, progress) is shared by all.
 
 pub mod distill;
 pub mod dmd2;
 pub mod optim;
+pub mod runner;
 pub mod tdm;
 pub mod teacher;
 
@@ -16,6 +18,9 @@ use rand_distr::StandardNormal;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// The resume state beside a run's checkpoint (weights, optimiser moments, EMA, step).
+pub const TRAIN_STATE_FILE: &str = "train_state.safetensors";
 
 /// A training run's folder: `checkpoint/` (the latest checkpoint + training state),
 /// `metrics.jsonl` (one JSON object per logged step), `samples/` (PNG grids), `config.toml`.
@@ -155,13 +160,93 @@ pub fn progress_bar(total: u64, start: u64, show: bool, what: &str) -> ProgressB
     pb
 }
 
-/// Stops a run on a non-finite loss with an error that says what is kept.
-pub fn check_finite(name: &str, value: f64, step: u64, ckpt: &Path) -> Result<()> {
-    if !value.is_finite() {
-        anyhow::bail!(
-            "{name} is {value} at step {step}: training diverged and was stopped; the last good checkpoint is kept in {} (try a lower --lr or a smaller --grad-clip, then --resume)",
-            ckpt.display()
-        );
+/// Seeded PyTorch-default init of every variable in `varmap` (sorted by name; uniform
+/// `+-1/sqrt(fan_in)`, label embeddings N(0, 1), norm layers 1 and 0). Candle's own initialisers
+/// draw from an unseeded RNG; `stream` keeps different networks' draws apart.
+pub fn seeded_init(
+    varmap: &candle_nn::VarMap,
+    seed: u64,
+    stream: u64,
+    device: &Device,
+) -> Result<Vec<(String, candle_core::Var)>> {
+    let mut vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let shapes: std::collections::HashMap<String, Vec<usize>> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect();
+    let mut rng = step_rng(seed, 0, stream);
+    for (name, var) in &vars {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+        let is_norm = parent
+            .rsplit('.')
+            .next()
+            .is_some_and(|p| p.starts_with("norm"));
+        let values: Vec<f32> = if parent.ends_with("label_emb") {
+            (0..n)
+                .map(|_| rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        } else if is_norm {
+            vec![if leaf == "weight" { 1.0 } else { 0.0 }; n]
+        } else {
+            let wdims = if leaf == "bias" {
+                shapes
+                    .get(&format!("{parent}.weight"))
+                    .cloned()
+                    .unwrap_or(dims.clone())
+            } else {
+                dims.clone()
+            };
+            let fan_in: usize = wdims.iter().skip(1).product::<usize>().max(1);
+            let b = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| rng.gen_range(-b..b)).collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, device)?)?;
+    }
+    Ok(vars)
+}
+
+/// Detached copies of variables, by name (what checkpoints store).
+pub fn vars_to_tensors(
+    vars: &[(String, candle_core::Var)],
+) -> std::collections::HashMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect()
+}
+
+/// Builds a denoiser for inference from a tensor map (EMA weights).
+pub fn denoiser_from(
+    cfg: &graphs::ModelConfig,
+    w: std::collections::HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<graphs::Denoiser> {
+    crate::checkpoint::denoiser_from_tensors(cfg, w, device, "in-memory weights")
+}
+
+/// `curves.png` (the losses, log scale) and, when evaluated, `fd.png` in the run folder.
+pub fn write_curves(run: &RunDir) -> Result<()> {
+    let all = crate::plot::read_metrics(&run.metrics(), &[])?;
+    let title = run.metrics().display().to_string();
+    let losses: Vec<_> = all
+        .iter()
+        .filter(|s| s.name.starts_with("loss"))
+        .cloned()
+        .collect();
+    if !losses.is_empty() {
+        crate::plot::plot_png(&run.root.join("curves.png"), &title, &losses, true)?;
+    }
+    let fd: Vec<_> = all.iter().filter(|s| s.name == "fd").cloned().collect();
+    if !fd.is_empty() {
+        crate::plot::plot_png(&run.root.join("fd.png"), &title, &fd, false)?;
     }
     Ok(())
 }

@@ -16,15 +16,15 @@
 //! the teacher (`train::distill`).
 
 use super::distill::{
-    self, gather_steps, grid_level, random_labels, rollout, scalar, sigma_level, teacher_x0,
-    Method, RunConfig, StepMetrics, Teacher, Trainable,
+    self, check_timesteps, finite, gather_steps, grid_level, random_labels, rollout, scalar,
+    sigma_level, Method, RunConfig, StepMetrics, Teacher, Trainable,
 };
-use super::dmd2::check_timesteps;
 use super::optim::{AdamWConfig, GradAccum, LrSchedule};
 use super::{randn, step_rng};
 use crate::checkpoint::Role;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, Var};
+use graphs::guidance::cond_uncond_batched;
 use graphs::losses::tdm::{self, Distance, Weighting};
 use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, SamplerKind};
 use rand::Rng;
@@ -166,11 +166,7 @@ impl TdmConfig {
 
     pub fn resume_key(&self) -> Result<String> {
         let mut c = self.clone();
-        c.run.steps = 0;
-        (c.run.log_every, c.run.sample_every, c.run.checkpoint_every) = (0, 0, 0);
-        (c.run.eval_every, c.run.eval_n) = (0, 0);
-        // Precision may change on resume (everything is stored in f32).
-        (c.run.precision, c.run.loss_scale) = (Default::default(), Default::default());
+        c.run.clear_resumable();
         // Derived from the step count when 0 in the config.
         (c.student_optim.decay_steps, c.fake_optim.decay_steps) = (0, 0);
         Ok(toml::to_string(&c)?)
@@ -313,12 +309,6 @@ impl<'a> Tdm<'a> {
     }
 }
 
-fn finite(name: &str, t: &Tensor) -> Result<f64> {
-    let v = scalar(t)?;
-    ensure!(v.is_finite(), "{name} is {v}: training diverged");
-    Ok(v)
-}
-
 impl Method for Tdm<'_> {
     const ROLE: Role = Role::Tdm;
 
@@ -396,24 +386,16 @@ impl Method for Tdm<'_> {
             let eps = tdm_eps(&x_in, &x0.detach(), &s_k)?;
             let (x_t, _, _) = self.matching_input(&x0.detach(), &eps, &d, rng)?;
             let level = grid_level(&self.grid, &d.t, &dev)?;
-            let (rc, ru) = teacher_x0(
-                &b,
-                &self.teacher.den,
-                &x_t,
-                &level,
-                labels,
-                self.cfg.cfg_scale,
-            )?;
-            let ru = ru.unwrap_or_else(|| rc.clone());
+            let scale = self.cfg.cfg_scale;
+            let real = cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, labels, scale)?
+                .guided(&b, scale)?;
             let fl = self.fake_labels(label_ids, &d.k)?;
             let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &fl)?;
             let w = self.snr_weights(self.cfg.student_weighting, &d.t)?;
             let sl = tdm::student_loss(
                 &x0,
-                &rc,
-                &ru,
+                &real,
                 &fake_x0,
-                self.cfg.cfg_scale,
                 self.cfg.distance,
                 self.cfg.huber_c,
                 &w,
@@ -429,6 +411,9 @@ impl Method for Tdm<'_> {
         Ok(m)
     }
 
+    fn gauges(&self) -> StepMetrics {
+        StepMetrics::from([("student_updates".to_string(), self.student_updates() as f64)])
+    }
     fn student_vars(&self) -> &[(String, Var)] {
         self.student_t.vars()
     }

@@ -2,24 +2,22 @@
 //! epsilon loss, label dropout for classifier-free guidance, AdamW with warm-up and clipping, and an
 //! EMA of the weights (the EMA is what sampling, distillation and export use).
 
-use super::optim::{AdamW, AdamWConfig, Ema, LossScaleConfig, LossScaler, Precision};
-use super::{check_finite, progress_bar, randn, step_rng, DataOrder, MetricsLog, RunDir};
-use crate::checkpoint::{self, CheckpointMeta, Role};
+use super::distill::{finite, Trainable};
+use super::optim::{AdamWConfig, LossScaleConfig, Precision};
+use super::runner::{self, Method, RunConfig, RunSpec, StepMetrics};
+pub use super::{denoiser_from, vars_to_tensors};
+use super::{randn, seeded_init, step_rng, DataOrder, RunDir};
+use crate::checkpoint::Role;
 use crate::data::Dataset;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use graphs::{
-    BetaSchedule, CandleBackend, Denoiser, GeneratorSpec, ModelConfig, Parameterisation,
-    SamplerKind, UNetConfig,
+    BetaSchedule, CandleBackend, Denoiser, GeneratorSpec, ModelConfig, Parameterisation, UNetConfig,
 };
 use rand::Rng;
-use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::time::Instant;
-
-pub const TRAIN_STATE_FILE: &str = "train_state.safetensors";
 
 /// Everything that defines a teacher run (the `config.toml` of the run folder).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,19 +90,49 @@ impl TeacherConfig {
         })
     }
     pub fn generator(&self) -> Result<GeneratorSpec> {
-        let sampler = if self.parameterisation == "vp" {
-            SamplerKind::Ddim
-        } else {
-            SamplerKind::Heun
-        };
         Ok(GeneratorSpec {
-            sampler,
+            sampler: self.param()?.default_sampler(),
             steps: self.sample_steps,
             sigmas: vec![],
             fresh_noise: false,
             cfg_scale: self.cfg_scale,
         })
     }
+    /// The run-loop settings of this config (the teacher keeps them as top-level TOML fields).
+    pub fn run_config(&self) -> RunConfig {
+        RunConfig {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            log_every: self.log_every,
+            sample_every: self.sample_every,
+            checkpoint_every: self.checkpoint_every,
+            eval_every: 0,
+            eval_n: 0,
+            ema_decay: self.ema_decay,
+            precision: self.precision,
+            loss_scale: self.loss_scale.clone(),
+        }
+    }
+
+    /// What a resumed run must agree with: the model, parameterisation, seed and batch size
+    /// (the optimiser settings, totals and cadence may change).
+    pub fn resume_key(&self) -> Result<String> {
+        #[derive(Serialize)]
+        struct Key<'a> {
+            model: &'a UNetConfig,
+            parameterisation: &'a str,
+            seed: u64,
+            batch_size: usize,
+        }
+        Ok(toml::to_string(&Key {
+            model: &self.model,
+            parameterisation: &self.parameterisation,
+            seed: self.seed,
+            batch_size: self.batch_size,
+        })?)
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.param()?;
@@ -137,56 +165,8 @@ pub fn init_trainable(
 ) -> Result<(VarMap, Denoiser, Vec<(String, Var)>)> {
     let varmap = VarMap::new();
     let den = Denoiser::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
-    let params = graphs::params::collect(&den);
-    let shapes: HashMap<String, Vec<usize>> = params
-        .iter()
-        .map(|p| (p.name.clone(), p.dims().to_vec()))
-        .collect();
-    let mut rng = step_rng(seed, 0, 0x1417);
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in &vars {
-        let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-        let is_norm = parent
-            .rsplit('.')
-            .next()
-            .is_some_and(|p| p.starts_with("norm"));
-        let values: Vec<f32> = if parent.ends_with("label_emb") {
-            (0..n)
-                .map(|_| rng.sample::<f32, _>(StandardNormal))
-                .collect()
-        } else if is_norm {
-            vec![if leaf == "weight" { 1.0 } else { 0.0 }; n]
-        } else {
-            let wdims = if leaf == "bias" {
-                shapes
-                    .get(&format!("{parent}.weight"))
-                    .cloned()
-                    .unwrap_or(dims.clone())
-            } else {
-                dims.clone()
-            };
-            let fan_in: usize = wdims.iter().skip(1).product::<usize>().max(1);
-            let b = 1.0 / (fan_in as f32).sqrt();
-            (0..n).map(|_| rng.gen_range(-b..b)).collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, device)?)?;
-    }
+    let vars = seeded_init(&varmap, seed, 0x1417, device)?;
     Ok((varmap, den, vars))
-}
-
-pub fn vars_to_tensors(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
-    vars.iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect()
 }
 
 /// Result of a finished (or resumed and finished) run.
@@ -198,65 +178,157 @@ pub struct TeacherOutcome {
     pub seconds: f64,
 }
 
-#[derive(Serialize)]
-struct Record {
-    step: u64,
-    loss: f64,
-    grad_norm: f64,
-    lr: f64,
-    it_per_s: f64,
-    elapsed_s: f64,
-    /// fp16 only: the dynamic loss scale and the steps skipped for inf/NaN gradients so far.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    loss_scale: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    skipped_steps: Option<u64>,
+/// Teacher training as a [`Method`] of the shared runner: the denoising loss on real data.
+pub struct TeacherMethod<'a> {
+    cfg: TeacherConfig,
+    mcfg: ModelConfig,
+    data: &'a Dataset,
+    den: Denoiser,
+    net: Trainable,
+    order: DataOrder,
+    device: Device,
+    last_norm: f64,
+    _varmap: VarMap,
 }
 
-/// Builds a denoiser for inference from a tensor map (EMA weights).
-pub fn denoiser_from(
-    cfg: &ModelConfig,
-    w: HashMap<String, Tensor>,
-    device: &Device,
-) -> Result<Denoiser> {
-    checkpoint::denoiser_from_tensors(cfg, w, device, "in-memory weights")
-}
-
-/// Writes the inference checkpoint (EMA) and the resume state (raw weights, AdamW moments, EMA, step).
-pub fn save_run(
-    run: &RunDir,
-    cfg: &TeacherConfig,
-    step: u64,
-    vars: &[(String, Var)],
-    opt: &AdamW,
-    ema: &Ema,
-    scaler: Option<&LossScaler>,
-) -> Result<()> {
-    let dir = run.checkpoint();
-    let mut state: HashMap<String, Tensor> = vars_to_tensors(vars)
-        .into_iter()
-        .map(|(k, v)| (format!("model.{k}"), v))
-        .collect();
-    state.extend(opt.state());
-    state.extend(
-        ema.tensors()
-            .into_iter()
-            .map(|(k, v)| (format!("ema.{k}"), v)),
-    );
-    let mut meta = HashMap::from([
-        ("step".to_string(), step.to_string()),
-        ("adam_t".to_string(), opt.t.to_string()),
-        ("config".to_string(), toml::to_string(cfg)?),
-    ]);
-    if let Some(s) = scaler {
-        s.save("scaler", &mut meta);
+impl<'a> TeacherMethod<'a> {
+    pub fn new(cfg: &TeacherConfig, data: &'a Dataset, device: &Device) -> Result<Self> {
+        let mcfg = cfg.model_config()?;
+        let (varmap, den, vars) = init_trainable(&mcfg, cfg.seed, device)?;
+        let net = Trainable::new("model", vars, cfg.optim.clone())?
+            .with_precision(cfg.precision, &cfg.loss_scale);
+        Ok(Self {
+            cfg: cfg.clone(),
+            mcfg,
+            data,
+            den,
+            net,
+            order: DataOrder::new(data.len(), cfg.seed),
+            device: device.clone(),
+            last_norm: 0.0,
+            _varmap: varmap,
+        })
     }
-    checkpoint::write_atomic(
-        &dir.join(TRAIN_STATE_FILE),
-        &checkpoint::safetensors_bytes_with_meta(&state, Some(meta))?,
-    )?;
-    let m = CheckpointMeta::new(Role::Teacher, cfg.model_config()?, cfg.generator()?, step);
-    checkpoint::save(&dir, &m, &ema.tensors())
+}
+
+impl Method for TeacherMethod<'_> {
+    const ROLE: Role = Role::Teacher;
+
+    fn name(&self) -> &'static str {
+        "teacher"
+    }
+
+    fn step(&mut self, step: u64) -> Result<StepMetrics> {
+        let (cfg, device) = (&self.cfg, &self.device);
+        let b = CandleBackend::training(device).with_autocast(cfg.precision.autocast());
+        let idx = self.order.batch(step, cfg.batch_size);
+        let (x0, labels) = self.data.batch(&idx, device)?;
+        let mut rng = step_rng(cfg.seed, step, 1);
+        let n = idx.len();
+        let null = self.cfg.model.num_classes as u32;
+        let labels: Vec<u32> = labels
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|l| {
+                if rng.gen::<f64>() < cfg.label_dropout {
+                    null
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let labels = Tensor::from_vec(labels, n, device)?;
+        let noise_cond = self
+            .mcfg
+            .parameterisation
+            .draw_training_level(&mut rng, n)
+            .to_tensor(device)?;
+        let noise = randn(&mut rng, x0.dims(), device)?;
+        let loss = graphs::losses::teacher_loss(&b, &self.den, &x0, &labels, &noise_cond, &noise)?;
+        let lv = finite("loss", &loss)?;
+        if let Some(st) = self.net.update(&loss)? {
+            self.last_norm = st.grad_norm;
+        }
+        Ok(StepMetrics::from([("loss".to_string(), lv)]))
+    }
+
+    fn gauges(&self) -> StepMetrics {
+        let opt = &self.net.opt;
+        let mut g = StepMetrics::from([
+            ("grad_norm".to_string(), self.last_norm),
+            ("lr".to_string(), opt.lr_at(opt.t.saturating_sub(1))),
+        ]);
+        if let Some(s) = &self.net.scaler {
+            g.insert("loss_scale".into(), s.scale);
+            g.insert("skipped_steps".into(), s.skipped as f64);
+        }
+        g
+    }
+
+    fn student_vars(&self) -> &[(String, Var)] {
+        self.net.vars()
+    }
+    fn student_updates(&self) -> u64 {
+        self.net.opt.t
+    }
+    /// The teacher's EMA warms up over iterations, not updates (fp16 may skip some).
+    fn ema_step(&self, step: u64, updates_before: u64) -> Option<u64> {
+        (self.student_updates() > updates_before).then_some(step)
+    }
+    fn save_state(&self, t: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
+        self.net.save(t, meta);
+    }
+    fn load_state(
+        &mut self,
+        t: &HashMap<String, Tensor>,
+        meta: &HashMap<String, String>,
+    ) -> Result<()> {
+        self.net.load(t, meta)
+    }
+    /// Layout 1 (the teacher's own loop): moments as `adam.{m,v}.<name>`, metadata `adam_t` and
+    /// `scaler.*`, no resume key (derived from the stored config).
+    fn upgrade_state(
+        &self,
+        _version: u32,
+        tensors: &mut HashMap<String, Tensor>,
+        meta: &mut HashMap<String, String>,
+    ) -> Result<()> {
+        let keys: Vec<String> = tensors.keys().cloned().collect();
+        for k in keys {
+            if let Some(rest) = k.strip_prefix("adam.") {
+                if rest.starts_with("m.") || rest.starts_with("v.") {
+                    let t = tensors.remove(&k).expect("listed");
+                    tensors.insert(format!("adam.model.{rest}"), t);
+                }
+            }
+        }
+        let t = meta
+            .remove("adam_t")
+            .context("training state lacks adam_t")?;
+        meta.insert("adam_t.model".into(), t);
+        let scaler: Vec<String> = meta
+            .keys()
+            .filter(|k| k.starts_with("scaler."))
+            .cloned()
+            .collect();
+        for k in scaler {
+            let v = meta.remove(&k).expect("listed");
+            meta.insert(k.replacen("scaler.", "scaler.model.", 1), v);
+        }
+        let saved: TeacherConfig = toml::from_str(
+            meta.get("config")
+                .context("training state lacks its config")?,
+        )
+        .context("parsing the training state's config")?;
+        meta.insert("resume_key".into(), saved.resume_key()?);
+        Ok(())
+    }
+    fn spec(&self) -> GeneratorSpec {
+        self.cfg.generator().expect("validated config")
+    }
+    fn model_config(&self) -> ModelConfig {
+        self.mcfg.clone()
+    }
 }
 
 /// Trains (or, with `resume`, continues) a teacher in `run`.
@@ -289,163 +361,24 @@ pub fn train(
             m.num_classes
         );
     }
-    let mcfg = cfg.model_config()?;
-    let (_varmap, den, vars) = init_trainable(&mcfg, cfg.seed, device)?;
-    let mut opt = AdamW::new(vars.clone(), cfg.optim.clone())?;
-    let vars = opt.vars.clone();
-    let mut ema = Ema::new(&vars, cfg.ema_decay)?;
-    let mut scaler = cfg
-        .precision
-        .needs_loss_scaling()
-        .then(|| LossScaler::new(cfg.loss_scale.clone()));
-    let mut start = 0u64;
-    let state_path = run.checkpoint().join(TRAIN_STATE_FILE);
-    if resume {
-        let (state, meta) =
-            checkpoint::load_tensors_with_meta(&state_path, device).with_context(|| {
-                format!(
-                    "--resume: no usable training state in {}",
-                    run.checkpoint().display()
-                )
-            })?;
-        let saved_cfg: TeacherConfig = toml::from_str(
-            meta.get("config")
-                .context("training state lacks its config")?,
-        )?;
-        if saved_cfg.model != cfg.model
-            || saved_cfg.parameterisation != cfg.parameterisation
-            || saved_cfg.seed != cfg.seed
-            || saved_cfg.batch_size != cfg.batch_size
-        {
-            bail!("--resume: the run in {} was started with a different model, parameterisation, seed or batch size", run.root.display());
-        }
-        start = meta
-            .get("step")
-            .context("training state lacks its step")?
-            .parse()?;
-        let adam_t: u64 = meta
-            .get("adam_t")
-            .context("training state lacks adam_t")?
-            .parse()?;
-        for (n, v) in &vars {
-            let t = state
-                .get(&format!("model.{n}"))
-                .with_context(|| format!("training state lacks model.{n}"))?;
-            v.set(t)?;
-        }
-        opt.load_state(&state, adam_t)?;
-        let ema_w: HashMap<String, Tensor> = state
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("ema.").map(|n| (n.to_string(), v.clone())))
-            .collect();
-        ema.load(&ema_w)?;
-        if let Some(s) = &mut scaler {
-            s.load("scaler", &meta)?;
-        }
-    } else if state_path.exists() {
-        bail!(
-            "{} already holds a run; pass --resume to continue it or choose another --out",
-            run.root.display()
-        );
-    }
-    checkpoint::write_atomic(&run.config(), toml::to_string(cfg)?.as_bytes())?;
-    let mut log = MetricsLog::open(&run.metrics(), resume.then_some(start))?;
-    let mut order = DataOrder::new(data.len(), cfg.seed);
-    let b = CandleBackend::training(device).with_autocast(cfg.precision.autocast());
-    let param = mcfg.parameterisation.clone();
-    let pb = progress_bar(cfg.steps, start, show_progress, "teacher");
-    let t0 = Instant::now();
-    let (mut acc_loss, mut acc_n, mut last_loss) = (0.0, 0u64, f64::NAN);
-    let mut last_log = Instant::now();
-    let mut last_norm = 0.0;
-    for step in start..cfg.steps {
-        let idx = order.batch(step, cfg.batch_size);
-        let (x0, labels) = data.batch(&idx, device)?;
-        let mut rng = step_rng(cfg.seed, step, 1);
-        let n = idx.len();
-        let labels: Vec<u32> = labels
-            .to_vec1::<u32>()?
-            .into_iter()
-            .map(|l| {
-                if rng.gen::<f64>() < cfg.label_dropout {
-                    m.num_classes as u32
-                } else {
-                    l
-                }
-            })
-            .collect();
-        let labels = Tensor::from_vec(labels, n, device)?;
-        let noise_cond = match &param {
-            Parameterisation::Edm(e) => {
-                let s: Vec<f32> = (0..n)
-                    .map(|_| {
-                        (e.p_mean + e.p_std * rng.sample::<f64, _>(StandardNormal)).exp() as f32
-                    })
-                    .collect();
-                Tensor::from_vec(s, n, device)?
-            }
-            Parameterisation::Vp(v) => {
-                let t: Vec<u32> = (0..n)
-                    .map(|_| rng.gen_range(0..v.num_timesteps as u32))
-                    .collect();
-                Tensor::from_vec(t, n, device)?
-            }
-        };
-        let noise = randn(&mut rng, x0.dims(), device)?;
-        let loss = graphs::losses::teacher_loss(&b, &den, &x0, &labels, &noise_cond, &noise)?;
-        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        check_finite("loss", lv, step, &run.checkpoint())?;
-        let grads = match &scaler {
-            Some(s) => s.scale_loss(&loss)?.backward()?,
-            None => loss.backward()?,
-        };
-        let g = opt.grads_of(&grads);
-        let stats =
-            super::optim::precision_step(&mut opt, scaler.as_mut(), g).with_context(|| {
-                format!(
-                    "the last good checkpoint is kept in {}",
-                    run.checkpoint().display()
-                )
-            })?;
-        if let Some(st) = &stats {
-            ema.update(&vars, step)?;
-            last_norm = st.grad_norm;
-        }
-        acc_loss += lv;
-        acc_n += 1;
-        let done = step + 1;
-        pb.set_position(done);
-        if done % cfg.log_every == 0 || done == cfg.steps {
-            last_loss = acc_loss / acc_n as f64;
-            let rate = acc_n as f64 / last_log.elapsed().as_secs_f64();
-            log.write(&Record {
-                step: done,
-                loss: last_loss,
-                grad_norm: last_norm,
-                lr: opt.lr_at(opt.t.saturating_sub(1)),
-                it_per_s: rate,
-                elapsed_s: t0.elapsed().as_secs_f64(),
-                loss_scale: scaler.as_ref().map(|s| s.scale),
-                skipped_steps: scaler.as_ref().map(|s| s.skipped),
-            })?;
-            pb.set_message(format!("loss {last_loss:.4}"));
-            (acc_loss, acc_n, last_log) = (0.0, 0, Instant::now());
-        }
-        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save_run(run, cfg, done, &vars, &opt, &ema, scaler.as_ref())?;
-        }
-        if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.steps) {
-            let ema_den = denoiser_from(&mcfg, ema.tensors(), device)?;
-            let png = run.samples().join(format!("step_{done:06}.png"));
-            crate::sample::class_grid(&ema_den, &cfg.generator()?, 10, cfg.seed, device, &png)?;
-        }
-    }
-    pb.finish_with_message(format!("loss {last_loss:.4} grad-norm {last_norm:.3}"));
-    super::distill::write_curves(run)?;
+    let mut method = TeacherMethod::new(cfg, data, device)?;
+    let rc = cfg.run_config();
+    let rs = RunSpec {
+        cfg: &rc,
+        config_toml: toml::to_string(cfg)?,
+        resume_key: cfg.resume_key()?,
+        rekey: Some(&|t: &str| toml::from_str::<TeacherConfig>(t)?.resume_key()),
+        teacher: None,
+        resume,
+        show_progress,
+        evaluator: None,
+        device,
+    };
+    let out = runner::run(&mut method, &rs, run)?;
     Ok(TeacherOutcome {
-        checkpoint: run.checkpoint(),
-        final_loss: last_loss,
-        steps: cfg.steps,
-        seconds: t0.elapsed().as_secs_f64(),
+        checkpoint: out.checkpoint,
+        final_loss: out.last.get("loss").copied().unwrap_or(f64::NAN),
+        steps: out.steps,
+        seconds: out.seconds,
     })
 }

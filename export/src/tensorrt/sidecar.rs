@@ -43,7 +43,45 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// From the typed record of a distill export.
+    pub fn from_record(r: &crate::OnnxMetadata) -> Self {
+        let spec = r.generator();
+        Self {
+            kind: r.kind_name().into(),
+            method: Some(r.method.clone()),
+            channels: Some(r.channels),
+            resolution: Some(r.resolution),
+            num_classes: Some(r.num_classes),
+            null_class_id: Some(r.null_class_id),
+            sampler: spec.and_then(|s| {
+                serde_json::to_value(s.sampler)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+            }),
+            steps: spec.map(|s| s.steps),
+            sigmas: spec.map(|_| r.step_sigmas.clone()),
+            nfe: spec.map(|s| s.nfe()),
+            cfg_scale: spec.map(|s| s.cfg_scale),
+            fresh_noise_inputs: spec.map(|s| s.num_fresh_noise()),
+            generator_spec: spec.and_then(|s| serde_json::to_value(s).ok()),
+            parameterisation: serde_json::to_value(&r.parameterisation).ok(),
+            pixel_range: Some("[-1, 1]".into()),
+            onnx_precision: Some(r.precision.name().into()),
+        }
+    }
+
+    /// From `metadata_props`: the typed record when the model is a distill export, else
+    /// whatever entries are there.
     pub fn from_metadata(meta: &BTreeMap<String, String>) -> Self {
+        let props: Vec<(String, String)> =
+            meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Ok(r) = crate::OnnxMetadata::from_props(&props, "model") {
+            return Self::from_record(&r);
+        }
+        Self::lenient(meta)
+    }
+
+    fn lenient(meta: &BTreeMap<String, String>) -> Self {
         let num = |k: &str| meta.get(k).and_then(|v| v.parse().ok());
         fn json<T: serde::de::DeserializeOwned>(
             meta: &BTreeMap<String, String>,

@@ -101,14 +101,6 @@ pub enum Distance {
     Huber,
 }
 
-/// The teacher's guided x0: `x0_cond + (cfg - 1) * (x0_cond - x0_uncond)`.
-pub fn guided_x0(real_cond: &Tensor, real_uncond: &Tensor, cfg: f64) -> Result<Tensor> {
-    if cfg == 1.0 {
-        return Ok(real_cond.clone());
-    }
-    Ok((real_cond + ((real_cond - real_uncond)? * (cfg - 1.0))?)?)
-}
-
 /// The student loss and its per-sample normaliser (for the metrics).
 pub struct StudentLoss {
     pub loss: Tensor,
@@ -116,22 +108,20 @@ pub struct StudentLoss {
 }
 
 /// The student's loss on its x0 estimate (with gradient):
-/// target `= stopgrad(x0 + (x0_real - x0_fake) + (cfg - 1) * (x0_real - x0_real_uncond))`,
-/// distance MSE or pseudo-Huber (`c`), divided per sample by `mean |x0 - x0_real_cfg|`, weighted
-/// per sample by `w` `[N]`, averaged.
-#[allow(clippy::too_many_arguments)]
+/// target `= stopgrad(x0 + (x0_real_cfg - x0_fake))` where `x0_real_cfg` is the teacher's guided
+/// x0 ([`crate::guidance`]: `x0_real + (cfg - 1) * (x0_real - x0_real_uncond)`), distance MSE or
+/// pseudo-Huber (`c`), divided per sample by `mean |x0 - x0_real_cfg|`, weighted per sample by
+/// `w` `[N]`, averaged.
 pub fn student_loss(
     x0: &Tensor,
-    real_cond: &Tensor,
-    real_uncond: &Tensor,
+    real_guided: &Tensor,
     fake_x0: &Tensor,
-    cfg: f64,
     distance: Distance,
     huber_c: f64,
     w: &Tensor,
 ) -> Result<StudentLoss> {
     let xd = x0.detach();
-    let real_cfg = guided_x0(&real_cond.detach(), &real_uncond.detach(), cfg)?;
+    let real_cfg = real_guided.detach();
     let target = ((&xd + (&real_cfg - fake_x0.detach())?)?).detach();
     let norm = mean_per_sample(&(&xd - &real_cfg)?.abs()?)?.detach(); // [N]
     let d2 = (x0 - &target)?.sqr()?;

@@ -1,17 +1,17 @@
-//! `distill train dmd2` and `distill train tdm`: flags (clap derive; doc comments are `--help`),
-//! their resolution over a TOML config, and the commands.
+//! `distill train teacher|dmd2|tdm`: flags (clap derive; doc comments are `--help`) and their
+//! resolution over a TOML config into the library's training jobs.
 
-use crate::train::distill::{self, RunConfig, RunSpec, Teacher};
-use crate::train::dmd2::{Dmd2, Dmd2Config};
-use crate::train::optim::LrSchedule;
-use crate::train::tdm::{NoiseMode, Tdm, TdmConfig};
-use crate::train::RunDir;
-use anyhow::{Context, Result};
-use candle_core::Device;
+use anyhow::Result;
 use clap::{Args, ValueEnum};
+use distill::jobs::{read_config, Dmd2Job, TdmJob, TeacherJob};
+use distill::train::distill::RunConfig;
+use distill::train::dmd2::Dmd2Config;
+use distill::train::optim::LrSchedule;
+use distill::train::tdm::{NoiseMode, TdmConfig};
+use distill::train::teacher::TeacherConfig;
 use graphs::losses::tdm::{Distance, Weighting};
-use serde::de::DeserializeOwned;
-use std::path::{Path, PathBuf};
+use graphs::{BetaSchedule, UNetConfig};
+use std::path::PathBuf;
 
 macro_rules! set {
     ($dst:expr, $src:expr) => {
@@ -19,6 +19,206 @@ macro_rules! set {
             $dst = v;
         }
     };
+}
+
+/// Model size presets.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Preset {
+    /// 16-32-64 channels, one res block per level, attention at 8x8: the CPU default.
+    Small,
+    /// 32-64-128 channels, two res blocks per level, attention at 8x8 (3.94M params; the benchmark UNet).
+    Bench,
+    /// 8-16 channels at 16x16: for tests only.
+    Tiny,
+}
+
+impl Preset {
+    pub fn config(self) -> UNetConfig {
+        match self {
+            Preset::Small => UNetConfig::mnist_small(),
+            Preset::Bench => UNetConfig::bench(),
+            Preset::Tiny => UNetConfig::tiny(),
+        }
+    }
+}
+
+#[derive(Args, Debug, Default)]
+pub struct TeacherArgs {
+    /// Training data: a folder or file of MNIST IDX (raw or .gz), CIFAR-10 binary batches, or an
+    /// image folder (class = sub-folder). Default: the embedded 10k MNIST digits.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run folder: checkpoint/, metrics.jsonl, samples/*.png, config.toml.
+    #[arg(long, short, default_value = TeacherJob::DEFAULT_OUT)]
+    pub out: PathBuf,
+    /// TOML file with any TeacherConfig fields (see README); flags given here override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint (same step count, same data order).
+    #[arg(long)]
+    pub resume: bool,
+    /// Model size preset (the fields below override parts of it).
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Base channel count of the UNet.
+    #[arg(long)]
+    pub base_channels: Option<usize>,
+    /// Channel multiplier per resolution level, comma-separated (e.g. 1,2,2).
+    #[arg(long, value_delimiter = ',')]
+    pub channel_mult: Option<Vec<usize>>,
+    /// Residual blocks per resolution level.
+    #[arg(long)]
+    pub num_res_blocks: Option<usize>,
+    /// Resolutions (pixels) that get self-attention, comma-separated (e.g. 8).
+    #[arg(long, value_delimiter = ',')]
+    pub attn_resolutions: Option<Vec<usize>>,
+    /// Dropout inside res blocks.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Image side the data is padded/resized to (MNIST 28 -> 32 by zero padding).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Parameterisation: `edm` (Karras preconditioned denoiser) or `vp` (DDPM eps-prediction, 1000 steps).
+    #[arg(long, value_parser = ["edm", "vp"])]
+    pub parameterisation: Option<String>,
+    /// VP beta schedule (beta 1e-4 .. 2e-2).
+    #[arg(long, value_enum)]
+    pub beta_schedule: Option<BetaScheduleArg>,
+    /// Optimiser steps in total (a resumed run stops at the same total).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate (AdamW).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear learning-rate warm-up, in steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// EMA decay of the weights (the EMA is what sampling and distillation use).
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// Probability of training on the null label (enables classifier-free guidance).
+    #[arg(long)]
+    pub label_dropout: Option<f64>,
+    /// Seed for initialisation, data order, noise and label dropout.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write a metrics line every N steps.
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Write a PNG sample grid every N steps and at the end (0 = never).
+    #[arg(long)]
+    pub sample_every: Option<u64>,
+    /// Write the checkpoint every N steps (always at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Heun steps of the checkpoint's default sampler (and of the sample grids).
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
+    /// Classifier-free guidance scale of the checkpoint's default sampler (1 = off).
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Train on the first N images only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
+    /// master weights, optimiser state and checkpoints stay f32.
+    #[arg(long, value_enum)]
+    pub precision: Option<TrainPrecisionArg>,
+}
+
+/// Training compute precision.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TrainPrecisionArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl From<TrainPrecisionArg> for distill::train::optim::Precision {
+    fn from(p: TrainPrecisionArg) -> Self {
+        match p {
+            TrainPrecisionArg::Fp32 => Self::Fp32,
+            TrainPrecisionArg::Fp16 => Self::Fp16,
+            TrainPrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BetaScheduleArg {
+    Linear,
+    ScaledLinear,
+}
+
+impl TeacherArgs {
+    /// Defaults <- TOML file <- flags.
+    pub fn resolve(&self) -> Result<TeacherConfig> {
+        let mut c: TeacherConfig = read_config(self.config.as_deref())?;
+        if let Some(p) = self.preset {
+            c.model = p.config();
+        }
+        let m = &mut c.model;
+        macro_rules! set {
+            ($dst:expr, $src:expr) => {
+                if let Some(v) = $src.clone() {
+                    $dst = v;
+                }
+            };
+        }
+        set!(m.base_channels, self.base_channels);
+        set!(m.channel_mult, self.channel_mult);
+        set!(m.num_res_blocks, self.num_res_blocks);
+        set!(m.attn_resolutions, self.attn_resolutions);
+        set!(m.dropout, self.dropout);
+        set!(m.resolution, self.resolution);
+        set!(c.parameterisation, self.parameterisation);
+        if let Some(b) = self.beta_schedule {
+            c.beta_schedule = match b {
+                BetaScheduleArg::Linear => BetaSchedule::Linear,
+                BetaScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
+            };
+        }
+        set!(c.steps, self.steps);
+        set!(c.batch_size, self.batch_size);
+        set!(c.optim.lr, self.lr);
+        set!(c.optim.warmup_steps, self.warmup);
+        set!(c.optim.weight_decay, self.weight_decay);
+        set!(c.optim.grad_clip, self.grad_clip);
+        set!(c.ema_decay, self.ema_decay);
+        set!(c.label_dropout, self.label_dropout);
+        set!(c.seed, self.seed);
+        set!(c.log_every, self.log_every);
+        set!(c.sample_every, self.sample_every);
+        set!(c.checkpoint_every, self.checkpoint_every);
+        set!(c.sample_steps, self.sample_steps);
+        set!(c.cfg_scale, self.cfg_scale);
+        if let Some(p) = self.precision {
+            c.precision = p.into();
+        }
+        Ok(c)
+    }
+}
+
+impl TeacherArgs {
+    pub fn job(&self, show_progress: bool) -> Result<TeacherJob> {
+        Ok(TeacherJob {
+            config: self.resolve()?,
+            data: self.data.clone(),
+            limit: self.limit,
+            out: self.out.clone(),
+            resume: self.resume,
+            show_progress,
+        })
+    }
 }
 
 /// Flags every distillation trainer shares.
@@ -68,7 +268,7 @@ pub struct DistillRunArgs {
     /// Write a metrics line every N iterations.
     #[arg(long)]
     pub log_every: Option<u64>,
-    /// Write a PNG grid of the student every N iterations (and at the end).
+    /// Write a PNG grid of the student every N iterations and at the end (0 = never).
     #[arg(long)]
     pub sample_every: Option<u64>,
     /// Write the checkpoint every N iterations (always at the end).
@@ -84,7 +284,7 @@ pub struct DistillRunArgs {
     /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
     /// master weights, optimiser state and checkpoints stay f32.
     #[arg(long, value_enum)]
-    pub precision: Option<crate::cli::TrainPrecisionArg>,
+    pub precision: Option<TrainPrecisionArg>,
 }
 
 impl DistillRunArgs {
@@ -103,17 +303,6 @@ impl DistillRunArgs {
         if let Some(p) = self.precision {
             run.precision = p.into();
         }
-    }
-}
-
-fn read_config<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
-    match path {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
-        }
-        None => Ok(T::default()),
     }
 }
 
@@ -142,9 +331,10 @@ pub struct Dmd2Args {
     /// Highest distribution-matching timestep, as a fraction of the grid.
     #[arg(long)]
     pub max_step: Option<f64>,
-    /// Classifier-free guidance scale of the real score (the teacher); 1 = off.
-    #[arg(long)]
-    pub real_guidance_scale: Option<f64>,
+    /// Classifier-free guidance scale of the real score (the teacher); 1 = off
+    /// (`--real-guidance-scale` is its deprecated name).
+    #[arg(long, alias = "real-guidance-scale")]
+    pub cfg_scale: Option<f64>,
     /// Train without the GAN head (distribution matching only).
     #[arg(long)]
     pub no_gan: bool,
@@ -177,7 +367,7 @@ impl Dmd2Args {
         set!(c.dfake_gen_update_ratio, self.dfake_gen_update_ratio);
         set!(c.min_step, self.min_step);
         set!(c.max_step, self.max_step);
-        set!(c.real_guidance_scale, self.real_guidance_scale);
+        set!(c.cfg_scale, self.cfg_scale);
         if self.no_gan {
             c.gan = false;
         }
@@ -341,115 +531,34 @@ impl TdmArgs {
     }
 }
 
-/// The evaluator for in-training scores, when asked for and the data is MNIST-shaped.
-fn maybe_evaluator(
-    eval_every: u64,
-    teacher: &Teacher,
-    dev: &Device,
-    quiet: bool,
-) -> Result<Option<crate::eval::Evaluator>> {
-    let u = &teacher.meta.model.unet;
-    if eval_every == 0 {
-        return Ok(None);
+impl Dmd2Args {
+    pub fn job(&self, show_progress: bool) -> Result<Dmd2Job> {
+        Ok(Dmd2Job {
+            config: self.resolve()?,
+            data: self.data.clone(),
+            limit: self.limit,
+            out: self
+                .common
+                .out
+                .clone()
+                .unwrap_or_else(|| Dmd2Job::DEFAULT_OUT.into()),
+            resume: self.common.resume,
+            show_progress,
+        })
     }
-    if (u.channels, u.resolution, u.num_classes) != (1, 32, 10) {
-        eprintln!(
-            "note: --eval-every ignored: the evaluation classifier scores 1x32x32 digits with 10 classes, the teacher makes {}x{}x{} with {} classes",
-            u.channels, u.resolution, u.resolution, u.num_classes
-        );
-        return Ok(None);
+}
+
+impl TdmArgs {
+    pub fn job(&self, show_progress: bool) -> Result<TdmJob> {
+        Ok(TdmJob {
+            config: self.resolve()?,
+            out: self
+                .common
+                .out
+                .clone()
+                .unwrap_or_else(|| TdmJob::DEFAULT_OUT.into()),
+            resume: self.common.resume,
+            show_progress,
+        })
     }
-    let dir = crate::eval::classifier::default_cache_dir();
-    Ok(Some(crate::eval::Evaluator::new(&dir, dev, !quiet)?))
-}
-
-fn report(what: &str, out: &distill::DistillOutcome, run: &RunDir) {
-    let last: Vec<String> = out
-        .last
-        .iter()
-        .filter(|(k, _)| k.starts_with("loss") || *k == "fd" || *k == "class_accuracy")
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect();
-    eprintln!(
-        "{what}: done, {} iterations ({} student updates) in {:.0}s; {}; checkpoint {}; samples {}; metrics {}",
-        out.steps,
-        out.student_updates,
-        out.seconds,
-        last.join(", "),
-        out.checkpoint.display(),
-        run.samples().display(),
-        run.metrics().display()
-    );
-}
-
-/// Runs `distill train dmd2`; returns the checkpoint folder.
-pub fn cmd_dmd2(a: &Dmd2Args, dev: &Device, show_progress: bool, quiet: bool) -> Result<PathBuf> {
-    let cfg = a.resolve()?;
-    let teacher = Teacher::load(&cfg.teacher, dev)?;
-    let u = &teacher.meta.model.unet;
-    let data = crate::cli::load_data(a.data.as_deref(), u.resolution, a.limit)?;
-    let run = RunDir::new(a.common.out.as_deref().unwrap_or(Path::new("runs/dmd2")))?;
-    let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
-    let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, quiet)?;
-    eprintln!(
-        "dmd2: {}-step student (sigmas {:?}) from {}; {} iterations at batch {}, student updated every {}; GAN {}; -> {}",
-        cfg.timesteps.len(),
-        cfg.sigmas(&graphs::NoiseGrid::new(&teacher.meta.model.parameterisation))
-            .iter()
-            .map(|s| format!("{s:.3}"))
-            .collect::<Vec<_>>(),
-        teacher.dir.display(),
-        cfg.run.steps,
-        cfg.run.batch_size,
-        cfg.dfake_gen_update_ratio,
-        if cfg.gan { "on" } else { "off" },
-        run.root.display()
-    );
-    let rs = RunSpec {
-        cfg: &cfg.run,
-        config_toml: toml::to_string(&cfg)?,
-        resume_key: cfg.resume_key()?,
-        teacher: &teacher,
-        resume: a.common.resume,
-        show_progress,
-        evaluator: ev.as_ref(),
-        device: dev,
-    };
-    let out = distill::run(&mut m, &rs, &run)?;
-    report("dmd2", &out, &run);
-    Ok(out.checkpoint)
-}
-
-/// Runs `distill train tdm`; returns the checkpoint folder.
-pub fn cmd_tdm(a: &TdmArgs, dev: &Device, show_progress: bool, quiet: bool) -> Result<PathBuf> {
-    let cfg = a.resolve()?;
-    let teacher = Teacher::load(&cfg.teacher, dev)?;
-    let run = RunDir::new(a.common.out.as_deref().unwrap_or(Path::new("runs/tdm")))?;
-    let mut m = Tdm::new(cfg.clone(), &teacher, dev)?;
-    let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, quiet)?;
-    eprintln!(
-        "tdm: {}-step student (timesteps {:?}) from {}; {} iterations at batch {} x {}; noise mode {:?} -> {}",
-        cfg.timesteps.len(),
-        cfg.timesteps,
-        teacher.dir.display(),
-        cfg.run.steps,
-        cfg.run.batch_size,
-        cfg.grad_accum,
-        m.cfg.noise_mode,
-        run.root.display()
-    );
-    let run_cfg = m.cfg.run.clone();
-    let rs = RunSpec {
-        cfg: &run_cfg,
-        config_toml: toml::to_string(&m.cfg)?,
-        resume_key: m.cfg.resume_key()?,
-        teacher: &teacher,
-        resume: a.common.resume,
-        show_progress,
-        evaluator: ev.as_ref(),
-        device: dev,
-    };
-    let out = distill::run(&mut m, &rs, &run)?;
-    report("tdm", &out, &run);
-    Ok(out.checkpoint)
 }

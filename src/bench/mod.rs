@@ -13,9 +13,16 @@
 //! and iterations. Without torch the candle numbers are still reported.
 //!
 //! Threads: candle's matmuls size their work by `RAYON_NUM_THREADS` (read at every call) and the
-//! fast kernels run on the current rayon pool; [`run`] applies [`graphs::tune_threads`] (as the
+//! fast kernels run on the current rayon pool; [`run`] applies [`crate::host::tune_threads`] (as the
 //! CLI does for training) and runs all candle work inside a rayon pool of exactly `threads`
 //! threads, so it works whenever it is called.
+
+pub mod gpu;
+pub mod ops;
+pub mod timing;
+
+pub use timing::peer_adamw;
+use timing::{median, time_it};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -30,10 +37,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 /// The PyTorch peer, embedded so the binary needs no source tree.
-pub const TORCH_SCRIPT: &str = include_str!("../bench/torch_unet.py");
+pub const TORCH_SCRIPT: &str = include_str!("../../bench/torch_unet.py");
 /// Largest tolerated |candle - PyTorch| of the denoiser output (and relative difference of the loss).
 pub const PARITY_TOL: f64 = 1e-3;
 /// Batch of the parity check.
@@ -173,7 +179,7 @@ pub struct BenchReport {
     pub candle_stock: Option<EngineResult>,
     /// Per-op timings (with [`BenchOptions::ops`]).
     #[serde(default)]
-    pub ops: Vec<crate::bench_ops::OpRow>,
+    pub ops: Vec<ops::OpRow>,
 }
 
 /// Runs the benchmark (see the module docs) and writes `json_out` if asked.
@@ -204,10 +210,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     }
 
     // The allocator setting of training (as the CLI sets it): the train step is timed as trained.
-    graphs::tune_allocator();
+    crate::host::tune_allocator();
     // The thread settings of training; candle sizes its matmuls by RAYON_NUM_THREADS, and all
     // of candle's work runs in a pool of exactly that size.
-    graphs::tune_threads(Some(threads));
+    crate::host::tune_threads(Some(threads));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -394,37 +400,6 @@ impl Inputs {
     }
 }
 
-pub(crate) fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.is_empty() {
-        f64::NAN
-    } else if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        0.5 * (v[m - 1] + v[m])
-    }
-}
-
-/// Runs `f` `warmup + iters` times and returns the last `iters` durations in milliseconds.
-pub(crate) fn time_it(
-    warmup: usize,
-    iters: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(iters);
-    for i in 0..warmup + iters {
-        let t0 = Instant::now();
-        f()?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        if i >= warmup {
-            out.push(ms);
-        }
-    }
-    Ok(out)
-}
-
 /// Peak resident set size of this process (VmHWM), MiB.
 pub fn peak_rss_mb() -> Result<f64> {
     let status =
@@ -521,8 +496,8 @@ fn time_ops(
     opts: &BenchOptions,
     threads: usize,
     work: &Workdir,
-) -> Result<Vec<crate::bench_ops::OpRow>> {
-    use crate::bench_ops as ops;
+) -> Result<Vec<ops::OpRow>> {
+    use ops;
     let specs = ops::specs(&cfg.unet, opts.batch);
     let (warmup, iters) = (opts.warmup.max(1), opts.iters);
     let mut rows = Vec::new();
@@ -556,29 +531,6 @@ fn time_ops(
         None => None,
     };
     ops::join(rows, peer)
-}
-
-/// The trainer's AdamW over every variable of `varmap`, configured like the PyTorch peer's
-/// `torch.optim.AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)`.
-pub fn peer_adamw(varmap: &VarMap) -> Result<crate::train::optim::AdamW> {
-    let vars: Vec<(String, candle_core::Var)> = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let cfg = crate::train::optim::AdamWConfig {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-        warmup_steps: 0,
-        grad_clip: 0.0,
-        ..Default::default()
-    };
-    crate::train::optim::AdamW::new(vars, cfg)
 }
 
 /// A scratch directory removed on drop.
@@ -969,7 +921,7 @@ impl fmt::Display for BenchReport {
         if !self.ops.is_empty() {
             writeln!(f)?;
             writeln!(f, "per op, batch {} (vs stock: stock time / ours; vs torch: PyTorch time / ours; above 1 = ours faster):", self.batch)?;
-            write!(f, "{}", crate::bench_ops::table(&self.ops))?;
+            write!(f, "{}", ops::table(&self.ops))?;
         }
         Ok(())
     }

@@ -3,19 +3,23 @@
 //! table. Every stage is skipped when its output is complete and resumed when it was interrupted,
 //! so running the command again after a crash continues where it stopped.
 
+use super::{
+    eval_checkpoint, Dmd2Job, ExportJob, SamplerOverride, TdmJob, TeacherJob, ValidateJob,
+};
 use crate::checkpoint;
-use crate::cli::{self, SamplerArg};
-use crate::cli_distill::{self, DistillRunArgs, Dmd2Args, TdmArgs};
+use crate::train::dmd2::Dmd2Config;
+use crate::train::tdm::TdmConfig;
 use crate::train::RunDir;
 use anyhow::{Context, Result};
 use candle_core::Device;
+use graphs::SamplerKind;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Sizes of the main job's stages (the defaults are what the README's numbers come from).
 #[derive(Clone, Debug)]
-pub struct PipelineOptions {
+pub struct PipelineJob {
     pub out: PathBuf,
     pub data: Option<PathBuf>,
     pub teacher_steps: Option<u64>,
@@ -27,6 +31,29 @@ pub struct PipelineOptions {
     /// Export and validate the students (and the teacher's 35-NFE sampler).
     pub export: bool,
     pub quiet: bool,
+}
+
+impl PipelineJob {
+    pub const DEFAULT_OUT: &'static str = "runs/pipeline";
+    pub const DEFAULT_DMD2_STEPS: u64 = 1500;
+    pub const DEFAULT_TDM_STEPS: u64 = 600;
+    pub const DEFAULT_EVAL_N: usize = 1000;
+}
+
+impl Default for PipelineJob {
+    fn default() -> Self {
+        Self {
+            out: PathBuf::from(Self::DEFAULT_OUT),
+            data: None,
+            teacher_steps: None,
+            dmd2_steps: Self::DEFAULT_DMD2_STEPS,
+            tdm_steps: Self::DEFAULT_TDM_STEPS,
+            dmd2_four_step: true,
+            eval_n: Self::DEFAULT_EVAL_N,
+            export: true,
+            quiet: false,
+        }
+    }
 }
 
 /// One row of the quality-per-NFE table.
@@ -73,20 +100,16 @@ fn finished(ckpt: &Path, steps: u64) -> bool {
 }
 
 fn resumable(ckpt: &Path) -> bool {
-    ckpt.join(crate::train::distill::TRAIN_STATE_FILE).exists()
+    ckpt.join(crate::train::TRAIN_STATE_FILE).exists()
 }
 
-/// The distillation stages' shared flags.
-fn run_args(out: &Path, teacher: &Path, steps: u64, timesteps: Vec<usize>) -> DistillRunArgs {
-    DistillRunArgs {
-        teacher: Some(teacher.to_path_buf()),
-        out: Some(out.to_path_buf()),
-        timesteps: Some(timesteps),
-        steps: Some(steps),
-        resume: resumable(&out.join("checkpoint")),
-        eval_every: Some((steps / 8).max(1)),
-        eval_n: Some(500),
-        sample_every: Some((steps / 4).max(1)),
+/// The distillation stages' shared settings.
+fn run_config(steps: u64) -> crate::train::distill::RunConfig {
+    crate::train::distill::RunConfig {
+        steps,
+        eval_every: (steps / 8).max(1),
+        eval_n: 500,
+        sample_every: (steps / 4).max(1),
         ..Default::default()
     }
 }
@@ -100,27 +123,29 @@ fn write_results(out: &Path, res: &Results) -> Result<()> {
 }
 
 /// Runs every stage; returns the results (also written to `results.json` and `results.md`).
-pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
+pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let show = !o.quiet && {
         use std::io::IsTerminal;
         std::io::stderr().is_terminal()
     };
     // 1. Teacher.
-    let targs = cli::TeacherArgs {
+    let mut tjob = TeacherJob {
         data: o.data.clone(),
         out: o.out.join("teacher"),
-        steps: o.teacher_steps,
+        show_progress: show,
         ..Default::default()
     };
-    let tcfg = targs.resolve()?;
-    let teacher = RunDir::new(&targs.out)?.checkpoint();
+    if let Some(s) = o.teacher_steps {
+        tjob.config.steps = s;
+    }
+    let tcfg = tjob.config.clone();
+    let teacher = RunDir::new(&tjob.out)?.checkpoint();
     if finished(&teacher, tcfg.steps) {
         eprintln!("pipeline: teacher done ({}), skipping", teacher.display());
     } else {
-        let mut a = targs;
-        a.resume = resumable(&teacher);
-        cli::cmd_teacher(&a, dev, o.quiet)?;
+        tjob.resume = resumable(&teacher);
+        tjob.run(dev)?;
     }
     // 2. Students.
     let mut students: Vec<(&str, PathBuf)> = Vec::new();
@@ -131,15 +156,23 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
             eprintln!("pipeline: {name} done, skipping");
             return Ok(out.join("checkpoint"));
         }
-        let a = Dmd2Args {
-            common: run_args(&out, &teacher, o.dmd2_steps, ts),
+        let job = Dmd2Job {
+            config: Dmd2Config {
+                teacher: teacher.clone(),
+                run: run_config(o.dmd2_steps),
+                timesteps: ts,
+                dfake_gen_update_ratio: ratio,
+                // The students learn the teacher's guided distribution at the teacher's own scale.
+                cfg_scale: tcfg.cfg_scale,
+                ..Default::default()
+            },
             data: o.data.clone(),
-            dfake_gen_update_ratio: Some(ratio),
-            // The students learn the teacher's guided distribution at the teacher's own scale.
-            real_guidance_scale: Some(tcfg.cfg_scale),
-            ..Default::default()
+            limit: None,
+            resume: resumable(&out.join("checkpoint")),
+            out,
+            show_progress: show,
         };
-        cli_distill::cmd_dmd2(&a, dev, show, o.quiet)
+        job.run(dev)
     };
     students.push(("dmd2_1step", dmd2("dmd2_1step", vec![999], 5)?));
     if o.dmd2_four_step {
@@ -153,12 +186,19 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
         eprintln!("pipeline: tdm_4step done, skipping");
         out.join("checkpoint")
     } else {
-        let a = TdmArgs {
-            common: run_args(&out, &teacher, o.tdm_steps, vec![999, 749, 499, 249]),
-            cfg_scale: Some(tcfg.cfg_scale),
-            ..Default::default()
+        let job = TdmJob {
+            config: TdmConfig {
+                teacher: teacher.clone(),
+                run: run_config(o.tdm_steps),
+                timesteps: vec![999, 749, 499, 249],
+                cfg_scale: tcfg.cfg_scale,
+                ..Default::default()
+            },
+            resume: resumable(&out.join("checkpoint")),
+            out: out.clone(),
+            show_progress: show,
         };
-        cli_distill::cmd_tdm(&a, dev, show, o.quiet)?
+        job.run(dev)?
     };
     students.push(("tdm_4step", tdm_ckpt));
     // 3. Quality per NFE.
@@ -173,13 +213,13 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
     let cfg = tcfg.cfg_scale;
     // The teacher at its own 35 NFE, then its few-step samplers for comparison.
     let teacher_samplers = [
-        (SamplerArg::Heun, 18),
-        (SamplerArg::Heun, 3),
-        (SamplerArg::Euler, 4),
-        (SamplerArg::Euler, 2),
-        (SamplerArg::Euler, 1),
+        (SamplerKind::Heun, 18),
+        (SamplerKind::Heun, 3),
+        (SamplerKind::Euler, 4),
+        (SamplerKind::Euler, 2),
+        (SamplerKind::Euler, 1),
     ];
-    let mut evals: Vec<(String, PathBuf, Option<SamplerArg>, Option<usize>, f64)> =
+    let mut evals: Vec<(String, PathBuf, Option<SamplerKind>, Option<usize>, f64)> =
         teacher_samplers
             .iter()
             .map(|&(s, n)| ("teacher".into(), teacher.clone(), Some(s), Some(n), cfg))
@@ -191,8 +231,12 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
         }
     }
     for (name, ckpt, sampler, steps, cfg) in evals {
-        let (r, spec, ms) =
-            cli::eval_checkpoint(&ev, &ckpt, (sampler, steps, Some(cfg)), o.eval_n, 1, dev)?;
+        let ov = SamplerOverride {
+            sampler,
+            sample_steps: steps,
+            cfg_scale: Some(cfg),
+        };
+        let (r, spec, ms) = eval_checkpoint(&ev, &ckpt, &ov, o.eval_n, 1, dev)?;
         let sname = format!("{:?}", spec.sampler).to_lowercase();
         let row = QualityRow {
             model: name,
@@ -240,18 +284,17 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
             .collect();
         targets.push(("teacher".into(), teacher.clone()));
         for (name, ckpt) in targets {
-            for precision in [cli::PrecisionArg::Fp32, cli::PrecisionArg::Fp16] {
+            for precision in [export::Precision::Fp32, export::Precision::Fp16] {
                 let dir = o.out.join("export").join(&name);
-                let path =
-                    cli::export_checkpoint(&cli::ExportArgs::generator(&ckpt, &dir, precision))?;
+                let path = ExportJob::generator(&ckpt, &dir, precision).write_onnx()?;
                 // tract's f16 kernels are scalar and the teacher's generator is 35 NFE unrolled:
                 // those get fewer (still seeded, all batch sizes) cases.
-                let cases = if name == "teacher" || precision == cli::PrecisionArg::Fp16 {
+                let cases = if name == "teacher" || precision == export::Precision::Fp16 {
                     8
                 } else {
                     32
                 };
-                let mut v = cli::ValidateArgs::new(&path, &ckpt);
+                let mut v = ValidateJob::new(&path, &ckpt);
                 v.cases = cases;
                 // tract spends over 9 minutes (2 cores) preparing the teacher's unrolled 70-call
                 // graph before its first run: the teacher is checked in ONNX Runtime only.
@@ -264,12 +307,12 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
                 } else {
                     ""
                 };
-                let r = cli::validate_model(&v)?;
+                let r = v.report()?;
                 eprintln!("{r}");
                 for m in &r.metrics {
                     res.parity.push(ParityRow {
                         model: name.clone(),
-                        precision: format!("{:?}", precision).to_lowercase(),
+                        precision: precision.name().to_string(),
                         runtime: m.runtime.clone(),
                         max_abs: m.max_abs,
                         mean_abs: m.mean_abs,
@@ -279,7 +322,7 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
                             "distill export {} -o {} --precision {} && distill validate {} --reference {} --cases {cases}{runtimes}",
                             ckpt.display(),
                             path.parent().unwrap_or(Path::new(".")).display(),
-                            format!("{:?}", precision).to_lowercase(),
+                            precision.name(),
                             path.display(),
                             ckpt.display()
                         ),

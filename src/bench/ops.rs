@@ -187,8 +187,8 @@ fn build<M>(f: impl Fn(VarBuilder) -> candle_core::Result<M>) -> Result<Built<M>
 
 /// Median of `iters` timed runs after `warmup`, in ms.
 fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let ms = crate::bench::time_it(warmup, iters, &mut f)?;
-    Ok(crate::bench::median(&ms))
+    let ms = super::timing::time_it(warmup, iters, &mut f)?;
+    Ok(super::timing::median(&ms))
 }
 
 /// Times `fwd` (an op's forward on backend `b`) without and with the backward.
@@ -310,7 +310,7 @@ fn time_adamw(model: &ModelConfig, warmup: usize, iters: usize) -> Result<(OpTim
         },
     )?;
     let s = median_ms(warmup, iters, || Ok(stock.step(&grads)?))?;
-    let mut ours = crate::bench::peer_adamw(&vm)?;
+    let mut ours = super::timing::peer_adamw(&vm)?;
     let o = median_ms(warmup, iters, || {
         ours.step(&grads)?;
         Ok(())

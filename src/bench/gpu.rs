@@ -241,7 +241,7 @@ pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
     if !dev.is_cuda() {
         bail!("the GPU benchmark needs --device cuda (this is {dev:?})");
     }
-    let unet = crate::bench::unet_config(&o.config)?;
+    let unet = super::unet_config(&o.config)?;
     let cfg = ModelConfig {
         unet: unet.clone(),
         parameterisation: Parameterisation::edm(),

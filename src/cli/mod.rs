@@ -1,0 +1,569 @@
+//! Command-line interface (clap derive; every doc comment below is `--help` text). Flags are
+//! only converted into the library's jobs ([`distill::jobs`]); defaults are the jobs' own.
+
+mod train;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use distill::checkpoint;
+use distill::jobs::{
+    EvalJob, ExportJob, ExportWhat, PipelineJob, SampleJob, SamplerOverride, TrtBuild, ValidateJob,
+};
+use graphs::SamplerKind;
+use std::path::{Path, PathBuf};
+
+/// Distil a diffusion model into a fast 1-4 step generator, export it and prove the export matches.
+///
+/// Pipeline: `distill train teacher` -> `distill train dmd2|tdm` -> `distill export` ->
+/// `distill validate`. With no data argument, training uses the 10,000 MNIST digits embedded in
+/// the binary.
+#[derive(Parser, Debug)]
+#[command(name = "distill", version, propagate_version = true)]
+pub struct Cli {
+    /// Worker threads for CPU kernels (default: all cores; same as RAYON_NUM_THREADS).
+    #[arg(long, global = true, env = "DISTILL_THREADS")]
+    pub threads: Option<usize>,
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a binary built with `--features cuda`.
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
+    /// Hide progress bars (they are also hidden when stderr is not a terminal).
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model: the diffusion teacher, or a few-step student distilled from it.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Generate images from a checkpoint; writes a PNG grid and a safetensors sample file.
+    Sample(SampleArgs),
+    /// Score samples: Frechet distance in a small MNIST classifier's feature space and class accuracy.
+    Eval(EvalArgs),
+    /// Export a checkpoint to ONNX: the whole sampler unrolled into one graph (default), or the
+    /// bare denoiser.
+    Export(ExportArgs),
+    /// Run an exported ONNX model in tract and ONNX Runtime against the candle reference on seeded
+    /// inputs; print max/mean/p99 abs error, max rel error and cosine per runtime and output, and
+    /// exit with code 3 if any is past tolerance.
+    Validate(ValidateArgs),
+    /// Time a teacher training step and a forward pass in candle and, when torch is installed
+    /// (scripts/setup-bench.sh), the identical UNet in PyTorch in the same run; prints ratios.
+    Bench(BenchArgs),
+    /// Draw training curves from a run's metrics.jsonl as a PNG line chart.
+    Plot(PlotArgs),
+    /// The main job: teacher -> DMD2 and TDM students -> quality per NFE -> ONNX export -> parity,
+    /// on the embedded digits by default (finished stages are skipped, interrupted ones resumed).
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A metrics.jsonl file, or a run folder holding one.
+    pub metrics: PathBuf,
+    /// Keys to draw, comma-separated (default: every logged quantity but step, time and learning rates).
+    #[arg(long, value_delimiter = ',')]
+    pub keys: Vec<String>,
+    /// Output PNG (default: curves.png beside the metrics file).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Logarithmic y axis.
+    #[arg(long)]
+    pub log_y: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A sample file from `distill sample` (`images` [N,1,32,32], optional `labels`), or a
+    /// checkpoint folder to sample from (with the sampler flags below).
+    pub input: PathBuf,
+    /// Sampler when INPUT is a checkpoint (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
+    /// Sampling steps when INPUT is a checkpoint.
+    #[arg(long = "sample-steps", visible_alias = "steps")]
+    pub sample_steps: Option<usize>,
+    /// Classifier-free guidance scale when INPUT is a checkpoint.
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Images to generate when INPUT is a checkpoint (equal per class).
+    #[arg(long, default_value_t = EvalJob::DEFAULT_N)]
+    pub n: usize,
+    /// Noise seed when INPUT is a checkpoint.
+    #[arg(long, default_value_t = EvalJob::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Where the evaluation classifier is cached (default: $DISTILL_CACHE or ~/.cache/distill).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ExportWhatArg {
+    /// noise (+ fresh noise per re-noise step) + class_labels -> images: the deployable model.
+    Generator,
+    /// One network evaluation: x, sigma (EDM) or timestep (VP), class_labels -> denoised / eps.
+    Denoiser,
+}
+
+impl From<ExportWhatArg> for ExportWhat {
+    fn from(w: ExportWhatArg) -> Self {
+        match w {
+            ExportWhatArg::Generator => ExportWhat::Generator,
+            ExportWhatArg::Denoiser => ExportWhat::Denoiser,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum PrecisionArg {
+    Fp32,
+    /// f16 weights and Conv/MatMul, with norms, softmax, sampler arithmetic and I/O in f32.
+    Fp16,
+}
+
+impl From<PrecisionArg> for export::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => export::Precision::Fp32,
+            PrecisionArg::Fp16 => export::Precision::Fp16,
+        }
+    }
+}
+
+/// Engine precision flag.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TrtPrecisionArg {
+    /// TensorRT may run any layer in f16 (`trtexec --fp16`); validated at fp16 tolerances.
+    Fp16,
+    /// f32 without TF32 (`--noTF32`), for debugging parity; validated at fp32 tolerances.
+    Fp32,
+}
+
+impl From<TrtPrecisionArg> for export::tensorrt::TrtPrecision {
+    fn from(p: TrtPrecisionArg) -> Self {
+        match p {
+            TrtPrecisionArg::Fp16 => Self::Fp16,
+            TrtPrecisionArg::Fp32 => Self::Fp32,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint folder to export (e.g. runs/pipeline/teacher/checkpoint).
+    pub checkpoint: PathBuf,
+    /// Output folder; the file is `<what>[_fp16].onnx`.
+    #[arg(long, short, default_value = ExportJob::DEFAULT_OUT)]
+    pub out: PathBuf,
+    /// What to export.
+    #[arg(long, value_enum, default_value = "generator")]
+    pub what: ExportWhatArg,
+    /// Weight/compute precision of the exported graph.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: PrecisionArg,
+    /// Generator only: sampler to unroll (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
+    /// Generator only: sampling steps to unroll.
+    #[arg(long = "sample-steps", visible_alias = "steps")]
+    pub sample_steps: Option<usize>,
+    /// Generator only: classifier-free guidance scale baked into the graph.
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Also build a TensorRT engine `<stem>.plan` (+ `<stem>.plan.json` sidecar) from the ONNX
+    /// with trtexec, validated against the checkpoint before it is written. Needs TensorRT 10's
+    /// trtexec (PATH, /usr/src/tensorrt/bin or DISTILL_TRTEXEC) and an NVIDIA GPU.
+    #[arg(long)]
+    pub trt: bool,
+    /// --trt: smallest batch of the engine's optimisation profile (default 1).
+    #[arg(long)]
+    pub min_batch: Option<usize>,
+    /// --trt: the batch TensorRT tunes its kernels for (default 8).
+    #[arg(long)]
+    pub opt_batch: Option<usize>,
+    /// --trt: largest batch of the optimisation profile (default 16).
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// --trt: engine precision (default fp16).
+    #[arg(long, value_enum)]
+    pub trt_precision: Option<TrtPrecisionArg>,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// The exported .onnx file, or a .plan (with its .plan.json) from `distill export --trt`.
+    pub model: PathBuf,
+    /// The checkpoint it was exported from (the candle reference).
+    #[arg(long)]
+    pub reference: PathBuf,
+    /// Runtimes to compare, comma-separated (tract, ort, trt); default tract,ort for an .onnx and
+    /// trt for a .plan. Leaving one out is how to skip it.
+    #[arg(long, value_delimiter = ',')]
+    pub runtimes: Option<Vec<String>>,
+    /// Number of seeded input sets.
+    #[arg(long, default_value_t = ValidateJob::DEFAULT_CASES)]
+    pub cases: usize,
+    /// Batch sizes cycled over the cases.
+    #[arg(long, value_delimiter = ',', default_values_t = ValidateJob::DEFAULT_BATCHES)]
+    pub batches: Vec<usize>,
+    /// Seed of the inputs.
+    #[arg(long, default_value_t = ValidateJob::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Tolerance on max abs error (default: fp32 1e-4, fp16 2e-2; fp16 in tract 6e-2, whose f16
+    /// matrix products accumulate in f16).
+    #[arg(long)]
+    pub atol: Option<f64>,
+    /// Tolerance on mean abs error (default: fp32 none, fp16 2e-3).
+    #[arg(long)]
+    pub mean_atol: Option<f64>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also run the TensorRT runtime (trtexec) on this engine: a .plan written by `distill export
+    /// --trt`, or an .onnx to build a temporary fp16 engine from.
+    #[arg(long, value_name = "PLAN_OR_ONNX")]
+    pub trt: Option<PathBuf>,
+    /// Report a requested runtime that is not installed here (ONNX Runtime's library, trtexec, an
+    /// NVIDIA GPU) as unavailable, a skipped JUnit test, instead of failing (at least one must run).
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// Run the TensorRT compatibility lint first; a violation exits with code 4.
+    #[arg(long)]
+    pub lint: bool,
+    /// Write the results as JUnit XML here: one test per runtime x output (metrics in
+    /// system-out, failure past tolerance), plus the lint.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default teacher) or `tiny`.
+    #[arg(long, default_value = "bench")]
+    pub config: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Untimed warm-up iterations.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed iterations (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// PyTorch comparison: `auto` (when torch is found), `require`, or `off`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "require", "off"])]
+    pub torch: String,
+    /// Skip the per-op table (conv, GroupNorm+SiLU, res block, attention, AdamW: stock candle vs
+    /// the fast kernels vs PyTorch).
+    #[arg(long)]
+    pub no_ops: bool,
+    /// Also time the whole forward and step on candle's stock ops (slow).
+    #[arg(long)]
+    pub stock: bool,
+    /// Python interpreter with torch (default: $DISTILL_TORCH_PYTHON, then .venv-bench/bin/python).
+    #[arg(long)]
+    pub torch_python: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct PipelineArgs {
+    /// Folder for every stage (teacher/, dmd2_1step/, dmd2_4step/, tdm_4step/, export/,
+    /// results.md, results.json).
+    #[arg(long, short, default_value = PipelineJob::DEFAULT_OUT)]
+    pub out: PathBuf,
+    /// Training data (default: the embedded MNIST digits).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Teacher training steps (default: the teacher's default, 5000).
+    #[arg(long)]
+    pub teacher_steps: Option<u64>,
+    /// DMD2 iterations per student (the student is updated every 5th).
+    #[arg(long, default_value_t = PipelineJob::DEFAULT_DMD2_STEPS)]
+    pub dmd2_steps: u64,
+    /// TDM iterations (the student is updated every iteration).
+    #[arg(long, default_value_t = PipelineJob::DEFAULT_TDM_STEPS)]
+    pub tdm_steps: u64,
+    /// Skip the 4-step DMD2 student.
+    #[arg(long)]
+    pub no_dmd2_4step: bool,
+    /// Images per evaluation.
+    #[arg(long, default_value_t = PipelineJob::DEFAULT_EVAL_N)]
+    pub eval_n: usize,
+    /// Skip the ONNX export and parity stage.
+    #[arg(long)]
+    pub no_export: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrainCommand {
+    /// Train the diffusion teacher (EDM or VP) on real data.
+    Teacher(train::TeacherArgs),
+    /// Distil a teacher into a 1-4 step student with DMD2 (distribution matching + GAN).
+    Dmd2(train::Dmd2Args),
+    /// Distil a teacher into a few-step student with TDM (trajectory distribution matching).
+    Tdm(train::TdmArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SamplerArg {
+    Heun,
+    Euler,
+    Ddim,
+    /// The checkpoint's own few-step sampler (students).
+    Student,
+}
+
+impl From<SamplerArg> for SamplerKind {
+    fn from(s: SamplerArg) -> Self {
+        match s {
+            SamplerArg::Heun => SamplerKind::Heun,
+            SamplerArg::Euler => SamplerKind::Euler,
+            SamplerArg::Ddim => SamplerKind::Ddim,
+            SamplerArg::Student => SamplerKind::Student,
+        }
+    }
+}
+
+/// The sampler flags as an override of a checkpoint's own sampler.
+fn sampler_override(
+    sampler: Option<SamplerArg>,
+    sample_steps: Option<usize>,
+    cfg_scale: Option<f64>,
+) -> SamplerOverride {
+    SamplerOverride {
+        sampler: sampler.map(Into::into),
+        sample_steps,
+        cfg_scale,
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Checkpoint folder (e.g. runs/teacher/checkpoint).
+    pub checkpoint: PathBuf,
+    /// Output PNG grid; the raw samples go beside it as .safetensors.
+    #[arg(long, short, default_value = SampleJob::DEFAULT_OUT)]
+    pub out: PathBuf,
+    /// Sampler (default: the checkpoint's own: Heun for EDM teachers, DDIM for VP, student for students).
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
+    /// Sampling steps (Heun with N steps costs 2N-1 NFE; a student can use fewer than its trained
+    /// steps: every (N/k)-th of its sigmas).
+    #[arg(long = "sample-steps", visible_alias = "steps")]
+    pub sample_steps: Option<usize>,
+    /// Classifier-free guidance scale (1 = off).
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Class labels to draw, comma-separated; default: every class.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<u32>>,
+    /// Images per label.
+    #[arg(long, default_value_t = SampleJob::DEFAULT_PER_CLASS)]
+    pub per_class: usize,
+    /// Use the noise in this safetensors file (`noise` [N,C,H,W], `noise_1`.. for fresh-noise students)
+    /// instead of seeded noise; labels must then give N labels (or one per class cycling).
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = SampleJob::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+}
+
+impl SampleArgs {
+    fn job(&self) -> SampleJob {
+        SampleJob {
+            checkpoint: self.checkpoint.clone(),
+            out: self.out.clone(),
+            sampler: sampler_override(self.sampler, self.sample_steps, self.cfg_scale),
+            seed: self.seed,
+            labels: self.labels.clone(),
+            per_class: self.per_class,
+            noise: self.noise.clone(),
+            batch_size: self.batch_size,
+        }
+    }
+}
+
+impl EvalArgs {
+    fn job(&self, show_progress: bool) -> EvalJob {
+        EvalJob {
+            input: self.input.clone(),
+            sampler: sampler_override(self.sampler, self.sample_steps, self.cfg_scale),
+            n: self.n,
+            seed: self.seed,
+            json: self.json.clone(),
+            cache_dir: self.cache_dir.clone(),
+            show_progress,
+        }
+    }
+}
+
+impl ExportArgs {
+    fn job(&self) -> ExportJob {
+        let d = TrtBuild::default();
+        ExportJob {
+            checkpoint: self.checkpoint.clone(),
+            out: self.out.clone(),
+            what: self.what.into(),
+            precision: self.precision.into(),
+            sampler: sampler_override(self.sampler, self.sample_steps, self.cfg_scale),
+            trt: self.trt.then(|| TrtBuild {
+                min_batch: self.min_batch.unwrap_or(d.min_batch),
+                opt_batch: self.opt_batch.unwrap_or(d.opt_batch),
+                max_batch: self.max_batch.unwrap_or(d.max_batch),
+                precision: self.trt_precision.map_or(d.precision, Into::into),
+            }),
+        }
+    }
+}
+
+impl ValidateArgs {
+    fn job(&self) -> ValidateJob {
+        ValidateJob {
+            model: self.model.clone(),
+            reference: self.reference.clone(),
+            runtimes: self.runtimes.clone(),
+            cases: self.cases,
+            batches: self.batches.clone(),
+            seed: self.seed,
+            atol: self.atol,
+            mean_atol: self.mean_atol,
+            json: self.json.clone(),
+            trt: self.trt.clone(),
+            allow_missing: self.allow_missing,
+            lint: self.lint,
+            junit: self.junit.clone(),
+        }
+    }
+}
+
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ord: usize = s
+                .strip_prefix("cuda:")
+                .map(|o| o.parse())
+                .transpose()
+                .context("--device cuda:N needs a number")?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device {s}: this binary was built without CUDA; build it with scripts/build-cuda.sh (cargo build --release --features cuda)");
+            }
+            Ok(Device::new_cuda(ord).with_context(|| format!("opening CUDA device {ord}"))?)
+        }
+        other => bail!("unknown --device {other:?} (expected cpu, cuda or cuda:N)"),
+    }
+}
+
+fn show_progress(quiet: bool) -> bool {
+    use std::io::IsTerminal;
+    !quiet && std::io::stderr().is_terminal()
+}
+
+fn cmd_bench(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
+    let mut o = distill::bench::BenchOptions::for_config(&a.config)?;
+    o.batch = a.batch;
+    o.warmup = a.warmup;
+    o.iters = a.iters;
+    o.threads = threads;
+    o.torch = match a.torch.as_str() {
+        "require" => distill::bench::TorchMode::Require,
+        "off" => distill::bench::TorchMode::Off,
+        _ => distill::bench::TorchMode::Auto,
+    };
+    o.torch_python = a.torch_python.clone();
+    o.json_out = a.json.clone();
+    o.ops = !a.no_ops;
+    o.stock = a.stock;
+    println!("{}", distill::bench::run(&o)?);
+    Ok(())
+}
+
+fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
+    let o = PipelineJob {
+        out: a.out.clone(),
+        data: a.data.clone(),
+        teacher_steps: a.teacher_steps,
+        dmd2_steps: a.dmd2_steps,
+        tdm_steps: a.tdm_steps,
+        dmd2_four_step: !a.no_dmd2_4step,
+        eval_n: a.eval_n,
+        export: !a.no_export,
+        quiet,
+    };
+    let r = distill::jobs::pipeline::run(&o, dev)?;
+    println!("{}", distill::jobs::pipeline::markdown(&r));
+    Ok(())
+}
+
+fn cmd_plot(a: &PlotArgs) -> Result<()> {
+    let file = if a.metrics.is_dir() {
+        a.metrics.join("metrics.jsonl")
+    } else {
+        a.metrics.clone()
+    };
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| file.parent().unwrap_or(Path::new(".")).join("curves.png"));
+    let series = distill::plot::read_metrics(&file, &a.keys)?;
+    distill::plot::plot_png(&out, &file.display().to_string(), &series, a.log_y)?;
+    println!(
+        "{}: {} ({} points)",
+        out.display(),
+        series
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        series.iter().map(|s| s.points.len()).sum::<usize>()
+    );
+    Ok(())
+}
+
+/// Parses the command line and runs the job it names.
+pub fn run(cli: &Cli) -> Result<()> {
+    let dev = device(&cli.device)?;
+    let show = show_progress(cli.quiet);
+    match &cli.command {
+        Command::Train(TrainCommand::Teacher(a)) => a.job(show)?.run(&dev).map(|_| ()),
+        Command::Train(TrainCommand::Dmd2(a)) => a.job(show)?.run(&dev).map(|_| ()),
+        Command::Train(TrainCommand::Tdm(a)) => a.job(show)?.run(&dev).map(|_| ()),
+        Command::Sample(a) => a.job().run(&dev),
+        Command::Eval(a) => a.job(show).run(&dev).map(|_| ()),
+        Command::Export(a) => a.job().run().map(|_| ()),
+        Command::Bench(a) if dev.is_cuda() => {
+            let o = distill::bench::gpu::GpuBenchOptions {
+                config: a.config.clone(),
+                batch: a.batch,
+                warmup: a.warmup,
+                iters: a.iters,
+                torch_python: a.torch_python.clone(),
+                torch: a.torch != "off",
+            };
+            let r = distill::bench::gpu::run(&o, &dev)?;
+            println!("{r}");
+            if let Some(p) = &a.json {
+                checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            }
+            Ok(())
+        }
+        Command::Bench(a) => cmd_bench(a, cli.threads),
+        Command::Validate(a) => a.job().run().map(|_| ()),
+        Command::Pipeline(a) => cmd_pipeline(a, &dev, cli.quiet),
+        Command::Plot(a) => cmd_plot(a),
+    }
+}

@@ -1,0 +1,197 @@
+//! `export`: a checkpoint to ONNX (the unrolled generator or the bare denoiser), and optionally a
+//! TensorRT engine from that ONNX, validated against the checkpoint before it is written.
+
+use super::sample::SamplerOverride;
+use super::Failure;
+use crate::checkpoint;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use export::tensorrt::{BatchProfile, EngineOptions, EngineOutcome, Toolchain, TrtPrecision};
+use std::path::{Path, PathBuf};
+
+/// What to export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExportWhat {
+    /// noise (+ fresh noise per re-noise step) + class_labels -> images: the deployable model.
+    #[default]
+    Generator,
+    /// One network evaluation: x, sigma (EDM) or timestep (VP), class_labels -> denoised / eps.
+    Denoiser,
+}
+
+/// A TensorRT engine built from the export (`<stem>.plan` + `<stem>.plan.json`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrtBuild {
+    pub min_batch: usize,
+    pub opt_batch: usize,
+    pub max_batch: usize,
+    pub precision: TrtPrecision,
+}
+
+impl Default for TrtBuild {
+    fn default() -> Self {
+        Self {
+            min_batch: 1,
+            opt_batch: 8,
+            max_batch: 16,
+            precision: TrtPrecision::Fp16,
+        }
+    }
+}
+
+/// `distill export`.
+#[derive(Clone, Debug)]
+pub struct ExportJob {
+    pub checkpoint: PathBuf,
+    /// Output folder; the file is `<what>[_fp16].onnx`.
+    pub out: PathBuf,
+    pub what: ExportWhat,
+    pub precision: export::Precision,
+    /// Generator only: overrides of the checkpoint's sampler.
+    pub sampler: SamplerOverride,
+    /// Also build a TensorRT engine.
+    pub trt: Option<TrtBuild>,
+}
+
+impl ExportJob {
+    pub const DEFAULT_OUT: &'static str = "export";
+
+    /// An ONNX generator export of `checkpoint` into `out` with every other setting at its default.
+    pub fn generator(checkpoint: &Path, out: &Path, precision: export::Precision) -> Self {
+        Self {
+            checkpoint: checkpoint.to_path_buf(),
+            out: out.to_path_buf(),
+            precision,
+            ..Default::default()
+        }
+    }
+}
+
+impl Default for ExportJob {
+    fn default() -> Self {
+        Self {
+            checkpoint: PathBuf::from("runs/teacher/checkpoint"),
+            out: PathBuf::from(Self::DEFAULT_OUT),
+            what: ExportWhat::Generator,
+            precision: export::Precision::Fp32,
+            sampler: SamplerOverride::default(),
+            trt: None,
+        }
+    }
+}
+
+impl ExportJob {
+    /// Writes the ONNX file only; returns its path.
+    pub fn write_onnx(&self) -> Result<PathBuf> {
+        let dev = Device::Cpu;
+        let (den, meta) = checkpoint::load(&self.checkpoint, &dev)?;
+        let opts = export::ExportOptions {
+            precision: self.precision,
+            method: meta.role.name().into(),
+            weights_sha256: Some(checkpoint::file_sha256(
+                &self.checkpoint.join(checkpoint::WEIGHTS_FILE),
+            )?),
+            extra_metadata: vec![("checkpoint_step".into(), meta.step.to_string())],
+        };
+        let (model, stem) = match self.what {
+            ExportWhat::Generator => {
+                let spec = self.sampler.apply(&meta)?;
+                (export::export_generator(&den, &spec, &opts)?, "generator")
+            }
+            ExportWhat::Denoiser => (export::export_denoiser(&den, &opts)?, "denoiser"),
+        };
+        let suffix = if self.precision == export::Precision::Fp16 {
+            "_fp16"
+        } else {
+            ""
+        };
+        let path = self.out.join(format!("{stem}{suffix}.onnx"));
+        export::write_model(&model, &path)?;
+        Ok(path)
+    }
+
+    /// The whole export: ONNX (with a summary on stdout) and, when asked, the TensorRT engine.
+    pub fn run(&self) -> Result<PathBuf> {
+        // Fail fast: find trtexec and the GPU before spending time on the export.
+        let toolchain = match &self.trt {
+            Some(_) => Some(Toolchain::locate()?),
+            None => None,
+        };
+        let path = self.write_onnx()?;
+        let model = export::runtime::load_model(&path)?;
+        let g = model
+            .graph
+            .as_ref()
+            .context("exported model has no graph")?;
+        println!(
+            "wrote {} ({} nodes, {} initializers, opset {}, IR {})",
+            path.display(),
+            g.node.len(),
+            g.initializer.len(),
+            export::OPSET,
+            export::IR_VERSION
+        );
+        for m in export::metadata(&model) {
+            println!("  {} = {}", m.0, m.1);
+        }
+        println!(
+            "next: distill validate {} --reference {}",
+            path.display(),
+            self.checkpoint.display()
+        );
+        if let (Some(tc), Some(trt)) = (toolchain, &self.trt) {
+            build_engine(&self.checkpoint, trt, &path, &tc)?;
+        }
+        Ok(path)
+    }
+}
+
+/// Builds, validates and writes the engine for `onnx` (exported from `checkpoint`).
+pub fn build_engine(
+    checkpoint: &Path,
+    trt: &TrtBuild,
+    onnx: &Path,
+    tc: &Toolchain,
+) -> Result<EngineOutcome> {
+    let (den, _) = checkpoint::load(checkpoint, &Device::Cpu)?;
+    let meta = export::OnnxMetadata::from_file(onnx)?;
+    let target = match meta.generator() {
+        Some(s) => export::Target::Generator(s),
+        None => export::Target::Denoiser,
+    };
+    let opts = EngineOptions {
+        profile: BatchProfile::new(trt.min_batch, trt.opt_batch, trt.max_batch)?,
+        precision: trt.precision,
+        ..Default::default()
+    };
+    let plan = onnx.with_extension("plan");
+    eprintln!(
+        "tensorrt: building {} ({}, batch {}..{} opt {}) with {} on {} (compute capability {})",
+        plan.display(),
+        opts.precision.name(),
+        opts.profile.min_batch,
+        opts.profile.max_batch,
+        opts.profile.opt_batch,
+        tc.trtexec.display(),
+        tc.gpu.name,
+        tc.gpu.compute_capability
+    );
+    let out = export::tensorrt::build_validated(tc, onnx, &plan, &den, target, &opts)?;
+    println!("{}", out.report);
+    if !out.written {
+        return Err(Failure::ValidationFailed(format!(
+            "the TensorRT engine built from {} is past tolerance (max abs error {:.3e}); no plan written",
+            onnx.display(),
+            out.report.max_abs()
+        ))
+        .into());
+    }
+    println!(
+        "wrote {} and {} (TensorRT {}, {})",
+        out.plan.display(),
+        out.sidecar_path.display(),
+        out.sidecar.tensorrt.version.as_deref().unwrap_or("?"),
+        out.sidecar.gpu.name
+    );
+    Ok(out)
+}

@@ -1,0 +1,237 @@
+//! `sample` and `eval`: generate images from a checkpoint, and score images or a checkpoint.
+
+use crate::checkpoint::{self, CheckpointMeta};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use graphs::{GeneratorSpec, SamplerKind};
+use std::path::{Path, PathBuf};
+
+/// Overrides of a checkpoint's own sampler (each `None` keeps the checkpoint's value).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SamplerOverride {
+    pub sampler: Option<SamplerKind>,
+    /// Sampling steps (a student: a subset of its trained steps).
+    pub sample_steps: Option<usize>,
+    pub cfg_scale: Option<f64>,
+}
+
+impl SamplerOverride {
+    /// The checkpoint's default generator with these overrides applied.
+    pub fn apply(&self, meta: &CheckpointMeta) -> Result<GeneratorSpec> {
+        let mut spec = meta.generator.clone();
+        if let Some(s) = self.sampler {
+            spec.sampler = s;
+            if s == SamplerKind::Student && meta.generator.sampler != SamplerKind::Student {
+                bail!(
+                    "this checkpoint is a {}: it has no student sampler",
+                    meta.role.name()
+                );
+            }
+        }
+        if let Some(n) = self.sample_steps {
+            if spec.sampler == SamplerKind::Student {
+                spec = spec.student_substeps(n)?;
+            } else {
+                spec.steps = n;
+            }
+        }
+        if let Some(c) = self.cfg_scale {
+            spec.cfg_scale = c;
+        }
+        Ok(spec)
+    }
+}
+
+/// `distill sample`: a PNG grid and a safetensors sample file from a checkpoint.
+#[derive(Clone, Debug)]
+pub struct SampleJob {
+    pub checkpoint: PathBuf,
+    /// The PNG grid; the raw samples go beside it as `.safetensors`.
+    pub out: PathBuf,
+    pub sampler: SamplerOverride,
+    pub seed: u64,
+    /// Labels to draw (default: every class).
+    pub labels: Option<Vec<u32>>,
+    pub per_class: usize,
+    /// Noise from this safetensors file instead of seeded noise.
+    pub noise: Option<PathBuf>,
+    pub batch_size: usize,
+}
+
+impl SampleJob {
+    pub const DEFAULT_OUT: &'static str = "samples.png";
+    pub const DEFAULT_PER_CLASS: usize = 10;
+    pub const DEFAULT_BATCH_SIZE: usize = 100;
+}
+
+impl Default for SampleJob {
+    fn default() -> Self {
+        Self {
+            checkpoint: PathBuf::from("runs/teacher/checkpoint"),
+            out: PathBuf::from(Self::DEFAULT_OUT),
+            sampler: SamplerOverride::default(),
+            seed: 0,
+            labels: None,
+            per_class: Self::DEFAULT_PER_CLASS,
+            noise: None,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+        }
+    }
+}
+
+impl SampleJob {
+    pub fn run(&self, dev: &Device) -> Result<()> {
+        let (den, meta) = checkpoint::load(&self.checkpoint, dev)?;
+        let spec = self.sampler.apply(&meta)?;
+        let ncls = den.unet.cfg.num_classes;
+        let (inputs, labels) = match &self.noise {
+            Some(p) => {
+                let inputs = crate::sample::load_noise(p, &den, &spec, dev)?;
+                let n = inputs.noise.dim(0)?;
+                let labels: Vec<u32> = match &self.labels {
+                    Some(l) if l.len() == n => l.clone(),
+                    Some(l) if !l.is_empty() => (0..n).map(|i| l[i % l.len()]).collect(),
+                    _ => (0..n).map(|i| (i % ncls) as u32).collect(),
+                };
+                (inputs, labels)
+            }
+            None => {
+                let labels: Vec<u32> = match &self.labels {
+                    Some(l) => l
+                        .iter()
+                        .flat_map(|&k| std::iter::repeat_n(k, self.per_class))
+                        .collect(),
+                    None => crate::sample::class_labels(ncls, self.per_class),
+                };
+                (
+                    crate::sample::seeded_noise(&den, &spec, labels.len(), self.seed, dev)?,
+                    labels,
+                )
+            }
+        };
+        let n = labels.len();
+        let lt = Tensor::from_vec(labels, n, dev)?;
+        let t0 = std::time::Instant::now();
+        let images = crate::sample::generate(&den, &spec, &inputs, &lt, self.batch_size, dev)?;
+        let secs = t0.elapsed().as_secs_f64();
+        crate::grid::tensor_grid_png(&self.out, &images, self.per_class.max(1))?;
+        let raw = self.out.with_extension("safetensors");
+        crate::sample::save_samples(&raw, &images, &lt)?;
+        println!(
+            "{n} images with {:?} ({} steps, {} NFE, cfg {}) in {secs:.2}s ({:.1} ms/image): {} and {}",
+            spec.sampler,
+            spec.steps,
+            spec.nfe(),
+            spec.cfg_scale,
+            1000.0 * secs / n as f64,
+            self.out.display(),
+            raw.display()
+        );
+        Ok(())
+    }
+}
+
+/// `distill eval`: scores a sample file, or samples a checkpoint and scores that.
+#[derive(Clone, Debug)]
+pub struct EvalJob {
+    /// A sample file from `distill sample`, or a checkpoint folder.
+    pub input: PathBuf,
+    /// When `input` is a checkpoint.
+    pub sampler: SamplerOverride,
+    /// Images to generate when `input` is a checkpoint (class-balanced).
+    pub n: usize,
+    /// Noise seed when `input` is a checkpoint.
+    pub seed: u64,
+    /// Also write the report as JSON here.
+    pub json: Option<PathBuf>,
+    /// Where the evaluation classifier is cached (default: $DISTILL_CACHE or ~/.cache/distill).
+    pub cache_dir: Option<PathBuf>,
+    pub show_progress: bool,
+}
+
+impl EvalJob {
+    pub const DEFAULT_N: usize = 1000;
+    pub const DEFAULT_SEED: u64 = 1;
+}
+
+impl Default for EvalJob {
+    fn default() -> Self {
+        Self {
+            input: PathBuf::new(),
+            sampler: SamplerOverride::default(),
+            n: Self::DEFAULT_N,
+            seed: Self::DEFAULT_SEED,
+            json: None,
+            cache_dir: None,
+            show_progress: false,
+        }
+    }
+}
+
+/// The evaluator, its classifier cached in `cache` (default: $DISTILL_CACHE or ~/.cache/distill).
+pub fn evaluator(
+    cache: Option<&Path>,
+    dev: &Device,
+    show_progress: bool,
+) -> Result<crate::eval::Evaluator> {
+    let dir = cache
+        .map(Path::to_path_buf)
+        .unwrap_or_else(crate::eval::classifier::default_cache_dir);
+    crate::eval::Evaluator::new(&dir, dev, show_progress)
+}
+
+/// Generates `n` class-balanced images from a checkpoint and scores them; also returns the
+/// sampler used and the milliseconds per image.
+pub fn eval_checkpoint(
+    ev: &crate::eval::Evaluator,
+    ckpt: &Path,
+    sampler: &SamplerOverride,
+    n: usize,
+    seed: u64,
+    dev: &Device,
+) -> Result<(crate::eval::EvalReport, GeneratorSpec, f64)> {
+    let (den, meta) = checkpoint::load(ckpt, dev)?;
+    let spec = sampler.apply(&meta)?;
+    let ncls = den.unet.cfg.num_classes;
+    let labels: Vec<u32> = (0..n).map(|i| (i % ncls) as u32).collect();
+    let inputs = crate::sample::seeded_noise(&den, &spec, n, seed, dev)?;
+    let t0 = std::time::Instant::now();
+    let images = crate::sample::generate(
+        &den,
+        &spec,
+        &inputs,
+        &Tensor::from_vec(labels.clone(), n, dev)?,
+        250,
+        dev,
+    )?;
+    let ms_per_image = 1000.0 * t0.elapsed().as_secs_f64() / n as f64;
+    Ok((ev.evaluate(&images, Some(&labels))?, spec, ms_per_image))
+}
+
+impl EvalJob {
+    pub fn run(&self, dev: &Device) -> Result<crate::eval::EvalReport> {
+        let ev = evaluator(self.cache_dir.as_deref(), dev, self.show_progress)?;
+        let report = if self.input.is_dir() {
+            let (r, spec, ms) =
+                eval_checkpoint(&ev, &self.input, &self.sampler, self.n, self.seed, dev)?;
+            println!(
+                "{} on {} images: {:?}, {} steps, {} NFE, cfg {} ({ms:.1} ms/image)",
+                self.input.display(),
+                self.n,
+                spec.sampler,
+                spec.steps,
+                spec.nfe(),
+                spec.cfg_scale
+            );
+            r
+        } else {
+            let (images, labels) = crate::sample::load_samples(&self.input, dev)?;
+            ev.evaluate(&images, labels.as_deref())?
+        };
+        println!("{report}");
+        if let Some(p) = &self.json {
+            checkpoint::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        }
+        Ok(report)
+    }
+}

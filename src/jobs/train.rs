@@ -1,0 +1,302 @@
+//! `train teacher`, `train dmd2`, `train tdm`: a method's config plus where the data and the run
+//! folder are.
+
+use crate::train::distill::{self, DistillOutcome, RunSpec, Teacher};
+use crate::train::dmd2::{Dmd2, Dmd2Config};
+use crate::train::tdm::{Tdm, TdmConfig};
+use crate::train::teacher::{self, TeacherConfig, TeacherOutcome};
+use crate::train::RunDir;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+/// A config from a TOML file (any subset of its fields; the rest at their defaults), or the
+/// defaults when there is no file.
+pub fn read_config<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
+    match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            for note in deprecated_keys(&text) {
+                eprintln!("note: {}: {note}", p.display());
+            }
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        }
+        None => Ok(T::default()),
+    }
+}
+
+/// Config keys renamed for one vocabulary: still read (serde aliases), with a note.
+pub const RENAMED_KEYS: &[(&str, &str)] = &[("real_guidance_scale", "cfg_scale")];
+
+/// A note per renamed key `text` still uses (at any table level).
+pub fn deprecated_keys(text: &str) -> Vec<String> {
+    fn walk(v: &toml::Value, path: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                if let Some((_, new)) = RENAMED_KEYS.iter().find(|(old, _)| old == k) {
+                    out.push(format!("`{path}{k}` is deprecated, use `{path}{new}`"));
+                }
+                walk(v, &format!("{path}{k}."), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = text.parse::<toml::Value>() {
+        walk(&v, "", &mut out);
+    }
+    out
+}
+
+/// Loads the training data (default: embedded MNIST) and brings it to the model's resolution.
+pub fn load_data(
+    path: Option<&Path>,
+    resolution: usize,
+    limit: Option<usize>,
+) -> Result<crate::data::Dataset> {
+    let d = crate::data::load_at_resolution(path, Some(resolution))?;
+    let d = if let Some(n) = limit { d.subset(n) } else { d };
+    Ok(d.to_resolution(resolution)?)
+}
+
+/// `distill train teacher`.
+#[derive(Clone, Debug)]
+pub struct TeacherJob {
+    pub config: TeacherConfig,
+    /// Training data (default: the embedded 10k MNIST digits).
+    pub data: Option<PathBuf>,
+    /// Train on the first N images only.
+    pub limit: Option<usize>,
+    /// The run folder.
+    pub out: PathBuf,
+    /// Continue the run in `out` from its last checkpoint.
+    pub resume: bool,
+    pub show_progress: bool,
+}
+
+impl TeacherJob {
+    pub const DEFAULT_OUT: &'static str = "runs/teacher";
+}
+
+impl Default for TeacherJob {
+    fn default() -> Self {
+        Self {
+            config: TeacherConfig::default(),
+            data: None,
+            limit: None,
+            out: PathBuf::from(Self::DEFAULT_OUT),
+            resume: false,
+            show_progress: false,
+        }
+    }
+}
+
+impl TeacherJob {
+    pub fn run(&self, dev: &Device) -> Result<TeacherOutcome> {
+        let mut cfg = self.config.clone();
+        let data = load_data(self.data.as_deref(), cfg.model.resolution, self.limit)?;
+        cfg.model.channels = data.channels;
+        cfg.model.num_classes = data.num_classes;
+        let run = RunDir::new(&self.out)?;
+        eprintln!(
+            "teacher: {} images ({}x{}x{}, {} classes) from {}; {} params; {} steps at batch {} -> {}",
+            data.len(),
+            data.channels,
+            data.height,
+            data.width,
+            data.num_classes,
+            data.source,
+            {
+                let (_, den, _) = teacher::init_trainable(&cfg.model_config()?, cfg.seed, dev)?;
+                graphs::params::count(&den)
+            },
+            cfg.steps,
+            cfg.batch_size,
+            run.root.display()
+        );
+        let out = teacher::train(&cfg, &data, &run, self.resume, self.show_progress, dev)?;
+        eprintln!(
+            "teacher: done, {} steps in {:.0}s, final loss {:.4}; checkpoint {}; samples {}",
+            out.steps,
+            out.seconds,
+            out.final_loss,
+            out.checkpoint.display(),
+            run.samples().display()
+        );
+        Ok(out)
+    }
+}
+
+/// The evaluator for in-training scores, when asked for and the data is MNIST-shaped.
+fn maybe_evaluator(
+    eval_every: u64,
+    teacher: &Teacher,
+    dev: &Device,
+    show_progress: bool,
+) -> Result<Option<crate::eval::Evaluator>> {
+    let u = &teacher.meta.model.unet;
+    if eval_every == 0 {
+        return Ok(None);
+    }
+    if (u.channels, u.resolution, u.num_classes) != (1, 32, 10) {
+        eprintln!(
+            "note: --eval-every ignored: the evaluation classifier scores 1x32x32 digits with 10 classes, the teacher makes {}x{}x{} with {} classes",
+            u.channels, u.resolution, u.resolution, u.num_classes
+        );
+        return Ok(None);
+    }
+    let dir = crate::eval::classifier::default_cache_dir();
+    Ok(Some(crate::eval::Evaluator::new(&dir, dev, show_progress)?))
+}
+
+fn report(what: &str, out: &DistillOutcome, run: &RunDir) {
+    let last: Vec<String> = out
+        .last
+        .iter()
+        .filter(|(k, _)| k.starts_with("loss") || *k == "fd" || *k == "class_accuracy")
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    eprintln!(
+        "{what}: done, {} iterations ({} student updates) in {:.0}s; {}; checkpoint {}; samples {}; metrics {}",
+        out.steps,
+        out.student_updates,
+        out.seconds,
+        last.join(", "),
+        out.checkpoint.display(),
+        run.samples().display(),
+        run.metrics().display()
+    );
+}
+
+/// `distill train dmd2`.
+#[derive(Clone, Debug)]
+pub struct Dmd2Job {
+    pub config: Dmd2Config,
+    /// Real images for the GAN head (default: the embedded MNIST digits).
+    pub data: Option<PathBuf>,
+    /// Use the first N real images only.
+    pub limit: Option<usize>,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub show_progress: bool,
+}
+
+impl Dmd2Job {
+    pub const DEFAULT_OUT: &'static str = "runs/dmd2";
+}
+
+impl Default for Dmd2Job {
+    fn default() -> Self {
+        Self {
+            config: Dmd2Config::default(),
+            data: None,
+            limit: None,
+            out: PathBuf::from(Self::DEFAULT_OUT),
+            resume: false,
+            show_progress: false,
+        }
+    }
+}
+
+impl Dmd2Job {
+    /// Trains; returns the checkpoint folder.
+    pub fn run(&self, dev: &Device) -> Result<PathBuf> {
+        let cfg = &self.config;
+        let teacher = Teacher::load(&cfg.teacher, dev)?;
+        let u = &teacher.meta.model.unet;
+        let data = load_data(self.data.as_deref(), u.resolution, self.limit)?;
+        let run = RunDir::new(&self.out)?;
+        let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
+        let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, self.show_progress)?;
+        eprintln!(
+            "dmd2: {}-step student (sigmas {:?}) from {}; {} iterations at batch {}, student updated every {}; GAN {}; -> {}",
+            cfg.timesteps.len(),
+            cfg.sigmas(&graphs::NoiseGrid::new(&teacher.meta.model.parameterisation))
+                .iter()
+                .map(|s| format!("{s:.3}"))
+                .collect::<Vec<_>>(),
+            teacher.dir.display(),
+            cfg.run.steps,
+            cfg.run.batch_size,
+            cfg.dfake_gen_update_ratio,
+            if cfg.gan { "on" } else { "off" },
+            run.root.display()
+        );
+        let rs = RunSpec {
+            cfg: &cfg.run,
+            config_toml: toml::to_string(cfg)?,
+            resume_key: cfg.resume_key()?,
+            rekey: Some(&|t: &str| toml::from_str::<Dmd2Config>(t)?.resume_key()),
+            teacher: Some((&teacher.sha256, &teacher.dir)),
+            resume: self.resume,
+            show_progress: self.show_progress,
+            evaluator: ev.as_ref(),
+            device: dev,
+        };
+        let out = distill::run(&mut m, &rs, &run)?;
+        report("dmd2", &out, &run);
+        Ok(out.checkpoint)
+    }
+}
+
+/// `distill train tdm`.
+#[derive(Clone, Debug)]
+pub struct TdmJob {
+    pub config: TdmConfig,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub show_progress: bool,
+}
+
+impl TdmJob {
+    pub const DEFAULT_OUT: &'static str = "runs/tdm";
+}
+
+impl Default for TdmJob {
+    fn default() -> Self {
+        Self {
+            config: TdmConfig::default(),
+            out: PathBuf::from(Self::DEFAULT_OUT),
+            resume: false,
+            show_progress: false,
+        }
+    }
+}
+
+impl TdmJob {
+    /// Trains; returns the checkpoint folder.
+    pub fn run(&self, dev: &Device) -> Result<PathBuf> {
+        let cfg = &self.config;
+        let teacher = Teacher::load(&cfg.teacher, dev)?;
+        let run = RunDir::new(&self.out)?;
+        let mut m = Tdm::new(cfg.clone(), &teacher, dev)?;
+        let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, self.show_progress)?;
+        eprintln!(
+            "tdm: {}-step student (timesteps {:?}) from {}; {} iterations at batch {} x {}; noise mode {:?} -> {}",
+            cfg.timesteps.len(),
+            cfg.timesteps,
+            teacher.dir.display(),
+            cfg.run.steps,
+            cfg.run.batch_size,
+            cfg.grad_accum,
+            m.cfg.noise_mode,
+            run.root.display()
+        );
+        let run_cfg = m.cfg.run.clone();
+        let rs = RunSpec {
+            cfg: &run_cfg,
+            config_toml: toml::to_string(&m.cfg)?,
+            resume_key: m.cfg.resume_key()?,
+            rekey: Some(&|t: &str| toml::from_str::<TdmConfig>(t)?.resume_key()),
+            teacher: Some((&teacher.sha256, &teacher.dir)),
+            resume: self.resume,
+            show_progress: self.show_progress,
+            evaluator: ev.as_ref(),
+            device: dev,
+        };
+        let out = distill::run(&mut m, &rs, &run)?;
+        report("tdm", &out, &run);
+        Ok(out.checkpoint)
+    }
+}

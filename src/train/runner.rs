@@ -1,0 +1,507 @@
+//! The one training loop every method runs in (teacher, DMD2, TDM): resume, cadence, metrics,
+//! EMA, sample grids, in-training evaluation, checkpoints and the divergence guarantee.
+//!
+//! Divergence never costs the last good state: a checkpoint is first serialised in memory, its
+//! tensors checked finite and its inference weights probed with one forward pass; it is written
+//! only once the next iteration has run with finite losses (the final one: after the checks).
+//! Until then the previous checkpoint stays on disk, and a stop names the step really kept.
+
+use super::optim::{Ema, LossScaleConfig, Precision};
+use super::{denoiser_from, progress_bar, vars_to_tensors, MetricsLog, RunDir, TRAIN_STATE_FILE};
+use crate::checkpoint::{self, CheckpointMeta, Role};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Layout version of `train_state.safetensors` (metadata `state_version`). 1 (no field): the
+/// teacher's own layout before the runners were merged; distillation states of version 1 are
+/// already in the current layout. 2: every network as a [`super::distill::Trainable`].
+pub const STATE_VERSION: u32 = 2;
+
+/// Run-loop settings every trainer shares (`[run]` in the distillation TOML; the teacher's
+/// top-level fields).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Training iterations in total (a resumed run stops at the same total).
+    pub steps: u64,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub log_every: u64,
+    /// PNG grid of the model every N iterations and at the end (0 = never).
+    pub sample_every: u64,
+    pub checkpoint_every: u64,
+    /// Frechet distance + class accuracy of the student every N iterations (0 = off); needs
+    /// 1x32x32 data with 10 classes (the evaluation classifier is an MNIST model).
+    pub eval_every: u64,
+    /// Images per in-training evaluation.
+    pub eval_n: usize,
+    /// EMA decay of the trained weights over their updates (0 = use the raw weights).
+    pub ema_decay: f64,
+    /// `fp32`, `fp16` (autocast + dynamic loss scaling) or `bf16` (autocast); weights, optimiser
+    /// state and checkpoints stay f32, so a run may resume in another precision.
+    pub precision: Precision,
+    pub loss_scale: LossScaleConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch_size: 32,
+            seed: 0,
+            log_every: 25,
+            sample_every: 500,
+            checkpoint_every: 100,
+            eval_every: 0,
+            eval_n: 500,
+            ema_decay: 0.99,
+            precision: Precision::Fp32,
+            loss_scale: LossScaleConfig::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.steps > 0 && self.batch_size > 0,
+            "steps and batch_size must be positive"
+        );
+        ensure!(
+            self.log_every > 0 && self.checkpoint_every > 0,
+            "log_every and checkpoint_every must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.ema_decay),
+            "ema_decay must be in [0, 1)"
+        );
+        ensure!(
+            self.eval_every == 0 || self.eval_n >= 10,
+            "eval_n must be at least 10"
+        );
+        Ok(())
+    }
+
+    /// Clears what may change on resume (totals, cadence, precision), for resume keys.
+    pub fn clear_resumable(&mut self) {
+        self.steps = 0;
+        (self.log_every, self.sample_every, self.checkpoint_every) = (0, 0, 0);
+        (self.eval_every, self.eval_n) = (0, 0);
+        // Precision may change on resume (everything is stored in f32).
+        (self.precision, self.loss_scale) = (Default::default(), Default::default());
+    }
+}
+
+/// Numbers one iteration reports for the metrics log (averaged over the log window).
+pub type StepMetrics = BTreeMap<String, f64>;
+
+/// A training method, driven by [`run`].
+pub trait Method {
+    const ROLE: Role;
+    /// What the progress bar and messages call it.
+    fn name(&self) -> &'static str;
+    /// One training iteration (`step` is 0-based); every randomness derives from (seed, step).
+    /// A non-finite loss is an error (before the update it would have caused).
+    fn step(&mut self, step: u64) -> Result<StepMetrics>;
+    /// Values logged as they are at a log line (not averaged), e.g. the latest learning rate.
+    fn gauges(&self) -> StepMetrics;
+    /// The variables of the network the checkpoint holds (the EMA follows them).
+    fn student_vars(&self) -> &[(String, Var)];
+    /// How many times that network has been updated.
+    fn student_updates(&self) -> u64;
+    /// The EMA position of iteration `step`'s update, or `None` when it made none
+    /// (`updates_before`: [`Self::student_updates`] before the iteration).
+    fn ema_step(&self, _step: u64, updates_before: u64) -> Option<u64> {
+        let u = self.student_updates();
+        (u > updates_before).then(|| u - 1)
+    }
+    /// Every trainable network and optimiser, for the training state.
+    fn save_state(&self, tensors: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>);
+    fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        meta: &HashMap<String, String>,
+    ) -> Result<()>;
+    /// Brings a training state of an older layout (`state_version` < [`STATE_VERSION`]) to the
+    /// current one, or refuses it with a reason.
+    fn upgrade_state(
+        &self,
+        _version: u32,
+        _tensors: &mut HashMap<String, Tensor>,
+        _meta: &mut HashMap<String, String>,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// The sampler stored in the checkpoint.
+    fn spec(&self) -> GeneratorSpec;
+    fn model_config(&self) -> ModelConfig;
+}
+
+/// Everything [`run`] needs besides the method.
+pub struct RunSpec<'a> {
+    pub cfg: &'a RunConfig,
+    /// The method's full config as TOML (written to `config.toml` and into the training state).
+    pub config_toml: String,
+    /// The part of the config a resumed run must agree with (everything but cadence and totals).
+    pub resume_key: String,
+    /// Recomputes the resume key from a stored config (runs written before a field was renamed
+    /// stored their key with the old name).
+    pub rekey: Option<&'a dyn Fn(&str) -> Result<String>>,
+    /// sha256 of the teacher's weights, for methods distilled from one (a resumed run must see
+    /// the same teacher) and its folder for messages.
+    pub teacher: Option<(&'a str, &'a Path)>,
+    pub resume: bool,
+    pub show_progress: bool,
+    /// Scores the model during training (`eval_every`), when the data suits the classifier.
+    pub evaluator: Option<&'a crate::eval::Evaluator>,
+    pub device: &'a Device,
+}
+
+/// Result of a finished run.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub checkpoint: PathBuf,
+    pub steps: u64,
+    pub seconds: f64,
+    /// The last log window's averages (and gauges).
+    pub last: BTreeMap<String, f64>,
+    pub student_updates: u64,
+}
+
+/// The model's inference weights: the EMA when enabled, else the raw weights.
+fn student_weights(ema: &Option<Ema>, vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+    match ema {
+        Some(e) => e.tensors(),
+        None => vars_to_tensors(vars),
+    }
+}
+
+/// A checkpoint serialised in memory, written once proven good.
+struct Pending {
+    step: u64,
+    state: Vec<u8>,
+    weights: Vec<u8>,
+    config: Vec<u8>,
+}
+
+/// True when every element of every tensor is finite.
+fn all_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for n in names {
+        let t = &tensors[n];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+            return Ok(Some(format!("{n} holds {bad}")));
+        }
+    }
+    Ok(None)
+}
+
+/// One forward pass of the inference weights on seeded noise: finite or the reason it is not.
+fn probe(den: &Denoiser, device: &Device) -> Result<Option<String>> {
+    let c = &den.unet.cfg;
+    let n = 2;
+    let z = super::randn(
+        &mut super::step_rng(0, 0, 0x9A0B),
+        &[n, c.channels, c.resolution, c.resolution],
+        device,
+    )?;
+    let b = CandleBackend::new(device);
+    let sigma = 1.0;
+    let labels = Tensor::from_vec(vec![0u32; n], n, device)?;
+    let y = den.forward(&b, &z, &den.level_const(&b, &z, sigma)?, &labels)?;
+    let v = y.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter()
+        .find(|x| !x.is_finite())
+        .map(|bad| format!("a forward pass of the inference weights gives {bad}")))
+}
+
+/// Serialises the checkpoint of `step` after checking it.
+fn snapshot<M: Method>(
+    m: &M,
+    rs: &RunSpec,
+    step: u64,
+    ema: &Option<Ema>,
+) -> Result<std::result::Result<Pending, String>> {
+    let mut tensors = HashMap::new();
+    let mut meta = HashMap::from([
+        ("state_version".to_string(), STATE_VERSION.to_string()),
+        ("step".to_string(), step.to_string()),
+        ("config".to_string(), rs.config_toml.clone()),
+        ("resume_key".to_string(), rs.resume_key.clone()),
+    ]);
+    if let Some((sha, _)) = rs.teacher {
+        meta.insert("teacher_sha256".to_string(), sha.to_string());
+    }
+    m.save_state(&mut tensors, &mut meta);
+    let weights = student_weights(ema, m.student_vars());
+    if let Some(e) = ema {
+        tensors.extend(
+            e.tensors()
+                .into_iter()
+                .map(|(k, v)| (format!("ema.{k}"), v)),
+        );
+    }
+    if let Some(why) = all_finite(&tensors)? {
+        return Ok(Err(why));
+    }
+    let den = denoiser_from(&m.model_config(), weights.clone(), rs.device)?;
+    if let Some(why) = probe(&den, rs.device)? {
+        return Ok(Err(why));
+    }
+    let cm = CheckpointMeta::new(M::ROLE, m.model_config(), m.spec(), step);
+    Ok(Ok(Pending {
+        step,
+        state: checkpoint::safetensors_bytes_with_meta(&tensors, Some(meta))?,
+        weights: checkpoint::safetensors_bytes(&weights)?,
+        config: serde_json::to_string_pretty(&cm)?.into_bytes(),
+    }))
+}
+
+/// Writes a proven checkpoint: training state, weights, then the config (whose presence marks
+/// the checkpoint complete).
+fn commit(p: &Pending, run: &RunDir) -> Result<u64> {
+    let dir = run.checkpoint();
+    checkpoint::write_atomic(&dir.join(TRAIN_STATE_FILE), &p.state)?;
+    checkpoint::write_atomic(&dir.join(checkpoint::WEIGHTS_FILE), &p.weights)?;
+    checkpoint::write_atomic(&dir.join(checkpoint::CONFIG_FILE), &p.config)?;
+    Ok(p.step)
+}
+
+/// What a stop keeps, for its message.
+fn kept(run: &RunDir, committed: Option<u64>) -> String {
+    match committed {
+        Some(s) => format!(
+            "the last good checkpoint (step {s}) is kept in {}",
+            run.checkpoint().display()
+        ),
+        None => format!(
+            "no checkpoint was written yet, nothing is kept in {}",
+            run.checkpoint().display()
+        ),
+    }
+}
+
+/// Reads a training state for `--resume`, upgraded to the current layout.
+fn load_state<M: Method>(
+    m: &M,
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let (mut tensors, mut meta) = checkpoint::load_tensors_with_meta(path, device)
+        .with_context(|| format!("--resume: no usable training state {}", path.display()))?;
+    let version: u32 = match meta.get("state_version") {
+        None => 1,
+        Some(v) => v
+            .parse()
+            .with_context(|| format!("{}: bad state_version {v:?}", path.display()))?,
+    };
+    if version > STATE_VERSION {
+        bail!(
+            "--resume: {} has training-state layout {version}, written by a newer distill (this one reads up to {STATE_VERSION})",
+            path.display()
+        );
+    }
+    if version < STATE_VERSION {
+        m.upgrade_state(version, &mut tensors, &mut meta)
+            .with_context(|| format!("--resume: {}", path.display()))?;
+    }
+    Ok((tensors, meta))
+}
+
+/// Trains (or resumes) `m` in `run`: the loop every method shares.
+pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcome> {
+    let cfg = rs.cfg;
+    cfg.validate()?;
+    let state_path = run.checkpoint().join(TRAIN_STATE_FILE);
+    let mut ema = (cfg.ema_decay > 0.0)
+        .then(|| Ema::new(m.student_vars(), cfg.ema_decay))
+        .transpose()?;
+    let mut start = 0;
+    if rs.resume {
+        let (tensors, meta) = load_state(m, &state_path, rs.device)?;
+        let rekeyed = || match (rs.rekey, meta.get("config")) {
+            (Some(f), Some(c)) => f(c).ok(),
+            _ => None,
+        };
+        if meta.get("resume_key") != Some(&rs.resume_key)
+            && rekeyed().as_ref() != Some(&rs.resume_key)
+        {
+            bail!(
+                "--resume: the run in {} was started with a different configuration (only the step count and logging cadence may change); start a new run with another --out",
+                run.root.display()
+            );
+        }
+        if let Some((sha, dir)) = rs.teacher {
+            if meta.get("teacher_sha256").map(String::as_str) != Some(sha) {
+                bail!(
+                    "--resume: the teacher {} is not the one this run started from (its weights changed)",
+                    dir.display()
+                );
+            }
+        }
+        start = meta
+            .get("step")
+            .context("training state lacks its step")?
+            .parse()?;
+        m.load_state(&tensors, &meta)?;
+        if let Some(e) = &mut ema {
+            let w: HashMap<String, Tensor> = tensors
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("ema.").map(|n| (n.to_string(), v.clone())))
+                .collect();
+            e.load(&w).context("training state lacks the model's EMA")?;
+        }
+    } else if state_path.exists() {
+        bail!(
+            "{} already holds a run; pass --resume to continue it or choose another --out",
+            run.root.display()
+        );
+    }
+    let mut committed = rs.resume.then_some(start);
+    checkpoint::write_atomic(&run.config(), rs.config_toml.as_bytes())?;
+    let mut log = MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?;
+    let pb = progress_bar(cfg.steps, start, rs.show_progress, m.name());
+    let t0 = Instant::now();
+    let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    let mut last = BTreeMap::new();
+    let mut win_start = Instant::now();
+    let mut win_steps = 0u64;
+    let mut pending: Option<Pending> = None;
+    for step in start..cfg.steps {
+        let before = m.student_updates();
+        let metrics = match m.step(step) {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{} iteration {step} failed; {}",
+                    m.name(),
+                    kept(run, committed)
+                )))
+            }
+        };
+        if let Some((k, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+            bail!(
+                "{k} is {v} at step {step}: training diverged and was stopped; {} (try a lower --lr or a smaller --grad-clip, then --resume)",
+                kept(run, committed)
+            );
+        }
+        // The previous checkpoint's weights just gave finite losses: it is proven.
+        if let Some(p) = pending.take() {
+            committed = Some(commit(&p, run)?);
+        }
+        for (k, v) in &metrics {
+            let e = window.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+        if let Some(e) = &mut ema {
+            if let Some(t) = m.ema_step(step, before) {
+                e.update(m.student_vars(), t)?;
+            }
+        }
+        win_steps += 1;
+        let done = step + 1;
+        pb.set_position(done);
+        let mut record: BTreeMap<String, f64> = BTreeMap::new();
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            for (k, (s, n)) in std::mem::take(&mut window) {
+                record.insert(k, s / n as f64);
+            }
+            record.extend(m.gauges());
+            record.insert(
+                "it_per_s".into(),
+                win_steps as f64 / win_start.elapsed().as_secs_f64(),
+            );
+            (win_start, win_steps) = (Instant::now(), 0);
+            let msg: Vec<String> = record
+                .iter()
+                .filter(|(k, _)| k.starts_with("loss"))
+                .map(|(k, v)| format!("{k} {v:.4}"))
+                .collect();
+            pb.set_message(msg.join(" "));
+        }
+        let want_eval = cfg.eval_every > 0 && (done % cfg.eval_every == 0 || done == cfg.steps);
+        if let (true, Some(ev)) = (want_eval, rs.evaluator) {
+            let den = denoiser_from(
+                &m.model_config(),
+                student_weights(&ema, m.student_vars()),
+                rs.device,
+            )?;
+            let r = eval_student(ev, &den, &m.spec(), cfg.eval_n, rs.device)?;
+            record.insert("fd".into(), r.fd);
+            if let Some(a) = r.class_accuracy {
+                record.insert("class_accuracy".into(), a);
+            }
+        }
+        if !record.is_empty() {
+            record.insert("elapsed_s".into(), t0.elapsed().as_secs_f64());
+            let mut obj = serde_json::Map::new();
+            obj.insert("step".into(), done.into());
+            for (k, v) in &record {
+                obj.insert(k.clone(), serde_json::json!(v));
+            }
+            log.write(&serde_json::Value::Object(obj))?;
+            last.extend(record);
+        }
+        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
+            match snapshot(m, rs, done, &ema)? {
+                Ok(p) if done == cfg.steps => committed = Some(commit(&p, run)?),
+                Ok(p) => pending = Some(p),
+                Err(why) => bail!(
+                    "the model after step {done} is not finite ({why}): training diverged and was stopped; {} (try a lower --lr or a smaller --grad-clip, then --resume)",
+                    kept(run, committed)
+                ),
+            }
+        }
+        if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.steps) {
+            let den = denoiser_from(
+                &m.model_config(),
+                student_weights(&ema, m.student_vars()),
+                rs.device,
+            )?;
+            let png = run.samples().join(format!("step_{done:06}.png"));
+            crate::sample::class_grid(&den, &m.spec(), 10, cfg.seed, rs.device, &png)?;
+        }
+    }
+    pb.finish();
+    super::write_curves(run)?;
+    Ok(RunOutcome {
+        checkpoint: run.checkpoint(),
+        steps: cfg.steps,
+        seconds: t0.elapsed().as_secs_f64(),
+        last,
+        student_updates: m.student_updates(),
+    })
+}
+
+/// Scores `n` class-balanced samples of a model with fixed noise (seed 1, as `distill eval`).
+pub fn eval_student(
+    ev: &crate::eval::Evaluator,
+    den: &Denoiser,
+    spec: &GeneratorSpec,
+    n: usize,
+    device: &Device,
+) -> Result<crate::eval::EvalReport> {
+    let ncls = den.unet.cfg.num_classes;
+    let labels: Vec<u32> = (0..n).map(|i| (i % ncls) as u32).collect();
+    let inputs = crate::sample::seeded_noise(den, spec, n, 1, device)?;
+    let images = crate::sample::generate(
+        den,
+        spec,
+        &inputs,
+        &Tensor::from_vec(labels.clone(), n, device)?,
+        250,
+        device,
+    )?;
+    ev.evaluate(&images, Some(&labels))
+}
