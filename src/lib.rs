@@ -10,5 +10,6 @@ pub mod grid;
 pub mod host;
 pub mod jobs;
 pub mod plot;
+pub mod rng;
 pub mod sample;
 pub mod train;

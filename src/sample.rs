@@ -2,7 +2,7 @@
 //! safetensors sample file (`images` `[N, C, H, W]` f32 in [-1, 1], `labels` `[N]` i64).
 
 use crate::checkpoint;
-use crate::train::{randn, step_rng};
+use crate::rng::{randn, step_rng};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use graphs::{CandleBackend, Denoiser, GeneratorSpec};

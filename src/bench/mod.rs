@@ -296,46 +296,7 @@ impl CandleModel {
         // candle's initialisers are unseeded: redraw every tensor from `seed` (PyTorch-style
         // U(+-1/sqrt(fan_in)) for conv/linear, N(0, 1) for the label table, GroupNorm at 1/0).
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED_BE1C);
-        let mut vars: Vec<_> = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let fan_in: HashMap<String, usize> = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.dims().iter().skip(1).product::<usize>().max(1)))
-            .collect();
-        for (name, var) in &vars {
-            let dims = var.dims().to_vec();
-            let n: usize = dims.iter().product();
-            let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
-            let is_norm = parent
-                .rsplit('.')
-                .next()
-                .is_some_and(|p| p.starts_with("norm"));
-            let values: Vec<f32> = if parent.ends_with("label_emb") {
-                (0..n)
-                    .map(|_| rng.sample::<f32, _>(StandardNormal))
-                    .collect()
-            } else if is_norm {
-                vec![if leaf == "weight" { 1.0 } else { 0.0 }; n]
-            } else {
-                let fi = if leaf == "bias" {
-                    fan_in
-                        .get(&format!("{parent}.weight"))
-                        .copied()
-                        .unwrap_or(1)
-                } else {
-                    fan_in[name]
-                };
-                let b = 1.0 / (fi as f32).sqrt();
-                (0..n).map(|_| rng.gen_range(-b..b)).collect()
-            };
-            var.set(&Tensor::from_vec(values, dims, &dev)?)?;
-        }
+        crate::train::seeded_init_with(&varmap, &mut rng, &dev)?;
         let den = Denoiser::new(
             VarBuilder::from_tensors(detached(&varmap)?, DType::F32, &dev),
             cfg,

@@ -67,14 +67,7 @@ pub fn trainable_denoiser(
         }
     }
     let den = Denoiser::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let vars = super::sorted_vars(&varmap);
     ensure!(
         vars.len() == weights.len(),
         "the network has {} parameters but {} weights were given",

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::Serialize;
 use std::io::Write;
@@ -51,21 +51,7 @@ impl RunDir {
     }
 }
 
-/// An RNG for one purpose (`stream`) at one step: runs are reproducible and a resumed run draws
-/// exactly what the uninterrupted run would have.
-pub fn step_rng(seed: u64, step: u64, stream: u64) -> rand::rngs::StdRng {
-    let mix = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ step.wrapping_mul(0xBF58_476D_1CE4_E5B9)
-        ^ stream.wrapping_mul(0x94D0_49BB_1331_11EB);
-    rand::rngs::StdRng::seed_from_u64(mix)
-}
-
-/// Unit Gaussian noise of `shape`.
-pub fn randn<R: Rng>(rng: &mut R, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
-    Ok(Tensor::from_vec(v, shape, device)?)
-}
+pub use crate::rng::{randn, step_rng};
 
 /// Which dataset items make up each step's batch: epoch-wise shuffles seeded by (seed, epoch), so
 /// step `s` always sees the same items, with or without a resume in between.
@@ -160,6 +146,19 @@ pub fn progress_bar(total: u64, start: u64, show: bool, what: &str) -> ProgressB
     pb
 }
 
+/// The variables of `varmap`, sorted by name (a deterministic order for init and optimisers).
+pub fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    let mut vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// Seeded PyTorch-default init of every variable in `varmap` (sorted by name; uniform
 /// `+-1/sqrt(fan_in)`, label embeddings N(0, 1), norm layers 1 and 0). Candle's own initialisers
 /// draw from an unseeded RNG; `stream` keeps different networks' draws apart.
@@ -169,19 +168,20 @@ pub fn seeded_init(
     stream: u64,
     device: &Device,
 ) -> Result<Vec<(String, candle_core::Var)>> {
-    let mut vars: Vec<(String, candle_core::Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    seeded_init_with(varmap, &mut step_rng(seed, 0, stream), device)
+}
+
+/// [`seeded_init`] drawing from `rng`.
+pub fn seeded_init_with<R: Rng>(
+    varmap: &candle_nn::VarMap,
+    rng: &mut R,
+    device: &Device,
+) -> Result<Vec<(String, candle_core::Var)>> {
+    let vars = sorted_vars(varmap);
     let shapes: std::collections::HashMap<String, Vec<usize>> = vars
         .iter()
         .map(|(k, v)| (k.clone(), v.dims().to_vec()))
         .collect();
-    let mut rng = step_rng(seed, 0, stream);
     for (name, var) in &vars {
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
