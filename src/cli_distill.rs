@@ -367,7 +367,12 @@ fn report(what: &str, out: &distill::DistillOutcome, run: &RunDir) {
     let last: Vec<String> = out
         .last
         .iter()
-        .filter(|(k, _)| k.starts_with("loss") || *k == "fd" || *k == "class_accuracy")
+        .filter(|(k, _)| {
+            k.starts_with("loss")
+                || *k == "fd"
+                || *k == "class_accuracy"
+                || crate::eval::diversity::METRIC_NAMES.contains(&k.as_str())
+        })
         .map(|(k, v)| format!("{k} {v:.4}"))
         .collect();
     eprintln!(

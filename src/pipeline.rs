@@ -38,6 +38,12 @@ pub struct QualityRow {
     pub cfg_scale: f64,
     pub fd: f64,
     pub class_accuracy: Option<f64>,
+    pub precision: f64,
+    pub recall: f64,
+    pub density: f64,
+    pub coverage: f64,
+    /// Recall per class 0..9 (real digits of the class vs samples drawn for it).
+    pub per_class_recall: Option<Vec<f64>>,
     pub ms_per_image: f64,
     pub command: String,
 }
@@ -61,6 +67,8 @@ pub struct Results {
     pub parity: Vec<ParityRow>,
     pub ref_real_fd: f64,
     pub ref_noise_fd: f64,
+    /// Diversity of a disjoint real set of the rows' size (every row scores the same N).
+    pub ref_real_diversity: Option<crate::eval::Diversity>,
     /// Images per quality row.
     pub images: usize,
 }
@@ -194,6 +202,8 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
         let (r, spec, ms) =
             cli::eval_checkpoint(&ev, &ckpt, (sampler, steps, Some(cfg)), o.eval_n, 1, dev)?;
         let sname = format!("{:?}", spec.sampler).to_lowercase();
+        res.ref_real_diversity = Some(r.diversity.real_vs_real);
+        let dv = &r.diversity.samples;
         let row = QualityRow {
             model: name,
             sampler: sname.clone(),
@@ -201,6 +211,11 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
             cfg_scale: spec.cfg_scale,
             fd: r.fd,
             class_accuracy: r.class_accuracy,
+            precision: dv.precision,
+            recall: dv.recall,
+            density: dv.density,
+            coverage: dv.coverage,
+            per_class_recall: r.diversity.per_class_recall.clone(),
             ms_per_image: ms,
             command: match sampler {
                 Some(_) => format!(
@@ -219,13 +234,17 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
             },
         };
         eprintln!(
-            "{:>10} {:>7} NFE {:>2} cfg {:.1}: FD {:7.2}, class accuracy {:5.1}%, {:.2} ms/image",
+            "{:>10} {:>7} NFE {:>2} cfg {:.1}: FD {:7.2}, class accuracy {:5.1}%, precision {:.3}, recall {:.3}, density {:.3}, coverage {:.3}, {:.2} ms/image",
             row.model,
             row.sampler,
             row.nfe,
             row.cfg_scale,
             row.fd,
             100.0 * row.class_accuracy.unwrap_or(f64::NAN),
+            row.precision,
+            row.recall,
+            row.density,
+            row.coverage,
             row.ms_per_image
         );
         res.quality.push(row);
@@ -315,24 +334,45 @@ pub fn run(o: &PipelineOptions, dev: &Device) -> Result<Results> {
     Ok(res)
 }
 
+/// `0.41 (8)`: the lowest per-class recall and its class.
+fn lowest_class_recall(per: Option<&[f64]>) -> String {
+    per.and_then(|p| {
+        p.iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_nan())
+            .min_by(|a, b| a.1.total_cmp(b.1))
+    })
+    .map(|(c, r)| format!("{r:.2} ({c})"))
+    .unwrap_or_default()
+}
+
 /// The results as the README's markdown tables.
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
+    let diversity_ref = r
+        .ref_real_diversity
+        .map(|d| {
+            format!(
+                "; precision / recall / density / coverage (k = 3) of real vs real at the same N: {:.3} / {:.3} / {:.3} / {:.3}",
+                d.precision, d.recall, d.density, d.coverage
+            )
+        })
+        .unwrap_or_default();
     let _ = writeln!(
         s,
-        "Quality per NFE ({} images each; FD references: real vs real {:.2}, Gaussian noise {:.1})\n",
+        "Quality per NFE ({} images each; FD references: real vs real {:.2}, Gaussian noise {:.1}{diversity_ref})\n",
         r.images,
         r.ref_real_fd,
         r.ref_noise_fd
     );
     let _ = writeln!(
         s,
-        "| model | sampler | NFE | CFG | FD | class accuracy | ms/image (candle CPU) | command |\n|---|---|---|---|---|---|---|---|"
+        "| model | sampler | NFE | CFG | FD | class accuracy | precision | recall | density | coverage | lowest class recall | ms/image (candle CPU) | command |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for q in &r.quality {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.2} | {} | {:.2} | `{}` |",
+            "| {} | {} | {} | {} | {:.2} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.2} | `{}` |",
             q.model,
             q.sampler,
             q.nfe,
@@ -341,6 +381,11 @@ pub fn markdown(r: &Results) -> String {
             q.class_accuracy
                 .map(|a| format!("{:.1}%", 100.0 * a))
                 .unwrap_or_default(),
+            q.precision,
+            q.recall,
+            q.density,
+            q.coverage,
+            lowest_class_recall(q.per_class_recall.as_deref()),
             q.ms_per_image,
             q.command
         );

@@ -562,9 +562,8 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<DistillOu
                 rs.device,
             )?;
             let r = eval_student(ev, &den, &m.spec(), cfg.eval_n, rs.device)?;
-            record.insert("fd".into(), r.fd);
-            if let Some(a) = r.class_accuracy {
-                record.insert("class_accuracy".into(), a);
+            for (k, v) in r.metrics() {
+                record.insert(k.into(), v);
             }
         }
         if !record.is_empty() {
@@ -671,6 +670,14 @@ pub fn write_curves(run: &RunDir) -> Result<()> {
     let fd: Vec<_> = all.iter().filter(|s| s.name == "fd").cloned().collect();
     if !fd.is_empty() {
         crate::plot::plot_png(&run.root.join("fd.png"), &title, &fd, false)?;
+    }
+    let div: Vec<_> = all
+        .iter()
+        .filter(|s| crate::eval::diversity::METRIC_NAMES.contains(&s.name.as_str()))
+        .cloned()
+        .collect();
+    if !div.is_empty() {
+        crate::plot::plot_png(&run.root.join("diversity.png"), &title, &div, false)?;
     }
     Ok(())
 }
