@@ -37,7 +37,8 @@ pub enum Command {
     Train(TrainCommand),
     /// Generate images from a checkpoint; writes a PNG grid and a safetensors sample file.
     Sample(SampleArgs),
-    /// Score samples: Frechet distance in a small MNIST classifier's feature space and class accuracy.
+    /// Score samples in a small MNIST classifier's feature space: Frechet distance, class accuracy,
+    /// precision / recall / density / coverage (k-NN, k = 3) and per-class recall.
     Eval(EvalArgs),
     /// Export a checkpoint to ONNX: the whole sampler unrolled into one graph (default), or the
     /// bare denoiser.

@@ -74,7 +74,8 @@ pub struct DistillRunArgs {
     /// Write the checkpoint every N iterations (always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Score the student (Frechet distance, class accuracy) every N iterations into the metrics
+    /// Score the student (Frechet distance, class accuracy, precision, recall, density, coverage)
+    /// every N iterations into the metrics
     /// (0 = off; MNIST-shaped data only).
     #[arg(long)]
     pub eval_every: Option<u64>,

@@ -412,3 +412,53 @@ pub fn markdown(r: &Results) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_has_the_diversity_columns_and_reference() {
+        let row = QualityRow {
+            model: "dmd2_1step".into(),
+            sampler: "student".into(),
+            nfe: 1,
+            cfg_scale: 1.0,
+            fd: 29.1,
+            class_accuracy: Some(0.97),
+            precision: 0.862,
+            recall: 0.568,
+            density: 1.1,
+            coverage: 0.7,
+            per_class_recall: Some((0..10).map(|c| if c == 8 { 0.41 } else { 0.6 }).collect()),
+            ms_per_image: 1.74,
+            command: "distill eval x --steps 1 --n 1000".into(),
+        };
+        let r = Results {
+            quality: vec![row],
+            ref_real_fd: 2.04,
+            ref_noise_fd: 2100.7,
+            ref_real_diversity: Some(crate::eval::Diversity {
+                precision: 0.9,
+                recall: 0.91,
+                density: 1.0,
+                coverage: 0.95,
+            }),
+            images: 1000,
+            ..Default::default()
+        };
+        let md = markdown(&r);
+        assert!(md.contains("| FD | class accuracy | precision | recall | density | coverage | lowest class recall |"), "{md}");
+        assert!(
+            md.contains("| 29.10 | 97.0% | 0.862 | 0.568 | 1.100 | 0.700 | 0.41 (8) | 1.74 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("real vs real at the same N: 0.900 / 0.910 / 1.000 / 0.950"),
+            "{md}"
+        );
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["quality"][0]["recall"], 0.568);
+        assert_eq!(j["ref_real_diversity"]["coverage"], 0.95);
+    }
+}
