@@ -143,7 +143,7 @@ impl Manifold {
     pub fn new(features: Vec<f32>, d: usize, k: usize) -> Result<Manifold> {
         ensure!(d > 0 && k > 0, "manifold: d = {d}, k = {k}");
         ensure!(
-            features.len() % d == 0,
+            features.len().is_multiple_of(d),
             "manifold: {} values are not rows of {d}",
             features.len()
         );
@@ -292,7 +292,8 @@ pub struct DiversityScores {
     /// Real images on the real side (`min(N, half of the real digits)`).
     pub n_real: usize,
     pub samples: Diversity,
-    /// A disjoint real set of the same size in place of the samples.
+    /// A disjoint real set of `n_real` images in place of the samples (the samples' own size up
+    /// to 5,000 images).
     pub real_vs_real: Diversity,
     /// Recall per class (real digits of class c vs samples generated for c); NaN where a side has
     /// k or fewer points.
