@@ -241,6 +241,29 @@ fn diversity_on_known_cases() {
     let hp = h.diversity.per_class_recall.unwrap();
     assert!(hp[..5].iter().all(|&p| p > 0.6), "{hp:?}");
     assert!(hp[5..].iter().all(|p| p.is_nan()), "{hp:?}");
+    // Faint pixel noise (the size a last denoising step might leave) raises FD but leaves which
+    // digits are drawn, so precision and recall stay (README, Evaluation).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let noise: Vec<f32> = (0..n * 1024)
+        .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
+    let noise = Tensor::from_vec(noise, (n, 1, 32, 32), &Device::Cpu).unwrap();
+    let mut last_fd = r.fd;
+    for sigma in [0.02f64, 0.05, 0.1, 0.167] {
+        let y = (&x + (&noise * sigma).unwrap()).unwrap();
+        let q = ev.evaluate(&y, Some(&labels)).unwrap();
+        let d = q.diversity.samples;
+        println!(
+            "held-out + N(0, {sigma}^2): FD {:.2}, precision {:.3}, recall {:.3}, density {:.3}, coverage {:.3}",
+            q.fd, d.precision, d.recall, d.density, d.coverage
+        );
+        assert!(q.fd > last_fd, "FD {} after {last_fd}", q.fd);
+        assert!(
+            (d.precision - s.precision).abs() < 0.05 && s.recall - d.recall < 0.06,
+            "{d:?}"
+        );
+        last_fd = q.fd;
+    }
     // Noise: nothing inside the real manifold.
     let g = ev
         .evaluate(&gaussian_images(n, 5), None)
