@@ -75,8 +75,7 @@ pub struct DistillRunArgs {
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Score the student (Frechet distance, class accuracy, precision, recall, density, coverage)
-    /// every N iterations into the metrics
-    /// (0 = off; MNIST-shaped data only).
+    /// every N iterations into the metrics (0 = off; MNIST-shaped data only).
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// Images per in-training evaluation.

@@ -317,8 +317,8 @@ pub struct RunConfig {
     /// PNG grid of the student every N iterations (0 = only at the end).
     pub sample_every: u64,
     pub checkpoint_every: u64,
-    /// Frechet distance, class accuracy and diversity of the student every N iterations (0 = off); needs
-    /// 1x32x32 data with 10 classes (the evaluation classifier is an MNIST model).
+    /// Frechet distance, class accuracy and diversity of the student every N iterations (0 = off);
+    /// needs 1x32x32 data with 10 classes (the evaluation classifier is an MNIST model).
     pub eval_every: u64,
     /// Images per in-training evaluation.
     pub eval_n: usize,
