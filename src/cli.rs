@@ -26,6 +26,10 @@ pub struct Cli {
     /// Hide progress bars (they are also hidden when stderr is not a terminal).
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Load checkpoints whose model.safetensors does not match the sha256 recorded in their
+    /// config.json (hand-edited weights); by default that is a "corrupted" error.
+    #[arg(long, global = true)]
+    pub no_verify: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -431,6 +435,14 @@ pub struct TeacherArgs {
     /// master weights, optimiser state and checkpoints stay f32.
     #[arg(long, value_enum)]
     pub precision: Option<TrainPrecisionArg>,
+    /// Number of classes of the model (default: the config's, 10; a data set with a label at or
+    /// above it is an error).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    /// the data differ from the run's start.
+    #[arg(long, requires = "resume")]
+    pub allow_resume_change: bool,
 }
 
 /// Training compute precision.
@@ -485,6 +497,7 @@ impl TeacherArgs {
         set!(m.attn_resolutions, self.attn_resolutions);
         set!(m.dropout, self.dropout);
         set!(m.resolution, self.resolution);
+        set!(m.num_classes, self.num_classes);
         set!(c.parameterisation, self.parameterisation);
         if let Some(b) = self.beta_schedule {
             c.beta_schedule = match b {
@@ -509,6 +522,7 @@ impl TeacherArgs {
         if let Some(p) = self.precision {
             c.precision = p.into();
         }
+        crate::checks::teacher(&c)?;
         Ok(c)
     }
 }
@@ -539,8 +553,8 @@ pub struct SampleArgs {
     /// Classifier-free guidance scale (1 = off).
     #[arg(long)]
     pub cfg_scale: Option<f64>,
-    /// Seed of the noise.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the noise (not with --noise, which gives the noise itself).
+    #[arg(long, default_value_t = 0, conflicts_with = "noise")]
     pub seed: u64,
     /// Class labels to draw, comma-separated; default: every class.
     #[arg(long, value_delimiter = ',')]
@@ -564,6 +578,12 @@ pub fn spec_from_flags(
     steps: Option<usize>,
     cfg: Option<f64>,
 ) -> Result<GeneratorSpec> {
+    if let Some(n) = steps {
+        crate::checks::size("--steps", n as u64, 1, 1000)?;
+    }
+    if let Some(c) = cfg {
+        crate::checks::cfg_scale("--cfg-scale", c)?;
+    }
     let mut spec = meta.generator.clone();
     if let Some(s) = sampler {
         spec.sampler = match s {
@@ -622,6 +642,9 @@ pub fn load_data(
     resolution: usize,
     limit: Option<usize>,
 ) -> Result<crate::data::Dataset> {
+    if limit == Some(0) {
+        bail!("--limit 0 leaves no images to train on (use --limit 1 or more)");
+    }
     let d = crate::data::load_at_resolution(path, Some(resolution))?;
     let d = if let Some(n) = limit { d.subset(n) } else { d };
     Ok(d.to_resolution(resolution)?)
@@ -630,9 +653,13 @@ pub fn load_data(
 pub fn cmd_teacher(a: &TeacherArgs, dev: &Device, quiet: bool) -> Result<()> {
     let mut cfg = a.resolve()?;
     let data = load_data(a.data.as_deref(), cfg.model.resolution, a.limit)?;
+    crate::checks::labels_fit(&data, cfg.model.num_classes)?;
     cfg.model.channels = data.channels;
     cfg.model.num_classes = data.num_classes;
     let run = RunDir::new(&a.out)?;
+    let (toml_cfg, state) = (toml::to_string(&cfg)?, teacher::TRAIN_STATE_FILE);
+    let allow = a.allow_resume_change;
+    crate::checks::resume(&run, state, &toml_cfg, Some(&data), a.resume, allow)?;
     eprintln!(
         "teacher: {} images ({}x{}x{}, {} classes) from {}; {} params; {} steps at batch {} -> {}",
         data.len(),
@@ -662,9 +689,17 @@ pub fn cmd_teacher(a: &TeacherArgs, dev: &Device, quiet: bool) -> Result<()> {
 }
 
 fn cmd_sample(a: &SampleArgs, dev: &Device) -> Result<()> {
+    crate::checks::size("--per-class", a.per_class as u64, 1, 1_000_000)?;
+    crate::checks::size("--batch-size", a.batch_size as u64, 1, 65_536)?;
     let (den, meta) = checkpoint::load(&a.checkpoint, dev)?;
     let spec = spec_from_flags(&meta, a.sampler, a.steps, a.cfg_scale)?;
     let ncls = den.unet.cfg.num_classes;
+    if let Some(bad) = a.labels.iter().flatten().find(|&&l| l as usize >= ncls) {
+        bail!(
+            "--labels: label {bad} is out of range (the model has {ncls} classes: 0..{})",
+            ncls - 1
+        );
+    }
     let (inputs, labels) = match &a.noise {
         Some(p) => {
             let inputs = crate::sample::load_noise(p, &den, &spec, dev)?;
@@ -746,8 +781,34 @@ pub fn eval_checkpoint(
 }
 
 fn cmd_eval(a: &EvalArgs, dev: &Device, quiet: bool) -> Result<()> {
+    // Reject what the classifier cannot score before training (or loading) it.
+    let samples = if a.input.is_dir() {
+        crate::checks::size("--n", a.n as u64, 2, 10_000_000)?;
+        let u = checkpoint::load_meta(&a.input)?.model.unet;
+        let like = Tensor::zeros(
+            (1, u.channels, u.resolution, u.resolution),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?;
+        crate::eval::classifier::check_image_shape(&like)
+            .with_context(|| format!("{} cannot be evaluated", a.input.display()))?;
+        None
+    } else {
+        let (images, labels) = crate::sample::load_samples(&a.input, dev)?;
+        crate::eval::classifier::check_image_shape(&images)
+            .with_context(|| format!("{} cannot be evaluated", a.input.display()))?;
+        Some((images, labels))
+    };
     let ev = evaluator(a.cache_dir.as_deref(), dev, quiet)?;
-    let report = if a.input.is_dir() {
+    if samples.is_some() && (a.sampler.is_some() || a.steps.is_some() || a.cfg_scale.is_some()) {
+        bail!(
+            "--sampler, --steps and --cfg-scale apply to a checkpoint; {} is a sample file",
+            a.input.display()
+        );
+    }
+    let report = if let Some((images, labels)) = samples {
+        ev.evaluate(&images, labels.as_deref())?
+    } else {
         let (r, spec, ms) = eval_checkpoint(
             &ev,
             &a.input,
@@ -766,9 +827,6 @@ fn cmd_eval(a: &EvalArgs, dev: &Device, quiet: bool) -> Result<()> {
             spec.cfg_scale
         );
         r
-    } else {
-        let (images, labels) = crate::sample::load_samples(&a.input, dev)?;
-        ev.evaluate(&images, labels.as_deref())?
     };
     println!("{report}");
     if let Some(p) = &a.json {
@@ -875,6 +933,11 @@ pub fn validate_model(a: &ValidateArgs) -> Result<export::ValidateReport> {
             a.model.display()
         ),
     };
+    for (name, t) in [("--atol", a.atol), ("--mean-atol", a.mean_atol)] {
+        if let Some(t) = t {
+            crate::checks::in_range(name, t, 0.0, 1e3)?;
+        }
+    }
     let runtimes = crate::gate::runtime_names(a)
         .iter()
         .map(|r| r.parse())
@@ -977,6 +1040,7 @@ pub struct ValidationFailed(pub String);
 
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
+    crate::checks::set_verify_weights(!cli.no_verify);
     graphs::tune_allocator();
     graphs::tune_threads(cli.threads);
     let dev = device(&cli.device)?;

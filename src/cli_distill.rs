@@ -85,6 +85,10 @@ pub struct DistillRunArgs {
     /// master weights, optimiser state and checkpoints stay f32.
     #[arg(long, value_enum)]
     pub precision: Option<crate::cli::TrainPrecisionArg>,
+    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    /// the data differ from the run's start.
+    #[arg(long, requires = "resume")]
+    pub allow_resume_change: bool,
 }
 
 impl DistillRunArgs {
@@ -184,6 +188,7 @@ impl Dmd2Args {
         set!(c.gan_generator_weight, self.gan_generator_weight);
         set!(c.gan_critic_weight, self.gan_critic_weight);
         set!(c.gan_max_timestep, self.gan_max_timestep);
+        crate::checks::dmd2(&c)?;
         Ok(c)
     }
 }
@@ -337,6 +342,7 @@ impl TdmArgs {
         set!(c.min_timestep, self.min_timestep);
         set!(c.update_fake_every, self.update_fake_every);
         set!(c.grad_accum, self.grad_accum);
+        crate::checks::tdm(&c)?;
         Ok(c)
     }
 }
@@ -394,6 +400,10 @@ pub fn cmd_dmd2(a: &Dmd2Args, dev: &Device, show_progress: bool, quiet: bool) ->
     let u = &teacher.meta.model.unet;
     let data = crate::cli::load_data(a.data.as_deref(), u.resolution, a.limit)?;
     let run = RunDir::new(a.common.out.as_deref().unwrap_or(Path::new("runs/dmd2")))?;
+    let toml_cfg = toml::to_string(&cfg)?;
+    let state = distill::TRAIN_STATE_FILE;
+    let allow = a.common.allow_resume_change;
+    crate::checks::resume(&run, state, &toml_cfg, Some(&data), a.common.resume, allow)?;
     let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
     let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, quiet)?;
     eprintln!(
@@ -431,6 +441,10 @@ pub fn cmd_tdm(a: &TdmArgs, dev: &Device, show_progress: bool, quiet: bool) -> R
     let teacher = Teacher::load(&cfg.teacher, dev)?;
     let run = RunDir::new(a.common.out.as_deref().unwrap_or(Path::new("runs/tdm")))?;
     let mut m = Tdm::new(cfg.clone(), &teacher, dev)?;
+    let toml_cfg = toml::to_string(&m.cfg)?;
+    let state = distill::TRAIN_STATE_FILE;
+    let allow = a.common.allow_resume_change;
+    crate::checks::resume(&run, state, &toml_cfg, None, a.common.resume, allow)?;
     let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, quiet)?;
     eprintln!(
         "tdm: {}-step student (timesteps {:?}) from {}; {} iterations at batch {} x {}; noise mode {:?} -> {}",

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_gpu;
 pub mod bench_ops;
 pub mod checkpoint;
+pub mod checks;
 pub mod cli;
 pub mod cli_distill;
 pub mod data;
