@@ -327,6 +327,7 @@ def make_pipeline(name, model_name, sched_name, steps, eta, gen):
     for i, ts in enumerate(s.timesteps):
         with torch.no_grad():
             mo = model(scale_input(s, x, ts), ts.expand(n).to(torch.float32), **kw).sample
+        t[f"model_output_{i}"] = mo.clone()
         with NoiseTap(gen, sched_modules()) as tap:
             extra = {}
             if eta is not None:

@@ -33,16 +33,28 @@ fn load(dir: &Path, file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap()
 }
 
-/// Exact equality of f32 tables, reporting the first difference in ulps.
-fn assert_exact(name: &str, what: &str, got: &[f32], want: &[f32]) {
+/// f32 tables equal to within `max_ulp` units in the last place (0: bit for bit).
+fn assert_ulps(name: &str, what: &str, got: &[f32], want: &[f32], max_ulp: i64) {
     assert_eq!(got.len(), want.len(), "{name}: {what} length");
+    let mut worst = 0;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let ulp = (g.to_bits() as i64 - w.to_bits() as i64).abs();
         assert!(
-            g.to_bits() == w.to_bits(),
-            "{name}: {what}[{i}] = {g:e}, diffusers {w:e} ({} ulp)",
-            (g.to_bits() as i64 - w.to_bits() as i64).abs()
+            ulp <= max_ulp,
+            "{name}: {what}[{i}] = {g:e}, diffusers {w:e} ({ulp} ulp > {max_ulp})"
         );
+        worst = worst.max(ulp);
     }
+    eprintln!("{name}: {what} within {worst} ulp");
+}
+
+/// Worst `max |a - b| / max(1, max |b|)`: 1e-4 absolute for samples of unit scale; relative
+/// beyond (an Euler start at sigma 157 is ~600 in magnitude, where f32's ulp is 6e-5).
+fn scaled_err(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = vec_f32(&b.abs().unwrap().flatten_all().unwrap())
+        .into_iter()
+        .fold(1f32, f32::max);
+    max_abs(a, b) / scale
 }
 
 fn scheduler(name: &str) -> (Scheduler, HashMap<String, Tensor>) {
@@ -61,9 +73,19 @@ fn scheduler(name: &str) -> (Scheduler, HashMap<String, Tensor>) {
 /// outputs and noise, our own samples fed back: returns the worst step error.
 fn trajectory(name: &str) -> f32 {
     let (s, f) = scheduler(name);
-    assert_exact(name, "timesteps", &s.timesteps(), &vec_f32(&f["timesteps"]));
+    assert_ulps(name, "timesteps", &s.timesteps(), &vec_f32(&f["timesteps"]), 0);
+    // Bit for bit, except after rescale_betas_zero_snr: torch's vectorised sqrt (Sleef) is not
+    // always correctly rounded, and the rescale takes sqrt of the whole table.
+    let rescaled = match &s {
+        Scheduler::Ddpm(d) => d.betas.rescale_betas_zero_snr,
+        Scheduler::Ddim(d) => d.betas.rescale_betas_zero_snr,
+        Scheduler::Euler(d) => d.betas.rescale_betas_zero_snr,
+        Scheduler::DpmMultistep(d) => d.betas.rescale_betas_zero_snr,
+        Scheduler::FlowMatchEuler(_) => false,
+    };
+    let tol = if rescaled { 16 } else { 0 };
     if let Some(want) = f.get("sigmas") {
-        assert_exact(name, "sigmas", s.sigmas().unwrap(), &vec_f32(want));
+        assert_ulps(name, "sigmas", s.sigmas().unwrap(), &vec_f32(want), tol);
     }
     if let Some(want) = f.get("alphas_cumprod") {
         let got = match &s {
@@ -73,7 +95,7 @@ fn trajectory(name: &str) -> f32 {
             Scheduler::DpmMultistep(d) => d.alphas_cumprod.clone(),
             Scheduler::FlowMatchEuler(_) => unreachable!("flow has no alphas_cumprod"),
         };
-        assert_exact(name, "alphas_cumprod", &got, &vec_f32(want));
+        assert_ulps(name, "alphas_cumprod", &got, &vec_f32(want), tol);
     }
     assert_eq!(
         s.init_noise_sigma() as f32,
@@ -91,10 +113,8 @@ fn trajectory(name: &str) -> f32 {
             .step(&b, &mut state, i, &f[&format!("model_output_{i}")], &x, noise)
             .unwrap();
         let want = &f[&format!("prev_sample_{i}")];
-        let err = max_abs(&x, want);
-        let scale = want.abs().unwrap().max_keepdim(0).unwrap().flatten_all().unwrap();
-        let scale = vec_f32(&scale).into_iter().fold(0f32, f32::max);
-        eprintln!("{name} step {i}: max abs {err:.3e} (|x| <= {scale:.3})");
+        let err = scaled_err(&x, want);
+        eprintln!("{name} step {i}: scaled max abs {err:.3e} (max abs {:.3e})", max_abs(&x, want));
         worst = worst.max(err);
     }
     worst
@@ -105,7 +125,7 @@ macro_rules! traj {
         #[test]
         fn $name() {
             let err = trajectory(stringify!($name));
-            assert!(err <= 1e-4, "{}: max abs {err:.3e} > 1e-4", stringify!($name));
+            assert!(err <= 1e-4, "{}: scaled max abs {err:.3e} > 1e-4", stringify!($name));
         }
     )*};
 }
@@ -166,14 +186,15 @@ fn pipeline(name: &str) -> f32 {
         let mo = model
             .forward(&b, &s.scale_model_input(&b, &x, i).unwrap(), side, &tt, labels.as_ref())
             .unwrap();
+        let mo_err = scaled_err(&mo, &f[&format!("model_output_{i}")]);
         x = s
             .step(&b, &mut state, i, &mo, &x, f.get(&format!("noise_{i}")))
             .unwrap();
-        let err = max_abs(&x, &f[&format!("sample_{i}")]);
-        eprintln!("{name} step {i} (t = {t}): max abs {err:.3e}");
-        worst = worst.max(err);
+        let err = scaled_err(&x, &f[&format!("sample_{i}")]);
+        eprintln!("{name} step {i} (t = {t}): model output {mo_err:.3e}, sample {err:.3e} (scaled max abs)");
+        worst = worst.max(err).max(mo_err);
     }
-    assert!(max_abs(&x, &f["images"]) <= worst);
+    assert!(scaled_err(&x, &f["images"]) <= worst);
     worst
 }
 
@@ -182,7 +203,7 @@ macro_rules! pipe {
         #[test]
         fn $name() {
             let err = pipeline(stringify!($name));
-            assert!(err <= 1e-4, "{}: max abs {err:.3e} > 1e-4", stringify!($name));
+            assert!(err <= 1e-4, "{}: scaled max abs {err:.3e} > 1e-4", stringify!($name));
         }
     )*};
 }

@@ -284,7 +284,7 @@ impl UNet2DConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text)
+        let v: Value = crate::diffusers::json::parse(&text)
             .with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(&v).with_context(|| format!("in {}", path.display()))
     }

@@ -4,6 +4,53 @@
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
 
+/// Parses a diffusers JSON file: Python's `json.dump` writes `Infinity`, `-Infinity` and `NaN`
+/// (e.g. `lambda_min_clipped: -Infinity`), which JSON has no literal for; they are read as
+/// strings here and as numbers by [`Reader`].
+pub fn parse(text: &str) -> serde_json::Result<Value> {
+    let mut out = String::with_capacity(text.len());
+    let mut in_str = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else {
+            let tok = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|t| rest.starts_with(t));
+            if let Some(t) = tok {
+                out.push('"');
+                out.push_str(t);
+                out.push('"');
+                rest = &rest[t.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    serde_json::from_str(&out)
+}
+
+/// A number, or one of Python's non-finite literals as [`parse`] leaves them.
+fn as_f64(v: &Value) -> Option<f64> {
+    v.as_f64().or_else(|| match v.as_str() {
+        Some("Infinity") => Some(f64::INFINITY),
+        Some("-Infinity") => Some(f64::NEG_INFINITY),
+        Some("NaN") => Some(f64::NAN),
+        _ => None,
+    })
+}
+
 pub struct Reader<'a> {
     pub map: &'a Map<String, Value>,
     /// The file, for messages.
@@ -64,10 +111,7 @@ impl<'a> Reader<'a> {
     pub fn f64_opt(&mut self, key: &'static str) -> Result<Option<f64>> {
         let file = self.file;
         self.get(key)
-            .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| anyhow!("{file}: {key} = {v} is not a number"))
-            })
+            .map(|v| as_f64(v).ok_or_else(|| anyhow!("{file}: {key} = {v} is not a number")))
             .transpose()
     }
     pub fn f64_or(&mut self, key: &'static str, d: f64) -> Result<f64> {
@@ -133,8 +177,7 @@ impl<'a> Reader<'a> {
             .map(|l| {
                 l.iter()
                     .map(|v| {
-                        v.as_f64()
-                            .ok_or_else(|| anyhow!("{file}: {key} entry {v} is not a number"))
+                        as_f64(v).ok_or_else(|| anyhow!("{file}: {key} entry {v} is not a number"))
                     })
                     .collect()
             })

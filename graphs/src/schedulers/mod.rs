@@ -108,7 +108,7 @@ impl Scheduler {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
+        let v: serde_json::Value = crate::diffusers::json::parse(&text)
             .with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(&v).with_context(|| format!("in {}", path.display()))
     }
