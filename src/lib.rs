@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cli_distill;
 pub mod data;
+pub mod diffusers_io;
 pub mod engine;
 pub mod eval;
 pub mod gate;

@@ -63,13 +63,19 @@ fn export_parity(name: &str) {
     let f = candle_core::safetensors::load(dir.join("forward.safetensors"), &dev).unwrap();
     let side = f["sample"].dim(3).unwrap();
     let onnx = export_unet2d(&model, side, &ExportOptions::default()).unwrap();
-    let mut inputs = vec![input("sample", &f["sample"]), input("timestep", &f["timestep"])];
+    let mut inputs = vec![
+        input("sample", &f["sample"]),
+        input("timestep", &f["timestep"]),
+    ];
     if let Some(l) = f.get("class_labels") {
         inputs.push(input("class_labels", l));
     }
     // Against diffusers' output (the fixture), not only against candle.
     let (tract, ort) = run_both(&onnx, name, &inputs, &f["expected"]).unwrap();
-    assert!(tract <= 1e-4 && ort <= 1e-4, "{name}: tract {tract:.3e}, ORT {ort:.3e}");
+    assert!(
+        tract <= 1e-4 && ort <= 1e-4,
+        "{name}: tract {tract:.3e}, ORT {ort:.3e}"
+    );
     let labels = f.get("class_labels").map(|l| {
         if l.dtype() == DType::F32 {
             l.clone()
@@ -87,7 +93,10 @@ fn export_parity(name: &str) {
         )
         .unwrap();
     let (t2, o2) = run_both(&onnx, name, &inputs, &candle).unwrap();
-    assert!(t2 <= 1e-4 && o2 <= 1e-4, "{name} vs candle: tract {t2:.3e}, ORT {o2:.3e}");
+    assert!(
+        t2 <= 1e-4 && o2 <= 1e-4,
+        "{name} vs candle: tract {t2:.3e}, ORT {o2:.3e}"
+    );
     let (ins, outs) = export::runtime::io_specs(&onnx).unwrap();
     let names: Vec<&str> = ins.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(&names[..2], ["sample", "timestep"]);

@@ -73,7 +73,13 @@ fn scheduler(name: &str) -> (Scheduler, HashMap<String, Tensor>) {
 /// outputs and noise, our own samples fed back: returns the worst step error.
 fn trajectory(name: &str) -> f32 {
     let (s, f) = scheduler(name);
-    assert_ulps(name, "timesteps", &s.timesteps(), &vec_f32(&f["timesteps"]), 0);
+    assert_ulps(
+        name,
+        "timesteps",
+        &s.timesteps(),
+        &vec_f32(&f["timesteps"]),
+        0,
+    );
     // Bit for bit, except after rescale_betas_zero_snr: torch's vectorised sqrt (Sleef) is not
     // always correctly rounded, and the rescale takes sqrt of the whole table.
     let rescaled = match &s {
@@ -110,11 +116,21 @@ fn trajectory(name: &str) -> f32 {
         let noise = f.get(&format!("noise_{i}"));
         assert_eq!(noise.is_some(), s.needs_noise(i), "{name}: step {i} noise");
         x = s
-            .step(&b, &mut state, i, &f[&format!("model_output_{i}")], &x, noise)
+            .step(
+                &b,
+                &mut state,
+                i,
+                &f[&format!("model_output_{i}")],
+                &x,
+                noise,
+            )
             .unwrap();
         let want = &f[&format!("prev_sample_{i}")];
         let err = scaled_err(&x, want);
-        eprintln!("{name} step {i}: scaled max abs {err:.3e} (max abs {:.3e})", max_abs(&x, want));
+        eprintln!(
+            "{name} step {i}: scaled max abs {err:.3e} (max abs {:.3e})",
+            max_abs(&x, want)
+        );
         worst = worst.max(err);
     }
     worst
@@ -157,16 +173,21 @@ fn pipeline(name: &str) -> f32 {
         serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline.json")).unwrap()).unwrap();
     let dev = Device::Cpu;
     let (model, _) = load_unet(
-        &fixtures().join("models").join(meta["model"].as_str().unwrap()),
+        &fixtures()
+            .join("models")
+            .join(meta["model"].as_str().unwrap()),
         &dev,
     )
     .unwrap();
-    let sdir = fixtures().join("schedulers").join(meta["scheduler"].as_str().unwrap());
+    let sdir = fixtures()
+        .join("schedulers")
+        .join(meta["scheduler"].as_str().unwrap());
     let mut s = Scheduler::from_file(&sdir.join("scheduler_config.json")).unwrap();
     if let (Scheduler::Ddim(d), Some(eta)) = (&mut s, meta["eta"].as_f64()) {
         d.eta = eta;
     }
-    s.set_timesteps(meta["steps"].as_u64().unwrap() as usize).unwrap();
+    s.set_timesteps(meta["steps"].as_u64().unwrap() as usize)
+        .unwrap();
     let f = load(&dir, "expected.safetensors");
     let labels = f.get("class_labels").map(|l| {
         if l.dtype() == DType::F32 {
@@ -184,7 +205,13 @@ fn pipeline(name: &str) -> f32 {
     for (i, t) in s.timesteps().into_iter().enumerate() {
         let tt = Tensor::full(t, n, &dev).unwrap();
         let mo = model
-            .forward(&b, &s.scale_model_input(&b, &x, i).unwrap(), side, &tt, labels.as_ref())
+            .forward(
+                &b,
+                &s.scale_model_input(&b, &x, i).unwrap(),
+                side,
+                &tt,
+                labels.as_ref(),
+            )
             .unwrap();
         let mo_err = scaled_err(&mo, &f[&format!("model_output_{i}")]);
         x = s
@@ -230,13 +257,37 @@ fn unsupported_and_unknown_scheduler_keys_are_refused_by_name() {
         ("DDIMScheduler", "timestep_spacing", json!("karras")),
         ("DDIMScheduler", "prediction_type", json!("flow_prediction")),
         ("EulerDiscreteScheduler", "use_karras_sigmas", json!(true)),
-        ("EulerDiscreteScheduler", "interpolation_type", json!("log_linear")),
-        ("EulerDiscreteScheduler", "timestep_type", json!("continuous")),
+        (
+            "EulerDiscreteScheduler",
+            "interpolation_type",
+            json!("log_linear"),
+        ),
+        (
+            "EulerDiscreteScheduler",
+            "timestep_type",
+            json!("continuous"),
+        ),
         ("DPMSolverMultistepScheduler", "solver_order", json!(3)),
-        ("DPMSolverMultistepScheduler", "algorithm_type", json!("sde-dpmsolver++")),
-        ("DPMSolverMultistepScheduler", "use_flow_sigmas", json!(true)),
-        ("FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting", json!(true)),
-        ("FlowMatchEulerDiscreteScheduler", "invert_sigmas", json!(true)),
+        (
+            "DPMSolverMultistepScheduler",
+            "algorithm_type",
+            json!("sde-dpmsolver++"),
+        ),
+        (
+            "DPMSolverMultistepScheduler",
+            "use_flow_sigmas",
+            json!(true),
+        ),
+        (
+            "FlowMatchEulerDiscreteScheduler",
+            "use_dynamic_shifting",
+            json!(true),
+        ),
+        (
+            "FlowMatchEulerDiscreteScheduler",
+            "invert_sigmas",
+            json!(true),
+        ),
     ] {
         let e = parse_err(json!({"_class_name": class, key: value.clone()}));
         assert!(
@@ -254,13 +305,18 @@ fn unsupported_and_unknown_scheduler_keys_are_refused_by_name() {
 
 #[test]
 fn absent_keys_take_diffusers_defaults() {
-    let Scheduler::Ddpm(d) = Scheduler::from_json(&serde_json::json!({"_class_name": "DDPMScheduler"})).unwrap() else {
+    let Scheduler::Ddpm(d) =
+        Scheduler::from_json(&serde_json::json!({"_class_name": "DDPMScheduler"})).unwrap()
+    else {
         panic!()
     };
     assert_eq!(d.betas.num_train_timesteps, 1000);
     assert_eq!(d.clip, Some(1.0));
     assert_eq!(d.spacing, graphs::schedulers::Spacing::Leading);
-    let Scheduler::Euler(e) = Scheduler::from_json(&serde_json::json!({"_class_name": "EulerDiscreteScheduler"})).unwrap() else {
+    let Scheduler::Euler(e) =
+        Scheduler::from_json(&serde_json::json!({"_class_name": "EulerDiscreteScheduler"}))
+            .unwrap()
+    else {
         panic!()
     };
     assert_eq!(e.spacing, graphs::schedulers::Spacing::Linspace);

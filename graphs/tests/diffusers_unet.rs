@@ -95,7 +95,10 @@ fn unsupported_and_unknown_keys_are_refused_by_name() {
         ("class_embed_type", serde_json::json!("projection")),
         ("downsample_type", serde_json::json!("resnet")),
         ("upsample_type", serde_json::json!("resnet")),
-        ("mid_block_type", serde_json::json!("UNetMidBlock2DCrossAttn")),
+        (
+            "mid_block_type",
+            serde_json::json!("UNetMidBlock2DCrossAttn"),
+        ),
         ("downsample_padding", serde_json::json!(2)),
     ] {
         let e = parse_err(&with(key, value.clone()));
@@ -108,14 +111,23 @@ fn unsupported_and_unknown_keys_are_refused_by_name() {
         "down_block_types",
         serde_json::json!(["SkipDownBlock2D", "AttnDownBlock2D"]),
     ));
-    assert!(e.contains("down_block_types") && e.contains("SkipDownBlock2D"), "{e}");
+    assert!(
+        e.contains("down_block_types") && e.contains("SkipDownBlock2D"),
+        "{e}"
+    );
     let e = parse_err(&with(
         "up_block_types",
         serde_json::json!(["AttnUpBlock2D", "KUpBlock2D"]),
     ));
-    assert!(e.contains("KUpBlock2D") && e.contains("not implemented"), "{e}");
+    assert!(
+        e.contains("KUpBlock2D") && e.contains("not implemented"),
+        "{e}"
+    );
     let e = parse_err(&with("cross_attention_dim", serde_json::json!(768)));
-    assert!(e.contains("unknown") && e.contains("cross_attention_dim"), "{e}");
+    assert!(
+        e.contains("unknown") && e.contains("cross_attention_dim"),
+        "{e}"
+    );
     let mut c = base.clone();
     c["_class_name"] = serde_json::json!("UNet2DConditionModel");
     assert!(parse_err(&c).contains("UNet2DConditionModel"));
@@ -167,14 +179,23 @@ fn bad_weights_are_errors_naming_the_tensor() {
 
     let t = copy_model("uncond");
     rewrite(t.path(), |w| {
-        w.insert("extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        w.insert(
+            "extra.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(t.path());
-    assert!(e.contains("unexpected") && e.contains("extra.weight"), "{e}");
+    assert!(
+        e.contains("unexpected") && e.contains("extra.weight"),
+        "{e}"
+    );
 
     let t = copy_model("uncond");
     rewrite(t.path(), |w| {
-        w.insert(key.into(), Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap());
+        w.insert(
+            key.into(),
+            Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(t.path());
     assert!(e.contains(key) && e.contains("[32, 31]"), "{e}");

@@ -6,7 +6,12 @@ use crate::backend::{Backend, Param};
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use candle_nn::VarBuilder;
 
-fn group_norm(vb: VarBuilder, groups: usize, ch: usize, eps: f64) -> candle_core::Result<GroupNorm> {
+fn group_norm(
+    vb: VarBuilder,
+    groups: usize,
+    ch: usize,
+    eps: f64,
+) -> candle_core::Result<GroupNorm> {
     let mut g = GroupNorm::new(vb, groups, ch)?;
     g.eps = eps;
     Ok(g)
@@ -109,10 +114,12 @@ impl ResnetBlock2D {
             }
         };
         let h = b.dropout(&h, self.dropout)?;
-        let out = self.conv2.forward_residual(b, &h, |b| match &self.conv_shortcut {
-            Some(s) => s.forward(b, x),
-            None => Ok(x.clone()),
-        })?;
+        let out = self
+            .conv2
+            .forward_residual(b, &h, |b| match &self.conv_shortcut {
+                Some(s) => s.forward(b, x),
+                None => Ok(x.clone()),
+            })?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -166,23 +173,39 @@ impl Attention {
     /// `x`: `[N, C, H, W]` with static `h`, `w`.
     pub fn forward<B: Backend>(&self, b: &B, x: &B::T, h: usize, w: usize) -> anyhow::Result<B::T> {
         let (c, l) = (self.channels as i64, (h * w) as i64);
-        let (heads, d) = (self.heads as i64, self.head_dim as i64);
+        let d = self.head_dim;
         let xn = match &self.group_norm {
             Some(g) => g.forward(b, x)?,
             None => x.clone(),
         };
         let tokens = b.permute(&b.reshape(&xn, &[0, c, l])?, &[0, 2, 1])?; // [N, L, C]
-        // [N, L, heads*d] -> [N*heads, d, L], the layout of `Backend::attention`.
-        let split = |t: B::T| -> anyhow::Result<B::T> {
-            let t = b.reshape(&t, &[0, l, heads, d])?;
-            b.reshape(&b.permute(&t, &[0, 2, 3, 1])?, &[-1, d, l])
+        // One projection + attention per head, each `[N, d, L]` (the layout of
+        // `Backend::attention`), rather than folding heads into the batch: a `[N * heads, ..]`
+        // tensor has no static shape in an ONNX export with a dynamic batch.
+        let mut outs = Vec::with_capacity(self.heads);
+        for hd in 0..self.heads {
+            let tag = format!("head{hd}");
+            let proj = |lin: &Linear| -> anyhow::Result<B::T> {
+                let (w, bias) = if self.heads == 1 {
+                    (lin.weight.clone(), lin.bias.clone())
+                } else {
+                    let s = hd * self.head_dim;
+                    (
+                        rows(&lin.weight, s, self.head_dim, &tag)?,
+                        rows(&lin.bias, s, self.head_dim, &tag)?,
+                    )
+                };
+                b.permute(&b.linear(&tokens, &w, Some(&bias))?, &[0, 2, 1])
+            };
+            let (q, k, v) = (proj(&self.to_q)?, proj(&self.to_k)?, proj(&self.to_v)?);
+            outs.push(b.attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?); // [N, d, L]
+        }
+        let o = if outs.len() == 1 {
+            outs.pop().expect("one head")
+        } else {
+            b.concat(&outs.iter().collect::<Vec<_>>(), 1)? // [N, heads * d, L]
         };
-        let q = split(self.to_q.forward(b, &tokens)?)?;
-        let k = split(self.to_k.forward(b, &tokens)?)?;
-        let v = split(self.to_v.forward(b, &tokens)?)?;
-        let o = b.attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?; // [N*heads, d, L]
-        let o = b.permute(&b.reshape(&o, &[-1, heads, d, l])?, &[0, 3, 1, 2])?; // [N, L, heads, d]
-        let o = self.to_out.forward(b, &b.reshape(&o, &[-1, l, heads * d])?)?; // [N, L, C]
+        let o = self.to_out.forward(b, &b.permute(&o, &[0, 2, 1])?)?; // [N, L, C]
         let o = b.reshape(&b.permute(&o, &[0, 2, 1])?, &[-1, c, h as i64, w as i64])?;
         let o = b.add(&o, x)?;
         if self.rescale_output_factor == 1.0 {
@@ -242,7 +265,13 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for i in 0..layers {
             let ci = if i == 0 { cin } else { cout };
-            resnets.push(ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), ci, cout, o, 1.0)?);
+            resnets.push(ResnetBlock2D::new(
+                vb.pp(format!("resnets.{i}")),
+                ci,
+                cout,
+                o,
+                1.0,
+            )?);
             if kind == BlockType::Attn {
                 attentions.push(Attention::new(
                     vb.pp(format!("attentions.{i}")),
@@ -397,7 +426,14 @@ impl UpBlock {
             }
         }
         let upsampler = if add_upsample {
-            Some(Conv2d::new(vb.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?)
+            Some(Conv2d::new(
+                vb.pp("upsamplers.0.conv"),
+                cout,
+                cout,
+                3,
+                1,
+                1,
+            )?)
         } else {
             None
         };

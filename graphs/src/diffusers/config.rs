@@ -2,8 +2,8 @@
 //! where absent. A value this implementation does not support is an error naming key and value;
 //! an unknown key is an error too (it may change the network in a way we would silently ignore).
 
-use anyhow::{bail, Context, Result};
 use super::json::Reader;
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 /// Block kinds of the encoder (`down_block_types`) and decoder (`up_block_types`).
@@ -138,20 +138,18 @@ fn unsupported(key: &str, v: &Value, what: &str) -> anyhow::Error {
 fn blocks(key: &'static str, vals: &[Value], plain: &str, attn: &str) -> Result<Vec<BlockType>> {
     // diffusers strips a "UNetRes" prefix (old configs) before matching.
     vals.iter()
-        .map(|v| match v.as_str().map(|s| s.strip_prefix("UNetRes").unwrap_or(s)) {
-            Some(s) if s == plain => Ok(BlockType::Plain),
-            Some(s) if s == attn => Ok(BlockType::Attn),
-            Some(s) if UNSUPPORTED_BLOCKS.contains(&s) => Err(unsupported(
-                key,
-                v,
-                &format!("{s} is not implemented; supported: {plain}, {attn}"),
-            )),
-            _ => Err(unsupported(
-                key,
-                v,
-                &format!("supported: {plain}, {attn}"),
-            )),
-        })
+        .map(
+            |v| match v.as_str().map(|s| s.strip_prefix("UNetRes").unwrap_or(s)) {
+                Some(s) if s == plain => Ok(BlockType::Plain),
+                Some(s) if s == attn => Ok(BlockType::Attn),
+                Some(s) if UNSUPPORTED_BLOCKS.contains(&s) => Err(unsupported(
+                    key,
+                    v,
+                    &format!("{s} is not implemented; supported: {plain}, {attn}"),
+                )),
+                _ => Err(unsupported(key, v, &format!("supported: {plain}, {attn}"))),
+            },
+        )
         .collect()
 }
 
@@ -179,7 +177,9 @@ impl UNet2DConfig {
                 .iter()
                 .map(|v| {
                     v.as_u64().map(|n| n as usize).ok_or_else(|| {
-                        anyhow::anyhow!("config.json: block_out_channels entry {v} is not an integer")
+                        anyhow::anyhow!(
+                            "config.json: block_out_channels entry {v} is not an integer"
+                        )
                     })
                 })
                 .collect::<Result<_>>()?,
@@ -189,7 +189,13 @@ impl UNet2DConfig {
             None if r.has("mid_block_type") => false,
             None => true,
             Some(v) if v.as_str() == Some("UNetMidBlock2D") => true,
-            Some(v) => return Err(unsupported("mid_block_type", v, "supported: UNetMidBlock2D, null")),
+            Some(v) => {
+                return Err(unsupported(
+                    "mid_block_type",
+                    v,
+                    "supported: UNetMidBlock2D, null",
+                ))
+            }
         };
         let sample_size = match r.get("sample_size") {
             None => None,
@@ -197,7 +203,13 @@ impl UNet2DConfig {
             Some(Value::Array(a)) if a.len() == 2 && a[0] == a[1] && a[0].is_u64() => {
                 Some(a[0].as_u64().unwrap_or_default() as usize)
             }
-            Some(v) => return Err(unsupported("sample_size", v, "an integer or a square [h, w]")),
+            Some(v) => {
+                return Err(unsupported(
+                    "sample_size",
+                    v,
+                    "an integer or a square [h, w]",
+                ))
+            }
         };
         let class_embed = {
             let n = r.usize_opt("num_class_embeds")?;
@@ -235,7 +247,11 @@ impl UNet2DConfig {
         ] {
             if let Some(v) = r.get(key) {
                 if !v.as_str().is_some_and(|s| ok.contains(&s)) {
-                    return Err(unsupported(key, v, &format!("supported: {}", ok.join(", "))));
+                    return Err(unsupported(
+                        key,
+                        v,
+                        &format!("supported: {}", ok.join(", ")),
+                    ));
                 }
             }
         }
@@ -282,8 +298,8 @@ impl UNet2DConfig {
 
     /// Reads and parses a `config.json` file.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let v: Value = crate::diffusers::json::parse(&text)
             .with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(&v).with_context(|| format!("in {}", path.display()))
@@ -331,7 +347,9 @@ impl UNet2DConfig {
             }
             let d = self.attention_head_dim.unwrap_or(c);
             if d == 0 || !c.is_multiple_of(d) {
-                bail!("config.json: {c} channels do not split into heads of attention_head_dim = {d}");
+                bail!(
+                    "config.json: {c} channels do not split into heads of attention_head_dim = {d}"
+                );
             }
         }
         if self.downsample_padding > 1 {

@@ -156,9 +156,9 @@ impl<'a> Reader<'a> {
                 }
                 Err(self.unsupported(key, v, &format!("only {want} is supported")))
             }
-            None if !want.is_null() && self.map.get(key).is_some_and(Value::is_null) => Err(
-                self.unsupported(key, &Value::Null, &format!("only {want} is supported")),
-            ),
+            None if !want.is_null() && self.map.get(key).is_some_and(Value::is_null) => {
+                Err(self.unsupported(key, &Value::Null, &format!("only {want} is supported")))
+            }
             _ => Ok(()),
         }
     }

@@ -127,9 +127,9 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
             .with_context(|| format!("{}: no weight_map", index.display()))?;
         let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (k, f) in map {
-            let f = f
-                .as_str()
-                .with_context(|| format!("{}: weight_map[{k}] is not a file name", index.display()))?;
+            let f = f.as_str().with_context(|| {
+                format!("{}: weight_map[{k}] is not a file name", index.display())
+            })?;
             shards.entry(f).or_default().push(k);
         }
         let mut all = HashMap::new();
@@ -137,7 +137,10 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
             let mut t = load_file(&dir.join(file), device)?;
             for k in keys {
                 let v = t.remove(k).with_context(|| {
-                    format!("tensor {k}: listed in {} but not in shard {file}", index.display())
+                    format!(
+                        "tensor {k}: listed in {} but not in shard {file}",
+                        index.display()
+                    )
                 })?;
                 all.insert(k.to_string(), v);
             }

@@ -32,11 +32,7 @@ impl DpmMultistep {
         let betas = BetaConfig::read(r)?;
         let solver_order = r.usize_or("solver_order", 2)?;
         if !(1..=2).contains(&solver_order) {
-            return Err(r.unsupported(
-                "solver_order",
-                &solver_order.into(),
-                "supported: 1, 2",
-            ));
+            return Err(r.unsupported("solver_order", &solver_order.into(), "supported: 1, 2"));
         }
         let prediction = Prediction::read(r)?;
         r.require("thresholding", &false.into())?;
@@ -182,9 +178,7 @@ impl DpmMultistep {
     ) -> Result<B::T> {
         let n = self.timesteps.len();
         let lower_final = i == n - 1
-            && (self.euler_at_final
-                || (self.lower_order_final && n < 15)
-                || !self.final_sigma_min);
+            && (self.euler_at_final || (self.lower_order_final && n < 15) || !self.final_sigma_min);
         let lower_second = i + 2 == n && self.lower_order_final && n < 15;
         let m = self.convert(b, i, model_output, sample)?;
         state.outputs.push(m.clone());

@@ -30,7 +30,11 @@ impl Euler {
         let betas = BetaConfig::read(r)?;
         let prediction = Prediction::read(r)?;
         r.choice("interpolation_type", &["linear"])?;
-        for k in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
+        for k in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+        ] {
             r.require(k, &false.into())?;
         }
         // Only read by the Karras / exponential / beta sigma conversions, refused above.
@@ -117,7 +121,13 @@ impl Euler {
             Prediction::Sample => model_output.clone(),
             Prediction::VPrediction => {
                 let k = s * s + 1.0;
-                lin(b, model_output, (-s / k.sqrt()) as f64, sample, (1.0 / k) as f64)?
+                lin(
+                    b,
+                    model_output,
+                    (-s / k.sqrt()) as f64,
+                    sample,
+                    (1.0 / k) as f64,
+                )?
             }
         };
         let dt = self.sigmas[i + 1] - s;

@@ -32,7 +32,11 @@ impl FlowMatchEuler {
         }
         r.choice("time_shift_type", &["exponential", "linear"])?;
         r.require("invert_sigmas", &false.into())?;
-        for k in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"] {
+        for k in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+        ] {
             r.require(k, &false.into())?;
         }
         let shift_terminal = r.f64_opt("shift_terminal")?.filter(|v| *v != 0.0);
@@ -76,7 +80,10 @@ impl FlowMatchEuler {
             }
         }
         let mut s: Vec<f32> = s.into_iter().map(|x| x as f32).collect();
-        self.timesteps = s.iter().map(|x| x * self.num_train_timesteps as f32).collect();
+        self.timesteps = s
+            .iter()
+            .map(|x| x * self.num_train_timesteps as f32)
+            .collect();
         s.push(0.0);
         self.sigmas = s;
         Ok(())
@@ -97,7 +104,9 @@ impl FlowMatchEuler {
         let (s, next) = (self.sigmas[i], self.sigmas[i + 1]);
         if self.stochastic_sampling {
             let Some(z) = noise else {
-                bail!("FlowMatchEulerDiscreteScheduler: stochastic_sampling needs noise at step {i}")
+                bail!(
+                    "FlowMatchEulerDiscreteScheduler: stochastic_sampling needs noise at step {i}"
+                )
             };
             let x0 = lin(b, sample, 1.0, model_output, -(s as f64))?;
             return lin(b, &x0, (1.0 - next) as f64, z, next as f64);

@@ -94,7 +94,9 @@ impl Scheduler {
             "DDIMScheduler" => Self::Ddim(Ddim::read(&mut r)?),
             "EulerDiscreteScheduler" => Self::Euler(Euler::read(&mut r)?),
             "DPMSolverMultistepScheduler" => Self::DpmMultistep(DpmMultistep::read(&mut r)?),
-            "FlowMatchEulerDiscreteScheduler" => Self::FlowMatchEuler(FlowMatchEuler::read(&mut r)?),
+            "FlowMatchEulerDiscreteScheduler" => {
+                Self::FlowMatchEuler(FlowMatchEuler::read(&mut r)?)
+            }
             c => bail!(
                 "scheduler_config.json: unsupported _class_name = {c} (supported: DDPMScheduler, \
                  DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, \
@@ -106,8 +108,8 @@ impl Scheduler {
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let v: serde_json::Value = crate::diffusers::json::parse(&text)
             .with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(&v).with_context(|| format!("in {}", path.display()))
@@ -192,7 +194,10 @@ impl Scheduler {
     ) -> Result<B::T> {
         let n = self.timesteps().len();
         if i >= n {
-            bail!("{}: step {i} of {n} (set_timesteps first)", self.class_name());
+            bail!(
+                "{}: step {i} of {n} (set_timesteps first)",
+                self.class_name()
+            );
         }
         match self {
             Self::Ddpm(s) => s.step(b, i, model_output, sample, noise),
