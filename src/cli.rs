@@ -846,6 +846,10 @@ pub fn export_checkpoint(a: &ExportArgs) -> Result<PathBuf> {
     if !a.onnx {
         bail!("nothing to export: --onnx is the only format so far");
     }
+    if crate::diffusers_io::is_diffusers(&a.checkpoint) {
+        let (den, fp16) = (a.what == ExportWhat::Denoiser, a.precision == PrecisionArg::Fp16);
+        return crate::diffusers_io::export_unet(&a.checkpoint, &a.out, den, fp16, a.trt);
+    }
     let dev = Device::Cpu;
     let (den, meta) = checkpoint::load(&a.checkpoint, &dev)?;
     let precision = match a.precision {
@@ -899,11 +903,13 @@ fn cmd_export(a: &ExportArgs) -> Result<()> {
     for m in export::metadata(&model) {
         println!("  {} = {}", m.0, m.1);
     }
-    println!(
-        "next: distill validate {} --reference {}",
-        path.display(),
-        a.checkpoint.display()
-    );
+    if !crate::diffusers_io::is_diffusers(&a.checkpoint) {
+        println!(
+            "next: distill validate {} --reference {}",
+            path.display(),
+            a.checkpoint.display()
+        );
+    }
     if let Some(tc) = toolchain {
         crate::engine::build_engine(a, &path, &tc)?;
     }

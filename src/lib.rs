@@ -9,6 +9,7 @@ pub mod checks;
 pub mod cli;
 pub mod cli_distill;
 pub mod data;
+pub mod diffusers_io;
 pub mod engine;
 pub mod eval;
 pub mod gate;

@@ -22,6 +22,7 @@ pub mod proto {
 }
 
 mod backend;
+mod diffusers;
 pub mod junit;
 mod model;
 mod ops;
@@ -30,6 +31,7 @@ pub mod tensorrt;
 pub mod validate;
 mod write;
 
+pub use diffusers::export_unet2d;
 pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use model::{
     export_denoiser, export_generator, metadata, weights_sha256, ExportOptions, Precision,

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod candle_backend;
 pub mod denoiser;
+pub mod diffusers;
 pub mod flops;
 pub mod kernels;
 pub mod losses;
@@ -13,6 +14,7 @@ pub mod nn;
 pub mod params;
 pub mod sampler;
 pub mod schedule;
+pub mod schedulers;
 pub mod unet;
 
 pub use backend::{Backend, Kind, Param};
