@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs PyTorch (CPU use; the default wheel also ships CUDA libraries, ~4 GB) plus
-# safetensors and numpy into .venv-bench, for `distill bench` to compare candle with PyTorch.
+# safetensors, numpy and diffusers into .venv-bench, for `distill bench` to compare candle with
+# PyTorch and for scripts/make-diffusers-fixtures.py (the diffusers parity fixtures).
 # Bench-only: CI and the main build never need torch.
 #
 # Usage: scripts/setup-bench.sh [PYTHON]   (default: python3)
@@ -17,10 +18,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --upgrade pip
 # Plain `pip install torch`: `--no-deps` leaves torch unable to import.
-"$VENV/bin/python" -m pip install torch safetensors numpy
+"$VENV/bin/python" -m pip install torch safetensors numpy diffusers
 "$VENV/bin/python" - <<'PY'
-import torch, safetensors, numpy
+import torch, safetensors, numpy, diffusers
 print(f"torch {torch.__version__} (threads {torch.get_num_threads()}), "
-      f"safetensors {safetensors.__version__}, numpy {numpy.__version__}")
+      f"safetensors {safetensors.__version__}, numpy {numpy.__version__}, "
+      f"diffusers {diffusers.__version__}")
 PY
 echo "ok: $(pwd)/$VENV/bin/python"

@@ -47,6 +47,10 @@ pub struct CheckpointMeta {
     pub generator: GeneratorSpec,
     /// Optimiser steps taken when the checkpoint was written.
     pub step: u64,
+    /// sha256 of `model.safetensors`, recorded by [`save`] and verified by [`load`] (absent in
+    /// checkpoints written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
 }
 
 impl CheckpointMeta {
@@ -58,6 +62,7 @@ impl CheckpointMeta {
             model,
             generator,
             step,
+            weights_sha256: None,
         }
     }
 }
@@ -83,6 +88,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .with_context(|| format!("syncing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        crate::checks::clean_stale_temps(dir);
         Ok(())
     })();
     if res.is_err() {
@@ -93,9 +99,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// SHA-256 (lowercase hex) of a file's bytes.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+    Ok(crate::checks::sha256_hex(&bytes))
 }
 
 /// Serialises tensors (sorted by name) to safetensors bytes.
@@ -134,7 +139,16 @@ pub fn load_tensors_with_meta(
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| {
+    tensors_from_bytes(&bytes, path, device)
+}
+
+/// Parses safetensors bytes read from `path` (named in every error) into tensors + metadata.
+pub fn tensors_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes).with_context(|| {
         format!(
             "{} is not a valid safetensors file (truncated or corrupt?)",
             path.display()
@@ -146,18 +160,76 @@ pub fn load_tensors_with_meta(
             .with_context(|| format!("{}: tensor {name}", path.display()))?;
         out.insert(name, t);
     }
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .with_context(|| format!("{}: bad header", path.display()))?;
     Ok((out, header.metadata().clone().unwrap_or_default()))
 }
 
-/// Writes a checkpoint folder: weights first, config last (the config's presence marks it complete).
+/// Header metadata key of `model.safetensors`: sha256 of its tensor data (after the header).
+pub const DATA_SHA_KEY: &str = "data_sha256";
+
+/// Offset of the tensor data in safetensors bytes (8-byte header length + header).
+fn data_start(bytes: &[u8]) -> Result<usize> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .context("shorter than a safetensors header")?;
+    usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&e| e <= bytes.len())
+        .context("safetensors header length past the end of the file")
+}
+
+/// Whether `bytes` match the sha256 `config.json` recorded, or (a kill between the weights' and
+/// the config's rename) the data hash the weights carry in their own header.
+fn weights_intact(bytes: &[u8], recorded: &str) -> bool {
+    if crate::checks::sha256_hex(bytes) == recorded {
+        return true;
+    }
+    let Ok(start) = data_start(bytes) else {
+        return false;
+    };
+    let Ok((_, header)) = safetensors::SafeTensors::read_metadata(bytes) else {
+        return false;
+    };
+    header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(DATA_SHA_KEY))
+        .is_some_and(|h| *h == crate::checks::sha256_hex(&bytes[start..]))
+}
+
+/// Writes a checkpoint folder: weights first, config last (the config's presence marks it
+/// complete; it records the weights' sha256). Non-finite weights are refused before anything
+/// is written, so the previous checkpoint stays.
 pub fn save(dir: &Path, meta: &CheckpointMeta, weights: &HashMap<String, Tensor>) -> Result<()> {
-    save_tensors(&dir.join(WEIGHTS_FILE), weights)?;
-    write_atomic(
-        &dir.join(CONFIG_FILE),
-        serde_json::to_string_pretty(meta)?.as_bytes(),
-    )
+    let (bytes, config) =
+        serialise(meta, weights).with_context(|| format!("not writing {}", dir.display()))?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    write_atomic(&dir.join(CONFIG_FILE), &config)
+}
+
+/// The bytes [`save`] writes: `model.safetensors` (carrying its data hash) and `config.json`
+/// (recording the file's sha256). Non-finite weights are refused.
+pub fn serialise(
+    meta: &CheckpointMeta,
+    weights: &HashMap<String, Tensor>,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    crate::checks::tensors_finite("weights to checkpoint", weights)?;
+    // The weights carry their own data hash too: a kill between the two renames of `save` leaves
+    // new weights beside the previous config.json, which is consistent, not corrupted.
+    let plain = safetensors_bytes(weights)?;
+    let data_sha = crate::checks::sha256_hex(&plain[data_start(&plain)?..]);
+    let bytes = safetensors_bytes_with_meta(
+        weights,
+        Some(HashMap::from([(DATA_SHA_KEY.to_string(), data_sha)])),
+    )?;
+    let meta = CheckpointMeta {
+        weights_sha256: Some(crate::checks::sha256_hex(&bytes)),
+        ..meta.clone()
+    };
+    Ok((bytes, serde_json::to_string_pretty(&meta)?.into_bytes()))
 }
 
 pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
@@ -174,6 +246,7 @@ pub fn load_meta(dir: &Path) -> Result<CheckpointMeta> {
     })?;
     let meta: CheckpointMeta =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    crate::checks::model_config(&p.display().to_string(), &meta.model)?;
     if meta.format_version != FORMAT_VERSION {
         bail!(
             "{}: checkpoint format {} is not supported (this distill reads {FORMAT_VERSION})",
@@ -211,7 +284,19 @@ pub fn load(path: &Path, device: &Device) -> Result<(Denoiser, CheckpointMeta)> 
     };
     let meta = load_meta(&dir)?;
     let wp = dir.join(WEIGHTS_FILE);
-    let weights = load_tensors(&wp, device)?;
+    let bytes = std::fs::read(&wp).with_context(|| format!("reading {}", wp.display()))?;
+    if let (Some(want), true) = (&meta.weights_sha256, crate::checks::verify_weights()) {
+        if !weights_intact(&bytes, want) {
+            let got = crate::checks::sha256_hex(&bytes);
+            bail!(
+                "{} is corrupted: its sha256 {got} is not the {want} recorded in {} (pass --no-verify to load hand-edited weights anyway)",
+                wp.display(),
+                dir.join(CONFIG_FILE).display()
+            );
+        }
+    }
+    let (weights, _) = tensors_from_bytes(&bytes, &wp, device)?;
+    crate::checks::tensors_finite(&wp.display().to_string(), &weights)?;
     let den = denoiser_from_tensors(&meta.model, weights, device, &wp.display().to_string())?;
     Ok((den, meta))
 }

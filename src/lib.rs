@@ -4,7 +4,9 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod checks;
 pub mod data;
+pub mod diffusers_io;
 pub mod eval;
 pub mod grid;
 pub mod host;

@@ -40,6 +40,7 @@ pub fn load_noise(
     device: &Device,
 ) -> Result<NoiseInputs> {
     let t = checkpoint::load_tensors(path, device)?;
+    crate::checks::tensors_finite(&path.display().to_string(), &t)?;
     let c = &den.unet.cfg;
     let get = |name: &str| -> Result<Tensor> {
         let x = t

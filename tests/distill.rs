@@ -254,6 +254,62 @@ fn rollouts_carry_no_gradient_and_step_zero_is_pure_noise() {
     assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
 }
 
+/// What the trainers train on is what is deployed: for the same noise, the rollout's last x0
+/// (DMD2's backward simulation with fresh noise, TDM's deterministic DDIM) is the student
+/// sampler's output before its clamp, and a 2-of-4-step sub-sampler walks the 1st and 3rd sigma.
+#[test]
+fn training_rollout_is_the_deployed_sampler() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let b = CandleBackend::new(&cpu());
+    let z = Tensor::randn(0f32, 1.0, (4, 1, 16, 16), &cpu()).unwrap();
+    let labels = Tensor::new(&[0u32, 3, 7, 9], &cpu()).unwrap();
+    let grid = NoiseGrid::new(&t.meta.model.parameterisation);
+    let sigmas = grid.sigmas_of(&[999, 749, 499, 249]);
+    let fresh: Vec<Tensor> = (0..3)
+        .map(|_| Tensor::randn(0f32, 1.0, (4, 1, 16, 16), &cpu()).unwrap())
+        .collect();
+    let max_abs = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for fresh_noise in [true, false] {
+        let f = fresh_noise.then_some(fresh.as_slice());
+        let ro = dist::rollout(&b, &t.den, &z, &labels, &sigmas, 4, f).unwrap();
+        let spec = graphs::GeneratorSpec {
+            sampler: graphs::SamplerKind::Student,
+            steps: 4,
+            sigmas: sigmas.clone(),
+            fresh_noise,
+            cfg_scale: 1.0,
+        };
+        let extra = if fresh_noise { fresh.clone() } else { vec![] };
+        let out = graphs::sampler::generate(&b, &t.den, &spec, &z, &labels, &extra).unwrap();
+        let want = ro.x0s[3].clamp(-1f32, 1f32).unwrap();
+        assert!(max_abs(&out, &want) < 1e-5, "fresh_noise {fresh_noise}");
+        // Two of the four steps: sigmas 1 and 3 of the trained ones.
+        let half = spec.student_substeps(2).unwrap();
+        assert_eq!(half.sigmas, vec![sigmas[0], sigmas[2]]);
+        let extra = if fresh_noise {
+            vec![fresh[0].clone()]
+        } else {
+            vec![]
+        };
+        let out2 = graphs::sampler::generate(&b, &t.den, &half, &z, &labels, &extra).unwrap();
+        let ro2 = dist::rollout(&b, &t.den, &z, &labels, &half.sigmas, 2, f).unwrap();
+        let want2 = ro2.x0s[1].clamp(-1f32, 1f32).unwrap();
+        assert!(
+            max_abs(&out2, &want2) < 1e-5,
+            "fresh_noise {fresh_noise}, 2 steps"
+        );
+    }
+}
+
 #[test]
 fn tdm_separate_intervals_never_leave_their_step() {
     use rand::SeedableRng;
@@ -539,6 +595,47 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     let fd1 = student_fd(after.path(), ev);
     eprintln!("tdm 4-step student FD: {fd0:.2} -> {fd1:.2}");
     assert!(fd1 < 0.8 * fd0, "TDM FD {fd0:.2} -> {fd1:.2}");
+}
+
+#[test]
+fn eval_every_logs_diversity_and_draws_its_curves() {
+    let (teacher_dir, ev) = quality_fixture();
+    let t = Teacher::load(teacher_dir, &cpu()).unwrap();
+    let mut c = dmd2_cfg(teacher_dir, 2);
+    c.run.eval_every = 1;
+    c.run.eval_n = 40;
+    let out = tempfile::tempdir().unwrap();
+    let data = mnist(32);
+    let mut m = Dmd2::new(c.clone(), &t, &data, &cpu()).unwrap();
+    let mut rs = spec(
+        &c.run,
+        toml::to_string(&c).unwrap(),
+        c.resume_key().unwrap(),
+        &t,
+        false,
+    );
+    rs.evaluator = Some(ev);
+    let o = dist::run(&mut m, &rs, &RunDir::new(out.path()).unwrap()).unwrap();
+    for key in [
+        "fd",
+        "class_accuracy",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+    ] {
+        let v = metric(out.path(), key);
+        assert_eq!(v.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2], "{key}");
+        assert!(
+            v.iter().all(|p| p.1.is_finite() && p.1 >= 0.0),
+            "{key}: {v:?}"
+        );
+        assert!(o.last.contains_key(key), "{key}");
+    }
+    assert!(metric(out.path(), "recall").iter().all(|p| p.1 <= 1.0));
+    for png in ["fd.png", "diversity.png"] {
+        assert!(out.path().join(png).is_file(), "{png}");
+    }
 }
 
 /// `onnx.checker.check_model(onnx.load(P), full_check=True)` with the project's .venv python.

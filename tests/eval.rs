@@ -188,6 +188,92 @@ fn real_heldout_digits_score_like_real_data() {
     }
 }
 
+/// Precision/recall/density/coverage on known cases in the classifier's features: real digits
+/// score like the real vs real reference, one repeated digit has no recall, dropping half the
+/// classes halves recall (and shows per class), noise has no precision.
+#[test]
+fn diversity_on_known_cases() {
+    let f = fixture();
+    let ev = evaluator();
+    let n = 1000;
+    let (x, labels) = (
+        f.heldout.narrow(0, 0, n).unwrap(),
+        f.heldout_labels[..n].to_vec(),
+    );
+    let r = ev.evaluate(&x, Some(&labels)).unwrap();
+    println!("{r}");
+    let (s, rr) = (r.diversity.samples, r.diversity.real_vs_real);
+    assert_eq!((r.diversity.k, r.diversity.n_real), (3, n));
+    for (name, a, b) in [
+        ("precision", s.precision, rr.precision),
+        ("recall", s.recall, rr.recall),
+        ("coverage", s.coverage, rr.coverage),
+    ] {
+        assert!(a > 0.8 && b > 0.8, "{name}: held-out {a}, real vs real {b}");
+        assert!(
+            (a - b).abs() < 0.06,
+            "{name}: held-out {a} vs real vs real {b}"
+        );
+    }
+    assert!((s.density - 1.0).abs() < 0.25, "density {}", s.density);
+    let per = r.diversity.per_class_recall.as_ref().unwrap();
+    assert!(per.iter().all(|&p| p > 0.6), "per-class recall {per:?}");
+    // One digit repeated n times: a single point, no recall, no coverage to speak of.
+    let one = x.narrow(0, 7, 1).unwrap().repeat((n, 1, 1, 1)).unwrap();
+    let d = ev.evaluate(&one, None).unwrap().diversity.samples;
+    println!("one repeated digit: {d:?}");
+    assert!(d.recall < 0.01 && d.coverage < 0.02, "{d:?}");
+    // Only the digits 0-4 (truly labelled): recall about halves, the dropped classes have none.
+    let keep: Vec<u32> = (0..f.heldout_labels.len() as u32)
+        .filter(|&i| f.heldout_labels[i as usize] < 5)
+        .take(n)
+        .collect();
+    let kept = f
+        .heldout
+        .index_select(&Tensor::new(keep.as_slice(), &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let kl: Vec<u32> = keep.iter().map(|&i| f.heldout_labels[i as usize]).collect();
+    let h = ev.evaluate(&kept, Some(&kl)).unwrap();
+    println!("digits 0-4 only: {h}");
+    let hs = h.diversity.samples;
+    assert!(hs.precision > 0.8, "{hs:?}");
+    assert!(hs.recall < 0.65 && hs.coverage < 0.6, "{hs:?}");
+    let hp = h.diversity.per_class_recall.unwrap();
+    assert!(hp[..5].iter().all(|&p| p > 0.6), "{hp:?}");
+    assert!(hp[5..].iter().all(|p| p.is_nan()), "{hp:?}");
+    // Faint pixel noise (the size a last denoising step might leave) raises FD but leaves which
+    // digits are drawn, so precision and recall stay (README, Evaluation).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let noise: Vec<f32> = (0..n * 1024)
+        .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
+    let noise = Tensor::from_vec(noise, (n, 1, 32, 32), &Device::Cpu).unwrap();
+    let mut last_fd = r.fd;
+    for sigma in [0.02f64, 0.05, 0.1, 0.167] {
+        let y = (&x + (&noise * sigma).unwrap()).unwrap();
+        let q = ev.evaluate(&y, Some(&labels)).unwrap();
+        let d = q.diversity.samples;
+        println!(
+            "held-out + N(0, {sigma}^2): FD {:.2}, precision {:.3}, recall {:.3}, density {:.3}, coverage {:.3}",
+            q.fd, d.precision, d.recall, d.density, d.coverage
+        );
+        assert!(q.fd > last_fd, "FD {} after {last_fd}", q.fd);
+        assert!(
+            (d.precision - s.precision).abs() < 0.05 && s.recall - d.recall < 0.06,
+            "{d:?}"
+        );
+        last_fd = q.fd;
+    }
+    // Noise: nothing inside the real manifold.
+    let g = ev
+        .evaluate(&gaussian_images(n, 5), None)
+        .unwrap()
+        .diversity
+        .samples;
+    println!("Gaussian noise: {g:?}");
+    assert!(g.precision < 0.02 && g.density < 0.02, "{g:?}");
+}
+
 #[test]
 fn gaussian_noise_scores_badly() {
     let ev = evaluator();

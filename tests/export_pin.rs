@@ -86,15 +86,15 @@ fn exported_onnx_bytes_are_pinned() {
     let want = [
         (
             "teacher heun-3 cfg 2 fp32",
-            "15804b8e548836497247186689f0372f4d6202ba57fdc93b498fc90f68542fb9",
+            "4ff309f2b65587daaa0626f8773e83ae6fee86a4677599bf45ad80cdbef58151",
         ),
         (
             "teacher heun-3 cfg 2 fp16",
-            "01eb9223466ddc5ee026b33a4768a3b096ce0cc967d5092cddd8bebe25484895",
+            "fa3bb8f3888867cf1d3bd4788f4e502ef7fa6cac2b01c4e93fb8b6855acf21e5",
         ),
         (
             "dmd2 2-step fp32",
-            "943c8e3b0b65696a6a294989d7178163fd6253e738c5661ad2a891a7a00c1533",
+            "e42b864da0408cac3951932d6ffc10aac647b64a9036c3625ab3ee2d2678a8c6",
         ),
     ];
     for (name, g) in &got {

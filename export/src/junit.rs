@@ -88,8 +88,8 @@ pub fn to_junit(
                 None => format!("max abs <= {:.1e}", m.max_abs_tol),
             };
             let metrics = format!(
-                "{} vs candle on {} cases (batches {:?}, seed {}), {} elements: max_abs {:.3e}, mean_abs {:.3e}, p99_abs {:.3e}, max_rel {:.3e}, cosine {:.7}, nonfinite {}; tolerance {tol}",
-                m.runtime, r.cases, r.batches, r.seed, m.elements, m.max_abs, m.mean_abs, m.p99_abs, m.max_rel, m.cosine, m.nonfinite
+                "{} vs candle on {} cases (batches {:?}, seed {}), {} elements: max_abs {:.3e}, mean_abs {:.3e}, p99_abs {:.3e}, max_rel {:.3e}, cosine {:.7}, nonfinite {} (reference {}); tolerance {tol}",
+                m.runtime, r.cases, r.batches, r.seed, m.elements, m.max_abs, m.mean_abs, m.p99_abs, m.max_rel, m.cosine, m.nonfinite, m.reference_nonfinite
             );
             cases.push(Case {
                 class: format!("distill.parity.{}", m.runtime),
@@ -99,8 +99,8 @@ pub fn to_junit(
                 failure: (!m.passed).then(|| {
                     (
                         format!(
-                            "{} {} past tolerance: max_abs {:.3e}, mean_abs {:.3e}, nonfinite {} ({tol})",
-                            m.runtime, m.output, m.max_abs, m.mean_abs, m.nonfinite
+                            "{} {} past tolerance: max_abs {:.3e}, mean_abs {:.3e}, nonfinite {} (reference {}) ({tol})",
+                            m.runtime, m.output, m.max_abs, m.mean_abs, m.nonfinite, m.reference_nonfinite
                         ),
                         metrics,
                     )

@@ -22,6 +22,7 @@ pub mod proto {
 }
 
 mod backend;
+mod diffusers;
 pub mod junit;
 pub mod metadata;
 mod model;
@@ -32,9 +33,11 @@ pub mod validate;
 mod write;
 
 pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
+pub use diffusers::export_unet2d;
 pub use metadata::{ModelKind, OnnxMetadata};
 pub use model::{
-    export_denoiser, export_generator, metadata, weights_sha256, ExportOptions, Precision,
+    export_denoiser, export_generator, metadata, sha256_hex, weights_sha256, ExportOptions,
+    Precision,
 };
 pub use validate::{
     validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions, ValidateReport,

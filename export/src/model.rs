@@ -90,6 +90,12 @@ pub fn weights_sha256(model: &ModelProto) -> String {
     hex(&h.finalize())
 }
 
+/// SHA-256 (lowercase hex) of `bytes`: the one hash helper of the workspace (files, weights,
+/// ONNX).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -117,6 +117,10 @@ pub struct Metrics {
     pub cosine: f64,
     /// NaN/Inf values in the runtime's output.
     pub nonfinite: usize,
+    /// NaN/Inf values in the candle reference (any fails the comparison: a gate must not pass
+    /// garbage that both sides agree on).
+    #[serde(default)]
+    pub reference_nonfinite: usize,
     pub max_abs_tol: f64,
     pub mean_abs_tol: Option<f64>,
     pub passed: bool,
@@ -153,7 +157,7 @@ impl ValidateReport {
         !self.metrics.is_empty() && self.metrics.iter().all(|m| m.passed)
     }
     pub fn max_abs(&self) -> f64 {
-        self.metrics.iter().map(|m| m.max_abs).fold(0.0, f64::max)
+        self.metrics.iter().map(|m| m.max_abs).fold(0.0, nan_max)
     }
 }
 
@@ -194,7 +198,11 @@ impl std::fmt::Display for ValidateReport {
                 m.p99_abs,
                 m.max_rel,
                 m.cosine,
-                m.nonfinite,
+                if m.reference_nonfinite > 0 {
+                    format!("{}+{}ref", m.nonfinite, m.reference_nonfinite)
+                } else {
+                    m.nonfinite.to_string()
+                },
                 tol,
                 if m.passed { "PASS" } else { "FAIL" }
             )?;
@@ -221,19 +229,23 @@ struct Acc {
     no: f64,
     max_rel: f64,
     nonfinite: usize,
+    reference_nonfinite: usize,
 }
 
 impl Acc {
     fn add(&mut self, reference: &[f32], out: &[f32]) {
         for (&r, &o) in reference.iter().zip(out) {
-            if !o.is_finite() {
-                self.nonfinite += 1;
+            let (r_bad, o_bad) = (!r.is_finite(), !o.is_finite());
+            self.reference_nonfinite += r_bad as usize;
+            self.nonfinite += o_bad as usize;
+            if r_bad || o_bad {
+                // Counted as an infinite error: max, mean and p99 all report it.
                 self.diffs.push(f64::INFINITY);
                 continue;
             }
             let d = (o as f64 - r as f64).abs();
             self.diffs.push(d);
-            self.max_rel = self.max_rel.max(d / (r.abs() as f64).max(1e-3));
+            self.max_rel = nan_max(self.max_rel, d / (r.abs() as f64).max(1e-3));
             self.dot += r as f64 * o as f64;
             self.nr += (r as f64).powi(2);
             self.no += (o as f64).powi(2);
@@ -247,7 +259,7 @@ impl Acc {
         mean_tol: Option<f64>,
     ) -> Metrics {
         let n = self.diffs.len();
-        let max_abs = self.diffs.iter().copied().fold(0.0, f64::max);
+        let max_abs = self.diffs.iter().copied().fold(0.0, nan_max);
         let mean_abs = if n > 0 {
             self.diffs.iter().sum::<f64>() / n as f64
         } else {
@@ -259,17 +271,19 @@ impl Acc {
         } else {
             0.0
         };
-        let cosine = if self.nr > 0.0 && self.no > 0.0 {
+        let bad = self.nonfinite + self.reference_nonfinite;
+        let cosine = if bad > 0 {
+            f64::NAN
+        } else if self.nr > 0.0 && self.no > 0.0 {
             self.dot / (self.nr.sqrt() * self.no.sqrt())
         } else if self.nr == self.no {
             1.0
         } else {
             0.0
         };
-        let passed = n > 0
-            && self.nonfinite == 0
-            && max_abs <= max_tol
-            && mean_tol.is_none_or(|t| mean_abs <= t);
+        // Written so that a NaN statistic fails (every comparison with NaN is false).
+        let passed =
+            n > 0 && bad == 0 && max_abs <= max_tol && mean_tol.is_none_or(|t| mean_abs <= t);
         Metrics {
             runtime: runtime.into(),
             output: output.into(),
@@ -280,11 +294,21 @@ impl Acc {
             max_rel: self.max_rel,
             cosine,
             nonfinite: self.nonfinite,
+            reference_nonfinite: self.reference_nonfinite,
             max_abs_tol: max_tol,
             mean_abs_tol: mean_tol,
             passed,
             seconds: 0.0,
         }
+    }
+}
+
+/// `max` that propagates NaN (`f64::max` drops it, which let an all-NaN comparison report 0).
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
     }
 }
 
@@ -503,6 +527,8 @@ pub fn validate(
         (p, sc.outputs[0].name.clone())
     } else {
         let model = runtime::load_model(model_path)?;
+        let label = model_path.display().to_string();
+        runtime::guard::check_budget(&model, &label, runtime::guard::default_budget())?;
         let p = match opts.precision {
             Some(p) => p,
             None => metadata_precision(&model)?,
@@ -532,7 +558,9 @@ pub fn validate(
                     let (max_abs_tol, mean_abs_tol) = tolerances_for(precision, Some(*rk), opts);
                     Candidate {
                         name: rk.name(),
-                        runner: rk.load(model_path)?,
+                        runner: runtime::guard::catch(rk.name(), "loading the model", || {
+                            rk.load(model_path)
+                        })?,
                         max_abs_tol,
                         mean_abs_tol,
                     }
@@ -625,9 +653,8 @@ pub fn compare(
             .zip(seconds.iter_mut())
         {
             let t0 = std::time::Instant::now();
-            let out = c
-                .runner
-                .run(inputs)
+            let runner = &mut c.runner;
+            let out = runtime::guard::catch(c.name, "running the model", || runner.run(inputs))
                 .with_context(|| format!("case {case} (batch {batch}) in {}", c.name))?;
             *secs += t0.elapsed().as_secs_f64();
             let (_, y) = out
@@ -668,4 +695,52 @@ pub fn compare(
         unavailable: Vec::new(),
         trt_engine: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Acc;
+
+    fn metrics(reference: &[f32], out: &[f32]) -> super::Metrics {
+        let mut a = Acc::default();
+        a.add(reference, out);
+        a.finish("t", "images", 1e-4, Some(1e-3))
+    }
+
+    #[test]
+    fn an_all_nan_reference_fails_and_is_counted() {
+        let m = metrics(&[f32::NAN; 4], &[0.0; 4]);
+        assert!(!m.passed);
+        assert_eq!((m.reference_nonfinite, m.nonfinite), (4, 0));
+        assert!(m.max_abs.is_infinite() && m.cosine.is_nan());
+    }
+
+    #[test]
+    fn nan_on_both_sides_fails() {
+        let m = metrics(&[1.0, f32::NAN], &[1.0, f32::NAN]);
+        assert!(!m.passed);
+        assert_eq!((m.reference_nonfinite, m.nonfinite), (1, 1));
+    }
+
+    #[test]
+    fn inf_in_the_output_fails() {
+        let m = metrics(&[1.0, 2.0], &[1.0, f32::INFINITY]);
+        assert!(!m.passed);
+        assert_eq!(m.nonfinite, 1);
+    }
+
+    #[test]
+    fn finite_agreement_passes() {
+        let m = metrics(&[1.0, -2.0, 0.5], &[1.0, -2.0, 0.50001]);
+        assert!(m.passed, "{m:?}");
+        assert_eq!(m.reference_nonfinite + m.nonfinite, 0);
+        assert!((m.cosine - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn nan_max_propagates() {
+        assert!(super::nan_max(0.0, f64::NAN).is_nan());
+        assert!(super::nan_max(f64::NAN, 1.0).is_nan());
+        assert_eq!(super::nan_max(1.0, 2.0), 2.0);
+    }
 }

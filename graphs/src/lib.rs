@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod candle_backend;
 pub mod denoiser;
+pub mod diffusers;
 pub mod flops;
 pub mod guidance;
 pub mod kernels;
@@ -14,6 +15,7 @@ pub mod nn;
 pub mod params;
 pub mod sampler;
 pub mod schedule;
+pub mod schedulers;
 pub mod training_level;
 pub mod unet;
 

@@ -1,7 +1,7 @@
 //! Samplers, written against [`Backend`] so the exporter can unroll them into one ONNX graph.
 //! All work in sigma-space on `x = x0 + sigma * eps` (see [`crate::schedule`]).
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Kind};
 use crate::denoiser::Denoiser;
 use crate::schedule::Parameterisation;
 use serde::{Deserialize, Serialize};
@@ -80,29 +80,96 @@ pub fn sample_ode<B: Backend>(
     let sigmas = sampling_sigmas(&den.param, steps);
     let mut x = b.affine(z, initial_scale(&den.param, sigmas[0]), 0.0)?;
     let mut nfe = 0;
+    // The ODE is stepped on the slope `(x - D) / sigma` written in the network's own output
+    // (`sigma / (sigma^2 + sd^2) * x - sd / sqrt(sigma^2 + sd^2) * F` for EDM, `eps` for VP), never
+    // as `x - D`: near sigma_min `D` is `x` to 5 digits, and Heun's correction multiplies
+    // `(x - D) / sigma_min` by `h / 2` (~2e4 times sigma_min at 2 steps), so a last-bit
+    // difference in `D` between candle and an ONNX runtime became a 1e-3 error. Every scalar
+    // coefficient is folded in f64 on the host and applied as one multiply, on both sides.
     for i in 0..steps {
         let (s, next) = (sigmas[i], sigmas.get(i + 1).copied().unwrap_or(0.0));
-        let d = den.guided(b, &x, &den.level_const(b, z, s)?, labels, cfg_scale)?;
+        let f = guided_output(b, den, &x, z, s, labels, cfg_scale)?;
         nfe += 1;
-        let slope = b.affine(&b.sub(&x, &d)?, 1.0 / s, 0.0)?;
-        let x_euler = b.add(&x, &b.affine(&slope, next - s, 0.0)?)?;
-        if kind == SamplerKind::Heun && next > 0.0 {
-            let d2 = den.guided(
-                b,
-                &x_euler,
-                &den.level_const(b, z, next)?,
-                labels,
-                cfg_scale,
-            )?;
+        if next == 0.0 {
+            x = denoised(b, den, &x, &f, s)?;
+            continue;
+        }
+        let h = next - s;
+        let d1 = slope(b, den, &x, &f, s)?;
+        let x_euler = b.add(&x, &b.affine(&d1, h, 0.0)?)?;
+        if kind == SamplerKind::Heun {
+            let f2 = guided_output(b, den, &x_euler, z, next, labels, cfg_scale)?;
             nfe += 1;
-            let slope2 = b.affine(&b.sub(&x_euler, &d2)?, 1.0 / next, 0.0)?;
-            let avg = b.affine(&b.add(&slope, &slope2)?, 0.5 * (next - s), 0.0)?;
-            x = b.add(&x, &avg)?;
+            let d2 = slope(b, den, &x_euler, &f2, next)?;
+            x = b.add(&x, &b.affine(&b.add(&d1, &d2)?, 0.5 * h, 0.0)?)?;
         } else {
             x = x_euler;
         }
     }
     Ok((x, nfe))
+}
+
+/// The network's raw output at a host-constant `sigma` (EDM: `F` of `D = c_skip x + c_out F`;
+/// VP: `eps`), with classifier-free guidance applied to it: `D` is affine in it with the same
+/// `x`, so guiding the output is guiding `D` (see [`Denoiser::guided`]).
+fn guided_output<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    x: &B::T,
+    like: &B::T,
+    sigma: f64,
+    labels: &B::T,
+    cfg_scale: f64,
+) -> anyhow::Result<B::T> {
+    let level = den.level_const(b, like, sigma)?;
+    let c_in = match &den.param {
+        Parameterisation::Edm(e) => e.c_in(sigma),
+        Parameterisation::Vp(_) => 1.0 / (1.0 + sigma * sigma).sqrt(),
+    };
+    let x_in = b.affine(x, c_in, 0.0)?;
+    let cond = den.unet.forward(b, &x_in, &level.c_noise, labels)?;
+    if cfg_scale == 1.0 {
+        return Ok(cond);
+    }
+    let null = b.full_batch(labels, den.unet.cfg.null_class() as f64, Kind::Label)?;
+    let uncond = den.unet.forward(b, &x_in, &level.c_noise, &null)?;
+    b.add(&uncond, &b.affine(&b.sub(&cond, &uncond)?, cfg_scale, 0.0)?)
+}
+
+/// `(x - D) / sigma` from the raw output, without forming `x - D`.
+fn slope<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    x: &B::T,
+    out: &B::T,
+    sigma: f64,
+) -> anyhow::Result<B::T> {
+    match &den.param {
+        Parameterisation::Edm(e) => {
+            let sd2 = e.sigma_data * e.sigma_data;
+            let a = sigma / (sigma * sigma + sd2);
+            let c = e.sigma_data / (sigma * sigma + sd2).sqrt();
+            b.sub(&b.affine(x, a, 0.0)?, &b.affine(out, c, 0.0)?)
+        }
+        Parameterisation::Vp(_) => Ok(out.clone()),
+    }
+}
+
+/// `D` from the raw output.
+fn denoised<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    x: &B::T,
+    out: &B::T,
+    sigma: f64,
+) -> anyhow::Result<B::T> {
+    match &den.param {
+        Parameterisation::Edm(e) => b.add(
+            &b.affine(x, e.c_skip(sigma), 0.0)?,
+            &b.affine(out, e.c_out(sigma), 0.0)?,
+        ),
+        Parameterisation::Vp(_) => b.sub(x, &b.affine(out, sigma, 0.0)?),
+    }
 }
 
 /// A distilled student's few-step sampler over its own `sigmas` (descending). The output is the

@@ -8,8 +8,10 @@ use crate::nn::{
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-/// Architecture hyper-parameters, stored in every checkpoint's `config.json`.
+/// Architecture hyper-parameters, stored in every checkpoint's `config.json`. A TOML `[model]`
+/// table may give any subset of the fields; the rest are [`UNetConfig::mnist_small`]'s.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct UNetConfig {
     /// Image channels (1 for MNIST, 3 for CIFAR-10).
     pub channels: usize,
@@ -36,6 +38,12 @@ fn one() -> usize {
 }
 fn is_one(n: &usize) -> bool {
     *n == 1
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        Self::mnist_small()
+    }
 }
 
 impl UNetConfig {

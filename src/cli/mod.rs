@@ -30,6 +30,10 @@ pub struct Cli {
     /// Hide progress bars (they are also hidden when stderr is not a terminal).
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Load checkpoints whose model.safetensors does not match the sha256 recorded in their
+    /// config.json (hand-edited weights); by default that is a "corrupted" error.
+    #[arg(long, global = true)]
+    pub no_verify: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -41,7 +45,8 @@ pub enum Command {
     Train(TrainCommand),
     /// Generate images from a checkpoint; writes a PNG grid and a safetensors sample file.
     Sample(SampleArgs),
-    /// Score samples: Frechet distance in a small MNIST classifier's feature space and class accuracy.
+    /// Score samples in a small MNIST classifier's feature space: Frechet distance, class accuracy,
+    /// precision / recall / density / coverage (k-NN, k = 3) and per-class recall.
     Eval(EvalArgs),
     /// Export a checkpoint to ONNX: the whole sampler unrolled into one graph (default), or the
     /// bare denoiser.
@@ -363,8 +368,8 @@ pub struct SampleArgs {
     /// Classifier-free guidance scale (1 = off).
     #[arg(long)]
     pub cfg_scale: Option<f64>,
-    /// Seed of the noise.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the noise (not with --noise, which gives the noise itself).
+    #[arg(long, default_value_t = 0, conflicts_with = "noise")]
     pub seed: u64,
     /// Class labels to draw, comma-separated; default: every class.
     #[arg(long, value_delimiter = ',')]
@@ -536,6 +541,7 @@ fn cmd_plot(a: &PlotArgs) -> Result<()> {
 
 /// Parses the command line and runs the job it names.
 pub fn run(cli: &Cli) -> Result<()> {
+    distill::checks::set_verify_weights(!cli.no_verify);
     let dev = device(&cli.device)?;
     let show = show_progress(cli.quiet);
     match &cli.command {

@@ -133,6 +133,14 @@ pub struct TeacherArgs {
     /// master weights, optimiser state and checkpoints stay f32.
     #[arg(long, value_enum)]
     pub precision: Option<TrainPrecisionArg>,
+    /// Number of classes of the model (default: the config's, 10; a data set with a label at or
+    /// above it is an error).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    /// the data differ from the run's start.
+    #[arg(long, requires = "resume")]
+    pub allow_resume_change: bool,
 }
 
 /// Training compute precision.
@@ -180,6 +188,7 @@ impl TeacherArgs {
         set!(m.attn_resolutions, self.attn_resolutions);
         set!(m.dropout, self.dropout);
         set!(m.resolution, self.resolution);
+        set!(m.num_classes, self.num_classes);
         set!(c.parameterisation, self.parameterisation);
         if let Some(b) = self.beta_schedule {
             c.beta_schedule = match b {
@@ -216,6 +225,7 @@ impl TeacherArgs {
             limit: self.limit,
             out: self.out.clone(),
             resume: self.resume,
+            allow_resume_change: self.allow_resume_change,
             show_progress,
         })
     }
@@ -274,8 +284,8 @@ pub struct DistillRunArgs {
     /// Write the checkpoint every N iterations (always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Score the student (Frechet distance, class accuracy) every N iterations into the metrics
-    /// (0 = off; MNIST-shaped data only).
+    /// Score the student (Frechet distance, class accuracy, precision, recall, density, coverage)
+    /// every N iterations into the metrics (0 = off; MNIST-shaped data only).
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// Images per in-training evaluation.
@@ -285,6 +295,10 @@ pub struct DistillRunArgs {
     /// master weights, optimiser state and checkpoints stay f32.
     #[arg(long, value_enum)]
     pub precision: Option<TrainPrecisionArg>,
+    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    /// the data differ from the run's start.
+    #[arg(long, requires = "resume")]
+    pub allow_resume_change: bool,
 }
 
 impl DistillRunArgs {
@@ -543,6 +557,7 @@ impl Dmd2Args {
                 .clone()
                 .unwrap_or_else(|| Dmd2Job::DEFAULT_OUT.into()),
             resume: self.common.resume,
+            allow_resume_change: self.common.allow_resume_change,
             show_progress,
         })
     }
@@ -558,6 +573,7 @@ impl TdmArgs {
                 .clone()
                 .unwrap_or_else(|| TdmJob::DEFAULT_OUT.into()),
             resume: self.common.resume,
+            allow_resume_change: self.common.allow_resume_change,
             show_progress,
         })
     }

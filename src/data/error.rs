@@ -11,18 +11,16 @@ fn p(path: &Path) -> std::path::Display<'_> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{}: {op}: {source}", p(path))]
+    // The io error is part of the message, not a `source`: anyhow's `{:#}` would print it twice.
+    #[error("{}: {op}: {err}", p(path))]
     Io {
         path: PathBuf,
         op: &'static str,
-        source: std::io::Error,
+        err: std::io::Error,
     },
 
-    #[error("{}: gzip stream is corrupt: {source}", p(path))]
-    Gzip {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{}: gzip stream is corrupt: {err}", p(path))]
+    Gzip { path: PathBuf, err: std::io::Error },
 
     #[error(
         "{}: wrong magic number for {what}: expected {expected:#010x}, found {found:#010x}",
@@ -131,7 +129,7 @@ impl DataError {
         DataError::Io {
             path: path.to_path_buf(),
             op,
-            source,
+            err: source,
         }
     }
     pub(crate) fn malformed(path: &Path, reason: impl Into<String>) -> Self {

@@ -46,7 +46,7 @@ pub(crate) fn gunzip_if_needed(bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>, D
         .read_to_end(&mut out)
         .map_err(|e| DataError::Gzip {
             path: path.to_path_buf(),
-            source: e,
+            err: e,
         })?;
     if out.len() as u64 > MAX_FILE_BYTES {
         return Err(DataError::malformed(

@@ -5,17 +5,23 @@
 //!   of the samples and of all 10,000 embedded real digits (the FID recipe with an MNIST network in
 //!   place of Inception), and
 //! * with the labels the samples were conditioned on, the fraction the classifier recognises as
-//!   that label (overall and per class).
+//!   that label (overall and per class), and
+//! * diversity on k-NN balls in the same features ([`diversity`]): precision, recall, density and
+//!   coverage against as many real digits as there are samples (class-balanced, at most 5,000),
+//!   and with labels the recall per class (mode dropping inside a class).
 //!
-//! Two reference points come with every score: real vs real (two disjoint halves of the real
-//! digits, 5,000 vs 5,000) and Gaussian noise vs real. FD is biased upward for small N (the
+//! Reference points come with every score: real vs real (two disjoint halves of the real digits,
+//! 5,000 vs 5,000, for FD; two disjoint real sets of the samples' size for the diversity scores)
+//! and Gaussian noise vs real. FD is biased upward for small N (the
 //! sample covariance of few images is noisy, which only adds distance), so compare scores at the
 //! same N; the report states N.
 
 pub mod classifier;
+pub mod diversity;
 pub mod frechet;
 
 pub use classifier::{default_cache_dir, load_or_train, Classifier};
+pub use diversity::{Diversity, DiversityScores};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
@@ -44,6 +50,42 @@ pub struct EvalReport {
     pub ref_noise_fd: f64,
     /// Accuracy per label 0..9 (NaN, serialised as `null`, for a label with no samples).
     pub per_class_accuracy: Option<Vec<f64>>,
+    /// Precision, recall, density, coverage (k = 3) with the real vs real reference at the same
+    /// size, and per-class recall when labels were given (NaN/`null` where undefined).
+    pub diversity: DiversityScores,
+}
+
+impl EvalReport {
+    /// The scalar scores under their metric names (`fd`, `class_accuracy`, `precision`, `recall`,
+    /// `density`, `coverage`), as logged by the trainers' `--eval-every`.
+    pub fn metrics(&self) -> Vec<(&'static str, f64)> {
+        let d = &self.diversity.samples;
+        let mut m = vec![("fd", self.fd)];
+        if let Some(a) = self.class_accuracy {
+            m.push(("class_accuracy", a));
+        }
+        m.extend([
+            ("precision", d.precision),
+            ("recall", d.recall),
+            ("density", d.density),
+            ("coverage", d.coverage),
+        ]);
+        m
+    }
+}
+
+fn per_class_line(v: &[f64]) -> String {
+    v.iter()
+        .enumerate()
+        .map(|(c, a)| {
+            if a.is_nan() {
+                format!("{c}: -")
+            } else {
+                format!("{c}: {a:.2}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl fmt::Display for EvalReport {
@@ -71,6 +113,22 @@ impl fmt::Display for EvalReport {
                 write!(f, " (per class %: {})", parts.join(", "))?;
             }
         }
+        let dv = &self.diversity;
+        let (s, r) = (&dv.samples, &dv.real_vs_real);
+        write!(
+            f,
+            "\nprecision {:.3}, recall {:.3}, density {:.3}, coverage {:.3} (k = {}, vs {} real digits)   [reference: real vs real {:.3}, {:.3}, {:.3}, {:.3}]",
+            s.precision, s.recall, s.density, s.coverage, dv.k, dv.n_real,
+            r.precision, r.recall, r.density, r.coverage
+        )?;
+        if let (Some(p), Some(q)) = (&dv.per_class_recall, &dv.real_vs_real_per_class_recall) {
+            write!(
+                f,
+                "\nrecall per class: {}   [real vs real: {}]",
+                per_class_line(p),
+                per_class_line(q)
+            )?;
+        }
         Ok(())
     }
 }
@@ -86,6 +144,8 @@ pub struct Evaluator {
     pub ref_real_fd: f64,
     /// FD of 5,000 N(0,1) noise images (clamped to [-1, 1]) vs all real digits.
     pub ref_noise_fd: f64,
+    /// The real digits' features, the real side of the diversity scores.
+    pub real: diversity::RealReference,
 }
 
 /// Features `[N, 128]` as one row-major f32 buffer.
@@ -138,12 +198,14 @@ impl Evaluator {
         let nf = feature_rows(&classifier.features(&noise)?)?;
         let (mn, cn) = frechet::stats(&nf, NOISE_REFERENCE_N, d);
         let ref_noise_fd = frechet::frechet_distance(&mn, &cn, &real_mean, &real_cov, d);
+        let real = diversity::RealReference::new(feats, data.labels.clone(), d, NUM_CLASSES);
         Ok(Evaluator {
             classifier,
             real_mean,
             real_cov,
             ref_real_fd,
             ref_noise_fd,
+            real,
         })
     }
 
@@ -210,6 +272,7 @@ impl Evaluator {
                 (Some(acc), Some(per))
             }
         };
+        let diversity = self.real.score(&feats, labels, diversity::NEAREST_K)?;
         Ok(EvalReport {
             n,
             fd,
@@ -217,6 +280,7 @@ impl Evaluator {
             ref_real_fd: self.ref_real_fd,
             ref_noise_fd: self.ref_noise_fd,
             per_class_accuracy,
+            diversity,
         })
     }
 }
@@ -244,8 +308,48 @@ mod tests {
                     })
                     .collect(),
             ),
+            diversity: DiversityScores {
+                k: 3,
+                n_real: 1000,
+                samples: Diversity {
+                    precision: 0.8351,
+                    recall: 0.75,
+                    density: 1.02,
+                    coverage: 0.9,
+                },
+                real_vs_real: Diversity {
+                    precision: 0.9,
+                    recall: 0.91,
+                    density: 1.0,
+                    coverage: 0.95,
+                },
+                per_class_recall: Some((0..10).map(|c| 0.5 + c as f64 / 100.0).collect()),
+                real_vs_real_per_class_recall: Some(vec![f64::NAN; 10]),
+            },
         };
         let s = r.to_string();
+        assert!(
+            s.contains("precision 0.835, recall 0.750, density 1.020, coverage 0.900 (k = 3, vs 1000 real digits)")
+                && s.contains("real vs real 0.900, 0.910, 1.000, 0.950"),
+            "{s}"
+        );
+        assert!(
+            s.contains("recall per class: 0: 0.50") && s.contains("9: 0.59"),
+            "{s}"
+        );
+        let keys: Vec<&str> = r.metrics().iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            [
+                "fd",
+                "class_accuracy",
+                "precision",
+                "recall",
+                "density",
+                "coverage"
+            ]
+        );
+        assert_eq!(r.metrics()[3].1, 0.75);
         assert!(s.contains("N = 1000"), "{s}");
         assert!(
             s.contains("Frechet distance (classifier features): 12.35"),
@@ -262,6 +366,9 @@ mod tests {
         let j: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(j["n"], 1000);
         assert!(j["per_class_accuracy"][3].is_null());
+        assert_eq!(j["diversity"]["samples"]["recall"], 0.75);
+        assert_eq!(j["diversity"]["real_vs_real"]["precision"], 0.9);
+        assert!(j["diversity"]["real_vs_real_per_class_recall"][0].is_null());
         let unlabeled = EvalReport {
             class_accuracy: None,
             per_class_accuracy: None,

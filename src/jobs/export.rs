@@ -83,6 +83,14 @@ impl Default for ExportJob {
 impl ExportJob {
     /// Writes the ONNX file only; returns its path.
     pub fn write_onnx(&self) -> Result<PathBuf> {
+        if crate::diffusers_io::is_diffusers(&self.checkpoint) {
+            let (den, fp16) = (
+                self.what == ExportWhat::Denoiser,
+                self.precision == export::Precision::Fp16,
+            );
+            let trt = self.trt.is_some();
+            return crate::diffusers_io::export_unet(&self.checkpoint, &self.out, den, fp16, trt);
+        }
         let dev = Device::Cpu;
         let (den, meta) = checkpoint::load(&self.checkpoint, &dev)?;
         let opts = export::ExportOptions {
@@ -134,11 +142,13 @@ impl ExportJob {
         for m in export::metadata(&model) {
             println!("  {} = {}", m.0, m.1);
         }
-        println!(
-            "next: distill validate {} --reference {}",
-            path.display(),
-            self.checkpoint.display()
-        );
+        if !crate::diffusers_io::is_diffusers(&self.checkpoint) {
+            println!(
+                "next: distill validate {} --reference {}",
+                path.display(),
+                self.checkpoint.display()
+            );
+        }
         if let (Some(tc), Some(trt)) = (toolchain, &self.trt) {
             build_engine(&self.checkpoint, trt, &path, &tc)?;
         }

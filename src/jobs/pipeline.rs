@@ -65,6 +65,12 @@ pub struct QualityRow {
     pub cfg_scale: f64,
     pub fd: f64,
     pub class_accuracy: Option<f64>,
+    pub precision: f64,
+    pub recall: f64,
+    pub density: f64,
+    pub coverage: f64,
+    /// Recall per class 0..9 (real digits of the class vs samples drawn for it).
+    pub per_class_recall: Option<Vec<f64>>,
     pub ms_per_image: f64,
     pub command: String,
 }
@@ -88,6 +94,8 @@ pub struct Results {
     pub parity: Vec<ParityRow>,
     pub ref_real_fd: f64,
     pub ref_noise_fd: f64,
+    /// Diversity of a disjoint real set of the rows' size (every row scores the same N).
+    pub ref_real_diversity: Option<crate::eval::Diversity>,
     /// Images per quality row.
     pub images: usize,
 }
@@ -169,6 +177,7 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
             data: o.data.clone(),
             limit: None,
             resume: resumable(&out.join("checkpoint")),
+            allow_resume_change: false,
             out,
             show_progress: show,
         };
@@ -195,6 +204,7 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
                 ..Default::default()
             },
             resume: resumable(&out.join("checkpoint")),
+            allow_resume_change: false,
             out: out.clone(),
             show_progress: show,
         };
@@ -238,6 +248,8 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
         };
         let (r, spec, ms) = eval_checkpoint(&ev, &ckpt, &ov, o.eval_n, 1, dev)?;
         let sname = format!("{:?}", spec.sampler).to_lowercase();
+        res.ref_real_diversity = Some(r.diversity.real_vs_real);
+        let dv = &r.diversity.samples;
         let row = QualityRow {
             model: name,
             sampler: sname.clone(),
@@ -245,6 +257,11 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
             cfg_scale: spec.cfg_scale,
             fd: r.fd,
             class_accuracy: r.class_accuracy,
+            precision: dv.precision,
+            recall: dv.recall,
+            density: dv.density,
+            coverage: dv.coverage,
+            per_class_recall: r.diversity.per_class_recall.clone(),
             ms_per_image: ms,
             command: match sampler {
                 Some(_) => format!(
@@ -263,13 +280,17 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
             },
         };
         eprintln!(
-            "{:>10} {:>7} NFE {:>2} cfg {:.1}: FD {:7.2}, class accuracy {:5.1}%, {:.2} ms/image",
+            "{:>10} {:>7} NFE {:>2} cfg {:.1}: FD {:7.2}, class accuracy {:5.1}%, precision {:.3}, recall {:.3}, density {:.3}, coverage {:.3}, {:.2} ms/image",
             row.model,
             row.sampler,
             row.nfe,
             row.cfg_scale,
             row.fd,
             100.0 * row.class_accuracy.unwrap_or(f64::NAN),
+            row.precision,
+            row.recall,
+            row.density,
+            row.coverage,
             row.ms_per_image
         );
         res.quality.push(row);
@@ -358,24 +379,45 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     Ok(res)
 }
 
+/// `0.41 (8)`: the lowest per-class recall and its class.
+fn lowest_class_recall(per: Option<&[f64]>) -> String {
+    per.and_then(|p| {
+        p.iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_nan())
+            .min_by(|a, b| a.1.total_cmp(b.1))
+    })
+    .map(|(c, r)| format!("{r:.2} ({c})"))
+    .unwrap_or_default()
+}
+
 /// The results as the README's markdown tables.
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
+    let diversity_ref = r
+        .ref_real_diversity
+        .map(|d| {
+            format!(
+                "; precision / recall / density / coverage (k = 3) of real vs real at the same N: {:.3} / {:.3} / {:.3} / {:.3}",
+                d.precision, d.recall, d.density, d.coverage
+            )
+        })
+        .unwrap_or_default();
     let _ = writeln!(
         s,
-        "Quality per NFE ({} images each; FD references: real vs real {:.2}, Gaussian noise {:.1})\n",
+        "Quality per NFE ({} images each; FD references: real vs real {:.2}, Gaussian noise {:.1}{diversity_ref})\n",
         r.images,
         r.ref_real_fd,
         r.ref_noise_fd
     );
     let _ = writeln!(
         s,
-        "| model | sampler | NFE | CFG | FD | class accuracy | ms/image (candle CPU) | command |\n|---|---|---|---|---|---|---|---|"
+        "| model | sampler | NFE | CFG | FD | class accuracy | precision | recall | density | coverage | lowest class recall | ms/image (candle CPU) | command |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for q in &r.quality {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.2} | {} | {:.2} | `{}` |",
+            "| {} | {} | {} | {} | {:.2} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.2} | `{}` |",
             q.model,
             q.sampler,
             q.nfe,
@@ -384,6 +426,11 @@ pub fn markdown(r: &Results) -> String {
             q.class_accuracy
                 .map(|a| format!("{:.1}%", 100.0 * a))
                 .unwrap_or_default(),
+            q.precision,
+            q.recall,
+            q.density,
+            q.coverage,
+            lowest_class_recall(q.per_class_recall.as_deref()),
             q.ms_per_image,
             q.command
         );
@@ -409,4 +456,54 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_has_the_diversity_columns_and_reference() {
+        let row = QualityRow {
+            model: "dmd2_1step".into(),
+            sampler: "student".into(),
+            nfe: 1,
+            cfg_scale: 1.0,
+            fd: 29.1,
+            class_accuracy: Some(0.97),
+            precision: 0.862,
+            recall: 0.568,
+            density: 1.1,
+            coverage: 0.7,
+            per_class_recall: Some((0..10).map(|c| if c == 8 { 0.41 } else { 0.6 }).collect()),
+            ms_per_image: 1.74,
+            command: "distill eval x --steps 1 --n 1000".into(),
+        };
+        let r = Results {
+            quality: vec![row],
+            ref_real_fd: 2.04,
+            ref_noise_fd: 2100.7,
+            ref_real_diversity: Some(crate::eval::Diversity {
+                precision: 0.9,
+                recall: 0.91,
+                density: 1.0,
+                coverage: 0.95,
+            }),
+            images: 1000,
+            ..Default::default()
+        };
+        let md = markdown(&r);
+        assert!(md.contains("| FD | class accuracy | precision | recall | density | coverage | lowest class recall |"), "{md}");
+        assert!(
+            md.contains("| 29.10 | 97.0% | 0.862 | 0.568 | 1.100 | 0.700 | 0.41 (8) | 1.74 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("real vs real at the same N: 0.900 / 0.910 / 1.000 / 0.950"),
+            "{md}"
+        );
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["quality"][0]["recall"], 0.568);
+        assert_eq!(j["ref_real_diversity"]["coverage"], 0.95);
+    }
 }

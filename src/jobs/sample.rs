@@ -1,7 +1,7 @@
 //! `sample` and `eval`: generate images from a checkpoint, and score images or a checkpoint.
 
 use crate::checkpoint::{self, CheckpointMeta};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use graphs::{GeneratorSpec, SamplerKind};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,12 @@ pub struct SamplerOverride {
 impl SamplerOverride {
     /// The checkpoint's default generator with these overrides applied.
     pub fn apply(&self, meta: &CheckpointMeta) -> Result<GeneratorSpec> {
+        if let Some(n) = self.sample_steps {
+            crate::checks::size("--sample-steps (--steps)", n as u64, 1, 1000)?;
+        }
+        if let Some(c) = self.cfg_scale {
+            crate::checks::cfg_scale("--cfg-scale", c)?;
+        }
         let mut spec = meta.generator.clone();
         if let Some(s) = self.sampler {
             spec.sampler = s;
@@ -81,9 +87,17 @@ impl Default for SampleJob {
 
 impl SampleJob {
     pub fn run(&self, dev: &Device) -> Result<()> {
+        crate::checks::size("--per-class", self.per_class as u64, 1, 1_000_000)?;
+        crate::checks::size("--batch-size", self.batch_size as u64, 1, 65_536)?;
         let (den, meta) = checkpoint::load(&self.checkpoint, dev)?;
         let spec = self.sampler.apply(&meta)?;
         let ncls = den.unet.cfg.num_classes;
+        if let Some(bad) = self.labels.iter().flatten().find(|&&l| l as usize >= ncls) {
+            bail!(
+                "--labels: label {bad} is out of range (the model has {ncls} classes: 0..{})",
+                ncls - 1
+            );
+        }
         let (inputs, labels) = match &self.noise {
             Some(p) => {
                 let inputs = crate::sample::load_noise(p, &den, &spec, dev)?;
@@ -210,8 +224,34 @@ pub fn eval_checkpoint(
 
 impl EvalJob {
     pub fn run(&self, dev: &Device) -> Result<crate::eval::EvalReport> {
+        // Reject what the classifier cannot score before training (or loading) it.
+        let samples = if self.input.is_dir() {
+            crate::checks::size("--n", self.n as u64, 2, 10_000_000)?;
+            let u = checkpoint::load_meta(&self.input)?.model.unet;
+            let like = Tensor::zeros(
+                (1, u.channels, u.resolution, u.resolution),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?;
+            crate::eval::classifier::check_image_shape(&like)
+                .with_context(|| format!("{} cannot be evaluated", self.input.display()))?;
+            None
+        } else {
+            let (images, labels) = crate::sample::load_samples(&self.input, dev)?;
+            crate::eval::classifier::check_image_shape(&images)
+                .with_context(|| format!("{} cannot be evaluated", self.input.display()))?;
+            Some((images, labels))
+        };
+        if samples.is_some() && self.sampler != SamplerOverride::default() {
+            bail!(
+                "--sampler, --sample-steps and --cfg-scale apply to a checkpoint; {} is a sample file",
+                self.input.display()
+            );
+        }
         let ev = evaluator(self.cache_dir.as_deref(), dev, self.show_progress)?;
-        let report = if self.input.is_dir() {
+        let report = if let Some((images, labels)) = samples {
+            ev.evaluate(&images, labels.as_deref())?
+        } else {
             let (r, spec, ms) =
                 eval_checkpoint(&ev, &self.input, &self.sampler, self.n, self.seed, dev)?;
             println!(
@@ -224,9 +264,6 @@ impl EvalJob {
                 spec.cfg_scale
             );
             r
-        } else {
-            let (images, labels) = crate::sample::load_samples(&self.input, dev)?;
-            ev.evaluate(&images, labels.as_deref())?
         };
         println!("{report}");
         if let Some(p) = &self.json {

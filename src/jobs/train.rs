@@ -1,11 +1,12 @@
 //! `train teacher`, `train dmd2`, `train tdm`: a method's config plus where the data and the run
 //! folder are.
 
+use crate::checks;
 use crate::train::distill::{self, DistillOutcome, RunSpec, Teacher};
 use crate::train::dmd2::{Dmd2, Dmd2Config};
 use crate::train::tdm::{Tdm, TdmConfig};
 use crate::train::teacher::{self, TeacherConfig, TeacherOutcome};
-use crate::train::RunDir;
+use crate::train::{RunDir, TRAIN_STATE_FILE};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::de::DeserializeOwned;
@@ -55,6 +56,9 @@ pub fn load_data(
     resolution: usize,
     limit: Option<usize>,
 ) -> Result<crate::data::Dataset> {
+    if limit == Some(0) {
+        anyhow::bail!("--limit 0 leaves no images to train on (use --limit 1 or more)");
+    }
     let d = crate::data::load_at_resolution(path, Some(resolution))?;
     let d = if let Some(n) = limit { d.subset(n) } else { d };
     Ok(d.to_resolution(resolution)?)
@@ -72,6 +76,8 @@ pub struct TeacherJob {
     pub out: PathBuf,
     /// Continue the run in `out` from its last checkpoint.
     pub resume: bool,
+    /// With `resume`: continue even though the config or the data differ from the run's start.
+    pub allow_resume_change: bool,
     pub show_progress: bool,
 }
 
@@ -87,6 +93,7 @@ impl Default for TeacherJob {
             limit: None,
             out: PathBuf::from(Self::DEFAULT_OUT),
             resume: false,
+            allow_resume_change: false,
             show_progress: false,
         }
     }
@@ -95,10 +102,22 @@ impl Default for TeacherJob {
 impl TeacherJob {
     pub fn run(&self, dev: &Device) -> Result<TeacherOutcome> {
         let mut cfg = self.config.clone();
+        checks::teacher(&cfg)?;
         let data = load_data(self.data.as_deref(), cfg.model.resolution, self.limit)?;
+        checks::labels_fit(&data, cfg.model.num_classes)?;
         cfg.model.channels = data.channels;
         cfg.model.num_classes = data.num_classes;
         let run = RunDir::new(&self.out)?;
+        let toml_cfg = toml::to_string(&cfg)?;
+        let allow = self.allow_resume_change;
+        checks::resume(
+            &run,
+            TRAIN_STATE_FILE,
+            &toml_cfg,
+            Some(&data),
+            self.resume,
+            allow,
+        )?;
         eprintln!(
             "teacher: {} images ({}x{}x{}, {} classes) from {}; {} params; {} steps at batch {} -> {}",
             data.len(),
@@ -154,7 +173,12 @@ fn report(what: &str, out: &DistillOutcome, run: &RunDir) {
     let last: Vec<String> = out
         .last
         .iter()
-        .filter(|(k, _)| k.starts_with("loss") || *k == "fd" || *k == "class_accuracy")
+        .filter(|(k, _)| {
+            k.starts_with("loss")
+                || *k == "fd"
+                || *k == "class_accuracy"
+                || crate::eval::diversity::METRIC_NAMES.contains(&k.as_str())
+        })
         .map(|(k, v)| format!("{k} {v:.4}"))
         .collect();
     eprintln!(
@@ -179,6 +203,8 @@ pub struct Dmd2Job {
     pub limit: Option<usize>,
     pub out: PathBuf,
     pub resume: bool,
+    /// With `resume`: continue even though the config or the data differ from the run's start.
+    pub allow_resume_change: bool,
     pub show_progress: bool,
 }
 
@@ -194,6 +220,7 @@ impl Default for Dmd2Job {
             limit: None,
             out: PathBuf::from(Self::DEFAULT_OUT),
             resume: false,
+            allow_resume_change: false,
             show_progress: false,
         }
     }
@@ -203,10 +230,21 @@ impl Dmd2Job {
     /// Trains; returns the checkpoint folder.
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
         let cfg = &self.config;
+        checks::dmd2(cfg)?;
         let teacher = Teacher::load(&cfg.teacher, dev)?;
         let u = &teacher.meta.model.unet;
         let data = load_data(self.data.as_deref(), u.resolution, self.limit)?;
         let run = RunDir::new(&self.out)?;
+        let toml_cfg = toml::to_string(cfg)?;
+        let allow = self.allow_resume_change;
+        checks::resume(
+            &run,
+            TRAIN_STATE_FILE,
+            &toml_cfg,
+            Some(&data),
+            self.resume,
+            allow,
+        )?;
         let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
         let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, self.show_progress)?;
         eprintln!(
@@ -246,6 +284,8 @@ pub struct TdmJob {
     pub config: TdmConfig,
     pub out: PathBuf,
     pub resume: bool,
+    /// With `resume`: continue even though the config or the data differ from the run's start.
+    pub allow_resume_change: bool,
     pub show_progress: bool,
 }
 
@@ -259,6 +299,7 @@ impl Default for TdmJob {
             config: TdmConfig::default(),
             out: PathBuf::from(Self::DEFAULT_OUT),
             resume: false,
+            allow_resume_change: false,
             show_progress: false,
         }
     }
@@ -268,9 +309,13 @@ impl TdmJob {
     /// Trains; returns the checkpoint folder.
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
         let cfg = &self.config;
+        checks::tdm(cfg)?;
         let teacher = Teacher::load(&cfg.teacher, dev)?;
         let run = RunDir::new(&self.out)?;
         let mut m = Tdm::new(cfg.clone(), &teacher, dev)?;
+        let toml_cfg = toml::to_string(&m.cfg)?;
+        let allow = self.allow_resume_change;
+        checks::resume(&run, TRAIN_STATE_FILE, &toml_cfg, None, self.resume, allow)?;
         let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, self.show_progress)?;
         eprintln!(
             "tdm: {}-step student (timesteps {:?}) from {}; {} iterations at batch {} x {}; noise mode {:?} -> {}",

@@ -96,6 +96,11 @@ impl ValidateJob {
 
     /// Parity of the model against its checkpoint, without lint, files or verdict.
     pub fn report(&self) -> Result<export::ValidateReport> {
+        for (name, t) in [("--atol", self.atol), ("--mean-atol", self.mean_atol)] {
+            if let Some(t) = t {
+                crate::checks::in_range(name, t, 0.0, 1e3)?;
+            }
+        }
         let dev = Device::Cpu;
         let (den, _) = checkpoint::load(&self.reference, &dev)?;
         let meta = export::OnnxMetadata::from_file(&self.model)?;

@@ -248,5 +248,13 @@ pub fn write_curves(run: &RunDir) -> Result<()> {
     if !fd.is_empty() {
         crate::plot::plot_png(&run.root.join("fd.png"), &title, &fd, false)?;
     }
+    let div: Vec<_> = all
+        .iter()
+        .filter(|s| crate::eval::diversity::METRIC_NAMES.contains(&s.name.as_str()))
+        .cloned()
+        .collect();
+    if !div.is_empty() {
+        crate::plot::plot_png(&run.root.join("diversity.png"), &title, &div, false)?;
+    }
     Ok(())
 }

@@ -35,8 +35,8 @@ pub struct RunConfig {
     /// PNG grid of the model every N iterations and at the end (0 = never).
     pub sample_every: u64,
     pub checkpoint_every: u64,
-    /// Frechet distance + class accuracy of the student every N iterations (0 = off); needs
-    /// 1x32x32 data with 10 classes (the evaluation classifier is an MNIST model).
+    /// Frechet distance, class accuracy and diversity of the student every N iterations (0 = off);
+    /// needs 1x32x32 data with 10 classes (the evaluation classifier is an MNIST model).
     pub eval_every: u64,
     /// Images per in-training evaluation.
     pub eval_n: usize,
@@ -259,11 +259,12 @@ fn snapshot<M: Method>(
         return Ok(Err(why));
     }
     let cm = CheckpointMeta::new(M::ROLE, m.model_config(), m.spec(), step);
+    let (weights, config) = checkpoint::serialise(&cm, &weights)?;
     Ok(Ok(Pending {
         step,
         state: checkpoint::safetensors_bytes_with_meta(&tensors, Some(meta))?,
-        weights: checkpoint::safetensors_bytes(&weights)?,
-        config: serde_json::to_string_pretty(&cm)?.into_bytes(),
+        weights,
+        config,
     }))
 }
 
@@ -438,9 +439,8 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 rs.device,
             )?;
             let r = eval_student(ev, &den, &m.spec(), cfg.eval_n, rs.device)?;
-            record.insert("fd".into(), r.fd);
-            if let Some(a) = r.class_accuracy {
-                record.insert("class_accuracy".into(), a);
+            for (k, v) in r.metrics() {
+                record.insert(k.into(), v);
             }
         }
         if !record.is_empty() {

@@ -3,6 +3,7 @@
 //!
 //! Both take named f32/int32 inputs and return the model's outputs, named, as f32 arrays.
 
+pub mod guard;
 pub mod onnxruntime;
 pub mod tract;
 

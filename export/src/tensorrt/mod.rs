@@ -93,13 +93,9 @@ pub fn is_plan(p: &Path) -> bool {
 
 /// SHA-256 (hex) of a file.
 pub fn sha256_file(p: &Path) -> Result<String, TrtError> {
-    use sha2::Digest;
     let bytes =
         std::fs::read(p).map_err(|e| TrtError::Io(format!("reading {}: {e}", p.display())))?;
-    Ok(sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::sha256_hex(&bytes))
 }
 
 /// `metadata_props` of an `.onnx` file, or of the ONNX a `.plan` was built from (its sidecar).

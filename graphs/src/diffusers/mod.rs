@@ -1,0 +1,15 @@
+//! Hugging Face diffusers models: `UNet2DModel` (config, blocks, weights), written against
+//! [`crate::Backend`] with diffusers' own parameter names, so a diffusers checkpoint loads
+//! key for key and the same code trains, runs and lowers to ONNX.
+
+pub mod blocks;
+pub mod config;
+pub mod json;
+pub mod load;
+pub mod teacher;
+pub mod unet2d;
+
+pub use config::{BlockType, ClassEmbed, TimeScaleShift, UNet2DConfig};
+pub use load::{load_unet, DiffusersFolder};
+pub use teacher::{DiffusersTeacher, NoiseSpace};
+pub use unet2d::UNet2DModel;

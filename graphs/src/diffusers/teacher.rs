@@ -1,0 +1,170 @@
+//! A diffusers model as a sigma-space denoiser `D(x, sigma, label) -> x0`, the form every
+//! distillation loss here is written in (`x = x0 + sigma * eps`). The conversion from the
+//! model's own space and prediction (eps / v / x0 for the DDPM family, velocity for rectified
+//! flow) happens here, in one place.
+
+use super::load::{load_unet, DiffusersFolder};
+use super::unet2d::UNet2DModel;
+use crate::backend::Backend;
+use crate::schedulers::euler::train_sigmas;
+use crate::schedulers::{Prediction, Scheduler};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::Path;
+
+/// How a model's noise level and output relate to sigma-space.
+#[derive(Clone, Debug)]
+pub enum NoiseSpace {
+    /// DDPM family: `x_t = x / sqrt(1 + sigma^2)`, timesteps `0..T` with the training sigmas.
+    Vp {
+        prediction: Prediction,
+        /// `sqrt((1 - acp) / acp)` per training timestep, as the scheduler computes it.
+        sigmas: Vec<f32>,
+    },
+    /// Rectified flow: `x_t = (1 - s) x0 + s eps` with `s = sigma / (1 + sigma)`, timestep
+    /// `s * T`, the model predicts the velocity `eps - x0`.
+    Flow { num_train_timesteps: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct DiffusersTeacher {
+    pub unet: UNet2DModel,
+    pub space: NoiseSpace,
+    /// Image side (H = W).
+    pub side: usize,
+}
+
+impl NoiseSpace {
+    /// From a scheduler config: the betas (DDPM family) or the flow scheduler.
+    pub fn from_scheduler(s: &Scheduler) -> Self {
+        let vp = |acp: &[f32], prediction| NoiseSpace::Vp {
+            prediction,
+            sigmas: train_sigmas(acp),
+        };
+        match s {
+            Scheduler::Ddpm(d) => vp(&d.alphas_cumprod, d.prediction),
+            Scheduler::Ddim(d) => vp(&d.alphas_cumprod, d.prediction),
+            Scheduler::Euler(d) => vp(&d.alphas_cumprod, d.prediction),
+            Scheduler::DpmMultistep(d) => vp(&d.alphas_cumprod, d.prediction),
+            Scheduler::FlowMatchEuler(f) => NoiseSpace::Flow {
+                num_train_timesteps: f.num_train_timesteps,
+            },
+        }
+    }
+}
+
+impl DiffusersTeacher {
+    /// A diffusers model or pipeline folder; the scheduler config is required (it defines the
+    /// noise space the model was trained in).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let folder = DiffusersFolder::resolve(dir)?;
+        let sched = folder.scheduler_config.with_context(|| {
+            format!(
+                "{}: no scheduler_config.json (in the folder or its pipeline's scheduler/): \
+                 the noise schedule the model was trained with is needed",
+                dir.display()
+            )
+        })?;
+        let scheduler = Scheduler::from_file(&sched)?;
+        let (unet, _) = load_unet(dir, device)?;
+        let side = unet.cfg.sample_size.with_context(|| {
+            format!("{}: config.json has no sample_size", folder.unet.display())
+        })?;
+        if unet.cfg.in_channels != unet.cfg.out_channels {
+            bail!(
+                "{}: in_channels {} != out_channels {}: not a pixel-space denoiser",
+                folder.unet.display(),
+                unet.cfg.in_channels,
+                unet.cfg.out_channels
+            );
+        }
+        Ok(Self {
+            unet,
+            space: NoiseSpace::from_scheduler(&scheduler),
+            side,
+        })
+    }
+
+    /// Smallest and largest sigma the model was trained on (flow: up to `s = (T - 1) / T`).
+    pub fn sigma_range(&self) -> (f64, f64) {
+        match &self.space {
+            NoiseSpace::Vp { sigmas, .. } => (sigmas[0] as f64, sigmas[sigmas.len() - 1] as f64),
+            NoiseSpace::Flow {
+                num_train_timesteps,
+            } => {
+                // s in [1/T, 1): sigma = s / (1 - s); s = 1 is pure noise (infinite sigma).
+                let t = *num_train_timesteps as f64;
+                let s_max = (t - 1.0) / t;
+                ((1.0 / t) / (1.0 - 1.0 / t), s_max / (1.0 - s_max))
+            }
+        }
+    }
+
+    /// The model's timestep input for a sigma-space `sigma`: diffusers' `_sigma_to_t` (linear
+    /// interpolation of the timestep in log-sigma) for the DDPM family, `s * T` for flow.
+    pub fn timestep(&self, sigma: f64) -> f64 {
+        match &self.space {
+            NoiseSpace::Vp { sigmas, .. } => {
+                let ls = sigma.max(1e-10).ln();
+                let logs: Vec<f64> = sigmas.iter().map(|s| (*s as f64).ln()).collect();
+                let n = logs.len();
+                let low = logs
+                    .iter()
+                    .rposition(|l| ls - l >= 0.0)
+                    .unwrap_or(0)
+                    .min(n - 2);
+                let (lo, hi) = (logs[low], logs[low + 1]);
+                let w = ((lo - ls) / (lo - hi)).clamp(0.0, 1.0);
+                (1.0 - w) * low as f64 + w * (low + 1) as f64
+            }
+            NoiseSpace::Flow {
+                num_train_timesteps,
+            } => {
+                let s = if sigma.is_infinite() {
+                    1.0
+                } else {
+                    sigma / (1.0 + sigma)
+                };
+                s * *num_train_timesteps as f64
+            }
+        }
+    }
+
+    /// `D(x, sigma)`: `x` `[N, C, H, W]` in sigma-space, `sigma` and `timestep` `[N]` (the model's
+    /// timestep for each sigma, see [`Self::timestep`]), labels as [`UNet2DModel::forward`].
+    pub fn x0<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        sigma: &B::T,
+        timestep: &B::T,
+        labels: Option<&B::T>,
+    ) -> Result<B::T> {
+        let s = b.reshape(sigma, &[-1, 1, 1, 1])?;
+        let one = b.constant(&[1.0], &[1])?;
+        match &self.space {
+            NoiseSpace::Vp { prediction, .. } => {
+                let c_in = b.div(&one, &b.sqrt(&b.affine(&b.mul(&s, &s)?, 1.0, 1.0)?)?)?;
+                let out = self
+                    .unet
+                    .forward(b, &b.mul(x, &c_in)?, self.side, timestep, labels)?;
+                match prediction {
+                    Prediction::Epsilon => b.sub(x, &b.mul(&out, &s)?),
+                    Prediction::Sample => Ok(out),
+                    // x0 = alpha x_t - sigma_t v, alpha = c_in, sigma_t = sigma c_in, x_t = c_in x.
+                    Prediction::VPrediction => b.sub(
+                        &b.mul(x, &b.mul(&c_in, &c_in)?)?,
+                        &b.mul(&out, &b.mul(&s, &c_in)?)?,
+                    ),
+                }
+            }
+            NoiseSpace::Flow { .. } => {
+                let inv = b.div(&one, &b.affine(&s, 1.0, 1.0)?)?; // 1 - s_flow = 1 / (1 + sigma)
+                let x_t = b.mul(x, &inv)?;
+                let out = self.unet.forward(b, &x_t, self.side, timestep, labels)?;
+                // x0 = x_t - s v, s = sigma / (1 + sigma)
+                b.sub(&x_t, &b.mul(&out, &b.mul(&s, &inv)?)?)
+            }
+        }
+    }
+}
