@@ -184,6 +184,6 @@ impl Denoiser {
         labels: &B::T,
         scale: f64,
     ) -> anyhow::Result<B::T> {
-        crate::guidance::cond_uncond(b, self, x, level, labels, scale)?.guided(b, scale)
+        crate::guidance::guided_by(b, self, labels, scale, |l| self.forward(b, x, level, l))
     }
 }

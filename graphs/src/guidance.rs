@@ -20,10 +20,6 @@ impl<T: Clone> CondUncond<T> {
             _ => Ok(self.cond.clone()),
         }
     }
-    /// The unconditional x0, or the conditional one when guidance is off.
-    pub fn uncond_or_cond(&self) -> T {
-        self.uncond.clone().unwrap_or_else(|| self.cond.clone())
-    }
 }
 
 /// `uncond + scale * (cond - uncond)`.
@@ -31,31 +27,28 @@ pub fn combine<B: Backend>(b: &B, cond: &B::T, uncond: &B::T, scale: f64) -> any
     b.add(uncond, &b.affine(&b.sub(cond, uncond)?, scale, 0.0)?)
 }
 
-/// The conditional x0 for `labels` and, when `scale != 1`, the unconditional one (the null
-/// class), as two network calls (what every backend, ONNX included, runs).
-pub fn cond_uncond<B: Backend>(
+/// Guidance on any output affine in the denoiser's `D` at a fixed `x` (`D` itself, or the raw
+/// network output the ODE samplers step on): `f(labels)` and, when `scale != 1`, `f(null)` for
+/// the null class, as two calls (what every backend, ONNX included, runs), [`combine`]d.
+pub fn guided_by<B: Backend>(
     b: &B,
     den: &Denoiser,
-    x: &B::T,
-    level: &NoiseLevel<B::T>,
     labels: &B::T,
     scale: f64,
-) -> anyhow::Result<CondUncond<B::T>> {
-    let cond = den.forward(b, x, level, labels)?;
+    f: impl Fn(&B::T) -> anyhow::Result<B::T>,
+) -> anyhow::Result<B::T> {
+    let cond = f(labels)?;
     if scale == 1.0 {
-        return Ok(CondUncond { cond, uncond: None });
+        return Ok(cond);
     }
     let null = b.full_batch(labels, den.unet.cfg.null_class() as f64, Kind::Label)?;
-    let uncond = den.forward(b, x, level, &null)?;
-    Ok(CondUncond {
-        cond,
-        uncond: Some(uncond),
-    })
+    let uncond = f(&null)?;
+    combine(b, &cond, &uncond, scale)
 }
 
-/// [`cond_uncond`] with both halves in one batched network call (candle: one pass over a
-/// doubled batch is faster than two; the numbers equal the two calls' within f32 round-off of
-/// the batched kernels).
+/// The conditional and (when `scale != 1`) the unconditional x0 in one batched network call
+/// (candle: one pass over a doubled batch is faster than two; the numbers equal two calls'
+/// within f32 round-off of the batched kernels).
 pub fn cond_uncond_batched(
     b: &CandleBackend,
     den: &Denoiser,

@@ -1,7 +1,7 @@
 //! Samplers, written against [`Backend`] so the exporter can unroll them into one ONNX graph.
 //! All work in sigma-space on `x = x0 + sigma * eps` (see [`crate::schedule`]).
 
-use crate::backend::{Backend, Kind};
+use crate::backend::Backend;
 use crate::denoiser::Denoiser;
 use crate::schedule::Parameterisation;
 use serde::{Deserialize, Serialize};
@@ -127,13 +127,9 @@ fn guided_output<B: Backend>(
         Parameterisation::Vp(_) => 1.0 / (1.0 + sigma * sigma).sqrt(),
     };
     let x_in = b.affine(x, c_in, 0.0)?;
-    let cond = den.unet.forward(b, &x_in, &level.c_noise, labels)?;
-    if cfg_scale == 1.0 {
-        return Ok(cond);
-    }
-    let null = b.full_batch(labels, den.unet.cfg.null_class() as f64, Kind::Label)?;
-    let uncond = den.unet.forward(b, &x_in, &level.c_noise, &null)?;
-    b.add(&uncond, &b.affine(&b.sub(&cond, &uncond)?, cfg_scale, 0.0)?)
+    crate::guidance::guided_by(b, den, labels, cfg_scale, |l| {
+        den.unet.forward(b, &x_in, &level.c_noise, l)
+    })
 }
 
 /// `(x - D) / sigma` from the raw output, without forming `x - D`.
