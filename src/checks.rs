@@ -12,7 +12,6 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use graphs::UNetConfig;
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A finite value in `[lo, hi]`.
@@ -343,7 +342,7 @@ pub fn resume(
     let record = serde_json::json!({ "data": data.map(data_fingerprint) });
     if !state.exists() {
         // A fresh run (or one killed before its first checkpoint): record what it trains on.
-        return crate::checkpoint::write_atomic(&inputs, record.to_string().as_bytes());
+        return crate::fsio::write_atomic(&inputs, record.to_string().as_bytes());
     }
     if !resume {
         // The trainer refuses to overwrite an existing run.
@@ -457,26 +456,4 @@ fn changed_fields(path: &str, a: &toml::Value, b: &toml::Value) -> Vec<String> {
     }
 }
 
-/// Removes temp files (`.NAME.tmpPID`) that a killed atomic write left in `dir`.
-pub fn clean_stale_temps(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let me = std::process::id().to_string();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name
-            .starts_with('.')
-            .then(|| name.rsplit_once(".tmp"))
-            .flatten()
-        {
-            if !pid.1.is_empty()
-                && pid.1.chars().all(|c| c.is_ascii_digit())
-                && pid.1 != me
-                && !Path::new("/proc").join(pid.1).exists()
-            {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-}
+pub use crate::fsio::clean_stale_temps;

@@ -8,6 +8,7 @@ pub mod checks;
 pub mod data;
 pub mod diffusers_io;
 pub mod eval;
+pub mod fsio;
 pub mod grid;
 pub mod host;
 pub mod jobs;

@@ -265,14 +265,14 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
             ms_per_image: ms,
             command: match sampler {
                 Some(_) => format!(
-                    "distill eval {} --sampler {sname} --steps {} --cfg-scale {} --n {}",
+                    "distill eval {} --sampler {sname} --sample-steps {} --cfg-scale {} --n {}",
                     ckpt.display(),
                     spec.steps,
                     spec.cfg_scale,
                     o.eval_n
                 ),
                 None => format!(
-                    "distill eval {} --steps {} --n {}",
+                    "distill eval {} --sample-steps {} --n {}",
                     ckpt.display(),
                     spec.steps,
                     o.eval_n
