@@ -27,6 +27,7 @@ pub mod junit;
 pub mod metadata;
 mod model;
 mod ops;
+mod precision;
 pub mod runtime;
 pub mod tensorrt;
 pub mod validate;
@@ -34,10 +35,9 @@ mod write;
 
 pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use diffusers::export_unet2d;
-pub use metadata::{ModelKind, OnnxMetadata};
+pub use metadata::{metadata, ModelKind, OnnxMetadata};
 pub use model::{
-    export_denoiser, export_generator, metadata, sha256_hex, weights_sha256, ExportOptions,
-    Precision,
+    export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions, Precision,
 };
 pub use validate::{
     validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions, ValidateReport,

@@ -1,13 +1,13 @@
 //! The typed record of an exported model's ONNX `metadata_props`: written by the exporter
 //! ([`OnnxMetadata::to_props`]), read back by the CLI, the C API and the TensorRT sidecar
-//! ([`OnnxMetadata::from_model`], [`OnnxMetadata::from_sidecar`], [`OnnxMetadata::from_file`]).
+//! ([`OnnxMetadata::from_model`]; `from_sidecar` and `from_file`, which read plans, live in
+//! `tensorrt`).
 
-use crate::model::Precision;
+use crate::precision::Precision;
 use crate::proto::ModelProto;
 use anyhow::{bail, Context, Result};
 use graphs::{Denoiser, GeneratorSpec, Parameterisation};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// What an exported graph computes.
 #[derive(Clone, Debug, PartialEq)]
@@ -215,27 +215,15 @@ impl OnnxMetadata {
 
     /// The record of a loaded ONNX model.
     pub fn from_model(model: &ModelProto, what: &str) -> Result<Self> {
-        Self::from_props(&crate::metadata(model), what)
+        Self::from_props(&metadata(model), what)
     }
+}
 
-    /// The record of the ONNX a TensorRT plan was built from, as its sidecar copied it.
-    pub fn from_sidecar(sc: &crate::tensorrt::Sidecar, what: &str) -> Result<Self> {
-        let props: Vec<(String, String)> = sc
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        Self::from_props(&props, what)
-    }
-
-    /// The record of an `.onnx` file, or of a `.plan` through its sidecar.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let what = path.display().to_string();
-        if crate::tensorrt::is_plan(path) {
-            let sc = crate::tensorrt::Sidecar::read(&crate::tensorrt::sidecar::path_for(path))?;
-            Self::from_sidecar(&sc, &what)
-        } else {
-            Self::from_model(&crate::runtime::load_model(path)?, &what)
-        }
-    }
+/// `metadata_props` of a model as a list of pairs.
+pub fn metadata(model: &ModelProto) -> Vec<(String, String)> {
+    model
+        .metadata_props
+        .iter()
+        .map(|e| (e.key.clone(), e.value.clone()))
+        .collect()
 }

@@ -1,4 +1,4 @@
-//! The preconditioned denoiser D(x, sigma, label) -> x0 around the UNet, and classifier-free guidance.
+//! The preconditioned denoiser D(x, sigma, label) -> x0 around the UNet (guidance: `guidance.rs`).
 
 use crate::backend::{Backend, Kind};
 use crate::schedule::Parameterisation;
@@ -172,18 +172,5 @@ impl Denoiser {
         )?;
         self.unet
             .bottleneck(b, &b.mul(x, &c_in)?, &level.c_noise, labels)
-    }
-
-    /// Classifier-free guidance ([`crate::guidance`]): `D_u + scale * (D_c - D_u)`; `scale == 1`
-    /// is one plain call.
-    pub fn guided<B: Backend>(
-        &self,
-        b: &B,
-        x: &B::T,
-        level: &NoiseLevel<B::T>,
-        labels: &B::T,
-        scale: f64,
-    ) -> anyhow::Result<B::T> {
-        crate::guidance::guided_by(b, self, labels, scale, |l| self.forward(b, x, level, l))
     }
 }

@@ -111,7 +111,7 @@ pub fn sample_ode<B: Backend>(
 
 /// The network's raw output at a host-constant `sigma` (EDM: `F` of `D = c_skip x + c_out F`;
 /// VP: `eps`), with classifier-free guidance applied to it: `D` is affine in it with the same
-/// `x`, so guiding the output is guiding `D` (see [`Denoiser::guided`]).
+/// `x`, so guiding the output is guiding `D` (see [`crate::guidance::guided_by`]).
 fn guided_output<B: Backend>(
     b: &B,
     den: &Denoiser,

@@ -390,7 +390,7 @@ fn load_checked(dir: &Path, device: &Device, data_sha: &str) -> Result<Classifie
     );
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&wpath).with_context(|| format!("reading {}", wpath.display()))?;
-    let sha = hex(&Sha256::digest(&bytes));
+    let sha = export::sha256_hex(&bytes);
     ensure!(
         sha == meta.weights_sha256,
         "{} does not match the sha256 recorded in {META_FILE} (corrupt or replaced)",
@@ -429,7 +429,7 @@ fn save(dir: &Path, params: &[Tensor], mut meta: ClassifierMeta) -> Result<Class
         .map(|((n, _), t)| (n.to_string(), t.clone()))
         .collect();
     let bytes = crate::checkpoint::safetensors_bytes(&map)?;
-    meta.weights_sha256 = hex(&Sha256::digest(&bytes));
+    meta.weights_sha256 = export::sha256_hex(&bytes);
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     write_atomic(
         &dir.join(META_FILE),

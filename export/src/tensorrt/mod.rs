@@ -107,3 +107,26 @@ pub fn metadata_of(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
         Ok(crate::metadata(&crate::runtime::load_model(path)?))
     }
 }
+
+impl crate::OnnxMetadata {
+    /// The record of the ONNX a TensorRT plan was built from, as its sidecar copied it.
+    pub fn from_sidecar(sc: &Sidecar, what: &str) -> anyhow::Result<Self> {
+        let props: Vec<(String, String)> = sc
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Self::from_props(&props, what)
+    }
+
+    /// The record of an `.onnx` file, or of a `.plan` through its sidecar.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let what = path.display().to_string();
+        if is_plan(path) {
+            let sc = Sidecar::read(&sidecar::path_for(path))?;
+            Self::from_sidecar(&sc, &what)
+        } else {
+            Self::from_model(&crate::runtime::load_model(path)?, &what)
+        }
+    }
+}
