@@ -781,6 +781,12 @@ pub fn eval_checkpoint(
 }
 
 fn cmd_eval(a: &EvalArgs, dev: &Device, quiet: bool) -> Result<()> {
+    if !a.input.is_dir() && (a.sampler.is_some() || a.steps.is_some() || a.cfg_scale.is_some()) {
+        bail!(
+            "--sampler, --steps and --cfg-scale apply to a checkpoint folder; {} is a sample file",
+            a.input.display()
+        );
+    }
     // Reject what the classifier cannot score before training (or loading) it.
     let samples = if a.input.is_dir() {
         crate::checks::size("--n", a.n as u64, 2, 10_000_000)?;
@@ -800,12 +806,6 @@ fn cmd_eval(a: &EvalArgs, dev: &Device, quiet: bool) -> Result<()> {
         Some((images, labels))
     };
     let ev = evaluator(a.cache_dir.as_deref(), dev, quiet)?;
-    if samples.is_some() && (a.sampler.is_some() || a.steps.is_some() || a.cfg_scale.is_some()) {
-        bail!(
-            "--sampler, --steps and --cfg-scale apply to a checkpoint; {} is a sample file",
-            a.input.display()
-        );
-    }
     let report = if let Some((images, labels)) = samples {
         ev.evaluate(&images, labels.as_deref())?
     } else {
