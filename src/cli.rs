@@ -847,7 +847,10 @@ pub fn export_checkpoint(a: &ExportArgs) -> Result<PathBuf> {
         bail!("nothing to export: --onnx is the only format so far");
     }
     if crate::diffusers_io::is_diffusers(&a.checkpoint) {
-        let (den, fp16) = (a.what == ExportWhat::Denoiser, a.precision == PrecisionArg::Fp16);
+        let (den, fp16) = (
+            a.what == ExportWhat::Denoiser,
+            a.precision == PrecisionArg::Fp16,
+        );
         return crate::diffusers_io::export_unet(&a.checkpoint, &a.out, den, fp16, a.trt);
     }
     let dev = Device::Cpu;
