@@ -19,6 +19,13 @@ OUT defaults to graphs/tests/fixtures/diffusers. Writes, all seeded (rerunning r
   at every step (`init_noise_sigma`, `scale_model_input`, `step`), `images` the final sample.
 
 The Rust tests (graphs/tests/diffusers_*.rs) load these and compare; torch is never needed there.
+
+    .venv-bench/bin/python scripts/make-diffusers-fixtures.py --check DIR
+
+loads every model folder under DIR that distill wrote (`DISTILL_DIFFUSERS_OUT=DIR cargo test
+--release -p distill-graphs --test diffusers_unet saves_diffusers`) with diffusers' own
+`UNet2DModel.from_pretrained`, runs its forward.safetensors inputs and compares with distill's
+output there (`expected`); exits non-zero past 1e-4.
 """
 import json
 import os
@@ -36,7 +43,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+OUT = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--check" else os.path.join(
     os.path.dirname(__file__), "..", "graphs", "tests", "fixtures", "diffusers"
 )
 
@@ -358,6 +365,32 @@ def main():
         make_pipeline(name, m, sname, steps, eta, gen)
 
 
+def check(root):
+    """diffusers loads folders distill wrote and computes distill's outputs."""
+    from safetensors.torch import load_file
+    worst = 0.0
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            continue
+        model = UNet2DModel.from_pretrained(d).eval()
+        f = load_file(os.path.join(d, "forward.safetensors"))
+        kw = {}
+        if "class_labels" in f:
+            l = f["class_labels"]
+            kw["class_labels"] = l if l.is_floating_point() else l.to(torch.int64)
+        with torch.no_grad():
+            out = model(f["sample"], f["timestep"], **kw).sample
+        err = float((out - f["expected"]).abs().max())
+        worst = max(worst, err)
+        print(f"{name}: diffusers vs distill max abs {err:.3e}")
+    if worst > 1e-4:
+        sys.exit(f"max abs {worst:.3e} > 1e-4")
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--check":
+        check(sys.argv[2])
+    else:
+        main()

@@ -157,7 +157,7 @@ pub fn dmd2(c: &crate::train::dmd2::Dmd2Config) -> Result<()> {
         c.min_step,
         c.max_step
     );
-    cfg_scale("cfg_scale", c.cfg_scale)?;
+    cfg_scale("cfg_scale (formerly real_guidance_scale)", c.cfg_scale)?;
     in_range("gan_generator_weight", c.gan_generator_weight, 0.0, 1e3)?;
     in_range("gan_critic_weight", c.gan_critic_weight, 0.0, 1e3)?;
     optim("student_optim", &c.student_optim)?;

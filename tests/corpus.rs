@@ -237,6 +237,90 @@ fn sample_eval_validate_flags_are_checked() {
             1,
             &["cannot be evaluated"],
         ),
+        Case::new(
+            "eval of a sample file with sampler flags",
+            s(&["eval", &p(&noise), "--sampler", "heun"]),
+            1,
+            &["apply to a checkpoint"],
+        ),
+        Case::new(
+            "dmd2 min-step above max-step",
+            s(&[
+                "train",
+                "dmd2",
+                "--teacher",
+                &ck,
+                "--min-step",
+                "0.9",
+                "--max-step",
+                "0.1",
+                "--out",
+                &p(&d.path().join("d")),
+            ]),
+            1,
+            &["min_step"],
+        ),
+        Case::new(
+            "dmd2 real-guidance-scale inf",
+            s(&[
+                "train",
+                "dmd2",
+                "--teacher",
+                &ck,
+                "--real-guidance-scale",
+                "inf",
+                "--out",
+                &p(&d.path().join("d")),
+            ]),
+            1,
+            &["cfg_scale"],
+        ),
+        Case::new(
+            "dmd2 limit 0",
+            s(&[
+                "train",
+                "dmd2",
+                "--teacher",
+                &ck,
+                "--limit",
+                "0",
+                "--out",
+                &p(&d.path().join("d")),
+            ]),
+            1,
+            &["--limit 0"],
+        )
+        .keep(&f.ckpt),
+        Case::new(
+            "tdm cfg-scale nan",
+            s(&[
+                "train",
+                "tdm",
+                "--teacher",
+                &ck,
+                "--cfg-scale",
+                "nan",
+                "--out",
+                &p(&d.path().join("t")),
+            ]),
+            1,
+            &["cfg_scale"],
+        ),
+        Case::new(
+            "tdm grad-accum 0",
+            s(&[
+                "train",
+                "tdm",
+                "--teacher",
+                &ck,
+                "--grad-accum",
+                "0",
+                "--out",
+                &p(&d.path().join("t")),
+            ]),
+            1,
+            &["grad_accum"],
+        ),
         validate("cases 0", &["--cases", "0"], 1, &["zero cases"]),
         validate("atol nan", &["--atol", "nan"], 1, &["--atol"]),
         validate(
@@ -763,7 +847,7 @@ fn kills_during_checkpoint_writes_lose_nothing() {
         serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
     assert_eq!(meta["step"], steps);
     assert!(
-        lost(&Default::default(), &[ck.clone()]).is_empty(),
+        lost(&Default::default(), std::slice::from_ref(&ck)).is_empty(),
         "temp files left"
     );
     eprintln!("{kills} kills");
@@ -801,7 +885,7 @@ fn a_full_disk_keeps_the_last_checkpoint() {
             out.contains("disk full") || out.contains("No space"),
             "{out}"
         );
-        let l = lost(&before, &[ck.clone()]);
+        let l = lost(&before, std::slice::from_ref(&ck));
         assert!(l.is_empty(), "{l:?}");
         std::fs::remove_file(mnt.join("filler")).unwrap();
         let o = run(

@@ -268,3 +268,57 @@ fn trains_gradients_reach_every_weight() {
         assert!(g.is_some(), "no gradient for {k}");
     }
 }
+
+/// Saves each fixture model back as a diffusers folder and reloads it: same config, bit-equal
+/// output. With `DISTILL_DIFFUSERS_OUT=DIR` the folders (plus our inputs and output as
+/// `forward.safetensors`) stay in DIR for `scripts/make-diffusers-fixtures.py --check DIR`,
+/// which loads them in diffusers itself.
+#[test]
+fn saves_diffusers_folders_that_reload() {
+    let keep = std::env::var_os("DISTILL_DIFFUSERS_OUT").map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let dev = Device::Cpu;
+    for name in [
+        "uncond",
+        "class_scale_shift",
+        "timestep_class",
+        "identity_nomid",
+        "scale_shift_mid",
+    ] {
+        let src = fixtures().join("models").join(name);
+        let (model, weights) = load_unet(&src, &dev).unwrap();
+        let cfg_back = UNet2DConfig::from_json(&model.cfg.to_json()).unwrap();
+        assert_eq!(cfg_back, model.cfg, "{name}: config round trip");
+        let out = root.join(name);
+        graphs::diffusers::save_unet(&out, &model.cfg, &weights).unwrap();
+        let (again, _) = load_unet(&out, &dev).unwrap();
+        let f = candle_core::safetensors::load(src.join("forward.safetensors"), &dev).unwrap();
+        let labels = f.get("class_labels").map(|l| {
+            if l.dtype() == DType::F32 {
+                l.clone()
+            } else {
+                l.to_dtype(DType::U32).unwrap()
+            }
+        });
+        let b = CandleBackend::new(&dev);
+        let side = f["sample"].dim(3).unwrap();
+        let y0 = model
+            .forward(&b, &f["sample"], side, &f["timestep"], labels.as_ref())
+            .unwrap();
+        let y1 = again
+            .forward(&b, &f["sample"], side, &f["timestep"], labels.as_ref())
+            .unwrap();
+        assert_eq!(max_abs(&y0, &y1), 0.0, "{name}");
+        if keep.is_some() {
+            let mut t = std::collections::HashMap::new();
+            for k in ["sample", "timestep", "class_labels"] {
+                if let Some(v) = f.get(k) {
+                    t.insert(k.to_string(), v.clone());
+                }
+            }
+            t.insert("expected".to_string(), y1);
+            candle_core::safetensors::save(&t, out.join("forward.safetensors")).unwrap();
+        }
+    }
+}

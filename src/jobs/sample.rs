@@ -224,6 +224,12 @@ pub fn eval_checkpoint(
 
 impl EvalJob {
     pub fn run(&self, dev: &Device) -> Result<crate::eval::EvalReport> {
+        if !self.input.is_dir() && self.sampler != SamplerOverride::default() {
+            bail!(
+                "--sampler, --sample-steps (--steps) and --cfg-scale apply to a checkpoint folder; {} is a sample file",
+                self.input.display()
+            );
+        }
         // Reject what the classifier cannot score before training (or loading) it.
         let samples = if self.input.is_dir() {
             crate::checks::size("--n", self.n as u64, 2, 10_000_000)?;
@@ -242,12 +248,6 @@ impl EvalJob {
                 .with_context(|| format!("{} cannot be evaluated", self.input.display()))?;
             Some((images, labels))
         };
-        if samples.is_some() && self.sampler != SamplerOverride::default() {
-            bail!(
-                "--sampler, --sample-steps and --cfg-scale apply to a checkpoint; {} is a sample file",
-                self.input.display()
-            );
-        }
         let ev = evaluator(self.cache_dir.as_deref(), dev, self.show_progress)?;
         let report = if let Some((images, labels)) = samples {
             ev.evaluate(&images, labels.as_deref())?

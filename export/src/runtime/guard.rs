@@ -150,11 +150,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(declared_bytes(&t).unwrap(), 4u128 << 40);
-        let mut m = ModelProto::default();
-        m.graph = Some(crate::proto::GraphProto {
-            initializer: vec![t],
+        let m = ModelProto {
+            graph: Some(crate::proto::GraphProto {
+                initializer: vec![t],
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         let e = check_budget(&m, "m.onnx", 1 << 30).unwrap_err();
         assert!(format!("{e:#}").contains("holds 16 bytes"), "{e:#}");
     }

@@ -179,9 +179,10 @@ impl Attention {
             None => x.clone(),
         };
         let tokens = b.permute(&b.reshape(&xn, &[0, c, l])?, &[0, 2, 1])?; // [N, L, C]
-                                                                           // One projection + attention per head, each `[N, d, L]` (the layout of
-                                                                           // `Backend::attention`), rather than folding heads into the batch: a `[N * heads, ..]`
-                                                                           // tensor has no static shape in an ONNX export with a dynamic batch.
+
+        // One projection + attention per head, each `[N, d, L]` (the layout of
+        // `Backend::attention`), rather than folding heads into the batch: a `[N * heads, ..]`
+        // tensor has no static shape in an ONNX export with a dynamic batch.
         let mut outs = Vec::with_capacity(self.heads);
         for hd in 0..self.heads {
             let tag = format!("head{hd}");

@@ -166,7 +166,7 @@ pub fn rename_legacy(weights: HashMap<String, Tensor>) -> Result<HashMap<String,
     let mut out = HashMap::with_capacity(weights.len());
     for (k, t) in weights {
         let mut parts: Vec<&str> = k.split('.').collect();
-        let in_attn = parts.iter().any(|p| *p == "attentions");
+        let in_attn = parts.contains(&"attentions");
         let mut legacy = false;
         if in_attn && parts.len() >= 2 {
             let i = parts.len() - 2;

@@ -6,10 +6,12 @@ pub mod blocks;
 pub mod config;
 pub mod json;
 pub mod load;
+pub mod save;
 pub mod teacher;
 pub mod unet2d;
 
 pub use config::{BlockType, ClassEmbed, TimeScaleShift, UNet2DConfig};
 pub use load::{load_unet, DiffusersFolder};
+pub use save::save_unet;
 pub use teacher::{DiffusersTeacher, NoiseSpace};
 pub use unet2d::UNet2DModel;

@@ -99,7 +99,7 @@ impl Ddim {
             let Some(z) = noise else {
                 bail!("DDIMScheduler: eta > 0 needs noise at step {i}")
             };
-            return Ok(b.add(&out, &b.affine(z, std as f64, 0.0)?)?);
+            return b.add(&out, &b.affine(z, std as f64, 0.0)?);
         }
         Ok(out)
     }

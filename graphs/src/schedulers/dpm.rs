@@ -179,7 +179,6 @@ impl DpmMultistep {
         let n = self.timesteps.len();
         let lower_final = i == n - 1
             && (self.euler_at_final || (self.lower_order_final && n < 15) || !self.final_sigma_min);
-        let lower_second = i + 2 == n && self.lower_order_final && n < 15;
         let m = self.convert(b, i, model_output, sample)?;
         state.outputs.push(m.clone());
         if state.outputs.len() > self.solver_order {
@@ -195,7 +194,8 @@ impl DpmMultistep {
                 lin(b, sample, at / a0, &m, -st * (h.exp() - 1.0))?
             }
         } else {
-            let _ = lower_second; // order 2 is the highest supported: same update either way.
+            // Order 2 is the highest supported, so diffusers' `lower_order_second` (drop from 3
+            // to 2 near the end) changes nothing here.
             let (_, _, l1) = Self::ast(self.sigmas[i - 1]);
             let m1 = &state.outputs[state.outputs.len() - 2];
             let r0 = (l0 - l1) / h;

@@ -1,6 +1,7 @@
 //! `FlowMatchEulerDiscreteScheduler`: rectified flow `x_t = (1 - s) x0 + s eps`, the model
 //! predicts the velocity `eps - x0`, a static `shift` (no dynamic shifting).
 
+use super::betas::np_linspace;
 use super::lin;
 use crate::backend::Backend;
 use crate::diffusers::json::Reader;
@@ -46,7 +47,8 @@ impl FlowMatchEuler {
         }
         // __init__'s table in f32: sigmas = shift s / (1 + (shift - 1) s), s = (1..=T) / T.
         let sh = |s: f32| (shift as f32) * s / (1.0 + (shift - 1.0) as f32 * s);
-        let sigma_max = sh(t as f32 / t as f32) as f64;
+        // s = T / T = 1 exactly in f32.
+        let sigma_max = sh(1.0) as f64;
         let sigma_min = sh(1.0 / t as f32) as f64;
         Ok(Self {
             num_train_timesteps: t,
@@ -114,5 +116,3 @@ impl FlowMatchEuler {
         lin(b, sample, 1.0, model_output, (next - s) as f64)
     }
 }
-
-use super::betas::np_linspace;
