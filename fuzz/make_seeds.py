@@ -97,4 +97,4 @@ init = vi(1, 2) + vi(1, 2) + vi(2, 1) + s(8, "w") + ld(9, struct.pack("<4f", 1, 
 graph = ld(1, node) + s(2, "g") + ld(5, init) + ld(11, value_info("x", ["batch", 1, 4, 4])) + ld(12, value_info("y", ["batch", 1, 4, 4]))
 model = (vi(1, 8) + s(2, "distill") + s(3, "0.1.0") + ld(7, graph) + ld(8, s(1, "") + vi(2, 17))
          + ld(14, s(1, "distill.sampler") + s(2, "heun")) + ld(14, s(1, "distill.steps") + s(2, "2")))
-put("onnx_metadata", "identity.onnx", model)
+put("onnx_metadata", "identity_model", model)
