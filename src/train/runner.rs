@@ -319,6 +319,9 @@ fn load_state<M: Method>(
     Ok((tensors, meta))
 }
 
+/// Metrics that count things (written as JSON integers).
+const COUNTERS: &[&str] = &["skipped_steps", "student_updates"];
+
 /// Trains (or resumes) `m` in `run`: the loop every method shares.
 pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcome> {
     let cfg = rs.cfg;
@@ -448,7 +451,13 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             let mut obj = serde_json::Map::new();
             obj.insert("step".into(), done.into());
             for (k, v) in &record {
-                obj.insert(k.clone(), serde_json::json!(v));
+                // Counters stay JSON integers, as metrics.jsonl has always written them.
+                let j = if COUNTERS.contains(&k.as_str()) && v.fract() == 0.0 && v.abs() < 9e15 {
+                    serde_json::json!(*v as i64)
+                } else {
+                    serde_json::json!(v)
+                };
+                obj.insert(k.clone(), j);
             }
             log.write(&serde_json::Value::Object(obj))?;
             last.extend(record);
