@@ -5,8 +5,8 @@
 //! (with the batch as the symbolic dim `batch`) so the model carries value_info for every
 //! intermediate. The emission of each op is in `src/ops/<op>.rs`.
 
-use crate::precision::Precision;
 use crate::ops;
+use crate::precision::Precision;
 use crate::proto::{
     self, tensor_proto::DataType, AttributeProto, NodeProto, TensorProto, ValueInfoProto,
 };
