@@ -155,6 +155,37 @@ fn resume_continues_the_same_loss_curve() {
     }
 }
 
+/// Checkpoint and log intervals that do not line up: the run stops at step 5 (a checkpoint, in
+/// the middle of the window 5..8) and is resumed; the log lines at 8 and 12 average the same
+/// steps as the uninterrupted run's (the open window is stored in the training state).
+#[test]
+fn a_resume_mid_log_window_logs_the_same_metrics() {
+    let data = toy_data(16);
+    let cfg = |steps| TeacherConfig {
+        log_every: 4,
+        checkpoint_every: 3,
+        ..tiny_cfg(steps)
+    };
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = RunDir::new(full_dir.path()).unwrap();
+    teacher::train(&cfg(12), &data, &full, false, false, &Device::Cpu).unwrap();
+    let part_dir = tempfile::tempdir().unwrap();
+    let part = RunDir::new(part_dir.path()).unwrap();
+    teacher::train(&cfg(5), &data, &part, false, false, &Device::Cpu).unwrap();
+    teacher::train(&cfg(12), &data, &part, true, false, &Device::Cpu).unwrap();
+    let (a, b) = (losses(&full), losses(&part));
+    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), [4, 8, 12]);
+    // The stopped run's own last line (step 5) stays; every line of the full run is matched.
+    assert_eq!(b.iter().map(|x| x.0).collect::<Vec<_>>(), [4, 5, 8, 12]);
+    for (s, x) in &a {
+        let y = b.iter().find(|p| p.0 == *s).unwrap().1;
+        assert!(
+            (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+            "step {s}: {x} (uninterrupted) vs {y} (resumed)"
+        );
+    }
+}
+
 #[test]
 fn diverging_run_stops_with_a_clear_error_and_keeps_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

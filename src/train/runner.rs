@@ -231,6 +231,7 @@ fn snapshot<M: Method>(
     rs: &RunSpec,
     step: u64,
     ema: &Option<Ema>,
+    window: &Window,
 ) -> Result<std::result::Result<Pending, String>> {
     let mut tensors = HashMap::new();
     let mut meta = HashMap::from([
@@ -238,6 +239,7 @@ fn snapshot<M: Method>(
         ("step".to_string(), step.to_string()),
         ("config".to_string(), rs.config_toml.clone()),
         ("resume_key".to_string(), rs.resume_key.clone()),
+        (WINDOW_KEY.to_string(), window_to_json(window)?),
     ]);
     if let Some((sha, _)) = rs.teacher {
         meta.insert("teacher_sha256".to_string(), sha.to_string());
@@ -319,6 +321,29 @@ fn load_state<M: Method>(
     Ok((tensors, meta))
 }
 
+/// The open metrics window: per metric, the sum and count of the values since the last log line.
+type Window = BTreeMap<String, (f64, u64)>;
+
+/// Training-state metadata holding the open metrics window at the checkpoint, so that the first
+/// log line after `--resume` averages the same steps as an uninterrupted run (states written
+/// before it existed resume with an empty window).
+const WINDOW_KEY: &str = "metrics_window";
+
+/// The window as JSON, sums as their f64 bit patterns (a decimal round trip may lose the last bit).
+fn window_to_json(w: &Window) -> Result<String> {
+    let bits: BTreeMap<&String, (u64, u64)> =
+        w.iter().map(|(k, (s, n))| (k, (s.to_bits(), *n))).collect();
+    Ok(serde_json::to_string(&bits)?)
+}
+
+fn window_from_json(text: &str) -> Result<Window> {
+    let bits: BTreeMap<String, (u64, u64)> = serde_json::from_str(text)?;
+    Ok(bits
+        .into_iter()
+        .map(|(k, (s, n))| (k, (f64::from_bits(s), n)))
+        .collect())
+}
+
 /// Metrics that count things (written as JSON integers).
 const COUNTERS: &[&str] = &["skipped_steps", "student_updates"];
 
@@ -331,6 +356,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         .then(|| Ema::new(m.student_vars(), cfg.ema_decay))
         .transpose()?;
     let mut start = 0;
+    let mut window = Window::new();
     if rs.resume {
         let (tensors, meta) = load_state(m, &state_path, rs.device)?;
         let rekeyed = || match (rs.rekey, meta.get("config")) {
@@ -358,6 +384,11 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             .context("training state lacks its step")?
             .parse()?;
         m.load_state(&tensors, &meta)?;
+        if let Some(w) = meta.get(WINDOW_KEY) {
+            window = window_from_json(w).with_context(|| {
+                format!("{}: bad {WINDOW_KEY} {w:?}", state_path.display())
+            })?;
+        }
         if let Some(e) = &mut ema {
             let w: HashMap<String, Tensor> = tensors
                 .iter()
@@ -376,7 +407,6 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
     let mut log = MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?;
     let pb = progress_bar(cfg.steps, start, rs.show_progress, m.name());
     let t0 = Instant::now();
-    let mut window: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let mut last = BTreeMap::new();
     let mut win_start = Instant::now();
     let mut win_steps = 0u64;
@@ -416,6 +446,13 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         win_steps += 1;
         let done = step + 1;
         pb.set_position(done);
+        // What a checkpoint of this step carries on: the window, unless a regular log line
+        // closes it (the end of a run flushes it early, but a resume to more steps continues it).
+        let carry = if done % cfg.log_every == 0 {
+            Window::new()
+        } else {
+            window.clone()
+        };
         let mut record: BTreeMap<String, f64> = BTreeMap::new();
         if done % cfg.log_every == 0 || done == cfg.steps {
             for (k, (s, n)) in std::mem::take(&mut window) {
@@ -463,7 +500,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             last.extend(record);
         }
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            match snapshot(m, rs, done, &ema)? {
+            match snapshot(m, rs, done, &ema, &carry)? {
                 Ok(p) if done == cfg.steps => committed = Some(commit(&p, run)?),
                 Ok(p) => pending = Some(p),
                 Err(why) => bail!(
