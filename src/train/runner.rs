@@ -385,9 +385,8 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             .parse()?;
         m.load_state(&tensors, &meta)?;
         if let Some(w) = meta.get(WINDOW_KEY) {
-            window = window_from_json(w).with_context(|| {
-                format!("{}: bad {WINDOW_KEY} {w:?}", state_path.display())
-            })?;
+            window = window_from_json(w)
+                .with_context(|| format!("{}: bad {WINDOW_KEY} {w:?}", state_path.display()))?;
         }
         if let Some(e) = &mut ema {
             let w: HashMap<String, Tensor> = tensors

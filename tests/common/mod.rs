@@ -147,13 +147,12 @@ pub fn run_cases(cases: &[Case]) -> Vec<String> {
             }
         }
         // Internal texts that once leaked for zero sizes instead of a message naming the flag.
-        for internal in [
-            "non-finite range",
-            "cat expects",
-            "empty tensor for reduce",
-        ] {
+        for internal in ["non-finite range", "cat expects", "empty tensor for reduce"] {
             if low.contains(internal) {
-                failures.push(format!("[{}] an internal error text {internal:?}:\n{out}", c.name));
+                failures.push(format!(
+                    "[{}] an internal error text {internal:?}:\n{out}",
+                    c.name
+                ));
             }
         }
         if low.contains("panicked") || low.contains("rust_backtrace") {
