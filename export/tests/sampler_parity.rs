@@ -8,11 +8,12 @@
 //! output at sigma_min by h/2 ~ 40, so the runtimes' ordinary round-off in the network (1e-6 to
 //! 1e-5 on this random net) is itself amplified to ~1e-4..5e-4; that case is held to 1e-3
 //! (measured: tract 5.0e-4, ONNX Runtime 1.4e-4) and is a property of the sampler, not of the
-//! export.
+//! export: the two runtimes differ from each other there by 2.4e-4 (the second test).
 
 mod common;
 
-use common::{randomize_norms, varmap};
+use common::{randomize_norms, varmap, TestInput};
+use export::runtime::{OrtRunner, Runner, TractRunner};
 use export::{export_generator, validate, ExportOptions, Target, ValidateOptions};
 use graphs::{
     BetaSchedule, Denoiser, GeneratorSpec, ModelConfig, Parameterisation, SamplerKind, UNetConfig,
@@ -85,4 +86,58 @@ fn ode_generators_at_1_to_6_steps_pass_the_default_fp32_gate() {
     }
     eprintln!("worst max_abs over all: {worst:.3e}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Why Heun at 2 steps keeps a 1e-3 bar: tract and ONNX Runtime, running the same exported graph
+/// on the same inputs, disagree with each other there by more than 1e-4 (measured 2.4e-4: any
+/// reference is then more than 1.2e-4 from one of them), so no reference and no arrangement of
+/// the sampler's arithmetic (both runtimes run the graph as written) can meet 1e-4 in both; at
+/// 3 steps (weight ~1.3 instead of ~40 on the last network output) they agree to 3.4e-5.
+#[test]
+fn heun_2_steps_spread_is_between_the_runtimes_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_e, edm) = denoiser(Parameterisation::edm(), 11);
+    let inputs = [
+        TestInput::normal("noise", &[3, 1, 16, 16], 5, 1.0),
+        TestInput::ints("class_labels", &[1, 4, 7]),
+    ];
+    let named: Vec<(String, export::runtime::TensorData)> = inputs
+        .iter()
+        .map(|i| (i.name.clone(), i.data.clone()))
+        .collect();
+    let mut spread = Vec::new();
+    for steps in [2, 3] {
+        let spec = GeneratorSpec {
+            sampler: SamplerKind::Heun,
+            steps,
+            sigmas: vec![],
+            fresh_noise: false,
+            cfg_scale: 1.0,
+        };
+        let model = export_generator(&edm, &spec, &ExportOptions::default()).unwrap();
+        let path = dir.path().join(format!("heun_{steps}.onnx"));
+        export::write_model(&model, &path).unwrap();
+        let mut outs = Vec::new();
+        let runners: Vec<Box<dyn Runner>> = vec![
+            Box::new(TractRunner::from_path(&path).unwrap()),
+            Box::new(OrtRunner::from_path(&path).unwrap()),
+        ];
+        for mut r in runners {
+            let out = r.run(&named).unwrap();
+            outs.push(out[0].1.iter().copied().collect::<Vec<f32>>());
+        }
+        let d = outs[0]
+            .iter()
+            .zip(&outs[1])
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .fold(0.0, f64::max);
+        eprintln!("Heun {steps} steps: max |tract - onnxruntime| {d:.3e}");
+        spread.push(d);
+    }
+    assert!(
+        spread[0] > 1e-4,
+        "the runtimes agree to {:.3e} at 2 steps: tighten the 2-step bar",
+        spread[0]
+    );
+    assert!(spread[1] < 1e-4, "3 steps: {:.3e}", spread[1]);
 }
