@@ -184,6 +184,31 @@ fn a_resume_mid_log_window_logs_the_same_metrics() {
             "step {s}: {x} (uninterrupted) vs {y} (resumed)"
         );
     }
+    // The comparison tells the windows apart: the line at 8 is the mean of steps 5..8 (a run
+    // logging every step gives them), not of 6..8 (what a resume with an empty window logged).
+    let fine_dir = tempfile::tempdir().unwrap();
+    let fine = RunDir::new(fine_dir.path()).unwrap();
+    let c1 = TeacherConfig {
+        log_every: 1,
+        ..cfg(12)
+    };
+    teacher::train(&c1, &data, &fine, false, false, &Device::Cpu).unwrap();
+    let per_step = losses(&fine);
+    let mean = |from: u64| {
+        let v: Vec<f64> = per_step
+            .iter()
+            .filter(|p| (from..=8).contains(&p.0))
+            .map(|p| p.1)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let at8 = a[1].1;
+    assert!((mean(5) - at8).abs() <= 1e-6 * at8.abs().max(1.0));
+    assert!(
+        (mean(6) - at8).abs() > 1e-4 * at8.abs().max(1.0),
+        "{} vs {at8}",
+        mean(6)
+    );
 }
 
 #[test]
