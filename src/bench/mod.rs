@@ -17,6 +17,7 @@
 //! CLI does for training) and runs all candle work inside a rayon pool of exactly `threads`
 //! threads, so it works whenever it is called.
 
+pub mod device_check;
 pub mod gpu;
 pub mod ops;
 pub mod timing;

@@ -249,6 +249,12 @@ pub struct ValidateArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// What to time: `auto` (`cpu` on the CPU, `gpu` on CUDA), `cpu` (forward and teacher step vs
+    /// PyTorch on the CPU), `gpu` (teacher/DMD2/TDM images/s per precision vs PyTorch AMP; runs
+    /// on the CPU too, as a dry run), `device-check` (--device against the CPU: forward, one
+    /// training step at fp32/bf16/fp16; exit code 3 past tolerance).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub what: BenchWhat,
     /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default teacher) or `tiny`.
     #[arg(long, default_value = "bench")]
     pub config: String,
@@ -277,6 +283,14 @@ pub struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BenchWhat {
+    Auto,
+    Cpu,
+    Gpu,
+    DeviceCheck,
 }
 
 #[derive(Args, Debug)]
@@ -497,6 +511,27 @@ fn cmd_bench(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+fn cmd_device_check(a: &BenchArgs, dev: &Device) -> Result<()> {
+    let o = distill::bench::device_check::DeviceCheckOptions {
+        config: a.config.clone(),
+        batch: a.batch,
+        seed: 0,
+    };
+    let r = distill::bench::device_check::run(&o, dev)?;
+    println!("{r}");
+    if let Some(p) = &a.json {
+        checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    }
+    if !r.passed() {
+        return Err(distill::jobs::Failure::ValidationFailed(format!(
+            "{} differs from the CPU past tolerance",
+            r.device
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
     let o = PipelineJob {
         out: a.out.clone(),
@@ -551,7 +586,10 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Sample(a) => a.job().run(&dev),
         Command::Eval(a) => a.job(show).run(&dev).map(|_| ()),
         Command::Export(a) => a.job().run().map(|_| ()),
-        Command::Bench(a) if dev.is_cuda() => {
+        Command::Bench(a) if a.what == BenchWhat::DeviceCheck => cmd_device_check(a, &dev),
+        Command::Bench(a)
+            if a.what == BenchWhat::Gpu || (a.what == BenchWhat::Auto && dev.is_cuda()) =>
+        {
             let o = distill::bench::gpu::GpuBenchOptions {
                 config: a.config.clone(),
                 batch: a.batch,
