@@ -18,6 +18,7 @@
 //! threads, so it works whenever it is called.
 
 pub mod device_check;
+pub mod diffusers_unet;
 pub mod gpu;
 pub mod inference;
 pub mod ops;

@@ -254,7 +254,8 @@ pub struct BenchArgs {
     /// on the CPU too, as a dry run), `device-check` (--device against the CPU: forward, one
     /// training step at fp32/bf16/fp16; exit code 3 past tolerance), `inference` (the 1- and
     /// 4-step students' generator at batch 1 and --batch in candle, ONNX Runtime fp32/fp16,
-    /// tract and PyTorch eager/compile).
+    /// tract and PyTorch eager/compile), `diffusers-unet` (google/ddpm-cifar10-32's UNet2DModel,
+    /// or --config FILE.json, forward and training step at batch 1 and --batch vs diffusers).
     #[arg(long, value_enum, default_value = "auto")]
     pub what: BenchWhat,
     /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default
@@ -298,6 +299,7 @@ pub enum BenchWhat {
     Gpu,
     DeviceCheck,
     Inference,
+    DiffusersUnet,
 }
 
 #[derive(Args, Debug)]
@@ -621,6 +623,29 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Export(a) => a.job().run().map(|_| ()),
         Command::Bench(a) if a.what == BenchWhat::DeviceCheck => cmd_device_check(a, &dev),
         Command::Bench(a) if a.what == BenchWhat::Inference => cmd_inference(a, cli.threads),
+        Command::Bench(a) if a.what == BenchWhat::DiffusersUnet => {
+            let mut batches = vec![1, a.batch];
+            batches.dedup();
+            let o = distill::bench::diffusers_unet::DiffusersBenchOptions {
+                config: a.config.clone().map(PathBuf::from),
+                batches,
+                threads: cli.threads,
+                warmup: a.warmup,
+                iters: a.iters,
+                torch: match a.torch.as_str() {
+                    "require" => distill::bench::TorchMode::Require,
+                    "off" => distill::bench::TorchMode::Off,
+                    _ => distill::bench::TorchMode::Auto,
+                },
+                torch_python: a.torch_python.clone(),
+            };
+            let r = distill::bench::diffusers_unet::run(&o)?;
+            println!("{r}");
+            if let Some(p) = &a.json {
+                checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            }
+            Ok(())
+        }
         Command::Bench(a)
             if a.what == BenchWhat::Gpu || (a.what == BenchWhat::Auto && dev.is_cuda()) =>
         {
