@@ -17,7 +17,8 @@
 #   bench_gpu     `distill bench --what gpu`: teacher step, DMD2 and TDM iterations (images/s,
 #                 GPU memory) beside PyTorch AMP (bench/torch_gpu.py) on the same device
 #   train_fp16    a short teacher, then a short fp16 DMD2 run; its loss scale from metrics.jsonl
-# Writes $OUT/gpu-check.md and $OUT/gpu-check.json ($OUT defaults to ./gpu-report).
+# Writes $OUT/gpu-check.md and $OUT/gpu-check.json ($OUT defaults to ./gpu-report); exits 0 when
+# every phase is ok, 1 when any failed (the report is written either way), 2 on a carry or usage error.
 #
 # Environment: GPU_CHECK_PYTHON (Python with torch; default python3), DISTILL_BIN (dry run binary;
 # default target/release/distill), GPU_CHECK_PACKED (default .gpu/distill.xz), GPU_CHECK_CARRY
@@ -261,5 +262,8 @@ for p in phases[1:]:
     md += ["", f"## {p['name']}: {p['status']}", "", "```", p["log"].strip()[-4000:] or "(no output)", "```"]
 open(os.path.join(out, "gpu-check.md"), "w").write("\n".join(md) + "\n")
 print("\n".join(md[:len(phases) + 6]))
+sys.exit(0 if report["passed"] else 1)
 PY
+RC=$?
 echo "report: $OUT/gpu-check.md, $OUT/gpu-check.json" >&2
+exit $RC
