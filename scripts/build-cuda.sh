@@ -10,6 +10,8 @@
 #    unversioned names, and there is no driver here, so libcuda.so is a generated stub exporting
 #    every cu* symbol cudarc's bindings reference (the real driver is used at run time).
 # 3. cargo build --release --features cuda into target-cuda/, and copies the binary to .gpu/distill.
+# 4. Packs it as .gpu/distill.xz (xz -9e): the file scripts/gpu-check.sh unpacks on the GPU
+#    machine, which takes at most 64 MiB of carried files (the stripped binary alone does not fit).
 #
 # Running it on the GPU machine: scripts/run-gpu.sh (sets LD_LIBRARY_PATH to PyTorch's CUDA libs).
 # About 15 minutes on 2 cores (mostly ptxas on candle's kernels) and ~1.5 GB of wheels.
@@ -56,3 +58,6 @@ mkdir -p .gpu
 cp target-cuda/release/distill .gpu/distill
 strip .gpu/distill || true
 echo "built .gpu/distill for compute capability $CAP ($(du -h .gpu/distill | cut -f1)); run it with scripts/run-gpu.sh"
+xz -T2 -9e -k -f .gpu/distill
+echo "packed .gpu/distill.xz ($(du -b .gpu/distill.xz | cut -f1) bytes); carry it to the GPU machine for scripts/gpu-check.sh"
+bash scripts/gpu-check.sh --check-carry

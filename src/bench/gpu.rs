@@ -1,6 +1,8 @@
 //! `distill bench --device cuda`: teacher-step, DMD2- and TDM-iteration throughput (images/s) and
 //! GPU memory at fp32, bf16 and fp16, beside the same UNet's teacher step in PyTorch with AMP
 //! (autocast + GradScaler, channels_last; `bench/torch_gpu.py`) on the same GPU, in the same run.
+//! On `--device cpu` (`--what gpu`) the same code runs on the CPU: the dry run of
+//! `scripts/gpu-check.sh`, with PyTorch's CPU autocast as the peer.
 
 use crate::checkpoint::{CheckpointMeta, Role};
 use crate::train::distill::{Method, RunConfig, Teacher};
@@ -50,6 +52,9 @@ pub struct GpuReport {
     pub config: String,
     pub batch: usize,
     pub rows: Vec<GpuRow>,
+    /// Why the PyTorch columns are empty, when they are.
+    #[serde(default)]
+    pub torch_note: Option<String>,
 }
 
 impl fmt::Display for GpuReport {
@@ -91,7 +96,11 @@ impl fmt::Display for GpuReport {
         write!(
             f,
             "ratio = candle images/s / PyTorch AMP images/s (above 1: candle is faster)"
-        )
+        )?;
+        if let Some(n) = &self.torch_note {
+            write!(f, "\nPyTorch missing: {n}")?;
+        }
+        Ok(())
     }
 }
 
@@ -205,9 +214,9 @@ fn teacher_step_s(
     for i in 0..o.warmup {
         step(i as u64)?;
     }
-    let poll = MemPoll::start();
+    let poll = dev.is_cuda().then(MemPoll::start);
     let s = time(dev, 0, o.iters, &mut step)?;
-    Ok((s, poll.stop()))
+    Ok((s, poll.and_then(MemPoll::stop)))
 }
 
 fn random_teacher(cfg: &ModelConfig, dev: &Device) -> Result<Teacher> {
@@ -236,11 +245,9 @@ fn run_cfg(o: &GpuBenchOptions, p: Precision) -> RunConfig {
     }
 }
 
-/// Runs the GPU benchmark on `dev` (a CUDA device).
+/// Runs the GPU benchmark on `dev` (a CUDA device, or the CPU for a dry run). A failing PyTorch
+/// peer leaves its columns empty with the reason in `torch_note`; candle's rows still come.
 pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
-    if !dev.is_cuda() {
-        bail!("the GPU benchmark needs --device cuda (this is {dev:?})");
-    }
     let unet = super::unet_config(&o.config)?;
     let cfg = ModelConfig {
         unet: unet.clone(),
@@ -248,10 +255,13 @@ pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
     };
     let teacher = random_teacher(&cfg, dev)?;
     let data = crate::data::embedded_mnist()?.to_resolution(unet.resolution)?;
-    let torch = if o.torch {
-        torch_peer(o, &cfg)?
+    let (torch, torch_note) = if o.torch {
+        match torch_peer(o, &cfg, dev) {
+            Ok(t) => (t, None),
+            Err(e) => (vec![], Some(format!("{e:#}"))),
+        }
     } else {
-        vec![]
+        (vec![], Some("turned off (--torch off)".into()))
     };
     let mut rows = Vec::new();
     for p in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
@@ -284,18 +294,23 @@ pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
             tdm_images_per_s: o.batch as f64 / tds,
             teacher_gpu_mib: mem,
             torch_images_per_s: peer.map(|r| r.images_per_s),
-            torch_peak_mib: peer.map(|r| r.peak_mib),
+            torch_peak_mib: peer.and_then(|r| r.peak_mib),
         });
     }
-    let gpu = torch
-        .first()
-        .map(|r| r.gpu.clone())
-        .unwrap_or_else(|| gpu_name().unwrap_or_else(|| "unknown GPU".into()));
+    let gpu = if dev.is_cuda() {
+        torch
+            .first()
+            .map(|r| r.gpu.clone())
+            .unwrap_or_else(|| gpu_name().unwrap_or_else(|| "unknown GPU".into()))
+    } else {
+        "cpu (dry run)".into()
+    };
     Ok(GpuReport {
         gpu,
         config: o.config.clone(),
         batch: o.batch,
         rows,
+        torch_note,
     })
 }
 
@@ -317,11 +332,12 @@ fn gpu_name() -> Option<String> {
 struct TorchRow {
     precision: String,
     images_per_s: f64,
-    peak_mib: f64,
+    /// `None` on the CPU (no CUDA allocator statistics).
+    peak_mib: Option<f64>,
     gpu: String,
 }
 
-fn torch_peer(o: &GpuBenchOptions, cfg: &ModelConfig) -> Result<Vec<TorchRow>> {
+fn torch_peer(o: &GpuBenchOptions, cfg: &ModelConfig, dev: &Device) -> Result<Vec<TorchRow>> {
     let py = o
         .torch_python
         .clone()
@@ -343,6 +359,8 @@ fn torch_peer(o: &GpuBenchOptions, cfg: &ModelConfig) -> Result<Vec<TorchRow>> {
         .arg(o.warmup.to_string())
         .arg("--iters")
         .arg(o.iters.to_string())
+        .arg("--device")
+        .arg(if dev.is_cuda() { "cuda" } else { "cpu" })
         .output()
         .with_context(|| {
             format!(
@@ -352,10 +370,12 @@ fn torch_peer(o: &GpuBenchOptions, cfg: &ModelConfig) -> Result<Vec<TorchRow>> {
             )
         })?;
     if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
         bail!(
             "the PyTorch peer failed ({}): {}",
             py.display(),
-            String::from_utf8_lossy(&out.stderr)
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
         );
     }
     String::from_utf8_lossy(&out.stdout)

@@ -17,7 +17,10 @@
 //! CLI does for training) and runs all candle work inside a rayon pool of exactly `threads`
 //! threads, so it works whenever it is called.
 
+pub mod device_check;
+pub mod diffusers_unet;
 pub mod gpu;
+pub mod inference;
 pub mod ops;
 pub mod timing;
 
@@ -495,10 +498,10 @@ fn time_ops(
 }
 
 /// A scratch directory removed on drop.
-struct Workdir(PathBuf);
+pub(crate) struct Workdir(PathBuf);
 
 impl Workdir {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -508,7 +511,7 @@ impl Workdir {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
     }
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
 }
@@ -527,7 +530,7 @@ impl Drop for Workdir {
 /// A Python that imports torch and safetensors: `explicit`, else `$DISTILL_TORCH_PYTHON`, else
 /// `.venv-bench/bin/python` under the current directory or this crate's source tree.
 /// `Err` carries the line to print.
-fn find_torch_python(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
+pub(crate) fn find_torch_python(explicit: Option<&Path>) -> std::result::Result<PathBuf, String> {
     let from_env = std::env::var_os("DISTILL_TORCH_PYTHON")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);

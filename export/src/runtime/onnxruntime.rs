@@ -109,6 +109,28 @@ impl OrtRunner {
         })
     }
 
+    /// Loads a model file with the session options a user deploying it would set: graph
+    /// optimisation level `All` and `intra_threads` threads inside each op (the bench's timings).
+    pub fn from_path_tuned(path: &Path, intra_threads: usize) -> Result<Self> {
+        use ort::session::builder::GraphOptimizationLevel;
+        let model = super::load_model(path)?;
+        let (inputs, outputs) = io_specs(&model)?;
+        let env = environment()?;
+        let session = Session::builder(env)
+            .map_err(|e| anyhow!("ort: session builder: {e}"))?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| anyhow!("ort: optimisation level: {e}"))?
+            .with_intra_threads(intra_threads)
+            .map_err(|e| anyhow!("ort: intra-op threads: {e}"))?
+            .commit_from_file(path)
+            .map_err(|e| anyhow!("ort: loading {}: {e}", path.display()))?;
+        Ok(Self {
+            session,
+            inputs,
+            outputs,
+        })
+    }
+
     /// Loads serialized model bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         use prost::Message;
