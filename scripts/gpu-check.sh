@@ -87,7 +87,12 @@ OUT="${OUT:-$ROOT/gpu-report}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # Scratch (the unpacked binary, checkpoints) stays outside $OUT: only the report comes back.
-WORK="${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")}"
+if [ -n "${GPU_CHECK_WORK:-}" ]; then
+    WORK="$GPU_CHECK_WORK"
+else
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+    trap 'rm -rf "$WORK"' EXIT
+fi
 rm -rf "$OUT/phases"
 mkdir -p "$WORK" "$OUT/phases"
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
