@@ -20,6 +20,9 @@
 # Writes $OUT/gpu-check.md and $OUT/gpu-check.json ($OUT defaults to ./gpu-report); exits 0 when
 # every phase is ok, 1 when any failed (the report is written either way), 2 on a carry or usage error.
 #
+# On the lent machine: run(command="bash scripts/gpu-check.sh", carry=[".gpu/distill.xz"]); the
+# device tool sets $OUT, so gpu-check.md/.json come back (scratch goes to GPU_CHECK_WORK or a
+# mktemp folder, never under $OUT).
 # Environment: GPU_CHECK_PYTHON (Python with torch; default python3), DISTILL_BIN (dry run binary;
 # default target/release/distill), GPU_CHECK_PACKED (default .gpu/distill.xz), GPU_CHECK_CARRY
 # (space-separated carried paths; default the packed binary).
@@ -83,8 +86,14 @@ fi
 OUT="${OUT:-$ROOT/gpu-report}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-WORK="$OUT/work"
-rm -rf "$WORK" "$OUT/phases"
+# Scratch (the unpacked binary, checkpoints) stays outside $OUT: only the report comes back.
+if [ -n "${GPU_CHECK_WORK:-}" ]; then
+    WORK="$GPU_CHECK_WORK"
+else
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+    trap 'rm -rf "$WORK"' EXIT
+fi
+rm -rf "$OUT/phases"
 mkdir -p "$WORK" "$OUT/phases"
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
