@@ -6,11 +6,11 @@
 //! intermediate. The emission of each op is in `src/ops/<op>.rs`.
 
 use crate::ops;
-use crate::precision::Precision;
 use crate::proto::{
     self, tensor_proto::DataType, AttributeProto, NodeProto, TensorProto, ValueInfoProto,
 };
 use anyhow::{bail, Context, Result};
+use graphs::Precision;
 use graphs::{Backend, Kind, Param};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -141,15 +141,28 @@ pub struct OnnxBackend {
 }
 
 impl OnnxBackend {
-    pub fn new(precision: Precision) -> Self {
-        Self {
+    /// Precisions an exported graph can have (ONNX Runtime and TensorRT run no bf16 graphs we
+    /// could validate).
+    pub const PRECISIONS: [Precision; 2] = [Precision::Fp32, Precision::Fp16];
+
+    pub fn new(precision: Precision) -> Result<Self> {
+        Ok(Self {
             g: RefCell::new(Graph::default()),
-            precision,
-        }
+            precision: precision.require("ONNX export", &Self::PRECISIONS)?,
+        })
     }
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Element type of conv/linear weights (and their Conv/Gemm/MatMul).
+    pub fn weight_elem(&self) -> ElemType {
+        match self.precision {
+            Precision::Fp16 => ElemType::F16,
+            // `new` admits only fp32 and fp16.
+            Precision::Fp32 | Precision::Bf16 => ElemType::F32,
+        }
     }
 
     /// Declares a graph input. Use [`Dim::Batch`] for the dynamic batch.

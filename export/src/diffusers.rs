@@ -13,7 +13,7 @@ use graphs::diffusers::{ClassEmbed, UNet2DModel};
 /// prediction (eps, v or x0, as it was trained).
 pub fn export_unet2d(model: &UNet2DModel, side: usize, opts: &ExportOptions) -> Result<ModelProto> {
     let cfg = &model.cfg;
-    let b = OnnxBackend::new(opts.precision);
+    let b = OnnxBackend::new(opts.precision)?;
     let sample = b.input(
         "sample",
         ElemType::F32,

@@ -27,7 +27,6 @@ pub mod junit;
 pub mod metadata;
 mod model;
 mod ops;
-mod precision;
 pub mod runtime;
 pub mod tensorrt;
 pub mod validate;
@@ -35,10 +34,9 @@ mod write;
 
 pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use diffusers::export_unet2d;
+pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
-pub use model::{
-    export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions, Precision,
-};
+pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
 pub use validate::{
     validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions, ValidateReport,
 };

@@ -8,7 +8,7 @@ use graphs::{Denoiser, GeneratorSpec, Parameterisation};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 
-pub use crate::precision::Precision;
+use graphs::Precision;
 
 /// How to export.
 #[derive(Clone, Debug)]
@@ -174,7 +174,7 @@ pub fn export_generator(
     spec: &GeneratorSpec,
     opts: &ExportOptions,
 ) -> Result<ModelProto> {
-    let b = OnnxBackend::new(opts.precision);
+    let b = OnnxBackend::new(opts.precision)?;
     let img = image_dims(den);
     let z = b.input("noise", ElemType::F32, &img)?;
     let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
@@ -198,7 +198,7 @@ pub fn export_generator(
 /// * VP: `x`, `timestep` `[batch]` int32 (0..T), `class_labels` -> `eps` (the network's noise
 ///   prediction for `x = x0 + sigma_t * eps` in sigma-space), via `level_from_timesteps` + `eps`.
 pub fn export_denoiser(den: &Denoiser, opts: &ExportOptions) -> Result<ModelProto> {
-    let b = OnnxBackend::new(opts.precision);
+    let b = OnnxBackend::new(opts.precision)?;
     let x = b.input("x", ElemType::F32, &image_dims(den))?;
     let (out, out_name) = match &den.param {
         Parameterisation::Edm(_) => {

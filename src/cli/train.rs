@@ -10,7 +10,7 @@ use distill::train::optim::LrSchedule;
 use distill::train::tdm::{NoiseMode, TdmConfig};
 use distill::train::teacher::TeacherConfig;
 use graphs::losses::tdm::{Distance, Weighting};
-use graphs::{BetaSchedule, UNetConfig};
+use graphs::{BetaSchedule, Precision, UNetConfig};
 use std::path::PathBuf;
 
 macro_rules! set {
@@ -131,8 +131,8 @@ pub struct TeacherArgs {
     pub limit: Option<usize>,
     /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
     /// master weights, optimiser state and checkpoints stay f32.
-    #[arg(long, value_enum)]
-    pub precision: Option<TrainPrecisionArg>,
+    #[arg(long, value_parser = super::precision_parser(&["fp32", "fp16", "bf16"]))]
+    pub precision: Option<Precision>,
     /// Number of classes of the model (default: the config's, 10; a data set with a label at or
     /// above it is an error).
     #[arg(long)]
@@ -141,24 +141,6 @@ pub struct TeacherArgs {
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
     pub allow_resume_change: bool,
-}
-
-/// Training compute precision.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum TrainPrecisionArg {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl From<TrainPrecisionArg> for distill::train::optim::Precision {
-    fn from(p: TrainPrecisionArg) -> Self {
-        match p {
-            TrainPrecisionArg::Fp32 => Self::Fp32,
-            TrainPrecisionArg::Fp16 => Self::Fp16,
-            TrainPrecisionArg::Bf16 => Self::Bf16,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -211,7 +193,7 @@ impl TeacherArgs {
         set!(c.sample_steps, self.sample_steps);
         set!(c.cfg_scale, self.cfg_scale);
         if let Some(p) = self.precision {
-            c.precision = p.into();
+            c.precision = p;
         }
         Ok(c)
     }
@@ -293,8 +275,8 @@ pub struct DistillRunArgs {
     pub eval_n: Option<usize>,
     /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
     /// master weights, optimiser state and checkpoints stay f32.
-    #[arg(long, value_enum)]
-    pub precision: Option<TrainPrecisionArg>,
+    #[arg(long, value_parser = super::precision_parser(&["fp32", "fp16", "bf16"]))]
+    pub precision: Option<Precision>,
     /// With --resume: continue even though the config (besides steps, cadence and precision) or
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
@@ -315,7 +297,7 @@ impl DistillRunArgs {
         set!(run.eval_every, self.eval_every);
         set!(run.eval_n, self.eval_n);
         if let Some(p) = self.precision {
-            run.precision = p.into();
+            run.precision = p;
         }
     }
 }

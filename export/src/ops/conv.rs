@@ -27,7 +27,7 @@ pub fn conv2d(
         w.name
     );
     let (cout, kh, kw) = (wd[0], wd[2], wd[3]);
-    let elem = b.precision().weight_elem();
+    let elem = b.weight_elem();
     let wn = b.param_init(
         w,
         &w.name,

@@ -25,7 +25,7 @@ pub fn linear(b: &OnnxBackend, x: &str, w: &Param, bias: Option<&Param>) -> Resu
         w.name,
         xi.dims
     );
-    let elem = b.precision().weight_elem();
+    let elem = b.weight_elem();
     let xin = b.cast(x, elem)?;
     let mut dims = xi.dims.clone();
     *dims.last_mut().unwrap() = Dim::Fixed(dout);

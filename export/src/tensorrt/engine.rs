@@ -2,19 +2,19 @@
 //! `<stem>.plan` + `<stem>.plan.json`.
 
 use super::sidecar::{self, BuilderInfo, Sidecar, ValidationInfo};
-use super::trtexec::{self, BatchProfile, TrtPrecision};
+use super::trtexec::{self, BatchProfile};
 use super::{Toolchain, TrtError, TrtRunner};
-use crate::model::Precision;
 use crate::validate::{self, Candidate, Target, ValidateOptions, ValidateReport};
 use anyhow::{Context, Result};
 use graphs::Denoiser;
+use graphs::Precision;
 use std::path::{Path, PathBuf};
 
 /// How to build and check an engine.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub profile: BatchProfile,
-    pub precision: TrtPrecision,
+    pub precision: Precision,
     /// Seeded cases of the post-build validation (batches: [`validation_batches`]).
     pub cases: usize,
     pub seed: u64,
@@ -31,7 +31,7 @@ impl Default for EngineOptions {
                 opt_batch: 8,
                 max_batch: 16,
             },
-            precision: TrtPrecision::Fp16,
+            precision: Precision::Fp16,
             cases: 12,
             seed: 0,
             max_abs_tol: None,
@@ -71,8 +71,9 @@ pub fn build_plan(
     onnx: &Path,
     plan: &Path,
     profile: BatchProfile,
-    precision: TrtPrecision,
+    precision: Precision,
 ) -> Result<Sidecar> {
+    precision.require("a TensorRT engine", &[Precision::Fp16, Precision::Fp32])?;
     let model = crate::runtime::load_model(onnx)?;
     super::lint::check(&model, &onnx.display().to_string())?;
     let (inputs, _) = sidecar::tensor_descs(&model)?;
@@ -134,10 +135,7 @@ pub fn build_validated(
             mean_abs_tol: opts.mean_abs_tol,
             ..Default::default()
         };
-        let precision = match opts.precision {
-            TrtPrecision::Fp16 => Precision::Fp16,
-            TrtPrecision::Fp32 => Precision::Fp32,
-        };
+        let precision = opts.precision;
         let (max_abs_tol, mean_abs_tol) = validate::tolerances(precision, &vopts);
         let out_name = sc
             .outputs

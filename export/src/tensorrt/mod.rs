@@ -26,7 +26,7 @@ pub use gpu::GpuInfo;
 pub use lint::{check as lint_check, lint, LintFailed, Violation};
 pub use runner::{runner_for_validation, TrtRunner};
 pub use sidecar::Sidecar;
-pub use trtexec::{BatchProfile, TensorDesc, TrtPrecision};
+pub use trtexec::{BatchProfile, TensorDesc};
 
 use std::path::{Path, PathBuf};
 

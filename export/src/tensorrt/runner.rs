@@ -3,11 +3,12 @@
 //! One trtexec process per call (engine deserialization included): slow-ish, but exact.
 
 use super::sidecar::{self, Sidecar};
-use super::trtexec::{self, BatchProfile, TensorDesc, TrtPrecision};
+use super::trtexec::{self, BatchProfile, TensorDesc};
 use super::{io, Toolchain, TrtError};
 use crate::runtime::{Inputs, Outputs, Runner};
 use crate::validate::ValidateOptions;
 use anyhow::{anyhow, Context, Result};
+use graphs::Precision;
 use ndarray::ArrayD;
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,7 @@ pub struct TrtRunner {
     inputs: Vec<TensorDesc>,
     outputs: Vec<TensorDesc>,
     profile: BatchProfile,
-    precision: TrtPrecision,
+    precision: Precision,
     scratch: tempfile::TempDir,
     /// Keeps a temporary engine alive as long as the runner.
     _engine_dir: Option<tempfile::TempDir>,
@@ -54,7 +55,7 @@ impl TrtRunner {
         Self::new(&tc, plan, &sc)
     }
 
-    pub fn precision(&self) -> TrtPrecision {
+    pub fn precision(&self) -> Precision {
         self.precision
     }
 
@@ -164,7 +165,7 @@ pub fn runner_for_validation(
     let profile = BatchProfile::new(lo, hi, hi)?;
     let dir = tempfile::tempdir().context("creating a folder for the temporary engine")?;
     let plan = dir.path().join("engine.plan");
-    let sc = super::build_plan(&tc, &onnx, &plan, profile, TrtPrecision::Fp16)?;
+    let sc = super::build_plan(&tc, &onnx, &plan, profile, Precision::Fp16)?;
     let mut r = TrtRunner::new(&tc, &plan, &sc)?;
     r._engine_dir = Some(dir);
     Ok((
@@ -241,7 +242,7 @@ mod tests {
             &sidecar(a10),
         )
         .unwrap();
-        assert_eq!(r.precision(), TrtPrecision::Fp16);
+        assert_eq!(r.precision(), Precision::Fp16);
         let o = r.ordered(&inputs(2)).unwrap();
         assert_eq!(o[0].0, "noise");
         assert_eq!(o[1].0, "class_labels");
