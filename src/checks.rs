@@ -113,7 +113,7 @@ pub fn teacher(c: &crate::train::teacher::TeacherConfig) -> Result<()> {
     all_finite("teacher config", c)?;
     unet(&c.model)?;
     c.validate()?;
-    size("steps", c.steps, 1, 1_000_000_000)?;
+    size("train_steps", c.train_steps, 1, 1_000_000_000)?;
     size("batch_size", c.batch_size as u64, 1, 65_536)?;
     size("sample_steps", c.sample_steps as u64, 1, 1000)?;
     cfg_scale("cfg_scale", c.cfg_scale)?;
@@ -130,7 +130,7 @@ pub fn teacher(c: &crate::train::teacher::TeacherConfig) -> Result<()> {
 /// The cadence fields shared by the distillation trainers (`[run]`).
 pub fn run_config(r: &crate::train::distill::RunConfig) -> Result<()> {
     r.validate()?;
-    size("run.steps", r.steps, 1, 1_000_000_000)?;
+    size("run.train_steps", r.train_steps, 1, 1_000_000_000)?;
     size("run.batch_size", r.batch_size as u64, 1, 65_536)?;
     in_range("run.ema_decay", r.ema_decay, 0.0, 0.999_999)
 }
@@ -398,17 +398,20 @@ pub fn resume(
     Ok(())
 }
 
-/// The step target of a teacher (`steps`) or distillation (`run.steps`) config.
+/// The step target of a teacher (`train_steps`) or distillation (`run.train_steps`) config
+/// (`steps` in runs written before the rename).
 fn step_target(cfg: &toml::Value) -> Option<u64> {
-    cfg.get("steps")
-        .or_else(|| cfg.get("run").and_then(|r| r.get("steps")))
+    let get = |t: &toml::Value| t.get("train_steps").or_else(|| t.get("steps")).cloned();
+    get(cfg)
+        .or_else(|| cfg.get("run").and_then(get))
         .and_then(|v| v.as_integer())
         .map(|v| v as u64)
 }
 
 /// A config without the fields a resume may change: step target, cadence, precision.
 fn strip(mut v: toml::Value) -> toml::Value {
-    const FREE: [&str; 9] = [
+    const FREE: [&str; 10] = [
+        "train_steps",
         "steps",
         "log_every",
         "sample_every",

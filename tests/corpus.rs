@@ -17,6 +17,8 @@ fn teacher_flags(out: &Path, extra: &[&str]) -> Vec<String> {
         .iter()
         .filter(|a| a.starts_with("--"))
         .map(|a| a.split('=').next().unwrap())
+        // The deprecated name replaces the base's flag too.
+        .map(|a| if a == "--steps" { "--train-steps" } else { a })
         .collect();
     let mut a = Vec::new();
     let mut i = 0;
@@ -72,7 +74,8 @@ fn cli_flags_are_range_checked() {
         ),
         t("grad-clip negative", &["--grad-clip=-1"], &["grad_clip"]),
         t("batch-size 0", &["--batch-size", "0"], &["batch_size"]),
-        t("steps 0", &["--steps", "0"], &["steps"]),
+        t("train-steps 0", &["--train-steps", "0"], &["train_steps"]),
+        t("deprecated steps 0", &["--steps", "0"], &["train_steps"]),
         t("limit 0", &["--limit", "0"], &["--limit 0"]),
         t(
             "resolution 0",
@@ -364,9 +367,20 @@ fn toml_configs_are_checked() {
             1,
             &["unknown field", "stepz"],
         ),
-        toml("syntax error", "steps = = 3\n", 1, &["parsing"]),
+        toml("syntax error", "train_steps = = 3\n", 1, &["parsing"]),
         toml("cfg nan", "cfg_scale = nan\n", 1, &["cfg_scale"]),
-        toml("negative steps", "steps = -5\n", 1, &["parsing"]),
+        toml(
+            "negative train_steps",
+            "train_steps = -5\n",
+            1,
+            &["parsing"],
+        ),
+        toml(
+            "both train_steps and its old name",
+            "train_steps = 3\nsteps = 3\n",
+            1,
+            &["duplicate field", "train_steps"],
+        ),
         toml("lr inf", "[optim]\nlr = inf\n", 1, &["optim.lr"]),
         toml(
             "huge resolution",
@@ -406,29 +420,34 @@ fn toml_configs_are_checked() {
             &["/nonexistent/run.toml"],
         ),
     ]);
-    // A partial [model] table fills the rest from the defaults and trains.
-    let path = d.path().join("partial.toml");
-    std::fs::write(
-        &path,
-        "steps = 1\nbatch_size = 2\n[model]\nbase_channels = 8\nresolution = 16\nchannel_mult = [1, 2]\nattn_resolutions = []\n",
-    )
-    .unwrap();
-    let o = run(
-        &s(&[
-            "train",
-            "teacher",
-            "--config",
-            &p(&path),
-            "--out",
-            &p(&out),
-            "--limit",
-            "4",
-            "--sample-every",
-            "0",
-        ]),
-        &[],
-    );
-    assert!(o.status.success(), "partial [model] table: {}", text(&o));
+    // A partial [model] table fills the rest from the defaults and trains; a config with the
+    // deprecated `steps` still trains, with a note naming the new key.
+    for (steps_key, note) in [("train_steps", false), ("steps", true)] {
+        let path = d.path().join(format!("partial_{steps_key}.toml"));
+        std::fs::write(
+            &path,
+            format!("{steps_key} = 1\nbatch_size = 2\n[model]\nbase_channels = 8\nresolution = 16\nchannel_mult = [1, 2]\nattn_resolutions = []\n"),
+        )
+        .unwrap();
+        let o = run(
+            &s(&[
+                "train",
+                "teacher",
+                "--config",
+                &p(&path),
+                "--out",
+                &p(&out.join(steps_key)),
+                "--limit",
+                "4",
+                "--sample-every",
+                "0",
+            ]),
+            &[],
+        );
+        assert!(o.status.success(), "partial [model] table: {}", text(&o));
+        let deprecated = text(&o).contains("`steps` is deprecated, use `train_steps`");
+        assert_eq!(deprecated, note, "{}", text(&o));
+    }
 }
 
 #[test]

@@ -370,7 +370,7 @@ fn distill_runs_resume_on_the_same_curve() {
     run_dmd2(&c, &t, &data, full.path(), false).unwrap();
     let part = tempfile::tempdir().unwrap();
     let mut c3 = c.clone();
-    c3.run.steps = 3;
+    c3.run.train_steps = 3;
     run_dmd2(&c3, &t, &data, part.path(), false).unwrap();
     assert!(
         run_dmd2(&c, &t, &data, part.path(), false).is_err(),
@@ -408,7 +408,7 @@ fn distill_runs_resume_on_the_same_curve() {
     assert_eq!(run_tdm(&c, &t, full.path(), false).unwrap(), 6);
     let part = tempfile::tempdir().unwrap();
     let mut c3 = c.clone();
-    c3.run.steps = 3;
+    c3.run.train_steps = 3;
     run_tdm(&c3, &t, part.path(), false).unwrap();
     run_tdm(&c, &t, part.path(), true).unwrap();
     for key in ["loss_student", "loss_fake"] {
@@ -440,7 +440,7 @@ fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
         *v = f32::NAN;
     }
     let mut c6 = c.clone();
-    c6.run.steps = 6;
+    c6.run.train_steps = 6;
     let e = run_dmd2(&c6, &t, &bad, dir.path(), true).unwrap_err();
     let msg = format!("{e:#}");
     assert!(msg.contains("NaN") && msg.contains("checkpoint"), "{msg}");
@@ -572,7 +572,7 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     let after = tempfile::tempdir().unwrap();
     c.student_optim.lr = 5e-4;
     c.fake_optim.lr = 5e-4;
-    c.run.steps = 150;
+    c.run.train_steps = 150;
     run_dmd2(&c, &t, &data, after.path(), false).unwrap();
     let fd1 = student_fd(after.path(), ev);
     eprintln!("dmd2 1-step student FD: {fd0:.2} -> {fd1:.2}");
@@ -589,7 +589,7 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     let fd0 = student_fd(before.path(), ev);
     c.student_optim.lr = 1e-4;
     c.fake_optim.lr = 2.5e-4;
-    c.run.steps = 80;
+    c.run.train_steps = 80;
     let after = tempfile::tempdir().unwrap();
     run_tdm(&c, &t, after.path(), false).unwrap();
     let fd1 = student_fd(after.path(), ev);

@@ -84,9 +84,10 @@ pub struct TeacherArgs {
     /// VP beta schedule (beta 1e-4 .. 2e-2).
     #[arg(long, value_enum)]
     pub beta_schedule: Option<BetaScheduleArg>,
-    /// Optimiser steps in total (a resumed run stops at the same total).
-    #[arg(long)]
-    pub steps: Option<u64>,
+    /// Training iterations in total (a resumed run stops at the same total). (`--steps` is its
+    /// deprecated name.)
+    #[arg(long, alias = "steps")]
+    pub train_steps: Option<u64>,
     /// Images per step.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -137,7 +138,7 @@ pub struct TeacherArgs {
     /// above it is an error).
     #[arg(long)]
     pub num_classes: Option<usize>,
-    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    /// With --resume: continue even though the config (besides train_steps, cadence and precision) or
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
     pub allow_resume_change: bool,
@@ -178,7 +179,7 @@ impl TeacherArgs {
                 BetaScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
             };
         }
-        set!(c.steps, self.steps);
+        set!(c.train_steps, self.train_steps);
         set!(c.batch_size, self.batch_size);
         set!(c.optim.lr, self.lr);
         set!(c.optim.warmup_steps, self.warmup);
@@ -232,9 +233,10 @@ pub struct DistillRunArgs {
     /// (e.g. 999 for one step at sigma_max, 999,749,499,249 for four).
     #[arg(long, value_delimiter = ',')]
     pub timesteps: Option<Vec<usize>>,
-    /// Training iterations in total (a resumed run stops at the same total).
-    #[arg(long)]
-    pub steps: Option<u64>,
+    /// Training iterations in total (a resumed run stops at the same total). (`--steps` is its
+    /// deprecated name.)
+    #[arg(long, alias = "steps")]
+    pub train_steps: Option<u64>,
     /// Images per iteration.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -277,7 +279,7 @@ pub struct DistillRunArgs {
     /// master weights, optimiser state and checkpoints stay f32.
     #[arg(long, value_parser = super::precision_parser(&["fp32", "fp16", "bf16"]))]
     pub precision: Option<Precision>,
-    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    /// With --resume: continue even though the config (besides train_steps, cadence and precision) or
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
     pub allow_resume_change: bool,
@@ -287,7 +289,7 @@ impl DistillRunArgs {
     fn apply(&self, teacher: &mut PathBuf, run: &mut RunConfig, timesteps: &mut Vec<usize>) {
         set!(*teacher, self.teacher);
         set!(*timesteps, self.timesteps);
-        set!(run.steps, self.steps);
+        set!(run.train_steps, self.train_steps);
         set!(run.batch_size, self.batch_size);
         set!(run.seed, self.seed);
         set!(run.ema_decay, self.ema_decay);

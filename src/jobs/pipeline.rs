@@ -114,7 +114,7 @@ fn resumable(ckpt: &Path) -> bool {
 /// The distillation stages' shared settings.
 fn run_config(steps: u64) -> crate::train::distill::RunConfig {
     crate::train::distill::RunConfig {
-        steps,
+        train_steps: steps,
         eval_every: (steps / 8).max(1),
         eval_n: 500,
         sample_every: (steps / 4).max(1),
@@ -145,11 +145,11 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
         ..Default::default()
     };
     if let Some(s) = o.teacher_steps {
-        tjob.config.steps = s;
+        tjob.config.train_steps = s;
     }
     let tcfg = tjob.config.clone();
     let teacher = RunDir::new(&tjob.out)?.checkpoint();
-    if finished(&teacher, tcfg.steps) {
+    if finished(&teacher, tcfg.train_steps) {
         eprintln!("pipeline: teacher done ({}), skipping", teacher.display());
     } else {
         tjob.resume = resumable(&teacher);

@@ -29,7 +29,11 @@ pub fn read_config<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result
 }
 
 /// Config keys renamed for one vocabulary: still read (serde aliases), with a note.
-pub const RENAMED_KEYS: &[(&str, &str)] = &[("real_guidance_scale", "cfg_scale")];
+pub const RENAMED_KEYS: &[(&str, &str)] = &[
+    ("real_guidance_scale", "cfg_scale"),
+    // Training iterations (no config table has another `steps`: sampling is `sample_steps`).
+    ("steps", "train_steps"),
+];
 
 /// A note per renamed key `text` still uses (at any table level).
 pub fn deprecated_keys(text: &str) -> Vec<String> {
@@ -130,14 +134,14 @@ impl TeacherJob {
                 let (_, den, _) = teacher::init_trainable(&cfg.model_config()?, cfg.seed, dev)?;
                 graphs::params::count(&den)
             },
-            cfg.steps,
+            cfg.train_steps,
             cfg.batch_size,
             run.root.display()
         );
         let out = teacher::train(&cfg, &data, &run, self.resume, self.show_progress, dev)?;
         eprintln!(
             "teacher: done, {} steps in {:.0}s, final loss {:.4}; checkpoint {}; samples {}",
-            out.steps,
+            out.train_steps,
             out.seconds,
             out.final_loss,
             out.checkpoint.display(),
@@ -183,7 +187,7 @@ fn report(what: &str, out: &DistillOutcome, run: &RunDir) {
         .collect();
     eprintln!(
         "{what}: done, {} iterations ({} student updates) in {:.0}s; {}; checkpoint {}; samples {}; metrics {}",
-        out.steps,
+        out.train_steps,
         out.student_updates,
         out.seconds,
         last.join(", "),
@@ -255,7 +259,7 @@ impl Dmd2Job {
                 .map(|s| format!("{s:.3}"))
                 .collect::<Vec<_>>(),
             teacher.dir.display(),
-            cfg.run.steps,
+            cfg.run.train_steps,
             cfg.run.batch_size,
             cfg.dfake_gen_update_ratio,
             if cfg.gan { "on" } else { "off" },
@@ -322,7 +326,7 @@ impl TdmJob {
             cfg.timesteps.len(),
             cfg.timesteps,
             teacher.dir.display(),
-            cfg.run.steps,
+            cfg.run.train_steps,
             cfg.run.batch_size,
             cfg.grad_accum,
             m.cfg.noise_mode,
@@ -343,5 +347,34 @@ impl TdmJob {
         let out = distill::run(&mut m, &rs, &run)?;
         report("tdm", &out, &run);
         Ok(out.checkpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renamed_keys_are_read_with_a_note() {
+        let old = "steps = 7\n";
+        assert_eq!(
+            deprecated_keys(old),
+            ["`steps` is deprecated, use `train_steps`"]
+        );
+        assert_eq!(toml::from_str::<TeacherConfig>(old).unwrap().train_steps, 7);
+        let old = "cfg_scale = 2.0\n[run]\nsteps = 9\n";
+        assert_eq!(
+            deprecated_keys(old),
+            ["`run.steps` is deprecated, use `run.train_steps`"]
+        );
+        assert_eq!(
+            toml::from_str::<Dmd2Config>(old).unwrap().run.train_steps,
+            9
+        );
+        assert_eq!(toml::from_str::<TdmConfig>(old).unwrap().run.train_steps, 9);
+        // What a run writes uses the new name only.
+        let new = toml::to_string(&Dmd2Config::default()).unwrap();
+        assert!(deprecated_keys(&new).is_empty(), "{new}");
+        assert!(new.contains("train_steps = "), "{new}");
     }
 }

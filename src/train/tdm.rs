@@ -230,7 +230,7 @@ impl<'a> Tdm<'a> {
         cfg.validate(&grid)?;
         for o in [&mut cfg.student_optim, &mut cfg.fake_optim] {
             if o.schedule == LrSchedule::Cosine && o.decay_steps == 0 {
-                o.decay_steps = cfg.run.steps;
+                o.decay_steps = cfg.run.train_steps;
             }
         }
         let w = teacher.weights();
