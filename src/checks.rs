@@ -135,11 +135,19 @@ pub fn run_config(r: &crate::train::distill::RunConfig) -> Result<()> {
     in_range("run.ema_decay", r.ema_decay, 0.0, 0.999_999)
 }
 
+/// What every distillation config shares.
+pub fn distill_common(c: &crate::train::distill::DistillCommon) -> Result<()> {
+    run_config(&c.run)?;
+    ensure!(!c.timesteps.is_empty(), "timesteps must not be empty");
+    cfg_scale("cfg_scale", c.cfg_scale)?;
+    optim("student_optim", &c.student_optim)?;
+    optim("fake_optim", &c.fake_optim)
+}
+
 /// A DMD2 config.
 pub fn dmd2(c: &crate::train::dmd2::Dmd2Config) -> Result<()> {
     all_finite("dmd2 config", c)?;
-    run_config(&c.run)?;
-    ensure!(!c.timesteps.is_empty(), "timesteps must not be empty");
+    distill_common(&c.common)?;
     if let Some(s) = c.conditioning_sigma {
         positive("conditioning_sigma", s, 1e4)?;
     }
@@ -157,25 +165,18 @@ pub fn dmd2(c: &crate::train::dmd2::Dmd2Config) -> Result<()> {
         c.min_step,
         c.max_step
     );
-    cfg_scale("cfg_scale (formerly real_guidance_scale)", c.cfg_scale)?;
     in_range("gan_generator_weight", c.gan_generator_weight, 0.0, 1e3)?;
-    in_range("gan_critic_weight", c.gan_critic_weight, 0.0, 1e3)?;
-    optim("student_optim", &c.student_optim)?;
-    optim("fake_optim", &c.fake_optim)
+    in_range("gan_critic_weight", c.gan_critic_weight, 0.0, 1e3)
 }
 
 /// A TDM config.
 pub fn tdm(c: &crate::train::tdm::TdmConfig) -> Result<()> {
     all_finite("tdm config", c)?;
-    run_config(&c.run)?;
-    ensure!(!c.timesteps.is_empty(), "timesteps must not be empty");
-    cfg_scale("cfg_scale", c.cfg_scale)?;
+    distill_common(&c.common)?;
     positive("huber_c", c.huber_c, 1e3)?;
     positive("min_snr_gamma", c.min_snr_gamma, 1e6)?;
     size("update_fake_every", c.update_fake_every, 1, 1_000_000)?;
-    size("grad_accum", c.grad_accum as u64, 1, 4096)?;
-    optim("student_optim", &c.student_optim)?;
-    optim("fake_optim", &c.fake_optim)
+    size("grad_accum", c.grad_accum as u64, 1, 4096)
 }
 
 /// Rough bytes one training step of `m` at `batch` needs: every activation the backward pass

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use distill::jobs::{read_config, Dmd2Job, TdmJob, TeacherJob};
-use distill::train::distill::RunConfig;
+use distill::train::distill::DistillCommon;
 use distill::train::dmd2::Dmd2Config;
 use distill::train::optim::LrSchedule;
 use distill::train::tdm::{NoiseMode, TdmConfig};
@@ -243,6 +243,10 @@ pub struct DistillRunArgs {
     /// Seed for labels, noise, timesteps and data order.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Classifier-free guidance scale of the teacher (the real score) in the student's target;
+    /// 1 = off (`--real-guidance-scale` is DMD2's deprecated name).
+    #[arg(long, alias = "real-guidance-scale")]
+    pub cfg_scale: Option<f64>,
     /// Peak learning rate of the student.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -286,9 +290,18 @@ pub struct DistillRunArgs {
 }
 
 impl DistillRunArgs {
-    fn apply(&self, teacher: &mut PathBuf, run: &mut RunConfig, timesteps: &mut Vec<usize>) {
-        set!(*teacher, self.teacher);
-        set!(*timesteps, self.timesteps);
+    /// Flags over the config read from `--config` (or the defaults).
+    fn apply(&self, c: &mut DistillCommon) {
+        set!(c.teacher, self.teacher);
+        set!(c.timesteps, self.timesteps);
+        set!(c.cfg_scale, self.cfg_scale);
+        set!(c.student_optim.lr, self.lr);
+        set!(c.fake_optim.lr, self.fake_lr);
+        for o in c.optims() {
+            set!(o.warmup_steps, self.warmup);
+            set!(o.grad_clip, self.grad_clip);
+        }
+        let run = &mut c.run;
         set!(run.train_steps, self.train_steps);
         set!(run.batch_size, self.batch_size);
         set!(run.seed, self.seed);
@@ -329,10 +342,6 @@ pub struct Dmd2Args {
     /// Highest distribution-matching timestep, as a fraction of the grid.
     #[arg(long)]
     pub max_step: Option<f64>,
-    /// Classifier-free guidance scale of the real score (the teacher); 1 = off
-    /// (`--real-guidance-scale` is its deprecated name).
-    #[arg(long, alias = "real-guidance-scale")]
-    pub cfg_scale: Option<f64>,
     /// Train without the GAN head (distribution matching only).
     #[arg(long)]
     pub no_gan: bool,
@@ -350,22 +359,13 @@ pub struct Dmd2Args {
 impl Dmd2Args {
     pub fn resolve(&self) -> Result<Dmd2Config> {
         let mut c: Dmd2Config = read_config(self.common.config.as_deref())?;
-        self.common
-            .apply(&mut c.teacher, &mut c.run, &mut c.timesteps);
-        let a = &self.common;
-        set!(c.student_optim.lr, a.lr);
-        set!(c.fake_optim.lr, a.fake_lr);
-        for o in [&mut c.student_optim, &mut c.fake_optim] {
-            set!(o.warmup_steps, a.warmup);
-            set!(o.grad_clip, a.grad_clip);
-        }
+        self.common.apply(&mut c.common);
         if self.conditioning_sigma.is_some() {
             c.conditioning_sigma = self.conditioning_sigma;
         }
         set!(c.dfake_gen_update_ratio, self.dfake_gen_update_ratio);
         set!(c.min_step, self.min_step);
         set!(c.max_step, self.max_step);
-        set!(c.cfg_scale, self.cfg_scale);
         if self.no_gan {
             c.gan = false;
         }
@@ -428,9 +428,6 @@ pub struct TdmArgs {
     /// Turn off the importance weight of the fake score's loss.
     #[arg(long)]
     pub no_importance_weight: bool,
-    /// Classifier-free guidance scale of the teacher in the student's target (1 = off).
-    #[arg(long)]
-    pub cfg_scale: Option<f64>,
     /// Distance of the student loss.
     #[arg(long, value_enum)]
     pub distance: Option<DistanceArg>,
@@ -469,20 +466,12 @@ pub struct TdmArgs {
 impl TdmArgs {
     pub fn resolve(&self) -> Result<TdmConfig> {
         let mut c: TdmConfig = read_config(self.common.config.as_deref())?;
-        self.common
-            .apply(&mut c.teacher, &mut c.run, &mut c.timesteps);
-        let a = &self.common;
-        if let Some(f) = a.fake_lr {
-            c.fake_optim.lr = f;
+        self.common.apply(&mut c.common);
+        if let (Some(f), None) = (self.common.fake_lr, self.common.lr) {
             // The published recipe: the student learns 5x slower than the fake score.
-            if a.lr.is_none() {
-                c.student_optim.lr = f / 5.0;
-            }
+            c.common.student_optim.lr = f / 5.0;
         }
-        set!(c.student_optim.lr, a.lr);
-        for o in [&mut c.student_optim, &mut c.fake_optim] {
-            set!(o.warmup_steps, a.warmup);
-            set!(o.grad_clip, a.grad_clip);
+        for o in c.common.optims() {
             set!(o.beta1, self.beta1);
             set!(o.beta2, self.beta2);
             if let Some(s) = self.schedule {
@@ -507,7 +496,6 @@ impl TdmArgs {
         if self.no_importance_weight {
             c.importance_weight = false;
         }
-        set!(c.cfg_scale, self.cfg_scale);
         if let Some(d) = self.distance {
             c.distance = match d {
                 DistanceArg::Mse => Distance::Mse,

@@ -3,6 +3,7 @@
 //! (run folders, deterministic data order and noise, metrics, progress) is shared by all.
 
 pub mod distill;
+pub mod distill_config;
 pub mod dmd2;
 pub mod optim;
 pub mod runner;
