@@ -1,7 +1,7 @@
 //! The bare diffusers `UNet2DModel` with diffusers' own signature, the way optimum exports a
 //! UNet: a drop-in for the PyTorch model in any ONNX runtime.
 
-use crate::backend::{Dim, ElemType, OnnxBackend};
+use crate::builder::{Dim, ElemType, OnnxBackend};
 use crate::model::{weights_sha256, ExportOptions};
 use crate::proto::{ModelProto, StringStringEntryProto};
 use anyhow::{Context, Result};

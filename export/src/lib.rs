@@ -22,6 +22,7 @@ pub mod proto {
 }
 
 mod backend;
+mod builder;
 mod diffusers;
 pub mod junit;
 pub mod metadata;
@@ -32,7 +33,7 @@ pub mod tensorrt;
 pub mod validate;
 mod write;
 
-pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
+pub use builder::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use diffusers::export_unet2d;
 pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};

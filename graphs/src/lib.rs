@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod candle_backend;
 pub mod denoiser;
+pub mod denoiser_io;
 pub mod diffusers;
 pub mod flops;
 pub mod guidance;
@@ -23,6 +24,7 @@ pub mod unet;
 pub use backend::{Backend, Kind, Param};
 pub use candle_backend::CandleBackend;
 pub use denoiser::{Denoiser, ModelConfig, NoiseLevel};
+pub use denoiser_io::DenoiserIo;
 pub use precision::Precision;
 pub use sampler::{generate, GeneratorSpec, Renoise, SamplerKind};
 pub use schedule::{BetaSchedule, EdmSchedule, NoiseGrid, Parameterisation, VpSchedule};

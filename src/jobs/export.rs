@@ -6,7 +6,8 @@ use super::Failure;
 use crate::checkpoint;
 use anyhow::{Context, Result};
 use candle_core::Device;
-use export::tensorrt::{BatchProfile, EngineOptions, EngineOutcome, Toolchain};
+use export::tensorrt::{BatchProfile, Toolchain};
+use export::validate::{EngineOptions, EngineOutcome};
 use graphs::Precision;
 use std::path::{Path, PathBuf};
 
@@ -187,7 +188,7 @@ pub fn build_engine(
         tc.gpu.name,
         tc.gpu.compute_capability
     );
-    let out = export::tensorrt::build_validated(tc, onnx, &plan, &den, target, &opts)?;
+    let out = export::validate::build_validated(tc, onnx, &plan, &den, target, &opts)?;
     println!("{}", out.report);
     if !out.written {
         return Err(Failure::ValidationFailed(format!(

@@ -1,7 +1,7 @@
 //! `conv2d` -> ONNX `Conv` (weight `[out, in, k, k]`, optional bias `[out]`).
 
 use super::f32_input;
-use crate::backend::{attr_int, attr_ints, Dim, ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{attr_int, attr_ints, Dim, ElemType, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 use graphs::Param;
 

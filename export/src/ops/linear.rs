@@ -4,7 +4,7 @@
 //! added by a separate `Add`), see below.
 
 use super::f32_input;
-use crate::backend::{attr_int, broadcast, Dim, ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{attr_int, broadcast, Dim, ElemType, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 use graphs::Param;
 

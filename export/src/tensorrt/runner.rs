@@ -6,7 +6,6 @@ use super::sidecar::{self, Sidecar};
 use super::trtexec::{self, BatchProfile, TensorDesc};
 use super::{io, Toolchain, TrtError};
 use crate::runtime::{Inputs, Outputs, Runner};
-use crate::validate::ValidateOptions;
 use anyhow::{anyhow, Context, Result};
 use graphs::Precision;
 use ndarray::ArrayD;
@@ -21,7 +20,7 @@ pub struct TrtRunner {
     precision: Precision,
     scratch: tempfile::TempDir,
     /// Keeps a temporary engine alive as long as the runner.
-    _engine_dir: Option<tempfile::TempDir>,
+    pub(crate) _engine_dir: Option<tempfile::TempDir>,
 }
 
 impl TrtRunner {
@@ -128,50 +127,6 @@ impl Runner for TrtRunner {
             })
             .collect()
     }
-}
-
-/// The TensorRT runner `validate` uses for `model_path` (see [`crate::validate()`]), and a
-/// description of the engine it runs.
-pub fn runner_for_validation(
-    model_path: &Path,
-    is_plan: bool,
-    opts: &ValidateOptions,
-) -> Result<(TrtRunner, String)> {
-    let tc = Toolchain::locate()?;
-    let plan_runner = |plan: &Path| -> Result<(TrtRunner, String)> {
-        let sc = Sidecar::read(&sidecar::path_for(plan))?;
-        Ok((TrtRunner::new(&tc, plan, &sc)?, plan.display().to_string()))
-    };
-    if is_plan {
-        return plan_runner(model_path);
-    }
-    let onnx = match &opts.trt_engine {
-        Some(p) if super::is_plan(p) => return plan_runner(p),
-        Some(p) => p.clone(),
-        None => {
-            let sibling = model_path.with_extension("plan");
-            let current = super::sha256_file(model_path)?;
-            if let Ok(sc) = Sidecar::read(&sidecar::path_for(&sibling)) {
-                if sibling.exists() && sc.onnx_sha256 == current {
-                    return plan_runner(&sibling);
-                }
-            }
-            model_path.to_path_buf()
-        }
-    };
-    // A temporary engine over exactly the batches to validate.
-    let lo = *opts.batches.iter().min().context("no batches")?;
-    let hi = *opts.batches.iter().max().context("no batches")?;
-    let profile = BatchProfile::new(lo, hi, hi)?;
-    let dir = tempfile::tempdir().context("creating a folder for the temporary engine")?;
-    let plan = dir.path().join("engine.plan");
-    let sc = super::build_plan(&tc, &onnx, &plan, profile, Precision::Fp16)?;
-    let mut r = TrtRunner::new(&tc, &plan, &sc)?;
-    r._engine_dir = Some(dir);
-    Ok((
-        r,
-        format!("temporary fp16 engine built from {}", onnx.display()),
-    ))
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ mod tests {
 
     /// A generator model's I/O and metadata, as the exporter writes them.
     pub(crate) fn generator_like_model() -> ModelProto {
-        use crate::backend::{Dim, ElemType, ValueInfo};
+        use crate::builder::{Dim, ElemType, ValueInfo};
         use crate::proto::{GraphProto, StringStringEntryProto};
         let img = vec![Dim::Batch, Dim::Fixed(1), Dim::Fixed(16), Dim::Fixed(16)];
         let spec = r#"{"sampler":"student","steps":2,"sigmas":[80.0,1.2],"fresh_noise":true,"cfg_scale":1.0}"#;
