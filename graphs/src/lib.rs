@@ -10,6 +10,7 @@ pub mod denoiser_io;
 pub mod diffusers;
 pub mod flops;
 pub mod guidance;
+pub mod json;
 pub mod kernels;
 pub mod losses;
 pub mod nn;

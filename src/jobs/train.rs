@@ -2,6 +2,7 @@
 //! folder are.
 
 use crate::checks;
+use crate::train::checks as train_checks;
 use crate::train::distill::{self, DistillCommon, DistillOutcome, Method, RunSpec, Teacher};
 use crate::train::dmd2::{Dmd2, Dmd2Config};
 use crate::train::tdm::{Tdm, TdmConfig};
@@ -106,7 +107,7 @@ impl Default for TeacherJob {
 impl TeacherJob {
     pub fn run(&self, dev: &Device) -> Result<TeacherOutcome> {
         let mut cfg = self.config.clone();
-        checks::teacher(&cfg)?;
+        train_checks::teacher(&cfg)?;
         let data = load_data(self.data.as_deref(), cfg.model.resolution, self.limit)?;
         checks::labels_fit(&data, cfg.model.num_classes)?;
         cfg.model.channels = data.channels;
@@ -114,7 +115,7 @@ impl TeacherJob {
         let run = RunDir::new(&self.out)?;
         let toml_cfg = toml::to_string(&cfg)?;
         let allow = self.allow_resume_change;
-        checks::resume(
+        train_checks::resume(
             &run,
             TRAIN_STATE_FILE,
             &toml_cfg,
@@ -234,7 +235,7 @@ impl Dmd2Job {
     /// Trains; returns the checkpoint folder.
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
         let cfg = &self.config;
-        checks::dmd2(cfg)?;
+        train_checks::dmd2(cfg)?;
         let teacher = Teacher::load(&cfg.common.teacher, dev)?;
         let u = &teacher.meta.model.unet;
         let data = load_data(self.data.as_deref(), u.resolution, self.limit)?;
@@ -302,7 +303,7 @@ impl DistillRun<'_> {
     ) -> Result<PathBuf> {
         let run = RunDir::new(self.out)?;
         let allow = self.allow_resume_change;
-        checks::resume(
+        train_checks::resume(
             &run,
             TRAIN_STATE_FILE,
             &config_toml,
@@ -359,7 +360,7 @@ impl Default for TdmJob {
 impl TdmJob {
     /// Trains; returns the checkpoint folder.
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
-        checks::tdm(&self.config)?;
+        train_checks::tdm(&self.config)?;
         let teacher = Teacher::load(&self.config.common.teacher, dev)?;
         let mut m = Tdm::new(self.config.clone(), &teacher, dev)?;
         // `Tdm::new` completes the config (the cosine decay length): store that one.

@@ -5,7 +5,7 @@ use super::betas::{np_arange, np_interp_index, np_linspace, BetaConfig, Predicti
 use super::euler::train_sigmas;
 use super::{lin, StepState};
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]

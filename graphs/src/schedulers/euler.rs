@@ -3,7 +3,7 @@
 use super::betas::{np_arange, np_interp_index, np_linspace, BetaConfig, Prediction, Spacing};
 use super::lin;
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]
