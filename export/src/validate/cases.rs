@@ -15,13 +15,16 @@ fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// ONNX inputs by name and the candle reference output (flattened).
+pub(super) type Case = (Vec<(String, TensorData)>, Vec<f32>);
+
 /// One seeded case: ONNX inputs and the candle reference output.
 pub(super) fn make_case(
     den: &Denoiser,
     target: Target,
     batch: usize,
     rng: &mut StdRng,
-) -> Result<(Vec<(String, TensorData)>, Vec<f32>)> {
+) -> Result<Case> {
     let cfg = &den.unet.cfg;
     let (c, r) = (cfg.channels, cfg.resolution);
     let shape = [batch, c, r, r];
