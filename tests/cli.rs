@@ -62,11 +62,12 @@ fn train_resume_and_sample_a_tiny_teacher() {
         "--out",
         r,
     ];
-    ok(&[&common[..], &["--steps", "2"]].concat());
+    ok(&[&common[..], &["--train-steps", "2"]].concat());
     // Without --resume an existing run is never overwritten.
-    let o = distill(&[&common[..], &["--steps", "4"]].concat());
+    let o = distill(&[&common[..], &["--train-steps", "4"]].concat());
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    // `--steps` is the deprecated name of `--train-steps`.
     ok(&[&common[..], &["--steps", "4", "--resume"]].concat());
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/config.json")).unwrap())

@@ -45,7 +45,7 @@ fn teacher_ckpt(name: &str, model: UNetConfig, steps: u64) -> PathBuf {
     if !dir.join("checkpoint/config.json").exists() {
         let mut c = TeacherConfig {
             model: model.clone(),
-            steps,
+            train_steps: steps,
             batch_size: 32,
             log_every: 50,
             checkpoint_every: steps,
@@ -70,7 +70,7 @@ fn tiny_teacher() -> &'static Path {
 
 fn run_cfg(steps: u64) -> RunConfig {
     RunConfig {
-        steps,
+        train_steps: steps,
         batch_size: 8,
         seed: 3,
         log_every: 1,
@@ -112,7 +112,7 @@ fn run_dmd2(
 ) -> anyhow::Result<(u64, u64)> {
     let mut m = Dmd2::new(cfg.clone(), t, data, &cpu())?;
     let rs = spec(
-        &cfg.run,
+        &cfg.common.run,
         toml::to_string(cfg)?,
         cfg.resume_key()?,
         t,
@@ -125,26 +125,30 @@ fn run_dmd2(
 fn run_tdm(cfg: &TdmConfig, t: &Teacher, out: &Path, resume: bool) -> anyhow::Result<u64> {
     let mut m = Tdm::new(cfg.clone(), t, &cpu())?;
     let c = m.cfg.clone();
-    let rs = spec(&c.run, toml::to_string(&c)?, c.resume_key()?, t, resume);
+    let rs = spec(
+        &c.common.run,
+        toml::to_string(&c)?,
+        c.resume_key()?,
+        t,
+        resume,
+    );
     dist::run(&mut m, &rs, &RunDir::new(out)?)?;
     Ok(m.fake_updates)
 }
 
 fn dmd2_cfg(teacher: &Path, steps: u64) -> Dmd2Config {
-    Dmd2Config {
-        teacher: teacher.to_path_buf(),
-        run: run_cfg(steps),
+    let mut c = Dmd2Config {
         dfake_gen_update_ratio: 3,
         ..Default::default()
-    }
+    };
+    (c.common.teacher, c.common.run) = (teacher.to_path_buf(), run_cfg(steps));
+    c
 }
 
 fn tdm_cfg(teacher: &Path, steps: u64) -> TdmConfig {
-    TdmConfig {
-        teacher: teacher.to_path_buf(),
-        run: run_cfg(steps),
-        ..Default::default()
-    }
+    let mut c = TdmConfig::default();
+    (c.common.teacher, c.common.run) = (teacher.to_path_buf(), run_cfg(steps));
+    c
 }
 
 fn metric(run: &Path, key: &str) -> Vec<(u64, f64)> {
@@ -316,7 +320,7 @@ fn tdm_separate_intervals_never_leave_their_step() {
     let grid = NoiseGrid::new(&graphs::Parameterisation::edm());
     let mut cfg = tdm_cfg(tiny_teacher(), 1);
     cfg.validate(&grid).unwrap();
-    let ts = cfg.timesteps.clone();
+    let ts = cfg.common.timesteps.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let d = cfg.draw(&mut rng, 20_000, grid.len());
     let mut seen = vec![(usize::MAX, 0); ts.len()];
@@ -351,7 +355,7 @@ fn tdm_separate_intervals_never_leave_their_step() {
     }
     // Timesteps too close together leave no interval: a clear error.
     let mut bad = tdm_cfg(tiny_teacher(), 1);
-    bad.timesteps = vec![999, 995];
+    bad.common.timesteps = vec![999, 995];
     assert!(bad
         .validate(&grid)
         .unwrap_err()
@@ -365,19 +369,19 @@ fn distill_runs_resume_on_the_same_curve() {
     let data = mnist(16);
     // DMD2, 4-step with backward simulation.
     let mut c = dmd2_cfg(tiny_teacher(), 7);
-    c.timesteps = vec![999, 749, 499, 249];
+    c.common.timesteps = vec![999, 749, 499, 249];
     let full = tempfile::tempdir().unwrap();
     run_dmd2(&c, &t, &data, full.path(), false).unwrap();
     let part = tempfile::tempdir().unwrap();
     let mut c3 = c.clone();
-    c3.run.steps = 3;
+    c3.common.run.train_steps = 3;
     run_dmd2(&c3, &t, &data, part.path(), false).unwrap();
     assert!(
         run_dmd2(&c, &t, &data, part.path(), false).is_err(),
         "refuses to overwrite"
     );
     let mut other = c.clone();
-    other.cfg_scale = 3.0;
+    other.common.cfg_scale = 3.0;
     let e = run_dmd2(&other, &t, &data, part.path(), true).unwrap_err();
     assert!(
         format!("{e:#}").contains("different configuration"),
@@ -408,7 +412,7 @@ fn distill_runs_resume_on_the_same_curve() {
     assert_eq!(run_tdm(&c, &t, full.path(), false).unwrap(), 6);
     let part = tempfile::tempdir().unwrap();
     let mut c3 = c.clone();
-    c3.run.steps = 3;
+    c3.common.run.train_steps = 3;
     run_tdm(&c3, &t, part.path(), false).unwrap();
     run_tdm(&c, &t, part.path(), true).unwrap();
     for key in ["loss_student", "loss_fake"] {
@@ -440,7 +444,7 @@ fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
         *v = f32::NAN;
     }
     let mut c6 = c.clone();
-    c6.run.steps = 6;
+    c6.common.run.train_steps = 6;
     let e = run_dmd2(&c6, &t, &bad, dir.path(), true).unwrap_err();
     let msg = format!("{e:#}");
     assert!(msg.contains("NaN") && msg.contains("checkpoint"), "{msg}");
@@ -451,10 +455,10 @@ fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
     // TDM with an exploding learning rate.
     let dir = tempfile::tempdir().unwrap();
     let mut c = tdm_cfg(tiny_teacher(), 50);
-    c.run.checkpoint_every = 1;
-    c.student_optim.lr = 1e12;
-    c.student_optim.grad_clip = 0.0;
-    c.student_optim.warmup_steps = 0;
+    c.common.run.checkpoint_every = 1;
+    c.common.student_optim.lr = 1e12;
+    c.common.student_optim.grad_clip = 0.0;
+    c.common.student_optim.warmup_steps = 0;
     let e = run_tdm(&c, &t, dir.path(), false).unwrap_err();
     let msg = format!("{e:#}");
     assert!(
@@ -476,9 +480,9 @@ fn nan_stops_distillation_and_keeps_the_last_checkpoint() {
     // DMD2 with an exploding learning rate: the same guarantee.
     let dir = tempfile::tempdir().unwrap();
     let mut c = dmd2_cfg(tiny_teacher(), 30);
-    c.run.checkpoint_every = 1;
+    c.common.run.checkpoint_every = 1;
     c.dfake_gen_update_ratio = 1;
-    for o in [&mut c.student_optim, &mut c.fake_optim] {
+    for o in [&mut c.common.student_optim, &mut c.common.fake_optim] {
         (o.lr, o.grad_clip, o.warmup_steps) = (1e12, 0.0, 0);
     }
     let e = run_dmd2(&c, &t, &mnist(16), dir.path(), false).unwrap_err();
@@ -500,14 +504,14 @@ fn distillation_refuses_students_and_bad_configs() {
         .unwrap();
     assert!(format!("{e:#}").contains("not a teacher"), "{e:#}");
     let mut c = dmd2_cfg(tiny_teacher(), 1);
-    c.timesteps = vec![249, 999];
+    c.common.timesteps = vec![249, 999];
     assert!(Dmd2::new(c, &t, &mnist(16), &cpu())
         .err()
         .unwrap()
         .to_string()
         .contains("descending"));
     let mut c = dmd2_cfg(tiny_teacher(), 1);
-    c.timesteps = vec![1000];
+    c.common.timesteps = vec![1000];
     assert!(Dmd2::new(c, &t, &mnist(16), &cpu())
         .err()
         .unwrap()
@@ -562,17 +566,17 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
     // Measured: FD 1556 -> 987 (DMD2), 789 -> 496 (TDM); the bars leave room for round-off.
     let mut c = dmd2_cfg(teacher_dir, 1);
     c.dfake_gen_update_ratio = 2;
-    c.run.batch_size = 16;
-    c.run.checkpoint_every = 1000;
+    c.common.run.batch_size = 16;
+    c.common.run.checkpoint_every = 1000;
     let before = tempfile::tempdir().unwrap();
-    c.run.ema_decay = 0.0;
-    c.student_optim.lr = 0.0; // one iteration at lr 0: the initial student
+    c.common.run.ema_decay = 0.0;
+    c.common.student_optim.lr = 0.0; // one iteration at lr 0: the initial student
     run_dmd2(&c, &t, &data, before.path(), false).unwrap();
     let fd0 = student_fd(before.path(), ev);
     let after = tempfile::tempdir().unwrap();
-    c.student_optim.lr = 5e-4;
-    c.fake_optim.lr = 5e-4;
-    c.run.steps = 150;
+    c.common.student_optim.lr = 5e-4;
+    c.common.fake_optim.lr = 5e-4;
+    c.common.run.train_steps = 150;
     run_dmd2(&c, &t, &data, after.path(), false).unwrap();
     let fd1 = student_fd(after.path(), ev);
     eprintln!("dmd2 1-step student FD: {fd0:.2} -> {fd1:.2}");
@@ -580,16 +584,16 @@ fn short_dmd2_and_tdm_runs_lower_the_students_fd() {
 
     // TDM, four steps: the student starts as the teacher's 4-step DDIM sampler.
     let mut c = tdm_cfg(teacher_dir, 1);
-    c.run.batch_size = 16;
-    c.run.checkpoint_every = 1000;
-    c.run.ema_decay = 0.0;
-    c.student_optim.lr = 0.0;
+    c.common.run.batch_size = 16;
+    c.common.run.checkpoint_every = 1000;
+    c.common.run.ema_decay = 0.0;
+    c.common.student_optim.lr = 0.0;
     let before = tempfile::tempdir().unwrap();
     run_tdm(&c, &t, before.path(), false).unwrap();
     let fd0 = student_fd(before.path(), ev);
-    c.student_optim.lr = 1e-4;
-    c.fake_optim.lr = 2.5e-4;
-    c.run.steps = 80;
+    c.common.student_optim.lr = 1e-4;
+    c.common.fake_optim.lr = 2.5e-4;
+    c.common.run.train_steps = 80;
     let after = tempfile::tempdir().unwrap();
     run_tdm(&c, &t, after.path(), false).unwrap();
     let fd1 = student_fd(after.path(), ev);
@@ -602,13 +606,13 @@ fn eval_every_logs_diversity_and_draws_its_curves() {
     let (teacher_dir, ev) = quality_fixture();
     let t = Teacher::load(teacher_dir, &cpu()).unwrap();
     let mut c = dmd2_cfg(teacher_dir, 2);
-    c.run.eval_every = 1;
-    c.run.eval_n = 40;
+    c.common.run.eval_every = 1;
+    c.common.run.eval_n = 40;
     let out = tempfile::tempdir().unwrap();
     let data = mnist(32);
     let mut m = Dmd2::new(c.clone(), &t, &data, &cpu()).unwrap();
     let mut rs = spec(
-        &c.run,
+        &c.common.run,
         toml::to_string(&c).unwrap(),
         c.resume_key().unwrap(),
         &t,
@@ -667,7 +671,7 @@ fn trained_students_export_and_pass_validate_in_tract_and_onnx_runtime() {
     run_dmd2(&dmd2_cfg(tiny_teacher(), 3), &t, &mnist(16), &one, false).unwrap();
     let four = runs.path().join("dmd2_4");
     let mut c = dmd2_cfg(tiny_teacher(), 3);
-    c.timesteps = vec![999, 749, 499, 249];
+    c.common.timesteps = vec![999, 749, 499, 249];
     run_dmd2(&c, &t, &mnist(16), &four, false).unwrap();
     let tdm = runs.path().join("tdm_4");
     run_tdm(&tdm_cfg(tiny_teacher(), 2), &t, &tdm, false).unwrap();
@@ -722,7 +726,7 @@ fn fp16_and_bf16_distillation_runs_log_the_scaler_and_keep_f32_checkpoints() {
     for p in [Precision::Fp16, Precision::Bf16] {
         let dir = tempfile::tempdir().unwrap();
         let mut c = dmd2_cfg(tiny_teacher(), 3);
-        c.run.precision = p;
+        c.common.run.precision = p;
         run_dmd2(&c, &t, &mnist(16), dir.path(), false).unwrap();
         assert_eq!(
             metric(dir.path(), "loss_scale_fake").is_empty(),
@@ -731,7 +735,7 @@ fn fp16_and_bf16_distillation_runs_log_the_scaler_and_keep_f32_checkpoints() {
         );
         let dir2 = tempfile::tempdir().unwrap();
         let mut c = tdm_cfg(tiny_teacher(), 2);
-        c.run.precision = p;
+        c.common.run.precision = p;
         run_tdm(&c, &t, dir2.path(), false).unwrap();
         assert_eq!(
             metric(dir2.path(), "loss_scale_student").is_empty(),
@@ -744,7 +748,7 @@ fn fp16_and_bf16_distillation_runs_log_the_scaler_and_keep_f32_checkpoints() {
         }
         // A run may resume in another precision.
         let mut c = dmd2_cfg(tiny_teacher(), 5);
-        c.run.precision = Precision::Fp32;
+        c.common.run.precision = Precision::Fp32;
         run_dmd2(&c, &t, &mnist(16), dir.path(), true).unwrap();
     }
 }

@@ -221,14 +221,14 @@ fn toml_config_reader_never_panics() {
     fuzz("teacher TOML", text.as_bytes(), cases(1500), 9, |b| {
         let s = String::from_utf8_lossy(b);
         if let Ok(c) = toml::from_str::<distill::train::teacher::TeacherConfig>(&s) {
-            let _ = distill::checks::teacher(&c);
+            let _ = distill::train::checks::teacher(&c);
         }
     });
     let dmd2 = toml::to_string(&distill::train::dmd2::Dmd2Config::default()).unwrap();
     fuzz("dmd2 TOML", dmd2.as_bytes(), cases(1500) / 2, 10, |b| {
         let s = String::from_utf8_lossy(b);
         if let Ok(c) = toml::from_str::<distill::train::dmd2::Dmd2Config>(&s) {
-            let _ = distill::checks::dmd2(&c);
+            let _ = distill::train::checks::dmd2(&c);
         }
     });
 }

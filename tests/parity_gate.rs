@@ -37,7 +37,7 @@ fn fixture() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
                 "64",
                 "--batch-size",
                 "8",
-                "--steps",
+                "--train-steps",
                 "2",
                 "--sample-every",
                 "0",

@@ -152,7 +152,7 @@ fn toy_data() -> Dataset {
 fn run_teacher(precision: Precision, steps: u64) -> Vec<f64> {
     let mut c = TeacherConfig {
         model: UNetConfig::tiny(),
-        steps,
+        train_steps: steps,
         batch_size: 16,
         log_every: 1,
         checkpoint_every: steps,

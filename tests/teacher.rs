@@ -33,7 +33,7 @@ fn toy_data(n: usize) -> Dataset {
 fn tiny_cfg(steps: u64) -> TeacherConfig {
     let mut c = TeacherConfig {
         model: UNetConfig::tiny(),
-        steps,
+        train_steps: steps,
         batch_size: 8,
         log_every: 1,
         checkpoint_every: 5,

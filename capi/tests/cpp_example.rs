@@ -50,7 +50,7 @@ fn fixture() -> &'static (tempfile::TempDir, PathBuf, PathBuf, GeneratorSpec) {
         let run = RunDir::new(&dir.path().join("run")).unwrap();
         let mut cfg = TeacherConfig {
             model: UNetConfig::tiny(),
-            steps: 3,
+            train_steps: 3,
             batch_size: 8,
             log_every: 1,
             checkpoint_every: 3,

@@ -1,7 +1,7 @@
 //! The bare diffusers `UNet2DModel` with diffusers' own signature, the way optimum exports a
 //! UNet: a drop-in for the PyTorch model in any ONNX runtime.
 
-use crate::backend::{Dim, ElemType, OnnxBackend};
+use crate::builder::{Dim, ElemType, OnnxBackend};
 use crate::model::{weights_sha256, ExportOptions};
 use crate::proto::{ModelProto, StringStringEntryProto};
 use anyhow::{Context, Result};
@@ -13,7 +13,7 @@ use graphs::diffusers::{ClassEmbed, UNet2DModel};
 /// prediction (eps, v or x0, as it was trained).
 pub fn export_unet2d(model: &UNet2DModel, side: usize, opts: &ExportOptions) -> Result<ModelProto> {
     let cfg = &model.cfg;
-    let b = OnnxBackend::new(opts.precision);
+    let b = OnnxBackend::new(opts.precision)?;
     let sample = b.input(
         "sample",
         ElemType::F32,

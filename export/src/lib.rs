@@ -22,23 +22,22 @@ pub mod proto {
 }
 
 mod backend;
+mod builder;
 mod diffusers;
 pub mod junit;
 pub mod metadata;
 mod model;
 mod ops;
-mod precision;
 pub mod runtime;
 pub mod tensorrt;
 pub mod validate;
 mod write;
 
-pub use backend::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
+pub use builder::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use diffusers::export_unet2d;
+pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
-pub use model::{
-    export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions, Precision,
-};
+pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
 pub use validate::{
     validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions, ValidateReport,
 };

@@ -3,9 +3,9 @@
 //! ([`OnnxMetadata::from_model`]; `from_sidecar` and `from_file`, which read plans, live in
 //! `tensorrt`).
 
-use crate::precision::Precision;
 use crate::proto::ModelProto;
 use anyhow::{bail, Context, Result};
+use graphs::Precision;
 use graphs::{Denoiser, GeneratorSpec, Parameterisation};
 use std::collections::BTreeMap;
 

@@ -1,14 +1,14 @@
 //! Whole models: the unrolled generator and the bare denoiser, with their metadata.
 
-use crate::backend::{Dim, ElemType, OnnxBackend, IR_VERSION, OPSET};
+use crate::builder::{Dim, ElemType, OnnxBackend, IR_VERSION, OPSET};
 use crate::metadata::OnnxMetadata;
 use crate::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto};
 use anyhow::{ensure, Context, Result};
-use graphs::{Denoiser, GeneratorSpec, Parameterisation};
+use graphs::{Denoiser, GeneratorSpec};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 
-pub use crate::precision::Precision;
+use graphs::Precision;
 
 /// How to export.
 #[derive(Clone, Debug)]
@@ -174,7 +174,7 @@ pub fn export_generator(
     spec: &GeneratorSpec,
     opts: &ExportOptions,
 ) -> Result<ModelProto> {
-    let b = OnnxBackend::new(opts.precision);
+    let b = OnnxBackend::new(opts.precision)?;
     let img = image_dims(den);
     let z = b.input("noise", ElemType::F32, &img)?;
     let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
@@ -193,28 +193,17 @@ pub fn export_generator(
 
 /// The bare denoiser, one network evaluation.
 ///
-/// * EDM: `x` `[batch, C, H, W]`, `sigma` `[batch]` f32, `class_labels` `[batch]` int32 ->
-///   `denoised` (D(x; sigma, label), the x0 estimate), via `level_from_sigma` + `forward`.
-/// * VP: `x`, `timestep` `[batch]` int32 (0..T), `class_labels` -> `eps` (the network's noise
-///   prediction for `x = x0 + sigma_t * eps` in sigma-space), via `level_from_timesteps` + `eps`.
+/// `x` `[batch, C, H, W]`, the level input `[batch]` and `class_labels` `[batch]` int32 -> the
+/// output, as [`graphs::DenoiserIo`] names them: EDM `sigma` (f32) -> `denoised` (the x0
+/// estimate), VP `timestep` (int32, 0..T) -> `eps` ([`Denoiser::io_forward`]).
 pub fn export_denoiser(den: &Denoiser, opts: &ExportOptions) -> Result<ModelProto> {
-    let b = OnnxBackend::new(opts.precision);
+    let b = OnnxBackend::new(opts.precision)?;
+    let io = den.param.denoiser_io();
     let x = b.input("x", ElemType::F32, &image_dims(den))?;
-    let (out, out_name) = match &den.param {
-        Parameterisation::Edm(_) => {
-            let sigma = b.input("sigma", ElemType::F32, &[Dim::Batch])?;
-            let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
-            let level = den.level_from_sigma(&b, &sigma)?;
-            (den.forward(&b, &x, &level, &labels)?, "denoised")
-        }
-        Parameterisation::Vp(_) => {
-            let t = b.input("timestep", ElemType::I32, &[Dim::Batch])?;
-            let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
-            let level = den.level_from_timesteps(&b, &t)?;
-            (den.eps(&b, &x, &level, &labels)?, "eps")
-        }
-    };
-    let mut model = b.into_model("distill_denoiser", &[(out_name, out)], vec![])?;
+    let level = b.input(io.level, ElemType::of(io.level_kind), &[Dim::Batch])?;
+    let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
+    let out = den.io_forward(&b, &x, &level, &labels)?;
+    let mut model = b.into_model("distill_denoiser", &[(io.output, out)], vec![])?;
     let rec = OnnxMetadata::new(den, None, &opts.method, opts.precision);
     write_metadata(&mut model, rec, opts)?;
     crate::tensorrt::lint_check(&model, "the exported denoiser")?;

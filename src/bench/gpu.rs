@@ -267,10 +267,13 @@ pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
     for p in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
         let (ts, mem) = teacher_step_s(&cfg, o, p, dev)?;
         let mut d = Dmd2::new(
-            Dmd2Config {
-                run: run_cfg(o, p),
-                dfake_gen_update_ratio: 5,
-                ..Default::default()
+            {
+                let mut c = Dmd2Config {
+                    dfake_gen_update_ratio: 5,
+                    ..Default::default()
+                };
+                c.common.run = run_cfg(o, p);
+                c
             },
             &teacher,
             &data,
@@ -278,9 +281,10 @@ pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
         )?;
         let ds = time(dev, o.warmup, o.iters, |i| d.step(i).map(|_| ()))?;
         let mut t = Tdm::new(
-            TdmConfig {
-                run: run_cfg(o, p),
-                ..Default::default()
+            {
+                let mut c = TdmConfig::default();
+                c.common.run = run_cfg(o, p);
+                c
             },
             &teacher,
             dev,

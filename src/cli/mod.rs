@@ -5,12 +5,13 @@ mod train;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use distill::checkpoint;
 use distill::jobs::{
     EvalJob, ExportJob, ExportWhat, PipelineJob, SampleJob, SamplerOverride, TrtBuild, ValidateJob,
 };
-use graphs::SamplerKind;
+use graphs::{Precision, SamplerKind};
 use std::path::{Path, PathBuf};
 
 /// Distil a diffusion model into a fast 1-4 step generator, export it and prove the export matches.
@@ -125,38 +126,15 @@ impl From<ExportWhatArg> for ExportWhat {
     }
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum PrecisionArg {
-    Fp32,
-    /// f16 weights and Conv/MatMul, with norms, softmax, sampler arithmetic and I/O in f32.
-    Fp16,
-}
-
-impl From<PrecisionArg> for export::Precision {
-    fn from(p: PrecisionArg) -> Self {
-        match p {
-            PrecisionArg::Fp32 => export::Precision::Fp32,
-            PrecisionArg::Fp16 => export::Precision::Fp16,
-        }
-    }
-}
-
-/// Engine precision flag.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum TrtPrecisionArg {
-    /// TensorRT may run any layer in f16 (`trtexec --fp16`); validated at fp16 tolerances.
-    Fp16,
-    /// f32 without TF32 (`--noTF32`), for debugging parity; validated at fp32 tolerances.
-    Fp32,
-}
-
-impl From<TrtPrecisionArg> for export::tensorrt::TrtPrecision {
-    fn from(p: TrtPrecisionArg) -> Self {
-        match p {
-            TrtPrecisionArg::Fp16 => Self::Fp16,
-            TrtPrecisionArg::Fp32 => Self::Fp32,
-        }
-    }
+/// A precision flag that admits `choices` (spelled as [`Precision::name`]), so `--help` lists
+/// only what the consumer supports while every consumer shares the one [`Precision`].
+pub(crate) fn precision_parser(
+    choices: &'static [&'static str],
+) -> impl clap::builder::TypedValueParser<Value = Precision> {
+    clap::builder::PossibleValuesParser::new(choices).map(|s| {
+        s.parse::<Precision>()
+            .expect("every choice is a precision name")
+    })
 }
 
 #[derive(Args, Debug)]
@@ -169,9 +147,10 @@ pub struct ExportArgs {
     /// What to export.
     #[arg(long, value_enum, default_value = "generator")]
     pub what: ExportWhatArg,
-    /// Weight/compute precision of the exported graph.
-    #[arg(long, value_enum, default_value = "fp32")]
-    pub precision: PrecisionArg,
+    /// Weight/compute precision of the exported graph: fp32, or fp16 (f16 weights and
+    /// Conv/MatMul, with norms, softmax, sampler arithmetic and I/O in f32).
+    #[arg(long, default_value = "fp32", value_parser = precision_parser(&["fp32", "fp16"]))]
+    pub precision: Precision,
     /// Generator only: sampler to unroll (default: the checkpoint's own).
     #[arg(long, value_enum)]
     pub sampler: Option<SamplerArg>,
@@ -195,9 +174,11 @@ pub struct ExportArgs {
     /// --trt: largest batch of the optimisation profile (default 16).
     #[arg(long)]
     pub max_batch: Option<usize>,
-    /// --trt: engine precision (default fp16).
-    #[arg(long, value_enum)]
-    pub trt_precision: Option<TrtPrecisionArg>,
+    /// --trt: engine precision (default fp16): fp16 lets TensorRT run any layer in f16
+    /// (`trtexec --fp16`, validated at fp16 tolerances); fp32 is f32 without TF32 (`--noTF32`,
+    /// for debugging parity, validated at fp32 tolerances).
+    #[arg(long, value_parser = precision_parser(&["fp16", "fp32"]))]
+    pub trt_precision: Option<Precision>,
 }
 
 #[derive(Args, Debug)]
@@ -445,13 +426,13 @@ impl ExportArgs {
             checkpoint: self.checkpoint.clone(),
             out: self.out.clone(),
             what: self.what.into(),
-            precision: self.precision.into(),
+            precision: self.precision,
             sampler: sampler_override(self.sampler, self.sample_steps, self.cfg_scale),
             trt: self.trt.then(|| TrtBuild {
                 min_batch: self.min_batch.unwrap_or(d.min_batch),
                 opt_batch: self.opt_batch.unwrap_or(d.opt_batch),
                 max_batch: self.max_batch.unwrap_or(d.max_batch),
-                precision: self.trt_precision.map_or(d.precision, Into::into),
+                precision: self.trt_precision.unwrap_or(d.precision),
             }),
         }
     }

@@ -4,13 +4,13 @@
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use distill::jobs::{read_config, Dmd2Job, TdmJob, TeacherJob};
-use distill::train::distill::RunConfig;
+use distill::train::distill::DistillCommon;
 use distill::train::dmd2::Dmd2Config;
 use distill::train::optim::LrSchedule;
 use distill::train::tdm::{NoiseMode, TdmConfig};
 use distill::train::teacher::TeacherConfig;
 use graphs::losses::tdm::{Distance, Weighting};
-use graphs::{BetaSchedule, UNetConfig};
+use graphs::{BetaSchedule, Precision, UNetConfig};
 use std::path::PathBuf;
 
 macro_rules! set {
@@ -84,9 +84,10 @@ pub struct TeacherArgs {
     /// VP beta schedule (beta 1e-4 .. 2e-2).
     #[arg(long, value_enum)]
     pub beta_schedule: Option<BetaScheduleArg>,
-    /// Optimiser steps in total (a resumed run stops at the same total).
-    #[arg(long)]
-    pub steps: Option<u64>,
+    /// Training iterations in total (a resumed run stops at the same total). (`--steps` is its
+    /// deprecated name.)
+    #[arg(long, alias = "steps")]
+    pub train_steps: Option<u64>,
     /// Images per step.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -131,34 +132,16 @@ pub struct TeacherArgs {
     pub limit: Option<usize>,
     /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
     /// master weights, optimiser state and checkpoints stay f32.
-    #[arg(long, value_enum)]
-    pub precision: Option<TrainPrecisionArg>,
+    #[arg(long, value_parser = super::precision_parser(&["fp32", "fp16", "bf16"]))]
+    pub precision: Option<Precision>,
     /// Number of classes of the model (default: the config's, 10; a data set with a label at or
     /// above it is an error).
     #[arg(long)]
     pub num_classes: Option<usize>,
-    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    /// With --resume: continue even though the config (besides train_steps, cadence and precision) or
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
     pub allow_resume_change: bool,
-}
-
-/// Training compute precision.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum TrainPrecisionArg {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl From<TrainPrecisionArg> for distill::train::optim::Precision {
-    fn from(p: TrainPrecisionArg) -> Self {
-        match p {
-            TrainPrecisionArg::Fp32 => Self::Fp32,
-            TrainPrecisionArg::Fp16 => Self::Fp16,
-            TrainPrecisionArg::Bf16 => Self::Bf16,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -196,7 +179,7 @@ impl TeacherArgs {
                 BetaScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
             };
         }
-        set!(c.steps, self.steps);
+        set!(c.train_steps, self.train_steps);
         set!(c.batch_size, self.batch_size);
         set!(c.optim.lr, self.lr);
         set!(c.optim.warmup_steps, self.warmup);
@@ -211,7 +194,7 @@ impl TeacherArgs {
         set!(c.sample_steps, self.sample_steps);
         set!(c.cfg_scale, self.cfg_scale);
         if let Some(p) = self.precision {
-            c.precision = p.into();
+            c.precision = p;
         }
         Ok(c)
     }
@@ -250,15 +233,20 @@ pub struct DistillRunArgs {
     /// (e.g. 999 for one step at sigma_max, 999,749,499,249 for four).
     #[arg(long, value_delimiter = ',')]
     pub timesteps: Option<Vec<usize>>,
-    /// Training iterations in total (a resumed run stops at the same total).
-    #[arg(long)]
-    pub steps: Option<u64>,
+    /// Training iterations in total (a resumed run stops at the same total). (`--steps` is its
+    /// deprecated name.)
+    #[arg(long, alias = "steps")]
+    pub train_steps: Option<u64>,
     /// Images per iteration.
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Seed for labels, noise, timesteps and data order.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Classifier-free guidance scale of the teacher (the real score) in the student's target;
+    /// 1 = off (`--real-guidance-scale` is DMD2's deprecated name).
+    #[arg(long, alias = "real-guidance-scale")]
+    pub cfg_scale: Option<f64>,
     /// Peak learning rate of the student.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -293,19 +281,28 @@ pub struct DistillRunArgs {
     pub eval_n: Option<usize>,
     /// Compute precision: fp32, fp16 (convs/matmuls in f16 with dynamic loss scaling) or bf16;
     /// master weights, optimiser state and checkpoints stay f32.
-    #[arg(long, value_enum)]
-    pub precision: Option<TrainPrecisionArg>,
-    /// With --resume: continue even though the config (besides steps, cadence and precision) or
+    #[arg(long, value_parser = super::precision_parser(&["fp32", "fp16", "bf16"]))]
+    pub precision: Option<Precision>,
+    /// With --resume: continue even though the config (besides train_steps, cadence and precision) or
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
     pub allow_resume_change: bool,
 }
 
 impl DistillRunArgs {
-    fn apply(&self, teacher: &mut PathBuf, run: &mut RunConfig, timesteps: &mut Vec<usize>) {
-        set!(*teacher, self.teacher);
-        set!(*timesteps, self.timesteps);
-        set!(run.steps, self.steps);
+    /// Flags over the config read from `--config` (or the defaults).
+    fn apply(&self, c: &mut DistillCommon) {
+        set!(c.teacher, self.teacher);
+        set!(c.timesteps, self.timesteps);
+        set!(c.cfg_scale, self.cfg_scale);
+        set!(c.student_optim.lr, self.lr);
+        set!(c.fake_optim.lr, self.fake_lr);
+        for o in c.optims() {
+            set!(o.warmup_steps, self.warmup);
+            set!(o.grad_clip, self.grad_clip);
+        }
+        let run = &mut c.run;
+        set!(run.train_steps, self.train_steps);
         set!(run.batch_size, self.batch_size);
         set!(run.seed, self.seed);
         set!(run.ema_decay, self.ema_decay);
@@ -315,7 +312,7 @@ impl DistillRunArgs {
         set!(run.eval_every, self.eval_every);
         set!(run.eval_n, self.eval_n);
         if let Some(p) = self.precision {
-            run.precision = p.into();
+            run.precision = p;
         }
     }
 }
@@ -345,10 +342,6 @@ pub struct Dmd2Args {
     /// Highest distribution-matching timestep, as a fraction of the grid.
     #[arg(long)]
     pub max_step: Option<f64>,
-    /// Classifier-free guidance scale of the real score (the teacher); 1 = off
-    /// (`--real-guidance-scale` is its deprecated name).
-    #[arg(long, alias = "real-guidance-scale")]
-    pub cfg_scale: Option<f64>,
     /// Train without the GAN head (distribution matching only).
     #[arg(long)]
     pub no_gan: bool,
@@ -366,22 +359,13 @@ pub struct Dmd2Args {
 impl Dmd2Args {
     pub fn resolve(&self) -> Result<Dmd2Config> {
         let mut c: Dmd2Config = read_config(self.common.config.as_deref())?;
-        self.common
-            .apply(&mut c.teacher, &mut c.run, &mut c.timesteps);
-        let a = &self.common;
-        set!(c.student_optim.lr, a.lr);
-        set!(c.fake_optim.lr, a.fake_lr);
-        for o in [&mut c.student_optim, &mut c.fake_optim] {
-            set!(o.warmup_steps, a.warmup);
-            set!(o.grad_clip, a.grad_clip);
-        }
+        self.common.apply(&mut c.common);
         if self.conditioning_sigma.is_some() {
             c.conditioning_sigma = self.conditioning_sigma;
         }
         set!(c.dfake_gen_update_ratio, self.dfake_gen_update_ratio);
         set!(c.min_step, self.min_step);
         set!(c.max_step, self.max_step);
-        set!(c.cfg_scale, self.cfg_scale);
         if self.no_gan {
             c.gan = false;
         }
@@ -444,9 +428,6 @@ pub struct TdmArgs {
     /// Turn off the importance weight of the fake score's loss.
     #[arg(long)]
     pub no_importance_weight: bool,
-    /// Classifier-free guidance scale of the teacher in the student's target (1 = off).
-    #[arg(long)]
-    pub cfg_scale: Option<f64>,
     /// Distance of the student loss.
     #[arg(long, value_enum)]
     pub distance: Option<DistanceArg>,
@@ -485,20 +466,12 @@ pub struct TdmArgs {
 impl TdmArgs {
     pub fn resolve(&self) -> Result<TdmConfig> {
         let mut c: TdmConfig = read_config(self.common.config.as_deref())?;
-        self.common
-            .apply(&mut c.teacher, &mut c.run, &mut c.timesteps);
-        let a = &self.common;
-        if let Some(f) = a.fake_lr {
-            c.fake_optim.lr = f;
+        self.common.apply(&mut c.common);
+        if let (Some(f), None) = (self.common.fake_lr, self.common.lr) {
             // The published recipe: the student learns 5x slower than the fake score.
-            if a.lr.is_none() {
-                c.student_optim.lr = f / 5.0;
-            }
+            c.common.student_optim.lr = f / 5.0;
         }
-        set!(c.student_optim.lr, a.lr);
-        for o in [&mut c.student_optim, &mut c.fake_optim] {
-            set!(o.warmup_steps, a.warmup);
-            set!(o.grad_clip, a.grad_clip);
+        for o in c.common.optims() {
             set!(o.beta1, self.beta1);
             set!(o.beta2, self.beta2);
             if let Some(s) = self.schedule {
@@ -523,7 +496,6 @@ impl TdmArgs {
         if self.no_importance_weight {
             c.importance_weight = false;
         }
-        set!(c.cfg_scale, self.cfg_scale);
         if let Some(d) = self.distance {
             c.distance = match d {
                 DistanceArg::Mse => Distance::Mse,

@@ -6,7 +6,9 @@ use super::Failure;
 use crate::checkpoint;
 use anyhow::{Context, Result};
 use candle_core::Device;
-use export::tensorrt::{BatchProfile, EngineOptions, EngineOutcome, Toolchain, TrtPrecision};
+use export::tensorrt::{BatchProfile, Toolchain};
+use export::validate::{EngineOptions, EngineOutcome};
+use graphs::Precision;
 use std::path::{Path, PathBuf};
 
 /// What to export.
@@ -25,7 +27,7 @@ pub struct TrtBuild {
     pub min_batch: usize,
     pub opt_batch: usize,
     pub max_batch: usize,
-    pub precision: TrtPrecision,
+    pub precision: Precision,
 }
 
 impl Default for TrtBuild {
@@ -34,7 +36,7 @@ impl Default for TrtBuild {
             min_batch: 1,
             opt_batch: 8,
             max_batch: 16,
-            precision: TrtPrecision::Fp16,
+            precision: Precision::Fp16,
         }
     }
 }
@@ -46,7 +48,7 @@ pub struct ExportJob {
     /// Output folder; the file is `<what>[_fp16].onnx`.
     pub out: PathBuf,
     pub what: ExportWhat,
-    pub precision: export::Precision,
+    pub precision: Precision,
     /// Generator only: overrides of the checkpoint's sampler.
     pub sampler: SamplerOverride,
     /// Also build a TensorRT engine.
@@ -57,7 +59,7 @@ impl ExportJob {
     pub const DEFAULT_OUT: &'static str = "export";
 
     /// An ONNX generator export of `checkpoint` into `out` with every other setting at its default.
-    pub fn generator(checkpoint: &Path, out: &Path, precision: export::Precision) -> Self {
+    pub fn generator(checkpoint: &Path, out: &Path, precision: Precision) -> Self {
         Self {
             checkpoint: checkpoint.to_path_buf(),
             out: out.to_path_buf(),
@@ -73,7 +75,7 @@ impl Default for ExportJob {
             checkpoint: PathBuf::from("runs/teacher/checkpoint"),
             out: PathBuf::from(Self::DEFAULT_OUT),
             what: ExportWhat::Generator,
-            precision: export::Precision::Fp32,
+            precision: Precision::Fp32,
             sampler: SamplerOverride::default(),
             trt: None,
         }
@@ -86,7 +88,7 @@ impl ExportJob {
         if crate::diffusers_io::is_diffusers(&self.checkpoint) {
             let (den, fp16) = (
                 self.what == ExportWhat::Denoiser,
-                self.precision == export::Precision::Fp16,
+                self.precision == Precision::Fp16,
             );
             let trt = self.trt.is_some();
             return crate::diffusers_io::export_unet(&self.checkpoint, &self.out, den, fp16, trt);
@@ -108,7 +110,7 @@ impl ExportJob {
             }
             ExportWhat::Denoiser => (export::export_denoiser(&den, &opts)?, "denoiser"),
         };
-        let suffix = if self.precision == export::Precision::Fp16 {
+        let suffix = if self.precision == Precision::Fp16 {
             "_fp16"
         } else {
             ""
@@ -186,7 +188,7 @@ pub fn build_engine(
         tc.gpu.name,
         tc.gpu.compute_capability
     );
-    let out = export::tensorrt::build_validated(tc, onnx, &plan, &den, target, &opts)?;
+    let out = export::validate::build_validated(tc, onnx, &plan, &den, target, &opts)?;
     println!("{}", out.report);
     if !out.written {
         return Err(Failure::ValidationFailed(format!(

@@ -7,6 +7,7 @@ use super::{
     eval_checkpoint, Dmd2Job, ExportJob, SamplerOverride, TdmJob, TeacherJob, ValidateJob,
 };
 use crate::checkpoint;
+use crate::train::distill::DistillCommon;
 use crate::train::dmd2::Dmd2Config;
 use crate::train::tdm::TdmConfig;
 use crate::train::RunDir;
@@ -114,7 +115,7 @@ fn resumable(ckpt: &Path) -> bool {
 /// The distillation stages' shared settings.
 fn run_config(steps: u64) -> crate::train::distill::RunConfig {
     crate::train::distill::RunConfig {
-        steps,
+        train_steps: steps,
         eval_every: (steps / 8).max(1),
         eval_n: 500,
         sample_every: (steps / 4).max(1),
@@ -145,11 +146,11 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
         ..Default::default()
     };
     if let Some(s) = o.teacher_steps {
-        tjob.config.steps = s;
+        tjob.config.train_steps = s;
     }
     let tcfg = tjob.config.clone();
     let teacher = RunDir::new(&tjob.out)?.checkpoint();
-    if finished(&teacher, tcfg.steps) {
+    if finished(&teacher, tcfg.train_steps) {
         eprintln!("pipeline: teacher done ({}), skipping", teacher.display());
     } else {
         tjob.resume = resumable(&teacher);
@@ -158,6 +159,14 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     // 2. Students.
     let mut students: Vec<(&str, PathBuf)> = Vec::new();
     let stage = |name: &str| o.out.join(name);
+    // The students learn the teacher's guided distribution at the teacher's own scale.
+    let common = |defaults: DistillCommon, steps: u64, timesteps: Vec<usize>| DistillCommon {
+        teacher: teacher.clone(),
+        run: run_config(steps),
+        timesteps,
+        cfg_scale: tcfg.cfg_scale,
+        ..defaults
+    };
     let dmd2 = |name: &str, ts: Vec<usize>, ratio: u64| -> Result<PathBuf> {
         let out = stage(name);
         if finished(&out.join("checkpoint"), o.dmd2_steps) {
@@ -166,12 +175,8 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
         }
         let job = Dmd2Job {
             config: Dmd2Config {
-                teacher: teacher.clone(),
-                run: run_config(o.dmd2_steps),
-                timesteps: ts,
+                common: common(Dmd2Config::default().common, o.dmd2_steps, ts),
                 dfake_gen_update_ratio: ratio,
-                // The students learn the teacher's guided distribution at the teacher's own scale.
-                cfg_scale: tcfg.cfg_scale,
                 ..Default::default()
             },
             data: o.data.clone(),
@@ -197,10 +202,11 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     } else {
         let job = TdmJob {
             config: TdmConfig {
-                teacher: teacher.clone(),
-                run: run_config(o.tdm_steps),
-                timesteps: vec![999, 749, 499, 249],
-                cfg_scale: tcfg.cfg_scale,
+                common: common(
+                    TdmConfig::default().common,
+                    o.tdm_steps,
+                    vec![999, 749, 499, 249],
+                ),
                 ..Default::default()
             },
             resume: resumable(&out.join("checkpoint")),

@@ -2,7 +2,8 @@
 //! folder are.
 
 use crate::checks;
-use crate::train::distill::{self, DistillOutcome, RunSpec, Teacher};
+use crate::train::checks as train_checks;
+use crate::train::distill::{self, DistillCommon, DistillOutcome, Method, RunSpec, Teacher};
 use crate::train::dmd2::{Dmd2, Dmd2Config};
 use crate::train::tdm::{Tdm, TdmConfig};
 use crate::train::teacher::{self, TeacherConfig, TeacherOutcome};
@@ -29,7 +30,11 @@ pub fn read_config<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result
 }
 
 /// Config keys renamed for one vocabulary: still read (serde aliases), with a note.
-pub const RENAMED_KEYS: &[(&str, &str)] = &[("real_guidance_scale", "cfg_scale")];
+pub const RENAMED_KEYS: &[(&str, &str)] = &[
+    ("real_guidance_scale", "cfg_scale"),
+    // Training iterations (no config table has another `steps`: sampling is `sample_steps`).
+    ("steps", "train_steps"),
+];
 
 /// A note per renamed key `text` still uses (at any table level).
 pub fn deprecated_keys(text: &str) -> Vec<String> {
@@ -102,7 +107,7 @@ impl Default for TeacherJob {
 impl TeacherJob {
     pub fn run(&self, dev: &Device) -> Result<TeacherOutcome> {
         let mut cfg = self.config.clone();
-        checks::teacher(&cfg)?;
+        train_checks::teacher(&cfg)?;
         let data = load_data(self.data.as_deref(), cfg.model.resolution, self.limit)?;
         checks::labels_fit(&data, cfg.model.num_classes)?;
         cfg.model.channels = data.channels;
@@ -110,7 +115,7 @@ impl TeacherJob {
         let run = RunDir::new(&self.out)?;
         let toml_cfg = toml::to_string(&cfg)?;
         let allow = self.allow_resume_change;
-        checks::resume(
+        train_checks::resume(
             &run,
             TRAIN_STATE_FILE,
             &toml_cfg,
@@ -130,14 +135,14 @@ impl TeacherJob {
                 let (_, den, _) = teacher::init_trainable(&cfg.model_config()?, cfg.seed, dev)?;
                 graphs::params::count(&den)
             },
-            cfg.steps,
+            cfg.train_steps,
             cfg.batch_size,
             run.root.display()
         );
         let out = teacher::train(&cfg, &data, &run, self.resume, self.show_progress, dev)?;
         eprintln!(
             "teacher: done, {} steps in {:.0}s, final loss {:.4}; checkpoint {}; samples {}",
-            out.steps,
+            out.train_steps,
             out.seconds,
             out.final_loss,
             out.checkpoint.display(),
@@ -183,7 +188,7 @@ fn report(what: &str, out: &DistillOutcome, run: &RunDir) {
         .collect();
     eprintln!(
         "{what}: done, {} iterations ({} student updates) in {:.0}s; {}; checkpoint {}; samples {}; metrics {}",
-        out.steps,
+        out.train_steps,
         out.student_updates,
         out.seconds,
         last.join(", "),
@@ -230,50 +235,97 @@ impl Dmd2Job {
     /// Trains; returns the checkpoint folder.
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
         let cfg = &self.config;
-        checks::dmd2(cfg)?;
-        let teacher = Teacher::load(&cfg.teacher, dev)?;
+        train_checks::dmd2(cfg)?;
+        let teacher = Teacher::load(&cfg.common.teacher, dev)?;
         let u = &teacher.meta.model.unet;
         let data = load_data(self.data.as_deref(), u.resolution, self.limit)?;
-        let run = RunDir::new(&self.out)?;
-        let toml_cfg = toml::to_string(cfg)?;
-        let allow = self.allow_resume_change;
-        checks::resume(
-            &run,
-            TRAIN_STATE_FILE,
-            &toml_cfg,
-            Some(&data),
-            self.resume,
-            allow,
-        )?;
         let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
-        let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, self.show_progress)?;
-        eprintln!(
-            "dmd2: {}-step student (sigmas {:?}) from {}; {} iterations at batch {}, student updated every {}; GAN {}; -> {}",
-            cfg.timesteps.len(),
+        let about = format!(
+            "{}-step student (sigmas {:?}) from {}; {} iterations at batch {}, student updated every {}; GAN {}",
+            cfg.common.timesteps.len(),
             cfg.sigmas(&graphs::NoiseGrid::new(&teacher.meta.model.parameterisation))
                 .iter()
                 .map(|s| format!("{s:.3}"))
                 .collect::<Vec<_>>(),
             teacher.dir.display(),
-            cfg.run.steps,
-            cfg.run.batch_size,
+            cfg.common.run.train_steps,
+            cfg.common.run.batch_size,
             cfg.dfake_gen_update_ratio,
             if cfg.gan { "on" } else { "off" },
-            run.root.display()
         );
+        let job = DistillRun {
+            what: "dmd2",
+            out: &self.out,
+            resume: self.resume,
+            allow_resume_change: self.allow_resume_change,
+            show_progress: self.show_progress,
+        };
+        let rekey = |t: &str| toml::from_str::<Dmd2Config>(t)?.resume_key();
+        let (toml_cfg, key) = (toml::to_string(cfg)?, cfg.resume_key()?);
+        job.train(
+            &mut m,
+            &cfg.common,
+            toml_cfg,
+            key,
+            &rekey,
+            &teacher,
+            Some(&data),
+            &about,
+            dev,
+        )
+    }
+}
+
+/// What [`Dmd2Job`] and [`TdmJob`] share besides their configs: the run folder and flags.
+struct DistillRun<'a> {
+    what: &'static str,
+    out: &'a Path,
+    resume: bool,
+    allow_resume_change: bool,
+    show_progress: bool,
+}
+
+impl DistillRun<'_> {
+    /// Checks a resume against the run folder, then trains `m` in it and reports; returns the
+    /// checkpoint folder. `config_toml` is the method's full config, `about` a line describing it.
+    #[allow(clippy::too_many_arguments)]
+    fn train<M: Method>(
+        &self,
+        m: &mut M,
+        common: &DistillCommon,
+        config_toml: String,
+        resume_key: String,
+        rekey: &dyn Fn(&str) -> Result<String>,
+        teacher: &Teacher,
+        data: Option<&crate::data::Dataset>,
+        about: &str,
+        dev: &Device,
+    ) -> Result<PathBuf> {
+        let run = RunDir::new(self.out)?;
+        let allow = self.allow_resume_change;
+        train_checks::resume(
+            &run,
+            TRAIN_STATE_FILE,
+            &config_toml,
+            data,
+            self.resume,
+            allow,
+        )?;
+        let ev = maybe_evaluator(common.run.eval_every, teacher, dev, self.show_progress)?;
+        eprintln!("{}: {about} -> {}", self.what, run.root.display());
         let rs = RunSpec {
-            cfg: &cfg.run,
-            config_toml: toml::to_string(cfg)?,
-            resume_key: cfg.resume_key()?,
-            rekey: Some(&|t: &str| toml::from_str::<Dmd2Config>(t)?.resume_key()),
+            cfg: &common.run,
+            config_toml,
+            resume_key,
+            rekey: Some(rekey),
             teacher: Some((&teacher.sha256, &teacher.dir)),
             resume: self.resume,
             show_progress: self.show_progress,
             evaluator: ev.as_ref(),
             device: dev,
         };
-        let out = distill::run(&mut m, &rs, &run)?;
-        report("dmd2", &out, &run);
+        let out = distill::run(m, &rs, &run)?;
+        report(self.what, &out, &run);
         Ok(out.checkpoint)
     }
 }
@@ -308,40 +360,80 @@ impl Default for TdmJob {
 impl TdmJob {
     /// Trains; returns the checkpoint folder.
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
-        let cfg = &self.config;
-        checks::tdm(cfg)?;
-        let teacher = Teacher::load(&cfg.teacher, dev)?;
-        let run = RunDir::new(&self.out)?;
-        let mut m = Tdm::new(cfg.clone(), &teacher, dev)?;
-        let toml_cfg = toml::to_string(&m.cfg)?;
-        let allow = self.allow_resume_change;
-        checks::resume(&run, TRAIN_STATE_FILE, &toml_cfg, None, self.resume, allow)?;
-        let ev = maybe_evaluator(cfg.run.eval_every, &teacher, dev, self.show_progress)?;
-        eprintln!(
-            "tdm: {}-step student (timesteps {:?}) from {}; {} iterations at batch {} x {}; noise mode {:?} -> {}",
-            cfg.timesteps.len(),
-            cfg.timesteps,
+        train_checks::tdm(&self.config)?;
+        let teacher = Teacher::load(&self.config.common.teacher, dev)?;
+        let mut m = Tdm::new(self.config.clone(), &teacher, dev)?;
+        // `Tdm::new` completes the config (the cosine decay length): store that one.
+        let cfg = m.cfg.clone();
+        let about = format!(
+            "{}-step student (timesteps {:?}) from {}; {} iterations at batch {} x {}; noise mode {:?}",
+            cfg.common.timesteps.len(),
+            cfg.common.timesteps,
             teacher.dir.display(),
-            cfg.run.steps,
-            cfg.run.batch_size,
+            cfg.common.run.train_steps,
+            cfg.common.run.batch_size,
             cfg.grad_accum,
-            m.cfg.noise_mode,
-            run.root.display()
+            cfg.noise_mode,
         );
-        let run_cfg = m.cfg.run.clone();
-        let rs = RunSpec {
-            cfg: &run_cfg,
-            config_toml: toml::to_string(&m.cfg)?,
-            resume_key: m.cfg.resume_key()?,
-            rekey: Some(&|t: &str| toml::from_str::<TdmConfig>(t)?.resume_key()),
-            teacher: Some((&teacher.sha256, &teacher.dir)),
+        let job = DistillRun {
+            what: "tdm",
+            out: &self.out,
             resume: self.resume,
+            allow_resume_change: self.allow_resume_change,
             show_progress: self.show_progress,
-            evaluator: ev.as_ref(),
-            device: dev,
         };
-        let out = distill::run(&mut m, &rs, &run)?;
-        report("tdm", &out, &run);
-        Ok(out.checkpoint)
+        let rekey = |t: &str| toml::from_str::<TdmConfig>(t)?.resume_key();
+        let (toml_cfg, key) = (toml::to_string(&cfg)?, cfg.resume_key()?);
+        job.train(
+            &mut m,
+            &cfg.common,
+            toml_cfg,
+            key,
+            &rekey,
+            &teacher,
+            None,
+            &about,
+            dev,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renamed_keys_are_read_with_a_note() {
+        let old = "steps = 7\n";
+        assert_eq!(
+            deprecated_keys(old),
+            ["`steps` is deprecated, use `train_steps`"]
+        );
+        assert_eq!(toml::from_str::<TeacherConfig>(old).unwrap().train_steps, 7);
+        let old = "cfg_scale = 2.0\n[run]\nsteps = 9\n";
+        assert_eq!(
+            deprecated_keys(old),
+            ["`run.steps` is deprecated, use `run.train_steps`"]
+        );
+        assert_eq!(
+            toml::from_str::<Dmd2Config>(old)
+                .unwrap()
+                .common
+                .run
+                .train_steps,
+            9
+        );
+        assert_eq!(
+            toml::from_str::<TdmConfig>(old)
+                .unwrap()
+                .common
+                .run
+                .train_steps,
+            9
+        );
+        // What a run writes uses the new name only.
+        let new = toml::to_string(&Dmd2Config::default()).unwrap();
+        assert!(deprecated_keys(&new).is_empty(), "{new}");
+        assert!(new.contains("train_steps = "), "{new}");
     }
 }

@@ -2,6 +2,7 @@
 //! weights (student, fake score), the guided teacher call, the student's no-grad rollout, and the
 //! run loop (resume, metrics, checkpoints, sample grids, in-training evaluation, NaN checks).
 
+pub use super::distill_config::{check_timesteps, DistillCommon};
 use super::optim::{AdamW, AdamWConfig, LossScaleConfig, LossScaler, Precision, StepStats};
 pub use super::runner::{
     eval_student, run, Method, RunConfig, RunOutcome as DistillOutcome, RunSpec, StepMetrics,
@@ -251,22 +252,92 @@ pub fn rollout(
     Ok(Rollout { xs, x0s })
 }
 
-/// Checks a student's timesteps against a grid: in range, strictly descending.
-pub fn check_timesteps(ts: &[usize], grid: &NoiseGrid) -> Result<()> {
-    ensure!(!ts.is_empty(), "a student needs at least one timestep");
-    for w in ts.windows(2) {
-        ensure!(
-            w[0] > w[1],
-            "student timesteps must be strictly descending, got {ts:?}"
-        );
+/// The two networks DMD2 and TDM train (student and fake score) and how often the fake score
+/// was updated: their [`Method`] state, gauges and generator in one place.
+pub mod pair {
+    use super::{StepMetrics, Trainable};
+    use anyhow::{Context, Result};
+    use candle_core::Tensor;
+    use graphs::{GeneratorSpec, SamplerKind};
+    use std::collections::HashMap;
+
+    /// `student_updates`, logged as it is at a log line.
+    pub fn gauges(student: &Trainable) -> StepMetrics {
+        StepMetrics::from([("student_updates".to_string(), student.opt.t as f64)])
     }
-    ensure!(
-        ts[0] < grid.len(),
-        "timestep {} is outside the noise grid 0..{}",
-        ts[0],
-        grid.len()
-    );
-    Ok(())
+
+    pub fn save(
+        student: &Trainable,
+        fake: &Trainable,
+        fake_updates: u64,
+        t: &mut HashMap<String, Tensor>,
+        meta: &mut HashMap<String, String>,
+    ) {
+        student.save(t, meta);
+        fake.save(t, meta);
+        meta.insert("fake_updates".into(), fake_updates.to_string());
+    }
+
+    /// Loads both networks; returns the fake score's update count.
+    pub fn load(
+        student: &mut Trainable,
+        fake: &mut Trainable,
+        t: &HashMap<String, Tensor>,
+        meta: &HashMap<String, String>,
+    ) -> Result<u64> {
+        student.load(t, meta)?;
+        fake.load(t, meta)?;
+        Ok(meta
+            .get("fake_updates")
+            .context("training state lacks fake_updates")?
+            .parse()?)
+    }
+
+    /// The [`super::Method`] items DMD2 and TDM share, for their `impl Method` blocks: they need
+    /// fields `student_t`, `fake_t` ([`Trainable`]), `fake_updates` and `teacher` (`&Teacher`).
+    macro_rules! methods {
+        () => {
+            fn gauges(&self) -> StepMetrics {
+                pair::gauges(&self.student_t)
+            }
+            fn student_vars(&self) -> &[(String, Var)] {
+                self.student_t.vars()
+            }
+            fn student_updates(&self) -> u64 {
+                self.student_t.opt.t
+            }
+            fn save_state(
+                &self,
+                t: &mut HashMap<String, Tensor>,
+                meta: &mut HashMap<String, String>,
+            ) {
+                pair::save(&self.student_t, &self.fake_t, self.fake_updates, t, meta);
+            }
+            fn load_state(
+                &mut self,
+                t: &HashMap<String, Tensor>,
+                meta: &HashMap<String, String>,
+            ) -> Result<()> {
+                self.fake_updates = pair::load(&mut self.student_t, &mut self.fake_t, t, meta)?;
+                Ok(())
+            }
+            fn model_config(&self) -> ModelConfig {
+                self.teacher.meta.model.clone()
+            }
+        };
+    }
+    pub(crate) use methods;
+
+    /// The student's sampler at its own sigmas (never guided: the guidance is distilled in).
+    pub fn spec(sigmas: &[f64], fresh_noise: bool) -> GeneratorSpec {
+        GeneratorSpec {
+            sampler: SamplerKind::Student,
+            steps: sigmas.len(),
+            sigmas: sigmas.to_vec(),
+            fresh_noise,
+            cfg_scale: 1.0,
+        }
+    }
 }
 
 /// A scalar loss as f64, refused when it is not finite.

@@ -14,9 +14,10 @@
 //!   step `k`'s x0 estimate.
 
 use super::distill::{
-    self, check_timesteps, finite, grid_level, random_labels, rollout, scalar, sigma_level,
-    uniform_ints, Method, RunConfig, StepMetrics, Teacher, Trainable,
+    self, finite, grid_level, pair, random_labels, rollout, scalar, sigma_level, uniform_ints,
+    Method, StepMetrics, Teacher, Trainable,
 };
+use super::distill_config::{distill_config, DistillCommon};
 use super::optim::AdamWConfig;
 use super::{randn, step_rng, DataOrder};
 use crate::checkpoint::Role;
@@ -27,45 +28,32 @@ use candle_nn::{VarBuilder, VarMap};
 use graphs::guidance::cond_uncond_batched;
 use graphs::losses::{dmd2::dm_loss, gan, teacher_loss};
 use graphs::nn::GanHead;
-use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, SamplerKind};
+use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid};
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-/// Everything that defines a DMD2 run (the `config.toml` of the run folder).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Dmd2Config {
-    /// The teacher checkpoint folder.
-    pub teacher: PathBuf,
-    pub run: RunConfig,
-    /// The student's steps as timesteps of the 1000-bin noise grid, descending (`[999]`: one step
-    /// at sigma_max; `[999, 749, 499, 249]`: four steps).
-    pub timesteps: Vec<usize>,
-    /// Overrides the first step's sigma (DMD2's `conditioning_sigma`, 80 for EDM = sigma_max).
-    pub conditioning_sigma: Option<f64>,
-    /// The student is updated every this many iterations, the fake score every iteration.
-    pub dfake_gen_update_ratio: u64,
-    /// Distribution-matching timesteps are drawn from `[min_step, max_step]` (fractions of the grid).
-    pub min_step: f64,
-    pub max_step: f64,
-    /// Classifier-free guidance on the real score (the teacher); the fake score is never guided.
-    /// (`real_guidance_scale` before; still read, with a deprecation note.)
-    #[serde(alias = "real_guidance_scale")]
-    pub cfg_scale: f64,
-    /// The GAN head and its losses.
-    pub gan: bool,
-    /// Weight of the student's GAN loss `softplus(-D(fake))`.
-    pub gan_generator_weight: f64,
-    /// Weight of the head's loss `softplus(D(fake)) + softplus(-D(real))`.
-    pub gan_critic_weight: f64,
-    /// Real and generated images are noised at a grid timestep below this before the head.
-    pub gan_max_timestep: usize,
-    /// Optimiser of the student.
-    pub student_optim: AdamWConfig,
-    /// Optimiser of the fake score and the GAN head.
-    pub fake_optim: AdamWConfig,
+distill_config! {
+    /// Everything that defines a DMD2 run (the `config.toml` of the run folder): the shared
+    /// settings (`common`; `student_optim` is the student's, `fake_optim` the fake score's and the
+    /// GAN head's) and DMD2's own.
+    pub struct Dmd2Config {
+        /// Overrides the first step's sigma (DMD2's `conditioning_sigma`, 80 for EDM = sigma_max).
+        pub conditioning_sigma: Option<f64>,
+        /// The student is updated every this many iterations, the fake score every iteration.
+        pub dfake_gen_update_ratio: u64,
+        /// Distribution-matching timesteps are drawn from `[min_step, max_step]` (fractions of the
+        /// grid).
+        pub min_step: f64,
+        pub max_step: f64,
+        /// The GAN head and its losses.
+        pub gan: bool,
+        /// Weight of the student's GAN loss `softplus(-D(fake))`.
+        pub gan_generator_weight: f64,
+        /// Weight of the head's loss `softplus(D(fake)) + softplus(-D(real))`.
+        pub gan_critic_weight: f64,
+        /// Real and generated images are noised at a grid timestep below this before the head.
+        pub gan_max_timestep: usize,
+    }
 }
 
 impl Default for Dmd2Config {
@@ -80,28 +68,22 @@ impl Default for Dmd2Config {
             ..Default::default()
         };
         Self {
-            teacher: PathBuf::from("runs/teacher/checkpoint"),
-            run: RunConfig::default(),
-            timesteps: vec![999],
+            common: DistillCommon::new(vec![999], adam.clone(), adam),
             conditioning_sigma: None,
             dfake_gen_update_ratio: 10,
             min_step: 0.02,
             max_step: 0.98,
-            cfg_scale: 1.5,
             gan: true,
             gan_generator_weight: 3e-3,
             gan_critic_weight: 1e-2,
             gan_max_timestep: 1000,
-            student_optim: adam.clone(),
-            fake_optim: adam,
         }
     }
 }
 
 impl Dmd2Config {
     pub fn validate(&self, grid: &NoiseGrid) -> Result<()> {
-        self.run.validate()?;
-        check_timesteps(&self.timesteps, grid)?;
+        self.common.validate(grid)?;
         ensure!(
             self.dfake_gen_update_ratio >= 1,
             "dfake_gen_update_ratio must be >= 1"
@@ -125,17 +107,17 @@ impl Dmd2Config {
 
     /// The student's sigmas, descending.
     pub fn sigmas(&self, grid: &NoiseGrid) -> Vec<f64> {
-        let mut s = grid.sigmas_of(&self.timesteps);
+        let mut s = grid.sigmas_of(&self.common.timesteps);
         if let Some(c) = self.conditioning_sigma {
             s[0] = c;
         }
         s
     }
 
-    /// The config without what may change on resume (totals and cadence).
+    /// The config without what may change on resume (totals, cadence, precision).
     pub fn resume_key(&self) -> Result<String> {
         let mut c = self.clone();
-        c.run.clear_resumable();
+        c.common.clear_resumable();
         Ok(toml::to_string(&c)?)
     }
 }
@@ -200,18 +182,23 @@ impl<'a> Dmd2<'a> {
                 side,
                 u.groups,
             )?;
-            fvars.extend(super::seeded_init(&vm, cfg.run.seed, 0x6A11, device)?);
+            fvars.extend(super::seeded_init(
+                &vm,
+                cfg.common.run.seed,
+                0x6A11,
+                device,
+            )?);
             (Some(head), Some(vm))
         } else {
             (None, None)
         };
         let sigmas = cfg.sigmas(&grid);
         Ok(Self {
-            student_t: Trainable::new("student", svars, cfg.student_optim.clone())?
-                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
-            fake_t: Trainable::new("fake", fvars, cfg.fake_optim.clone())?
-                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
-            order: DataOrder::new(data.len().max(1), cfg.run.seed ^ 0xD2),
+            student_t: Trainable::new("student", svars, cfg.common.student_optim.clone())?
+                .with_precision(cfg.common.run.precision, &cfg.common.run.loss_scale),
+            fake_t: Trainable::new("fake", fvars, cfg.common.fake_optim.clone())?
+                .with_precision(cfg.common.run.precision, &cfg.common.run.loss_scale),
+            order: DataOrder::new(data.len().max(1), cfg.common.run.seed ^ 0xD2),
             teacher,
             data,
             grid,
@@ -262,11 +249,12 @@ impl Method for Dmd2<'_> {
 
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let dev = self.device.clone();
-        let b = CandleBackend::training(&dev).with_autocast(self.cfg.run.precision.autocast());
+        let b =
+            CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
         let u = &self.teacher.meta.model.unet;
-        let (n, c, r) = (self.cfg.run.batch_size, u.channels, u.resolution);
+        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels, u.resolution);
         let shape = [n, c, r, r];
-        let mut rng = step_rng(self.cfg.run.seed, step, 0xD3D2);
+        let mut rng = step_rng(self.cfg.common.run.seed, step, 0xD3D2);
         let mut m = StepMetrics::new();
         let labels = random_labels(&mut rng, n, u.num_classes, &dev)?;
         let z = randn(&mut rng, &shape, &dev)?;
@@ -298,7 +286,7 @@ impl Method for Dmd2<'_> {
             let eps = randn(&mut rng, &shape, &dev)?;
             let xd = x0.detach();
             let x_t = (&xd + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
-            let scale = self.cfg.cfg_scale;
+            let scale = self.cfg.common.cfg_scale;
             let real = cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, &labels, scale)?
                 .guided(&b, scale)?;
             let fake_frozen = graphs::params::detached(&self.fake)?;
@@ -370,46 +358,9 @@ impl Method for Dmd2<'_> {
         Ok(m)
     }
 
-    fn gauges(&self) -> StepMetrics {
-        StepMetrics::from([("student_updates".to_string(), self.student_updates() as f64)])
-    }
-    fn student_vars(&self) -> &[(String, Var)] {
-        self.student_t.vars()
-    }
-    fn student_updates(&self) -> u64 {
-        self.student_t.opt.t
-    }
-    fn save_state(&self, t: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
-        self.student_t.save(t, meta);
-        self.fake_t.save(t, meta);
-        meta.insert("fake_updates".into(), self.fake_updates.to_string());
-    }
-    fn load_state(
-        &mut self,
-        t: &HashMap<String, Tensor>,
-        meta: &HashMap<String, String>,
-    ) -> Result<()> {
-        self.student_t.load(t, meta)?;
-        self.fake_t.load(t, meta)?;
-        let get = |k: &str| -> Result<u64> {
-            Ok(meta
-                .get(k)
-                .ok_or_else(|| anyhow::anyhow!("training state lacks {k}"))?
-                .parse()?)
-        };
-        self.fake_updates = get("fake_updates")?;
-        Ok(())
-    }
+    pair::methods!();
     fn spec(&self) -> GeneratorSpec {
-        GeneratorSpec {
-            sampler: SamplerKind::Student,
-            steps: self.sigmas.len(),
-            sigmas: self.sigmas.clone(),
-            fresh_noise: self.sigmas.len() > 1,
-            cfg_scale: 1.0,
-        }
-    }
-    fn model_config(&self) -> ModelConfig {
-        self.teacher.meta.model.clone()
+        // Backward simulation trains multi-step students on fresh noise at every re-noise.
+        pair::spec(&self.sigmas, self.sigmas.len() > 1)
     }
 }

@@ -2,7 +2,9 @@
 //! loop in [`runner`]; `distill` holds what the distillation methods share; the machinery here
 //! (run folders, deterministic data order and noise, metrics, progress) is shared by all.
 
+pub mod checks;
 pub mod distill;
+pub mod distill_config;
 pub mod dmd2;
 pub mod optim;
 pub mod runner;

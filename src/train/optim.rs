@@ -336,39 +336,8 @@ impl Ema {
     }
 }
 
-/// Compute precision of training: the weights and optimiser state stay f32 ("master weights");
-/// fp16/bf16 run the convolutions and matrix products (forward and backward) in half precision,
-/// like PyTorch's autocast, while norms, softmax, the embeddings and the losses stay f32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl Precision {
-    /// The autocast dtype (`None` for fp32).
-    pub fn autocast(self) -> Option<candle_core::DType> {
-        match self {
-            Self::Fp32 => None,
-            Self::Fp16 => Some(candle_core::DType::F16),
-            Self::Bf16 => Some(candle_core::DType::BF16),
-        }
-    }
-    /// fp16 needs dynamic loss scaling (its exponent range is narrow); bf16 does not.
-    pub fn needs_loss_scaling(self) -> bool {
-        self == Self::Fp16
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fp32 => "fp32",
-            Self::Fp16 => "fp16",
-            Self::Bf16 => "bf16",
-        }
-    }
-}
+/// Compute precision of training (see [`graphs::Precision`] for what each means).
+pub use graphs::Precision;
 
 /// Dynamic loss scaling (as torch.cuda.amp.GradScaler).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -27,8 +27,10 @@ pub const STATE_VERSION: u32 = 2;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
-    /// Training iterations in total (a resumed run stops at the same total).
-    pub steps: u64,
+    /// Training iterations in total (a resumed run stops at the same total). (`steps` before;
+    /// still read, with a deprecation note.)
+    #[serde(alias = "steps")]
+    pub train_steps: u64,
     pub batch_size: usize,
     pub seed: u64,
     pub log_every: u64,
@@ -51,7 +53,7 @@ pub struct RunConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
-            steps: 2000,
+            train_steps: 2000,
             batch_size: 32,
             seed: 0,
             log_every: 25,
@@ -69,8 +71,8 @@ impl Default for RunConfig {
 impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(
-            self.steps > 0 && self.batch_size > 0,
-            "steps and batch_size must be positive"
+            self.train_steps > 0 && self.batch_size > 0,
+            "train_steps and batch_size must be positive"
         );
         ensure!(
             self.log_every > 0 && self.checkpoint_every > 0,
@@ -89,7 +91,7 @@ impl RunConfig {
 
     /// Clears what may change on resume (totals, cadence, precision), for resume keys.
     pub fn clear_resumable(&mut self) {
-        self.steps = 0;
+        self.train_steps = 0;
         (self.log_every, self.sample_every, self.checkpoint_every) = (0, 0, 0);
         (self.eval_every, self.eval_n) = (0, 0);
         // Precision may change on resume (everything is stored in f32).
@@ -166,7 +168,7 @@ pub struct RunSpec<'a> {
 #[derive(Debug)]
 pub struct RunOutcome {
     pub checkpoint: PathBuf,
-    pub steps: u64,
+    pub train_steps: u64,
     pub seconds: f64,
     /// The last log window's averages (and gauges).
     pub last: BTreeMap<String, f64>,
@@ -404,13 +406,13 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
     let mut committed = rs.resume.then_some(start);
     checkpoint::write_atomic(&run.config(), rs.config_toml.as_bytes())?;
     let mut log = MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?;
-    let pb = progress_bar(cfg.steps, start, rs.show_progress, m.name());
+    let pb = progress_bar(cfg.train_steps, start, rs.show_progress, m.name());
     let t0 = Instant::now();
     let mut last = BTreeMap::new();
     let mut win_start = Instant::now();
     let mut win_steps = 0u64;
     let mut pending: Option<Pending> = None;
-    for step in start..cfg.steps {
+    for step in start..cfg.train_steps {
         let before = m.student_updates();
         let metrics = match m.step(step) {
             Ok(x) => x,
@@ -453,7 +455,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             window.clone()
         };
         let mut record: BTreeMap<String, f64> = BTreeMap::new();
-        if done % cfg.log_every == 0 || done == cfg.steps {
+        if done % cfg.log_every == 0 || done == cfg.train_steps {
             for (k, (s, n)) in std::mem::take(&mut window) {
                 record.insert(k, s / n as f64);
             }
@@ -470,7 +472,8 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 .collect();
             pb.set_message(msg.join(" "));
         }
-        let want_eval = cfg.eval_every > 0 && (done % cfg.eval_every == 0 || done == cfg.steps);
+        let want_eval =
+            cfg.eval_every > 0 && (done % cfg.eval_every == 0 || done == cfg.train_steps);
         if let (true, Some(ev)) = (want_eval, rs.evaluator) {
             let den = denoiser_from(
                 &m.model_config(),
@@ -498,9 +501,9 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             log.write(&serde_json::Value::Object(obj))?;
             last.extend(record);
         }
-        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
+        if done % cfg.checkpoint_every == 0 || done == cfg.train_steps {
             match snapshot(m, rs, done, &ema, &carry)? {
-                Ok(p) if done == cfg.steps => committed = Some(commit(&p, run)?),
+                Ok(p) if done == cfg.train_steps => committed = Some(commit(&p, run)?),
                 Ok(p) => pending = Some(p),
                 Err(why) => bail!(
                     "the model after step {done} is not finite ({why}): training diverged and was stopped; {} (try a lower --lr or a smaller --grad-clip, then --resume)",
@@ -508,7 +511,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 ),
             }
         }
-        if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.steps) {
+        if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.train_steps) {
             let den = denoiser_from(
                 &m.model_config(),
                 student_weights(&ema, m.student_vars()),
@@ -522,7 +525,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
     super::write_curves(run)?;
     Ok(RunOutcome {
         checkpoint: run.checkpoint(),
-        steps: cfg.steps,
+        train_steps: cfg.train_steps,
         seconds: t0.elapsed().as_secs_f64(),
         last,
         student_updates: m.student_updates(),

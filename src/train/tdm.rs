@@ -16,9 +16,10 @@
 //! the teacher (`train::distill`).
 
 use super::distill::{
-    self, check_timesteps, finite, gather_steps, grid_level, random_labels, rollout, scalar,
-    sigma_level, Method, RunConfig, StepMetrics, Teacher, Trainable,
+    self, finite, gather_steps, grid_level, pair, random_labels, rollout, scalar, sigma_level,
+    Method, StepMetrics, Teacher, Trainable,
 };
+use super::distill_config::{distill_config, DistillCommon};
 use super::optim::{AdamWConfig, GradAccum, LrSchedule};
 use super::{randn, step_rng};
 use crate::checkpoint::Role;
@@ -26,11 +27,10 @@ use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, Var};
 use graphs::guidance::cond_uncond_batched;
 use graphs::losses::tdm::{self, Distance, Weighting};
-use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid, SamplerKind};
+use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 /// Where the matching level `t` is drawn for a trajectory point of step `k`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,43 +42,35 @@ pub enum NoiseMode {
     ToT,
 }
 
-/// Everything that defines a TDM run (the `config.toml` of the run folder).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TdmConfig {
-    /// The teacher checkpoint folder.
-    pub teacher: PathBuf,
-    pub run: RunConfig,
-    /// The student's steps as timesteps of the noise grid, descending.
-    pub timesteps: Vec<usize>,
-    pub noise_mode: NoiseMode,
-    /// `to-T` only: condition the fake score on the student's step index (one label table per step).
-    pub condition_on_step: bool,
-    /// Draw the trajectory point's level `t_m` uniformly in `[t_next, t_k - 20]` instead of `t_next`
-    /// (the official code's `use_randmid`, a regulariser).
-    pub random_mid: bool,
-    /// Importance-weight the fake score's loss by the mixed/fresh noise density ratio.
-    pub importance_weight: bool,
-    /// Classifier-free guidance scale of the teacher in the student's target.
-    pub cfg_scale: f64,
-    pub distance: Distance,
-    /// Pseudo-Huber constant `c`.
-    pub huber_c: f64,
-    /// SNR weighting of the student loss.
-    pub student_weighting: Weighting,
-    /// SNR weighting of the fake score's loss (TDM: Min-SNR with gamma 5).
-    pub fake_weighting: Weighting,
-    pub min_snr_gamma: f64,
-    /// Lowest matching timestep (keeps `t` away from the noise-free end).
-    pub min_timestep: usize,
-    /// The fake score is updated every this many iterations.
-    pub update_fake_every: u64,
-    /// Micro-batches whose gradients are averaged per update.
-    pub grad_accum: usize,
-    /// Optimiser of the student (default: Adam betas (0, 0.95), lr = fake lr / 5).
-    pub student_optim: AdamWConfig,
-    /// Optimiser of the fake score.
-    pub fake_optim: AdamWConfig,
+distill_config! {
+    /// Everything that defines a TDM run (the `config.toml` of the run folder): the shared
+    /// settings (`common`; the student's optimiser defaults to Adam betas (0, 0.95) at the fake
+    /// score's lr / 5) and TDM's own.
+    pub struct TdmConfig {
+        pub noise_mode: NoiseMode,
+        /// `to-T` only: condition the fake score on the student's step index (one label table per
+        /// step).
+        pub condition_on_step: bool,
+        /// Draw the trajectory point's level `t_m` uniformly in `[t_next, t_k - 20]` instead of
+        /// `t_next` (the official code's `use_randmid`, a regulariser).
+        pub random_mid: bool,
+        /// Importance-weight the fake score's loss by the mixed/fresh noise density ratio.
+        pub importance_weight: bool,
+        pub distance: Distance,
+        /// Pseudo-Huber constant `c`.
+        pub huber_c: f64,
+        /// SNR weighting of the student loss.
+        pub student_weighting: Weighting,
+        /// SNR weighting of the fake score's loss (TDM: Min-SNR with gamma 5).
+        pub fake_weighting: Weighting,
+        pub min_snr_gamma: f64,
+        /// Lowest matching timestep (keeps `t` away from the noise-free end).
+        pub min_timestep: usize,
+        /// The fake score is updated every this many iterations.
+        pub update_fake_every: u64,
+        /// Micro-batches whose gradients are averaged per update.
+        pub grad_accum: usize,
+    }
 }
 
 impl Default for TdmConfig {
@@ -95,15 +87,16 @@ impl Default for TdmConfig {
             decay_steps: 0,
             min_lr_ratio: 0.1,
         };
+        let student = AdamWConfig {
+            lr: fake.lr / 5.0,
+            ..fake.clone()
+        };
         Self {
-            teacher: PathBuf::from("runs/teacher/checkpoint"),
-            run: RunConfig::default(),
-            timesteps: vec![999, 749, 499, 249],
+            common: DistillCommon::new(vec![999, 749, 499, 249], student, fake),
             noise_mode: NoiseMode::Separate,
             condition_on_step: false,
             random_mid: false,
             importance_weight: true,
-            cfg_scale: 1.5,
             distance: Distance::Huber,
             huber_c: 1e-3,
             student_weighting: Weighting::Constant,
@@ -112,11 +105,6 @@ impl Default for TdmConfig {
             min_timestep: 20,
             update_fake_every: 1,
             grad_accum: 1,
-            student_optim: AdamWConfig {
-                lr: fake.lr / 5.0,
-                ..fake.clone()
-            },
-            fake_optim: fake,
         }
     }
 }
@@ -126,8 +114,7 @@ const TOP_MARGIN: usize = 10;
 
 impl TdmConfig {
     pub fn validate(&self, grid: &NoiseGrid) -> Result<()> {
-        self.run.validate()?;
-        check_timesteps(&self.timesteps, grid)?;
+        self.common.validate(grid)?;
         ensure!(
             self.update_fake_every >= 1,
             "update_fake_every must be >= 1"
@@ -138,12 +125,12 @@ impl TdmConfig {
             !self.condition_on_step || self.noise_mode == NoiseMode::ToT,
             "condition_on_step only applies to noise_mode = \"to-t\" (separate intervals already tell the steps apart)"
         );
-        for k in 0..self.timesteps.len() {
+        for k in 0..self.common.timesteps.len() {
             let (lo, hi) = self.interval(k, grid.len(), self.next_t(k));
             ensure!(
                 lo <= hi,
                 "step {k} (timestep {}) leaves no matching interval: [{lo}, {hi}]; use fewer or more spread timesteps, or a smaller min_timestep",
-                self.timesteps[k]
+                self.common.timesteps[k]
             );
         }
         Ok(())
@@ -151,14 +138,14 @@ impl TdmConfig {
 
     /// The next trajectory point's timestep after step `k` (0 after the last step).
     pub fn next_t(&self, k: usize) -> usize {
-        self.timesteps.get(k + 1).copied().unwrap_or(0)
+        self.common.timesteps.get(k + 1).copied().unwrap_or(0)
     }
 
     /// The matching interval `[lo, hi]` (inclusive) for step `k` with trajectory point at `t_m`.
     pub fn interval(&self, k: usize, grid_len: usize, t_m: usize) -> (usize, usize) {
         let lo = t_m.max(self.min_timestep);
         let hi = match self.noise_mode {
-            NoiseMode::Separate => self.timesteps[k].saturating_sub(TOP_MARGIN),
+            NoiseMode::Separate => self.common.timesteps[k].saturating_sub(TOP_MARGIN),
             NoiseMode::ToT => grid_len.saturating_sub(TOP_MARGIN),
         };
         (lo, hi)
@@ -166,9 +153,7 @@ impl TdmConfig {
 
     pub fn resume_key(&self) -> Result<String> {
         let mut c = self.clone();
-        c.run.clear_resumable();
-        // Derived from the step count when 0 in the config.
-        (c.student_optim.decay_steps, c.fake_optim.decay_steps) = (0, 0);
+        c.common.clear_resumable();
         Ok(toml::to_string(&c)?)
     }
 }
@@ -184,7 +169,7 @@ pub struct Draw {
 impl TdmConfig {
     /// Draws `(k, t_m, t)` for `n` samples.
     pub fn draw<R: Rng>(&self, rng: &mut R, n: usize, grid_len: usize) -> Draw {
-        let steps = self.timesteps.len();
+        let steps = self.common.timesteps.len();
         let mut d = Draw {
             k: Vec::with_capacity(n),
             t_m: Vec::with_capacity(n),
@@ -194,7 +179,7 @@ impl TdmConfig {
             let k = rng.gen_range(0..steps);
             let next = self.next_t(k);
             let t_m = if self.random_mid {
-                let top = self.timesteps[k].saturating_sub(20).max(next);
+                let top = self.common.timesteps[k].saturating_sub(20).max(next);
                 rng.gen_range(next..=top)
             } else {
                 next
@@ -228,9 +213,9 @@ impl<'a> Tdm<'a> {
         let mcfg = teacher.meta.model.clone();
         let grid = NoiseGrid::new(&mcfg.parameterisation);
         cfg.validate(&grid)?;
-        for o in [&mut cfg.student_optim, &mut cfg.fake_optim] {
+        for o in [&mut cfg.common.student_optim, &mut cfg.common.fake_optim] {
             if o.schedule == LrSchedule::Cosine && o.decay_steps == 0 {
-                o.decay_steps = cfg.run.steps;
+                o.decay_steps = cfg.common.run.train_steps;
             }
         }
         let w = teacher.weights();
@@ -239,19 +224,19 @@ impl<'a> Tdm<'a> {
         let mut fw = w.clone();
         if cfg.condition_on_step {
             // One copy of the label table per student step, each starting as the teacher's.
-            let groups = cfg.timesteps.len();
+            let groups = cfg.common.timesteps.len();
             fcfg.unet.label_groups = groups;
             let key = "label_emb.weight";
             let table = &w[key];
             fw.insert(key.into(), Tensor::cat(&vec![table.clone(); groups], 0)?);
         }
         let (fake, fvars) = distill::trainable_denoiser(&fcfg, &fw, device)?;
-        let sigmas = grid.sigmas_of(&cfg.timesteps);
+        let sigmas = grid.sigmas_of(&cfg.common.timesteps);
         Ok(Self {
-            student_t: Trainable::new("student", svars, cfg.student_optim.clone())?
-                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
-            fake_t: Trainable::new("fake", fvars, cfg.fake_optim.clone())?
-                .with_precision(cfg.run.precision, &cfg.run.loss_scale),
+            student_t: Trainable::new("student", svars, cfg.common.student_optim.clone())?
+                .with_precision(cfg.common.run.precision, &cfg.common.run.loss_scale),
+            fake_t: Trainable::new("fake", fvars, cfg.common.fake_optim.clone())?
+                .with_precision(cfg.common.run.precision, &cfg.common.run.loss_scale),
             teacher,
             grid,
             sigmas,
@@ -318,9 +303,10 @@ impl Method for Tdm<'_> {
 
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let dev = self.device.clone();
-        let b = CandleBackend::training(&dev).with_autocast(self.cfg.run.precision.autocast());
+        let b =
+            CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
         let u = &self.teacher.meta.model.unet;
-        let (n, c, r) = (self.cfg.run.batch_size, u.channels, u.resolution);
+        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels, u.resolution);
         let shape = [n, c, r, r];
         let steps = self.sigmas.len();
         let mut m = StepMetrics::new();
@@ -329,7 +315,7 @@ impl Method for Tdm<'_> {
         // One rollout per micro-batch, shared by the fake-score and the student turn.
         let mut micro = Vec::with_capacity(accum as usize);
         for i in 0..accum {
-            let mut rng = step_rng(self.cfg.run.seed, step, 0x7D30 + i);
+            let mut rng = step_rng(self.cfg.common.run.seed, step, 0x7D30 + i);
             let label_ids: Vec<u32> = random_labels(&mut rng, n, u.num_classes, &dev)?.to_vec1()?;
             let labels = Tensor::from_vec(label_ids.clone(), n, &dev)?;
             let z = randn(&mut rng, &shape, &dev)?;
@@ -386,7 +372,7 @@ impl Method for Tdm<'_> {
             let eps = tdm_eps(&x_in, &x0.detach(), &s_k)?;
             let (x_t, _, _) = self.matching_input(&x0.detach(), &eps, &d, rng)?;
             let level = grid_level(&self.grid, &d.t, &dev)?;
-            let scale = self.cfg.cfg_scale;
+            let scale = self.cfg.common.cfg_scale;
             let real = cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, labels, scale)?
                 .guided(&b, scale)?;
             let fl = self.fake_labels(label_ids, &d.k)?;
@@ -411,44 +397,10 @@ impl Method for Tdm<'_> {
         Ok(m)
     }
 
-    fn gauges(&self) -> StepMetrics {
-        StepMetrics::from([("student_updates".to_string(), self.student_updates() as f64)])
-    }
-    fn student_vars(&self) -> &[(String, Var)] {
-        self.student_t.vars()
-    }
-    fn student_updates(&self) -> u64 {
-        self.student_t.opt.t
-    }
-    fn save_state(&self, t: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
-        self.student_t.save(t, meta);
-        self.fake_t.save(t, meta);
-        meta.insert("fake_updates".into(), self.fake_updates.to_string());
-    }
-    fn load_state(
-        &mut self,
-        t: &HashMap<String, Tensor>,
-        meta: &HashMap<String, String>,
-    ) -> Result<()> {
-        self.student_t.load(t, meta)?;
-        self.fake_t.load(t, meta)?;
-        self.fake_updates = meta
-            .get("fake_updates")
-            .ok_or_else(|| anyhow::anyhow!("training state lacks fake_updates"))?
-            .parse()?;
-        Ok(())
-    }
+    pair::methods!();
     fn spec(&self) -> GeneratorSpec {
-        GeneratorSpec {
-            sampler: SamplerKind::Student,
-            steps: self.sigmas.len(),
-            sigmas: self.sigmas.clone(),
-            fresh_noise: false,
-            cfg_scale: 1.0,
-        }
-    }
-    fn model_config(&self) -> ModelConfig {
-        self.teacher.meta.model.clone()
+        // TDM's student samples deterministically (DDIM along its own timesteps).
+        pair::spec(&self.sigmas, false)
     }
 }
 

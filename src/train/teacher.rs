@@ -27,7 +27,9 @@ pub struct TeacherConfig {
     /// `edm` or `vp`.
     pub parameterisation: String,
     pub beta_schedule: BetaSchedule,
-    pub steps: u64,
+    /// Training iterations in total. (`steps` before; still read, with a deprecation note.)
+    #[serde(alias = "steps")]
+    pub train_steps: u64,
     pub batch_size: usize,
     pub optim: AdamWConfig,
     pub ema_decay: f64,
@@ -53,7 +55,7 @@ impl Default for TeacherConfig {
             model: UNetConfig::mnist_small(),
             parameterisation: "edm".into(),
             beta_schedule: BetaSchedule::Linear,
-            steps: 5000,
+            train_steps: 5000,
             batch_size: 32,
             optim: AdamWConfig {
                 lr: 1e-3,
@@ -101,7 +103,7 @@ impl TeacherConfig {
     /// The run-loop settings of this config (the teacher keeps them as top-level TOML fields).
     pub fn run_config(&self) -> RunConfig {
         RunConfig {
-            steps: self.steps,
+            train_steps: self.train_steps,
             batch_size: self.batch_size,
             seed: self.seed,
             log_every: self.log_every,
@@ -137,8 +139,8 @@ impl TeacherConfig {
         self.model.validate()?;
         self.param()?;
         anyhow::ensure!(
-            self.batch_size > 0 && self.steps > 0,
-            "steps and batch_size must be positive"
+            self.batch_size > 0 && self.train_steps > 0,
+            "train_steps and batch_size must be positive"
         );
         anyhow::ensure!(
             (0.0..1.0).contains(&self.label_dropout),
@@ -174,7 +176,7 @@ pub fn init_trainable(
 pub struct TeacherOutcome {
     pub checkpoint: std::path::PathBuf,
     pub final_loss: f64,
-    pub steps: u64,
+    pub train_steps: u64,
     pub seconds: f64,
 }
 
@@ -378,7 +380,7 @@ pub fn train(
     Ok(TeacherOutcome {
         checkpoint: out.checkpoint,
         final_loss: out.last.get("loss").copied().unwrap_or(f64::NAN),
-        steps: out.steps,
+        train_steps: out.train_steps,
         seconds: out.seconds,
     })
 }

@@ -196,7 +196,7 @@ pub fn tiny_teacher(out: &Path, steps: u32) -> Vec<String> {
         "0",
         "--sample-steps",
         "2",
-        "--steps",
+        "--train-steps",
         &steps.to_string(),
         "--out",
         &p(out),

@@ -2,7 +2,7 @@
 //! `Softmax(axis=-1)` (opset 13+ semantics: normalises that single axis).
 
 use super::f32_input;
-use crate::backend::{attr_int, OnnxBackend};
+use crate::builder::{attr_int, OnnxBackend};
 use anyhow::Result;
 
 pub fn silu(b: &OnnxBackend, x: &str) -> Result<String> {

@@ -2,7 +2,7 @@
 //! tensor (f32, or int32 for labels) whose length follows the runtime batch. The `[batch]` shape
 //! tensor is computed once per `like` value.
 
-use crate::backend::{attr_tensor, encode, Dim, ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{attr_tensor, encode, Dim, ElemType, OnnxBackend, ValueInfo};
 use crate::proto::TensorProto;
 use anyhow::{ensure, Result};
 use graphs::Kind;

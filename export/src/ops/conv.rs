@@ -1,7 +1,7 @@
 //! `conv2d` -> ONNX `Conv` (weight `[out, in, k, k]`, optional bias `[out]`).
 
 use super::f32_input;
-use crate::backend::{attr_int, attr_ints, Dim, ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{attr_int, attr_ints, Dim, ElemType, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 use graphs::Param;
 
@@ -27,7 +27,7 @@ pub fn conv2d(
         w.name
     );
     let (cout, kh, kw) = (wd[0], wd[2], wd[3]);
-    let elem = b.precision().weight_elem();
+    let elem = b.weight_elem();
     let wn = b.param_init(
         w,
         &w.name,

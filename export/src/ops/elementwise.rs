@@ -3,7 +3,7 @@
 //! affine also computes in f32), and `clamp` as `Clip` with constant min/max inputs.
 
 use super::f32_input;
-use crate::backend::{broadcast, OnnxBackend, ValueInfo};
+use crate::builder::{broadcast, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 
 pub fn binary(b: &OnnxBackend, op: &str, a: &str, c: &str) -> Result<String> {

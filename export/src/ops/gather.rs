@@ -3,7 +3,7 @@
 //! TensorRT wants int32 indices).
 //! Label ids are int32 graph inputs (Gather takes int32 or int64 indices).
 
-use crate::backend::{attr_int, ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{attr_int, ElemType, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 use graphs::Param;
 

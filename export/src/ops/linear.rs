@@ -4,7 +4,7 @@
 //! added by a separate `Add`), see below.
 
 use super::f32_input;
-use crate::backend::{attr_int, broadcast, Dim, ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{attr_int, broadcast, Dim, ElemType, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 use graphs::Param;
 
@@ -25,7 +25,7 @@ pub fn linear(b: &OnnxBackend, x: &str, w: &Param, bias: Option<&Param>) -> Resu
         w.name,
         xi.dims
     );
-    let elem = b.precision().weight_elem();
+    let elem = b.weight_elem();
     let xin = b.cast(x, elem)?;
     let mut dims = xi.dims.clone();
     *dims.last_mut().unwrap() = Dim::Fixed(dout);

@@ -2,7 +2,7 @@
 //! f32 in every precision (only matmuls by a weight run in f16, see `linear.rs`).
 
 use super::f32_input;
-use crate::backend::{broadcast, Dim, OnnxBackend, ValueInfo};
+use crate::builder::{broadcast, Dim, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 
 pub fn matmul(b: &OnnxBackend, a: &str, c: &str) -> Result<String> {

@@ -29,7 +29,7 @@ pub mod norm;
 pub mod resize;
 pub mod shape;
 
-use crate::backend::{ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{ElemType, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 
 /// Checks `v` is f32 and returns its info.

@@ -7,7 +7,7 @@
 //! f32 in every precision.
 
 use super::f32_input;
-use crate::backend::{attr_float, Dim, ElemType, OnnxBackend, ValueInfo};
+use crate::builder::{attr_float, Dim, ElemType, OnnxBackend, ValueInfo};
 use crate::ops::{elementwise::binary, shape::reshape};
 use anyhow::{ensure, Result};
 use graphs::Param;

@@ -4,7 +4,7 @@
 //! `floor(i * in / out)`).
 
 use super::f32_input;
-use crate::backend::{attr_str, Dim, OnnxBackend, ValueInfo};
+use crate::builder::{attr_str, Dim, OnnxBackend, ValueInfo};
 use anyhow::{ensure, Result};
 
 pub fn upsample_nearest2x(b: &OnnxBackend, x: &str) -> Result<String> {

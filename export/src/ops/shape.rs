@@ -1,7 +1,7 @@
 //! `reshape` -> `Reshape` with a constant int64 shape using ONNX's `0` (copy) / `-1` (infer)
 //! semantics, so the batch is never baked in; `permute` -> `Transpose`; `concat` -> `Concat`.
 
-use crate::backend::{attr_int, attr_ints, Dim, OnnxBackend, ValueInfo};
+use crate::builder::{attr_int, attr_ints, Dim, OnnxBackend, ValueInfo};
 use anyhow::{bail, ensure, Result};
 
 /// Output dims of an ONNX Reshape of `dims` to `shape` (allowzero = 0).

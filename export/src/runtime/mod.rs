@@ -7,7 +7,7 @@ pub mod guard;
 pub mod onnxruntime;
 pub mod tract;
 
-use crate::backend::{Dim, ElemType};
+use crate::builder::{Dim, ElemType};
 use crate::proto::ModelProto;
 use anyhow::{Context, Result};
 use ndarray::ArrayD;

@@ -2,7 +2,7 @@
 //! optimised; one plan is kept per batch size.
 
 use super::{find_input, io_specs, Inputs, IoSpec, Outputs, Runner, TensorData};
-use crate::backend::{Dim, ElemType};
+use crate::builder::{Dim, ElemType};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -543,7 +543,7 @@ fn check_rule(n: &NodeProto, c: &Check, g: &Graph, shape_like: &HashSet<&str>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{attr_int, attr_str, Dim, ElemType, ValueInfo};
+    use crate::builder::{attr_int, attr_str, Dim, ElemType, ValueInfo};
     use crate::proto::{GraphProto, OperatorSetIdProto, TensorProto};
 
     fn vi(name: &str, elem: ElemType, dims: &[Dim]) -> ValueInfoProto {
@@ -798,7 +798,7 @@ mod tests {
     #[test]
     fn conv_kernel_dims_and_instance_norm_constants() {
         let mut conv = node("c4d", "Conv", &["x", "w"], &["y"]);
-        conv.attribute = vec![crate::backend::attr_ints("kernel_shape", &[3, 3, 3, 3])];
+        conv.attribute = vec![crate::builder::attr_ints("kernel_shape", &[3, 3, 3, 3])];
         let inorm = node("in", "InstanceNormalization", &["x", "x", "x"], &["z"]);
         let m = model(
             vec![conv, inorm],

@@ -6,13 +6,14 @@
 //! * [`io`][]: raw input files for `--loadInputs`, parsing `--exportOutput`.
 //! * [`sidecar`][]: `<stem>.plan.json`.
 //! * [`runner`][]: [`TrtRunner`], a [`crate::runtime::Runner`] over a plan.
-//! * [`engine`][]: build -> validate -> write, never leaving a plan that did not pass.
+//! * [`build`][]: a plan built by trtexec (`crate::validate::engine` validates it before it is
+//!   written).
 //! * [`lint`] with its op table [`ops_table`].
 //!
 //! Where trtexec or a GPU is missing every entry point fails fast with a [`TrtError`] naming
 //! what to install; nothing is written.
 
-pub mod engine;
+pub mod build;
 pub mod gpu;
 pub mod io;
 pub mod lint;
@@ -21,12 +22,12 @@ pub mod runner;
 pub mod sidecar;
 pub mod trtexec;
 
-pub use engine::{build_plan, build_validated, validation_batches, EngineOptions, EngineOutcome};
+pub use build::build_plan;
 pub use gpu::GpuInfo;
 pub use lint::{check as lint_check, lint, LintFailed, Violation};
-pub use runner::{runner_for_validation, TrtRunner};
+pub use runner::TrtRunner;
 pub use sidecar::Sidecar;
-pub use trtexec::{BatchProfile, TensorDesc, TrtPrecision};
+pub use trtexec::{BatchProfile, TensorDesc};
 
 use std::path::{Path, PathBuf};
 

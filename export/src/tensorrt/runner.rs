@@ -3,11 +3,11 @@
 //! One trtexec process per call (engine deserialization included): slow-ish, but exact.
 
 use super::sidecar::{self, Sidecar};
-use super::trtexec::{self, BatchProfile, TensorDesc, TrtPrecision};
+use super::trtexec::{self, BatchProfile, TensorDesc};
 use super::{io, Toolchain, TrtError};
 use crate::runtime::{Inputs, Outputs, Runner};
-use crate::validate::ValidateOptions;
 use anyhow::{anyhow, Context, Result};
+use graphs::Precision;
 use ndarray::ArrayD;
 use std::path::{Path, PathBuf};
 
@@ -17,10 +17,10 @@ pub struct TrtRunner {
     inputs: Vec<TensorDesc>,
     outputs: Vec<TensorDesc>,
     profile: BatchProfile,
-    precision: TrtPrecision,
+    precision: Precision,
     scratch: tempfile::TempDir,
     /// Keeps a temporary engine alive as long as the runner.
-    _engine_dir: Option<tempfile::TempDir>,
+    pub(crate) _engine_dir: Option<tempfile::TempDir>,
 }
 
 impl TrtRunner {
@@ -54,7 +54,7 @@ impl TrtRunner {
         Self::new(&tc, plan, &sc)
     }
 
-    pub fn precision(&self) -> TrtPrecision {
+    pub fn precision(&self) -> Precision {
         self.precision
     }
 
@@ -129,50 +129,6 @@ impl Runner for TrtRunner {
     }
 }
 
-/// The TensorRT runner `validate` uses for `model_path` (see [`crate::validate()`]), and a
-/// description of the engine it runs.
-pub fn runner_for_validation(
-    model_path: &Path,
-    is_plan: bool,
-    opts: &ValidateOptions,
-) -> Result<(TrtRunner, String)> {
-    let tc = Toolchain::locate()?;
-    let plan_runner = |plan: &Path| -> Result<(TrtRunner, String)> {
-        let sc = Sidecar::read(&sidecar::path_for(plan))?;
-        Ok((TrtRunner::new(&tc, plan, &sc)?, plan.display().to_string()))
-    };
-    if is_plan {
-        return plan_runner(model_path);
-    }
-    let onnx = match &opts.trt_engine {
-        Some(p) if super::is_plan(p) => return plan_runner(p),
-        Some(p) => p.clone(),
-        None => {
-            let sibling = model_path.with_extension("plan");
-            let current = super::sha256_file(model_path)?;
-            if let Ok(sc) = Sidecar::read(&sidecar::path_for(&sibling)) {
-                if sibling.exists() && sc.onnx_sha256 == current {
-                    return plan_runner(&sibling);
-                }
-            }
-            model_path.to_path_buf()
-        }
-    };
-    // A temporary engine over exactly the batches to validate.
-    let lo = *opts.batches.iter().min().context("no batches")?;
-    let hi = *opts.batches.iter().max().context("no batches")?;
-    let profile = BatchProfile::new(lo, hi, hi)?;
-    let dir = tempfile::tempdir().context("creating a folder for the temporary engine")?;
-    let plan = dir.path().join("engine.plan");
-    let sc = super::build_plan(&tc, &onnx, &plan, profile, TrtPrecision::Fp16)?;
-    let mut r = TrtRunner::new(&tc, &plan, &sc)?;
-    r._engine_dir = Some(dir);
-    Ok((
-        r,
-        format!("temporary fp16 engine built from {}", onnx.display()),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,7 +197,7 @@ mod tests {
             &sidecar(a10),
         )
         .unwrap();
-        assert_eq!(r.precision(), TrtPrecision::Fp16);
+        assert_eq!(r.precision(), Precision::Fp16);
         let o = r.ordered(&inputs(2)).unwrap();
         assert_eq!(o[0].0, "noise");
         assert_eq!(o[1].0, "class_labels");

@@ -4,9 +4,10 @@
 //! for (plans are specific to both), the ONNX's sha256 and the tolerances the plan passed.
 
 use super::gpu::GpuInfo;
-use super::trtexec::{BatchProfile, TensorDesc, TrtPrecision};
+use super::trtexec::{BatchProfile, TensorDesc};
 use super::TrtError;
 use crate::proto::ModelProto;
+use graphs::Precision;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -141,7 +142,7 @@ pub struct Sidecar {
     pub onnx_sha256: String,
     pub inputs: Vec<TensorDesc>,
     pub outputs: Vec<TensorDesc>,
-    pub precision: TrtPrecision,
+    pub precision: Precision,
     pub profiles: Vec<BatchProfile>,
     pub model: ModelInfo,
     pub tensorrt: BuilderInfo,
@@ -199,7 +200,7 @@ impl Sidecar {
         onnx_path: &Path,
         onnx_sha256: String,
         model: &ModelProto,
-        precision: TrtPrecision,
+        precision: Precision,
         profile: BatchProfile,
         tensorrt: BuilderInfo,
         gpu: GpuInfo,
@@ -276,7 +277,7 @@ mod tests {
 
     /// A generator model's I/O and metadata, as the exporter writes them.
     pub(crate) fn generator_like_model() -> ModelProto {
-        use crate::backend::{Dim, ElemType, ValueInfo};
+        use crate::builder::{Dim, ElemType, ValueInfo};
         use crate::proto::{GraphProto, StringStringEntryProto};
         let img = vec![Dim::Batch, Dim::Fixed(1), Dim::Fixed(16), Dim::Fixed(16)];
         let spec = r#"{"sampler":"student","steps":2,"sigmas":[80.0,1.2],"fresh_noise":true,"cfg_scale":1.0}"#;
@@ -326,7 +327,7 @@ mod tests {
             Path::new("out/generator.onnx"),
             "ab".repeat(32),
             &model,
-            TrtPrecision::Fp16,
+            Precision::Fp16,
             BatchProfile::new(1, 8, 32).unwrap(),
             BuilderInfo {
                 version: Some("10.3.0".into()),

@@ -7,6 +7,7 @@
 //! Validation runs the very `.plan` file a C++ application loads, through `--loadEngine`.
 
 use super::TrtError;
+use graphs::Precision;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,26 +62,6 @@ pub fn find_in_path(name: &str, path: Option<OsString>) -> Option<PathBuf> {
     std::env::split_paths(&path?)
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
-}
-
-/// Engine precision.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TrtPrecision {
-    /// `--fp16`: TensorRT may run any layer in f16 (the deployable engine).
-    #[default]
-    Fp16,
-    /// `--noTF32`: true f32 everywhere (for debugging parity; TF32 would be the default).
-    Fp32,
-}
-
-impl TrtPrecision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fp16 => "fp16",
-            Self::Fp32 => "fp32",
-        }
-    }
 }
 
 /// The optimisation profile over the batch axis (one profile; every input shares the batch).
@@ -154,7 +135,7 @@ pub fn build_args(
     plan: &Path,
     inputs: &[TensorDesc],
     profile: &BatchProfile,
-    precision: TrtPrecision,
+    precision: Precision,
 ) -> Vec<String> {
     let mut a = vec![
         format!("--onnx={}", onnx.display()),
@@ -165,8 +146,9 @@ pub fn build_args(
     ];
     a.push(
         match precision {
-            TrtPrecision::Fp16 => "--fp16",
-            TrtPrecision::Fp32 => "--noTF32",
+            Precision::Fp16 => "--fp16",
+            Precision::Fp32 => "--noTF32",
+            Precision::Bf16 => "--bf16",
         }
         .to_string(),
     );
@@ -338,7 +320,7 @@ mod tests {
             Path::new("out/generator.plan"),
             &descs(),
             &p,
-            TrtPrecision::Fp16,
+            Precision::Fp16,
         );
         assert_eq!(
             a,
@@ -357,7 +339,7 @@ mod tests {
             Path::new("m.plan"),
             &descs()[..2],
             &p,
-            TrtPrecision::Fp32,
+            Precision::Fp32,
         );
         assert!(a32.contains(&"--noTF32".to_string()) && !a32.contains(&"--fp16".to_string()));
     }

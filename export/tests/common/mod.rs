@@ -212,7 +212,7 @@ macro_rules! parity {
             $body.expect("candle forward")
         };
         let model = {
-            let ob = export::OnnxBackend::new(export::Precision::Fp32);
+            let ob = export::OnnxBackend::new(export::Precision::Fp32).unwrap();
             let owned: Vec<String> = inputs
                 .iter()
                 .map(|i| ob.input(&i.name, i.elem(), &i.dims).unwrap())

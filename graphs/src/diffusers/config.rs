@@ -2,7 +2,7 @@
 //! where absent. A value this implementation does not support is an error naming key and value;
 //! an unknown key is an error too (it may change the network in a way we would silently ignore).
 
-use super::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -300,8 +300,8 @@ impl UNet2DConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: Value = crate::diffusers::json::parse(&text)
-            .with_context(|| format!("parsing {}", path.display()))?;
+        let v: Value =
+            crate::json::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(&v).with_context(|| format!("in {}", path.display()))
     }
 

@@ -4,7 +4,6 @@
 
 pub mod blocks;
 pub mod config;
-pub mod json;
 pub mod load;
 pub mod save;
 pub mod teacher;

@@ -3,7 +3,7 @@
 //! (f32 `linspace` with its FMA, f32 `1 - beta`, `cumprod` accumulated in f64 and stored in f32;
 //! numpy's f64 `linspace`/`arange`/`interp`), so the tables match diffusers bit for bit.
 
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 /// `beta_schedule` (or `trained_betas`).

@@ -3,7 +3,7 @@
 use super::betas::{int_timesteps, BetaConfig, Prediction, Spacing};
 use super::{clip, lin};
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]

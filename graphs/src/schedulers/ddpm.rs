@@ -4,7 +4,7 @@
 use super::betas::{int_timesteps, BetaConfig, Prediction, Spacing};
 use super::{clip, lin, x0_from};
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

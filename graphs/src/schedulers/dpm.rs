@@ -1,11 +1,11 @@
 //! `DPMSolverMultistepScheduler`: DPM-Solver (`dpmsolver`) and DPM-Solver++ (`dpmsolver++`),
 //! orders 1 and 2 (2M: the sampler the TDM releases use at 4 steps), midpoint or Heun.
 
-use super::betas::{np_arange, np_interp_index, np_linspace, BetaConfig, Prediction, Spacing};
-use super::euler::train_sigmas;
+use super::betas::{np_arange, np_linspace, BetaConfig, Prediction, Spacing};
+use super::euler::sigmas_at;
 use super::{lin, StepState};
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]
@@ -126,14 +126,8 @@ impl DpmMultistep {
                 .map(|x| x.round_ties_even() as i64 - 1)
                 .collect(),
         };
-        let full = train_sigmas(&self.alphas_cumprod);
-        let mut s: Vec<f32> = self
-            .timesteps
-            .iter()
-            .map(|&x| np_interp_index(x as f64, &full) as f32)
-            .collect();
-        s.push(if self.final_sigma_min { full[0] } else { 0.0 });
-        self.sigmas = s;
+        let ts = self.timesteps.iter().map(|&x| x as f64);
+        self.sigmas = sigmas_at(&self.alphas_cumprod, ts, self.final_sigma_min);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 use super::betas::{np_arange, np_interp_index, np_linspace, BetaConfig, Prediction, Spacing};
 use super::lin;
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]
@@ -23,6 +23,22 @@ pub struct Euler {
 /// `((1 - acp) / acp) ** 0.5` in f32.
 pub fn train_sigmas(acp: &[f32]) -> Vec<f32> {
     acp.iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+}
+
+/// The sampling sigmas at (possibly fractional) training timesteps, interpolated in the training
+/// sigmas (`np.interp(timesteps, arange, sigmas)`), then the final one: the smallest training
+/// sigma when `final_sigma_min` (`final_sigmas_type = "sigma_min"`), else 0.
+pub fn sigmas_at(
+    acp: &[f32],
+    timesteps: impl Iterator<Item = f64>,
+    final_sigma_min: bool,
+) -> Vec<f32> {
+    let full = train_sigmas(acp);
+    let mut s: Vec<f32> = timesteps
+        .map(|x| np_interp_index(x, &full) as f32)
+        .collect();
+    s.push(if final_sigma_min { full[0] } else { 0.0 });
+    s
 }
 
 impl Euler {
@@ -84,14 +100,8 @@ impl Euler {
                 .map(|x| x.round_ties_even() as f32 - 1.0)
                 .collect(),
         };
-        let full = train_sigmas(&self.alphas_cumprod);
-        let mut s: Vec<f32> = self
-            .timesteps
-            .iter()
-            .map(|&x| np_interp_index(x as f64, &full) as f32)
-            .collect();
-        s.push(if self.final_sigma_min { full[0] } else { 0.0 });
-        self.sigmas = s;
+        let ts = self.timesteps.iter().map(|&x| x as f64);
+        self.sigmas = sigmas_at(&self.alphas_cumprod, ts, self.final_sigma_min);
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 use super::betas::np_linspace;
 use super::lin;
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]

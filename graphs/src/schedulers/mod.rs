@@ -23,7 +23,7 @@ pub use euler::Euler;
 pub use flow::FlowMatchEuler;
 
 use crate::backend::Backend;
-use crate::diffusers::json::Reader;
+use crate::json::Reader;
 use anyhow::{bail, Context, Result};
 
 /// `a * x + c * y`.
@@ -110,8 +110,8 @@ impl Scheduler {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = crate::diffusers::json::parse(&text)
-            .with_context(|| format!("parsing {}", path.display()))?;
+        let v: serde_json::Value =
+            crate::json::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(&v).with_context(|| format!("in {}", path.display()))
     }
 

@@ -1,20 +1,21 @@
-//! Building a plan with trtexec, validating it against candle, and only then writing
-//! `<stem>.plan` + `<stem>.plan.json`.
+//! TensorRT engines under validation: building a plan with trtexec, validating it against candle,
+//! and only then writing `<stem>.plan` + `<stem>.plan.json`; the runner `validate` uses for a
+//! plan or an ONNX (building a temporary engine when it has none).
 
-use super::sidecar::{self, BuilderInfo, Sidecar, ValidationInfo};
-use super::trtexec::{self, BatchProfile, TrtPrecision};
-use super::{Toolchain, TrtError, TrtRunner};
-use crate::model::Precision;
-use crate::validate::{self, Candidate, Target, ValidateOptions, ValidateReport};
+use super::{Candidate, Target, ValidateOptions, ValidateReport};
+use crate::tensorrt::sidecar::{self, Sidecar, ValidationInfo};
+use crate::tensorrt::{self, build_plan, BatchProfile, Toolchain, TrtRunner};
+use crate::validate;
 use anyhow::{Context, Result};
 use graphs::Denoiser;
+use graphs::Precision;
 use std::path::{Path, PathBuf};
 
 /// How to build and check an engine.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub profile: BatchProfile,
-    pub precision: TrtPrecision,
+    pub precision: Precision,
     /// Seeded cases of the post-build validation (batches: [`validation_batches`]).
     pub cases: usize,
     pub seed: u64,
@@ -31,7 +32,7 @@ impl Default for EngineOptions {
                 opt_batch: 8,
                 max_batch: 16,
             },
-            precision: TrtPrecision::Fp16,
+            precision: Precision::Fp16,
             cases: 12,
             seed: 0,
             max_abs_tol: None,
@@ -62,43 +63,6 @@ pub fn validation_batches(p: &BatchProfile) -> Vec<usize> {
     b.sort();
     b.dedup();
     b
-}
-
-/// Runs trtexec to build `plan` from `onnx` and returns its sidecar (not yet validated, not
-/// written). The ONNX is linted first: a model TensorRT cannot parse fails here, not in trtexec.
-pub fn build_plan(
-    tc: &Toolchain,
-    onnx: &Path,
-    plan: &Path,
-    profile: BatchProfile,
-    precision: TrtPrecision,
-) -> Result<Sidecar> {
-    let model = crate::runtime::load_model(onnx)?;
-    super::lint::check(&model, &onnx.display().to_string())?;
-    let (inputs, _) = sidecar::tensor_descs(&model)?;
-    let args = trtexec::build_args(onnx, plan, &inputs, &profile, precision);
-    let log = trtexec::run(&tc.trtexec, &args)?;
-    if !plan.is_file() {
-        return Err(TrtError::Io(format!(
-            "trtexec reported success but wrote no {}",
-            plan.display()
-        ))
-        .into());
-    }
-    Ok(Sidecar::new(
-        plan,
-        onnx,
-        super::sha256_file(onnx)?,
-        &model,
-        precision,
-        profile,
-        BuilderInfo {
-            version: trtexec::parse_version(&log),
-            trtexec: tc.trtexec.display().to_string(),
-            args,
-        },
-        tc.gpu.clone(),
-    )?)
 }
 
 /// Builds `plan` from `onnx`, validates it against `den` (the checkpoint the ONNX came from)
@@ -134,10 +98,7 @@ pub fn build_validated(
             mean_abs_tol: opts.mean_abs_tol,
             ..Default::default()
         };
-        let precision = match opts.precision {
-            TrtPrecision::Fp16 => Precision::Fp16,
-            TrtPrecision::Fp32 => Precision::Fp32,
-        };
+        let precision = opts.precision;
         let (max_abs_tol, mean_abs_tol) = validate::tolerances(precision, &vopts);
         let out_name = sc
             .outputs
@@ -186,6 +147,50 @@ pub fn build_validated(
     })();
     let _ = std::fs::remove_file(&tmp);
     result
+}
+
+/// The TensorRT runner `validate` uses for `model_path` (see [`crate::validate()`]), and a
+/// description of the engine it runs.
+pub fn runner_for_validation(
+    model_path: &Path,
+    is_plan: bool,
+    opts: &ValidateOptions,
+) -> Result<(TrtRunner, String)> {
+    let tc = Toolchain::locate()?;
+    let plan_runner = |plan: &Path| -> Result<(TrtRunner, String)> {
+        let sc = Sidecar::read(&sidecar::path_for(plan))?;
+        Ok((TrtRunner::new(&tc, plan, &sc)?, plan.display().to_string()))
+    };
+    if is_plan {
+        return plan_runner(model_path);
+    }
+    let onnx = match &opts.trt_engine {
+        Some(p) if tensorrt::is_plan(p) => return plan_runner(p),
+        Some(p) => p.clone(),
+        None => {
+            let sibling = model_path.with_extension("plan");
+            let current = tensorrt::sha256_file(model_path)?;
+            if let Ok(sc) = Sidecar::read(&sidecar::path_for(&sibling)) {
+                if sibling.exists() && sc.onnx_sha256 == current {
+                    return plan_runner(&sibling);
+                }
+            }
+            model_path.to_path_buf()
+        }
+    };
+    // A temporary engine over exactly the batches to validate.
+    let lo = *opts.batches.iter().min().context("no batches")?;
+    let hi = *opts.batches.iter().max().context("no batches")?;
+    let profile = BatchProfile::new(lo, hi, hi)?;
+    let dir = tempfile::tempdir().context("creating a folder for the temporary engine")?;
+    let plan = dir.path().join("engine.plan");
+    let sc = tensorrt::build_plan(&tc, &onnx, &plan, profile, Precision::Fp16)?;
+    let mut r = TrtRunner::new(&tc, &plan, &sc)?;
+    r._engine_dir = Some(dir);
+    Ok((
+        r,
+        format!("temporary fp16 engine built from {}", onnx.display()),
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,101 @@
+//! Seeded validation cases: ONNX inputs and the candle reference output.
+
+use super::Target;
+use crate::runtime::TensorData;
+use anyhow::{ensure, Result};
+use candle_core::{Device, Tensor};
+use graphs::{CandleBackend, Denoiser, TrainingLevel};
+use ndarray::ArrayD;
+use rand::{rngs::StdRng, Rng};
+use rand_distr::StandardNormal;
+
+fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
+}
+
+/// ONNX inputs by name and the candle reference output (flattened).
+pub(super) type Case = (Vec<(String, TensorData)>, Vec<f32>);
+
+/// One seeded case: ONNX inputs and the candle reference output.
+pub(super) fn make_case(
+    den: &Denoiser,
+    target: Target,
+    batch: usize,
+    rng: &mut StdRng,
+) -> Result<Case> {
+    let cfg = &den.unet.cfg;
+    let (c, r) = (cfg.channels, cfg.resolution);
+    let shape = [batch, c, r, r];
+    let n = batch * c * r * r;
+    let dev = Device::Cpu;
+    let cb = CandleBackend::new(&dev);
+    let labels: Vec<u32> = (0..batch)
+        .map(|_| rng.gen_range(0..cfg.num_classes as u32))
+        .collect();
+    let labels_t = Tensor::from_vec(labels.clone(), batch, &dev)?;
+    let labels_in = TensorData::I32(ArrayD::from_shape_vec(
+        vec![batch],
+        labels.iter().map(|&l| l as i32).collect(),
+    )?);
+    let img = |v: &Vec<f32>| -> Result<(Tensor, TensorData)> {
+        Ok((
+            Tensor::from_vec(v.clone(), &shape, &dev)?,
+            TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v.clone())?),
+        ))
+    };
+    let (inputs, out) = match target {
+        Target::Generator(spec) => {
+            let (z, z_in) = img(&normal(rng, n))?;
+            let mut inputs = vec![
+                ("noise".to_string(), z_in),
+                ("class_labels".to_string(), labels_in),
+            ];
+            let mut fresh = Vec::new();
+            for i in 1..=spec.num_fresh_noise() {
+                let (t, t_in) = img(&normal(rng, n))?;
+                fresh.push(t);
+                inputs.push((format!("noise_{i}"), t_in));
+            }
+            let y = graphs::generate(&cb, den, spec, &z, &labels_t, &fresh)?;
+            (inputs, y)
+        }
+        Target::Denoiser => {
+            let io = den.param.denoiser_io();
+            let level = den.param.draw_check_level(rng, batch);
+            let sigma = den.param.level_sigmas(&level)?;
+            let eps = normal(rng, n);
+            let x0 = normal(rng, n);
+            let per = n / batch;
+            let x: Vec<f32> = (0..n)
+                .map(|i| 0.5 * x0[i] + sigma[i / per] * eps[i])
+                .collect();
+            let (xt, x_in) = img(&x)?;
+            let y = den.io_forward(&cb, &xt, &level.to_tensor(&dev)?, &labels_t)?;
+            let level_in = match level {
+                TrainingLevel::Sigma(s) => TensorData::F32(ArrayD::from_shape_vec(vec![batch], s)?),
+                TrainingLevel::Timestep(t) => TensorData::I32(ArrayD::from_shape_vec(
+                    vec![batch],
+                    t.iter().map(|&v| v as i32).collect(),
+                )?),
+            };
+            let inputs = vec![
+                ("x".to_string(), x_in),
+                (io.level.to_string(), level_in),
+                ("class_labels".to_string(), labels_in),
+            ];
+            (inputs, y)
+        }
+    };
+    let out: Vec<f32> = out
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    ensure!(
+        out.len() == n,
+        "reference output has {} values, expected {n}",
+        out.len()
+    );
+    Ok((inputs, out))
+}
