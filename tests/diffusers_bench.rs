@@ -34,7 +34,7 @@ fn tiny_diffusers_bench_times_forward_and_step() {
 
 #[test]
 fn the_ddpm_cifar10_32_config_is_the_35_7m_parameter_unet() {
-    let v = graphs::diffusers::json::parse(DDPM_CIFAR10_32).unwrap();
+    let v = graphs::json::parse(DDPM_CIFAR10_32).unwrap();
     let cfg = graphs::diffusers::UNet2DConfig::from_json(&v).unwrap();
     let vm = candle_nn::VarMap::new();
     let vb =

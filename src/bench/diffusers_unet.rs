@@ -135,7 +135,7 @@ pub fn run(o: &DiffusersBenchOptions) -> Result<DiffusersReport> {
             DDPM_CIFAR10_32.to_string(),
         ),
     };
-    let v = graphs::diffusers::json::parse(&text).with_context(|| format!("parsing {name}"))?;
+    let v = graphs::json::parse(&text).with_context(|| format!("parsing {name}"))?;
     let cfg = UNet2DConfig::from_json(&v).with_context(|| format!("in {name}"))?;
     ensure!(
         matches!(cfg.class_embed, graphs::diffusers::ClassEmbed::None),
