@@ -15,6 +15,8 @@ OUT defaults to graphs/tests/fixtures/diffusers. Writes, all seeded (rerunning r
   `timesteps`, `sigmas` (where the scheduler has them), the initial `sample`, per-step
   `model_output_<i>` (fed to the scheduler), `noise_<i>` (the step's random draw, where it uses
   one) and `prev_sample_<i>` (diffusers' step output), for `set_timesteps(steps)`.
+* teachers/<name>/: a pipeline folder (model_index.json, unet/, scheduler/) of MNIST size for
+  the end-to-end test of `--teacher DIR` (tests/diffusers_teacher.rs).
 * pipelines/<name>/: one model + one scheduler run end to end, the model evaluated by diffusers
   at every step (`init_noise_sigma`, `scale_model_input`, `step`), `images` the final sample.
 
@@ -354,9 +356,35 @@ def make_pipeline(name, model_name, sched_name, steps, eta, gen):
 
 
 
+# A teacher pipeline folder of MNIST size (1x32x32, 10 classes: what `distill eval`'s classifier
+# scores) for the end-to-end test (tests/diffusers_teacher.rs): `DDIMPipeline.save_pretrained`
+# writes model_index.json + unet/ + scheduler/. Random-init: the test checks the commands work
+# on it, not sample quality.
+TEACHERS = {
+    "digits32_ddim": dict(
+        sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        attention_head_dim=8, num_class_embeds=10,
+    ),
+}
+
+
+def make_teacher(name, cfg, gen):
+    from diffusers import DDIMPipeline
+    torch.manual_seed(len(name))
+    model = UNet2DModel(**cfg).eval()
+    perturb(model, gen)
+    sched = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    d = os.path.join(OUT, "teachers", name)
+    DDIMPipeline(unet=model, scheduler=sched).save_pretrained(d)
+
+
 def main():
     gen = torch.Generator().manual_seed(1234)
     os.makedirs(OUT, exist_ok=True)
+    for name, cfg in TEACHERS.items():
+        make_teacher(name, cfg, torch.Generator().manual_seed(99))
     for name, cfg in MODELS.items():
         make_model(name, cfg, gen)
     for name, (cls, cfg, steps, kw) in SCHEDULERS.items():

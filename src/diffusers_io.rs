@@ -11,9 +11,9 @@ pub fn is_diffusers(path: &Path) -> bool {
 }
 
 /// Exports the folder's UNet as `<out>/denoiser[_fp16].onnx` (inputs `sample`, `timestep`,
-/// `class_labels` where the model has them; output `out_sample`). `denoiser` is false for
-/// `--what generator`: unrolling a diffusers scheduler into a generator graph is not built yet,
-/// so that is refused, as is `--trt` (its engine is validated against one of our checkpoints).
+/// `class_labels` where the model has them; output `out_sample`). `--what generator` does not
+/// come here: it unrolls our sampler for the folder's scheduler like any checkpoint
+/// ([`crate::teacher_source`]); `--trt` of the bare diffusers network is refused.
 pub fn export_unet(
     dir: &Path,
     out: &Path,

@@ -128,13 +128,8 @@ impl OnnxBackend {
 }
 
 fn image_dims(den: &Denoiser) -> [Dim; 4] {
-    let c = &den.unet.cfg;
-    [
-        Dim::Batch,
-        Dim::Fixed(c.channels),
-        Dim::Fixed(c.resolution),
-        Dim::Fixed(c.resolution),
-    ]
+    let (c, r) = den.image_shape();
+    [Dim::Batch, Dim::Fixed(c), Dim::Fixed(r), Dim::Fixed(r)]
 }
 
 /// Sets the model's metadata from its record, with the weights hash of `opts` (or of the
@@ -195,13 +190,14 @@ pub fn export_generator(
 ///
 /// * EDM: `x` `[batch, C, H, W]`, `sigma` `[batch]` f32, `class_labels` `[batch]` int32 ->
 ///   `denoised` (D(x; sigma, label), the x0 estimate), via `level_from_sigma` + `forward`.
+/// * Flow: as EDM (`sigma` in sigma-space, `s = sigma / (1 + sigma)`), output `denoised`.
 /// * VP: `x`, `timestep` `[batch]` int32 (0..T), `class_labels` -> `eps` (the network's noise
 ///   prediction for `x = x0 + sigma_t * eps` in sigma-space), via `level_from_timesteps` + `eps`.
 pub fn export_denoiser(den: &Denoiser, opts: &ExportOptions) -> Result<ModelProto> {
     let b = OnnxBackend::new(opts.precision);
     let x = b.input("x", ElemType::F32, &image_dims(den))?;
     let (out, out_name) = match &den.param {
-        Parameterisation::Edm(_) => {
+        Parameterisation::Edm(_) | Parameterisation::Flow(_) => {
             let sigma = b.input("sigma", ElemType::F32, &[Dim::Batch])?;
             let labels = b.input("class_labels", ElemType::I32, &[Dim::Batch])?;
             let level = den.level_from_sigma(&b, &sigma)?;

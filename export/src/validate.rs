@@ -325,14 +325,14 @@ fn make_case(
     batch: usize,
     rng: &mut StdRng,
 ) -> Result<(Vec<(String, TensorData)>, Vec<f32>)> {
-    let cfg = &den.unet.cfg;
-    let (c, r) = (cfg.channels, cfg.resolution);
+    let (c, r) = den.image_shape();
+    let num_classes = den.num_classes();
     let shape = [batch, c, r, r];
     let n = batch * c * r * r;
     let dev = Device::Cpu;
     let cb = CandleBackend::new(&dev);
     let labels: Vec<u32> = (0..batch)
-        .map(|_| rng.gen_range(0..cfg.num_classes as u32))
+        .map(|_| rng.gen_range(0..num_classes as u32))
         .collect();
     let labels_t = Tensor::from_vec(labels.clone(), batch, &dev)?;
     let labels_in = TensorData::I32(ArrayD::from_shape_vec(
@@ -362,8 +362,14 @@ fn make_case(
             (inputs, y)
         }
         Target::Denoiser => match &den.param {
-            Parameterisation::Edm(e) => {
-                let (lo, hi) = (e.sigma_min.ln(), e.sigma_max.ln());
+            p @ (Parameterisation::Edm(_) | Parameterisation::Flow(_)) => {
+                let (lo, hi) = match p {
+                    Parameterisation::Edm(e) => (e.sigma_min.ln(), e.sigma_max.ln()),
+                    _ => {
+                        let g = graphs::NoiseGrid::new(p);
+                        (g.sigma(0).ln(), g.sigma(g.len() - 1).ln())
+                    }
+                };
                 let sigma: Vec<f32> = (0..batch)
                     .map(|_| rng.gen_range(lo..hi).exp() as f32)
                     .collect();

@@ -11,6 +11,7 @@ pub mod flops;
 pub mod guidance;
 pub mod kernels;
 pub mod losses;
+pub mod network;
 pub mod nn;
 pub mod params;
 pub mod sampler;
@@ -22,7 +23,10 @@ pub mod unet;
 pub use backend::{Backend, Kind, Param};
 pub use candle_backend::CandleBackend;
 pub use denoiser::{Denoiser, ModelConfig, NoiseLevel};
+pub use network::{Network, NetworkConfig};
 pub use sampler::{generate, GeneratorSpec, Renoise, SamplerKind};
-pub use schedule::{BetaSchedule, EdmSchedule, NoiseGrid, Parameterisation, VpSchedule};
+pub use schedule::{
+    BetaSchedule, EdmSchedule, FlowSchedule, FlowTimeDist, NoiseGrid, Parameterisation, VpSchedule,
+};
 pub use training_level::TrainingLevel;
 pub use unet::{UNet, UNetConfig};

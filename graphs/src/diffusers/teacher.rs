@@ -168,3 +168,51 @@ impl DiffusersTeacher {
         }
     }
 }
+
+/// The parameterisation a diffusers scheduler config describes, in our sigma-space terms: the
+/// DDPM family as VP with the scheduler's own beta table and prediction type, the flow scheduler
+/// as rectified flow with its shift. A zero-terminal-SNR schedule is refused (its last sigma is
+/// infinite, so no sampler can start from it here).
+pub fn parameterisation(s: &Scheduler) -> Result<crate::Parameterisation> {
+    use crate::schedule::{BetaSchedule, FlowSchedule, Parameterisation, VpSchedule};
+    let vp = |b: &crate::schedulers::BetaConfig, prediction| {
+        if b.rescale_betas_zero_snr {
+            bail!(
+                "{}: rescale_betas_zero_snr = true gives an infinite terminal sigma; not supported \
+                 as a teacher's schedule",
+                s.class_name()
+            );
+        }
+        Ok(Parameterisation::Vp(VpSchedule {
+            num_timesteps: b.num_train_timesteps,
+            beta_start: b.beta_start,
+            beta_end: b.beta_end,
+            beta_schedule: BetaSchedule::Linear,
+            prediction,
+            trained_betas: Some(b.betas().into_iter().map(f64::from).collect()),
+        }))
+    };
+    match s {
+        Scheduler::Ddpm(d) => vp(&d.betas, d.prediction),
+        Scheduler::Ddim(d) => vp(&d.betas, d.prediction),
+        Scheduler::Euler(d) => vp(&d.betas, d.prediction),
+        Scheduler::DpmMultistep(d) => vp(&d.betas, d.prediction),
+        Scheduler::FlowMatchEuler(f) => Ok(Parameterisation::Flow(FlowSchedule {
+            num_timesteps: f.num_train_timesteps,
+            shift: f.shift,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Our sampler for a diffusers scheduler: DDIM -> `ddim`, DDPM -> `ddim` (its deterministic
+/// ODE counterpart), Euler and FlowMatchEuler -> `euler`, DPM-Solver++ 2M -> `heun` (our
+/// second-order ODE solver). `--sampler` overrides it.
+pub fn sampler_for(s: &Scheduler) -> crate::SamplerKind {
+    use crate::SamplerKind;
+    match s {
+        Scheduler::Ddpm(_) | Scheduler::Ddim(_) => SamplerKind::Ddim,
+        Scheduler::Euler(_) | Scheduler::FlowMatchEuler(_) => SamplerKind::Euler,
+        Scheduler::DpmMultistep(_) => SamplerKind::Heun,
+    }
+}
