@@ -161,6 +161,50 @@ fn a_diffusers_pipeline_is_the_teacher_of_every_command() {
                 s(&run.join("student_samples")),
             ]);
             export_and_validate(&ckpt, &run.join("export"), &[], atol);
+            // Back out as a diffusers folder: VP students (1-step, or TDM's deterministic steps
+            // on DDIM's trailing timesteps) are written; flow has no matching scheduler.
+            let dir = run.join("diffusers");
+            let o = Command::new(env!("CARGO_BIN_EXE_distill"))
+                .args([
+                    "--quiet",
+                    "export",
+                    s(&ckpt),
+                    "--format",
+                    "diffusers",
+                    "-o",
+                    s(&dir),
+                ])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&o.stderr);
+            if name == "flow" {
+                assert!(!o.status.success() && text.contains("flow"), "{text}");
+                continue;
+            }
+            assert!(o.status.success(), "{text}");
+            for f in [
+                "model_index.json",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "scheduler/scheduler_config.json",
+                "distill_check.safetensors",
+            ] {
+                assert!(dir.join(f).is_file(), "{f} missing");
+            }
+            let sched =
+                std::fs::read_to_string(dir.join("scheduler/scheduler_config.json")).unwrap();
+            assert!(sched.contains("\"trailing\""), "{sched}");
+            // ... and read back by distill itself as a diffusers teacher.
+            distill(&[
+                "sample",
+                s(&dir),
+                "--sample-steps",
+                "2",
+                "--per-class",
+                "1",
+                "-o",
+                s(&run.join("roundtrip_samples")),
+            ]);
         }
         let text = distill(&[
             "eval",

@@ -102,6 +102,12 @@ fn flow_and_v_teachers_distil_export_and_validate() {
         let meta = distill::checkpoint::load_meta(&t).unwrap();
         assert_eq!(meta.model.parameterisation.name(), param, "{name}");
         export_validate(&t, &dir.path().join("teacher_export"));
+        let e =
+            distill::diffusers_io::export_folder(&t, &dir.path().join("as_diffusers")).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("not a diffusers UNet2DModel"),
+            "{e:#}"
+        );
         let run = RunConfig {
             steps: 2,
             batch_size: 4,

@@ -109,6 +109,12 @@ pub struct EvalArgs {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormatArg {
+    Onnx,
+    Diffusers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportWhatArg {
     /// noise (+ fresh noise per re-noise step) + class_labels -> images: the deployable model.
     Generator,
@@ -169,6 +175,11 @@ pub struct ExportArgs {
     /// What to export.
     #[arg(long, value_enum, default_value = "generator")]
     pub what: ExportWhatArg,
+    /// `onnx`, or `diffusers`: a model whose network is a diffusers UNet2DModel (a diffusers
+    /// teacher or its students) written back into --out as a diffusers DDIMPipeline folder
+    /// (unet/, scheduler/ whose set_timesteps gives the student's steps, model_index.json).
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub format: ExportFormatArg,
     /// Weight/compute precision of the exported graph.
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: PrecisionArg,
@@ -416,6 +427,22 @@ impl EvalArgs {
 }
 
 impl ExportArgs {
+    /// `--format diffusers` writes weights and a scheduler, no graph: the graph flags do not apply.
+    fn check_diffusers_flags(&self) -> Result<()> {
+        let graph_flags = self.what != ExportWhatArg::Generator
+            || self.trt
+            || self.sampler.is_some()
+            || self.sample_steps.is_some()
+            || self.cfg_scale.is_some()
+            || !matches!(self.precision, PrecisionArg::Fp32);
+        anyhow::ensure!(
+            !graph_flags,
+            "--format diffusers writes the network's weights and a scheduler config: --what, \
+             --precision, --sampler, --sample-steps, --cfg-scale and --trt apply to ONNX exports"
+        );
+        Ok(())
+    }
+
     fn job(&self) -> ExportJob {
         let d = TrtBuild::default();
         ExportJob {
@@ -550,6 +577,10 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Train(TrainCommand::Tdm(a)) => a.job(show)?.run(&dev).map(|_| ()),
         Command::Sample(a) => a.job().run(&dev),
         Command::Eval(a) => a.job(show).run(&dev).map(|_| ()),
+        Command::Export(a) if a.format == ExportFormatArg::Diffusers => {
+            a.check_diffusers_flags()?;
+            distill::diffusers_io::export_folder(&a.checkpoint, &a.out).map(|_| ())
+        }
         Command::Export(a) => a.job().run().map(|_| ()),
         Command::Bench(a) if dev.is_cuda() => {
             let o = distill::bench::gpu::GpuBenchOptions {
