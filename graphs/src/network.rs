@@ -49,9 +49,8 @@ impl NetworkConfig {
             Self::Unet(u) => u.num_classes,
             Self::DiffusersUnet2d(c) => match c.class_embed {
                 ClassEmbed::Table(n) => n,
-                // Any integer label works; the class count is not part of the network.
-                ClassEmbed::Timestep => 1000,
-                ClassEmbed::None | ClassEmbed::Identity => 1,
+                // Refused as denoisers by `validate`: no class count in the network.
+                ClassEmbed::None | ClassEmbed::Timestep | ClassEmbed::Identity => 1,
             },
         }
     }
@@ -107,6 +106,12 @@ impl NetworkConfig {
                     "class_embed_type \"identity\" takes embeddings, not class labels: not \
                      supported as a teacher"
                 );
+                anyhow::ensure!(
+                    c.class_embed != ClassEmbed::Timestep,
+                    "class_embed_type \"timestep\" takes any integer label, so the model has no \
+                     class count to sample or evaluate over: not supported as a teacher (use a \
+                     num_class_embeds table or an unconditional model)"
+                );
                 Ok(())
             }
         }
@@ -152,7 +157,10 @@ impl Network {
     }
 
     fn side(&self) -> usize {
-        self.config().resolution()
+        match self {
+            Self::Unet(u) => u.cfg.resolution,
+            Self::Diffusers(d) => d.model.cfg.sample_size.unwrap_or(0),
+        }
     }
 
     /// The raw output at the preconditioned input `x_in` `[N, C, H, W]`, noise conditioning

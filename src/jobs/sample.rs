@@ -219,7 +219,13 @@ pub fn eval_checkpoint(
         dev,
     )?;
     let ms_per_image = 1000.0 * t0.elapsed().as_secs_f64() / n as f64;
-    Ok((ev.evaluate(&images, Some(&labels))?, spec, ms_per_image))
+    // An unconditional network's labels are not classes: no class accuracy.
+    let given = den
+        .net
+        .config()
+        .is_class_conditional()
+        .then_some(labels.as_slice());
+    Ok((ev.evaluate(&images, given)?, spec, ms_per_image))
 }
 
 impl EvalJob {

@@ -508,5 +508,10 @@ pub fn eval_student(
         250,
         device,
     )?;
-    ev.evaluate(&images, Some(&labels))
+    let given = den
+        .net
+        .config()
+        .is_class_conditional()
+        .then_some(labels.as_slice());
+    ev.evaluate(&images, given)
 }
