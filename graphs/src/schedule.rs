@@ -2,7 +2,9 @@
 //!
 //! Everything is expressed in sigma-space (the "variance exploding" view of EDM): a noisy sample is
 //! `x = x0 + sigma * eps`. A VP/DDPM model at timestep `t` sees `x_t = sqrt(alpha_bar_t) * x`,
-//! with `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`, so one sampler serves both.
+//! with `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`; a rectified-flow model at time `s`
+//! sees `x_t = (1 - s) x0 + s eps = x / (1 + sigma)` with `sigma = s / (1 - s)`. So one sampler
+//! serves all three.
 
 use crate::schedulers::Prediction;
 use serde::{Deserialize, Serialize};
@@ -288,8 +290,9 @@ impl Parameterisation {
 
 /// The discrete grid of noise levels that distillation draws its timesteps from: 1000 bins,
 /// index 0 the least noisy. EDM: the Karras grid from `sigma_min` to `sigma_max` (as in DMD2's EDM
-/// code); VP: the DDPM schedule's own timesteps. A "timestep" in the distillation configs is an
-/// index into this grid, for both parameterisations.
+/// code); VP: the DDPM schedule's own timesteps; flow: `s = (t + 1) / (T + 1)` (so `t = 999` is
+/// sigma 1000, not the infinite sigma of `s = 1`). A "timestep" in the distillation configs is an
+/// index into this grid, for every parameterisation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NoiseGrid {
     /// Ascending sigmas, one per timestep.
