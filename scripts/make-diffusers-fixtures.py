@@ -15,6 +15,8 @@ OUT defaults to graphs/tests/fixtures/diffusers. Writes, all seeded (rerunning r
   `timesteps`, `sigmas` (where the scheduler has them), the initial `sample`, per-step
   `model_output_<i>` (fed to the scheduler), `noise_<i>` (the step's random draw, where it uses
   one) and `prev_sample_<i>` (diffusers' step output), for `set_timesteps(steps)`.
+* teachers/<name>/: a pipeline folder (model_index.json, unet/, scheduler/) of MNIST size for
+  the end-to-end test of `--teacher DIR` (tests/diffusers_teacher.rs).
 * pipelines/<name>/: one model + one scheduler run end to end, the model evaluated by diffusers
   at every step (`init_noise_sigma`, `scale_model_input`, `step`), `images` the final sample.
 
@@ -25,7 +27,10 @@ The Rust tests (graphs/tests/diffusers_*.rs) load these and compare; torch is ne
 loads every model folder under DIR that distill wrote (`DISTILL_DIFFUSERS_OUT=DIR cargo test
 --release -p distill-graphs --test diffusers_unet saves_diffusers`) with diffusers' own
 `UNet2DModel.from_pretrained`, runs its forward.safetensors inputs and compares with distill's
-output there (`expected`); exits non-zero past 1e-4.
+output there (`expected`); exits non-zero past 1e-4. A pipeline folder written by `distill
+export CKPT --format diffusers -o DIR` (or a folder of them) is loaded with
+`DiffusionPipeline.from_pretrained` and sampled with diffusers' own loop from the noise and
+labels in its distill_check.safetensors, against distill's images there.
 """
 import json
 import os
@@ -354,9 +359,35 @@ def make_pipeline(name, model_name, sched_name, steps, eta, gen):
 
 
 
+# A teacher pipeline folder of MNIST size (1x32x32, 10 classes: what `distill eval`'s classifier
+# scores) for the end-to-end test (tests/diffusers_teacher.rs): `DDIMPipeline.save_pretrained`
+# writes model_index.json + unet/ + scheduler/. Random-init: the test checks the commands work
+# on it, not sample quality.
+TEACHERS = {
+    "digits32_ddim": dict(
+        sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        attention_head_dim=8, num_class_embeds=10,
+    ),
+}
+
+
+def make_teacher(name, cfg, gen):
+    from diffusers import DDIMPipeline
+    torch.manual_seed(len(name))
+    model = UNet2DModel(**cfg).eval()
+    perturb(model, gen)
+    sched = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    d = os.path.join(OUT, "teachers", name)
+    DDIMPipeline(unet=model, scheduler=sched).save_pretrained(d)
+
+
 def main():
     gen = torch.Generator().manual_seed(1234)
     os.makedirs(OUT, exist_ok=True)
+    for name, cfg in TEACHERS.items():
+        make_teacher(name, cfg, torch.Generator().manual_seed(99))
     for name, cfg in MODELS.items():
         make_model(name, cfg, gen)
     for name, (cls, cfg, steps, kw) in SCHEDULERS.items():
@@ -365,12 +396,53 @@ def main():
         make_pipeline(name, m, sname, steps, eta, gen)
 
 
+def check_pipeline(d):
+    """A pipeline folder `distill export --format diffusers` wrote: diffusers' own DDIM loop
+    (set_timesteps(steps), unet, step with eta 0) from distill_check.safetensors' noise and labels,
+    against distill's images for them. Returns the max abs difference."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+    pipe = DiffusionPipeline.from_pretrained(d)
+    unet, sched = pipe.unet.eval(), pipe.scheduler
+    f = load_file(os.path.join(d, "distill_check.safetensors"))
+    steps = int(f["steps"][0])
+    sched.set_timesteps(steps)
+    x = f["noise"] * sched.init_noise_sigma
+    kw = {"class_labels": f["class_labels"]} if unet.config.num_class_embeds else {}
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(sched.scale_model_input(x, t), t, **kw).sample
+            x = sched.step(out, t, x, eta=0.0).prev_sample
+    x = x.clamp(-1, 1)
+    diff = (x - f["images"]).abs()
+    err = float(diff.max())
+    print(f"{d}: {type(sched).__name__} timesteps {sched.timesteps.tolist()}: diffusers vs "
+          f"distill images max abs {err:.3e}, mean abs {float(diff.mean()):.3e}")
+    return err
+
+
+# An eps model's x0 at DDIM's first timestep (sigma 157) is (x_t - sqrt(1 - acp) eps) * 157:
+# f32 round-off in eps between torch and candle is multiplied by 157, so sampled images are
+# compared at 1e-3 (the network forward itself at 1e-4).
+PIPELINE_TOL = 1e-3
+
+
 def check(root):
     """diffusers loads folders distill wrote and computes distill's outputs."""
     from safetensors.torch import load_file
     worst = 0.0
+    if os.path.isfile(os.path.join(root, "model_index.json")):
+        worst = check_pipeline(root)
+        if worst > PIPELINE_TOL:
+            sys.exit(f"max abs {worst:.3e} > {PIPELINE_TOL}")
+        return
     for name in sorted(os.listdir(root)):
         d = os.path.join(root, name)
+        if os.path.isfile(os.path.join(d, "model_index.json")):
+            err = check_pipeline(d)
+            if err > PIPELINE_TOL:
+                sys.exit(f"{d}: max abs {err:.3e} > {PIPELINE_TOL}")
+            continue
         if not os.path.isfile(os.path.join(d, "config.json")):
             continue
         model = UNet2DModel.from_pretrained(d).eval()

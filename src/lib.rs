@@ -15,4 +15,5 @@ pub mod jobs;
 pub mod plot;
 pub mod rng;
 pub mod sample;
+pub mod teacher_source;
 pub mod train;

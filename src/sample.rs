@@ -23,8 +23,8 @@ pub fn seeded_noise(
     seed: u64,
     device: &Device,
 ) -> Result<NoiseInputs> {
-    let c = &den.unet.cfg;
-    let shape = [n, c.channels, c.resolution, c.resolution];
+    let (c, r) = den.image_shape();
+    let shape = [n, c, r, r];
     let noise = randn(&mut step_rng(seed, 0, 0x5A3), &shape, device)?;
     let fresh = (0..spec.num_fresh_noise())
         .map(|i| randn(&mut step_rng(seed, 1 + i as u64, 0x5A3), &shape, device))
@@ -41,20 +41,17 @@ pub fn load_noise(
 ) -> Result<NoiseInputs> {
     let t = checkpoint::load_tensors(path, device)?;
     crate::checks::tensors_finite(&path.display().to_string(), &t)?;
-    let c = &den.unet.cfg;
+    let (channels, resolution) = den.image_shape();
     let get = |name: &str| -> Result<Tensor> {
         let x = t
             .get(name)
             .with_context(|| format!("{}: no tensor named {name:?}", path.display()))?
             .to_dtype(DType::F32)?;
         let d = x.dims();
-        if d.len() != 4 || d[1..] != [c.channels, c.resolution, c.resolution] {
+        if d.len() != 4 || d[1..] != [channels, resolution, resolution] {
             bail!(
-                "{}: {name} has shape {d:?}, expected [N, {}, {}, {}]",
+                "{}: {name} has shape {d:?}, expected [N, {channels}, {resolution}, {resolution}]",
                 path.display(),
-                c.channels,
-                c.resolution,
-                c.resolution
             );
         }
         Ok(x)
@@ -88,7 +85,7 @@ pub fn generate(
     if labels.dim(0)? != n {
         bail!("{} labels for {n} noise images", labels.dim(0)?);
     }
-    let ncls = den.unet.cfg.num_classes as u32;
+    let ncls = den.num_classes() as u32;
     if let Some(bad) = labels.to_vec1::<u32>()?.into_iter().find(|&l| l >= ncls) {
         bail!(
             "class label {bad} is out of range: the model has {ncls} classes (0..{})",
@@ -129,7 +126,7 @@ pub fn class_grid(
     device: &Device,
     png: &Path,
 ) -> Result<()> {
-    let labels = class_labels(den.unet.cfg.num_classes, per_class);
+    let labels = class_labels(den.num_classes(), per_class);
     let n = labels.len();
     let inputs = seeded_noise(den, spec, n, seed, device)?;
     let imgs = generate(

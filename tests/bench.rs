@@ -18,10 +18,7 @@ fn tiny(torch: TorchMode) -> BenchOptions {
 }
 
 fn flops_of(cfg: &UNetConfig, batch: usize) -> flops::FlopCount {
-    let m = ModelConfig {
-        unet: cfg.clone(),
-        parameterisation: Parameterisation::Edm(EdmSchedule::default()),
-    };
+    let m = ModelConfig::ours(cfg.clone(), Parameterisation::Edm(EdmSchedule::default()));
     flops::model_forward(&m, batch).unwrap()
 }
 

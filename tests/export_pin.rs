@@ -19,10 +19,7 @@ fn seeded_checkpoint(
     param: Parameterisation,
     spec: GeneratorSpec,
 ) -> PathBuf {
-    let cfg = ModelConfig {
-        unet: UNetConfig::tiny(),
-        parameterisation: param,
-    };
+    let cfg = ModelConfig::ours(UNetConfig::tiny(), param);
     let (_vm, _den, vars) = distill::train::teacher::init_trainable(&cfg, 7, &Device::Cpu).unwrap();
     let w = distill::train::vars_to_tensors(&vars);
     let ckpt = dir.join(role.name()).join("checkpoint");

@@ -162,10 +162,8 @@ fn image_folder_reader_never_panics() {
 
 fn tiny_checkpoint(dir: &Path) {
     use candle_nn::{VarBuilder, VarMap};
-    let cfg = graphs::ModelConfig {
-        unet: graphs::UNetConfig::tiny(),
-        parameterisation: graphs::Parameterisation::edm(),
-    };
+    let cfg =
+        graphs::ModelConfig::ours(graphs::UNetConfig::tiny(), graphs::Parameterisation::edm());
     let vm = VarMap::new();
     let den = graphs::Denoiser::new(
         VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu),

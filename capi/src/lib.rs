@@ -139,13 +139,13 @@ fn not_null<T>(p: *const T, what: &str) -> std::result::Result<(), Fail> {
 
 fn load(path: &Path) -> Result<DistillModel> {
     if path.is_dir() || path.file_name().is_some_and(|n| n == "model.safetensors") {
-        let (den, meta) = distill::checkpoint::load(path, &Device::Cpu)?;
-        let c = &den.unet.cfg;
+        let (den, meta) = distill::teacher_source::load(path, &Device::Cpu)?;
+        let (c, r) = den.image_shape();
         let info = DistillModelInfo {
-            channels: c.channels as u32,
-            height: c.resolution as u32,
-            width: c.resolution as u32,
-            num_classes: c.num_classes as u32,
+            channels: c as u32,
+            height: r as u32,
+            width: r as u32,
+            num_classes: den.num_classes() as u32,
             num_fresh_noise: meta.generator.num_fresh_noise() as u32,
             backend: DistillBackend::Candle,
         };

@@ -29,7 +29,9 @@ pub struct OnnxMetadata {
     pub resolution: usize,
     pub channels: usize,
     pub num_classes: usize,
-    pub null_class_id: usize,
+    /// The null class of classifier-free guidance; `None` (written `none`) for a network
+    /// without one (a diffusers model).
+    pub null_class_id: Option<usize>,
     pub precision: Precision,
     /// Generators: the sigma of each network evaluation's step.
     pub step_sigmas: Vec<f64>,
@@ -51,7 +53,7 @@ impl OnnxMetadata {
         method: &str,
         precision: Precision,
     ) -> Self {
-        let c = &den.unet.cfg;
+        let (channels, resolution) = den.image_shape();
         Self {
             producer: format!("distill {}", env!("CARGO_PKG_VERSION")),
             kind: match spec {
@@ -60,10 +62,10 @@ impl OnnxMetadata {
             },
             method: method.into(),
             parameterisation: den.param.clone(),
-            resolution: c.resolution,
-            channels: c.channels,
-            num_classes: c.num_classes,
-            null_class_id: c.null_class(),
+            resolution,
+            channels,
+            num_classes: den.num_classes(),
+            null_class_id: den.null_class(),
             precision,
             step_sigmas: spec.map(|s| s.step_sigmas(&den.param)).unwrap_or_default(),
             weights_sha256: String::new(),
@@ -100,7 +102,11 @@ impl OnnxMetadata {
             ("resolution".into(), self.resolution.to_string()),
             ("channels".into(), self.channels.to_string()),
             ("num_classes".into(), self.num_classes.to_string()),
-            ("null_class_id".into(), self.null_class_id.to_string()),
+            (
+                "null_class_id".into(),
+                self.null_class_id
+                    .map_or_else(|| "none".to_string(), |n| n.to_string()),
+            ),
             ("pixel_range".into(), PIXEL_RANGE.into()),
             ("label_dtype".into(), LABEL_DTYPE.into()),
             ("precision".into(), self.precision.name().into()),
@@ -201,7 +207,10 @@ impl OnnxMetadata {
             resolution: num("resolution")?,
             channels: num("channels")?,
             num_classes: num("num_classes")?,
-            null_class_id: num("null_class_id")?,
+            null_class_id: match get("null_class_id")? {
+                "none" => None,
+                _ => Some(num("null_class_id")?),
+            },
             precision: get("precision")?.parse()?,
             weights_sha256: get("weights_sha256")?.into(),
             weights_sha256_of: get("weights_sha256_of")?.into(),

@@ -128,13 +128,8 @@ impl OnnxBackend {
 }
 
 fn image_dims(den: &Denoiser) -> [Dim; 4] {
-    let c = &den.unet.cfg;
-    [
-        Dim::Batch,
-        Dim::Fixed(c.channels),
-        Dim::Fixed(c.resolution),
-        Dim::Fixed(c.resolution),
-    ]
+    let (c, r) = den.image_shape();
+    [Dim::Batch, Dim::Fixed(c), Dim::Fixed(r), Dim::Fixed(r)]
 }
 
 /// Sets the model's metadata from its record, with the weights hash of `opts` (or of the
@@ -194,8 +189,9 @@ pub fn export_generator(
 /// The bare denoiser, one network evaluation.
 ///
 /// `x` `[batch, C, H, W]`, the level input `[batch]` and `class_labels` `[batch]` int32 -> the
-/// output, as [`graphs::DenoiserIo`] names them: EDM `sigma` (f32) -> `denoised` (the x0
-/// estimate), VP `timestep` (int32, 0..T) -> `eps` ([`Denoiser::io_forward`]).
+/// output, as [`graphs::DenoiserIo`] names them: EDM and flow `sigma` (f32; flow in sigma-space,
+/// `s = sigma / (1 + sigma)`) -> `denoised` (the x0 estimate), VP `timestep` (int32, 0..T) ->
+/// `eps` ([`Denoiser::io_forward`]).
 pub fn export_denoiser(den: &Denoiser, opts: &ExportOptions) -> Result<ModelProto> {
     let b = OnnxBackend::new(opts.precision)?;
     let io = den.param.denoiser_io();

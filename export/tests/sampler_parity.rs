@@ -21,14 +21,7 @@ use graphs::{
 
 fn denoiser(param: Parameterisation, seed: u64) -> (candle_nn::VarMap, Denoiser) {
     let (vm, vb) = varmap();
-    let den = Denoiser::new(
-        vb,
-        &ModelConfig {
-            unet: UNetConfig::tiny(),
-            parameterisation: param,
-        },
-    )
-    .unwrap();
+    let den = Denoiser::new(vb, &ModelConfig::ours(UNetConfig::tiny(), param)).unwrap();
     randomize_norms(&vm, seed).unwrap();
     (vm, den)
 }

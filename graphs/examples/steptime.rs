@@ -25,10 +25,7 @@ fn main() -> anyhow::Result<()> {
     let vm = VarMap::new();
     let den = Denoiser::new(
         VarBuilder::from_varmap(&vm, DType::F32, &dev),
-        &ModelConfig {
-            unet: cfg.clone(),
-            parameterisation: Parameterisation::edm(),
-        },
+        &ModelConfig::ours(cfg.clone(), Parameterisation::edm()),
     )?;
     let r = cfg.resolution;
     let x0 = Tensor::randn(0f32, 1.0, (n, 1, r, r), &dev)?;

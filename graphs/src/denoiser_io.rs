@@ -11,12 +11,12 @@ use rand::Rng;
 /// The noise-level input and the output of the bare denoiser (besides `x` and `class_labels`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DenoiserIo {
-    /// Name of the per-sample level input `[batch]`: `sigma` (EDM) or `timestep` (VP).
+    /// Name of the per-sample level input `[batch]`: `sigma` (EDM, flow) or `timestep` (VP).
     pub level: &'static str,
     /// Its kind: [`Kind::F32`] for sigmas, [`Kind::Label`] (integer: u32 in candle, int32 in
     /// ONNX) for timesteps.
     pub level_kind: Kind,
-    /// Name of the output: `denoised` (the x0 estimate, EDM) or `eps` (the noise prediction for
+    /// Name of the output: `denoised` (the x0 estimate, EDM and flow) or `eps` (the noise prediction for
     /// `x = x0 + sigma_t * eps` in sigma-space, VP).
     pub output: &'static str,
 }
@@ -24,7 +24,7 @@ pub struct DenoiserIo {
 impl Parameterisation {
     pub fn denoiser_io(&self) -> DenoiserIo {
         match self {
-            Self::Edm(_) => DenoiserIo {
+            Self::Edm(_) | Self::Flow(_) => DenoiserIo {
                 level: "sigma",
                 level_kind: Kind::F32,
                 output: "denoised",
@@ -45,6 +45,12 @@ impl Parameterisation {
                 let (lo, hi) = (e.sigma_min.ln(), e.sigma_max.ln());
                 TrainingLevel::Sigma((0..n).map(|_| rng.gen_range(lo..hi).exp() as f32).collect())
             }
+            // Flow levels are in sigma-space too (`s = sigma / (1 + sigma)`): its grid's range.
+            Self::Flow(_) => {
+                let g = crate::schedule::NoiseGrid::new(self);
+                let (lo, hi) = (g.sigma(0).ln(), g.sigma(g.len() - 1).ln());
+                TrainingLevel::Sigma((0..n).map(|_| rng.gen_range(lo..hi).exp() as f32).collect())
+            }
             Self::Vp(v) => TrainingLevel::Timestep(
                 (0..n)
                     .map(|_| rng.gen_range(0..v.num_timesteps as u32))
@@ -56,7 +62,7 @@ impl Parameterisation {
     /// The per-sample sigma (f32) of a level input, to build `x = x0 + sigma * eps` with.
     pub fn level_sigmas(&self, level: &TrainingLevel) -> anyhow::Result<Vec<f32>> {
         match (self, level) {
-            (Self::Edm(_), TrainingLevel::Sigma(s)) => Ok(s.clone()),
+            (Self::Edm(_) | Self::Flow(_), TrainingLevel::Sigma(s)) => Ok(s.clone()),
             (Self::Vp(v), TrainingLevel::Timestep(t)) => {
                 let table = v.sigmas();
                 t.iter()
@@ -86,7 +92,7 @@ impl Denoiser {
         labels: &B::T,
     ) -> anyhow::Result<B::T> {
         match &self.param {
-            Parameterisation::Edm(_) => {
+            Parameterisation::Edm(_) | Parameterisation::Flow(_) => {
                 let level = self.level_from_sigma(b, level)?;
                 self.forward(b, x, &level, labels)
             }

@@ -390,12 +390,14 @@ impl Backend for FlopCounter {
 /// FLOPs of one `Denoiser::forward` (preconditioning included) on a batch of `batch` images,
 /// with the noise level computed in the graph as in training (EDM: from sigma; VP: from timesteps).
 pub fn denoiser_forward(den: &Denoiser, batch: usize) -> Result<FlopCount> {
-    let cfg = &den.unet.cfg;
+    let (c, r) = den.image_shape();
     let fc = FlopCounter::new();
-    let x = vec![batch, cfg.channels, cfg.resolution, cfg.resolution];
+    let x = vec![batch, c, r, r];
     let per_sample = vec![batch];
     let level = match &den.param {
-        Parameterisation::Edm(_) => den.level_from_sigma(&fc, &per_sample)?,
+        Parameterisation::Edm(_) | Parameterisation::Flow(_) => {
+            den.level_from_sigma(&fc, &per_sample)?
+        }
         Parameterisation::Vp(_) => den.level_from_timesteps(&fc, &per_sample)?,
     };
     let out = den.forward(&fc, &x, &level, &per_sample)?;
@@ -462,10 +464,7 @@ mod tests {
     }
 
     fn edm(unet: UNetConfig) -> ModelConfig {
-        ModelConfig {
-            unet,
-            parameterisation: Parameterisation::Edm(EdmSchedule::default()),
-        }
+        ModelConfig::ours(unet, Parameterisation::Edm(EdmSchedule::default()))
     }
 
     #[test]

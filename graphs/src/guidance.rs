@@ -41,7 +41,7 @@ pub fn guided_by<B: Backend>(
     if scale == 1.0 {
         return Ok(cond);
     }
-    let null = b.full_batch(labels, den.unet.cfg.null_class() as f64, Kind::Label)?;
+    let null = b.full_batch(labels, null_class(den)? as f64, Kind::Label)?;
     let uncond = f(&null)?;
     combine(b, &cond, &uncond, scale)
 }
@@ -64,7 +64,7 @@ pub fn cond_uncond_batched(
         });
     }
     let n = x.dim(0)?;
-    let null = Tensor::full(den.unet.cfg.null_class() as u32, n, x.device())?;
+    let null = Tensor::full(null_class(den)? as u32, n, x.device())?;
     let both = NoiseLevel {
         sigma: Tensor::cat(&[&level.sigma, &level.sigma], 0)?,
         c_noise: Tensor::cat(&[&level.c_noise, &level.c_noise], 0)?,
@@ -78,5 +78,15 @@ pub fn cond_uncond_batched(
     Ok(CondUncond {
         cond: out.narrow(0, 0, n)?,
         uncond: Some(out.narrow(0, n, n)?),
+    })
+}
+
+/// The null class, or an error saying why guidance is impossible (diffusers models have none).
+fn null_class(den: &Denoiser) -> anyhow::Result<usize> {
+    den.null_class().ok_or_else(|| {
+        anyhow::anyhow!(
+            "classifier-free guidance needs a null class and this network has none (a diffusers \
+             model): use a guidance scale of 1"
+        )
     })
 }

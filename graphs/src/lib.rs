@@ -13,6 +13,7 @@ pub mod guidance;
 pub mod json;
 pub mod kernels;
 pub mod losses;
+pub mod network;
 pub mod nn;
 pub mod params;
 pub mod precision;
@@ -26,8 +27,11 @@ pub use backend::{Backend, Kind, Param};
 pub use candle_backend::CandleBackend;
 pub use denoiser::{Denoiser, ModelConfig, NoiseLevel};
 pub use denoiser_io::DenoiserIo;
+pub use network::{Network, NetworkConfig};
 pub use precision::Precision;
 pub use sampler::{generate, GeneratorSpec, Renoise, SamplerKind};
-pub use schedule::{BetaSchedule, EdmSchedule, NoiseGrid, Parameterisation, VpSchedule};
+pub use schedule::{
+    BetaSchedule, EdmSchedule, FlowSchedule, FlowTimeDist, NoiseGrid, Parameterisation, VpSchedule,
+};
 pub use training_level::TrainingLevel;
 pub use unet::{UNet, UNetConfig};

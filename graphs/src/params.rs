@@ -35,7 +35,10 @@ fn attn(v: &mut Vec<Param>, a: &SelfAttention) {
 
 /// Every parameter of the denoiser, in a fixed order.
 pub fn collect(den: &Denoiser) -> Vec<Param> {
-    let u = &den.unet;
+    let u = match &den.net {
+        crate::Network::Unet(u) => u,
+        crate::Network::Diffusers(d) => return d.params.clone(),
+    };
     let mut v = Vec::new();
     lin(&mut v, &u.emb1);
     lin(&mut v, &u.emb2);

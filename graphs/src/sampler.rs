@@ -4,6 +4,7 @@
 use crate::backend::Backend;
 use crate::denoiser::Denoiser;
 use crate::schedule::Parameterisation;
+use crate::schedulers::Prediction;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,7 @@ pub fn sampling_sigmas(param: &Parameterisation, steps: usize) -> Vec<f64> {
             let s = v.sigmas();
             v.ddim_timesteps(steps).into_iter().map(|t| s[t]).collect()
         }
+        Parameterisation::Flow(f) => f.sampling_sigmas(steps),
     }
 }
 
@@ -46,6 +48,8 @@ pub fn initial_scale(param: &Parameterisation, sigma0: f64) -> f64 {
     match param {
         Parameterisation::Edm(_) => sigma0,
         Parameterisation::Vp(_) => (1.0 + sigma0 * sigma0).sqrt(),
+        // x = x_t / (1 - s) with x_t ~ N(0, I) at s -> 1.
+        Parameterisation::Flow(_) => 1.0 + sigma0,
     }
 }
 
@@ -125,10 +129,11 @@ fn guided_output<B: Backend>(
     let c_in = match &den.param {
         Parameterisation::Edm(e) => e.c_in(sigma),
         Parameterisation::Vp(_) => 1.0 / (1.0 + sigma * sigma).sqrt(),
+        Parameterisation::Flow(_) => 1.0 / (1.0 + sigma),
     };
     let x_in = b.affine(x, c_in, 0.0)?;
     crate::guidance::guided_by(b, den, labels, cfg_scale, |l| {
-        den.unet.forward(b, &x_in, &level.c_noise, l)
+        den.net.forward(b, &x_in, &level.c_noise, l)
     })
 }
 
@@ -147,7 +152,26 @@ fn slope<B: Backend>(
             let c = e.sigma_data / (sigma * sigma + sd2).sqrt();
             b.sub(&b.affine(x, a, 0.0)?, &b.affine(out, c, 0.0)?)
         }
-        Parameterisation::Vp(_) => Ok(out.clone()),
+        Parameterisation::Vp(v) => match v.prediction {
+            Prediction::Epsilon => Ok(out.clone()),
+            Prediction::Sample => b.sub(
+                &b.affine(x, 1.0 / sigma, 0.0)?,
+                &b.affine(out, 1.0 / sigma, 0.0)?,
+            ),
+            // eps = sigma_t x_t + alpha v = sigma alpha^2 x + alpha v
+            Prediction::VPrediction => {
+                let a2 = 1.0 / (1.0 + sigma * sigma);
+                b.add(
+                    &b.affine(x, sigma * a2, 0.0)?,
+                    &b.affine(out, a2.sqrt(), 0.0)?,
+                )
+            }
+        },
+        // eps = (x + v) / (1 + sigma)
+        Parameterisation::Flow(_) => {
+            let k = 1.0 / (1.0 + sigma);
+            b.add(&b.affine(x, k, 0.0)?, &b.affine(out, k, 0.0)?)
+        }
     }
 }
 
@@ -164,7 +188,21 @@ fn denoised<B: Backend>(
             &b.affine(x, e.c_skip(sigma), 0.0)?,
             &b.affine(out, e.c_out(sigma), 0.0)?,
         ),
-        Parameterisation::Vp(_) => b.sub(x, &b.affine(out, sigma, 0.0)?),
+        Parameterisation::Vp(v) => match v.prediction {
+            Prediction::Epsilon => b.sub(x, &b.affine(out, sigma, 0.0)?),
+            Prediction::Sample => Ok(out.clone()),
+            Prediction::VPrediction => {
+                let a2 = 1.0 / (1.0 + sigma * sigma);
+                b.sub(
+                    &b.affine(x, a2, 0.0)?,
+                    &b.affine(out, sigma * a2.sqrt(), 0.0)?,
+                )
+            }
+        },
+        Parameterisation::Flow(_) => {
+            let k = 1.0 / (1.0 + sigma);
+            b.sub(&b.affine(x, k, 0.0)?, &b.affine(out, sigma * k, 0.0)?)
+        }
     }
 }
 

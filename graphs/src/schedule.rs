@@ -2,8 +2,11 @@
 //!
 //! Everything is expressed in sigma-space (the "variance exploding" view of EDM): a noisy sample is
 //! `x = x0 + sigma * eps`. A VP/DDPM model at timestep `t` sees `x_t = sqrt(alpha_bar_t) * x`,
-//! with `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`, so one sampler serves both.
+//! with `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`; a rectified-flow model at time `s`
+//! sees `x_t = (1 - s) x0 + s eps = x / (1 + sigma)` with `sigma = s / (1 - s)`. So one sampler
+//! serves all three.
 
+use crate::schedulers::Prediction;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,8 +24,79 @@ pub enum BetaSchedule {
 pub enum Parameterisation {
     /// EDM (Karras et al. 2022) preconditioned denoiser D(x, sigma) -> x0.
     Edm(EdmSchedule),
-    /// VP/DDPM with an epsilon-predicting network on discrete timesteps.
+    /// VP/DDPM on discrete timesteps, the network predicting eps, v or x0 (`prediction`).
     Vp(VpSchedule),
+    /// Rectified flow: `x_t = (1 - s) x0 + s eps`, the network predicts the velocity `eps - x0`
+    /// at timestep `s * T`. In sigma-space `s = sigma / (1 + sigma)`, `x = x_t / (1 - s)`.
+    Flow(FlowSchedule),
+}
+
+/// How flow training draws `s` (before the shift).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowTimeDist {
+    Uniform,
+    /// `s = sigmoid(mean + std * n)` (SD3's logit-normal).
+    LogitNormal {
+        mean: f64,
+        std: f64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlowSchedule {
+    /// `T`: the network's timestep is `s * T` (diffusers' `num_train_timesteps`).
+    pub num_timesteps: usize,
+    /// `s -> shift s / (1 + (shift - 1) s)` on training draws and sampling grids (1 = none).
+    pub shift: f64,
+    pub t_dist: FlowTimeDist,
+}
+
+impl Default for FlowSchedule {
+    fn default() -> Self {
+        Self {
+            num_timesteps: 1000,
+            shift: 1.0,
+            t_dist: FlowTimeDist::LogitNormal {
+                mean: 0.0,
+                std: 1.0,
+            },
+        }
+    }
+}
+
+impl FlowSchedule {
+    pub fn shifted(&self, s: f64) -> f64 {
+        self.shift * s / (1.0 + (self.shift - 1.0) * s)
+    }
+    /// Largest `s` of the grid (`T / (T + 1)`): `s = 1` is infinite sigma.
+    pub fn s_max(&self) -> f64 {
+        let t = self.num_timesteps as f64;
+        t / (t + 1.0)
+    }
+    pub fn sigma(s: f64) -> f64 {
+        s / (1.0 - s)
+    }
+    pub fn s(sigma: f64) -> f64 {
+        if sigma.is_infinite() {
+            1.0
+        } else {
+            sigma / (1.0 + sigma)
+        }
+    }
+    /// The network's timestep for a sigma: `s * T`.
+    pub fn timestep(&self, sigma: f64) -> f64 {
+        Self::s(sigma) * self.num_timesteps as f64
+    }
+    /// `n` sampling sigmas, descending: `s` evenly spaced from `s_max` down (shifted), as
+    /// diffusers' FlowMatchEuler spaces them, without the final 0.
+    pub fn sampling_sigmas(&self, n: usize) -> Vec<f64> {
+        let top = self.s_max();
+        (0..n)
+            .map(|i| Self::sigma(self.shifted(top * (1.0 - i as f64 / n as f64))))
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,6 +164,17 @@ pub struct VpSchedule {
     pub beta_start: f64,
     pub beta_end: f64,
     pub beta_schedule: BetaSchedule,
+    /// What the network predicts: eps (default), v or x0.
+    #[serde(default, skip_serializing_if = "is_epsilon")]
+    pub prediction: Prediction,
+    /// An explicit beta table (a diffusers scheduler's: squaredcos, trained betas) that
+    /// replaces `beta_start` / `beta_end` / `beta_schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained_betas: Option<Vec<f64>>,
+}
+
+fn is_epsilon(p: &Prediction) -> bool {
+    *p == Prediction::Epsilon
 }
 
 impl Default for VpSchedule {
@@ -99,12 +184,17 @@ impl Default for VpSchedule {
             beta_start: 1e-4,
             beta_end: 2e-2,
             beta_schedule: BetaSchedule::Linear,
+            prediction: Prediction::Epsilon,
+            trained_betas: None,
         }
     }
 }
 
 impl VpSchedule {
     pub fn betas(&self) -> Vec<f64> {
+        if let Some(t) = &self.trained_betas {
+            return t.clone();
+        }
         let n = self.num_timesteps;
         let lin = |a: f64, b: f64, i: usize| {
             if n == 1 {
@@ -176,6 +266,7 @@ impl Parameterisation {
         match self {
             Self::Edm(_) => "edm",
             Self::Vp(_) => "vp",
+            Self::Flow(_) => "flow",
         }
     }
     /// Largest sigma the model is trained on (where sampling from pure noise starts).
@@ -183,21 +274,25 @@ impl Parameterisation {
         match self {
             Self::Edm(e) => e.sigma_max,
             Self::Vp(v) => *v.sigmas().last().expect("non-empty schedule"),
+            Self::Flow(f) => FlowSchedule::sigma(f.s_max()),
         }
     }
-    /// The network's noise conditioning for a sigma: ln(sigma)/4 (EDM) or the timestep (VP).
+    /// The network's noise conditioning for a sigma: ln(sigma)/4 (EDM) or the timestep (VP,
+    /// flow).
     pub fn c_noise(&self, sigma: f64) -> f64 {
         match self {
             Self::Edm(e) => e.c_noise(sigma),
             Self::Vp(v) => v.t_from_sigma(sigma),
+            Self::Flow(f) => f.timestep(sigma),
         }
     }
 }
 
 /// The discrete grid of noise levels that distillation draws its timesteps from: 1000 bins,
 /// index 0 the least noisy. EDM: the Karras grid from `sigma_min` to `sigma_max` (as in DMD2's EDM
-/// code); VP: the DDPM schedule's own timesteps. A "timestep" in the distillation configs is an
-/// index into this grid, for both parameterisations.
+/// code); VP: the DDPM schedule's own timesteps; flow: `s = (t + 1) / (T + 1)` (so `t = 999` is
+/// sigma 1000, not the infinite sigma of `s = 1`). A "timestep" in the distillation configs is an
+/// index into this grid, for every parameterisation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NoiseGrid {
     /// Ascending sigmas, one per timestep.
@@ -217,6 +312,13 @@ impl NoiseGrid {
                 s
             }
             Parameterisation::Vp(v) => v.sigmas(),
+            // s = (t + 1) / (T + 1): T bins short of s = 1 (infinite sigma).
+            Parameterisation::Flow(f) => {
+                let t = f.num_timesteps as f64;
+                (0..f.num_timesteps)
+                    .map(|i| FlowSchedule::sigma((i + 1) as f64 / (t + 1.0)))
+                    .collect()
+            }
         };
         Self {
             sigmas,
@@ -238,6 +340,7 @@ impl NoiseGrid {
         match &self.param {
             Parameterisation::Edm(e) => e.c_noise(self.sigmas[t]),
             Parameterisation::Vp(_) => t as f64,
+            Parameterisation::Flow(f) => f.timestep(self.sigmas[t]),
         }
     }
     /// Signal-to-noise ratio `1 / sigma^2` (VP: `alpha_bar / (1 - alpha_bar)`, the same number).

@@ -3,7 +3,7 @@
 //! `graphs` branches on [`Parameterisation`].
 
 use crate::sampler::SamplerKind;
-use crate::schedule::{NoiseGrid, Parameterisation};
+use crate::schedule::{FlowSchedule, FlowTimeDist, NoiseGrid, Parameterisation};
 use candle_core::{Device, Tensor};
 use rand::Rng;
 use rand_distr::StandardNormal;
@@ -15,6 +15,8 @@ pub enum TrainingLevel {
     Sigma(Vec<f32>),
     /// VP: timesteps `[N]` u32.
     Timestep(Vec<u32>),
+    /// Flow: `s` `[N]` f32 in (0, 1).
+    FlowTime(Vec<f32>),
 }
 
 impl TrainingLevel {
@@ -22,6 +24,7 @@ impl TrainingLevel {
         match self {
             Self::Sigma(s) => Tensor::from_vec(s.clone(), s.len(), device),
             Self::Timestep(t) => Tensor::from_vec(t.clone(), t.len(), device),
+            Self::FlowTime(s) => Tensor::from_vec(s.clone(), s.len(), device),
         }
     }
 }
@@ -43,6 +46,20 @@ impl Parameterisation {
                     .map(|_| rng.gen_range(0..v.num_timesteps as u32))
                     .collect(),
             ),
+            Self::Flow(f) => TrainingLevel::FlowTime(
+                (0..n)
+                    .map(|_| {
+                        let s = match f.t_dist {
+                            FlowTimeDist::Uniform => rng.gen::<f64>(),
+                            FlowTimeDist::LogitNormal { mean, std } => {
+                                let z = mean + std * rng.sample::<f64, _>(StandardNormal);
+                                1.0 / (1.0 + (-z).exp())
+                            }
+                        };
+                        f.shifted(s) as f32
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -54,6 +71,11 @@ impl Parameterisation {
                 TrainingLevel::Sigma(ts.iter().map(|&t| grid.sigma(t) as f32).collect())
             }
             Self::Vp(_) => TrainingLevel::Timestep(ts.iter().map(|&t| t as u32).collect()),
+            Self::Flow(_) => TrainingLevel::FlowTime(
+                ts.iter()
+                    .map(|&t| FlowSchedule::s(grid.sigma(t)) as f32)
+                    .collect(),
+            ),
         }
     }
 
@@ -63,6 +85,7 @@ impl Parameterisation {
         match self {
             Self::Edm(_) => SamplerKind::Heun,
             Self::Vp(_) => SamplerKind::Ddim,
+            Self::Flow(_) => SamplerKind::Euler,
         }
     }
 }

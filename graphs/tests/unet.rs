@@ -8,14 +8,7 @@ use graphs::{CandleBackend, Denoiser, ModelConfig, Parameterisation, SamplerKind
 fn tiny(param: Parameterisation) -> (VarMap, Denoiser) {
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    let den = Denoiser::new(
-        vb,
-        &ModelConfig {
-            unet: UNetConfig::tiny(),
-            parameterisation: param,
-        },
-    )
-    .unwrap();
+    let den = Denoiser::new(vb, &ModelConfig::ours(UNetConfig::tiny(), param)).unwrap();
     (vm, den)
 }
 
@@ -72,7 +65,7 @@ fn preconditioning_matches_closed_form_at_large_sigma() {
     let e = graphs::EdmSchedule::default();
     let c_noise = Tensor::new(&[e.c_noise(s) as f32; 2], &Device::Cpu).unwrap();
     let f = den
-        .unet
+        .net
         .forward(&b, &(&x * e.c_in(s)).unwrap(), &c_noise, &l)
         .unwrap();
     let want = ((&x * e.c_skip(s)).unwrap() + (f * e.c_out(s)).unwrap()).unwrap();
@@ -200,14 +193,8 @@ fn fast_kernels_match_stock_candle_on_the_whole_unet() {
     for (cfg, n) in [(UNetConfig::tiny(), 3), (UNetConfig::mnist_small(), 2)] {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let den = Denoiser::new(
-            vb,
-            &ModelConfig {
-                unet: cfg.clone(),
-                parameterisation: Parameterisation::edm(),
-            },
-        )
-        .unwrap();
+        let den =
+            Denoiser::new(vb, &ModelConfig::ours(cfg.clone(), Parameterisation::edm())).unwrap();
         let r = cfg.resolution;
         let x0 = Tensor::randn(0f32, 1.0, (n, 1, r, r), &Device::Cpu).unwrap();
         let noise = Tensor::randn(0f32, 1.0, (n, 1, r, r), &Device::Cpu).unwrap();

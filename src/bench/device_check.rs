@@ -112,17 +112,17 @@ struct Side {
 fn side(cfg: &ModelConfig, o: &DeviceCheckOptions, p: Precision, dev: &Device) -> Result<Side> {
     let (_vm, den, vars): (_, Denoiser, _) =
         crate::train::teacher::init_trainable(cfg, o.seed, dev)?;
-    let u = &cfg.unet;
+    let u = &cfg;
     let Parameterisation::Edm(e) = &cfg.parameterisation else {
         anyhow::bail!("the device check uses the EDM parameterisation")
     };
     let mut rng = StdRng::seed_from_u64(o.seed ^ 0xDE71CE);
-    let shape = [o.batch, u.channels, u.resolution, u.resolution];
+    let shape = [o.batch, u.channels(), u.resolution(), u.resolution()];
     let n: usize = shape.iter().product();
     let x0: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let noise: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
     let labels: Vec<u32> = (0..o.batch)
-        .map(|_| rng.gen_range(0..=u.num_classes as u32))
+        .map(|_| rng.gen_range(0..=u.num_classes() as u32))
         .collect();
     let sigma: Vec<f32> = (0..o.batch)
         .map(|_| (e.p_mean + e.p_std * rng.sample::<f64, _>(StandardNormal)).exp() as f32)
@@ -193,10 +193,7 @@ fn sq_sum(t: &Tensor) -> Result<f64> {
 
 /// Runs the check on `dev` against the CPU; the caller decides what a failure means.
 pub fn run(o: &DeviceCheckOptions, dev: &Device) -> Result<DeviceCheckReport> {
-    let cfg = ModelConfig {
-        unet: super::unet_config(&o.config)?,
-        parameterisation: Parameterisation::edm(),
-    };
+    let cfg = ModelConfig::ours(super::unet_config(&o.config)?, Parameterisation::edm());
     let mut rows = Vec::new();
     for p in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
         let d = side(&cfg, o, p, dev).with_context(|| format!("{} on {dev:?}", p.name()))?;

@@ -184,17 +184,12 @@ fn teacher_step_s(
         .needs_loss_scaling()
         .then(|| LossScaler::new(LossScaleConfig::default()));
     let b = CandleBackend::training(dev).with_autocast(p.autocast());
-    let u = &cfg.unet;
+    let (c, r) = (cfg.channels(), cfg.resolution());
     let n = o.batch;
-    let x0 = Tensor::rand(
-        -1f32,
-        1f32,
-        (n, u.channels, u.resolution, u.resolution),
-        dev,
-    )?;
+    let x0 = Tensor::rand(-1f32, 1f32, (n, c, r, r), dev)?;
     let labels = Tensor::from_vec(
         (0..n as u32)
-            .map(|i| i % u.num_classes as u32)
+            .map(|i| i % cfg.num_classes() as u32)
             .collect::<Vec<_>>(),
         n,
         dev,
@@ -249,10 +244,7 @@ fn run_cfg(o: &GpuBenchOptions, p: Precision) -> RunConfig {
 /// peer leaves its columns empty with the reason in `torch_note`; candle's rows still come.
 pub fn run(o: &GpuBenchOptions, dev: &Device) -> Result<GpuReport> {
     let unet = super::unet_config(&o.config)?;
-    let cfg = ModelConfig {
-        unet: unet.clone(),
-        parameterisation: Parameterisation::edm(),
-    };
+    let cfg = ModelConfig::ours(unet.clone(), Parameterisation::edm());
     let teacher = random_teacher(&cfg, dev)?;
     let data = crate::data::embedded_mnist()?.to_resolution(unet.resolution)?;
     let (torch, torch_note) = if o.torch {

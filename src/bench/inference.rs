@@ -214,8 +214,8 @@ struct GenInputs {
 impl GenInputs {
     fn new(cfg: &ModelConfig, spec: &GeneratorSpec, batch: usize, seed: u64) -> Result<Self> {
         let dev = Device::Cpu;
-        let u = &cfg.unet;
-        let shape = [batch, u.channels, u.resolution, u.resolution];
+        let u = &cfg;
+        let shape = [batch, u.channels(), u.resolution(), u.resolution()];
         let draw =
             |k: u64| crate::rng::randn(&mut crate::rng::step_rng(seed, k, 0x1F3E), &shape, &dev);
         let z = draw(0)?;
@@ -223,7 +223,7 @@ impl GenInputs {
             .map(|i| draw(1 + i as u64))
             .collect::<Result<Vec<_>>>()?;
         let labels: Vec<u32> = (0..batch as u32)
-            .map(|i| i % u.num_classes as u32)
+            .map(|i| i % u.num_classes() as u32)
             .collect();
         let arr = |t: &Tensor| -> Result<TensorData> {
             Ok(TensorData::F32(ArrayD::from_shape_vec(
@@ -297,10 +297,7 @@ pub fn run(o: &InferenceOptions) -> Result<InferenceReport> {
             .map(|n| n.get())
             .unwrap_or(1),
     };
-    let cfg = ModelConfig {
-        unet: super::unet_config(&o.config)?,
-        parameterisation: Parameterisation::edm(),
-    };
+    let cfg = ModelConfig::ours(super::unet_config(&o.config)?, Parameterisation::edm());
     crate::host::tune_threads(Some(threads));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -201,11 +201,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             .map(|n| n.get())
             .unwrap_or(1),
     };
-    let mcfg = ModelConfig {
-        unet: opts.unet.clone(),
-        parameterisation: Parameterisation::Edm(EdmSchedule::default()),
-    };
-    mcfg.unet.validate()?;
+    let mcfg = ModelConfig::ours(
+        opts.unet.clone(),
+        Parameterisation::Edm(EdmSchedule::default()),
+    );
+    opts.unet.validate()?;
 
     let python = match opts.torch {
         TorchMode::Off => Err("PyTorch comparison turned off".to_string()),
@@ -334,7 +334,7 @@ struct Inputs {
 impl Inputs {
     fn new(cfg: &ModelConfig, batch: usize, seed: u64) -> Result<Self> {
         let dev = Device::Cpu;
-        let u = &cfg.unet;
+        let u = cfg.unet_config().context("the bench uses our UNet")?;
         let Parameterisation::Edm(e) = &cfg.parameterisation else {
             bail!("the bench uses the EDM parameterisation")
         };
@@ -465,7 +465,10 @@ fn time_ops(
     work: &Workdir,
 ) -> Result<Vec<ops::OpRow>> {
     use ops;
-    let specs = ops::specs(&cfg.unet, opts.batch);
+    let specs = ops::specs(
+        cfg.unet_config().context("the bench uses our UNet")?,
+        opts.batch,
+    );
     let (warmup, iters) = (opts.warmup.max(1), opts.iters);
     let mut rows = Vec::new();
     for s in &specs {

@@ -110,6 +110,12 @@ pub struct EvalArgs {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormatArg {
+    Onnx,
+    Diffusers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExportWhatArg {
     /// noise (+ fresh noise per re-noise step) + class_labels -> images: the deployable model.
     Generator,
@@ -147,6 +153,11 @@ pub struct ExportArgs {
     /// What to export.
     #[arg(long, value_enum, default_value = "generator")]
     pub what: ExportWhatArg,
+    /// `onnx`, or `diffusers`: a model whose network is a diffusers UNet2DModel (a diffusers
+    /// teacher or its students) written back into --out as a diffusers DDIMPipeline folder
+    /// (unet/, scheduler/ whose set_timesteps gives the student's steps, model_index.json).
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub format: ExportFormatArg,
     /// Weight/compute precision of the exported graph: fp32, or fp16 (f16 weights and
     /// Conv/MatMul, with norms, softmax, sampler arithmetic and I/O in f32).
     #[arg(long, default_value = "fp32", value_parser = precision_parser(&["fp32", "fp16"]))]
@@ -420,6 +431,22 @@ impl EvalArgs {
 }
 
 impl ExportArgs {
+    /// `--format diffusers` writes weights and a scheduler, no graph: the graph flags do not apply.
+    fn check_diffusers_flags(&self) -> Result<()> {
+        let graph_flags = self.what != ExportWhatArg::Generator
+            || self.trt
+            || self.sampler.is_some()
+            || self.sample_steps.is_some()
+            || self.cfg_scale.is_some()
+            || !matches!(self.precision, Precision::Fp32);
+        anyhow::ensure!(
+            !graph_flags,
+            "--format diffusers writes the network's weights and a scheduler config: --what, \
+             --precision, --sampler, --sample-steps, --cfg-scale and --trt apply to ONNX exports"
+        );
+        Ok(())
+    }
+
     fn job(&self) -> ExportJob {
         let d = TrtBuild::default();
         ExportJob {
@@ -601,6 +628,10 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Train(TrainCommand::Tdm(a)) => a.job(show)?.run(&dev).map(|_| ()),
         Command::Sample(a) => a.job().run(&dev),
         Command::Eval(a) => a.job(show).run(&dev).map(|_| ()),
+        Command::Export(a) if a.format == ExportFormatArg::Diffusers => {
+            a.check_diffusers_flags()?;
+            distill::diffusers_io::export_folder(&a.checkpoint, &a.out).map(|_| ())
+        }
         Command::Export(a) => a.job().run().map(|_| ()),
         Command::Bench(a) if a.what == BenchWhat::DeviceCheck => cmd_device_check(a, &dev),
         Command::Bench(a) if a.what == BenchWhat::Inference => cmd_inference(a, cli.threads),

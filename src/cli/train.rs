@@ -78,9 +78,19 @@ pub struct TeacherArgs {
     /// Image side the data is padded/resized to (MNIST 28 -> 32 by zero padding).
     #[arg(long)]
     pub resolution: Option<usize>,
-    /// Parameterisation: `edm` (Karras preconditioned denoiser) or `vp` (DDPM eps-prediction, 1000 steps).
-    #[arg(long, value_parser = ["edm", "vp"])]
+    /// Parameterisation: `edm` (Karras preconditioned denoiser), `vp` (DDPM, 1000 steps; see
+    /// --prediction) or `flow` (rectified flow x_t = (1 - t) x0 + t eps, velocity target).
+    #[arg(long, value_parser = ["edm", "vp", "flow"])]
     pub parameterisation: Option<String>,
+    /// VP only: what the network predicts: `epsilon` (eps), `v` (v-prediction) or `sample` (x0).
+    #[arg(long, value_enum)]
+    pub prediction: Option<PredictionArg>,
+    /// Flow only: the training draw of t: `logit-normal` (SD3's, mean 0, std 1) or `uniform`.
+    #[arg(long, value_enum)]
+    pub flow_t: Option<FlowTArg>,
+    /// Flow only: timestep shift t -> shift t / (1 + (shift - 1) t) in training and sampling (1 = none).
+    #[arg(long)]
+    pub flow_shift: Option<f64>,
     /// VP beta schedule (beta 1e-4 .. 2e-2).
     #[arg(long, value_enum)]
     pub beta_schedule: Option<BetaScheduleArg>,
@@ -150,6 +160,24 @@ pub enum BetaScheduleArg {
     ScaledLinear,
 }
 
+/// `--prediction`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PredictionArg {
+    #[value(alias = "eps")]
+    Epsilon,
+    #[value(alias = "v-prediction")]
+    V,
+    #[value(alias = "x0")]
+    Sample,
+}
+
+/// `--flow-t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlowTArg {
+    LogitNormal,
+    Uniform,
+}
+
 impl TeacherArgs {
     /// Defaults <- TOML file <- flags.
     pub fn resolve(&self) -> Result<TeacherConfig> {
@@ -179,6 +207,24 @@ impl TeacherArgs {
                 BetaScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
             };
         }
+        if let Some(p) = self.prediction {
+            use graphs::schedulers::Prediction;
+            c.prediction = match p {
+                PredictionArg::Epsilon => Prediction::Epsilon,
+                PredictionArg::V => Prediction::VPrediction,
+                PredictionArg::Sample => Prediction::Sample,
+            };
+        }
+        if let Some(t) = self.flow_t {
+            c.flow.t_dist = match t {
+                FlowTArg::LogitNormal => graphs::FlowTimeDist::LogitNormal {
+                    mean: 0.0,
+                    std: 1.0,
+                },
+                FlowTArg::Uniform => graphs::FlowTimeDist::Uniform,
+            };
+        }
+        set!(c.flow.shift, self.flow_shift);
         set!(c.train_steps, self.train_steps);
         set!(c.batch_size, self.batch_size);
         set!(c.optim.lr, self.lr);

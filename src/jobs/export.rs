@@ -3,7 +3,6 @@
 
 use super::sample::SamplerOverride;
 use super::Failure;
-use crate::checkpoint;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use export::tensorrt::{BatchProfile, Toolchain};
@@ -85,7 +84,9 @@ impl Default for ExportJob {
 impl ExportJob {
     /// Writes the ONNX file only; returns its path.
     pub fn write_onnx(&self) -> Result<PathBuf> {
-        if crate::diffusers_io::is_diffusers(&self.checkpoint) {
+        let source = crate::teacher_source::TeacherSource::resolve(&self.checkpoint)?;
+        // The bare network of a diffusers model keeps diffusers' own signature.
+        if source.is_diffusers() && self.what == ExportWhat::Denoiser {
             let (den, fp16) = (
                 self.what == ExportWhat::Denoiser,
                 self.precision == Precision::Fp16,
@@ -94,13 +95,11 @@ impl ExportJob {
             return crate::diffusers_io::export_unet(&self.checkpoint, &self.out, den, fp16, trt);
         }
         let dev = Device::Cpu;
-        let (den, meta) = checkpoint::load(&self.checkpoint, &dev)?;
+        let (den, meta) = source.load(&dev)?;
         let opts = export::ExportOptions {
             precision: self.precision,
             method: meta.role.name().into(),
-            weights_sha256: Some(checkpoint::file_sha256(
-                &self.checkpoint.join(checkpoint::WEIGHTS_FILE),
-            )?),
+            weights_sha256: Some(source.weights_sha256()?),
             extra_metadata: vec![("checkpoint_step".into(), meta.step.to_string())],
         };
         let (model, stem) = match self.what {
@@ -144,7 +143,9 @@ impl ExportJob {
         for m in export::metadata(&model) {
             println!("  {} = {}", m.0, m.1);
         }
-        if !crate::diffusers_io::is_diffusers(&self.checkpoint) {
+        if !(crate::diffusers_io::is_diffusers(&self.checkpoint)
+            && self.what == ExportWhat::Denoiser)
+        {
             println!(
                 "next: distill validate {} --reference {}",
                 path.display(),
@@ -165,7 +166,7 @@ pub fn build_engine(
     onnx: &Path,
     tc: &Toolchain,
 ) -> Result<EngineOutcome> {
-    let (den, _) = checkpoint::load(checkpoint, &Device::Cpu)?;
+    let (den, _) = crate::teacher_source::load(checkpoint, &Device::Cpu)?;
     let meta = export::OnnxMetadata::from_file(onnx)?;
     let target = match meta.generator() {
         Some(s) => export::Target::Generator(s),

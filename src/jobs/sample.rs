@@ -89,9 +89,9 @@ impl SampleJob {
     pub fn run(&self, dev: &Device) -> Result<()> {
         crate::checks::size("--per-class", self.per_class as u64, 1, 1_000_000)?;
         crate::checks::size("--batch-size", self.batch_size as u64, 1, 65_536)?;
-        let (den, meta) = checkpoint::load(&self.checkpoint, dev)?;
+        let (den, meta) = crate::teacher_source::load(&self.checkpoint, dev)?;
         let spec = self.sampler.apply(&meta)?;
-        let ncls = den.unet.cfg.num_classes;
+        let ncls = den.num_classes();
         if let Some(bad) = self.labels.iter().flatten().find(|&&l| l as usize >= ncls) {
             bail!(
                 "--labels: label {bad} is out of range (the model has {ncls} classes: 0..{})",
@@ -204,9 +204,9 @@ pub fn eval_checkpoint(
     seed: u64,
     dev: &Device,
 ) -> Result<(crate::eval::EvalReport, GeneratorSpec, f64)> {
-    let (den, meta) = checkpoint::load(ckpt, dev)?;
+    let (den, meta) = crate::teacher_source::load(ckpt, dev)?;
     let spec = sampler.apply(&meta)?;
-    let ncls = den.unet.cfg.num_classes;
+    let ncls = den.num_classes();
     let labels: Vec<u32> = (0..n).map(|i| (i % ncls) as u32).collect();
     let inputs = crate::sample::seeded_noise(&den, &spec, n, seed, dev)?;
     let t0 = std::time::Instant::now();
@@ -219,7 +219,13 @@ pub fn eval_checkpoint(
         dev,
     )?;
     let ms_per_image = 1000.0 * t0.elapsed().as_secs_f64() / n as f64;
-    Ok((ev.evaluate(&images, Some(&labels))?, spec, ms_per_image))
+    // An unconditional network's labels are not classes: no class accuracy.
+    let given = den
+        .net
+        .config()
+        .is_class_conditional()
+        .then_some(labels.as_slice());
+    Ok((ev.evaluate(&images, given)?, spec, ms_per_image))
 }
 
 impl EvalJob {
@@ -233,9 +239,9 @@ impl EvalJob {
         // Reject what the classifier cannot score before training (or loading) it.
         let samples = if self.input.is_dir() {
             crate::checks::size("--n", self.n as u64, 2, 10_000_000)?;
-            let u = checkpoint::load_meta(&self.input)?.model.unet;
+            let m = crate::teacher_source::load_meta(&self.input)?.model;
             let like = Tensor::zeros(
-                (1, u.channels, u.resolution, u.resolution),
+                (1, m.channels(), m.resolution(), m.resolution()),
                 candle_core::DType::F32,
                 &Device::Cpu,
             )?;

@@ -159,14 +159,14 @@ fn maybe_evaluator(
     dev: &Device,
     show_progress: bool,
 ) -> Result<Option<crate::eval::Evaluator>> {
-    let u = &teacher.meta.model.unet;
+    let u = &teacher.meta.model;
     if eval_every == 0 {
         return Ok(None);
     }
-    if (u.channels, u.resolution, u.num_classes) != (1, 32, 10) {
+    let (c, r, k) = (u.channels(), u.resolution(), u.num_classes());
+    if (c, r, k) != (1, 32, 10) {
         eprintln!(
-            "note: --eval-every ignored: the evaluation classifier scores 1x32x32 digits with 10 classes, the teacher makes {}x{}x{} with {} classes",
-            u.channels, u.resolution, u.resolution, u.num_classes
+            "note: --eval-every ignored: the evaluation classifier scores 1x32x32 digits with 10 classes, the teacher makes {c}x{r}x{r} with {k} classes"
         );
         return Ok(None);
     }
@@ -237,8 +237,11 @@ impl Dmd2Job {
         let cfg = &self.config;
         train_checks::dmd2(cfg)?;
         let teacher = Teacher::load(&cfg.common.teacher, dev)?;
-        let u = &teacher.meta.model.unet;
-        let data = load_data(self.data.as_deref(), u.resolution, self.limit)?;
+        let data = load_data(
+            self.data.as_deref(),
+            teacher.meta.model.resolution(),
+            self.limit,
+        )?;
         let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
         let about = format!(
             "{}-step student (sigmas {:?}) from {}; {} iterations at batch {}, student updated every {}; GAN {}",

@@ -102,7 +102,7 @@ impl ValidateJob {
             }
         }
         let dev = Device::Cpu;
-        let (den, _) = checkpoint::load(&self.reference, &dev)?;
+        let (den, _) = crate::teacher_source::load(&self.reference, &dev)?;
         let meta = export::OnnxMetadata::from_file(&self.model)?;
         let target = match meta.generator() {
             Some(s) => export::Target::Generator(s),

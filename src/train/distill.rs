@@ -7,7 +7,7 @@ use super::optim::{AdamW, AdamWConfig, LossScaleConfig, LossScaler, Precision, S
 pub use super::runner::{
     eval_student, run, Method, RunConfig, RunOutcome as DistillOutcome, RunSpec, StepMetrics,
 };
-use crate::checkpoint::{self, CheckpointMeta, Role};
+use crate::checkpoint::{CheckpointMeta, Role};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -25,8 +25,12 @@ pub struct Teacher {
 }
 
 impl Teacher {
+    /// One of our teacher checkpoints or a diffusers model / pipeline folder
+    /// ([`crate::teacher_source`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let (den, meta) = checkpoint::load(dir, device)
+        let source = crate::teacher_source::TeacherSource::resolve(dir)?;
+        let (den, meta) = source
+            .load(device)
             .with_context(|| format!("loading the teacher {}", dir.display()))?;
         if meta.role != Role::Teacher {
             bail!(
@@ -35,13 +39,26 @@ impl Teacher {
                 meta.role.name()
             );
         }
-        let sha256 = checkpoint::file_sha256(&dir.join(checkpoint::WEIGHTS_FILE))?;
+        let sha256 = source.weights_sha256()?;
         Ok(Self {
             den,
             meta,
             dir: dir.to_path_buf(),
             sha256,
         })
+    }
+
+    /// Refuses a real-score guidance scale the teacher cannot take: classifier-free guidance
+    /// needs a null class, which a diffusers model does not have.
+    pub fn check_guidance(&self, cfg_scale: f64) -> Result<()> {
+        if cfg_scale != 1.0 && self.den.null_class().is_none() {
+            bail!(
+                "--cfg-scale {cfg_scale}: the teacher {} has no null class (a diffusers model), so \
+                 no classifier-free guidance; pass --cfg-scale 1",
+                self.dir.display()
+            );
+        }
+        Ok(())
     }
 
     /// The teacher's weights, by name.

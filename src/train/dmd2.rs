@@ -152,22 +152,21 @@ impl<'a> Dmd2<'a> {
         let mcfg = teacher.meta.model.clone();
         let grid = NoiseGrid::new(&mcfg.parameterisation);
         cfg.validate(&grid)?;
-        let u = &mcfg.unet;
-        if cfg.gan
-            && (data.channels != u.channels
-                || data.height != u.resolution
-                || data.width != u.resolution)
-        {
+        teacher.check_guidance(cfg.common.cfg_scale)?;
+        let (uc, ur, ncls) = (mcfg.channels(), mcfg.resolution(), mcfg.num_classes());
+        if cfg.gan && (data.channels != uc || data.height != ur || data.width != ur) {
             bail!(
-                "the GAN head compares generated images with real ones: data {} is {}x{}x{}, the teacher makes {}x{}x{}",
-                data.source, data.channels, data.height, data.width, u.channels, u.resolution, u.resolution
+                "the GAN head compares generated images with real ones: data {} is {}x{}x{}, the teacher makes {uc}x{ur}x{ur}",
+                data.source, data.channels, data.height, data.width
             );
         }
-        if cfg.gan && data.labels.iter().any(|&l| l as usize >= u.num_classes) {
+        if cfg.gan
+            && mcfg.network.is_class_conditional()
+            && data.labels.iter().any(|&l| l as usize >= ncls)
+        {
             bail!(
-                "data {} has labels outside the teacher's {} classes",
-                data.source,
-                u.num_classes
+                "data {} has labels outside the teacher's {ncls} classes",
+                data.source
             );
         }
         let w = teacher.weights();
@@ -175,12 +174,12 @@ impl<'a> Dmd2<'a> {
         let (fake, mut fvars) = distill::trainable_denoiser(&mcfg, &w, device)?;
         let (head, head_vm) = if cfg.gan {
             let vm = VarMap::new();
-            let (c, side) = u.bottleneck_shape();
+            let (c, side, groups) = mcfg.network.bottleneck_shape();
             let head = GanHead::new(
                 VarBuilder::from_varmap(&vm, DType::F32, device).pp("gan_head"),
                 c,
                 side,
-                u.groups,
+                groups,
             )?;
             fvars.extend(super::seeded_init(
                 &vm,
@@ -249,14 +248,13 @@ impl Method for Dmd2<'_> {
 
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let dev = self.device.clone();
-        let b =
-            CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
-        let u = &self.teacher.meta.model.unet;
-        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels, u.resolution);
+        let b = CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
+        let u = &self.teacher.meta.model;
+        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels(), u.resolution());
         let shape = [n, c, r, r];
         let mut rng = step_rng(self.cfg.common.run.seed, step, 0xD3D2);
         let mut m = StepMetrics::new();
-        let labels = random_labels(&mut rng, n, u.num_classes, &dev)?;
+        let labels = random_labels(&mut rng, n, u.num_classes(), &dev)?;
         let z = randn(&mut rng, &shape, &dev)?;
         // Backward simulation: the input of a random step k, from a no-grad rollout.
         let steps = self.sigmas.len();

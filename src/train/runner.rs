@@ -210,13 +210,9 @@ fn all_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
 
 /// One forward pass of the inference weights on seeded noise: finite or the reason it is not.
 fn probe(den: &Denoiser, device: &Device) -> Result<Option<String>> {
-    let c = &den.unet.cfg;
+    let (c, r) = den.image_shape();
     let n = 2;
-    let z = super::randn(
-        &mut super::step_rng(0, 0, 0x9A0B),
-        &[n, c.channels, c.resolution, c.resolution],
-        device,
-    )?;
+    let z = super::randn(&mut super::step_rng(0, 0, 0x9A0B), &[n, c, r, r], device)?;
     let b = CandleBackend::new(device);
     let sigma = 1.0;
     let labels = Tensor::from_vec(vec![0u32; n], n, device)?;
@@ -540,7 +536,7 @@ pub fn eval_student(
     n: usize,
     device: &Device,
 ) -> Result<crate::eval::EvalReport> {
-    let ncls = den.unet.cfg.num_classes;
+    let ncls = den.num_classes();
     let labels: Vec<u32> = (0..n).map(|i| (i % ncls) as u32).collect();
     let inputs = crate::sample::seeded_noise(den, spec, n, 1, device)?;
     let images = crate::sample::generate(
@@ -551,5 +547,10 @@ pub fn eval_student(
         250,
         device,
     )?;
-    ev.evaluate(&images, Some(&labels))
+    let given = den
+        .net
+        .config()
+        .is_class_conditional()
+        .then_some(labels.as_slice());
+    ev.evaluate(&images, given)
 }

@@ -213,6 +213,7 @@ impl<'a> Tdm<'a> {
         let mcfg = teacher.meta.model.clone();
         let grid = NoiseGrid::new(&mcfg.parameterisation);
         cfg.validate(&grid)?;
+        teacher.check_guidance(cfg.common.cfg_scale)?;
         for o in [&mut cfg.common.student_optim, &mut cfg.common.fake_optim] {
             if o.schedule == LrSchedule::Cosine && o.decay_steps == 0 {
                 o.decay_steps = cfg.common.run.train_steps;
@@ -225,7 +226,13 @@ impl<'a> Tdm<'a> {
         if cfg.condition_on_step {
             // One copy of the label table per student step, each starting as the teacher's.
             let groups = cfg.common.timesteps.len();
-            fcfg.unet.label_groups = groups;
+            let graphs::NetworkConfig::Unet(u) = &mut fcfg.network else {
+                anyhow::bail!(
+                    "condition_on_step (--condition-on-step) gives the fake score one label table \
+                     per student step; a diffusers teacher's network has none to copy: turn it off"
+                );
+            };
+            u.label_groups = groups;
             let key = "label_emb.weight";
             let table = &w[key];
             fw.insert(key.into(), Tensor::cat(&vec![table.clone(); groups], 0)?);
@@ -250,7 +257,7 @@ impl<'a> Tdm<'a> {
 
     /// The fake score's label ids: the class, offset by the step's table when conditioned on it.
     fn fake_labels(&self, labels: &[u32], k: &[usize]) -> Result<Tensor> {
-        let rows = (self.teacher.meta.model.unet.num_classes + 1) as u32;
+        let rows = (self.teacher.meta.model.num_classes() + 1) as u32;
         let l: Vec<u32> = labels
             .iter()
             .zip(k)
@@ -303,10 +310,9 @@ impl Method for Tdm<'_> {
 
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let dev = self.device.clone();
-        let b =
-            CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
-        let u = &self.teacher.meta.model.unet;
-        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels, u.resolution);
+        let b = CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
+        let u = &self.teacher.meta.model;
+        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels(), u.resolution());
         let shape = [n, c, r, r];
         let steps = self.sigmas.len();
         let mut m = StepMetrics::new();
@@ -316,7 +322,8 @@ impl Method for Tdm<'_> {
         let mut micro = Vec::with_capacity(accum as usize);
         for i in 0..accum {
             let mut rng = step_rng(self.cfg.common.run.seed, step, 0x7D30 + i);
-            let label_ids: Vec<u32> = random_labels(&mut rng, n, u.num_classes, &dev)?.to_vec1()?;
+            let label_ids: Vec<u32> =
+                random_labels(&mut rng, n, u.num_classes(), &dev)?.to_vec1()?;
             let labels = Tensor::from_vec(label_ids.clone(), n, &dev)?;
             let z = randn(&mut rng, &shape, &dev)?;
             let frozen = graphs::params::detached(&self.student)?;

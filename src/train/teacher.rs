@@ -24,9 +24,15 @@ use std::collections::HashMap;
 #[serde(default, deny_unknown_fields)]
 pub struct TeacherConfig {
     pub model: UNetConfig,
-    /// `edm` or `vp`.
+    /// `edm`, `vp` or `flow` (rectified flow, velocity target).
     pub parameterisation: String,
     pub beta_schedule: BetaSchedule,
+    /// VP only: what the network predicts (`epsilon`, `v_prediction` or `sample`).
+    #[serde(skip_serializing_if = "is_epsilon")]
+    pub prediction: graphs::schedulers::Prediction,
+    /// Flow only: timestep count, shift and the training draw of `s`.
+    #[serde(skip_serializing_if = "is_default_flow")]
+    pub flow: graphs::FlowSchedule,
     /// Training iterations in total. (`steps` before; still read, with a deprecation note.)
     #[serde(alias = "steps")]
     pub train_steps: u64,
@@ -55,6 +61,8 @@ impl Default for TeacherConfig {
             model: UNetConfig::mnist_small(),
             parameterisation: "edm".into(),
             beta_schedule: BetaSchedule::Linear,
+            prediction: Default::default(),
+            flow: Default::default(),
             train_steps: 5000,
             batch_size: 32,
             optim: AdamWConfig {
@@ -77,19 +85,44 @@ impl Default for TeacherConfig {
     }
 }
 
+fn is_epsilon(p: &graphs::schedulers::Prediction) -> bool {
+    *p == graphs::schedulers::Prediction::Epsilon
+}
+
+fn is_default_flow(f: &graphs::FlowSchedule) -> bool {
+    *f == graphs::FlowSchedule::default()
+}
+
 impl TeacherConfig {
     pub fn param(&self) -> Result<Parameterisation> {
+        if self.parameterisation != "vp" && !is_epsilon(&self.prediction) {
+            bail!(
+                "prediction {:?} applies to parameterisation vp, not {}",
+                self.prediction,
+                self.parameterisation
+            );
+        }
         match self.parameterisation.as_str() {
             "edm" => Ok(Parameterisation::edm()),
-            "vp" => Ok(Parameterisation::vp(self.beta_schedule)),
-            other => bail!("unknown parameterisation {other:?} (expected edm or vp)"),
+            "vp" => {
+                let mut p = Parameterisation::vp(self.beta_schedule);
+                if let Parameterisation::Vp(v) = &mut p {
+                    v.prediction = self.prediction;
+                }
+                Ok(p)
+            }
+            "flow" => {
+                let f = &self.flow;
+                if !(f.shift > 0.0 && f.shift.is_finite()) || f.num_timesteps == 0 {
+                    bail!("flow: shift must be positive and num_timesteps at least 1");
+                }
+                Ok(Parameterisation::Flow(f.clone()))
+            }
+            other => bail!("unknown parameterisation {other:?} (expected edm, vp or flow)"),
         }
     }
     pub fn model_config(&self) -> Result<ModelConfig> {
-        Ok(ModelConfig {
-            unet: self.model.clone(),
-            parameterisation: self.param()?,
-        })
+        Ok(ModelConfig::ours(self.model.clone(), self.param()?))
     }
     pub fn generator(&self) -> Result<GeneratorSpec> {
         Ok(GeneratorSpec {

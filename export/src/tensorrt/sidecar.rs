@@ -53,7 +53,7 @@ impl ModelInfo {
             channels: Some(r.channels),
             resolution: Some(r.resolution),
             num_classes: Some(r.num_classes),
-            null_class_id: Some(r.null_class_id),
+            null_class_id: r.null_class_id,
             sampler: spec.and_then(|s| {
                 serde_json::to_value(s.sampler)
                     .ok()

@@ -25,14 +25,14 @@ pub(super) fn make_case(
     batch: usize,
     rng: &mut StdRng,
 ) -> Result<Case> {
-    let cfg = &den.unet.cfg;
-    let (c, r) = (cfg.channels, cfg.resolution);
+    let (c, r) = den.image_shape();
+    let num_classes = den.num_classes();
     let shape = [batch, c, r, r];
     let n = batch * c * r * r;
     let dev = Device::Cpu;
     let cb = CandleBackend::new(&dev);
     let labels: Vec<u32> = (0..batch)
-        .map(|_| rng.gen_range(0..cfg.num_classes as u32))
+        .map(|_| rng.gen_range(0..num_classes as u32))
         .collect();
     let labels_t = Tensor::from_vec(labels.clone(), batch, &dev)?;
     let labels_in = TensorData::I32(ArrayD::from_shape_vec(
@@ -79,6 +79,10 @@ pub(super) fn make_case(
                     vec![batch],
                     t.iter().map(|&v| v as i32).collect(),
                 )?),
+                // The bare flow denoiser takes sigma-space levels (`draw_check_level` draws sigmas).
+                TrainingLevel::FlowTime(_) => {
+                    anyhow::bail!("the exported denoiser takes sigmas, not flow times")
+                }
             };
             let inputs = vec![
                 ("x".to_string(), x_in),

@@ -168,3 +168,138 @@ impl DiffusersTeacher {
         }
     }
 }
+
+/// The parameterisation a diffusers scheduler config describes, in our sigma-space terms: the
+/// DDPM family as VP with the scheduler's own beta table and prediction type, the flow scheduler
+/// as rectified flow with its shift. A zero-terminal-SNR schedule is refused (its last sigma is
+/// infinite, so no sampler can start from it here).
+pub fn parameterisation(s: &Scheduler) -> Result<crate::Parameterisation> {
+    use crate::schedule::{BetaSchedule, FlowSchedule, Parameterisation, VpSchedule};
+    let vp = |b: &crate::schedulers::BetaConfig, prediction| {
+        if b.rescale_betas_zero_snr {
+            bail!(
+                "{}: rescale_betas_zero_snr = true gives an infinite terminal sigma; not supported \
+                 as a teacher's schedule",
+                s.class_name()
+            );
+        }
+        Ok(Parameterisation::Vp(VpSchedule {
+            num_timesteps: b.num_train_timesteps,
+            beta_start: b.beta_start,
+            beta_end: b.beta_end,
+            beta_schedule: BetaSchedule::Linear,
+            prediction,
+            trained_betas: Some(b.betas().into_iter().map(f64::from).collect()),
+        }))
+    };
+    match s {
+        Scheduler::Ddpm(d) => vp(&d.betas, d.prediction),
+        Scheduler::Ddim(d) => vp(&d.betas, d.prediction),
+        Scheduler::Euler(d) => vp(&d.betas, d.prediction),
+        Scheduler::DpmMultistep(d) => vp(&d.betas, d.prediction),
+        Scheduler::FlowMatchEuler(f) => Ok(Parameterisation::Flow(FlowSchedule {
+            num_timesteps: f.num_train_timesteps,
+            shift: f.shift,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Our sampler for a diffusers scheduler: DDIM -> `ddim`, DDPM -> `ddim` (its deterministic
+/// ODE counterpart), Euler and FlowMatchEuler -> `euler`, DPM-Solver++ 2M -> `heun` (our
+/// second-order ODE solver). `--sampler` overrides it.
+pub fn sampler_for(s: &Scheduler) -> crate::SamplerKind {
+    use crate::SamplerKind;
+    match s {
+        Scheduler::Ddpm(_) | Scheduler::Ddim(_) => SamplerKind::Ddim,
+        Scheduler::Euler(_) | Scheduler::FlowMatchEuler(_) => SamplerKind::Euler,
+        Scheduler::DpmMultistep(_) => SamplerKind::Heun,
+    }
+}
+
+/// A `DDIMScheduler` config (`scheduler_config.json`) under which diffusers' own sampling loop
+/// runs the sampler of `spec` on a VP model: `timestep_spacing = "trailing"` (so
+/// `set_timesteps(k)` gives `T-1, T-1-T/k, ...`, DMD2's and TDM's 999, 749, 499, 249 at k = 4),
+/// the model's beta table as `trained_betas`, its `prediction_type`, `set_alpha_to_one` (the
+/// last step returns x0) and `eta = 0` (deterministic re-noising: TDM's, and any 1-step
+/// student's). A student whose steps are not those timesteps, or that re-noises with fresh noise
+/// between several steps (DMD2's multi-step sampler: diffusers has no such scheduler), is
+/// refused with the reason. Returns the config and the number of steps to sample with.
+pub fn ddim_scheduler_for(
+    param: &crate::Parameterisation,
+    spec: &crate::GeneratorSpec,
+) -> Result<(serde_json::Value, usize)> {
+    use crate::schedulers::betas::{int_timesteps, Spacing};
+    use crate::{Parameterisation, SamplerKind};
+    let v = match param {
+        Parameterisation::Vp(v) => v,
+        other => bail!(
+            "--format diffusers writes DDPM-family (vp) models with a DDIMScheduler; this model \
+             is {}: its steps are not what a diffusers scheduler's set_timesteps gives, so \
+             diffusers would not run its sampler. Export ONNX instead (distill export CKPT)",
+            other.name()
+        ),
+    };
+    let t = v.num_timesteps;
+    let steps = if spec.sampler == SamplerKind::Student {
+        let k = spec.sigmas.len();
+        if spec.fresh_noise && k > 1 {
+            bail!(
+                "a {k}-step student that re-noises with fresh noise between steps (DMD2's \
+                 multi-step sampler) has no diffusers scheduler; export a 1-step DMD2 or a TDM \
+                 student with --format diffusers, or this one as ONNX"
+            );
+        }
+        let sig = v.sigmas();
+        let want: Vec<f64> = int_timesteps(Spacing::Trailing, t, k, 0)
+            .into_iter()
+            .map(|i| sig[i as usize])
+            .collect();
+        let same = want
+            .iter()
+            .zip(&spec.sigmas)
+            .all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1.0));
+        if !same {
+            bail!(
+                "the student's step sigmas {:?} are not the sigmas of DDIM's trailing timesteps \
+                 {:?} for {k} steps (what diffusers' set_timesteps({k}) gives): distil with \
+                 --timesteps {} to export it with --format diffusers",
+                spec.sigmas,
+                want,
+                int_timesteps(Spacing::Trailing, t, k, 0)
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        k
+    } else {
+        spec.steps
+    };
+    let prediction = match v.prediction {
+        Prediction::Epsilon => "epsilon",
+        Prediction::VPrediction => "v_prediction",
+        Prediction::Sample => "sample",
+    };
+    let cfg = serde_json::json!({
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": super::save::DIFFUSERS_VERSION,
+        "num_train_timesteps": t,
+        "beta_start": v.beta_start,
+        "beta_end": v.beta_end,
+        "beta_schedule": "linear",
+        "trained_betas": v.betas(),
+        "clip_sample": false,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": true,
+        "steps_offset": 0,
+        "prediction_type": prediction,
+        "thresholding": false,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "timestep_spacing": "trailing",
+        "rescale_betas_zero_snr": false,
+    });
+    Ok((cfg, steps))
+}

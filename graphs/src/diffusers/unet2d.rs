@@ -205,6 +205,54 @@ impl UNet2DModel {
         }
     }
 
+    /// The encoder and mid block: the bottleneck features, the SiLU'd embedding, their side and
+    /// the skips the decoder consumes.
+    #[allow(clippy::type_complexity)]
+    fn encode<B: Backend>(
+        &self,
+        b: &B,
+        sample: &B::T,
+        side: usize,
+        timestep: &B::T,
+        class_labels: Option<&B::T>,
+    ) -> anyhow::Result<(B::T, B::T, usize, Vec<B::T>)> {
+        let x = if self.cfg.center_input_sample {
+            b.affine(sample, 2.0, -1.0)?
+        } else {
+            sample.clone()
+        };
+        let temb = b.silu(&self.embed(b, timestep, class_labels)?)?;
+        let mut h = self.conv_in.forward(b, &x)?;
+        let mut skips = vec![h.clone()];
+        let mut s = side;
+        for d in &self.down_blocks {
+            h = d.forward(b, &h, &temb, &mut s, &mut skips)?;
+        }
+        if let Some(m) = &self.mid_block {
+            h = m.forward(b, &h, &temb, s)?;
+        }
+        Ok((h, temb, s, skips))
+    }
+
+    /// The mid block's output (the last encoder block's without one), `[N, C_last, r, r]`: what
+    /// DMD2's GAN head classifies.
+    pub fn bottleneck<B: Backend>(
+        &self,
+        b: &B,
+        sample: &B::T,
+        side: usize,
+        timestep: &B::T,
+        class_labels: Option<&B::T>,
+    ) -> anyhow::Result<B::T> {
+        Ok(self.encode(b, sample, side, timestep, class_labels)?.0)
+    }
+
+    /// Channels and side of [`Self::bottleneck`] for an input of side `side`.
+    pub fn bottleneck_shape(&self, side: usize) -> (usize, usize) {
+        let ch = &self.cfg.block_out_channels;
+        (ch[ch.len() - 1], side >> (ch.len() - 1))
+    }
+
     /// The network's raw prediction, exactly diffusers' `UNet2DModel.forward(...).sample`:
     /// `sample` `[N, C, H, W]` (square, H = W), `timestep` `[N]` f32 (diffusers' timestep
     /// values), `class_labels` `[N]` integer (a `num_class_embeds` table or `timestep` class
@@ -223,21 +271,8 @@ impl UNet2DModel {
             "UNet2DModel: side {side} is not divisible by 2^{} ({levels} levels)",
             levels - 1
         );
-        let x = if self.cfg.center_input_sample {
-            b.affine(sample, 2.0, -1.0)?
-        } else {
-            sample.clone()
-        };
-        let temb = b.silu(&self.embed(b, timestep, class_labels)?)?;
-        let mut h = self.conv_in.forward(b, &x)?;
-        let mut skips = vec![h.clone()];
-        let mut s = side;
-        for d in &self.down_blocks {
-            h = d.forward(b, &h, &temb, &mut s, &mut skips)?;
-        }
-        if let Some(m) = &self.mid_block {
-            h = m.forward(b, &h, &temb, s)?;
-        }
+        let (mut h, temb, mut s, mut skips) =
+            self.encode(b, sample, side, timestep, class_labels)?;
         for u in &self.up_blocks {
             h = u.forward(b, &h, &temb, &mut s, &mut skips)?;
         }

@@ -13,6 +13,7 @@ pub mod tdm;
 use crate::candle_backend::CandleBackend;
 use crate::denoiser::Denoiser;
 use crate::schedule::Parameterisation;
+use crate::schedulers::Prediction;
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
@@ -21,11 +22,14 @@ pub fn mean_per_sample(x: &Tensor) -> Result<Tensor> {
     Ok(x.flatten_from(1)?.mean(D::Minus1)?)
 }
 
-/// The teacher's denoising loss on clean images `x0` with per-sample `sigma` `[N]` (EDM) or
-/// integer timesteps `t` `[N]` (VP) and unit noise `noise`.
+/// The teacher's denoising loss on clean images `x0` with per-sample `sigma` `[N]` (EDM),
+/// integer timesteps `t` `[N]` (VP) or flow times `s` `[N]` in (0, 1) (flow), and unit noise
+/// `noise`.
 ///
 /// EDM: `lambda(sigma) * |D(x0 + sigma n, sigma) - x0|^2`, `lambda = (sigma^2 + sd^2) / (sigma sd)^2`.
-/// VP: `|eps(x_t, t) - n|^2` (the DDPM "simple" loss). Returns the batch mean (a scalar).
+/// VP: `|out(x_t, t) - target|^2` with the target of the prediction (eps: `n`, the DDPM "simple"
+/// loss; v: `alpha n - sigma_t x0`; sample: `x0`). Flow: `|v(x_t, s T) - (n - x0)|^2` at
+/// `x_t = (1 - s) x0 + s n`. Returns the batch mean (a scalar).
 pub fn teacher_loss(
     b: &CandleBackend,
     den: &Denoiser,
@@ -47,12 +51,31 @@ pub fn teacher_loss(
             let per = mean_per_sample(&(d - x0)?.sqr()?)?;
             Ok((per * weight)?.mean_all()?)
         }
-        Parameterisation::Vp(_) => {
+        Parameterisation::Vp(v) => {
             let level = den.level_from_timesteps(b, noise_cond)?;
             let n = x0.dim(0)?;
-            let x = (x0 + noise.broadcast_mul(&level.sigma.reshape((n, 1, 1, 1))?)?)?;
-            let eps = den.eps(b, &x, &level, labels)?;
-            Ok((eps - noise)?.sqr()?.mean_all()?)
+            let s = level.sigma.reshape((n, 1, 1, 1))?;
+            let x = (x0 + noise.broadcast_mul(&s)?)?;
+            let (out, target) = match v.prediction {
+                Prediction::Epsilon => (den.eps(b, &x, &level, labels)?, noise.clone()),
+                Prediction::Sample => (den.raw(b, &x, &level, labels)?, x0.clone()),
+                Prediction::VPrediction => {
+                    // alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha
+                    let alpha = (s.sqr()? + 1.0)?.sqrt()?.recip()?;
+                    let target =
+                        (noise.broadcast_mul(&alpha)? - x0.broadcast_mul(&(&s * &alpha)?)?)?;
+                    (den.raw(b, &x, &level, labels)?, target)
+                }
+            };
+            Ok((out - target)?.sqr()?.mean_all()?)
+        }
+        Parameterisation::Flow(f) => {
+            let n = x0.dim(0)?;
+            let s = noise_cond.reshape((n, 1, 1, 1))?;
+            let x_t = (x0 + (noise - x0)?.broadcast_mul(&s)?)?;
+            let c_noise = (noise_cond * f.num_timesteps as f64)?;
+            let v = den.net.forward(b, &x_t, &c_noise, labels)?;
+            Ok((v - (noise - x0)?)?.sqr()?.mean_all()?)
         }
     }
 }

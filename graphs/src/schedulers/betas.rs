@@ -226,9 +226,11 @@ pub fn int_timesteps(spacing: Spacing, t: usize, n: usize, steps_offset: i64) ->
     }
 }
 
-/// `prediction_type`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `prediction_type` (also what a VP checkpoint of ours records: `epsilon` unless set).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prediction {
+    #[default]
     Epsilon,
     VPrediction,
     Sample,
