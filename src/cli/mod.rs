@@ -1,13 +1,13 @@
 //! Command-line interface (clap derive; every doc comment below is `--help` text). Flags are
 //! only converted into the library's jobs ([`distill::jobs`]); defaults are the jobs' own.
 
+mod bench;
 mod train;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use distill::checkpoint;
 use distill::jobs::{
     EvalJob, ExportJob, ExportWhat, PipelineJob, SampleJob, SamplerOverride, TrtBuild, ValidateJob,
 };
@@ -58,7 +58,7 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Time a teacher training step and a forward pass in candle and, when torch is installed
     /// (scripts/setup-bench.sh), the identical UNet in PyTorch in the same run; prints ratios.
-    Bench(BenchArgs),
+    Bench(bench::BenchArgs),
     /// Draw training curves from a run's metrics.jsonl as a PNG line chart.
     Plot(PlotArgs),
     /// The main job: teacher -> DMD2 and TDM students -> quality per NFE -> ONNX export -> parity,
@@ -237,61 +237,6 @@ pub struct ValidateArgs {
     /// system-out, failure past tolerance), plus the lint.
     #[arg(long)]
     pub junit: Option<PathBuf>,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// What to time: `auto` (`cpu` on the CPU, `gpu` on CUDA), `cpu` (forward and teacher step vs
-    /// PyTorch on the CPU), `gpu` (teacher/DMD2/TDM images/s per precision vs PyTorch AMP; runs
-    /// on the CPU too, as a dry run), `device-check` (--device against the CPU: forward, one
-    /// training step at fp32/bf16/fp16; exit code 3 past tolerance), `inference` (the 1- and
-    /// 4-step students' generator at batch 1 and --batch in candle, ONNX Runtime fp32/fp16,
-    /// tract and PyTorch eager/compile), `diffusers-unet` (google/ddpm-cifar10-32's UNet2DModel,
-    /// or --config FILE.json, forward and training step at batch 1 and --batch vs diffusers).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub what: BenchWhat,
-    /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default
-    /// teacher) or `tiny` [default: bench; for `--what inference` mnist_small, the pipeline's].
-    #[arg(long)]
-    pub config: Option<String>,
-    /// With `--what inference`: skip `torch.compile` (minutes to compile on 2 cores).
-    #[arg(long)]
-    pub no_torch_compile: bool,
-    /// Images per step.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
-    /// Untimed warm-up iterations.
-    #[arg(long, default_value_t = 3)]
-    pub warmup: usize,
-    /// Timed iterations (the median is reported).
-    #[arg(long, default_value_t = 10)]
-    pub iters: usize,
-    /// PyTorch comparison: `auto` (when torch is found), `require`, or `off`.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "require", "off"])]
-    pub torch: String,
-    /// Skip the per-op table (conv, GroupNorm+SiLU, res block, attention, AdamW: stock candle vs
-    /// the fast kernels vs PyTorch).
-    #[arg(long)]
-    pub no_ops: bool,
-    /// Also time the whole forward and step on candle's stock ops (slow).
-    #[arg(long)]
-    pub stock: bool,
-    /// Python interpreter with torch (default: $DISTILL_TORCH_PYTHON, then .venv-bench/bin/python).
-    #[arg(long)]
-    pub torch_python: Option<PathBuf>,
-    /// Also write the report as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum BenchWhat {
-    Auto,
-    Cpu,
-    Gpu,
-    DeviceCheck,
-    Inference,
-    DiffusersUnet,
 }
 
 #[derive(Args, Debug)]
@@ -509,72 +454,6 @@ fn show_progress(quiet: bool) -> bool {
     !quiet && std::io::stderr().is_terminal()
 }
 
-fn cmd_bench(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
-    let mut o = distill::bench::BenchOptions::for_config(a.config.as_deref().unwrap_or("bench"))?;
-    o.batch = a.batch;
-    o.warmup = a.warmup;
-    o.iters = a.iters;
-    o.threads = threads;
-    o.torch = match a.torch.as_str() {
-        "require" => distill::bench::TorchMode::Require,
-        "off" => distill::bench::TorchMode::Off,
-        _ => distill::bench::TorchMode::Auto,
-    };
-    o.torch_python = a.torch_python.clone();
-    o.json_out = a.json.clone();
-    o.ops = !a.no_ops;
-    o.stock = a.stock;
-    println!("{}", distill::bench::run(&o)?);
-    Ok(())
-}
-
-fn cmd_inference(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
-    let mut batches = vec![1, a.batch];
-    batches.dedup();
-    let o = distill::bench::inference::InferenceOptions {
-        config: a.config.clone().unwrap_or_else(|| "mnist_small".into()),
-        batches,
-        threads,
-        warmup: a.warmup,
-        iters: a.iters,
-        torch: match a.torch.as_str() {
-            "require" => distill::bench::TorchMode::Require,
-            "off" => distill::bench::TorchMode::Off,
-            _ => distill::bench::TorchMode::Auto,
-        },
-        torch_python: a.torch_python.clone(),
-        torch_compile: !a.no_torch_compile,
-        seed: 0,
-    };
-    let r = distill::bench::inference::run(&o)?;
-    println!("{r}");
-    if let Some(p) = &a.json {
-        checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
-    }
-    Ok(())
-}
-
-fn cmd_device_check(a: &BenchArgs, dev: &Device) -> Result<()> {
-    let o = distill::bench::device_check::DeviceCheckOptions {
-        config: a.config.clone().unwrap_or_else(|| "bench".into()),
-        batch: a.batch,
-        seed: 0,
-    };
-    let r = distill::bench::device_check::run(&o, dev)?;
-    println!("{r}");
-    if let Some(p) = &a.json {
-        checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
-    }
-    if !r.passed() {
-        return Err(distill::jobs::Failure::ValidationFailed(format!(
-            "{} differs from the CPU past tolerance",
-            r.device
-        ))
-        .into());
-    }
-    Ok(())
-}
-
 fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
     let o = PipelineJob {
         out: a.out.clone(),
@@ -633,50 +512,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             distill::diffusers_io::export_folder(&a.checkpoint, &a.out).map(|_| ())
         }
         Command::Export(a) => a.job().run().map(|_| ()),
-        Command::Bench(a) if a.what == BenchWhat::DeviceCheck => cmd_device_check(a, &dev),
-        Command::Bench(a) if a.what == BenchWhat::Inference => cmd_inference(a, cli.threads),
-        Command::Bench(a) if a.what == BenchWhat::DiffusersUnet => {
-            let mut batches = vec![1, a.batch];
-            batches.dedup();
-            let o = distill::bench::diffusers_unet::DiffusersBenchOptions {
-                config: a.config.clone().map(PathBuf::from),
-                batches,
-                threads: cli.threads,
-                warmup: a.warmup,
-                iters: a.iters,
-                torch: match a.torch.as_str() {
-                    "require" => distill::bench::TorchMode::Require,
-                    "off" => distill::bench::TorchMode::Off,
-                    _ => distill::bench::TorchMode::Auto,
-                },
-                torch_python: a.torch_python.clone(),
-            };
-            let r = distill::bench::diffusers_unet::run(&o)?;
-            println!("{r}");
-            if let Some(p) = &a.json {
-                checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
-            }
-            Ok(())
-        }
-        Command::Bench(a)
-            if a.what == BenchWhat::Gpu || (a.what == BenchWhat::Auto && dev.is_cuda()) =>
-        {
-            let o = distill::bench::gpu::GpuBenchOptions {
-                config: a.config.clone().unwrap_or_else(|| "bench".into()),
-                batch: a.batch,
-                warmup: a.warmup,
-                iters: a.iters,
-                torch_python: a.torch_python.clone(),
-                torch: a.torch != "off",
-            };
-            let r = distill::bench::gpu::run(&o, &dev)?;
-            println!("{r}");
-            if let Some(p) = &a.json {
-                checkpoint::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
-            }
-            Ok(())
-        }
-        Command::Bench(a) => cmd_bench(a, cli.threads),
+        Command::Bench(a) => bench::run(a, &dev, cli.threads),
         Command::Validate(a) => a.job().run().map(|_| ()),
         Command::Pipeline(a) => cmd_pipeline(a, &dev, cli.quiet),
         Command::Plot(a) => cmd_plot(a),

@@ -248,7 +248,8 @@ impl Method for Dmd2<'_> {
 
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let dev = self.device.clone();
-        let b = CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
+        let b =
+            CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
         let u = &self.teacher.meta.model;
         let (n, c, r) = (self.cfg.common.run.batch_size, u.channels(), u.resolution());
         let shape = [n, c, r, r];
