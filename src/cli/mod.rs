@@ -251,6 +251,13 @@ pub struct PipelineArgs {
     /// Teacher training steps (default: the teacher's default, 5000).
     #[arg(long)]
     pub teacher_steps: Option<u64>,
+    /// Teacher parameterisation: `edm` (default), `vp` (see --prediction) or `flow` (rectified
+    /// flow); the students are distilled from whichever it is.
+    #[arg(long, value_parser = ["edm", "vp", "flow"])]
+    pub parameterisation: Option<String>,
+    /// VP teacher only: what the network predicts: `epsilon` (eps), `v` or `sample` (x0).
+    #[arg(long, value_enum)]
+    pub prediction: Option<train::PredictionArg>,
     /// DMD2 iterations per student (the student is updated every 5th).
     #[arg(long, default_value_t = PipelineJob::DEFAULT_DMD2_STEPS)]
     pub dmd2_steps: u64,
@@ -459,6 +466,8 @@ fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
         out: a.out.clone(),
         data: a.data.clone(),
         teacher_steps: a.teacher_steps,
+        parameterisation: a.parameterisation.clone(),
+        prediction: a.prediction.map(Into::into),
         dmd2_steps: a.dmd2_steps,
         tdm_steps: a.tdm_steps,
         dmd2_four_step: !a.no_dmd2_4step,

@@ -171,6 +171,16 @@ pub enum PredictionArg {
     Sample,
 }
 
+impl From<PredictionArg> for graphs::schedulers::Prediction {
+    fn from(p: PredictionArg) -> Self {
+        match p {
+            PredictionArg::Epsilon => Self::Epsilon,
+            PredictionArg::V => Self::VPrediction,
+            PredictionArg::Sample => Self::Sample,
+        }
+    }
+}
+
 /// `--flow-t`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FlowTArg {
@@ -208,12 +218,7 @@ impl TeacherArgs {
             };
         }
         if let Some(p) = self.prediction {
-            use graphs::schedulers::Prediction;
-            c.prediction = match p {
-                PredictionArg::Epsilon => Prediction::Epsilon,
-                PredictionArg::V => Prediction::VPrediction,
-                PredictionArg::Sample => Prediction::Sample,
-            };
+            c.prediction = p.into();
         }
         if let Some(t) = self.flow_t {
             c.flow.t_dist = match t {

@@ -24,6 +24,10 @@ pub struct PipelineJob {
     pub out: PathBuf,
     pub data: Option<PathBuf>,
     pub teacher_steps: Option<u64>,
+    /// The teacher's parameterisation (`edm`, `vp`, `flow`); `None`: the teacher's default.
+    pub parameterisation: Option<String>,
+    /// A VP teacher's prediction type; `None`: the teacher's default (epsilon).
+    pub prediction: Option<graphs::schedulers::Prediction>,
     pub dmd2_steps: u64,
     pub tdm_steps: u64,
     /// Train the 4-step DMD2 student too.
@@ -47,6 +51,8 @@ impl Default for PipelineJob {
             out: PathBuf::from(Self::DEFAULT_OUT),
             data: None,
             teacher_steps: None,
+            parameterisation: None,
+            prediction: None,
             dmd2_steps: Self::DEFAULT_DMD2_STEPS,
             tdm_steps: Self::DEFAULT_TDM_STEPS,
             dmd2_four_step: true,
@@ -147,6 +153,12 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     };
     if let Some(s) = o.teacher_steps {
         tjob.config.train_steps = s;
+    }
+    if let Some(p) = &o.parameterisation {
+        tjob.config.parameterisation = p.clone();
+    }
+    if let Some(p) = o.prediction {
+        tjob.config.prediction = p;
     }
     let tcfg = tjob.config.clone();
     let teacher = RunDir::new(&tjob.out)?.checkpoint();
