@@ -147,3 +147,33 @@ fn flow_and_v_teachers_distil_export_and_validate() {
         }
     }
 }
+
+/// `distill pipeline` reuses a finished teacher in its folder: one of another parameterisation is
+/// refused by name instead of being distilled as if it were the requested one.
+#[test]
+fn pipeline_refuses_a_finished_teacher_of_another_parameterisation() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::new(&dir.path().join("teacher")).unwrap();
+    let data = digits(16);
+    teacher::train(
+        &tiny_cfg("flow", Prediction::Epsilon, 2),
+        &data,
+        &run,
+        false,
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let job = distill::jobs::PipelineJob {
+        out: dir.path().to_path_buf(),
+        teacher_steps: Some(2),
+        quiet: true,
+        ..Default::default()
+    };
+    let e = distill::jobs::pipeline::run(&job, &Device::Cpu).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("finished flow teacher") && msg.contains("asks for edm"),
+        "{msg}"
+    );
+}

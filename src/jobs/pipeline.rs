@@ -163,6 +163,15 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     let tcfg = tjob.config.clone();
     let teacher = RunDir::new(&tjob.out)?.checkpoint();
     if finished(&teacher, tcfg.train_steps) {
+        // A finished teacher of another parameterisation must not be reused silently.
+        let have = checkpoint::load_meta(&teacher)?.model.parameterisation;
+        anyhow::ensure!(
+            have.name() == tcfg.parameterisation,
+            "{} is a finished {} teacher, but this pipeline asks for {}: use another --out",
+            teacher.display(),
+            have.name(),
+            tcfg.parameterisation
+        );
         eprintln!("pipeline: teacher done ({}), skipping", teacher.display());
     } else {
         tjob.resume = resumable(&teacher);
