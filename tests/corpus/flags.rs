@@ -36,6 +36,16 @@ fn cli_flags_are_range_checked() {
         ),
         t("dropout nan", &["--dropout", "nan"], &["model.dropout"]),
         t(
+            "flow-shift nan",
+            &["--parameterisation", "flow", "--flow-shift", "nan"],
+            &["flow.shift"],
+        ),
+        t(
+            "flow-shift zero",
+            &["--parameterisation", "flow", "--flow-shift", "0"],
+            &["shift must be positive"],
+        ),
+        t(
             "weight-decay inf",
             &["--weight-decay", "inf"],
             &["weight_decay"],
@@ -108,6 +118,18 @@ fn cli_flags_are_range_checked() {
         teacher_flags(&out, &["--parameterisation", "ddpm"]),
         2,
         &["parameterisation"],
+    ));
+    cases.push(Case::new(
+        "pipeline: unknown parameterisation",
+        vec![
+            "pipeline".into(),
+            "-o".into(),
+            out.display().to_string(),
+            "--parameterisation".into(),
+            "ddpm".into(),
+        ],
+        2,
+        &["--parameterisation"],
     ));
     assert_cases(cases);
     assert!(
