@@ -141,13 +141,7 @@ pub fn run(o: &DiffusersBenchOptions) -> Result<DiffusersReport> {
         matches!(cfg.class_embed, graphs::diffusers::ClassEmbed::None),
         "{name}: the diffusers bench times unconditional UNets only"
     );
-    let python = match o.torch {
-        TorchMode::Off => Err("PyTorch comparison turned off".to_string()),
-        _ => super::find_torch_python(o.torch_python.as_deref()),
-    };
-    if let (TorchMode::Require, Err(why)) = (o.torch, &python) {
-        bail!("{why}");
-    }
+    let python = super::torch_python_for(o.torch, o.torch_python.as_deref())?;
     crate::host::tune_allocator();
     crate::host::tune_threads(Some(threads));
     let pool = rayon::ThreadPoolBuilder::new()

@@ -304,13 +304,7 @@ pub fn run(o: &InferenceOptions) -> Result<InferenceReport> {
         .build()
         .context("building the rayon pool")?;
     let work = super::Workdir::new()?;
-    let python = match o.torch {
-        TorchMode::Off => Err("PyTorch comparison turned off".to_string()),
-        _ => super::find_torch_python(o.torch_python.as_deref()),
-    };
-    if let (TorchMode::Require, Err(why)) = (o.torch, &python) {
-        bail!("{why}");
-    }
+    let python = super::torch_python_for(o.torch, o.torch_python.as_deref())?;
     let grid = NoiseGrid::new(&cfg.parameterisation);
     let mut rows = Vec::new();
     let mut params = 0;

@@ -28,7 +28,7 @@ mod torch;
 
 pub use timing::peer_adamw;
 use timing::{median, time_it};
-use torch::{find_torch_python, parity_check, run_peer, time_torch, write_config, Workdir};
+use torch::{parity_check, run_peer, time_torch, torch_python_for, write_config, Workdir};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -207,13 +207,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     );
     opts.unet.validate()?;
 
-    let python = match opts.torch {
-        TorchMode::Off => Err("PyTorch comparison turned off".to_string()),
-        _ => find_torch_python(opts.torch_python.as_deref()),
-    };
-    if let (TorchMode::Require, Err(why)) = (opts.torch, &python) {
-        bail!("{why}");
-    }
+    let python = torch_python_for(opts.torch, opts.torch_python.as_deref())?;
 
     // The allocator setting of training (as the CLI sets it): the train step is timed as trained.
     crate::host::tune_allocator();

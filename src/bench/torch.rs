@@ -33,6 +33,22 @@ impl Drop for Workdir {
     }
 }
 
+/// The Python of the PyTorch side as `mode` asks for it: `Err` (the line to print) when it is off
+/// or not found, an error when it is required and not found.
+pub(super) fn torch_python_for(
+    mode: super::TorchMode,
+    explicit: Option<&Path>,
+) -> Result<std::result::Result<PathBuf, String>> {
+    let python = match mode {
+        super::TorchMode::Off => Err("PyTorch comparison turned off".to_string()),
+        _ => find_torch_python(explicit),
+    };
+    if let (super::TorchMode::Require, Err(why)) = (mode, &python) {
+        anyhow::bail!("{why}");
+    }
+    Ok(python)
+}
+
 /// A Python that imports torch and safetensors: `explicit`, else `$DISTILL_TORCH_PYTHON`, else
 /// `.venv-bench/bin/python` under the current directory or this crate's source tree.
 /// `Err` carries the line to print.
