@@ -32,8 +32,23 @@ impl Backend for OnnxBackend {
     ) -> Result<String> {
         ops::norm::group_norm(self, x, groups, eps, gamma, beta)
     }
+    fn layer_norm(
+        &self,
+        x: &String,
+        eps: f64,
+        gamma: Option<&Param>,
+        beta: Option<&Param>,
+    ) -> Result<String> {
+        ops::norm::layer_norm(self, x, eps, gamma, beta)
+    }
     fn silu(&self, x: &String) -> Result<String> {
         ops::activation::silu(self, x)
+    }
+    fn sigmoid(&self, x: &String) -> Result<String> {
+        ops::activation::sigmoid(self, x)
+    }
+    fn gelu(&self, x: &String) -> Result<String> {
+        ops::activation::gelu(self, x)
     }
     fn add(&self, a: &String, b: &String) -> Result<String> {
         ops::elementwise::binary(self, "Add", a, b)
@@ -79,6 +94,9 @@ impl Backend for OnnxBackend {
     }
     fn permute(&self, x: &String, perm: &[usize]) -> Result<String> {
         ops::shape::transpose(self, x, perm)
+    }
+    fn narrow(&self, x: &String, axis: usize, start: usize, len: usize) -> Result<String> {
+        ops::shape::narrow(self, x, axis, start, len)
     }
     fn upsample_nearest2x(&self, x: &String) -> Result<String> {
         ops::resize::upsample_nearest2x(self, x)

@@ -5,7 +5,7 @@ mod common;
 
 use common::{randomize_norms, varmap, TestInput};
 use graphs::nn::{
-    Conv2d, Embedding, GroupNorm, Linear, ResBlock, SelfAttention, SinusoidalEmbedding,
+    Conv2d, Embedding, GroupNorm, LayerNorm, Linear, ResBlock, SelfAttention, SinusoidalEmbedding,
 };
 use graphs::{Backend, UNet, UNetConfig};
 
@@ -47,6 +47,31 @@ fn group_norm_and_silu() {
     parity!("group_norm", x(), TOL, |b, xs| gn.forward(b, &xs[0]));
     parity!("group_norm_silu", x(), TOL, |b, xs| gn
         .forward_silu(b, &xs[0]));
+}
+
+#[test]
+fn layer_norm_with_and_without_affine() {
+    let (vm, vb) = varmap();
+    let ln = LayerNorm::new(vb.pp("norm"), 12, 1e-5, true).unwrap();
+    let bare = LayerNorm::new(vb.pp("bare"), 12, 1e-6, false).unwrap();
+    randomize_norms(&vm, 21).unwrap();
+    let x = || vec![TestInput::normal("x", &[2, 5, 12], 22, 3.0)];
+    parity!("layer_norm_affine", x(), TOL, |b, xs| ln.forward(b, &xs[0]));
+    parity!("layer_norm_bare", x(), TOL, |b, xs| bare.forward(b, &xs[0]));
+}
+
+#[test]
+fn gelu_sigmoid_and_narrow() {
+    let x = || vec![TestInput::normal("x", &[3, 4, 10], 23, 3.0)];
+    parity!("gelu", x(), TOL, |b, xs| b.gelu(&xs[0]));
+    parity!("sigmoid", x(), TOL, |b, xs| b.sigmoid(&xs[0]));
+    // GEGLU's split: first half times gelu of the second half.
+    parity!("geglu_halves", x(), TOL, |b, xs| {
+        let h = b.narrow(&xs[0], 2, 0, 5).unwrap();
+        let g = b.narrow(&xs[0], 2, 5, 5).unwrap();
+        b.mul(&h, &b.gelu(&g).unwrap())
+    });
+    parity!("narrow_axis1", x(), TOL, |b, xs| b.narrow(&xs[0], 1, 1, 2));
 }
 
 #[test]

@@ -102,8 +102,21 @@ pub trait Backend {
     ) -> anyhow::Result<Self::T> {
         self.silu(&self.group_norm(x, groups, eps, gamma, beta)?)
     }
+    /// LayerNorm over the last axis (biased variance), optional affine `gamma`, `beta` of the
+    /// last axis' size (PyTorch's `nn.LayerNorm`; `elementwise_affine=False` passes `None`).
+    fn layer_norm(
+        &self,
+        x: &Self::T,
+        eps: f64,
+        gamma: Option<&Param>,
+        beta: Option<&Param>,
+    ) -> anyhow::Result<Self::T>;
     /// `x * sigmoid(x)`.
     fn silu(&self, x: &Self::T) -> anyhow::Result<Self::T>;
+    /// `1 / (1 + exp(-x))`.
+    fn sigmoid(&self, x: &Self::T) -> anyhow::Result<Self::T>;
+    /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))` (PyTorch's `F.gelu` default).
+    fn gelu(&self, x: &Self::T) -> anyhow::Result<Self::T>;
     fn add(&self, a: &Self::T, b: &Self::T) -> anyhow::Result<Self::T>;
     fn sub(&self, a: &Self::T, b: &Self::T) -> anyhow::Result<Self::T>;
     fn mul(&self, a: &Self::T, b: &Self::T) -> anyhow::Result<Self::T>;
@@ -138,6 +151,9 @@ pub trait Backend {
     /// ONNX Reshape semantics: `0` copies the input's dim, `-1` is inferred.
     fn reshape(&self, x: &Self::T, shape: &[i64]) -> anyhow::Result<Self::T>;
     fn permute(&self, x: &Self::T, perm: &[usize]) -> anyhow::Result<Self::T>;
+    /// `len` entries of `axis` starting at `start` (a static slice; e.g. GEGLU's two halves).
+    fn narrow(&self, x: &Self::T, axis: usize, start: usize, len: usize)
+        -> anyhow::Result<Self::T>;
     /// Nearest-neighbour upsampling by 2 in H and W.
     fn upsample_nearest2x(&self, x: &Self::T) -> anyhow::Result<Self::T>;
     fn concat(&self, xs: &[&Self::T], axis: usize) -> anyhow::Result<Self::T>;

@@ -16,6 +16,9 @@ pub struct CandleBackend {
     pub train: bool,
     pub autocast: Option<DType>,
     pub kernels: bool,
+    /// Float dtype of the tensors the backend creates (constants, `to_f32`, `full_batch`): f32,
+    /// or f64 for [`CandleBackend::f64_reference`].
+    pub float: DType,
 }
 
 /// Whether new backends use the fast kernels: yes unless `DISTILL_KERNELS=stock` (an escape
@@ -32,6 +35,16 @@ impl CandleBackend {
             train: false,
             autocast: None,
             kernels: kernels_default(),
+            float: DType::F32,
+        }
+    }
+    /// candle's stock ops in f64 (with an f64 copy of the weights, [`crate::params::in_dtype`]):
+    /// the same graph without f32 round-off, so `|f32 result - f64 result|` measures how much the
+    /// graph amplifies round-off (what `distill validate` allows a runtime on top of its tolerance).
+    pub fn f64_reference(device: &Device) -> Self {
+        Self {
+            float: DType::F64,
+            ..Self::new(device).stock()
         }
     }
     pub fn training(device: &Device) -> Self {
@@ -255,8 +268,34 @@ impl Backend for CandleBackend {
         )?)?)
     }
 
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        eps: f64,
+        gamma: Option<&Param>,
+        beta: Option<&Param>,
+    ) -> Result<Tensor> {
+        // Composed from differentiable ops (candle_nn's fused layer_norm has no backward).
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = xc.broadcast_div(&var.affine(1.0, eps)?.sqrt()?)?;
+        if let Some(g) = gamma {
+            y = y.broadcast_mul(&g.t)?;
+        }
+        if let Some(b) = beta {
+            y = y.broadcast_add(&b.t)?;
+        }
+        Ok(y)
+    }
     fn silu(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::silu(x)?)
+    }
+    fn sigmoid(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::sigmoid(x)?)
+    }
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.gelu_erf()?)
     }
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Ok(a.broadcast_add(b)?)
@@ -317,6 +356,9 @@ impl Backend for CandleBackend {
     fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         Ok(x.permute(perm.to_vec())?.contiguous()?)
     }
+    fn narrow(&self, x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+        Ok(x.narrow(axis, start, len)?.contiguous()?)
+    }
     fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
         if self.kernels {
             if let Some(y) = crate::kernels::upsample_nearest2x(x)? {
@@ -342,18 +384,19 @@ impl Backend for CandleBackend {
         Ok(table.t.index_select(&ids, 0)?)
     }
     fn gather_const(&self, table: &[f32], ids: &Tensor) -> Result<Tensor> {
-        let t = Tensor::new(table, &self.device)?;
+        let t = Tensor::new(table, &self.device)?.to_dtype(self.float)?;
         Ok(t.index_select(&ids.to_dtype(DType::U32)?, 0)?)
     }
     fn to_f32(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(ids.to_dtype(DType::F32)?)
+        Ok(ids.to_dtype(self.float)?)
     }
     fn constant(&self, values: &[f32], shape: &[usize]) -> Result<Tensor> {
-        Ok(Tensor::from_slice(values, shape, &self.device)?)
+        Ok(Tensor::from_slice(values, shape, &self.device)?.to_dtype(self.float)?)
     }
     fn full_batch(&self, like: &Tensor, value: f64, kind: Kind) -> Result<Tensor> {
         let n = like.dim(0)?;
         Ok(match kind {
+            Kind::F32 if self.float == DType::F64 => Tensor::full(value, n, &self.device)?,
             Kind::F32 => Tensor::full(value as f32, n, &self.device)?,
             Kind::Label => Tensor::full(value as u32, n, &self.device)?,
         })

@@ -25,6 +25,8 @@ use std::fmt;
 pub const SILU_FLOPS: u64 = 4;
 /// Element-wise FLOPs per element of GroupNorm (mean, centre, square, sum, scale, gamma, beta).
 pub const GROUP_NORM_FLOPS: u64 = 7;
+/// Element-wise FLOPs per element of exact GELU (scale, erf, add, two multiplies).
+pub const GELU_FLOPS: u64 = 5;
 /// Element-wise FLOPs per element of softmax (max, subtract, exp, sum, divide).
 pub const SOFTMAX_FLOPS: u64 = 5;
 
@@ -245,8 +247,32 @@ impl Backend for FlopCounter {
         self.unary(x, GROUP_NORM_FLOPS)
     }
 
+    fn layer_norm(
+        &self,
+        x: &Vec<usize>,
+        _eps: f64,
+        gamma: Option<&Param>,
+        beta: Option<&Param>,
+    ) -> Result<Vec<usize>> {
+        let d = x.last().copied().unwrap_or(0);
+        for p in gamma.iter().chain(beta.iter()) {
+            ensure!(
+                p.dims() == [d],
+                "layer_norm {}: affine {:?} for last axis {d} of {x:?}",
+                p.name,
+                p.dims()
+            );
+        }
+        self.unary(x, GROUP_NORM_FLOPS)
+    }
     fn silu(&self, x: &Vec<usize>) -> Result<Vec<usize>> {
         self.unary(x, SILU_FLOPS)
+    }
+    fn sigmoid(&self, x: &Vec<usize>) -> Result<Vec<usize>> {
+        self.unary(x, SILU_FLOPS - 1)
+    }
+    fn gelu(&self, x: &Vec<usize>) -> Result<Vec<usize>> {
+        self.unary(x, GELU_FLOPS)
     }
     fn add(&self, a: &Vec<usize>, b: &Vec<usize>) -> Result<Vec<usize>> {
         self.binary(a, b)
@@ -306,6 +332,16 @@ impl Backend for FlopCounter {
         resolve_shape(x, shape)
     }
 
+    fn narrow(&self, x: &Vec<usize>, axis: usize, start: usize, len: usize) -> Result<Vec<usize>> {
+        ensure!(
+            axis < x.len() && start + len <= x[axis],
+            "narrow: [{start}, {}) of axis {axis} of {x:?}",
+            start + len
+        );
+        let mut out = x.clone();
+        out[axis] = len;
+        Ok(out)
+    }
     fn permute(&self, x: &Vec<usize>, perm: &[usize]) -> Result<Vec<usize>> {
         ensure!(perm.len() == x.len(), "permute: {perm:?} for shape {x:?}");
         let mut seen = vec![false; x.len()];

@@ -4,11 +4,11 @@
 //! |-----------------------|-----------------|---------------------------------------------------------|
 //! | conv2d                | `conv.rs`       | Conv (+bias)                                            |
 //! | linear                | `linear.rs`     | Gemm(transB=1) on 2-D, else MatMul(W^T) + Add           |
-//! | group_norm            | `norm.rs`       | Reshape, InstanceNormalization, Reshape, Mul, Add       |
-//! | silu, softmax_last    | `activation.rs` | Sigmoid + Mul; Softmax(axis=-1)                         |
+//! | group_norm, layer_norm | `norm.rs`      | Reshape, InstanceNormalization, Reshape, Mul, Add; LayerNormalization |
+//! | silu, sigmoid, gelu, softmax_last | `activation.rs` | Sigmoid + Mul; Sigmoid; Mul, Erf, Add, Mul; Softmax(axis=-1) |
 //! | add .. cos, clamp     | `elementwise.rs`| Add/Sub/Mul/Div, Exp/Log/Sqrt/Sin/Cos, Clip             |
 //! | matmul                | `matmul.rs`     | MatMul                                                  |
-//! | reshape, permute, concat | `shape.rs`   | Reshape (0/-1), Transpose, Concat                       |
+//! | reshape, permute, concat, narrow | `shape.rs` | Reshape (0/-1), Transpose, Concat, Slice         |
 //! | upsample_nearest2x    | `resize.rs`     | Resize nearest, asymmetric, floor, scales [1,1,2,2]     |
 //! | embedding, gather_const | `gather.rs`   | Gather                                                  |
 //! | full_batch            | `constant.rs`   | Shape, Slice[0:1], ConstantOfShape                      |

@@ -1,3 +1,6 @@
+//! `layer_norm` -> `LayerNormalization(axis=-1)` (opset 17), scale 1 / bias 0 initialisers where
+//! the module has no affine. f32 in every precision.
+//!
 //! `group_norm` -> `Reshape([0, G, -1])` -> `InstanceNormalization` (scale 1, bias 0, size G)
 //! -> `Reshape(Shape(x))` -> `Mul(gamma [C,1,1])` -> `Add(beta [C,1,1])`.
 //!
@@ -60,4 +63,43 @@ pub fn group_norm(
     let bt = b.param_init(beta, &beta.name, &[c as i64, 1, 1], ElemType::F32, false)?;
     let y = binary(b, "Mul", &back, &g)?;
     binary(b, "Add", &y, &bt)
+}
+
+pub fn layer_norm(
+    b: &OnnxBackend,
+    x: &str,
+    eps: f64,
+    gamma: Option<&Param>,
+    beta: Option<&Param>,
+) -> Result<String> {
+    let xi = f32_input(b, "LayerNorm", x)?;
+    let d = match xi.dims.last() {
+        Some(Dim::Fixed(d)) => *d,
+        other => anyhow::bail!("LayerNorm: last axis of {x} is {other:?}, expected a fixed size"),
+    };
+    let affine = |p: Option<&Param>, fill: f32| -> Result<String> {
+        match p {
+            Some(p) => {
+                ensure!(
+                    p.dims() == [d],
+                    "LayerNorm {}: affine {:?} for last axis {d} of {x}",
+                    p.name,
+                    p.dims()
+                );
+                b.param_init(p, &p.name, &[d as i64], ElemType::F32, false)
+            }
+            None => b.const_f32(&vec![fill; d], &[d]),
+        }
+    };
+    let g = affine(gamma, 1.0)?;
+    let bt = affine(beta, 0.0)?;
+    b.node(
+        "LayerNormalization",
+        &[x, &g, &bt],
+        vec![
+            crate::builder::attr_int("axis", -1),
+            attr_float("epsilon", eps as f32),
+        ],
+        xi,
+    )
 }

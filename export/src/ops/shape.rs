@@ -1,5 +1,6 @@
 //! `reshape` -> `Reshape` with a constant int64 shape using ONNX's `0` (copy) / `-1` (infer)
-//! semantics, so the batch is never baked in; `permute` -> `Transpose`; `concat` -> `Concat`.
+//! semantics, so the batch is never baked in; `permute` -> `Transpose`; `concat` -> `Concat`;
+//! `narrow` -> `Slice` with constant starts/ends/axes.
 
 use crate::builder::{attr_int, attr_ints, Dim, OnnxBackend, ValueInfo};
 use anyhow::{bail, ensure, Result};
@@ -127,5 +128,28 @@ pub fn concat(b: &OnnxBackend, xs: &[&String], axis: usize) -> Result<String> {
         &refs,
         vec![attr_int("axis", axis as i64)],
         ValueInfo::new(first.elem, dims),
+    )
+}
+
+pub fn narrow(b: &OnnxBackend, x: &str, axis: usize, start: usize, len: usize) -> Result<String> {
+    let xi = b.info(x)?;
+    ensure!(axis < xi.rank(), "Slice: axis {axis} of rank {}", xi.rank());
+    if let Dim::Fixed(n) = xi.dims[axis] {
+        ensure!(
+            start + len <= n,
+            "Slice: [{start}, {}) of axis {axis} of size {n}",
+            start + len
+        );
+    }
+    let starts = b.const_i64(&[start as i64], &[1])?;
+    let ends = b.const_i64(&[(start + len) as i64], &[1])?;
+    let axes = b.const_i64(&[axis as i64], &[1])?;
+    let mut dims = xi.dims.clone();
+    dims[axis] = Dim::Fixed(len);
+    b.node(
+        "Slice",
+        &[x, &starts, &ends, &axes],
+        vec![],
+        ValueInfo::new(xi.elem, dims),
     )
 }

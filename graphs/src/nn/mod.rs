@@ -14,7 +14,7 @@ pub use conv::Conv2d;
 pub use embedding::{Embedding, SinusoidalEmbedding};
 pub use gan_head::GanHead;
 pub use linear::Linear;
-pub use norm::GroupNorm;
+pub use norm::{GroupNorm, LayerNorm};
 pub use resblock::ResBlock;
 
 use crate::backend::Param;

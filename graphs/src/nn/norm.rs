@@ -35,3 +35,30 @@ impl GroupNorm {
         b.group_norm_silu(x, self.groups, self.eps, &self.gamma, &self.beta)
     }
 }
+
+/// PyTorch's `nn.LayerNorm` over the last axis (keys `weight`, `bias`; none when
+/// `elementwise_affine=False`).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Option<Param>,
+    pub bias: Option<Param>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64, affine: bool) -> candle_core::Result<Self> {
+        let (weight, bias) = if affine {
+            (
+                Some(param(&vb, dim, "weight", candle_nn::Init::Const(1.0))?),
+                Some(param(&vb, dim, "bias", candle_nn::Init::Const(0.0))?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward<B: Backend>(&self, b: &B, x: &B::T) -> anyhow::Result<B::T> {
+        b.layer_norm(x, self.eps, self.weight.as_ref(), self.bias.as_ref())
+    }
+}
