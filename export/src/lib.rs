@@ -39,6 +39,7 @@ pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
 pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
 pub use validate::{
-    validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions, ValidateReport,
+    roundoff_tolerance, validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions,
+    ValidateReport, ROUNDOFF_CAP, ROUNDOFF_FACTOR,
 };
 pub use write::{write_model, write_model_with, DEFAULT_EXTERNAL_THRESHOLD};

@@ -87,6 +87,22 @@ pub fn detached(den: &Denoiser) -> anyhow::Result<Denoiser> {
     Denoiser::new(vb, &den.config())
 }
 
+/// A copy of `den` with its weights converted to `dtype` (detached): e.g. the f64 twin of an f32
+/// reference, to measure how much f32 round-off alone moves its output.
+pub fn in_dtype(den: &Denoiser, dtype: candle_core::DType) -> anyhow::Result<Denoiser> {
+    let map: std::collections::HashMap<String, candle_core::Tensor> = collect(den)
+        .into_iter()
+        .map(|p| Ok((p.name, p.t.detach().to_dtype(dtype)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let device = map
+        .values()
+        .next()
+        .map(|t| t.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let vb = candle_nn::VarBuilder::from_tensors(map, dtype, &device);
+    Denoiser::new(vb, &den.config())
+}
+
 /// A copy of a GAN head with detached weights (see [`detached`]).
 pub fn detached_head(head: &GanHead) -> GanHead {
     let mut h = head.clone();

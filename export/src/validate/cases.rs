@@ -15,12 +15,19 @@ fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// ONNX inputs by name and the candle reference output (flattened).
-pub(super) type Case = (Vec<(String, TensorData)>, Vec<f32>);
+/// One seeded case: ONNX inputs by name, the candle reference output (flattened) and, when an f64
+/// twin of the denoiser was given, the reference's f32 round-off: `max |f32 - f64|` of the same
+/// graph on the same inputs.
+pub(super) struct Case {
+    pub inputs: Vec<(String, TensorData)>,
+    pub reference: Vec<f32>,
+    pub roundoff: Option<f64>,
+}
 
-/// One seeded case: ONNX inputs and the candle reference output.
+/// One seeded case: ONNX inputs, the candle reference output and (with `den64`) its round-off.
 pub(super) fn make_case(
     den: &Denoiser,
+    den64: Option<&Denoiser>,
     target: Target,
     batch: usize,
     rng: &mut StdRng,
@@ -31,6 +38,8 @@ pub(super) fn make_case(
     let n = batch * c * r * r;
     let dev = Device::Cpu;
     let cb = CandleBackend::new(&dev);
+    let cb64 = CandleBackend::f64_reference(&dev);
+    let f64_of = |t: &Tensor| t.to_dtype(candle_core::DType::F64);
     let labels: Vec<u32> = (0..batch)
         .map(|_| rng.gen_range(0..num_classes as u32))
         .collect();
@@ -45,7 +54,7 @@ pub(super) fn make_case(
             TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), v.clone())?),
         ))
     };
-    let (inputs, out) = match target {
+    let (inputs, out, out64) = match target {
         Target::Generator(spec) => {
             let (z, z_in) = img(&normal(rng, n))?;
             let mut inputs = vec![
@@ -59,7 +68,14 @@ pub(super) fn make_case(
                 inputs.push((format!("noise_{i}"), t_in));
             }
             let y = graphs::generate(&cb, den, spec, &z, &labels_t, &fresh)?;
-            (inputs, y)
+            let y64 = match den64 {
+                Some(d) => {
+                    let fresh64 = fresh.iter().map(f64_of).collect::<Result<Vec<_>, _>>()?;
+                    Some(graphs::generate(&cb64, d, spec, &f64_of(&z)?, &labels_t, &fresh64)?)
+                }
+                None => None,
+            };
+            (inputs, y, y64)
         }
         Target::Denoiser => {
             let io = den.param.denoiser_io();
@@ -72,7 +88,17 @@ pub(super) fn make_case(
                 .map(|i| 0.5 * x0[i] + sigma[i / per] * eps[i])
                 .collect();
             let (xt, x_in) = img(&x)?;
-            let y = den.io_forward(&cb, &xt, &level.to_tensor(&dev)?, &labels_t)?;
+            let level_t = level.to_tensor(&dev)?;
+            let y = den.io_forward(&cb, &xt, &level_t, &labels_t)?;
+            let level64 = if level_t.dtype() == candle_core::DType::F32 {
+                f64_of(&level_t)?
+            } else {
+                level_t.clone()
+            };
+            let y64 = match den64 {
+                Some(d) => Some(d.io_forward(&cb64, &f64_of(&xt)?, &level64, &labels_t)?),
+                None => None,
+            };
             let level_in = match level {
                 TrainingLevel::Sigma(s) => TensorData::F32(ArrayD::from_shape_vec(vec![batch], s)?),
                 TrainingLevel::Timestep(t) => TensorData::I32(ArrayD::from_shape_vec(
@@ -89,17 +115,35 @@ pub(super) fn make_case(
                 (io.level.to_string(), level_in),
                 ("class_labels".to_string(), labels_in),
             ];
-            (inputs, y)
+            (inputs, y, y64)
         }
     };
-    let out: Vec<f32> = out
+    let reference: Vec<f32> = out
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1()?;
     ensure!(
-        out.len() == n,
+        reference.len() == n,
         "reference output has {} values, expected {n}",
-        out.len()
+        reference.len()
     );
-    Ok((inputs, out))
+    let roundoff = match out64 {
+        Some(y) => {
+            let y: Vec<f64> = y.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?;
+            ensure!(y.len() == n, "f64 reference has {} values, expected {n}", y.len());
+            Some(
+                reference
+                    .iter()
+                    .zip(&y)
+                    .map(|(&a, &b)| (a as f64 - b).abs())
+                    .fold(0.0, super::metrics::nan_max),
+            )
+        }
+        None => None,
+    };
+    Ok(Case {
+        inputs,
+        reference,
+        roundoff,
+    })
 }

@@ -78,6 +78,7 @@ impl Acc {
             reference_nonfinite: self.reference_nonfinite,
             max_abs_tol: max_tol,
             mean_abs_tol: mean_tol,
+            reference_roundoff: None,
             passed,
             seconds: 0.0,
         }

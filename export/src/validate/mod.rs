@@ -10,7 +10,7 @@ mod cases;
 pub mod engine;
 mod metrics;
 
-use cases::make_case;
+use cases::{make_case, Case};
 pub use engine::{
     build_validated, runner_for_validation, validation_batches, EngineOptions, EngineOutcome,
 };
@@ -94,6 +94,9 @@ pub struct ValidateOptions {
     pub trt_engine: Option<std::path::PathBuf>,
     /// Report a runtime that is not installed here as unavailable instead of failing.
     pub allow_missing: bool,
+    /// Also run the reference in f64 to measure its f32 round-off, which raises the default
+    /// max-abs tolerance where the graph amplifies round-off ([`roundoff_tolerance`]; default on).
+    pub f64_reference: bool,
 }
 
 impl Default for ValidateOptions {
@@ -108,6 +111,7 @@ impl Default for ValidateOptions {
             mean_abs_tol: None,
             trt_engine: None,
             allow_missing: false,
+            f64_reference: true,
         }
     }
 }
@@ -130,8 +134,13 @@ pub struct Metrics {
     /// garbage that both sides agree on).
     #[serde(default)]
     pub reference_nonfinite: usize,
+    /// The max-abs tolerance applied: the default raised by the reference's round-off, or the
+    /// user's `--atol`.
     pub max_abs_tol: f64,
     pub mean_abs_tol: Option<f64>,
+    /// `max |f32 reference - f64 reference|` over the cases (absent without the f64 reference).
+    #[serde(default)]
+    pub reference_roundoff: Option<f64>,
     pub passed: bool,
     /// Time spent in this runtime over all cases.
     #[serde(default)]
@@ -216,6 +225,12 @@ impl std::fmt::Display for ValidateReport {
                 if m.passed { "PASS" } else { "FAIL" }
             )?;
         }
+        if let Some(r) = self.metrics.first().and_then(|m| m.reference_roundoff) {
+            writeln!(
+                f,
+                "reference f32 round-off (max |f32 - f64| of candle): {r:.3e}; a default max-abs tolerance is max(default, {ROUNDOFF_FACTOR} x that), at most {ROUNDOFF_CAP}x the default"
+            )?;
+        }
         for u in &self.unavailable {
             writeln!(f, "{:<12} unavailable: {}", u.runtime, u.reason)?;
         }
@@ -236,6 +251,27 @@ pub struct Candidate {
     pub runner: Box<dyn Runner>,
     pub max_abs_tol: f64,
     pub mean_abs_tol: Option<f64>,
+}
+
+/// How many times our own f32 reference's round-off a runtime may differ from it (see
+/// [`roundoff_tolerance`]).
+pub const ROUNDOFF_FACTOR: f64 = 8.0;
+/// The most a default max-abs tolerance is ever raised by round-off: 100x. A graph that amplifies
+/// f32 round-off beyond that fails the gate (with the round-off in the report) instead of passing
+/// anything.
+pub const ROUNDOFF_CAP: f64 = 100.0;
+
+/// The default max-abs tolerance `base`, raised where the graph itself amplifies f32 round-off:
+/// `max(base, ROUNDOFF_FACTOR * roundoff)`, at most `ROUNDOFF_CAP * base`. `roundoff` is
+/// `max |f32 reference - f64 reference|` over the cases: two correct f32 implementations of a
+/// graph that turns an ulp into 1e-4 (e.g. a 2-step Heun sampler, whose correction at sigma_min
+/// multiplies the network's round-off by ~40) differ by a few times that, so a fixed 1e-4 would
+/// fail correct exports. An explicit `--atol` is taken as given.
+pub fn roundoff_tolerance(base: f64, roundoff: Option<f64>) -> f64 {
+    match roundoff {
+        Some(r) if r.is_finite() => base.max(ROUNDOFF_FACTOR * r).min(ROUNDOFF_CAP * base),
+        _ => base,
+    }
 }
 
 /// Default tolerances for a precision (fp32: max abs 1e-4; fp16: max abs 2e-2, mean abs 2e-3),
@@ -439,6 +475,13 @@ pub fn compare(
         !opts.batches.is_empty() && opts.batches.iter().all(|&b| b > 0),
         "validate: batches must be positive"
     );
+    // The f64 twin of the reference: how much f32 round-off alone moves this graph's output.
+    let den64 = if opts.f64_reference {
+        Some(graphs::params::in_dtype(den, candle_core::DType::F64).context("f64 reference")?)
+    } else {
+        None
+    };
+    let mut roundoff: Option<f64> = None;
     let mut accs: Vec<Acc> = candidates.iter().map(|_| Acc::default()).collect();
     let mut seconds = vec![0.0f64; candidates.len()];
     let mut batches = Vec::new();
@@ -447,8 +490,15 @@ pub fn compare(
         batches.push(batch);
         let mut rng =
             StdRng::seed_from_u64(opts.seed.wrapping_mul(1_000_003).wrapping_add(case as u64));
-        let (inputs, reference) = make_case(den, target, batch, &mut rng)
+        let Case {
+            inputs,
+            reference,
+            roundoff: r,
+        } = make_case(den, den64.as_ref(), target, batch, &mut rng)
             .with_context(|| format!("case {case}: candle reference"))?;
+        if let Some(r) = r {
+            roundoff = Some(nan_max(roundoff.unwrap_or(0.0), r));
+        }
         let inputs: &Inputs = &inputs;
         for ((c, acc), secs) in candidates
             .iter_mut()
@@ -480,8 +530,14 @@ pub fn compare(
         .zip(accs)
         .zip(seconds)
         .map(|((c, acc), secs)| {
-            let mut m = acc.finish(c.name, out_name, c.max_abs_tol, c.mean_abs_tol);
+            let tol = if opts.max_abs_tol.is_some() {
+                c.max_abs_tol
+            } else {
+                roundoff_tolerance(c.max_abs_tol, roundoff)
+            };
+            let mut m = acc.finish(c.name, out_name, tol, c.mean_abs_tol);
             m.seconds = secs;
+            m.reference_roundoff = roundoff;
             m
         })
         .collect();
@@ -498,4 +554,19 @@ pub fn compare(
         unavailable: Vec::new(),
         trt_engine: None,
     })
+}
+
+#[cfg(test)]
+mod roundoff_tests {
+    use super::{roundoff_tolerance, ROUNDOFF_CAP, ROUNDOFF_FACTOR};
+
+    #[test]
+    fn raised_only_above_the_default_and_never_past_the_cap() {
+        assert_eq!(roundoff_tolerance(1e-4, None), 1e-4);
+        assert_eq!(roundoff_tolerance(1e-4, Some(1e-6)), 1e-4);
+        assert_eq!(roundoff_tolerance(1e-4, Some(1e-4)), ROUNDOFF_FACTOR * 1e-4);
+        assert_eq!(roundoff_tolerance(1e-4, Some(1.0)), ROUNDOFF_CAP * 1e-4);
+        assert_eq!(roundoff_tolerance(1e-4, Some(f64::NAN)), 1e-4);
+        assert_eq!(roundoff_tolerance(1e-4, Some(f64::INFINITY)), 1e-4);
+    }
 }
