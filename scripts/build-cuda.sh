@@ -53,7 +53,9 @@ ln -sf libcuda.so "$STUBS/libcuda.so.1"
 export CUDA_ROOT="$ROOT" CUDA_PATH="$ROOT" CUDA_COMPUTE_CAP="$CAP" CUDARC_CUDA_VERSION=13000
 export PATH="$ROOT/bin:$PATH"
 export LIBRARY_PATH="$STUBS:$ROOT/lib:${LIBRARY_PATH:-}"
-cargo build --release --features cuda --target-dir target-cuda
+# Without the default `mpi` feature: the GPU machine has no libmpi.so to load (the NCCL path of
+# data-parallel training is not built yet; see README "Data-parallel training").
+cargo build --release --no-default-features --features cuda --target-dir target-cuda
 mkdir -p .gpu
 cp target-cuda/release/distill .gpu/distill
 strip .gpu/distill || true

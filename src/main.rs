@@ -13,8 +13,20 @@ fn main() {
     let cli = cli::Cli::parse();
     distill::host::tune_allocator();
     distill::host::tune_threads(cli.threads);
-    if let Err(e) = cli::run(&cli) {
-        eprintln!("error: {e:#}");
+    let timeout = std::time::Duration::from_secs_f64(cli.collective_timeout);
+    let res = distill::parallel::init(timeout).and_then(|_| cli::run(&cli));
+    if let Err(e) = res {
+        let world = distill::parallel::current();
+        if let Some(world) = world.filter(|w| w.world_size() > 1) {
+            eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.world_size());
+            // Ends the other ranks too (they may be waiting in a collective).
+            world.abort(distill::jobs::exit_code(&e));
+        } else {
+            eprintln!("error: {e:#}");
+        }
         std::process::exit(distill::jobs::exit_code(&e));
+    }
+    if let Some(w) = distill::parallel::current() {
+        w.finish();
     }
 }

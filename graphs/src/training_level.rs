@@ -27,6 +27,22 @@ impl TrainingLevel {
             Self::FlowTime(s) => Tensor::from_vec(s.clone(), s.len(), device),
         }
     }
+
+    /// The levels of `parts` one after the other (per-sample draws joined into a batch); `None`
+    /// when empty or when the parts are of different kinds.
+    pub fn concat(parts: Vec<TrainingLevel>) -> Option<TrainingLevel> {
+        let mut it = parts.into_iter();
+        let mut acc = it.next()?;
+        for p in it {
+            match (&mut acc, p) {
+                (Self::Sigma(a), Self::Sigma(b)) => a.extend(b),
+                (Self::Timestep(a), Self::Timestep(b)) => a.extend(b),
+                (Self::FlowTime(a), Self::FlowTime(b)) => a.extend(b),
+                _ => return None,
+            }
+        }
+        Some(acc)
+    }
 }
 
 impl Parameterisation {

@@ -22,6 +22,7 @@ pub mod diffusers_unet;
 pub mod gpu;
 pub mod inference;
 pub mod ops;
+pub mod parallel;
 mod report;
 pub mod timing;
 mod torch;

@@ -15,7 +15,10 @@ pub struct BenchArgs {
     /// training step at fp32/bf16/fp16; exit code 3 past tolerance), `inference` (the 1- and
     /// 4-step students' generator at batch 1 and --batch in candle, ONNX Runtime fp32/fp16,
     /// tract and PyTorch eager/compile), `diffusers-unet` (google/ddpm-cifar10-32's UNet2DModel,
-    /// or --config FILE.json, forward and training step at batch 1 and --batch vs diffusers).
+    /// or --config FILE.json, forward and training step at batch 1 and --batch vs diffusers),
+    /// `parallel` (teacher training at global batch --batch: `mpirun -np --ranks` ranks x 1
+    /// thread vs 1 process x --ranks threads, images/s and the all-reduce's time and bytes per
+    /// iteration; --config is a `train teacher --preset`, default tiny).
     #[arg(long, value_enum, default_value = "auto")]
     pub what: BenchWhat,
     /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default
@@ -50,6 +53,9 @@ pub struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// With `--what parallel`: ranks (and the one process's threads).
+    #[arg(long, default_value_t = 2)]
+    pub ranks: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -60,6 +66,7 @@ pub enum BenchWhat {
     DeviceCheck,
     Inference,
     DiffusersUnet,
+    Parallel,
 }
 
 impl BenchArgs {
@@ -94,6 +101,7 @@ pub fn run(a: &BenchArgs, dev: &Device, threads: Option<usize>) -> Result<()> {
         BenchWhat::Inference => inference(a, threads),
         BenchWhat::DiffusersUnet => diffusers_unet(a, threads),
         BenchWhat::Gpu => gpu(a, dev),
+        BenchWhat::Parallel => parallel(a),
         BenchWhat::Auto if dev.is_cuda() => gpu(a, dev),
         BenchWhat::Auto | BenchWhat::Cpu => cpu(a, threads),
     }
@@ -112,6 +120,19 @@ fn cpu(a: &BenchArgs, threads: Option<usize>) -> Result<()> {
     o.stock = a.stock;
     println!("{}", distill::bench::run(&o)?);
     Ok(())
+}
+
+fn parallel(a: &BenchArgs) -> Result<()> {
+    let o = distill::bench::parallel::ParallelBenchOptions {
+        preset: a.config.clone().unwrap_or_else(|| "tiny".into()),
+        batch: a.batch,
+        iters: a.iters,
+        ranks: a.ranks,
+        exe: None,
+    };
+    let r = distill::bench::parallel::run(&o)?;
+    println!("{r}");
+    a.write_json(&r)
 }
 
 fn gpu(a: &BenchArgs, dev: &Device) -> Result<()> {

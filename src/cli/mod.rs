@@ -35,6 +35,13 @@ pub struct Cli {
     /// config.json (hand-edited weights); by default that is a "corrupted" error.
     #[arg(long, global = true)]
     pub no_verify: bool,
+    /// Under `mpirun` (data-parallel training, one process per rank): the longest any rank waits
+    /// in a collective (gradient all-reduce, broadcast) for the others, in seconds; a rank that
+    /// died or hangs then stops the run with an error naming it. Raise it when rank 0's
+    /// checkpoints, sample grids or evaluations take longer.
+    #[arg(long, global = true, default_value_t = distill::parallel::DEFAULT_TIMEOUT_S,
+          value_parser = positive_seconds)]
+    pub collective_timeout: f64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -512,7 +519,22 @@ fn cmd_plot(a: &PlotArgs) -> Result<()> {
 }
 
 /// Parses the command line and runs the job it names.
+fn positive_seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
 pub fn run(cli: &Cli) -> Result<()> {
+    let world = distill::parallel::world();
+    if world.world_size() > 1 && !matches!(cli.command, Command::Train(_)) {
+        bail!(
+            "started on {} ranks ({}), but only `distill train teacher|dmd2|tdm` run data-parallel; run this command in one process",
+            world.world_size(),
+            world.engine()
+        );
+    }
     distill::checks::set_verify_weights(!cli.no_verify);
     let dev = device(&cli.device)?;
     let show = show_progress(cli.quiet);

@@ -98,7 +98,8 @@ pub struct TeacherArgs {
     /// deprecated name.)
     #[arg(long, alias = "steps")]
     pub train_steps: Option<u64>,
-    /// Images per step.
+    /// Images per step: the global batch, over all ranks under `mpirun` (each of N ranks trains
+    /// on batch/N of it; must be divisible by N).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate (AdamW).
@@ -288,7 +289,8 @@ pub struct DistillRunArgs {
     /// deprecated name.)
     #[arg(long, alias = "steps")]
     pub train_steps: Option<u64>,
-    /// Images per iteration.
+    /// Images per iteration: the global batch, over all ranks under `mpirun` (each of N ranks
+    /// trains on batch/N of it; must be divisible by N).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Seed for labels, noise, timesteps and data order.

@@ -129,9 +129,11 @@ impl Trainable {
         };
         Ok(self.opt.grads_of(&grads))
     }
-    /// Applies (possibly accumulated) gradients from [`Self::backward`]: unscales them and skips
-    /// the update on inf/NaN under fp16 (`None`), else steps the optimiser.
-    pub fn apply(&mut self, grads: Vec<Option<Tensor>>) -> Result<Option<StepStats>> {
+    /// Applies (possibly accumulated) gradients from [`Self::backward`]: averages them over the
+    /// ranks (data-parallel training; nothing in one process), unscales them and skips the
+    /// update on inf/NaN under fp16 (`None`, then on every rank alike), else steps the optimiser.
+    pub fn apply(&mut self, mut grads: Vec<Option<Tensor>>) -> Result<Option<StepStats>> {
+        crate::parallel::average_grads(&mut grads, self.prefix)?;
         super::optim::precision_step(&mut self.opt, self.scaler.as_mut(), grads)
     }
     /// `backward` then `apply`.

@@ -14,12 +14,13 @@
 //!   step `k`'s x0 estimate.
 
 use super::distill::{
-    self, finite, grid_level, pair, random_labels, rollout, scalar, sigma_level, uniform_ints,
-    Method, StepMetrics, Teacher, Trainable,
+    self, finite, grid_level, pair, rollout, scalar, sigma_level, Method, StepMetrics, Teacher,
+    Trainable,
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::AdamWConfig;
-use super::{randn, step_rng, DataOrder};
+use super::{step_rng, DataOrder};
+use crate::rng::SampleRngs;
 use crate::checkpoint::Role;
 use crate::data::Dataset;
 use anyhow::{bail, ensure, Result};
@@ -220,7 +221,7 @@ impl<'a> Dmd2<'a> {
         (lo, hi.max(lo))
     }
 
-    /// GAN realism logits of `x` (noised at a random level below `gan_max_timestep`).
+    /// GAN realism logits of `x` noised at the per-sample grid timesteps `ts` with noise `eps`.
     fn gan_logits(
         &self,
         b: &CandleBackend,
@@ -228,14 +229,18 @@ impl<'a> Dmd2<'a> {
         head: &GanHead,
         x: &Tensor,
         labels: &Tensor,
-        rng: &mut impl Rng,
+        (ts, eps): (Vec<usize>, Tensor),
     ) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let ts = uniform_ints(rng, n, 0, self.cfg.gan_max_timestep - 1);
         let level = grid_level(&self.grid, &ts, &self.device)?;
-        let eps = randn(rng, x.dims(), &self.device)?;
         let xn = (x + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
         head.forward(b, &fake.bottleneck(b, &xn, &level, labels)?)
+    }
+
+    /// Each sample's GAN noise draw: a grid timestep below `gan_max_timestep` and unit noise.
+    fn gan_draw(&self, rngs: &mut SampleRngs, per_sample: &[usize]) -> Result<(Vec<usize>, Tensor)> {
+        let top = self.cfg.gan_max_timestep - 1;
+        let ts = rngs.each(|r| r.gen_range(0..=top));
+        Ok((ts, rngs.randn(per_sample, &self.device)?))
     }
 }
 
@@ -251,12 +256,20 @@ impl Method for Dmd2<'_> {
         let b =
             CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
         let u = &self.teacher.meta.model;
-        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels(), u.resolution());
+        let (c, r) = (u.channels(), u.resolution());
+        // This rank's slice of the global batch: batch-wide draws (the backward-simulation step)
+        // from the step's stream, per-sample draws from each sample's own stream.
+        let global = self.cfg.common.run.batch_size;
+        let range = crate::parallel::shard(global)?;
+        let n = range.len();
         let shape = [n, c, r, r];
-        let mut rng = step_rng(self.cfg.common.run.seed, step, 0xD3D2);
+        let seed = self.cfg.common.run.seed;
+        let mut rng = step_rng(seed, step, 0xD3D2);
+        let mut rngs = SampleRngs::new(seed, step, 0xD3D3, range.clone());
         let mut m = StepMetrics::new();
-        let labels = random_labels(&mut rng, n, u.num_classes(), &dev)?;
-        let z = randn(&mut rng, &shape, &dev)?;
+        let ncls = u.num_classes() as u32;
+        let labels = Tensor::from_vec(rngs.each(|r| r.gen_range(0..ncls)), n, &dev)?;
+        let z = rngs.randn(&shape[1..], &dev)?;
         // Backward simulation: the input of a random step k, from a no-grad rollout.
         let steps = self.sigmas.len();
         let k = if steps > 1 {
@@ -265,7 +278,7 @@ impl Method for Dmd2<'_> {
             0
         };
         let fresh: Vec<Tensor> = (0..k)
-            .map(|_| randn(&mut rng, &shape, &dev))
+            .map(|_| rngs.randn(&shape[1..], &dev))
             .collect::<Result<_>>()?;
         let x_in = if k == 0 {
             (&z * graphs::sampler::initial_scale(&self.student.param, self.sigmas[0]))?
@@ -280,9 +293,9 @@ impl Method for Dmd2<'_> {
             let x0 = self.student.forward(&b, &x_in, &level_k, &labels)?;
             // Distribution matching at a random timestep (no gradient through either score).
             let (lo, hi) = self.dm_bounds();
-            let ts = uniform_ints(&mut rng, n, lo, hi);
+            let ts = rngs.each(|r| r.gen_range(lo..=hi));
             let level = grid_level(&self.grid, &ts, &dev)?;
-            let eps = randn(&mut rng, &shape, &dev)?;
+            let eps = rngs.randn(&shape[1..], &dev)?;
             let xd = x0.detach();
             let x_t = (&xd + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
             let scale = self.cfg.common.cfg_scale;
@@ -297,7 +310,8 @@ impl Method for Dmd2<'_> {
             if let Some(head) = &self.head {
                 // Through frozen copies: the head and fake score get nothing from this term.
                 let hf = graphs::params::detached_head(head);
-                let logits = self.gan_logits(&b, &fake_frozen, &hf, &x0, &labels, &mut rng)?;
+                let draw = self.gan_draw(&mut rngs, &shape[1..])?;
+                let logits = self.gan_logits(&b, &fake_frozen, &hf, &x0, &labels, draw)?;
                 let g = gan::generator_loss(&logits)?;
                 m.insert("loss_gan_gen".into(), finite("loss_gan_gen", &g)?);
                 loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
@@ -310,8 +324,9 @@ impl Method for Dmd2<'_> {
             frozen.forward(&b, &x_in, &level_k, &labels)?
         };
         // Fake-score turn: the teacher's own loss on the student's images, over the whole grid.
-        let ts = uniform_ints(&mut rng, n, 0, self.grid.len() - 1);
-        let noise = randn(&mut rng, &shape, &dev)?;
+        let last = self.grid.len() - 1;
+        let ts = rngs.each(|r| r.gen_range(0..=last));
+        let noise = rngs.randn(&shape[1..], &dev)?;
         let cond = self
             .teacher
             .meta
@@ -323,16 +338,22 @@ impl Method for Dmd2<'_> {
         m.insert("loss_fake".into(), finite("loss_fake", &lf)?);
         let mut loss = lf;
         if let Some(head) = &self.head {
-            let idx = self.order.batch(step, n);
+            let idx = self.order.batch(step, global)[range.clone()].to_vec();
             let (real, real_labels) = self.data.batch(&idx, &dev)?;
-            // Real and generated images through the fake score and head in one batched call.
+            // Real and generated images through the fake score and head in one batched call;
+            // each sample draws the noise of its real image, then of its generated one.
+            let (ts_real, eps_real) = self.gan_draw(&mut rngs, &shape[1..])?;
+            let (ts_fake, eps_fake) = self.gan_draw(&mut rngs, &shape[1..])?;
             let both = self.gan_logits(
                 &b,
                 &self.fake,
                 head,
                 &Tensor::cat(&[&real, &x0_gen], 0)?,
                 &Tensor::cat(&[&real_labels, &labels], 0)?,
-                &mut rng,
+                (
+                    [ts_real, ts_fake].concat(),
+                    Tensor::cat(&[&eps_real, &eps_fake], 0)?,
+                ),
             )?;
             let nr = real.dim(0)?;
             let real_logits = both.narrow(0, 0, nr)?;

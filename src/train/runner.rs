@@ -280,6 +280,12 @@ fn commit(p: &Pending, run: &RunDir) -> Result<u64> {
 
 /// What a stop keeps, for its message.
 fn kept(run: &RunDir, committed: Option<u64>) -> String {
+    if !crate::parallel::is_rank0() {
+        return format!(
+            "rank 0 writes the checkpoints in {} (the last good one is kept)",
+            run.checkpoint().display()
+        );
+    }
     match committed {
         Some(s) => format!(
             "the last good checkpoint (step {s}) is kept in {}",
@@ -349,68 +355,99 @@ const COUNTERS: &[&str] = &["skipped_steps", "student_updates"];
 pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcome> {
     let cfg = rs.cfg;
     cfg.validate()?;
+    // Data-parallel training: every rank runs this loop on its slice of each global batch.
+    let world = crate::parallel::world();
+    let rank0 = world.rank() == 0;
+    crate::parallel::shard(cfg.batch_size)?;
+    check_ranks_agree(rs)?;
     let state_path = run.checkpoint().join(TRAIN_STATE_FILE);
-    let mut ema = (cfg.ema_decay > 0.0)
+    // The EMA, metrics, sample grids and checkpoints are rank 0's alone.
+    let mut ema = (cfg.ema_decay > 0.0 && rank0)
         .then(|| Ema::new(m.student_vars(), cfg.ema_decay))
         .transpose()?;
     let mut start = 0;
     let mut window = Window::new();
-    if rs.resume {
-        let (tensors, meta) = load_state(m, &state_path, rs.device)?;
-        let rekeyed = || match (rs.rekey, meta.get("config")) {
-            (Some(f), Some(c)) => f(c).ok(),
-            _ => None,
-        };
-        if meta.get("resume_key") != Some(&rs.resume_key)
-            && rekeyed().as_ref() != Some(&rs.resume_key)
-        {
+    let mut prepare = || -> Result<()> {
+        if rs.resume {
+            let (tensors, meta) = load_state(m, &state_path, rs.device)?;
+            let rekeyed = || match (rs.rekey, meta.get("config")) {
+                (Some(f), Some(c)) => f(c).ok(),
+                _ => None,
+            };
+            if meta.get("resume_key") != Some(&rs.resume_key)
+                && rekeyed().as_ref() != Some(&rs.resume_key)
+            {
+                bail!(
+                    "--resume: the run in {} was started with a different configuration (only the step count and logging cadence may change); start a new run with another --out",
+                    run.root.display()
+                );
+            }
+            if let Some((sha, dir)) = rs.teacher {
+                if meta.get("teacher_sha256").map(String::as_str) != Some(sha) {
+                    bail!(
+                        "--resume: the teacher {} is not the one this run started from (its weights changed)",
+                        dir.display()
+                    );
+                }
+            }
+            start = meta
+                .get("step")
+                .context("training state lacks its step")?
+                .parse()?;
+            m.load_state(&tensors, &meta)?;
+            if let Some(w) = meta.get(WINDOW_KEY) {
+                window = window_from_json(w)
+                    .with_context(|| format!("{}: bad {WINDOW_KEY} {w:?}", state_path.display()))?;
+            }
+            if let Some(e) = &mut ema {
+                let w: HashMap<String, Tensor> = tensors
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix("ema.").map(|n| (n.to_string(), v.clone())))
+                    .collect();
+                e.load(&w).context("training state lacks the model's EMA")?;
+            }
+        } else if state_path.exists() {
             bail!(
-                "--resume: the run in {} was started with a different configuration (only the step count and logging cadence may change); start a new run with another --out",
+                "{} already holds a run; pass --resume to continue it or choose another --out",
                 run.root.display()
             );
         }
-        if let Some((sha, dir)) = rs.teacher {
-            if meta.get("teacher_sha256").map(String::as_str) != Some(sha) {
-                bail!(
-                    "--resume: the teacher {} is not the one this run started from (its weights changed)",
-                    dir.display()
-                );
-            }
+        Ok(())
+    };
+    if rank0 {
+        let prepared = prepare();
+        if world.world_size() == 1 {
+            prepared?;
+        } else {
+            let state = prepared.and_then(|_| state_bytes(m, start, &window));
+            crate::parallel::broadcast_result(world, state, "the training state")?;
         }
-        start = meta
-            .get("step")
-            .context("training state lacks its step")?
-            .parse()?;
-        m.load_state(&tensors, &meta)?;
-        if let Some(w) = meta.get(WINDOW_KEY) {
-            window = window_from_json(w)
-                .with_context(|| format!("{}: bad {WINDOW_KEY} {w:?}", state_path.display()))?;
-        }
-        if let Some(e) = &mut ema {
-            let w: HashMap<String, Tensor> = tensors
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix("ema.").map(|n| (n.to_string(), v.clone())))
-                .collect();
-            e.load(&w).context("training state lacks the model's EMA")?;
-        }
-    } else if state_path.exists() {
-        bail!(
-            "{} already holds a run; pass --resume to continue it or choose another --out",
-            run.root.display()
-        );
+    } else {
+        (start, window) = receive_state(m, world, rs.device)?;
+    }
+    if world.world_size() > 1 {
+        let (mut t, mut meta) = (HashMap::new(), HashMap::new());
+        m.save_state(&mut t, &mut meta);
+        let digest = crate::parallel::sha256(&checkpoint::safetensors_bytes(&t)?);
+        crate::parallel::check_same(world, digest, "the trained weights and optimiser state after rank 0's broadcast")?;
     }
     let mut committed = rs.resume.then_some(start);
-    checkpoint::write_atomic(&run.config(), rs.config_toml.as_bytes())?;
-    let mut log = MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?;
-    let pb = progress_bar(cfg.train_steps, start, rs.show_progress, m.name());
+    let mut log = if rank0 {
+        checkpoint::write_atomic(&run.config(), rs.config_toml.as_bytes())?;
+        Some(MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?)
+    } else {
+        None
+    };
+    let pb = progress_bar(cfg.train_steps, start, rs.show_progress && rank0, m.name());
     let t0 = Instant::now();
     let mut last = BTreeMap::new();
     let mut win_start = Instant::now();
     let mut win_steps = 0u64;
+    let mut win_reduce = crate::parallel::reduce_stats();
     let mut pending: Option<Pending> = None;
     for step in start..cfg.train_steps {
         let before = m.student_updates();
-        let metrics = match m.step(step) {
+        let metrics = match m.step(step).and_then(average_over_ranks) {
             Ok(x) => x,
             Err(e) => {
                 return Err(e.context(format!(
@@ -429,6 +466,11 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         // The previous checkpoint's weights just gave finite losses: it is proven.
         if let Some(p) = pending.take() {
             committed = Some(commit(&p, run)?);
+        }
+        if !rank0 {
+            // The other ranks only train: rank 0 logs, evaluates, samples and checkpoints.
+            pb.set_position(step + 1);
+            continue;
         }
         for (k, v) in &metrics {
             let e = window.entry(k.clone()).or_insert((0.0, 0));
@@ -460,6 +502,14 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 "it_per_s".into(),
                 win_steps as f64 / win_start.elapsed().as_secs_f64(),
             );
+            if world.world_size() > 1 {
+                // The gradient all-reduces of this window, per iteration.
+                let now = crate::parallel::reduce_stats();
+                let k = win_steps as f64;
+                record.insert("allreduce_s".into(), (now.seconds - win_reduce.seconds) / k);
+                record.insert("allreduce_mb".into(), (now.bytes - win_reduce.bytes) as f64 / 1e6 / k);
+                win_reduce = now;
+            }
             (win_start, win_steps) = (Instant::now(), 0);
             let msg: Vec<String> = record
                 .iter()
@@ -494,7 +544,9 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 };
                 obj.insert(k.clone(), j);
             }
-            log.write(&serde_json::Value::Object(obj))?;
+            if let Some(log) = &mut log {
+                log.write(&serde_json::Value::Object(obj))?;
+            }
             last.extend(record);
         }
         if done % cfg.checkpoint_every == 0 || done == cfg.train_steps {
@@ -518,7 +570,9 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         }
     }
     pb.finish();
-    super::write_curves(run)?;
+    if rank0 {
+        super::write_curves(run)?;
+    }
     Ok(RunOutcome {
         checkpoint: run.checkpoint(),
         train_steps: cfg.train_steps,
@@ -526,6 +580,68 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         last,
         student_updates: m.student_updates(),
     })
+}
+
+/// Refuses a data-parallel start unless every rank has the same configuration and teacher
+/// (sha256 of the config, the resume key and the teacher's weights compared across ranks).
+fn check_ranks_agree(rs: &RunSpec) -> Result<()> {
+    let world = crate::parallel::world();
+    if world.world_size() == 1 {
+        return Ok(());
+    }
+    let mut h = Vec::new();
+    for part in [
+        rs.config_toml.as_str(),
+        rs.resume_key.as_str(),
+        rs.teacher.map_or("", |t| t.0),
+        if rs.resume { "resume" } else { "fresh" },
+    ] {
+        h.extend_from_slice(&crate::parallel::sha256(part.as_bytes()));
+    }
+    crate::parallel::check_same(
+        world,
+        crate::parallel::sha256(&h),
+        "the configuration or the teacher (or --resume)",
+    )
+}
+
+/// The training state rank 0 starts from (fresh or resumed), for the other ranks: every
+/// network and optimiser, the start step and the open metrics window.
+fn state_bytes<M: Method>(m: &M, start: u64, window: &Window) -> Result<Vec<u8>> {
+    let (mut tensors, mut meta) = (HashMap::new(), HashMap::new());
+    m.save_state(&mut tensors, &mut meta);
+    meta.insert("step".into(), start.to_string());
+    meta.insert(WINDOW_KEY.into(), window_to_json(window)?);
+    checkpoint::safetensors_bytes_with_meta(&tensors, Some(meta))
+}
+
+/// A rank other than 0: loads rank 0's broadcast training state; returns its step and window.
+fn receive_state<M: Method>(
+    m: &mut M,
+    world: &dyn crate::parallel::Collective,
+    device: &Device,
+) -> Result<(u64, Window)> {
+    let bytes = crate::parallel::broadcast_result(world, Ok(Vec::new()), "the training state")?;
+    let what = Path::new("<rank 0's training state>");
+    let (tensors, meta) = checkpoint::tensors_from_bytes(&bytes, what, device)?;
+    m.load_state(&tensors, &meta)?;
+    let start = meta
+        .get("step")
+        .context("rank 0's training state lacks its step")?
+        .parse()?;
+    let window = window_from_json(meta.get(WINDOW_KEY).map_or("{}", String::as_str))?;
+    Ok((start, window))
+}
+
+/// One iteration's metrics averaged over the ranks (each computed on its equal slice of the
+/// global batch, so the average is the global batch's value).
+fn average_over_ranks(mut metrics: StepMetrics) -> Result<StepMetrics> {
+    let mut v: Vec<f64> = metrics.values().copied().collect();
+    crate::parallel::average_values(&mut v, "the step's metrics")?;
+    for (slot, x) in metrics.values_mut().zip(v) {
+        *slot = x;
+    }
+    Ok(metrics)
 }
 
 /// Scores `n` class-balanced samples of a model with fixed noise (seed 1, as `distill eval`).

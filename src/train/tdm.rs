@@ -16,12 +16,12 @@
 //! the teacher (`train::distill`).
 
 use super::distill::{
-    self, finite, gather_steps, grid_level, pair, random_labels, rollout, scalar, sigma_level,
-    Method, StepMetrics, Teacher, Trainable,
+    self, finite, gather_steps, grid_level, pair, rollout, scalar, sigma_level, Method,
+    StepMetrics, Teacher, Trainable,
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::{AdamWConfig, GradAccum, LrSchedule};
-use super::{randn, step_rng};
+use crate::rng::SampleRngs;
 use crate::checkpoint::Role;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, Var};
@@ -194,6 +194,23 @@ impl TdmConfig {
     }
 }
 
+impl Draw {
+    /// Each sample's own draw ([`TdmConfig::draw`] of one sample from its RNG), in order.
+    pub fn per_sample(cfg: &TdmConfig, rngs: &mut SampleRngs, grid_len: usize) -> Self {
+        let mut d = Draw {
+            k: Vec::with_capacity(rngs.len()),
+            t_m: Vec::with_capacity(rngs.len()),
+            t: Vec::with_capacity(rngs.len()),
+        };
+        for one in rngs.each(|r| cfg.draw(r, 1, grid_len)) {
+            d.k.extend(one.k);
+            d.t_m.extend(one.t_m);
+            d.t.extend(one.t);
+        }
+        d
+    }
+}
+
 /// The TDM method: student, fake score and their optimisers.
 pub struct Tdm<'a> {
     pub cfg: TdmConfig,
@@ -279,12 +296,12 @@ impl<'a> Tdm<'a> {
         x0: &Tensor,
         eps: &Tensor,
         d: &Draw,
-        rng: &mut impl Rng,
+        rngs: &mut SampleRngs,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let s_m = self.grid.sigmas_of(&d.t_m);
         let s_t = self.grid.sigmas_of(&d.t);
         let x_m = tdm::trajectory_point(x0, eps, &s_m)?;
-        let fresh = randn(rng, x0.dims(), &self.device)?;
+        let fresh = rngs.randn(&x0.dims()[1..], &self.device)?;
         let x_t = tdm::diffuse(&x_m, &fresh, &s_m, &s_t)?;
         let mixed = tdm::mixed_noise(eps, &fresh, &s_m, &s_t)?;
         Ok((x_t, mixed, fresh))
@@ -313,23 +330,28 @@ impl Method for Tdm<'_> {
         let b =
             CandleBackend::training(&dev).with_autocast(self.cfg.common.run.precision.autocast());
         let u = &self.teacher.meta.model;
-        let (n, c, r) = (self.cfg.common.run.batch_size, u.channels(), u.resolution());
+        let (c, r) = (u.channels(), u.resolution());
+        // This rank's slice of every micro-batch; each sample draws from its own stream.
+        let global = self.cfg.common.run.batch_size;
+        let range = crate::parallel::shard(global)?;
+        let n = range.len();
         let shape = [n, c, r, r];
         let steps = self.sigmas.len();
         let mut m = StepMetrics::new();
         let fake_turn = step.is_multiple_of(self.cfg.update_fake_every);
         let accum = self.cfg.grad_accum as u64;
+        let ncls = u.num_classes() as u32;
         // One rollout per micro-batch, shared by the fake-score and the student turn.
         let mut micro = Vec::with_capacity(accum as usize);
         for i in 0..accum {
-            let mut rng = step_rng(self.cfg.common.run.seed, step, 0x7D30 + i);
-            let label_ids: Vec<u32> =
-                random_labels(&mut rng, n, u.num_classes(), &dev)?.to_vec1()?;
+            let mut rngs =
+                SampleRngs::new(self.cfg.common.run.seed, step, 0x7D30 + i, range.clone());
+            let label_ids: Vec<u32> = rngs.each(|r| r.gen_range(0..ncls));
             let labels = Tensor::from_vec(label_ids.clone(), n, &dev)?;
-            let z = randn(&mut rng, &shape, &dev)?;
+            let z = rngs.randn(&shape[1..], &dev)?;
             let frozen = graphs::params::detached(&self.student)?;
             let ro = rollout(&b, &frozen, &z, &labels, &self.sigmas, steps, None)?;
-            micro.push((rng, label_ids, labels, ro));
+            micro.push((rngs, label_ids, labels, ro));
         }
         let k = accum as f64;
         if fake_turn {
@@ -338,7 +360,7 @@ impl Method for Tdm<'_> {
             let mut acc = GradAccum::new(self.fake_t.vars().len());
             let (mut sum_lf, mut sum_w) = (0.0, 0.0);
             for (rng, label_ids, _, ro) in micro.iter_mut() {
-                let d = self.cfg.draw(rng, n, self.grid.len());
+                let d = Draw::per_sample(&self.cfg, rng, self.grid.len());
                 let x_in = gather_steps(&ro.xs, &d.k)?;
                 let x0 = gather_steps(&ro.x0s, &d.k)?;
                 let s_k: Vec<f64> = d.k.iter().map(|&k| self.sigmas[k]).collect();
@@ -372,7 +394,7 @@ impl Method for Tdm<'_> {
         let (mut sum_ls, mut sum_norm) = (0.0, 0.0);
         let fake_frozen = graphs::params::detached(&self.fake)?;
         for (rng, label_ids, labels, ro) in micro.iter_mut() {
-            let d = self.cfg.draw(rng, n, self.grid.len());
+            let d = Draw::per_sample(&self.cfg, rng, self.grid.len());
             let x_in = gather_steps(&ro.xs, &d.k)?;
             let s_k: Vec<f64> = d.k.iter().map(|&k| self.sigmas[k]).collect();
             let level_k = sigma_level(&self.student, &s_k, &dev)?;

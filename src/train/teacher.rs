@@ -6,7 +6,8 @@ use super::distill::{finite, Trainable};
 use super::optim::{AdamWConfig, LossScaleConfig, Precision};
 use super::runner::{self, Method, RunConfig, RunSpec, StepMetrics};
 pub use super::{denoiser_from, vars_to_tensors};
-use super::{randn, seeded_init, step_rng, DataOrder, RunDir};
+use super::{seeded_init, DataOrder, RunDir};
+use crate::rng::SampleRngs;
 use crate::checkpoint::Role;
 use crate::data::Dataset;
 use anyhow::{bail, Context, Result};
@@ -256,29 +257,28 @@ impl Method for TeacherMethod<'_> {
     fn step(&mut self, step: u64) -> Result<StepMetrics> {
         let (cfg, device) = (&self.cfg, &self.device);
         let b = CandleBackend::training(device).with_autocast(cfg.precision.autocast());
-        let idx = self.order.batch(step, cfg.batch_size);
+        // This rank's slice of the global batch; every per-sample draw from its sample's stream.
+        let range = crate::parallel::shard(cfg.batch_size)?;
+        let idx = self.order.batch(step, cfg.batch_size)[range.clone()].to_vec();
         let (x0, labels) = self.data.batch(&idx, device)?;
-        let mut rng = step_rng(cfg.seed, step, 1);
+        let mut rngs = SampleRngs::new(cfg.seed, step, 1, range);
         let n = idx.len();
         let null = self.cfg.model.num_classes as u32;
+        let dropped = rngs.each(|r| r.gen::<f64>() < cfg.label_dropout);
         let labels: Vec<u32> = labels
             .to_vec1::<u32>()?
             .into_iter()
-            .map(|l| {
-                if rng.gen::<f64>() < cfg.label_dropout {
-                    null
-                } else {
-                    l
-                }
-            })
+            .zip(dropped)
+            .map(|(l, d)| if d { null } else { l })
             .collect();
         let labels = Tensor::from_vec(labels, n, device)?;
-        let noise_cond = self
-            .mcfg
-            .parameterisation
-            .draw_training_level(&mut rng, n)
-            .to_tensor(device)?;
-        let noise = randn(&mut rng, x0.dims(), device)?;
+        let param = &self.mcfg.parameterisation;
+        let noise_cond = graphs::TrainingLevel::concat(
+            rngs.each(|r| param.draw_training_level(r, 1)),
+        )
+        .context("empty batch slice")?
+        .to_tensor(device)?;
+        let noise = rngs.randn(&x0.dims()[1..], device)?;
         let loss = graphs::losses::teacher_loss(&b, &self.den, &x0, &labels, &noise_cond, &noise)?;
         let lv = finite("loss", &loss)?;
         if let Some(st) = self.net.update(&loss)? {

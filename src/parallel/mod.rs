@@ -1,0 +1,421 @@
+//! Data-parallel training: one process per device (a **rank**), talking through an established
+//! collective library: MPI (OpenMPI through the `mpi` crate, feature `mpi`, on by default) for CPU
+//! processes started by `mpirun`; a single process is the world of one rank at no cost.
+//!
+//! The [`Collective`] trait is what training needs (rank, world size, all-reduce sums of f32 /
+//! f64 buffers, broadcast from rank 0, all-gather, barrier); [`world`] is the process's one
+//! instance, chosen by [`init`] from the environment: under `mpirun` (`OMPI_COMM_WORLD_SIZE`)
+//! MPI, otherwise [`SingleProcess`]. On top of it: gradient averaging in buckets
+//! ([`average_grads`]), a rank's slice of the global batch ([`shard`]), byte broadcasts and the
+//! equal-on-every-rank check ([`check_same`]).
+//!
+//! Every MPI collective waits at most the **collective timeout** (`--collective-timeout`): a rank
+//! that died or hangs makes the others stop with an error naming it instead of hanging.
+
+#[cfg(feature = "mpi")]
+mod mpi;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use sha2::{Digest, Sha256};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The default collective timeout (`--collective-timeout`), seconds.
+pub const DEFAULT_TIMEOUT_S: f64 = 300.0;
+
+/// Gradients are all-reduced in buckets of at most this many f32 (25 MiB, PyTorch DDP's default
+/// bucket size): few collectives per step, bounded extra memory.
+pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
+
+/// The collective operations data-parallel training uses. `what` names the operation in errors
+/// (e.g. "gradients of student").
+pub trait Collective: Send + Sync {
+    /// This process's rank, `0..world_size`.
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The engine, for messages: `single process` or `MPI (...)`.
+    fn engine(&self) -> String;
+    /// Element-wise sum over the ranks, in place (every rank gets the sum).
+    fn all_reduce_sum_f32(&self, buf: &mut [f32], what: &str) -> Result<()>;
+    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()>;
+    /// Rank 0's `buf` into every rank's `buf` (all of the same length).
+    fn broadcast(&self, buf: &mut [u8], what: &str) -> Result<()>;
+    /// Every rank's `mine` (all of the same length), concatenated in rank order.
+    fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<u8>>;
+    fn barrier(&self, what: &str) -> Result<()>;
+    /// Ends every rank of the job (after an error on this one); returns only without peers.
+    fn abort(&self, code: i32);
+    /// Ends the engine cleanly at the end of a successful run (MPI_Finalize).
+    fn finish(&self) {}
+}
+
+/// The world of one process: every collective is the identity, at no cost.
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn engine(&self) -> String {
+        "single process".into()
+    }
+    fn all_reduce_sum_f32(&self, _: &mut [f32], _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, _: &mut [f64], _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _: &mut [u8], _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather(&self, mine: &[u8], _: &str) -> Result<Vec<u8>> {
+        Ok(mine.to_vec())
+    }
+    fn barrier(&self, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, _: i32) {}
+}
+
+static WORLD: OnceLock<Box<dyn Collective>> = OnceLock::new();
+
+/// True when this process was started by OpenMPI's `mpirun` / `mpiexec`.
+pub fn launched_by_mpirun() -> bool {
+    std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some()
+}
+
+/// Sets up the process's collective engine: MPI under `mpirun`, else a single process.
+/// `timeout`: the longest any collective waits for the other ranks. Idempotent (the first call
+/// decides); [`world`] calls it with the default timeout when the program did not.
+pub fn init(timeout: Duration) -> Result<&'static dyn Collective> {
+    if let Some(w) = WORLD.get() {
+        return Ok(w.as_ref());
+    }
+    let c: Box<dyn Collective> = if launched_by_mpirun() {
+        mpi_world(timeout)?
+    } else {
+        Box::new(SingleProcess)
+    };
+    Ok(WORLD.get_or_init(|| c).as_ref())
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_world(timeout: Duration) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(mpi::Mpi::init(timeout)?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world(_: Duration) -> Result<Box<dyn Collective>> {
+    bail!(
+        "started by mpirun (OMPI_COMM_WORLD_SIZE is set) but this distill was built without the \
+         `mpi` feature: rebuild with default features (needs the Debian packages libopenmpi-dev \
+         and libclang-dev; scripts/setup.sh installs them)"
+    )
+}
+
+/// The engine [`init`] set up, if it did.
+pub fn current() -> Option<&'static dyn Collective> {
+    WORLD.get().map(|w| w.as_ref())
+}
+
+/// The process's collective engine (set up by [`init`]; a single process unless under `mpirun`).
+pub fn world() -> &'static dyn Collective {
+    match init(Duration::from_secs_f64(DEFAULT_TIMEOUT_S)) {
+        Ok(w) => w,
+        Err(e) => panic!("setting up the collective engine: {e:#}"),
+    }
+}
+
+/// True on rank 0 (the rank that writes checkpoints, metrics and sample grids).
+pub fn is_rank0() -> bool {
+    world().rank() == 0
+}
+
+/// This rank's slice of a global batch of `global` samples: `rank * n .. (rank + 1) * n` with
+/// `n = global / world_size`; refused when `global` is not divisible by the world size.
+pub fn shard(global: usize) -> Result<Range<usize>> {
+    shard_of(global, world().rank(), world().world_size())
+}
+
+/// [`shard`] for an explicit rank and world size.
+pub fn shard_of(global: usize, rank: usize, world: usize) -> Result<Range<usize>> {
+    if global % world != 0 {
+        bail!(
+            "--batch-size {global} (the global batch, over all ranks) is not divisible by the world size {world}: pass a multiple of {world}"
+        );
+    }
+    let n = global / world;
+    Ok(rank * n..(rank + 1) * n)
+}
+
+/// What the gradient all-reduces cost so far in this process (for `distill bench`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReduceStats {
+    pub calls: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+static REDUCE_CALLS: AtomicU64 = AtomicU64::new(0);
+static REDUCE_BYTES: AtomicU64 = AtomicU64::new(0);
+static REDUCE_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Totals of [`average_grads`] since the process started.
+pub fn reduce_stats() -> ReduceStats {
+    ReduceStats {
+        calls: REDUCE_CALLS.load(Ordering::Relaxed),
+        bytes: REDUCE_BYTES.load(Ordering::Relaxed),
+        seconds: REDUCE_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
+    }
+}
+
+/// Replaces every rank's gradients by their average over the ranks (sum / world size), in
+/// buckets of at most [`BUCKET_ELEMS`] f32; a no-op in a world of one. `grads` are in the
+/// optimiser's variable order (the same on every rank); `None` (no gradient) stays `None` and
+/// must be `None` on every rank. Called after backward, before unscaling, clipping and the
+/// optimiser step, so every rank steps with identical gradients (and the fp16 overflow decision
+/// is the same everywhere: an inf on one rank is an inf in the sum).
+pub fn average_grads(grads: &mut [Option<Tensor>], what: &str) -> Result<()> {
+    average_grads_with(world(), grads, what)
+}
+
+/// [`average_grads`] over an explicit engine.
+pub fn average_grads_with(
+    c: &dyn Collective,
+    grads: &mut [Option<Tensor>],
+    what: &str,
+) -> Result<()> {
+    let world = c.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let inv = 1.0 / world as f32;
+    let idx: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
+    let mut bytes = 0u64;
+    let mut start = 0;
+    while start < idx.len() {
+        // One bucket: consecutive gradients up to BUCKET_ELEMS (a bigger one goes alone).
+        let mut end = start;
+        let mut elems = 0;
+        while end < idx.len() {
+            let n = grads[idx[end]].as_ref().expect("some").elem_count();
+            if end > start && elems + n > BUCKET_ELEMS {
+                break;
+            }
+            elems += n;
+            end += 1;
+        }
+        let mut buf = Vec::with_capacity(elems);
+        for &i in &idx[start..end] {
+            let g = grads[i].as_ref().expect("some");
+            buf.extend(
+                g.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        c.all_reduce_sum_f32(&mut buf, &format!("gradients of {what}"))?;
+        bytes += 4 * buf.len() as u64;
+        let mut off = 0;
+        for &i in &idx[start..end] {
+            let g = grads[i].as_ref().expect("some");
+            let n = g.elem_count();
+            let avg: Vec<f32> = buf[off..off + n].iter().map(|x| x * inv).collect();
+            let t = Tensor::from_vec(avg, g.dims(), g.device())?.to_dtype(g.dtype())?;
+            grads[i] = Some(t);
+            off += n;
+        }
+        start = end;
+    }
+    REDUCE_CALLS.fetch_add(1, Ordering::Relaxed);
+    REDUCE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+    REDUCE_NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Averages metric values over the ranks (the values of equal-sized batch slices: the average
+/// is the global batch's value). Every rank must pass the same keys in the same order.
+pub fn average_values(values: &mut [f64], what: &str) -> Result<()> {
+    let c = world();
+    if c.world_size() == 1 {
+        return Ok(());
+    }
+    c.all_reduce_sum_f64(values, what)?;
+    let w = c.world_size() as f64;
+    values.iter_mut().for_each(|v| *v /= w);
+    Ok(())
+}
+
+/// Rank 0's bytes on every rank (any length: the length goes first). `mine` is only read on
+/// rank 0.
+pub fn broadcast_bytes(c: &dyn Collective, mine: Vec<u8>, what: &str) -> Result<Vec<u8>> {
+    if c.world_size() == 1 {
+        return Ok(mine);
+    }
+    let mut len = (mine.len() as u64).to_le_bytes();
+    c.broadcast(&mut len, &format!("{what} (length)"))?;
+    let n = u64::from_le_bytes(len) as usize;
+    let mut buf = if c.rank() == 0 { mine } else { vec![0u8; n] };
+    // MPI counts are i32: broadcast in chunks of 1 GiB.
+    for chunk in buf.chunks_mut(1 << 30) {
+        c.broadcast(chunk, what)?;
+    }
+    Ok(buf)
+}
+
+/// Rank 0's outcome of a step only it performs (e.g. reading the resume state) on every rank:
+/// `Ok(bytes)` or rank 0's error, which every other rank then reports as its own.
+pub fn broadcast_result(c: &dyn Collective, mine: Result<Vec<u8>>, what: &str) -> Result<Vec<u8>> {
+    if c.world_size() == 1 {
+        return mine;
+    }
+    if c.rank() != 0 {
+        let got = broadcast_bytes(c, Vec::new(), what)?;
+        return match got.split_first() {
+            Some((0, rest)) => Ok(rest.to_vec()),
+            Some((_, msg)) => bail!("rank 0 stopped: {}", String::from_utf8_lossy(msg)),
+            None => bail!("{what}: rank 0 sent nothing"),
+        };
+    }
+    let (tag, body, err) = match mine {
+        Ok(b) => (0u8, b, None),
+        Err(e) => (1u8, format!("{e:#}").into_bytes(), Some(e)),
+    };
+    let mut msg = Vec::with_capacity(body.len() + 1);
+    msg.push(tag);
+    msg.extend_from_slice(&body);
+    let back = broadcast_bytes(c, msg, what)?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(back[1..].to_vec()),
+    }
+}
+
+/// sha256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Refuses to go on unless every rank passed the same `digest` (e.g. of its config and teacher):
+/// the error names the ranks that differ from rank 0 and `what` they disagree on.
+pub fn check_same(c: &dyn Collective, digest: [u8; 32], what: &str) -> Result<()> {
+    if c.world_size() == 1 {
+        return Ok(());
+    }
+    let all = c
+        .all_gather(&digest, &format!("the {what} check"))
+        .context("comparing the ranks")?;
+    let d: Vec<&[u8]> = all.chunks(32).collect();
+    let bad: Vec<String> = (1..d.len())
+        .filter(|&r| d[r] != d[0])
+        .map(|r| r.to_string())
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "rank(s) {} of {} differ from rank 0 in {what}: every rank must start the same run (same flags, config and teacher)",
+            bad.join(", "),
+            d.len()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn shards_cover_the_global_batch_and_refuse_a_remainder() {
+        assert_eq!(shard_of(32, 0, 2).unwrap(), 0..16);
+        assert_eq!(shard_of(32, 1, 2).unwrap(), 16..32);
+        assert_eq!(shard_of(7, 0, 1).unwrap(), 0..7);
+        let e = shard_of(30, 0, 4).unwrap_err().to_string();
+        assert!(e.contains("30") && e.contains("world size 4"), "{e}");
+    }
+
+    #[test]
+    fn a_single_process_is_the_identity() {
+        let c = SingleProcess;
+        let g = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+        let mut grads = vec![Some(g.clone()), None];
+        average_grads_with(&c, &mut grads, "x").unwrap();
+        assert_eq!(
+            grads[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![1., 2., 3.]
+        );
+        assert!(grads[1].is_none());
+        assert_eq!(broadcast_bytes(&c, vec![7, 8], "b").unwrap(), vec![7, 8]);
+        check_same(&c, sha256(b"a"), "config").unwrap();
+    }
+
+    /// A fake two-rank world whose "other rank" holds fixed data: checks the bucketing and the
+    /// averaging arithmetic (the MPI engine itself is tested across processes in tests/parallel.rs).
+    struct Mirror {
+        other: f32,
+        calls: std::sync::Mutex<Vec<usize>>,
+    }
+    impl Collective for Mirror {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn engine(&self) -> String {
+            "mirror".into()
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32], _: &str) -> Result<()> {
+            self.calls.lock().unwrap().push(buf.len());
+            buf.iter_mut().for_each(|x| *x += self.other);
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64], _: &str) -> Result<()> {
+            unreachable!()
+        }
+        fn broadcast(&self, _: &mut [u8], _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn all_gather(&self, mine: &[u8], _: &str) -> Result<Vec<u8>> {
+            let mut v = mine.to_vec();
+            v.extend(vec![0u8; mine.len()]);
+            Ok(v)
+        }
+        fn barrier(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn abort(&self, _: i32) {}
+    }
+
+    #[test]
+    fn gradients_are_averaged_in_buckets() {
+        let c = Mirror {
+            other: 1.0,
+            calls: Default::default(),
+        };
+        let dev = Device::Cpu;
+        let big = Tensor::zeros(BUCKET_ELEMS - 2, candle_core::DType::F32, &dev).unwrap();
+        let small = Tensor::new(&[[3f32, 5.]], &dev).unwrap();
+        let mut grads = vec![Some(big), None, Some(small.clone()), Some(small)];
+        average_grads_with(&c, &mut grads, "net").unwrap();
+        // The big one and the first small one fill a bucket; the last small one starts the next.
+        assert_eq!(*c.calls.lock().unwrap(), vec![BUCKET_ELEMS, 2]);
+        assert_eq!(
+            grads[2].as_ref().unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![2., 3.]]
+        );
+        assert_eq!(grads[2].as_ref().unwrap().dims(), &[1, 2]);
+        assert!(grads[1].is_none());
+        let e = check_same(&c, sha256(b"a"), "config and teacher")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank(s) 1 of 2"), "{e}");
+    }
+}

@@ -1,0 +1,307 @@
+//! The MPI engine (OpenMPI through rsmpi): every collective is a non-blocking MPI call polled
+//! against the collective timeout, preceded by an *arrival* round (each rank tells every other
+//! one, point to point, which collective it has reached), so that a rank that died or hangs is
+//! named in the error instead of leaving the others blocked.
+
+use super::Collective;
+use ::mpi::collective::SystemOperation;
+use ::mpi::datatype::Equivalence;
+use ::mpi::environment::Universe;
+use ::mpi::request::{scope, Request, Scope};
+use ::mpi::topology::SimpleCommunicator;
+use ::mpi::traits::*;
+use ::mpi::Threading;
+use anyhow::{bail, Context, Result};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The message tag of the arrival round.
+const ARRIVAL_TAG: i32 = 0x0D15;
+
+struct Inner {
+    /// Dropped (MPI_Finalize) by [`Collective::finish`].
+    universe: Option<Universe>,
+    world: SimpleCommunicator,
+    /// Collectives started so far (the arrival round's sequence number).
+    op: u64,
+}
+
+/// MPI_COMM_WORLD of a job started by `mpirun`.
+pub struct Mpi {
+    inner: Mutex<Inner>,
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    version: String,
+}
+
+// SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED and every call goes through `inner`'s
+// mutex, so no two threads call MPI at once.
+unsafe impl Send for Mpi {}
+unsafe impl Sync for Mpi {}
+
+/// Polls `req` until it completes (true) or `deadline` passes (false: the request is abandoned
+/// and its buffers must never be freed: the caller leaks them).
+fn poll<'a, D: ?Sized, S: Scope<'a>>(mut req: Request<'a, D, S>, deadline: Instant) -> bool {
+    let mut spins = 0u32;
+    loop {
+        match req.test() {
+            Ok(_) => return true,
+            Err(r) => req = r,
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: unregistered from its scope; the caller leaks the buffers it points at.
+            let _ = unsafe { req.into_raw() };
+            return false;
+        }
+        spins += 1;
+        if spins < 2000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+impl Mpi {
+    pub fn init(timeout: Duration) -> Result<Self> {
+        let (universe, _threading) = ::mpi::initialize_with_threading(Threading::Serialized)
+            .context("MPI_Init failed (was MPI already initialised?)")?;
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        let version = ::mpi::environment::library_version()
+            .ok()
+            .and_then(|v| v.split(',').next().map(|s| s.trim().to_string()))
+            .unwrap_or_else(|| "MPI".into());
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                universe: Some(universe),
+                world,
+                op: 0,
+            }),
+            rank,
+            size,
+            timeout,
+            version,
+        })
+    }
+
+    fn timeout_s(&self) -> String {
+        format!("{:.1} s", self.timeout.as_secs_f64())
+    }
+
+    /// The arrival round of the next collective: returns its sequence number once every rank
+    /// has reached it, or names the ranks that did not within the timeout.
+    fn arrive(&self, inner: &mut Inner, what: &str) -> Result<u64> {
+        if inner.universe.is_none() {
+            bail!("{what}: MPI was already finalised");
+        }
+        inner.op += 1;
+        let op = inner.op;
+        let me = Box::new([op]);
+        let mut theirs = vec![u64::MAX; self.size].into_boxed_slice();
+        let deadline = Instant::now() + self.timeout;
+        let world = &inner.world;
+        let rank = self.rank;
+        let (missing, abandoned) = scope(|sc| {
+            let mut recvs = Vec::new();
+            for (p, slot) in theirs.chunks_mut(1).enumerate() {
+                if p != rank {
+                    let r = world
+                        .process_at_rank(p as i32)
+                        .immediate_receive_into_with_tag(sc, slot, ARRIVAL_TAG);
+                    recvs.push((p, Some(r)));
+                }
+            }
+            let mut sends: Vec<_> = (0..self.size)
+                .filter(|&p| p != rank)
+                .map(|p| {
+                    Some(
+                        world
+                            .process_at_rank(p as i32)
+                            .immediate_send_with_tag(sc, &me[..], ARRIVAL_TAG),
+                    )
+                })
+                .collect();
+            let mut spins = 0u32;
+            loop {
+                for (_, slot) in recvs.iter_mut() {
+                    if let Some(r) = slot.take() {
+                        *slot = r.test().err();
+                    }
+                }
+                for slot in sends.iter_mut() {
+                    if let Some(r) = slot.take() {
+                        *slot = r.test().err();
+                    }
+                }
+                let pending = recvs.iter().any(|(_, r)| r.is_some())
+                    || sends.iter().any(|r| r.is_some());
+                if !pending {
+                    return (Vec::new(), false);
+                }
+                if Instant::now() >= deadline {
+                    let missing: Vec<usize> = recvs
+                        .iter()
+                        .filter(|(_, r)| r.is_some())
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for r in recvs.into_iter().filter_map(|(_, r)| r) {
+                        // SAFETY: the buffers are leaked below.
+                        let _ = unsafe { r.into_raw() };
+                    }
+                    for r in sends.into_iter().flatten() {
+                        // SAFETY: as above.
+                        let _ = unsafe { r.into_raw() };
+                    }
+                    return (missing, true);
+                }
+                spins += 1;
+                if spins < 2000 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        });
+        if abandoned {
+            std::mem::forget(me);
+            std::mem::forget(theirs);
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.iter().map(|p| p.to_string()).collect();
+                bail!(
+                    "collective timeout: rank(s) {} of {} did not reach the {what} (collective #{op}) within {} (--collective-timeout); rank {rank} stops. The rank died or hangs (or is far slower: raise --collective-timeout)",
+                    names.join(", "),
+                    self.size,
+                    self.timeout_s()
+                );
+            }
+            bail!(
+                "collective timeout: the arrival messages of the {what} (collective #{op}) were not delivered within {}; rank {rank} stops",
+                self.timeout_s()
+            );
+        }
+        for (p, &t) in theirs.iter().enumerate() {
+            if p != rank && t != op {
+                bail!(
+                    "rank {p} is at collective #{t} while rank {rank} is at #{op} ({what}): the ranks run different sequences of collectives (different flags or configs?)"
+                );
+            }
+        }
+        Ok(op)
+    }
+
+    fn stalled(&self, what: &str, op: u64) -> anyhow::Error {
+        anyhow::anyhow!(
+            "collective timeout: the {what} (collective #{op}) did not complete within {} (--collective-timeout) although every rank reached it; rank {} stops: a rank died or hangs",
+            self.timeout_s(),
+            self.rank
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn all_reduce_sum<T: Equivalence + Copy + Default>(
+        &self,
+        buf: &mut [T],
+        what: &str,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        let op = self.arrive(&mut inner, what)?;
+        let deadline = Instant::now() + self.timeout;
+        let send = buf.to_vec();
+        let mut recv = vec![T::default(); buf.len()];
+        let ok = scope(|sc| {
+            let req = inner.world.immediate_all_reduce_into(
+                sc,
+                &send[..],
+                &mut recv[..],
+                SystemOperation::sum(),
+            );
+            poll(req, deadline)
+        });
+        if !ok {
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(self.stalled(what, op));
+        }
+        buf.copy_from_slice(&recv);
+        Ok(())
+    }
+}
+
+impl Collective for Mpi {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn engine(&self) -> String {
+        format!("MPI ({})", self.version)
+    }
+    fn all_reduce_sum_f32(&self, buf: &mut [f32], what: &str) -> Result<()> {
+        self.all_reduce_sum(buf, what)
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
+        self.all_reduce_sum(buf, what)
+    }
+    fn broadcast(&self, buf: &mut [u8], what: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let op = self.arrive(&mut inner, what)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut tmp = buf.to_vec();
+        let ok = scope(|sc| {
+            let root = inner.world.process_at_rank(0);
+            poll(root.immediate_broadcast_into(sc, &mut tmp[..]), deadline)
+        });
+        if !ok {
+            std::mem::forget(tmp);
+            return Err(self.stalled(what, op));
+        }
+        buf.copy_from_slice(&tmp);
+        Ok(())
+    }
+    fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<u8>> {
+        let mut inner = self.lock();
+        let op = self.arrive(&mut inner, what)?;
+        let deadline = Instant::now() + self.timeout;
+        let send = mine.to_vec();
+        let mut recv = vec![0u8; mine.len() * self.size];
+        let ok = scope(|sc| {
+            poll(
+                inner
+                    .world
+                    .immediate_all_gather_into(sc, &send[..], &mut recv[..]),
+                deadline,
+            )
+        });
+        if !ok {
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(self.stalled(what, op));
+        }
+        Ok(recv)
+    }
+    fn barrier(&self, what: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let op = self.arrive(&mut inner, what)?;
+        let deadline = Instant::now() + self.timeout;
+        if !poll(inner.world.immediate_barrier(), deadline) {
+            return Err(self.stalled(what, op));
+        }
+        Ok(())
+    }
+    fn abort(&self, code: i32) {
+        let inner = self.lock();
+        if inner.universe.is_some() {
+            inner.world.abort(code);
+        }
+    }
+    fn finish(&self) {
+        // MPI_Finalize (Universe's drop).
+        drop(self.lock().universe.take());
+    }
+}
