@@ -17,6 +17,31 @@ use std::time::{Duration, Instant};
 
 /// The message tag of the arrival round.
 const ARRIVAL_TAG: i32 = 0x0D15;
+/// A stalled rank asks every other one whether it is alive (PING); a live one, polling in a
+/// collective, answers (PONG).
+const PING_TAG: i32 = 0x0D16;
+const PONG_TAG: i32 = 0x0D17;
+
+/// Answers every pending ping (called while waiting in any collective).
+fn serve_pings(world: &SimpleCommunicator) {
+    while let Some(st) = world.any_process().immediate_probe_with_tag(PING_TAG) {
+        let src = world.process_at_rank(st.source_rank());
+        let mut b = [0u64; 1];
+        src.receive_into_with_tag(&mut b[..], PING_TAG);
+        src.send_with_tag(&b[..], PONG_TAG);
+    }
+}
+
+/// Waits a little between two tests of a pending request (spins first: collectives of small
+/// buffers complete in microseconds).
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 2000 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
 
 struct Inner {
     /// Dropped (MPI_Finalize) by [`Collective::finish`].
@@ -41,8 +66,12 @@ unsafe impl Send for Mpi {}
 unsafe impl Sync for Mpi {}
 
 /// Polls `req` until it completes (true) or `deadline` passes (false: the request is abandoned
-/// and its buffers must never be freed: the caller leaks them).
-fn poll<'a, D: ?Sized, S: Scope<'a>>(mut req: Request<'a, D, S>, deadline: Instant) -> bool {
+/// and its buffers must never be freed: the caller leaks them); answers pings meanwhile.
+fn poll<'a, D: ?Sized, S: Scope<'a>>(
+    world: &SimpleCommunicator,
+    mut req: Request<'a, D, S>,
+    deadline: Instant,
+) -> bool {
     let mut spins = 0u32;
     loop {
         match req.test() {
@@ -54,12 +83,8 @@ fn poll<'a, D: ?Sized, S: Scope<'a>>(mut req: Request<'a, D, S>, deadline: Insta
             let _ = unsafe { req.into_raw() };
             return false;
         }
-        spins += 1;
-        if spins < 2000 {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        serve_pings(world);
+        backoff(&mut spins);
     }
 }
 
@@ -156,12 +181,8 @@ impl Mpi {
                     }
                     return (missing, true);
                 }
-                spins += 1;
-                if spins < 2000 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
+                serve_pings(world);
+                backoff(&mut spins);
             }
         });
         if abandoned {
@@ -191,9 +212,56 @@ impl Mpi {
         Ok(op)
     }
 
-    fn stalled(&self, what: &str, op: u64) -> anyhow::Error {
+    /// The error of a collective that every rank reached but that did not complete: pings every
+    /// other rank and names those that do not answer (a live rank answers while it polls).
+    fn stalled(&self, world: &SimpleCommunicator, what: &str, op: u64) -> anyhow::Error {
+        let grace = (self.timeout / 2).min(Duration::from_secs(2));
+        let peers: Vec<usize> = (0..self.size).filter(|&p| p != self.rank).collect();
+        for &p in &peers {
+            // 8 bytes: sent eagerly, also to a rank that no longer receives.
+            world
+                .process_at_rank(p as i32)
+                .send_with_tag(&[op][..], PING_TAG);
+        }
+        let mut answered = vec![false; self.size];
+        answered[self.rank] = true;
+        let until = Instant::now() + grace;
+        while Instant::now() < until && answered.iter().any(|a| !a) {
+            serve_pings(world);
+            while let Some(st) = world.any_process().immediate_probe_with_tag(PONG_TAG) {
+                let src = st.source_rank();
+                let mut b = [0u64; 1];
+                world
+                    .process_at_rank(src)
+                    .receive_into_with_tag(&mut b[..], PONG_TAG);
+                answered[src as usize] = true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.size > 2 {
+            // Other ranks stalled in the same collective may still ask this one.
+            let linger = Instant::now() + grace;
+            while Instant::now() < linger {
+                serve_pings(world);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let silent: Vec<String> = peers
+            .iter()
+            .filter(|&&p| !answered[p])
+            .map(|p| p.to_string())
+            .collect();
+        if silent.is_empty() {
+            return anyhow::anyhow!(
+                "collective timeout: the {what} (collective #{op}) did not complete within {} (--collective-timeout) although every rank reached it and answers; rank {} stops",
+                self.timeout_s(),
+                self.rank
+            );
+        }
         anyhow::anyhow!(
-            "collective timeout: the {what} (collective #{op}) did not complete within {} (--collective-timeout) although every rank reached it; rank {} stops: a rank died or hangs",
+            "collective timeout: rank(s) {} of {} did not complete the {what} (collective #{op}) within {} (--collective-timeout) and do not answer; rank {} stops. The rank died or hangs (or is far slower: raise --collective-timeout)",
+            silent.join(", "),
+            self.size,
             self.timeout_s(),
             self.rank
         )
@@ -220,12 +288,12 @@ impl Mpi {
                 &mut recv[..],
                 SystemOperation::sum(),
             );
-            poll(req, deadline)
+            poll(&inner.world, req, deadline)
         });
         if !ok {
             std::mem::forget(send);
             std::mem::forget(recv);
-            return Err(self.stalled(what, op));
+            return Err(self.stalled(&inner.world, what, op));
         }
         buf.copy_from_slice(&recv);
         Ok(())
@@ -255,11 +323,11 @@ impl Collective for Mpi {
         let mut tmp = buf.to_vec();
         let ok = scope(|sc| {
             let root = inner.world.process_at_rank(0);
-            poll(root.immediate_broadcast_into(sc, &mut tmp[..]), deadline)
+            poll(&inner.world, root.immediate_broadcast_into(sc, &mut tmp[..]), deadline)
         });
         if !ok {
             std::mem::forget(tmp);
-            return Err(self.stalled(what, op));
+            return Err(self.stalled(&inner.world, what, op));
         }
         buf.copy_from_slice(&tmp);
         Ok(())
@@ -272,6 +340,7 @@ impl Collective for Mpi {
         let mut recv = vec![0u8; mine.len() * self.size];
         let ok = scope(|sc| {
             poll(
+                &inner.world,
                 inner
                     .world
                     .immediate_all_gather_into(sc, &send[..], &mut recv[..]),
@@ -281,7 +350,7 @@ impl Collective for Mpi {
         if !ok {
             std::mem::forget(send);
             std::mem::forget(recv);
-            return Err(self.stalled(what, op));
+            return Err(self.stalled(&inner.world, what, op));
         }
         Ok(recv)
     }
@@ -289,8 +358,8 @@ impl Collective for Mpi {
         let mut inner = self.lock();
         let op = self.arrive(&mut inner, what)?;
         let deadline = Instant::now() + self.timeout;
-        if !poll(inner.world.immediate_barrier(), deadline) {
-            return Err(self.stalled(what, op));
+        if !poll(&inner.world, inner.world.immediate_barrier(), deadline) {
+            return Err(self.stalled(&inner.world, what, op));
         }
         Ok(())
     }
