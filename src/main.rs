@@ -18,7 +18,11 @@ fn main() {
     if let Err(e) = res {
         let world = distill::parallel::current();
         if let Some(world) = world.filter(|w| w.world_size() > 1) {
-            eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.world_size());
+            eprintln!(
+                "error (rank {} of {}): {e:#}",
+                world.rank(),
+                world.world_size()
+            );
             // Ends the other ranks too (they may be waiting in a collective).
             world.abort(distill::jobs::exit_code(&e));
         } else {

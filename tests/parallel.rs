@@ -189,13 +189,26 @@ fn assert_same_run(one: &Path, two: &Path, what: &str) {
         "{what}: the losses hardly move ({moved:.2e}); the comparison would not notice a missing gradient exchange"
     );
     let (w, m) = state_diffs(&state(one), &state(two));
-    assert!(w.0 < TOL, "{what}: final trained weights differ: {} rel {:.2e}", w.1, w.0);
-    assert!(m.0 < MOMENT_TOL, "{what}: final AdamW moments differ: {} rel {:.2e}", m.1, m.0);
+    assert!(
+        w.0 < TOL,
+        "{what}: final trained weights differ: {} rel {:.2e}",
+        w.1,
+        w.0
+    );
+    assert!(
+        m.0 < MOMENT_TOL,
+        "{what}: final AdamW moments differ: {} rel {:.2e}",
+        m.1,
+        m.0
+    );
     let (d, k) = max_rel_diff(
         &tensors(&one.join("checkpoint/model.safetensors")),
         &tensors(&two.join("checkpoint/model.safetensors")),
     );
-    assert!(d < TOL, "{what}: final model weights differ: {k} rel {d:.2e}");
+    assert!(
+        d < TOL,
+        "{what}: final model weights differ: {k} rel {d:.2e}"
+    );
     eprintln!(
         "{what}: 1 vs 2 ranks over {} steps: losses within {TOL:.0e} (they move by up to {moved:.2e} a step); weights max rel {:.2e} ({}), moments {:.2e} ({}), checkpoint {d:.2e}",
         l1.len(), w.0, w.1, m.0, m.1
@@ -450,7 +463,9 @@ fn resume_on(run: &Path, np: usize, reference: &Path, steps: u64) {
     ok(&o, &format!("resume on {np} rank(s)"));
     let (got, want) = (losses(run), losses(reference));
     for (step, l) in &want {
-        let g = got.get(step).unwrap_or_else(|| panic!("step {step} missing"));
+        let g = got
+            .get(step)
+            .unwrap_or_else(|| panic!("step {step} missing"));
         for (k, x) in l {
             let rel = (x - g[k]).abs() / x.abs().max(1e-6);
             assert!(
@@ -461,8 +476,18 @@ fn resume_on(run: &Path, np: usize, reference: &Path, steps: u64) {
         }
     }
     let (w, m) = state_diffs(&state(run), &state(reference));
-    assert!(w.0 < TOL, "resume on {np}: final weights differ at {} ({:.2e})", w.1, w.0);
-    assert!(m.0 < MOMENT_TOL, "resume on {np}: final moments differ at {} ({:.2e})", m.1, m.0);
+    assert!(
+        w.0 < TOL,
+        "resume on {np}: final weights differ at {} ({:.2e})",
+        w.1,
+        w.0
+    );
+    assert!(
+        m.0 < MOMENT_TOL,
+        "resume on {np}: final moments differ at {} ({:.2e})",
+        m.1,
+        m.0
+    );
 }
 
 #[test]

@@ -119,11 +119,7 @@ pub fn run(o: &ParallelBenchOptions) -> Result<ParallelReport> {
         bail!("--what parallel needs at least 2 ranks and 1 iteration");
     }
     if o.batch % o.ranks != 0 {
-        bail!(
-            "--batch {} is not divisible by {} ranks",
-            o.batch,
-            o.ranks
-        );
+        bail!("--batch {} is not divisible by {} ranks", o.batch, o.ranks);
     }
     let mpirun = find_on_path("mpirun").context(
         "mpirun not found on PATH: install the Debian package openmpi-bin (scripts/setup.sh does)",
@@ -175,10 +171,17 @@ pub fn run(o: &ParallelBenchOptions) -> Result<ParallelReport> {
     check(out, "the one-process run")?;
     let many = dir.join("ranks");
     let out = Command::new(&mpirun)
-        .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"])
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+        ])
         .args(["-np", &o.ranks.to_string(), "-x", "DISTILL_THREADS=1"])
         .arg(&exe)
         .args(args(&many))
+        // Containers often forbid the shared-memory transport's single-copy (CMA) mechanism.
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .output()
         .context("running mpirun")?;
     check(out, "the mpirun run")?;

@@ -141,11 +141,11 @@ impl Mpi {
             let mut sends: Vec<_> = (0..self.size)
                 .filter(|&p| p != rank)
                 .map(|p| {
-                    Some(
-                        world
-                            .process_at_rank(p as i32)
-                            .immediate_send_with_tag(sc, &me[..], ARRIVAL_TAG),
-                    )
+                    Some(world.process_at_rank(p as i32).immediate_send_with_tag(
+                        sc,
+                        &me[..],
+                        ARRIVAL_TAG,
+                    ))
                 })
                 .collect();
             let mut spins = 0u32;
@@ -160,8 +160,8 @@ impl Mpi {
                         *slot = r.test().err();
                     }
                 }
-                let pending = recvs.iter().any(|(_, r)| r.is_some())
-                    || sends.iter().any(|r| r.is_some());
+                let pending =
+                    recvs.iter().any(|(_, r)| r.is_some()) || sends.iter().any(|r| r.is_some());
                 if !pending {
                     return (Vec::new(), false);
                 }
@@ -323,7 +323,11 @@ impl Collective for Mpi {
         let mut tmp = buf.to_vec();
         let ok = scope(|sc| {
             let root = inner.world.process_at_rank(0);
-            poll(&inner.world, root.immediate_broadcast_into(sc, &mut tmp[..]), deadline)
+            poll(
+                &inner.world,
+                root.immediate_broadcast_into(sc, &mut tmp[..]),
+                deadline,
+            )
         });
         if !ok {
             std::mem::forget(tmp);

@@ -20,9 +20,9 @@ use super::distill::{
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::AdamWConfig;
 use super::{step_rng, DataOrder};
-use crate::rng::SampleRngs;
 use crate::checkpoint::Role;
 use crate::data::Dataset;
+use crate::rng::SampleRngs;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -237,7 +237,11 @@ impl<'a> Dmd2<'a> {
     }
 
     /// Each sample's GAN noise draw: a grid timestep below `gan_max_timestep` and unit noise.
-    fn gan_draw(&self, rngs: &mut SampleRngs, per_sample: &[usize]) -> Result<(Vec<usize>, Tensor)> {
+    fn gan_draw(
+        &self,
+        rngs: &mut SampleRngs,
+        per_sample: &[usize],
+    ) -> Result<(Vec<usize>, Tensor)> {
         let top = self.cfg.gan_max_timestep - 1;
         let ts = rngs.each(|r| r.gen_range(0..=top));
         Ok((ts, rngs.randn(per_sample, &self.device)?))

@@ -429,12 +429,19 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         let (mut t, mut meta) = (HashMap::new(), HashMap::new());
         m.save_state(&mut t, &mut meta);
         let digest = crate::parallel::sha256(&checkpoint::safetensors_bytes(&t)?);
-        crate::parallel::check_same(world, digest, "the trained weights and optimiser state after rank 0's broadcast")?;
+        crate::parallel::check_same(
+            world,
+            digest,
+            "the trained weights and optimiser state after rank 0's broadcast",
+        )?;
     }
     let mut committed = rs.resume.then_some(start);
     let mut log = if rank0 {
         checkpoint::write_atomic(&run.config(), rs.config_toml.as_bytes())?;
-        Some(MetricsLog::open(&run.metrics(), rs.resume.then_some(start))?)
+        Some(MetricsLog::open(
+            &run.metrics(),
+            rs.resume.then_some(start),
+        )?)
     } else {
         None
     };
@@ -507,7 +514,10 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 let now = crate::parallel::reduce_stats();
                 let k = win_steps as f64;
                 record.insert("allreduce_s".into(), (now.seconds - win_reduce.seconds) / k);
-                record.insert("allreduce_mb".into(), (now.bytes - win_reduce.bytes) as f64 / 1e6 / k);
+                record.insert(
+                    "allreduce_mb".into(),
+                    (now.bytes - win_reduce.bytes) as f64 / 1e6 / k,
+                );
                 win_reduce = now;
             }
             (win_start, win_steps) = (Instant::now(), 0);

@@ -21,8 +21,8 @@ use super::distill::{
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::{AdamWConfig, GradAccum, LrSchedule};
-use crate::rng::SampleRngs;
 use crate::checkpoint::Role;
+use crate::rng::SampleRngs;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, Var};
 use graphs::guidance::cond_uncond_batched;

@@ -7,9 +7,9 @@ use super::optim::{AdamWConfig, LossScaleConfig, Precision};
 use super::runner::{self, Method, RunConfig, RunSpec, StepMetrics};
 pub use super::{denoiser_from, vars_to_tensors};
 use super::{seeded_init, DataOrder, RunDir};
-use crate::rng::SampleRngs;
 use crate::checkpoint::Role;
 use crate::data::Dataset;
+use crate::rng::SampleRngs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -273,11 +273,10 @@ impl Method for TeacherMethod<'_> {
             .collect();
         let labels = Tensor::from_vec(labels, n, device)?;
         let param = &self.mcfg.parameterisation;
-        let noise_cond = graphs::TrainingLevel::concat(
-            rngs.each(|r| param.draw_training_level(r, 1)),
-        )
-        .context("empty batch slice")?
-        .to_tensor(device)?;
+        let noise_cond =
+            graphs::TrainingLevel::concat(rngs.each(|r| param.draw_training_level(r, 1)))
+                .context("empty batch slice")?
+                .to_tensor(device)?;
         let noise = rngs.randn(&x0.dims()[1..], device)?;
         let loss = graphs::losses::teacher_loss(&b, &self.den, &x0, &labels, &noise_cond, &noise)?;
         let lv = finite("loss", &loss)?;
