@@ -213,7 +213,7 @@ pub struct ValidateArgs {
     #[arg(long, default_value_t = ValidateJob::DEFAULT_SEED)]
     pub seed: u64,
     /// Tolerance on max abs error, taken as given (default: fp32 1e-4, fp16 2e-2; fp16 in tract
-    /// 6e-2, whose f16 matrix products accumulate in f16; a default is raised to 8x the
+    /// 6e-2, whose f16 matrix products accumulate in f16; a default is raised to 4x the
     /// reference's own f32 round-off, measured by an f64 run, where that is larger, at most 100x).
     #[arg(long)]
     pub atol: Option<f64>,

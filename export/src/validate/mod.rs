@@ -255,7 +255,7 @@ pub struct Candidate {
 
 /// How many times our own f32 reference's round-off a runtime may differ from it (see
 /// [`roundoff_tolerance`]).
-pub const ROUNDOFF_FACTOR: f64 = 8.0;
+pub const ROUNDOFF_FACTOR: f64 = 4.0;
 /// The most a default max-abs tolerance is ever raised by round-off: 100x. A graph that amplifies
 /// f32 round-off beyond that fails the gate (with the round-off in the report) instead of passing
 /// anything.
@@ -266,7 +266,9 @@ pub const ROUNDOFF_CAP: f64 = 100.0;
 /// `max |f32 reference - f64 reference|` over the cases: two correct f32 implementations of a
 /// graph that turns an ulp into 1e-4 (e.g. a 2-step Heun sampler, whose correction at sigma_min
 /// multiplies the network's round-off by ~40) differ by a few times that, so a fixed 1e-4 would
-/// fail correct exports. An explicit `--atol` is taken as given.
+/// fail correct exports. Measured on Heun / Euler / DDIM generators at 1-6 steps: a runtime's max
+/// abs error is at most 2.1x the round-off (tests/sampler_parity.rs), hence the factor 4. An
+/// explicit `--atol` is taken as given.
 pub fn roundoff_tolerance(base: f64, roundoff: Option<f64>) -> f64 {
     match roundoff {
         Some(r) if r.is_finite() => base.max(ROUNDOFF_FACTOR * r).min(ROUNDOFF_CAP * base),
