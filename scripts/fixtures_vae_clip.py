@@ -12,7 +12,8 @@ OUT defaults to graphs/tests/fixtures/diffusers. Writes, all seeded, nothing dow
   `latent_mean` (`encode(..).latent_dist.mean`), `latents_enc` = `(mean - shift) * scaling`,
   `noise` + `latents_sampled` (`latent_dist.sample(generator)` with that noise, scaled).
 * clip/<name>/: `tokenizer/` (a CLIPTokenizerFast over a tiny byte-level BPE vocabulary trained
-  here, `save_pretrained`: tokenizer.json, tokenizer_config.json, ...), `text_encoder/` (a tiny
+  here, `save_pretrained`: tokenizer.json, tokenizer_config.json), `tokenizer_slow/` (the same
+  as vocab.json + merges.txt + tokenizer_config.json only, like SD 1.x folders), `text_encoder/` (a tiny
   CLIPTextModel or CLIPTextModelWithProjection folder), prompts.json and forward.safetensors:
   `input_ids` (transformers' ids for the prompts, padding="max_length", truncation=True, as the
   SD pipelines call the tokenizer) -> `last_hidden_state`, `pooler_output`, `clip_skip_1`
@@ -170,6 +171,17 @@ def train_bpe(corpus, n_merges):
 
 def make_tokenizer(d, pad_token, max_length):
     vocab, merges = train_bpe(CORPUS, 80)
+    # The slow tokenizer's files alone (what published SD 1.x folders have: no tokenizer.json),
+    # beside the fast one; transformers builds the same tokenizer from them (checked below).
+    slow = d + "_slow"
+    os.makedirs(slow, exist_ok=True)
+    with open(os.path.join(slow, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(slow, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    with open(os.path.join(slow, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_max_length": max_length, "pad_token": pad_token,
+                   "tokenizer_class": "CLIPTokenizer"}, f, indent=1)
     # transformers 5 builds the fast tokenizer from the vocabulary and merges directly.
     tok = CLIPTokenizerFast(vocab=vocab, merges=merges, pad_token=pad_token,
                             model_max_length=max_length)
@@ -226,6 +238,9 @@ def make_clip(out, name, spec, gen):
             assert torch.equal(a, b), k
     ids = tok(PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
+    slow = CLIPTokenizerFast.from_pretrained(os.path.join(d, "tokenizer_slow"))
+    assert torch.equal(ids, slow(PROMPTS, padding="max_length", max_length=slow.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids), name
     with torch.no_grad():
         o = model(ids, output_hidden_states=True)
         final_ln = getattr(model, "text_model", model).final_layer_norm

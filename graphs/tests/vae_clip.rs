@@ -254,10 +254,10 @@ fn clip_gelu_projection_matches_transformers() {
     clip_parity("clip_gelu_proj");
 }
 
-fn tokenizer_parity(name: &str) {
+fn tokenizer_parity(name: &str, folder: &str) {
     let dir = fixtures().join("clip").join(name);
     let cfg = ClipTextConfig::from_file(&dir.join("text_encoder/config.json")).unwrap();
-    let tok = ClipTokenizer::from_dir(&dir.join("tokenizer"), cfg.max_position_embeddings).unwrap();
+    let tok = ClipTokenizer::from_dir(&dir.join(folder), cfg.max_position_embeddings).unwrap();
     let f = candle_core::safetensors::load(dir.join("forward.safetensors"), &Device::Cpu).unwrap();
     let want = f["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
     let p = prompts(name);
@@ -272,12 +272,19 @@ fn tokenizer_parity(name: &str) {
 
 #[test]
 fn tokenizer_ids_equal_transformers_pad_eos() {
-    tokenizer_parity("clip_quick");
+    tokenizer_parity("clip_quick", "tokenizer");
 }
 
 #[test]
 fn tokenizer_ids_equal_transformers_pad_bang() {
-    tokenizer_parity("clip_gelu_proj");
+    tokenizer_parity("clip_gelu_proj", "tokenizer");
+}
+
+/// Only vocab.json + merges.txt (as SD 1.x folders ship): assembled as transformers does.
+#[test]
+fn slow_tokenizer_files_give_transformers_ids() {
+    tokenizer_parity("clip_quick", "tokenizer_slow");
+    tokenizer_parity("clip_gelu_proj", "tokenizer_slow");
 }
 
 #[test]
@@ -305,11 +312,16 @@ fn clip_config_and_weights_are_checked_by_name() {
     });
     let e = format!("{:#}", load_text_encoder(t.path(), &Device::Cpu).unwrap_err());
     assert!(e.contains("missing") && e.contains(key), "{e}");
-    // No tokenizer.json: the error says how to make one.
+    // Neither tokenizer.json nor vocab.json + merges.txt: named.
     let tk = tempfile::tempdir().unwrap();
     std::fs::write(tk.path().join("vocab.json"), "{}").unwrap();
     let e = format!("{:#}", ClipTokenizer::from_dir(tk.path(), 77).err().unwrap());
-    assert!(e.contains("tokenizer.json") && e.contains("save_pretrained"), "{e}");
+    assert!(e.contains("tokenizer.json") && e.contains("merges.txt"), "{e}");
+    // A vocabulary without the special tokens.
+    std::fs::write(tk.path().join("merges.txt"), "#version: 0.2\na b\n").unwrap();
+    std::fs::write(tk.path().join("vocab.json"), r#"{"a": 0, "b": 1, "ab": 2}"#).unwrap();
+    let e = format!("{:#}", ClipTokenizer::from_dir(tk.path(), 77).err().unwrap());
+    assert!(e.contains("<|startoftext|>") && e.contains("vocab.json"), "{e}");
 }
 
 #[test]

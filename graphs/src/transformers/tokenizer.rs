@@ -1,6 +1,7 @@
 //! The CLIP tokenizer of a Stable Diffusion pipeline, through Hugging Face's `tokenizers` crate
 //! (the one candle already depends on; built without its download features): a
-//! `tokenizer.json` (what `CLIPTokenizerFast.save_pretrained` writes), padded and truncated to a
+//! `tokenizer.json` (what `CLIPTokenizerFast.save_pretrained` writes), or the slow tokenizer's
+//! `vocab.json` + `merges.txt` assembled as transformers does, padded and truncated to a
 //! fixed length as the diffusers pipelines call it (`padding="max_length",
 //! max_length=tokenizer.model_max_length, truncation=True`).
 
@@ -39,6 +40,76 @@ fn read_json(p: &Path) -> Result<Option<Value>> {
     ))
 }
 
+/// The `tokenizer.json` transformers' `CLIPTokenizer` builds from a slow tokenizer's
+/// `vocab.json` + `merges.txt` (what the published SD 1.x folders ship): NFC, whitespace runs to
+/// one space, lowercase; CLIP's split then byte-level; BPE with `</w>` word ends; `<bos> .. <eos>`
+/// around each sequence; every special token an added token.
+fn clip_tokenizer_json(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &str) -> Result<Value> {
+    let vp = dir.join("vocab.json");
+    let vocab = read_json(&vp)?.context("vocab.json")?;
+    let map = vocab
+        .as_object()
+        .with_context(|| format!("{}: not a token -> id object", vp.display()))?;
+    let id = |t: &str| -> Result<u64> {
+        map.get(t).and_then(Value::as_u64).with_context(|| {
+            format!("{}: special token {t:?} is not in the vocabulary", vp.display())
+        })
+    };
+    let mp = dir.join("merges.txt");
+    let text =
+        std::fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?;
+    let mut merges = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {
+            continue;
+        }
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), None) => merges.push(serde_json::json!([a, b])),
+            _ => bail!("{}: line {} is not a merge (`a b`): {line:?}", mp.display(), i + 1),
+        }
+    }
+    let mut specials: Vec<(u64, &str)> = Vec::new();
+    for t in [bos, eos, unk, pad] {
+        let i = id(t)?;
+        if !specials.iter().any(|(_, s)| *s == t) {
+            specials.push((i, t));
+        }
+    }
+    specials.sort();
+    let added: Vec<Value> = specials
+        .iter()
+        .map(|(i, t)| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let split = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+    Ok(serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": true}
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [eos, id(eos)?],
+            "cls": [bos, id(bos)?], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+            "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+            "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    }))
+}
+
 /// The tokenizer folder: a folder with `tokenizer.json`, or a pipeline folder's `tokenizer/`.
 pub fn tokenizer_folder(dir: &Path) -> PathBuf {
     if dir.join("model_index.json").is_file() {
@@ -55,20 +126,6 @@ impl ClipTokenizer {
     /// `tokenizer_config.json`'s `pad_token` (else `special_tokens_map.json`'s).
     pub fn from_dir(dir: &Path, max_positions: usize) -> Result<Self> {
         let dir = tokenizer_folder(dir);
-        let file = dir.join("tokenizer.json");
-        if !file.is_file() {
-            if dir.join("vocab.json").is_file() {
-                bail!(
-                    "{}: no tokenizer.json (only the slow tokenizer's vocab.json / merges.txt): \
-                     write it once with transformers, `CLIPTokenizerFast.from_pretrained(dir)\
-                     .save_pretrained(dir)`",
-                    dir.display()
-                );
-            }
-            bail!("{}: no tokenizer.json", dir.display());
-        }
-        let tok = Tokenizer::from_file(&file)
-            .map_err(|e| anyhow!("{}: {e}", file.display()))?;
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let special = read_json(&dir.join("special_tokens_map.json"))?;
         let from = |key: &str| -> Option<&Value> {
@@ -78,6 +135,31 @@ impl ClipTokenizer {
                 .filter(|v| !v.is_null())
                 .or_else(|| special.as_ref().and_then(|s| s.get(key)))
                 .filter(|v| !v.is_null())
+        };
+        let file = dir.join("tokenizer.json");
+        let tok = if file.is_file() {
+            Tokenizer::from_file(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?
+        } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+            let special = |key: &str, default: &str| -> String {
+                from(key)
+                    .and_then(token_str)
+                    .unwrap_or(default)
+                    .to_string()
+            };
+            let json = clip_tokenizer_json(
+                &dir,
+                &special("bos_token", "<|startoftext|>"),
+                &special("eos_token", "<|endoftext|>"),
+                &special("unk_token", "<|endoftext|>"),
+                &special("pad_token", "<|endoftext|>"),
+            )?;
+            Tokenizer::from_bytes(json.to_string().as_bytes())
+                .map_err(|e| anyhow!("{}: vocab.json + merges.txt: {e}", dir.display()))?
+        } else {
+            bail!(
+                "{}: no tokenizer.json (nor the slow tokenizer's vocab.json + merges.txt)",
+                dir.display()
+            );
         };
         let model_max = config
             .as_ref()
