@@ -30,16 +30,16 @@ mod model;
 mod ops;
 pub mod runtime;
 pub mod tensorrt;
-pub mod validate;
 mod vae_clip;
+pub mod validate;
 mod write;
 
 pub use builder::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use diffusers::export_unet2d;
-pub use vae_clip::{export_text_encoder, export_vae_decoder};
 pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
 pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
+pub use vae_clip::{export_text_encoder, export_vae_decoder};
 pub use validate::{
     roundoff_tolerance, validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions,
     ValidateReport, ROUNDOFF_CAP, ROUNDOFF_FACTOR,

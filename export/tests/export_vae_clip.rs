@@ -21,8 +21,11 @@ fn fixtures() -> PathBuf {
 
 fn f32_data(t: &Tensor) -> TensorData {
     TensorData::F32(
-        ArrayD::from_shape_vec(t.dims().to_vec(), t.flatten_all().unwrap().to_vec1().unwrap())
-            .unwrap(),
+        ArrayD::from_shape_vec(
+            t.dims().to_vec(),
+            t.flatten_all().unwrap().to_vec1().unwrap(),
+        )
+        .unwrap(),
     )
 }
 
@@ -102,14 +105,7 @@ fn vae_decoder(name: &str) {
     let (ins, outs) = export::runtime::io_specs(&onnx).unwrap();
     assert_eq!(ins[0].name, "latents");
     assert_eq!(outs[0].name, "images");
-    for (what, err) in run_all(
-        &onnx,
-        name,
-        &inputs,
-        &[("images", &candle)],
-    )
-    .unwrap()
-    {
+    for (what, err) in run_all(&onnx, name, &inputs, &[("images", &candle)]).unwrap() {
         assert!(err <= 1e-4, "{name} {what} vs candle: {err:.3e}");
     }
     // Against diffusers' own images.
@@ -122,11 +118,25 @@ fn vae_decoder(name: &str) {
         ..Default::default()
     };
     let onnx16 = export_vae_decoder(&vae, h, w, &opts).unwrap();
-    let scale = candle.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    for (what, err) in run_all(&onnx16, &format!("{name}_fp16"), &inputs, &[("images", &candle)])
+    let scale = candle
+        .abs()
         .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    for (what, err) in run_all(
+        &onnx16,
+        &format!("{name}_fp16"),
+        &inputs,
+        &[("images", &candle)],
+    )
+    .unwrap()
     {
-        assert!(err <= 2e-2 * scale.max(1.0), "{name} fp16 {what}: {err:.3e} (scale {scale:.2})");
+        assert!(
+            err <= 2e-2 * scale.max(1.0),
+            "{name} fp16 {what}: {err:.3e} (scale {scale:.2})"
+        );
     }
 }
 

@@ -106,10 +106,20 @@ fn vae_unsupported_and_unknown_keys_are_refused_by_name() {
         ),
         (
             "up_block_types",
-            serde_json::json!(["UpDecoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
+            serde_json::json!([
+                "UpDecoderBlock2D",
+                "UpDecoderBlock2D",
+                "AttnUpDecoderBlock2D"
+            ]),
         ),
-        ("latents_mean", serde_json::json!([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])),
-        ("latents_std", serde_json::json!([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])),
+        (
+            "latents_mean",
+            serde_json::json!([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+        ),
+        (
+            "latents_std",
+            serde_json::json!([1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ),
         ("norm_num_groups", serde_json::json!(5)),
         ("block_out_channels", serde_json::json!([8, 16])),
         ("some_new_key", serde_json::json!(1)),
@@ -171,7 +181,10 @@ fn vae_bad_weights_are_errors_naming_the_tensor() {
         );
     });
     let e = format!("{:#}", load_vae(t.path(), &Device::Cpu).unwrap_err());
-    assert!(e.contains("decoder.conv_out.weight") && e.contains("[3, 12, 3, 2]"), "{e}");
+    assert!(
+        e.contains("decoder.conv_out.weight") && e.contains("[3, 12, 3, 2]"),
+        "{e}"
+    );
     // A pipeline folder finds its vae/.
     let pipe = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("vae/kl_sd3"), &pipe.path().join("vae"));
@@ -180,8 +193,13 @@ fn vae_bad_weights_are_errors_naming_the_tensor() {
     assert_eq!(v.cfg.block_out_channels, [8, 16, 16]);
     let e = format!(
         "{:#}",
-        v.encode_mean(&CandleBackend::new(&Device::Cpu), &Tensor::zeros((1, 3, 6, 8), DType::F32, &Device::Cpu).unwrap(), 6, 8)
-            .unwrap_err()
+        v.encode_mean(
+            &CandleBackend::new(&Device::Cpu),
+            &Tensor::zeros((1, 3, 6, 8), DType::F32, &Device::Cpu).unwrap(),
+            6,
+            8
+        )
+        .unwrap_err()
     );
     assert!(e.contains("6x8") && e.contains("divisible by 4"), "{e}");
 }
@@ -198,7 +216,15 @@ fn vae_gradients_reach_the_input() {
         .unwrap();
     let g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
     let gz = g.get(z.as_tensor()).expect("gradient of the latents");
-    assert!(gz.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    assert!(
+        gz.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
 }
 
 // --- CLIP -------------------------------------------------------------------------------------
@@ -259,7 +285,11 @@ fn tokenizer_parity(name: &str, folder: &str) {
     let cfg = ClipTextConfig::from_file(&dir.join("text_encoder/config.json")).unwrap();
     let tok = ClipTokenizer::from_dir(&dir.join(folder), cfg.max_position_embeddings).unwrap();
     let f = candle_core::safetensors::load(dir.join("forward.safetensors"), &Device::Cpu).unwrap();
-    let want = f["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+    let want = f["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap();
     let p = prompts(name);
     assert_eq!(p.len(), want.len());
     for (prompt, ids) in p.iter().zip(&want) {
@@ -310,18 +340,33 @@ fn clip_config_and_weights_are_checked_by_name() {
     rewrite(&w, |m| {
         m.remove(key).unwrap();
     });
-    let e = format!("{:#}", load_text_encoder(t.path(), &Device::Cpu).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_text_encoder(t.path(), &Device::Cpu).unwrap_err()
+    );
     assert!(e.contains("missing") && e.contains(key), "{e}");
     // Neither tokenizer.json nor vocab.json + merges.txt: named.
     let tk = tempfile::tempdir().unwrap();
     std::fs::write(tk.path().join("vocab.json"), "{}").unwrap();
-    let e = format!("{:#}", ClipTokenizer::from_dir(tk.path(), 77).err().unwrap());
-    assert!(e.contains("tokenizer.json") && e.contains("merges.txt"), "{e}");
+    let e = format!(
+        "{:#}",
+        ClipTokenizer::from_dir(tk.path(), 77).err().unwrap()
+    );
+    assert!(
+        e.contains("tokenizer.json") && e.contains("merges.txt"),
+        "{e}"
+    );
     // A vocabulary without the special tokens.
     std::fs::write(tk.path().join("merges.txt"), "#version: 0.2\na b\n").unwrap();
     std::fs::write(tk.path().join("vocab.json"), r#"{"a": 0, "b": 1, "ab": 2}"#).unwrap();
-    let e = format!("{:#}", ClipTokenizer::from_dir(tk.path(), 77).err().unwrap());
-    assert!(e.contains("<|startoftext|>") && e.contains("vocab.json"), "{e}");
+    let e = format!(
+        "{:#}",
+        ClipTokenizer::from_dir(tk.path(), 77).err().unwrap()
+    );
+    assert!(
+        e.contains("<|startoftext|>") && e.contains("vocab.json"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -338,17 +383,50 @@ fn prompt_embeds_file_is_checked_and_named() {
     let (e, pooled) = load_prompt_embeds(&p, 16, 32, None, &dev).unwrap();
     assert_eq!(e.dims(), [3, 16, 32]);
     assert!(pooled.is_none());
-    let err = format!("{:#}", load_prompt_embeds(&p, 77, 768, None, &dev).unwrap_err());
-    assert!(err.contains("embeds.safetensors") && err.contains("[N, 77, 768]"), "{err}");
-    let err = format!("{:#}", load_prompt_embeds(&p, 16, 32, Some(8), &dev).unwrap_err());
-    assert!(err.contains("embeds.safetensors") && err.contains("pooled_prompt_embeds"), "{err}");
+    let err = format!(
+        "{:#}",
+        load_prompt_embeds(&p, 77, 768, None, &dev).unwrap_err()
+    );
+    assert!(
+        err.contains("embeds.safetensors") && err.contains("[N, 77, 768]"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        load_prompt_embeds(&p, 16, 32, Some(8), &dev).unwrap_err()
+    );
+    assert!(
+        err.contains("embeds.safetensors") && err.contains("pooled_prompt_embeds"),
+        "{err}"
+    );
     let q = t.path().join("other.safetensors");
     let mut m = HashMap::new();
-    m.insert(
-        "x".to_string(),
-        Tensor::ones(3, DType::F32, &dev).unwrap(),
-    );
+    m.insert("x".to_string(), Tensor::ones(3, DType::F32, &dev).unwrap());
     candle_core::safetensors::save(&m, &q).unwrap();
-    let err = format!("{:#}", load_prompt_embeds(&q, 16, 32, None, &dev).unwrap_err());
-    assert!(err.contains("other.safetensors") && err.contains("prompt_embeds"), "{err}");
+    let err = format!(
+        "{:#}",
+        load_prompt_embeds(&q, 16, 32, None, &dev).unwrap_err()
+    );
+    assert!(
+        err.contains("other.safetensors") && err.contains("prompt_embeds"),
+        "{err}"
+    );
+}
+
+#[test]
+fn params_walk_every_weight_once() {
+    let dev = Device::Cpu;
+    let (vae, w) = load_vae(&fixtures().join("vae/kl_sd3"), &dev).unwrap();
+    let mut names: Vec<String> = vae.params().into_iter().map(|p| p.name).collect();
+    names.sort();
+    let mut keys: Vec<String> = w.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(names, keys);
+    let (clip, w) =
+        load_text_encoder(&fixtures().join("clip/clip_gelu_proj/text_encoder"), &dev).unwrap();
+    let mut names: Vec<String> = clip.params().into_iter().map(|p| p.name).collect();
+    names.sort();
+    let mut keys: Vec<String> = w.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(names, keys);
 }

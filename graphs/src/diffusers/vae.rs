@@ -404,7 +404,14 @@ impl AutoencoderKL {
                 })
                 .collect::<Result<_>>()?;
             let upsampler = if i + 1 < n {
-                Some(Conv2d::new(vbi.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?)
+                Some(Conv2d::new(
+                    vbi.pp("upsamplers.0.conv"),
+                    cout,
+                    cout,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             };
@@ -540,13 +547,7 @@ impl AutoencoderKL {
     }
 
     /// Latents as a pipeline makes them from images: `(mean - shift_factor) * scaling_factor`.
-    pub fn encode_latents<B: Backend>(
-        &self,
-        b: &B,
-        x: &B::T,
-        h: usize,
-        w: usize,
-    ) -> Result<B::T> {
+    pub fn encode_latents<B: Backend>(&self, b: &B, x: &B::T, h: usize, w: usize) -> Result<B::T> {
         let m = self.encode_mean(b, x, h, w)?;
         self.scale_latents(b, &m)
     }

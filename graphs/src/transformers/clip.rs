@@ -102,12 +102,40 @@ const IGNORED_KEYS: &[&str] = &[
     "tf_legacy_loss",
     "use_bfloat16",
     "name_or_path",
+    // Generation defaults older transformers wrote into every config.
+    "bad_words_ids",
+    "begin_suppress_tokens",
+    "cross_attention_hidden_size",
+    "diversity_penalty",
+    "do_sample",
+    "early_stopping",
+    "encoder_no_repeat_ngram_size",
+    "exponential_decay_length_penalty",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "length_penalty",
+    "max_length",
+    "min_length",
+    "no_repeat_ngram_size",
+    "num_beam_groups",
+    "num_beams",
+    "num_return_sequences",
+    "output_scores",
+    "remove_invalid_values",
+    "repetition_penalty",
+    "return_dict_in_generate",
+    "suppress_tokens",
+    "temperature",
+    "tie_encoder_decoder",
+    "top_k",
+    "top_p",
+    "typical_p",
 ];
 
 impl ClipTextConfig {
     /// Parses a `config.json` object: `model_type` must be `clip_text_model`; an unsupported
-    /// `hidden_act` or `_attn_implementation`-independent value is refused naming the key, and
-    /// so is any key that is neither read nor known to leave the network unchanged.
+    /// `hidden_act` is refused naming the key, and so is any key that is neither read nor known
+    /// to leave the network unchanged (transformers' bookkeeping and generation defaults).
     pub fn from_json(v: &Value) -> Result<Self> {
         let mut r = Reader::new(v, "config.json")?;
         if let Some(m) = r.get("model_type") {
@@ -210,11 +238,13 @@ impl ClipAttention {
     pub fn forward<B: Backend>(&self, b: &B, x: &B::T, mask: &B::T) -> Result<B::T> {
         let (h, d) = (self.heads as i64, self.head_dim as i64);
         // [N, L, D] -> [N, H, L, d]: reshape with copied leading dims keeps the batch dynamic.
-        let split = |t: B::T| -> Result<B::T> {
-            b.permute(&b.reshape(&t, &[0, 0, h, d])?, &[0, 2, 1, 3])
-        };
+        let split =
+            |t: B::T| -> Result<B::T> { b.permute(&b.reshape(&t, &[0, 0, h, d])?, &[0, 2, 1, 3]) };
         let q = split(self.q_proj.forward(b, x)?)?;
-        let k = b.permute(&b.reshape(&self.k_proj.forward(b, x)?, &[0, 0, h, d])?, &[0, 2, 3, 1])?;
+        let k = b.permute(
+            &b.reshape(&self.k_proj.forward(b, x)?, &[0, 0, h, d])?,
+            &[0, 2, 3, 1],
+        )?;
         let v = split(self.v_proj.forward(b, x)?)?;
         let scores = b.affine(&b.matmul(&q, &k)?, 1.0 / (self.head_dim as f64).sqrt(), 0.0)?;
         let attn = b.softmax_last(&b.add(&scores, mask)?)?; // [N, H, L, L]
@@ -436,7 +466,7 @@ impl ClipTextModel {
     fn pool<B: Backend>(&self, b: &B, ids: &B::T, h: &B::T, l: usize) -> Result<B::T> {
         let li = l as i64;
         let f = b.to_f32(ids)?; // [N, L]
-        // `hit[i]` = 1 where position i is a candidate, 0 elsewhere.
+                                // `hit[i]` = 1 where position i is a candidate, 0 elsewhere.
         let hit = if self.cfg.eos_token_id == 2 {
             // Candidates: ids no other id exceeds. greater[i] = #{j: id_j > id_i} (ids are
             // integers, so clamp(id_j - id_i, 0, 1) is 1 exactly when id_j > id_i).
@@ -462,7 +492,11 @@ impl ClipTextModel {
         let before = b.matmul(&hit, &b.constant(&tri, &[l, l])?)?; // [N, L]
         let first = b.mul(&hit, &b.affine(&b.clamp(&before, 0.0, 1.0)?, -1.0, 1.0)?)?;
         // No candidate at all (no end-of-text token): argmax of zeros, position 0.
-        let any = b.clamp(&b.matmul(&hit, &b.constant(&vec![1f32; l], &[l, 1])?)?, 0.0, 1.0)?;
+        let any = b.clamp(
+            &b.matmul(&hit, &b.constant(&vec![1f32; l], &[l, 1])?)?,
+            0.0,
+            1.0,
+        )?;
         let mut e0 = vec![0f32; l];
         e0[0] = 1.0;
         let first = b.add(
@@ -613,7 +647,10 @@ pub fn load_prompt_embeds(
         (None, _) => None,
     };
     ensure!(
-        e.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()),
+        e.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite()),
         "{}: prompt_embeds has non-finite values",
         ctx()
     );

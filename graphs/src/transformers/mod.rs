@@ -7,7 +7,6 @@ pub mod clip;
 pub mod tokenizer;
 
 pub use clip::{
-    load_prompt_embeds, load_text_encoder, ClipTextConfig, ClipTextModel, ClipTextOutput,
-    HiddenAct,
+    load_prompt_embeds, load_text_encoder, ClipTextConfig, ClipTextModel, ClipTextOutput, HiddenAct,
 };
 pub use tokenizer::{read_prompts, ClipTokenizer};

@@ -52,12 +52,14 @@ fn clip_tokenizer_json(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &str) -
         .with_context(|| format!("{}: not a token -> id object", vp.display()))?;
     let id = |t: &str| -> Result<u64> {
         map.get(t).and_then(Value::as_u64).with_context(|| {
-            format!("{}: special token {t:?} is not in the vocabulary", vp.display())
+            format!(
+                "{}: special token {t:?} is not in the vocabulary",
+                vp.display()
+            )
         })
     };
     let mp = dir.join("merges.txt");
-    let text =
-        std::fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?;
+    let text = std::fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?;
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if (i == 0 && line.starts_with("#version")) || line.trim().is_empty() {
@@ -66,7 +68,11 @@ fn clip_tokenizer_json(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &str) -
         let mut parts = line.split(' ');
         match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(b), None) => merges.push(serde_json::json!([a, b])),
-            _ => bail!("{}: line {} is not a merge (`a b`): {line:?}", mp.display(), i + 1),
+            _ => bail!(
+                "{}: line {} is not a merge (`a b`): {line:?}",
+                mp.display(),
+                i + 1
+            ),
         }
     }
     let mut specials: Vec<(u64, &str)> = Vec::new();
@@ -141,10 +147,7 @@ impl ClipTokenizer {
             Tokenizer::from_file(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
             let special = |key: &str, default: &str| -> String {
-                from(key)
-                    .and_then(token_str)
-                    .unwrap_or(default)
-                    .to_string()
+                from(key).and_then(token_str).unwrap_or(default).to_string()
             };
             let json = clip_tokenizer_json(
                 &dir,
@@ -187,7 +190,13 @@ impl ClipTokenizer {
         Self::new(tok, max_length, &pad, pad_id, dir)
     }
 
-    fn new(mut tok: Tokenizer, max_length: usize, pad: &str, pad_id: u32, dir: PathBuf) -> Result<Self> {
+    fn new(
+        mut tok: Tokenizer,
+        max_length: usize,
+        pad: &str,
+        pad_id: u32,
+        dir: PathBuf,
+    ) -> Result<Self> {
         ensure!(max_length > 0, "{}: max_length 0", dir.display());
         tok.with_truncation(Some(TruncationParams {
             direction: TruncationDirection::Right,
@@ -257,13 +266,17 @@ impl ClipTokenizer {
 /// Prompts of a text file: one per line (trailing `\r` dropped, blank lines skipped); a file
 /// without a prompt is an error naming it.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading prompts {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading prompts {}", path.display()))?;
     let v: Vec<String> = text
         .lines()
         .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
         .filter(|l| !l.trim().is_empty())
         .collect();
-    ensure!(!v.is_empty(), "prompts {}: no prompts (every line is blank)", path.display());
+    ensure!(
+        !v.is_empty(),
+        "prompts {}: no prompts (every line is blank)",
+        path.display()
+    );
     Ok(v)
 }
