@@ -430,3 +430,30 @@ fn params_walk_every_weight_once() {
     keys.sort();
     assert_eq!(names, keys);
 }
+
+#[test]
+fn prompt_encoder_of_a_pipeline_folder_gives_transformers_embeddings() {
+    let t = tempfile::tempdir().unwrap();
+    let src = fixtures().join("clip/clip_quick");
+    copy_dir(&src.join("tokenizer_slow"), &t.path().join("tokenizer"));
+    copy_dir(&src.join("text_encoder"), &t.path().join("text_encoder"));
+    std::fs::write(t.path().join("model_index.json"), "{}").unwrap();
+    let dev = Device::Cpu;
+    let enc = graphs::transformers::PromptEncoder::from_pipeline(t.path(), &dev).unwrap();
+    let p = prompts("clip_quick");
+    let refs: Vec<&str> = p.iter().map(String::as_str).collect();
+    let e = enc.encode(&CandleBackend::new(&dev), &refs).unwrap();
+    let f = candle_core::safetensors::load(src.join("forward.safetensors"), &dev).unwrap();
+    let err = max_abs(&e, &f["last_hidden_state"]);
+    assert!(err <= 1e-4, "{err:.3e}");
+    let e = format!(
+        "{:#}",
+        graphs::transformers::PromptEncoder::from_pipeline(&fixtures().join("vae"), &dev)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("prompt encoder") && e.contains("text_encoder"),
+        "{e}"
+    );
+}
