@@ -333,6 +333,10 @@ fn clip_config_and_weights_are_checked_by_name() {
         let e = format!("{:#}", ClipTextConfig::from_json(&c).unwrap_err());
         assert!(e.contains(key), "{key}: {e}");
     }
+    // transformers' CLIPTextConfig defaults when absent.
+    let d = ClipTextConfig::from_json(&serde_json::json!({})).unwrap();
+    assert_eq!(d, ClipTextConfig::default());
+    assert_eq!((d.eos_token_id, d.max_position_embeddings), (49407, 77));
     let t = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("clip/clip_quick/text_encoder"), t.path());
     let w = t.path().join("model.safetensors");

@@ -177,7 +177,7 @@ impl ClipTextConfig {
                 .usize_or("max_position_embeddings", d.max_position_embeddings)?,
             hidden_act,
             layer_norm_eps: r.f64_or("layer_norm_eps", d.layer_norm_eps)?,
-            eos_token_id: r.i64_or("eos_token_id", 2)?,
+            eos_token_id: r.i64_or("eos_token_id", d.eos_token_id)?,
             projection_dim: if with_projection {
                 Some(projection.unwrap_or(512))
             } else {
