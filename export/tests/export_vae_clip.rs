@@ -44,12 +44,13 @@ fn i32_data(t: &Tensor) -> TensorData {
 }
 
 /// Writes and checks the model, runs it in tract and ONNX Runtime, and returns per runtime the
-/// max abs error of each output against `want` (by output name).
+/// max abs error of each output against each reference in `want` (output name, whose reference,
+/// values).
 fn run_all(
     model: &export::proto::ModelProto,
     label: &str,
     inputs: &[(String, TensorData)],
-    want: &[(&str, &Tensor)],
+    want: &[(&str, &str, &Tensor)],
 ) -> Result<Vec<(String, f64)>> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join(format!("{label}.onnx"));
@@ -64,7 +65,7 @@ fn run_all(
         let out = r
             .run(inputs)
             .with_context(|| format!("{label} in {}", r.name()))?;
-        for (name, reference) in want {
+        for (name, whose, reference) in want {
             let (_, y) = out
                 .iter()
                 .find(|(n, _)| n == name)
@@ -83,8 +84,11 @@ fn run_all(
                 .map(|(a, b)| (*a as f64 - *b as f64).abs())
                 .fold(0.0, f64::max);
             anyhow::ensure!(y.iter().all(|v| v.is_finite()), "{label}: non-finite");
-            eprintln!("{label:<24} {name:<18} {:<12} max abs {err:.3e}", r.name());
-            errs.push((format!("{} {name}", r.name()), err));
+            eprintln!(
+                "{label:<24} {name:<18} {:<12} vs {whose:<12} max abs {err:.3e}",
+                r.name()
+            );
+            errs.push((format!("{} {name} vs {whose}", r.name()), err));
         }
     }
     Ok(errs)
@@ -105,12 +109,13 @@ fn vae_decoder(name: &str) {
     let (ins, outs) = export::runtime::io_specs(&onnx).unwrap();
     assert_eq!(ins[0].name, "latents");
     assert_eq!(outs[0].name, "images");
-    for (what, err) in run_all(&onnx, name, &inputs, &[("images", &candle)]).unwrap() {
-        assert!(err <= 1e-4, "{name} {what} vs candle: {err:.3e}");
-    }
-    // Against diffusers' own images.
-    for (what, err) in run_all(&onnx, name, &inputs, &[("images", &f["images"])]).unwrap() {
-        assert!(err <= 1e-4, "{name} {what} vs diffusers: {err:.3e}");
+    // Against candle and against diffusers' own images.
+    let want = [
+        ("images", "candle", &candle),
+        ("images", "diffusers", &f["images"]),
+    ];
+    for (what, err) in run_all(&onnx, name, &inputs, &want).unwrap() {
+        assert!(err <= 1e-4, "{name} {what}: {err:.3e}");
     }
     // fp16 weights: within half-precision round-off of candle's fp32.
     let opts = ExportOptions {
@@ -129,7 +134,7 @@ fn vae_decoder(name: &str) {
         &onnx16,
         &format!("{name}_fp16"),
         &inputs,
-        &[("images", &candle)],
+        &[("images", "candle", &candle)],
     )
     .unwrap()
     {
@@ -172,22 +177,20 @@ fn text_encoder(name: &str) {
     assert_eq!(outs[0].name, "last_hidden_state");
     let inputs = vec![("input_ids".to_string(), i32_data(ids))];
     let pooled = o.pooled.clone().unwrap();
-    let mut want = vec![("last_hidden_state", &o.hidden), ("pooler_output", &pooled)];
-    if let Some(t) = &o.text_embeds {
-        want.push(("text_embeds", t));
-    }
-    for (what, err) in run_all(&onnx, name, &inputs, &want).unwrap() {
-        assert!(err <= 1e-4, "{name} {what} vs candle: {err:.3e}");
-    }
-    let mut theirs = vec![
-        ("last_hidden_state", &f["last_hidden_state"]),
-        ("pooler_output", &f["pooler_output"]),
+    // Against candle and against transformers' own outputs.
+    let mut want = vec![
+        ("last_hidden_state", "candle", &o.hidden),
+        ("pooler_output", "candle", &pooled),
+        ("last_hidden_state", "transformers", &f["last_hidden_state"]),
+        ("pooler_output", "transformers", &f["pooler_output"]),
     ];
-    if let Some(t) = f.get("text_embeds") {
-        theirs.push(("text_embeds", t));
+    if let (Some(t), Some(theirs)) = (&o.text_embeds, f.get("text_embeds")) {
+        want.push(("text_embeds", "candle", t));
+        want.push(("text_embeds", "transformers", theirs));
     }
-    for (what, err) in run_all(&onnx, name, &inputs, &theirs).unwrap() {
-        assert!(err <= 1e-4, "{name} {what} vs transformers: {err:.3e}");
+    assert_eq!(o.text_embeds.is_some(), f.contains_key("text_embeds"));
+    for (what, err) in run_all(&onnx, name, &inputs, &want).unwrap() {
+        assert!(err <= 1e-4, "{name} {what}: {err:.3e}");
     }
     // clip_skip 1, no pooled output: one output.
     let skip = export_text_encoder(&model, l, 1, false, &ExportOptions::default()).unwrap();
@@ -195,7 +198,7 @@ fn text_encoder(name: &str) {
         &skip,
         &format!("{name}_skip1"),
         &inputs,
-        &[("last_hidden_state", &f["clip_skip_1"])],
+        &[("last_hidden_state", "transformers", &f["clip_skip_1"])],
     )
     .unwrap()
     {
@@ -210,7 +213,7 @@ fn text_encoder(name: &str) {
         &onnx16,
         &format!("{name}_fp16"),
         &inputs,
-        &[("last_hidden_state", &o.hidden)],
+        &[("last_hidden_state", "candle", &o.hidden)],
     )
     .unwrap()
     {
