@@ -461,3 +461,50 @@ fn prompt_encoder_of_a_pipeline_folder_gives_transformers_embeddings() {
         "{e}"
     );
 }
+
+#[test]
+fn sharded_text_encoder_loads_the_same() {
+    let src = fixtures().join("clip/clip_quick/text_encoder");
+    let dev = Device::Cpu;
+    let (whole, w) = load_text_encoder(&src, &dev).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), t.path().join("config.json")).unwrap();
+    let mut keys: Vec<&String> = w.keys().collect();
+    keys.sort();
+    let (a, b) = keys.split_at(keys.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (part, file) in [
+        (a, "model-00001-of-00002.safetensors"),
+        (b, "model-00002-of-00002.safetensors"),
+    ] {
+        let m: HashMap<String, Tensor> =
+            part.iter().map(|k| ((*k).clone(), w[*k].clone())).collect();
+        candle_core::safetensors::save(&m, t.path().join(file)).unwrap();
+        for k in part {
+            map.insert((*k).clone(), serde_json::json!(file));
+        }
+    }
+    let index = t.path().join("model.safetensors.index.json");
+    std::fs::write(&index, serde_json::json!({"weight_map": map}).to_string()).unwrap();
+    let (sharded, _) = load_text_encoder(t.path(), &dev).unwrap();
+    let ids = Tensor::new(&[[3u32, 5, 593, 593]], &dev).unwrap();
+    let b = CandleBackend::new(&dev);
+    let y0 = whole.forward(&b, &ids, 4, 0, true).unwrap();
+    let y1 = sharded.forward(&b, &ids, 4, 0, true).unwrap();
+    assert_eq!(max_abs(&y0.hidden, &y1.hidden), 0.0);
+    // A key the index names but its shard lacks.
+    let mut map2 = map.clone();
+    map2.insert(
+        "text_model.extra.weight".into(),
+        serde_json::json!("model-00001-of-00002.safetensors"),
+    );
+    std::fs::write(&index, serde_json::json!({"weight_map": map2}).to_string()).unwrap();
+    let e = format!("{:#}", load_text_encoder(t.path(), &dev).err().unwrap());
+    assert!(
+        e.contains("text_model.extra.weight") && e.contains("index"),
+        "{e}"
+    );
+    std::fs::remove_file(&index).unwrap();
+    let e = format!("{:#}", load_text_encoder(t.path(), &dev).err().unwrap());
+    assert!(e.contains("no model.safetensors"), "{e}");
+}

@@ -560,8 +560,66 @@ pub fn text_encoder_folder(dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// Loads a `CLIPTextModel` folder (`config.json` + `model.safetensors`, or a pipeline folder's
-/// `text_encoder/`) onto `device`, every weight checked against the config (missing, extra,
+/// `model.safetensors`, or the shards of `model.safetensors.index.json` (every tensor in the
+/// shard the index names, none elsewhere).
+fn read_weights(folder: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let file = folder.join("model.safetensors");
+    let load = |f: &Path| {
+        candle_core::safetensors::load(f, device)
+            .with_context(|| format!("loading {}", f.display()))
+    };
+    if file.is_file() {
+        return load(&file);
+    }
+    let index = folder.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("reading {}", index.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let map = v["weight_map"]
+            .as_object()
+            .with_context(|| format!("{}: no weight_map", index.display()))?;
+        let mut shards: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for (k, f) in map {
+            let f = f.as_str().with_context(|| {
+                format!("{}: weight_map[{k}] is not a file name", index.display())
+            })?;
+            shards.entry(f).or_default().push(k);
+        }
+        let mut all = HashMap::new();
+        for (shard, keys) in shards {
+            let mut t = load(&folder.join(shard))?;
+            for k in keys {
+                let v = t.remove(k).with_context(|| {
+                    format!(
+                        "tensor {k}: listed in {} but not in {shard}",
+                        index.display()
+                    )
+                })?;
+                all.insert(k.to_string(), v);
+            }
+            if let Some(k) = t.keys().next() {
+                bail!("tensor {k}: in {shard} but not in {}", index.display());
+            }
+        }
+        return Ok(all);
+    }
+    if folder.join("pytorch_model.bin").is_file() {
+        bail!(
+            "{}: only PyTorch pickle weights (pytorch_model.bin); convert them to safetensors \
+             (`save_pretrained(dir, safe_serialization=True)`)",
+            folder.display()
+        );
+    }
+    bail!(
+        "{}: no model.safetensors nor model.safetensors.index.json",
+        folder.display()
+    )
+}
+
+/// Loads a `CLIPTextModel` folder (`config.json` + `model.safetensors` or its sharded index, or
+/// a pipeline folder's `text_encoder/`) onto `device`, every weight checked against the config (missing, extra,
 /// mis-shaped: errors naming the tensor).
 pub fn load_text_encoder(
     dir: &Path,
@@ -569,19 +627,7 @@ pub fn load_text_encoder(
 ) -> Result<(ClipTextModel, HashMap<String, Tensor>)> {
     let folder = text_encoder_folder(dir)?;
     let cfg = ClipTextConfig::from_file(&folder.join("config.json"))?;
-    let file = folder.join("model.safetensors");
-    if !file.is_file() {
-        if folder.join("pytorch_model.bin").is_file() {
-            bail!(
-                "{}: only PyTorch pickle weights (pytorch_model.bin); convert them to safetensors \
-                 (`save_pretrained(dir, safe_serialization=True)`)",
-                folder.display()
-            );
-        }
-        bail!("{}: no model.safetensors", folder.display());
-    }
-    let weights = candle_core::safetensors::load(&file, device)
-        .with_context(|| format!("loading {}", file.display()))?;
+    let weights = read_weights(&folder, device)?;
     // transformers 5 saves a CLIPTextModel without the `text_model.` prefix that every
     // transformers 4 checkpoint (every published SD folder) has; both load, by the prefixed name.
     let prefixed = weights.keys().any(|k| k.starts_with("text_model."));
@@ -598,7 +644,7 @@ pub fn load_text_encoder(
         })
         .collect::<Result<HashMap<_, _>>>()?;
     let want = expected_shapes(|vb| ClipTextModel::new(vb, &cfg).map(|_| ()))?;
-    check_shapes(&want, &weights, &[]).with_context(|| format!("in {}", file.display()))?;
+    check_shapes(&want, &weights, &[]).with_context(|| format!("in {}", folder.display()))?;
     let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, device);
     Ok((ClipTextModel::new(vb, &cfg)?, weights))
 }
