@@ -46,7 +46,9 @@ fn finish(
 
 /// `latents` `[batch, latent_channels, h, w]` f32 (scaled, as a sampler has them) -> `images`
 /// `[batch, out_channels, h * f, w * f]`: `vae.decode(latents / scaling_factor + shift_factor)`
-/// (not clamped, as diffusers' decode).
+/// (not clamped, as diffusers' decode). fp16 is refused for a VAE whose config sets
+/// `force_upcast` (SD 1.x / SDXL / SD3 VAEs overflow in half precision; diffusers runs them in
+/// f32 too): export those fp32.
 pub fn export_vae_decoder(
     vae: &AutoencoderKL,
     h: usize,
@@ -54,6 +56,11 @@ pub fn export_vae_decoder(
     opts: &ExportOptions,
 ) -> Result<ModelProto> {
     let cfg = &vae.cfg;
+    anyhow::ensure!(
+        !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
+        "the VAE's config.json sets force_upcast = true (it overflows in half precision; diffusers \
+         upcasts it to f32): export the decoder in fp32"
+    );
     let b = OnnxBackend::new(opts.precision)?;
     let latents = b.input(
         "latents",

@@ -122,7 +122,12 @@ fn vae_decoder(name: &str) {
         precision: Precision::Fp16,
         ..Default::default()
     };
-    let onnx16 = export_vae_decoder(&vae, h, w, &opts).unwrap();
+    let e = format!("{:#}", export_vae_decoder(&vae, h, w, &opts).unwrap_err());
+    assert!(e.contains("force_upcast"), "{e}");
+    // A VAE that declares itself fp16-safe (e.g. sdxl-vae-fp16-fix).
+    let mut vae16 = vae.clone();
+    vae16.cfg.force_upcast = false;
+    let onnx16 = export_vae_decoder(&vae16, h, w, &opts).unwrap();
     let scale = candle
         .abs()
         .unwrap()
