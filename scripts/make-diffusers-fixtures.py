@@ -394,6 +394,8 @@ def main():
         make_scheduler(name, cls, cfg, steps, kw, gen)
     for name, (m, sname, steps, eta) in PIPELINES.items():
         make_pipeline(name, m, sname, steps, eta, gen)
+    import fixtures_vae_clip  # AutoencoderKL, CLIPTextModel + tokenizer: vae/, clip/
+    fixtures_vae_clip.main(OUT)
 
 
 def check_pipeline(d):

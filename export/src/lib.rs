@@ -30,6 +30,7 @@ mod model;
 mod ops;
 pub mod runtime;
 pub mod tensorrt;
+mod vae_clip;
 pub mod validate;
 mod write;
 
@@ -38,6 +39,7 @@ pub use diffusers::export_unet2d;
 pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
 pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
+pub use vae_clip::{export_text_encoder, export_vae_decoder};
 pub use validate::{
     roundoff_tolerance, validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions,
     ValidateReport, ROUNDOFF_CAP, ROUNDOFF_FACTOR,

@@ -8,9 +8,11 @@ pub mod load;
 pub mod save;
 pub mod teacher;
 pub mod unet2d;
+pub mod vae;
 
 pub use config::{BlockType, ClassEmbed, TimeScaleShift, UNet2DConfig};
 pub use load::{load_unet, DiffusersFolder};
 pub use save::save_unet;
 pub use teacher::{DiffusersTeacher, NoiseSpace};
 pub use unet2d::UNet2DModel;
+pub use vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
