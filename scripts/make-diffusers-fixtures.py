@@ -394,6 +394,8 @@ def main():
         make_scheduler(name, cls, cfg, steps, kw, gen)
     for name, (m, sname, steps, eta) in PIPELINES.items():
         make_pipeline(name, m, sname, steps, eta, gen)
+    import fixtures_unet_condition  # UNet2DConditionModel: scripts/fixtures_unet_condition.py
+    fixtures_unet_condition.main(OUT)
 
 
 def check_pipeline(d):

@@ -1,0 +1,287 @@
+//! diffusers `UNet2DConditionModel` parity: fixtures made by diffusers itself
+//! (`scripts/fixtures_unet_condition.py`), loaded from their folders and run on candle.
+
+use candle_core::{Device, Tensor};
+use graphs::diffusers::{load_unet_condition, AddedCond, UNet2DConditionConfig, SDXL_TIME_IDS};
+use graphs::CandleBackend;
+use std::path::{Path, PathBuf};
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusers/models")
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Loads model `name`, runs diffusers' recorded inputs on both candle paths (fast kernels and
+/// stock ops); returns the worst max abs error against diffusers' output.
+fn forward_parity(name: &str) -> f32 {
+    let dir = models().join(name);
+    let dev = Device::Cpu;
+    let (model, _) = load_unet_condition(&dir, &dev).unwrap();
+    let f = candle_core::safetensors::load(dir.join("forward.safetensors"), &dev).unwrap();
+    let sample = &f["sample"];
+    let side = sample.dim(3).unwrap();
+    let added = f.get("text_embeds").map(|t| AddedCond {
+        text_embeds: t.clone(),
+        time_ids: f["time_ids"].clone(),
+    });
+    assert_eq!(added.is_some(), model.cfg.has_text_time(), "{name}");
+    if let Some(a) = &added {
+        assert_eq!(
+            model.text_embeds_dim(SDXL_TIME_IDS),
+            Some(a.text_embeds.dim(1).unwrap())
+        );
+    }
+    let mut worst = 0f32;
+    for b in [CandleBackend::new(&dev), CandleBackend::new(&dev).stock()] {
+        let out = model
+            .forward(
+                &b,
+                sample,
+                side,
+                &f["timestep"],
+                &f["encoder_hidden_states"],
+                added.as_ref(),
+            )
+            .unwrap();
+        assert_eq!(out.dims(), f["expected"].dims());
+        let err = max_abs(&out, &f["expected"]);
+        eprintln!("{name} (kernels {}): max abs {err:.3e}", b.kernels);
+        worst = worst.max(err);
+    }
+    worst
+}
+
+macro_rules! parity {
+    ($($name:ident),*) => {$(
+        #[test]
+        fn $name() {
+            let err = forward_parity(stringify!($name));
+            assert!(err <= 1e-4, "{}: max abs {err:.3e} > 1e-4", stringify!($name));
+        }
+    )*};
+}
+
+parity!(cond_sd15, cond_linear, cond_sdxl);
+
+/// runwayml/stable-diffusion-v1-5's `unet/config.json`, as published.
+fn sd15_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.6.0",
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": false,
+        "cross_attention_dim": 768,
+        "down_block_types": [
+            "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"
+        ],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": [
+            "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"
+        ]
+    })
+}
+
+#[test]
+fn attention_head_dim_means_heads_as_in_diffusers() {
+    // SD 1.5: "attention_head_dim": 8 is eight heads of 40, 80, 160, 160.
+    let c = UNet2DConditionConfig::from_json(&sd15_config()).unwrap();
+    let per: Vec<_> = (0..4).map(|i| c.heads_of(i)).collect();
+    assert_eq!(per, [(8, 40), (8, 80), (8, 160), (8, 160)]);
+    assert_eq!(c.cross_attention_dim, [768; 4]);
+    assert_eq!(c.temb_dim(), 1280);
+    // SD 2.1: per-block [5, 10, 20, 20] heads, all of width 64, linear projections.
+    let mut v = sd15_config();
+    v["attention_head_dim"] = serde_json::json!([5, 10, 20, 20]);
+    v["use_linear_projection"] = serde_json::json!(true);
+    v["cross_attention_dim"] = serde_json::json!(1024);
+    v["upcast_attention"] = serde_json::json!(true);
+    let c = UNet2DConditionConfig::from_json(&v).unwrap();
+    let per: Vec<_> = (0..4).map(|i| c.heads_of(i)).collect();
+    assert_eq!(per, [(5, 64), (10, 64), (20, 64), (20, 64)]);
+    assert!(c.use_linear_projection && c.upcast_attention);
+    // SDXL: three levels, transformer depth [1, 2, 10], text_time with 2816 = 1280 + 6 * 256.
+    let mut v = sd15_config();
+    v["block_out_channels"] = serde_json::json!([320, 640, 1280]);
+    v["down_block_types"] = serde_json::json!([
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D"
+    ]);
+    v["up_block_types"] =
+        serde_json::json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]);
+    v["attention_head_dim"] = serde_json::json!([5, 10, 20]);
+    v["transformer_layers_per_block"] = serde_json::json!([1, 2, 10]);
+    v["addition_embed_type"] = serde_json::json!("text_time");
+    v["addition_time_embed_dim"] = serde_json::json!(256);
+    v["projection_class_embeddings_input_dim"] = serde_json::json!(2816);
+    v["cross_attention_dim"] = serde_json::json!(2048);
+    let c = UNet2DConditionConfig::from_json(&v).unwrap();
+    assert_eq!(c.transformer_layers_per_block, [1, 2, 10]);
+    assert_eq!(c.heads_of(2), (20, 64));
+    let a = c.addition.unwrap();
+    assert_eq!(
+        a.projection_class_embeddings_input_dim - SDXL_TIME_IDS * a.addition_time_embed_dim,
+        1280
+    );
+}
+
+fn parse_err(v: &serde_json::Value) -> String {
+    format!("{:#}", UNet2DConditionConfig::from_json(v).unwrap_err())
+}
+
+#[test]
+fn unsupported_and_unknown_keys_are_refused_by_name() {
+    let base = sd15_config();
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c
+    };
+    for (key, value) in [
+        ("only_cross_attention", serde_json::json!(true)),
+        ("num_attention_heads", serde_json::json!(8)),
+        ("addition_embed_type", serde_json::json!("text")),
+        ("class_embed_type", serde_json::json!("timestep")),
+        ("num_class_embeds", serde_json::json!(10)),
+        ("attention_type", serde_json::json!("gated")),
+        ("encoder_hid_dim", serde_json::json!(768)),
+        ("time_cond_proj_dim", serde_json::json!(256)),
+        ("time_embedding_type", serde_json::json!("fourier")),
+        ("dual_cross_attention", serde_json::json!(true)),
+        ("act_fn", serde_json::json!("gelu")),
+        ("resnet_time_scale_shift", serde_json::json!("spatial")),
+        (
+            "mid_block_type",
+            serde_json::json!("UNetMidBlock2DSimpleCrossAttn"),
+        ),
+        (
+            "transformer_layers_per_block",
+            serde_json::json!([[1], [1], [1], [1]]),
+        ),
+        ("downsample_padding", serde_json::json!(2)),
+    ] {
+        let e = parse_err(&with(key, value.clone()));
+        assert!(e.contains(key) && e.contains("unsupported"), "{key}: {e}");
+    }
+    let e = parse_err(&with(
+        "down_block_types",
+        serde_json::json!([
+            "SimpleCrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D"
+        ]),
+    ));
+    assert!(
+        e.contains("down_block_types")
+            && e.contains("SimpleCrossAttnDownBlock2D")
+            && e.contains("not implemented"),
+        "{e}"
+    );
+    let e = parse_err(&with("attention_head_dim", serde_json::json!([8, 8])));
+    assert!(e.contains("attention_head_dim"), "{e}");
+    let e = parse_err(&with("attention_head_dim", serde_json::json!(7)));
+    assert!(e.contains("attention_head_dim") && e.contains("320"), "{e}");
+    let e = parse_err(&with("text_encoder_dim", serde_json::json!(768)));
+    assert!(
+        e.contains("unknown") && e.contains("text_encoder_dim"),
+        "{e}"
+    );
+    let e = parse_err(&with("addition_embed_type", serde_json::json!("text_time")));
+    assert!(e.contains("addition_time_embed_dim"), "{e}");
+    let e = parse_err(&with("_class_name", serde_json::json!("UNet2DModel")));
+    assert!(e.contains("UNet2DModel"), "{e}");
+    // Keys diffusers hands only to block families refused above are read, whatever they hold.
+    let c =
+        UNet2DConditionConfig::from_json(&with("resnet_out_scale_factor", serde_json::json!(2.0)))
+            .unwrap();
+    assert_eq!(c, UNet2DConditionConfig::from_json(&base).unwrap());
+}
+
+/// Copies a fixture folder into a temp dir so it can be damaged.
+fn copy_model(name: &str) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(models().join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), t.path().join(e.file_name())).unwrap();
+    }
+    t
+}
+
+#[test]
+fn missing_or_misshaped_weights_are_named() {
+    let dev = Device::Cpu;
+    let t = copy_model("cond_sd15");
+    let p = t.path().join("diffusion_pytorch_model.safetensors");
+    let mut w = candle_core::safetensors::load(&p, &dev).unwrap();
+    let key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+    let k = w
+        .remove(key)
+        .expect("diffusers' key for the first cross-attention");
+    candle_core::safetensors::save(&w, &p).unwrap();
+    let e = format!("{:#}", load_unet_condition(t.path(), &dev).unwrap_err());
+    assert!(e.contains("missing weight") && e.contains(key), "{e}");
+    w.insert(key.to_string(), k.narrow(1, 0, 16).unwrap());
+    candle_core::safetensors::save(&w, &p).unwrap();
+    let e = format!("{:#}", load_unet_condition(t.path(), &dev).unwrap_err());
+    assert!(e.contains(key) && e.contains("shape"), "{e}");
+}
+
+#[test]
+fn text_time_inputs_are_required_and_refused_by_name() {
+    let dev = Device::Cpu;
+    let b = CandleBackend::new(&dev);
+    let (xl, _) = load_unet_condition(&models().join("cond_sdxl"), &dev).unwrap();
+    let f = candle_core::safetensors::load(models().join("cond_sdxl/forward.safetensors"), &dev)
+        .unwrap();
+    let e = xl
+        .forward(
+            &b,
+            &f["sample"],
+            8,
+            &f["timestep"],
+            &f["encoder_hidden_states"],
+            None,
+        )
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("text_embeds"), "{e:#}");
+    let (sd, _) = load_unet_condition(&models().join("cond_sd15"), &dev).unwrap();
+    let added = AddedCond {
+        text_embeds: f["text_embeds"].clone(),
+        time_ids: f["time_ids"].clone(),
+    };
+    let e = sd
+        .forward(
+            &b,
+            &f["sample"],
+            8,
+            &f["timestep"],
+            &f["encoder_hidden_states"],
+            Some(&added),
+        )
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("text_time"), "{e:#}");
+}

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Parity fixtures for distill's diffusers UNet2DConditionModel, made by diffusers itself.
+
+Called from scripts/make-diffusers-fixtures.py (or alone, same OUT argument):
+
+    /work/venv-bench/bin/python scripts/fixtures_unet_condition.py [OUT]
+
+OUT defaults to graphs/tests/fixtures/diffusers. Writes models/<name>/ for each entry of MODELS:
+a small random-init UNet2DConditionModel folder (`save_pretrained`: config.json +
+diffusion_pytorch_model.safetensors, weights stored in fp16 to keep the folder small; the
+model that computes `expected` has exactly those fp16-rounded weights, in f32) and
+forward.safetensors: `sample`, `timestep`, `encoder_hidden_states`, `text_embeds` and `time_ids`
+(text_time models only) and diffusers' output `expected` (f32 forward). Seeded: rerunning
+reproduces them. graphs/tests/diffusers_unet_condition.rs loads them.
+"""
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from diffusers import UNet2DConditionModel
+
+MODELS = {
+    # SD-1.5-like: conv projections, attention_head_dim 2 meaning two heads (diffusers' naming
+    # quirk), cross-attention at the first level and in the mid block, one layer per block.
+    "cond_sd15": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
+        cross_attention_dim=32, attention_head_dim=2,
+    ),
+    # SD-2-like: linear projections, per-block heads, transformer layers and layers per block,
+    # cross-attention everywhere, upcast_attention, downsample_padding 0, scale_shift res blocks.
+    "cond_linear": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(12, 24),
+        layers_per_block=(1, 2), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
+        cross_attention_dim=20, attention_head_dim=(2, 4), transformer_layers_per_block=(2, 1),
+        use_linear_projection=True, upcast_attention=True, downsample_padding=0,
+        resnet_time_scale_shift="scale_shift", norm_eps=1e-6, flip_sin_to_cos=False,
+        freq_shift=1,
+    ),
+    # SDXL-like: text_time added embedding (pooled 16 + 6 ids x 8), no attention at the first
+    # level, two transformer layers at the second, linear projections.
+    "cond_sdxl": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 24),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        cross_attention_dim=16, attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+    ),
+}
+
+POOLED = {"cond_sdxl": 16}
+
+
+def make(out, name, cfg, gen):
+    torch.manual_seed(len(name))
+    model = UNet2DConditionModel(**cfg).eval()
+    with torch.no_grad():
+        # Random-init weights are too tame (norm affines 1/0): perturb every one, then round to
+        # fp16 so the saved fp16 folder holds exactly the weights `expected` comes from.
+        for _, p in model.named_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            p.copy_(p.half().float())
+    d = os.path.join(out, "models", name)
+    os.makedirs(d, exist_ok=True)
+    for f in os.listdir(d):
+        os.remove(os.path.join(d, f))
+    model.half().save_pretrained(d)
+    model.float()
+    n, seq = 2, 5
+    side = cfg["sample_size"]
+    sample = torch.randn((n, cfg["in_channels"], side, side), generator=gen)
+    timestep = torch.tensor([3.0, 981.5])
+    ehs = torch.randn((n, seq, cfg["cross_attention_dim"]), generator=gen)
+    tensors = {"sample": sample, "timestep": timestep, "encoder_hidden_states": ehs}
+    kw = {}
+    if cfg.get("addition_embed_type") == "text_time":
+        text_embeds = torch.randn((n, POOLED[name]), generator=gen)
+        time_ids = torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0], [16.0, 12.0, 2.0, 1.0, 8.0, 8.0]])
+        kw["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        tensors.update(text_embeds=text_embeds, time_ids=time_ids)
+    with torch.no_grad():
+        expected = model(sample, timestep, ehs, **kw).sample
+    tensors["expected"] = expected.contiguous()
+    save_file(tensors, os.path.join(d, "forward.safetensors"))
+    size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {params} parameters, {size // 1024} KiB, |expected| max {float(expected.abs().max()):.3f}")
+
+
+def main(out):
+    gen = torch.Generator().manual_seed(4321)
+    for name, cfg in MODELS.items():
+        make(out, name, cfg, gen)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+        os.path.dirname(__file__), "..", "graphs", "tests", "fixtures", "diffusers"))
