@@ -50,6 +50,25 @@ MODELS = {
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=16 + 6 * 8,
     ),
+    # The attention-free UNetMidBlock2D (one res block), 5x5 conv_in and 1x1 conv_out, centred
+    # input, own time embedding width, two layers per block, one full-width head, mid scale.
+    "cond_misc": dict(
+        sample_size=8, in_channels=4, out_channels=3, block_out_channels=(8, 16),
+        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
+        cross_attention_dim=8, attention_head_dim=1, mid_block_type="UNetMidBlock2D",
+        conv_in_kernel=5, conv_out_kernel=1, center_input_sample=True, time_embedding_dim=24,
+        mid_block_scale_factor=1.5, dropout=0.1,
+    ),
+    # No mid block, three levels (8 -> 4 -> 2), cross-attention at the two outer levels.
+    "cond_nomid": dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=(2, 4, 4),
+        mid_block_type=None,
+    ),
 }
 
 POOLED = {"cond_sdxl": 16}

@@ -121,3 +121,9 @@ fn cond_sd15_lowers_to_onnx_fp16() {
     let ((t, o), _) = export_parity("cond_sd15", Precision::Fp16);
     assert!(t <= 5e-2 && o <= 5e-2, "fp16: tract {t:.3e}, ORT {o:.3e}");
 }
+
+#[test]
+fn cond_misc_and_nomid_lower_to_onnx() {
+    fp32("cond_misc");
+    fp32("cond_nomid");
+}

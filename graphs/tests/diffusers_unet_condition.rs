@@ -73,7 +73,7 @@ macro_rules! parity {
     )*};
 }
 
-parity!(cond_sd15, cond_linear, cond_sdxl);
+parity!(cond_sd15, cond_linear, cond_sdxl, cond_misc, cond_nomid);
 
 /// runwayml/stable-diffusion-v1-5's `unet/config.json`, as published.
 fn sd15_config() -> serde_json::Value {
