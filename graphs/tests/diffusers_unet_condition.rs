@@ -285,3 +285,43 @@ fn text_time_inputs_are_required_and_refused_by_name() {
         .unwrap_err();
     assert!(format!("{e:#}").contains("text_time"), "{e:#}");
 }
+
+#[test]
+fn real_size_parameter_counts_match_diffusers() {
+    // diffusers 0.42.1's counts for the same configs (UNet2DConditionModel(**config) on the meta
+    // device, sum of numel): SD 1.5, SD 2.1 (per-block heads, linear projections), SDXL base
+    // (three levels, transformer depth [1, 2, 10], text_time).
+    let sd15 = sd15_config();
+    let mut sd21 = sd15_config();
+    sd21["attention_head_dim"] = serde_json::json!([5, 10, 20, 20]);
+    sd21["use_linear_projection"] = serde_json::json!(true);
+    sd21["cross_attention_dim"] = serde_json::json!(1024);
+    let mut xl = sd15_config();
+    xl["block_out_channels"] = serde_json::json!([320, 640, 1280]);
+    xl["down_block_types"] = serde_json::json!([
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D"
+    ]);
+    xl["up_block_types"] =
+        serde_json::json!(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]);
+    xl["attention_head_dim"] = serde_json::json!([5, 10, 20]);
+    xl["transformer_layers_per_block"] = serde_json::json!([1, 2, 10]);
+    xl["addition_embed_type"] = serde_json::json!("text_time");
+    xl["addition_time_embed_dim"] = serde_json::json!(256);
+    xl["projection_class_embeddings_input_dim"] = serde_json::json!(2816);
+    xl["cross_attention_dim"] = serde_json::json!(2048);
+    xl["use_linear_projection"] = serde_json::json!(true);
+    for (name, v, want) in [
+        ("sd15", sd15, 859_520_964usize),
+        ("sd21", sd21, 865_910_724),
+        ("sdxl", xl, 2_567_463_684),
+    ] {
+        let c = UNet2DConditionConfig::from_json(&v).unwrap();
+        assert_eq!(
+            graphs::diffusers::parameter_count(&c).unwrap(),
+            want,
+            "{name}"
+        );
+    }
+}

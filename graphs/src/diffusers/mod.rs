@@ -19,4 +19,6 @@ pub use load::{load_unet, DiffusersFolder};
 pub use save::save_unet;
 pub use teacher::{DiffusersTeacher, NoiseSpace};
 pub use unet2d::UNet2DModel;
-pub use unet2d_condition::{load_unet_condition, AddedCond, UNet2DConditionModel, SDXL_TIME_IDS};
+pub use unet2d_condition::{
+    load_unet_condition, parameter_count, AddedCond, UNet2DConditionModel, SDXL_TIME_IDS,
+};
