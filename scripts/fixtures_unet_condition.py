@@ -10,7 +10,8 @@ a small random-init UNet2DConditionModel folder (`save_pretrained`: config.json 
 diffusion_pytorch_model.safetensors, weights stored in fp16 to keep the folder small; the
 model that computes `expected` has exactly those fp16-rounded weights, in f32) and
 forward.safetensors: `sample`, `timestep`, `encoder_hidden_states`, `text_embeds` and `time_ids`
-(text_time models only) and diffusers' output `expected` (f32 forward). Seeded: rerunning
+(text_time models only) and diffusers' output `expected` (f32 forward); for the models in WIDE
+also forward_wide.safetensors, the same on a non-square `sample`. Seeded: rerunning
 reproduces them. graphs/tests/diffusers_unet_condition.rs loads them.
 """
 import os
@@ -72,6 +73,7 @@ MODELS = {
 }
 
 POOLED = {"cond_sdxl": 16}
+WIDE = {"cond_nomid": (8, 12)}
 
 
 def make(out, name, cfg, gen):
@@ -105,6 +107,14 @@ def make(out, name, cfg, gen):
         expected = model(sample, timestep, ehs, **kw).sample
     tensors["expected"] = expected.contiguous()
     save_file(tensors, os.path.join(d, "forward.safetensors"))
+    if name in WIDE:
+        # A non-square latent (SD's 512x768 is 64x96): forward_wide.safetensors.
+        h, w = WIDE[name]
+        wide = torch.randn((n, cfg["in_channels"], h, w), generator=gen)
+        with torch.no_grad():
+            out = model(wide, timestep, ehs).sample
+        save_file({"sample": wide, "timestep": timestep, "encoder_hidden_states": ehs,
+                   "expected": out.contiguous()}, os.path.join(d, "forward_wide.safetensors"))
     size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
     params = sum(p.numel() for p in model.parameters())
     print(f"{name}: {params} parameters, {size // 1024} KiB, |expected| max {float(expected.abs().max()):.3f}")

@@ -8,13 +8,13 @@ use crate::proto::{ModelProto, StringStringEntryProto};
 use anyhow::{Context, Result};
 use graphs::diffusers::{AddedCond, UNet2DConditionModel, SDXL_TIME_IDS};
 
-/// `sample` `[batch, C, side, side]` f32, `timestep` `[batch]` f32, `encoder_hidden_states`
+/// `sample` `[batch, C, height, width]` f32, `timestep` `[batch]` f32, `encoder_hidden_states`
 /// `[batch, seq_len, cross_attention_dim]` f32 (the prompt embeddings; `seq_len` is static, 77
 /// for CLIP), plus `text_embeds` `[batch, pooled]` and `time_ids` `[batch, 6]` f32 for
 /// `addition_embed_type = "text_time"` -> `out_sample`, the raw prediction.
 pub fn export_unet2d_condition(
     model: &UNet2DConditionModel,
-    side: usize,
+    (height, width): (usize, usize),
     seq_len: usize,
     opts: &ExportOptions,
 ) -> Result<ModelProto> {
@@ -26,8 +26,8 @@ pub fn export_unet2d_condition(
         &[
             Dim::Batch,
             Dim::Fixed(cfg.in_channels),
-            Dim::Fixed(side),
-            Dim::Fixed(side),
+            Dim::Fixed(height),
+            Dim::Fixed(width),
         ],
     )?;
     let timestep = b.input("timestep", ElemType::F32, &[Dim::Batch])?;
@@ -64,7 +64,14 @@ pub fn export_unet2d_condition(
         }),
     };
     let out = model
-        .forward(&b, &sample, side, &timestep, &ehs, added.as_ref())
+        .forward_hw(
+            &b,
+            &sample,
+            (height, width),
+            &timestep,
+            &ehs,
+            added.as_ref(),
+        )
         .context("lowering the UNet2DConditionModel")?;
     let meta = vec![
         (

@@ -33,19 +33,23 @@ fn input(name: &str, t: &Tensor) -> TestInput {
 /// Exports fixture `name` at `precision`; returns (tract, ORT) max abs against diffusers'
 /// output and against candle's.
 fn export_parity(name: &str, precision: Precision) -> ((f64, f64), (f64, f64)) {
+    export_parity_of(name, "forward.safetensors", precision)
+}
+
+fn export_parity_of(name: &str, file: &str, precision: Precision) -> ((f64, f64), (f64, f64)) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../graphs/tests/fixtures/diffusers/models")
         .join(name);
     let dev = Device::Cpu;
     let (model, _) = load_unet_condition(&dir, &dev).unwrap();
-    let f = candle_core::safetensors::load(dir.join("forward.safetensors"), &dev).unwrap();
-    let side = f["sample"].dim(3).unwrap();
+    let f = candle_core::safetensors::load(dir.join(file), &dev).unwrap();
+    let hw = (f["sample"].dim(2).unwrap(), f["sample"].dim(3).unwrap());
     let ehs = &f["encoder_hidden_states"];
     let opts = ExportOptions {
         precision,
         ..Default::default()
     };
-    let onnx = export_unet2d_condition(&model, side, ehs.dim(1).unwrap(), &opts).unwrap();
+    let onnx = export_unet2d_condition(&model, hw, ehs.dim(1).unwrap(), &opts).unwrap();
     let mut inputs = vec![
         input("sample", &f["sample"]),
         input("timestep", &f["timestep"]),
@@ -62,10 +66,10 @@ fn export_parity(name: &str, precision: Precision) -> ((f64, f64), (f64, f64)) {
     let label = format!("{name}_{}", precision.name());
     let vs_diffusers = run_both(&onnx, &label, &inputs, &f["expected"]).unwrap();
     let candle = model
-        .forward(
+        .forward_hw(
             &CandleBackend::new(&dev),
             &f["sample"],
-            side,
+            hw,
             &f["timestep"],
             ehs,
             added.as_ref(),
@@ -126,4 +130,14 @@ fn cond_sd15_lowers_to_onnx_fp16() {
 fn cond_misc_and_nomid_lower_to_onnx() {
     fp32("cond_misc");
     fp32("cond_nomid");
+}
+
+#[test]
+fn non_square_cond_nomid_lowers_to_onnx() {
+    let ((t, o), (t2, o2)) =
+        export_parity_of("cond_nomid", "forward_wide.safetensors", Precision::Fp32);
+    assert!(
+        t.max(o).max(t2).max(o2) <= 1e-4,
+        "8x12: tract {t:.3e} / {t2:.3e}, ORT {o:.3e} / {o2:.3e}"
+    );
 }

@@ -420,3 +420,43 @@ fn gradients_reach_every_weight_and_match_finite_differences() {
         assert!(rel < 2e-3, "{k}: analytic {analytic:.6e} vs {fd:.6e}");
     }
 }
+
+#[test]
+fn non_square_latents_match_diffusers() {
+    // cond_nomid (three levels) on an 8x12 sample: 8x12 -> 4x6 -> 2x3 and back.
+    let dev = Device::Cpu;
+    let dir = models().join("cond_nomid");
+    let (model, _) = load_unet_condition(&dir, &dev).unwrap();
+    let f = candle_core::safetensors::load(dir.join("forward_wide.safetensors"), &dev).unwrap();
+    let (h, w) = (f["sample"].dim(2).unwrap(), f["sample"].dim(3).unwrap());
+    assert_ne!(h, w);
+    for b in [CandleBackend::new(&dev), CandleBackend::new(&dev).stock()] {
+        let out = model
+            .forward_hw(
+                &b,
+                &f["sample"],
+                (h, w),
+                &f["timestep"],
+                &f["encoder_hidden_states"],
+                None,
+            )
+            .unwrap();
+        let err = max_abs(&out, &f["expected"]);
+        eprintln!(
+            "cond_nomid {h}x{w} (kernels {}): max abs {err:.3e}",
+            b.kernels
+        );
+        assert!(err <= 1e-4, "{h}x{w}: max abs {err:.3e}");
+    }
+    let e = model
+        .forward_hw(
+            &CandleBackend::new(&dev),
+            &f["sample"],
+            (h, 10),
+            &f["timestep"],
+            &f["encoder_hidden_states"],
+            None,
+        )
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("8x10"), "{e:#}");
+}

@@ -320,9 +320,8 @@ impl UNet2DConditionModel {
             .checked_sub(k * a.addition_time_embed_dim)
     }
 
-    /// diffusers' `UNet2DConditionModel.forward(...).sample`: `sample` `[N, C, side, side]`,
-    /// `timestep` `[N]` f32, `encoder_hidden_states` `[N, S, cross_attention_dim]`, plus
-    /// `text_embeds` / `time_ids` for `addition_embed_type = "text_time"`.
+    /// diffusers' `UNet2DConditionModel.forward(...).sample` on a square `sample`
+    /// `[N, C, side, side]`, see [`Self::forward_hw`].
     pub fn forward<B: Backend>(
         &self,
         b: &B,
@@ -332,10 +331,34 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &B::T,
         added: Option<&AddedCond<B::T>>,
     ) -> Result<B::T> {
+        self.forward_hw(
+            b,
+            sample,
+            (side, side),
+            timestep,
+            encoder_hidden_states,
+            added,
+        )
+    }
+
+    /// diffusers' `UNet2DConditionModel.forward(...).sample`: `sample` `[N, C, height, width]`
+    /// (both divisible by 2^(levels - 1), e.g. SD's 64x96 latents of a 512x768 image),
+    /// `timestep` `[N]` f32, `encoder_hidden_states` `[N, S, cross_attention_dim]`, plus
+    /// `text_embeds` / `time_ids` for `addition_embed_type = "text_time"`.
+    pub fn forward_hw<B: Backend>(
+        &self,
+        b: &B,
+        sample: &B::T,
+        (height, width): (usize, usize),
+        timestep: &B::T,
+        encoder_hidden_states: &B::T,
+        added: Option<&AddedCond<B::T>>,
+    ) -> Result<B::T> {
         let levels = self.cfg.block_out_channels.len();
+        let f = 1 << (levels - 1);
         anyhow::ensure!(
-            side.is_multiple_of(1 << (levels - 1)),
-            "UNet2DConditionModel: side {side} is not divisible by 2^{} ({levels} levels)",
+            height.is_multiple_of(f) && width.is_multiple_of(f),
+            "UNet2DConditionModel: sample {height}x{width} is not divisible by 2^{} ({levels} levels)",
             levels - 1
         );
         let ctx = encoder_hidden_states;
@@ -347,25 +370,25 @@ impl UNet2DConditionModel {
         let temb = b.silu(&self.embed(b, timestep, added)?)?;
         let mut h = self.conv_in.forward(b, &x)?;
         let mut skips = vec![h.clone()];
-        let mut s = side;
+        let (mut sh, mut sw) = (height, width);
         for d in &self.down_blocks {
             for (j, r) in d.resnets.iter().enumerate() {
                 h = r.forward(b, &h, &temb)?;
                 if let Some(a) = d.attentions.get(j) {
-                    h = a.forward(b, &h, s, s, ctx)?;
+                    h = a.forward(b, &h, sh, sw, ctx)?;
                 }
                 skips.push(h.clone());
             }
             if let Some(ds) = &d.downsampler {
                 h = ds.forward(b, &h)?;
-                s = s.div_ceil(2);
+                (sh, sw) = (sh.div_ceil(2), sw.div_ceil(2));
                 skips.push(h.clone());
             }
         }
         if let Some(m) = &self.mid_block {
             h = m.resnets[0].forward(b, &h, &temb)?;
             for (a, r) in m.attentions.iter().zip(&m.resnets[1..]) {
-                h = a.forward(b, &h, s, s, ctx)?;
+                h = a.forward(b, &h, sh, sw, ctx)?;
                 h = r.forward(b, &h, &temb)?;
             }
         }
@@ -376,12 +399,12 @@ impl UNet2DConditionModel {
                     .context("UNet2DConditionModel: skip bookkeeping")?;
                 h = r.forward(b, &b.concat(&[&h, &skip], 1)?, &temb)?;
                 if let Some(a) = u.attentions.get(j) {
-                    h = a.forward(b, &h, s, s, ctx)?;
+                    h = a.forward(b, &h, sh, sw, ctx)?;
                 }
             }
             if let Some(c) = &u.upsampler {
                 h = c.forward(b, &b.upsample_nearest2x(&h)?)?;
-                s *= 2;
+                (sh, sw) = (2 * sh, 2 * sw);
             }
         }
         self.conv_out
