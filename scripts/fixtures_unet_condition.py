@@ -12,8 +12,10 @@ model that computes `expected` has exactly those fp16-rounded weights, in f32) a
 forward.safetensors: `sample`, `timestep`, `encoder_hidden_states`, `text_embeds` and `time_ids`
 (text_time models only) and diffusers' output `expected` (f32 forward); for the models in WIDE
 also forward_wide.safetensors, the same on a non-square `sample`. Seeded: rerunning
-reproduces them. graphs/tests/diffusers_unet_condition.rs loads them.
+reproduces them. Also pipelines/cond_sd15_ddim_cfg/: a StableDiffusionPipeline call on the
+cond_sd15 UNet (see make_sd_pipeline). graphs/tests/diffusers_unet_condition.rs loads them.
 """
+import json
 import os
 import sys
 
@@ -120,10 +122,53 @@ def make(out, name, cfg, gen):
     print(f"{name}: {params} parameters, {size // 1024} KiB, |expected| max {float(expected.abs().max()):.3f}")
 
 
+def make_sd_pipeline(out, model_name, steps, guidance, gen):
+    """diffusers' own StableDiffusionPipeline call on given latents and prompt embeddings, with
+    classifier-free guidance, stopped before the VAE (`output_type="latent"`): SD 1.5's DDIM
+    scheduler config, the UNet of models/<model_name>. No text encoder or VAE is needed for it
+    (both None). Writes pipelines/<model_name>_ddim_cfg/: scheduler_config.json, pipeline.json
+    and expected.safetensors (`noise`, `prompt_embeds`, `negative_prompt_embeds`, `latents_<i>`
+    after each step, `latents` the result)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "models", model_name))
+    unet = unet.float().eval()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    cfg = unet.config
+    n, seq, side = 2, 5, cfg.sample_size
+    noise = torch.randn((n, cfg.in_channels, side, side), generator=gen)
+    cond = torch.randn((n, seq, cfg.cross_attention_dim), generator=gen)
+    neg = torch.randn((n, seq, cfg.cross_attention_dim), generator=gen)
+    t = {"noise": noise, "prompt_embeds": cond, "negative_prompt_embeds": neg}
+
+    def record(p, i, ts, kw):
+        t[f"latents_{i}"] = kw["latents"].clone()
+        return kw
+
+    with torch.no_grad():
+        lat = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, latents=noise.clone(),
+                   height=side * pipe.vae_scale_factor, width=side * pipe.vae_scale_factor,
+                   num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                   callback_on_step_end=record).images
+    t["latents"] = lat
+    d = os.path.join(out, "pipelines", f"{model_name}_ddim_cfg")
+    os.makedirs(d, exist_ok=True)
+    sched.save_config(d)
+    with open(os.path.join(d, "pipeline.json"), "w") as f:
+        json.dump({"pipeline": "StableDiffusionPipeline", "model": model_name, "steps": steps,
+                   "guidance_scale": guidance, "timesteps": [int(x) for x in sched.timesteps]}, f)
+    save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(d, "expected.safetensors"))
+    print(f"{d}: timesteps {[int(x) for x in sched.timesteps]}, |latents| max {float(lat.abs().max()):.3f}")
+
+
 def main(out):
     gen = torch.Generator().manual_seed(4321)
     for name, cfg in MODELS.items():
         make(out, name, cfg, gen)
+    make_sd_pipeline(out, "cond_sd15", 4, 7.5, gen)
 
 
 if __name__ == "__main__":
