@@ -164,11 +164,70 @@ def make_sd_pipeline(out, model_name, steps, guidance, gen):
     print(f"{d}: timesteps {[int(x) for x in sched.timesteps]}, |latents| max {float(lat.abs().max()):.3f}")
 
 
+def make_sdxl_pipeline(out, model_name, steps, guidance, gen):
+    """diffusers' own StableDiffusionXLPipeline call (text encoders and VAE None) on given
+    latents, prompt embeddings and pooled embeddings, guidance, `output_type="latent"`, SDXL's
+    Euler scheduler config: the pipeline builds `time_ids` itself (original size, crop, target
+    size). Writes pipelines/<model_name>_euler_cfg/ like make_sd_pipeline, plus
+    `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` and the pipeline's `time_ids`."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "models", model_name))
+    unet = unet.float().eval()
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None,
+                                     tokenizer=None, tokenizer_2=None, unet=unet,
+                                     scheduler=sched, add_watermarker=False)
+    cfg = unet.config
+    n, seq, side = 2, 5, cfg.sample_size
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    noise = torch.randn((n, cfg.in_channels, side, side), generator=gen)
+    t = {
+        "noise": noise,
+        "prompt_embeds": torch.randn((n, seq, cfg.cross_attention_dim), generator=gen),
+        "negative_prompt_embeds": torch.randn((n, seq, cfg.cross_attention_dim), generator=gen),
+        "pooled_prompt_embeds": torch.randn((n, pooled), generator=gen),
+        "negative_pooled_prompt_embeds": torch.randn((n, pooled), generator=gen),
+    }
+    seen = {}
+    orig = unet.forward
+
+    def spy(*a, **kw):
+        seen["time_ids"] = kw["added_cond_kwargs"]["time_ids"].clone()
+        return orig(*a, **kw)
+
+    unet.forward = spy
+
+    def record(p, i, ts, kw):
+        t[f"latents_{i}"] = kw["latents"].clone()
+        return kw
+
+    px = side * pipe.vae_scale_factor
+    with torch.no_grad():
+        lat = pipe(latents=noise.clone(), height=px, width=px, num_inference_steps=steps,
+                   guidance_scale=guidance, output_type="latent", callback_on_step_end=record,
+                   **{k: v for k, v in t.items() if k != "noise"}).images
+    unet.forward = orig
+    t["latents"] = lat
+    t["time_ids"] = seen["time_ids"]
+    d = os.path.join(out, "pipelines", f"{model_name}_euler_cfg")
+    os.makedirs(d, exist_ok=True)
+    sched.save_config(d)
+    with open(os.path.join(d, "pipeline.json"), "w") as f:
+        json.dump({"pipeline": "StableDiffusionXLPipeline", "model": model_name, "steps": steps,
+                   "guidance_scale": guidance,
+                   "timesteps": [float(x) for x in sched.timesteps]}, f)
+    save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(d, "expected.safetensors"))
+    print(f"{d}: timesteps {[float(x) for x in sched.timesteps]}, time_ids "
+          f"{seen['time_ids'].tolist()}, |latents| max {float(lat.abs().max()):.3f}")
+
+
 def main(out):
     gen = torch.Generator().manual_seed(4321)
     for name, cfg in MODELS.items():
         make(out, name, cfg, gen)
     make_sd_pipeline(out, "cond_sd15", 4, 7.5, gen)
+    make_sdxl_pipeline(out, "cond_sdxl", 4, 5.0, gen)
 
 
 if __name__ == "__main__":

@@ -476,18 +476,20 @@ fn scaled_err(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(a, b) / m(b).max(1.0)
 }
 
-#[test]
-fn stable_diffusion_pipeline_loop_matches_diffusers() {
-    // diffusers' StableDiffusionPipeline (DDIM, 4 steps, guidance 7.5, given latents and prompt
-    // embeddings, output_type "latent") against the same loop on our UNet and scheduler:
-    // cat([x, x]) with cat([negative, prompt]) embeddings, uncond + 7.5 (text - uncond), step.
+/// Replays a diffusers pipeline call recorded in `pipelines/<name>` (given latents and prompt
+/// embeddings, classifier-free guidance, `output_type="latent"`) on our UNet and scheduler:
+/// cat([x, x]) with cat([negative, prompt]) embeddings (and pooled embeddings / the pipeline's
+/// time_ids for SDXL), `uncond + g (text - uncond)`, step. Returns the worst scaled error over
+/// the steps.
+fn pipeline_loop(name: &str, model: &str) -> f32 {
     use graphs::schedulers::{Scheduler, StepState};
     let dev = Device::Cpu;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/diffusers/pipelines/cond_sd15_ddim_cfg");
+        .join("tests/fixtures/diffusers/pipelines")
+        .join(name);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline.json")).unwrap()).unwrap();
-    let (unet, _) = load_unet_condition(&models().join("cond_sd15"), &dev).unwrap();
+    let (unet, _) = load_unet_condition(&models().join(model), &dev).unwrap();
     let mut s = Scheduler::from_file(&dir.join("scheduler_config.json")).unwrap();
     s.set_timesteps(meta["steps"].as_u64().unwrap() as usize)
         .unwrap();
@@ -506,7 +508,12 @@ fn stable_diffusion_pipeline_loop_matches_diffusers() {
     let b = CandleBackend::new(&dev);
     let n = f["noise"].dim(0).unwrap();
     let side = f["noise"].dim(3).unwrap();
-    let ehs = Tensor::cat(&[&f["negative_prompt_embeds"], &f["prompt_embeds"]], 0).unwrap();
+    let both = |neg: &str, pos: &str| Tensor::cat(&[&f[neg], &f[pos]], 0).unwrap();
+    let ehs = both("negative_prompt_embeds", "prompt_embeds");
+    let added = f.get("time_ids").map(|ids| AddedCond {
+        text_embeds: both("negative_pooled_prompt_embeds", "pooled_prompt_embeds"),
+        time_ids: ids.clone(),
+    });
     let mut x = f["noise"].affine(s.init_noise_sigma(), 0.0).unwrap();
     let mut state = StepState::default();
     let mut worst = 0f32;
@@ -515,17 +522,30 @@ fn stable_diffusion_pipeline_loop_matches_diffusers() {
             .scale_model_input(&b, &Tensor::cat(&[&x, &x], 0).unwrap(), i)
             .unwrap();
         let tt = Tensor::full(t, 2 * n, &dev).unwrap();
-        let out = unet.forward(&b, &xin, side, &tt, &ehs, None).unwrap();
+        let out = unet
+            .forward(&b, &xin, side, &tt, &ehs, added.as_ref())
+            .unwrap();
         let (uncond, text) = (out.narrow(0, 0, n).unwrap(), out.narrow(0, n, n).unwrap());
         let eps = graphs::guidance::combine(&b, &text, &uncond, g).unwrap();
         x = s.step(&b, &mut state, i, &eps, &x, None).unwrap();
         let err = scaled_err(&x, &f[&format!("latents_{i}")]);
-        eprintln!("StableDiffusionPipeline step {i} (t = {t}): latents scaled max abs {err:.3e}");
+        eprintln!("{name} step {i} (t = {t}): latents scaled max abs {err:.3e}");
         worst = worst.max(err);
     }
-    let err = scaled_err(&x, &f["latents"]);
-    assert!(
-        worst <= 1e-4 && err <= 1e-4,
-        "scaled max abs {worst:.3e} (final {err:.3e}) > 1e-4"
-    );
+    worst.max(scaled_err(&x, &f["latents"]))
+}
+
+#[test]
+fn stable_diffusion_pipeline_loop_matches_diffusers() {
+    // StableDiffusionPipeline: SD 1.5's DDIM config, 4 steps, guidance 7.5.
+    let err = pipeline_loop("cond_sd15_ddim_cfg", "cond_sd15");
+    assert!(err <= 1e-4, "scaled max abs {err:.3e} > 1e-4");
+}
+
+#[test]
+fn stable_diffusion_xl_pipeline_loop_matches_diffusers() {
+    // StableDiffusionXLPipeline: Euler, 4 steps, guidance 5, pooled embeddings and the time_ids
+    // the pipeline built (original size, crop, target size).
+    let err = pipeline_loop("cond_sdxl_euler_cfg", "cond_sdxl");
+    assert!(err <= 1e-4, "scaled max abs {err:.3e} > 1e-4");
 }
