@@ -141,3 +141,31 @@ fn non_square_cond_nomid_lowers_to_onnx() {
         "8x12: tract {t:.3e} / {t2:.3e}, ORT {o:.3e} / {o2:.3e}"
     );
 }
+
+#[test]
+fn dynamic_batch_runs_at_batch_one() {
+    // The graph exported above, run on the first item alone: the batch is symbolic everywhere
+    // (heads are a separate axis, never folded into it).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../graphs/tests/fixtures/diffusers/models/cond_sdxl");
+    let dev = Device::Cpu;
+    let (model, _) = load_unet_condition(&dir, &dev).unwrap();
+    let f = candle_core::safetensors::load(dir.join("forward.safetensors"), &dev).unwrap();
+    let one = |k: &str| f[k].narrow(0, 0, 1).unwrap();
+    let onnx = export_unet2d_condition(&model, (8, 8), 5, &ExportOptions::default()).unwrap();
+    let inputs: Vec<TestInput> = [
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "text_embeds",
+        "time_ids",
+    ]
+    .iter()
+    .map(|k| input(k, &one(k)))
+    .collect();
+    let (t, o) = run_both(&onnx, "cond_sdxl_batch1", &inputs, &one("expected")).unwrap();
+    assert!(
+        t <= 1e-4 && o <= 1e-4,
+        "batch 1: tract {t:.3e}, ORT {o:.3e}"
+    );
+}
