@@ -286,16 +286,8 @@ fn text_time_inputs_are_required_and_refused_by_name() {
     assert!(format!("{e:#}").contains("text_time"), "{e:#}");
 }
 
-#[test]
-fn real_size_parameter_counts_match_diffusers() {
-    // diffusers 0.42.1's counts for the same configs (UNet2DConditionModel(**config) on the meta
-    // device, sum of numel): SD 1.5, SD 2.1 (per-block heads, linear projections), SDXL base
-    // (three levels, transformer depth [1, 2, 10], text_time).
-    let sd15 = sd15_config();
-    let mut sd21 = sd15_config();
-    sd21["attention_head_dim"] = serde_json::json!([5, 10, 20, 20]);
-    sd21["use_linear_projection"] = serde_json::json!(true);
-    sd21["cross_attention_dim"] = serde_json::json!(1024);
+/// stabilityai/stable-diffusion-xl-base-1.0's UNet layout (its config's architecture keys).
+fn sdxl_config() -> serde_json::Value {
     let mut xl = sd15_config();
     xl["block_out_channels"] = serde_json::json!([320, 640, 1280]);
     xl["down_block_types"] = serde_json::json!([
@@ -312,6 +304,21 @@ fn real_size_parameter_counts_match_diffusers() {
     xl["projection_class_embeddings_input_dim"] = serde_json::json!(2816);
     xl["cross_attention_dim"] = serde_json::json!(2048);
     xl["use_linear_projection"] = serde_json::json!(true);
+    xl["sample_size"] = serde_json::json!(128);
+    xl
+}
+
+#[test]
+fn real_size_parameter_counts_match_diffusers() {
+    // diffusers 0.42.1's counts for the same configs (UNet2DConditionModel(**config) on the meta
+    // device, sum of numel): SD 1.5, SD 2.1 (per-block heads, linear projections), SDXL base
+    // (three levels, transformer depth [1, 2, 10], text_time).
+    let sd15 = sd15_config();
+    let mut sd21 = sd15_config();
+    sd21["attention_head_dim"] = serde_json::json!([5, 10, 20, 20]);
+    sd21["use_linear_projection"] = serde_json::json!(true);
+    sd21["cross_attention_dim"] = serde_json::json!(1024);
+    let xl = sdxl_config();
     for (name, v, want) in [
         ("sd15", sd15, 859_520_964usize),
         ("sd21", sd21, 865_910_724),
@@ -548,4 +555,59 @@ fn stable_diffusion_xl_pipeline_loop_matches_diffusers() {
     // the pipeline built (original size, crop, target size).
     let err = pipeline_loop("cond_sdxl_euler_cfg", "cond_sdxl");
     assert!(err <= 1e-4, "scaled max abs {err:.3e} > 1e-4");
+}
+
+#[test]
+fn real_size_flops_match_pytorchs_counter() {
+    // torch.utils.flop_counter.FlopCounterMode on diffusers 0.42.1's UNet2DConditionModel (meta
+    // device, batch 1, 77 tokens): SD 1.5 at 64x64 latents (512 px), SDXL at 128x128 (1024 px).
+    // PyTorch's convolution / addmm + mm / bmm are our conv / linear / attention matmul.
+    use graphs::diffusers::unet2d_condition::shapes_only;
+    use graphs::flops::FlopCounter;
+    for (name, v, side, cross, want) in [
+        (
+            "sd15",
+            sd15_config(),
+            64,
+            768,
+            (
+                443_946_106_880u64,
+                179_152_486_400 + 54_122_577_920,
+                126_052_270_080u64,
+            ),
+        ),
+        (
+            "sdxl",
+            sdxl_config(),
+            128,
+            2048,
+            (
+                1_623_111_761_920,
+                3_325_294_018_560 + 1_028_915_200_000,
+                783_915_417_600,
+            ),
+        ),
+    ] {
+        let c = UNet2DConditionConfig::from_json(&v).unwrap();
+        let (m, _) = shapes_only(&c).unwrap();
+        let fc = FlopCounter::new();
+        let added = c.has_text_time().then(|| AddedCond {
+            text_embeds: vec![1, 1280],
+            time_ids: vec![1, 6],
+        });
+        let out = m
+            .forward(
+                &fc,
+                &vec![1, 4, side, side],
+                side,
+                &vec![1],
+                &vec![1, 77, cross],
+                added.as_ref(),
+            )
+            .unwrap();
+        assert_eq!(out, vec![1, 4, side, side]);
+        let n = fc.count();
+        eprintln!("{name}: {n}");
+        assert_eq!((n.conv, n.linear, n.matmul), want, "{name}");
+    }
 }

@@ -441,17 +441,26 @@ impl candle_nn::var_builder::SimpleBackend for ShapesOnly {
     }
 }
 
-/// Every parameter (name, shape) of the network `cfg` describes (nothing allocated).
-pub fn expected_params_condition(
+/// The network `cfg` describes with every weight a broadcast zero (nothing allocated), and each
+/// parameter's (name, shape): for shape checks, parameter counts and the FLOP counter at real
+/// size. Its outputs are meaningless.
+pub fn shapes_only(
     cfg: &UNet2DConditionConfig,
-) -> Result<BTreeMap<String, Vec<usize>>> {
+) -> Result<(UNet2DConditionModel, BTreeMap<String, Vec<usize>>)> {
     let shapes = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     let backend: Box<dyn candle_nn::var_builder::SimpleBackend> =
         Box::new(ShapesOnly(shapes.clone()));
     let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
-    UNet2DConditionModel::new(vb, cfg)?;
+    let model = UNet2DConditionModel::new(vb, cfg)?;
     let map = shapes.lock().expect("shapes lock").clone();
-    Ok(map)
+    Ok((model, map))
+}
+
+/// Every parameter (name, shape) of the network `cfg` describes (nothing allocated).
+pub fn expected_params_condition(
+    cfg: &UNet2DConditionConfig,
+) -> Result<BTreeMap<String, Vec<usize>>> {
+    Ok(shapes_only(cfg)?.1)
 }
 
 /// Number of parameters of the network `cfg` describes (SD 1.5: 859,520,964, as diffusers
