@@ -13,7 +13,12 @@ forward.safetensors: `sample`, `timestep`, `encoder_hidden_states`, `text_embeds
 (text_time models only) and diffusers' output `expected` (f32 forward); for the models in WIDE
 also forward_wide.safetensors, the same on a non-square `sample`. Seeded: rerunning
 reproduces them. Also pipelines/cond_sd15_ddim_cfg/: a StableDiffusionPipeline call on the
-cond_sd15 UNet (see make_sd_pipeline). graphs/tests/diffusers_unet_condition.rs loads them.
+cond_sd15 UNet (see make_sd_pipeline), pipelines/cond_sdxl_euler_cfg/ the same with
+StableDiffusionXLPipeline. graphs/tests/diffusers_unet_condition.rs loads them.
+
+    /work/venv-bench/bin/python scripts/fixtures_unet_condition.py --check DIR
+
+loads the folders distill wrote under DIR with diffusers (see check).
 """
 import json
 import os
@@ -230,6 +235,34 @@ def main(out):
     make_sdxl_pipeline(out, "cond_sdxl", 4, 5.0, gen)
 
 
+def check(root):
+    """diffusers' own from_pretrained on every UNet2DConditionModel folder under `root` that
+    distill wrote (`DISTILL_DIFFUSERS_OUT=DIR cargo test --release --workspace --test
+    diffusers_unet_condition saves_diffusers`): its forward.safetensors inputs through diffusers,
+    against distill's output there (`expected`); exits non-zero past 1e-4."""
+    from safetensors.torch import load_file
+    worst = 0.0
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            continue
+        model = UNet2DConditionModel.from_pretrained(d).eval()
+        f = load_file(os.path.join(d, "forward.safetensors"))
+        kw = {}
+        if "text_embeds" in f:
+            kw["added_cond_kwargs"] = {"text_embeds": f["text_embeds"], "time_ids": f["time_ids"]}
+        with torch.no_grad():
+            out = model(f["sample"], f["timestep"], f["encoder_hidden_states"], **kw).sample
+        err = float((out - f["expected"]).abs().max())
+        worst = max(worst, err)
+        print(f"{name}: diffusers vs distill max abs {err:.3e}")
+    if worst > 1e-4:
+        sys.exit(f"max abs {worst:.3e} > 1e-4")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-        os.path.dirname(__file__), "..", "graphs", "tests", "fixtures", "diffusers"))
+    if len(sys.argv) > 2 and sys.argv[1] == "--check":
+        check(sys.argv[2])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+            os.path.dirname(__file__), "..", "graphs", "tests", "fixtures", "diffusers"))

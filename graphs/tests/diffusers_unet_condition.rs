@@ -611,3 +611,69 @@ fn real_size_flops_match_pytorchs_counter() {
         assert_eq!((n.conv, n.linear, n.matmul), want, "{name}");
     }
 }
+
+#[test]
+fn saves_diffusers_folders_that_reload() {
+    // Each fixture's weights moved (as a fine-tuned / LoRA-merged student's would be), written by
+    // save_unet_condition, read back: same config, same outputs. With DISTILL_DIFFUSERS_OUT=DIR
+    // the folders stay there with forward.safetensors (our output as `expected`) for
+    // `scripts/fixtures_unet_condition.py --check DIR` (diffusers' from_pretrained).
+    let keep = std::env::var_os("DISTILL_DIFFUSERS_OUT").map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let dev = Device::Cpu;
+    for name in [
+        "cond_sd15",
+        "cond_linear",
+        "cond_sdxl",
+        "cond_misc",
+        "cond_nomid",
+    ] {
+        let src = models().join(name);
+        let (model, weights) = load_unet_condition(&src, &dev).unwrap();
+        let back = UNet2DConditionConfig::from_json(&model.cfg.to_json()).unwrap();
+        assert_eq!(back, model.cfg, "{name}: config round trip");
+        let moved: std::collections::HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(k, t)| (k.clone(), t.affine(1.01, 0.001).unwrap()))
+            .collect();
+        let out = root.join(name);
+        graphs::diffusers::save_unet_condition(&out, &model.cfg, &moved).unwrap();
+        let (again, w2) = load_unet_condition(&out, &dev).unwrap();
+        assert_eq!(w2.len(), weights.len());
+        let f = candle_core::safetensors::load(src.join("forward.safetensors"), &dev).unwrap();
+        let added = f.get("text_embeds").map(|t| AddedCond {
+            text_embeds: t.clone(),
+            time_ids: f["time_ids"].clone(),
+        });
+        let b = CandleBackend::new(&dev);
+        let vb = candle_nn::VarBuilder::from_tensors(moved, candle_core::DType::F32, &dev);
+        let direct = graphs::diffusers::UNet2DConditionModel::new(vb, &model.cfg).unwrap();
+        let run = |m: &graphs::diffusers::UNet2DConditionModel| {
+            m.forward(
+                &b,
+                &f["sample"],
+                8,
+                &f["timestep"],
+                &f["encoder_hidden_states"],
+                added.as_ref(),
+            )
+            .unwrap()
+        };
+        let (y0, y1) = (run(&direct), run(&again));
+        assert_eq!(max_abs(&y0, &y1), 0.0, "{name}");
+        assert!(
+            max_abs(&y1, &f["expected"]) > 1e-3,
+            "{name}: weights did not move"
+        );
+        if keep.is_some() {
+            let mut t: std::collections::HashMap<String, Tensor> = f
+                .iter()
+                .filter(|(k, _)| k.as_str() != "expected")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            t.insert("expected".to_string(), y1);
+            candle_core::safetensors::save(&t, out.join("forward.safetensors")).unwrap();
+        }
+    }
+}

@@ -526,3 +526,132 @@ impl UNet2DConditionConfig {
         Ok(())
     }
 }
+
+impl UNet2DConditionConfig {
+    /// `config.json` as diffusers' `save_pretrained` writes it (every key; a per-block value as
+    /// one int where all blocks agree, as diffusers' own configs have it).
+    pub fn to_json(&self) -> Value {
+        use serde_json::json;
+        let num = |x: f64| {
+            if x.fract() == 0.0 && x.abs() < 1e15 {
+                json!(x as i64)
+            } else {
+                json!(x)
+            }
+        };
+        let per = |v: &[usize]| {
+            if v.iter().all(|x| *x == v[0]) {
+                json!(v[0])
+            } else {
+                json!(v)
+            }
+        };
+        let blocks = |v: &[CondBlockType], plain: &str, cross: &str| -> Vec<String> {
+            v.iter()
+                .map(|b| match b {
+                    CondBlockType::Plain => plain.to_string(),
+                    CondBlockType::CrossAttn => cross.to_string(),
+                })
+                .collect()
+        };
+        let (addition, add_dim, proj_dim) = match &self.addition {
+            None => (Value::Null, Value::Null, Value::Null),
+            Some(a) => (
+                json!("text_time"),
+                json!(a.addition_time_embed_dim),
+                json!(a.projection_class_embeddings_input_dim),
+            ),
+        };
+        let entries: Vec<(&str, Value)> = vec![
+            ("_class_name", json!("UNet2DConditionModel")),
+            ("_diffusers_version", json!(super::save::DIFFUSERS_VERSION)),
+            ("act_fn", json!("silu")),
+            ("addition_embed_type", json!(addition)),
+            ("addition_embed_type_num_heads", json!(64)),
+            ("addition_time_embed_dim", json!(add_dim)),
+            ("attention_head_dim", json!(per(&self.heads))),
+            ("attention_type", json!("default")),
+            ("block_out_channels", json!(self.block_out_channels)),
+            ("center_input_sample", json!(self.center_input_sample)),
+            ("class_embed_type", json!(null)),
+            ("class_embeddings_concat", json!(false)),
+            ("conv_in_kernel", json!(self.conv_in_kernel)),
+            ("conv_out_kernel", json!(self.conv_out_kernel)),
+            ("cross_attention_dim", json!(per(&self.cross_attention_dim))),
+            ("cross_attention_norm", json!(null)),
+            (
+                "down_block_types",
+                json!(blocks(
+                    &self.down_block_types,
+                    "DownBlock2D",
+                    "CrossAttnDownBlock2D"
+                )),
+            ),
+            ("downsample_padding", json!(self.downsample_padding)),
+            ("dropout", json!(self.dropout)),
+            ("dual_cross_attention", json!(false)),
+            ("encoder_hid_dim", json!(null)),
+            ("encoder_hid_dim_type", json!(null)),
+            ("flip_sin_to_cos", json!(self.flip_sin_to_cos)),
+            ("freq_shift", json!(num(self.freq_shift))),
+            ("in_channels", json!(self.in_channels)),
+            ("layers_per_block", json!(per(&self.layers_per_block))),
+            ("mid_block_only_cross_attention", json!(null)),
+            (
+                "mid_block_scale_factor",
+                json!(num(self.mid_block_scale_factor)),
+            ),
+            (
+                "mid_block_type",
+                json!(match self.mid_block {
+                    CondMidBlock::CrossAttn => json!("UNetMidBlock2DCrossAttn"),
+                    CondMidBlock::Plain => json!("UNetMidBlock2D"),
+                    CondMidBlock::None => Value::Null,
+                }),
+            ),
+            ("norm_eps", json!(self.norm_eps)),
+            ("norm_num_groups", json!(self.norm_num_groups)),
+            ("num_attention_heads", json!(null)),
+            ("num_class_embeds", json!(null)),
+            ("only_cross_attention", json!(false)),
+            ("out_channels", json!(self.out_channels)),
+            ("projection_class_embeddings_input_dim", json!(proj_dim)),
+            ("resnet_out_scale_factor", json!(1.0)),
+            ("resnet_skip_time_act", json!(false)),
+            (
+                "resnet_time_scale_shift",
+                json!(match self.resnet_time_scale_shift {
+                    TimeScaleShift::Default => "default",
+                    TimeScaleShift::ScaleShift => "scale_shift",
+                }),
+            ),
+            ("reverse_transformer_layers_per_block", json!(null)),
+            ("sample_size", json!(self.sample_size)),
+            ("time_cond_proj_dim", json!(null)),
+            ("time_embedding_act_fn", json!(null)),
+            ("time_embedding_dim", json!(self.time_embedding_dim)),
+            ("time_embedding_type", json!("positional")),
+            ("timestep_post_act", json!(null)),
+            (
+                "transformer_layers_per_block",
+                json!(per(&self.transformer_layers_per_block)),
+            ),
+            (
+                "up_block_types",
+                json!(blocks(
+                    &self.up_block_types,
+                    "UpBlock2D",
+                    "CrossAttnUpBlock2D"
+                )),
+            ),
+            ("upcast_attention", json!(self.upcast_attention)),
+            ("use_linear_projection", json!(self.use_linear_projection)),
+        ];
+        Value::Object(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        )
+    }
+}

@@ -16,7 +16,7 @@ pub mod unet2d_condition;
 pub use condition_config::{CondBlockType, CondMidBlock, TextTime, UNet2DConditionConfig};
 pub use config::{BlockType, ClassEmbed, TimeScaleShift, UNet2DConfig};
 pub use load::{load_unet, DiffusersFolder};
-pub use save::save_unet;
+pub use save::{save_unet, save_unet_condition};
 pub use teacher::{DiffusersTeacher, NoiseSpace};
 pub use unet2d::UNet2DModel;
 pub use unet2d_condition::{
