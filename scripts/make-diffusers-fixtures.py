@@ -396,6 +396,8 @@ def main():
         make_pipeline(name, m, sname, steps, eta, gen)
     import fixtures_vae_clip  # AutoencoderKL, CLIPTextModel + tokenizer: vae/, clip/
     fixtures_vae_clip.main(OUT)
+    import fixtures_unet_condition  # UNet2DConditionModel: scripts/fixtures_unet_condition.py
+    fixtures_unet_condition.main(OUT)
 
 
 def check_pipeline(d):

@@ -24,6 +24,7 @@ pub mod proto {
 mod backend;
 mod builder;
 mod diffusers;
+mod diffusers_condition;
 pub mod junit;
 pub mod metadata;
 mod model;
@@ -36,6 +37,7 @@ mod write;
 
 pub use builder::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use diffusers::export_unet2d;
+pub use diffusers_condition::export_unet2d_condition;
 pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
 pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
