@@ -394,6 +394,8 @@ def main():
         make_scheduler(name, cls, cfg, steps, kw, gen)
     for name, (m, sname, steps, eta) in PIPELINES.items():
         make_pipeline(name, m, sname, steps, eta, gen)
+    import lora_check  # a LoRA distill wrote for a teacher above, loaded by diffusers / peft
+    lora_check.main(OUT)
 
 
 def check_pipeline(d):
