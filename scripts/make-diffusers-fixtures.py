@@ -398,6 +398,8 @@ def main():
     fixtures_vae_clip.main(OUT)
     import fixtures_unet_condition  # UNet2DConditionModel: scripts/fixtures_unet_condition.py
     fixtures_unet_condition.main(OUT)
+    import lora_check  # a LoRA distill wrote for a teacher above, loaded by diffusers / peft
+    lora_check.main(OUT)
 
 
 def check_pipeline(d):

@@ -113,6 +113,7 @@ pub struct EvalArgs {
 pub enum ExportFormatArg {
     Onnx,
     Diffusers,
+    Lora,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -155,7 +156,10 @@ pub struct ExportArgs {
     pub what: ExportWhatArg,
     /// `onnx`, or `diffusers`: a model whose network is a diffusers UNet2DModel (a diffusers
     /// teacher or its students) written back into --out as a diffusers DDIMPipeline folder
-    /// (unet/, scheduler/ whose set_timesteps gives the student's steps, model_index.json).
+    /// (unet/, scheduler/ whose set_timesteps gives the student's steps, model_index.json; a
+    /// LoRA student: its merged weights), or `lora`: a student trained with --lora-rank as a
+    /// diffusers LoRA file (`unet.`-prefixed PEFT keys, its config and scale in the header) at
+    /// --out (a `.safetensors` path, or a folder receiving pytorch_lora_weights.safetensors).
     #[arg(long, value_enum, default_value = "onnx")]
     pub format: ExportFormatArg,
     /// Weight/compute precision of the exported graph: fp32, or fp16 (f16 weights and
@@ -391,18 +395,22 @@ impl EvalArgs {
 impl ExportArgs {
     /// `--format diffusers` writes weights and a scheduler, no graph: the graph flags do not apply.
     fn check_diffusers_flags(&self) -> Result<()> {
-        let graph_flags = self.what != ExportWhatArg::Generator
-            || self.trt
-            || self.sampler.is_some()
-            || self.sample_steps.is_some()
-            || self.cfg_scale.is_some()
-            || !matches!(self.precision, Precision::Fp32);
         anyhow::ensure!(
-            !graph_flags,
+            !self.graph_flags(),
             "--format diffusers writes the network's weights and a scheduler config: --what, \
              --precision, --sampler, --sample-steps, --cfg-scale and --trt apply to ONNX exports"
         );
         Ok(())
+    }
+
+    /// Whether a flag of the ONNX graph export was given.
+    fn graph_flags(&self) -> bool {
+        self.what != ExportWhatArg::Generator
+            || self.trt
+            || self.sampler.is_some()
+            || self.sample_steps.is_some()
+            || self.cfg_scale.is_some()
+            || !matches!(self.precision, Precision::Fp32)
     }
 
     fn job(&self) -> ExportJob {
@@ -526,6 +534,14 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Export(a) if a.format == ExportFormatArg::Diffusers => {
             a.check_diffusers_flags()?;
             distill::diffusers_io::export_folder(&a.checkpoint, &a.out).map(|_| ())
+        }
+        Command::Export(a) if a.format == ExportFormatArg::Lora => {
+            anyhow::ensure!(
+                !a.graph_flags(),
+                "--format lora writes the student's LoRA adapter file: --what, --precision, \
+                 --sampler, --sample-steps, --cfg-scale and --trt apply to ONNX exports"
+            );
+            distill::lora_io::export_lora(&a.checkpoint, &a.out).map(|_| ())
         }
         Command::Export(a) => a.job().run().map(|_| ()),
         Command::Bench(a) => bench::run(a, &dev, cli.threads),
