@@ -394,6 +394,12 @@ def main():
         make_scheduler(name, cls, cfg, steps, kw, gen)
     for name, (m, sname, steps, eta) in PIPELINES.items():
         make_pipeline(name, m, sname, steps, eta, gen)
+    import fixtures_vae_clip  # AutoencoderKL, CLIPTextModel + tokenizer: vae/, clip/
+    fixtures_vae_clip.main(OUT)
+    import fixtures_unet_condition  # UNet2DConditionModel: scripts/fixtures_unet_condition.py
+    fixtures_unet_condition.main(OUT)
+    import lora_check  # a LoRA distill wrote for a teacher above, loaded by diffusers / peft
+    lora_check.main(OUT)
 
 
 def check_pipeline(d):

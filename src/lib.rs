@@ -12,6 +12,7 @@ pub mod fsio;
 pub mod grid;
 pub mod host;
 pub mod jobs;
+pub mod lora_io;
 pub mod parallel;
 pub mod plot;
 pub mod rng;

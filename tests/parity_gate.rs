@@ -284,3 +284,68 @@ fn help_documents_the_new_flags() {
         assert!(t.contains(f), "validate --help lacks {f}");
     }
 }
+
+/// A 2-step Heun generator (its one step to sigma_min amplifies round-off ~40x) passes the
+/// default gate from the command line, and the report carries the reference round-off that
+/// set its tolerance; `--roundoff-cases 0` skips the measurement.
+#[test]
+fn heun_2_steps_passes_the_default_gate_with_its_reference_roundoff() {
+    let (dir, ckpt, _) = fixture();
+    let out = dir.path().join("heun2");
+    let o = distill(
+        &[
+            "export",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--sampler",
+            "heun",
+            "--steps",
+            "2",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let onnx = out.join("generator.onnx");
+    let json = dir.path().join("heun2.json");
+    let validate = |extra: &[&str]| {
+        let mut args = vec![
+            "validate",
+            onnx.to_str().unwrap(),
+            "--reference",
+            ckpt.to_str().unwrap(),
+            "--cases",
+            "4",
+            "--batches",
+            "1,3",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        distill(&args, &[])
+    };
+    let o = validate(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("reference f32 round-off"), "{}", text(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for m in r["metrics"].as_array().unwrap() {
+        let roundoff = m["reference_roundoff"].as_f64().unwrap();
+        let tol = m["max_abs_tol"].as_f64().unwrap();
+        assert!(roundoff > 0.0 && roundoff.is_finite(), "{m}");
+        assert_eq!(tol, export::roundoff_tolerance(1e-4, Some(roundoff)), "{m}");
+    }
+    let o = validate(&["--roundoff-cases", "0", "--atol", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        !text(&o).contains("reference f32 round-off"),
+        "{}",
+        text(&o)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for m in r["metrics"].as_array().unwrap() {
+        assert!(m["reference_roundoff"].is_null(), "{m}");
+        assert_eq!(m["max_abs_tol"].as_f64().unwrap(), 1.0, "{m}");
+    }
+}

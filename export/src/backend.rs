@@ -107,6 +107,9 @@ impl Backend for OnnxBackend {
     fn embedding(&self, ids: &String, table: &Param) -> Result<String> {
         ops::gather::embedding(self, ids, table)
     }
+    fn param_value(&self, p: &Param) -> Result<String> {
+        ops::param::param_value(self, p)
+    }
     fn gather_const(&self, table: &[f32], ids: &String) -> Result<String> {
         ops::gather::gather_const(self, table, ids)
     }

@@ -24,20 +24,24 @@ pub mod proto {
 mod backend;
 mod builder;
 mod diffusers;
+mod diffusers_condition;
 pub mod junit;
 pub mod metadata;
 mod model;
 mod ops;
 pub mod runtime;
 pub mod tensorrt;
+mod vae_clip;
 pub mod validate;
 mod write;
 
 pub use builder::{Dim, ElemType, OnnxBackend, ValueInfo, IR_VERSION, OPSET};
 pub use diffusers::export_unet2d;
+pub use diffusers_condition::export_unet2d_condition;
 pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
 pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
+pub use vae_clip::{export_text_encoder, export_vae_decoder};
 pub use validate::{
     roundoff_tolerance, validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions,
     ValidateReport, ROUNDOFF_CAP, ROUNDOFF_FACTOR,

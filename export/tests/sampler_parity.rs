@@ -8,7 +8,7 @@
 //! network's output at sigma_min by h/2 ~ 40, so the runtimes' ordinary round-off in the network
 //! becomes ~1e-4..5e-4 (measured: tract 5.0e-4, ONNX Runtime 1.4e-4; the two runtimes differ
 //! from each other by 2.4e-4, the second test). The gate measures that amplification itself: the
-//! reference also runs in f64, and a default tolerance is raised to 8x the reference's own f32
+//! reference also runs in f64, and a default tolerance is raised to 4x the reference's own f32
 //! round-off where that is larger (`export::roundoff_tolerance`). The third test shows the raised
 //! gate still fails a wrong export of that very graph.
 

@@ -157,8 +157,12 @@ pub trait Backend {
     /// Nearest-neighbour upsampling by 2 in H and W.
     fn upsample_nearest2x(&self, x: &Self::T) -> anyhow::Result<Self::T>;
     fn concat(&self, xs: &[&Self::T], axis: usize) -> anyhow::Result<Self::T>;
-    /// Rows of `table` (`[rows, dim]`) picked by integer `ids` (`[N]`) -> `[N, dim]`.
+    /// Rows of `table` (`[rows, dim]`) picked by integer `ids` (`[N]`, or any shape `S`) ->
+    /// `[N, dim]` (`[S.., dim]`).
     fn embedding(&self, ids: &Self::T, table: &Param) -> anyhow::Result<Self::T>;
+    /// A parameter's value as a tensor, e.g. a learned position-embedding table added whole (an
+    /// f32 initializer in ONNX, no node).
+    fn param_value(&self, p: &Param) -> anyhow::Result<Self::T>;
     /// Entries of a constant f32 table picked by integer `ids` (`[N]`) -> `[N]`.
     fn gather_const(&self, table: &[f32], ids: &Self::T) -> anyhow::Result<Self::T>;
     /// Integer tensor to f32.

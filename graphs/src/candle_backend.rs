@@ -373,7 +373,8 @@ impl Backend for CandleBackend {
     }
     fn embedding(&self, ids: &Tensor, table: &Param) -> Result<Tensor> {
         let rows = table.t.dim(0)?;
-        let ids = ids.to_dtype(DType::U32)?;
+        let mut shape = ids.dims().to_vec();
+        let ids = ids.flatten_all()?.to_dtype(DType::U32)?;
         let max = ids.max(0)?.to_scalar::<u32>()? as usize;
         if max >= rows {
             bail!(
@@ -381,7 +382,15 @@ impl Backend for CandleBackend {
                 table.name
             );
         }
-        Ok(table.t.index_select(&ids, 0)?)
+        let y = table.t.index_select(&ids, 0)?;
+        if shape.len() == 1 {
+            return Ok(y);
+        }
+        shape.push(table.t.dim(1)?);
+        Ok(y.reshape(shape)?)
+    }
+    fn param_value(&self, p: &Param) -> Result<Tensor> {
+        Ok(p.t.clone())
     }
     fn gather_const(&self, table: &[f32], ids: &Tensor) -> Result<Tensor> {
         let t = Tensor::new(table, &self.device)?.to_dtype(self.float)?;

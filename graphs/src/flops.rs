@@ -381,11 +381,7 @@ impl Backend for FlopCounter {
     }
 
     fn embedding(&self, ids: &Vec<usize>, table: &Param) -> Result<Vec<usize>> {
-        ensure!(
-            ids.len() == 1,
-            "embedding {}: ids {ids:?} are not 1-D",
-            table.name
-        );
+        ensure!(!ids.is_empty(), "embedding {}: scalar ids", table.name);
         let &[_, dim] = table.dims() else {
             bail!(
                 "embedding {}: table {:?} is not 2-D",
@@ -393,7 +389,13 @@ impl Backend for FlopCounter {
                 table.dims()
             )
         };
-        Ok(vec![ids[0], dim])
+        let mut out = ids.clone();
+        out.push(dim);
+        Ok(out)
+    }
+
+    fn param_value(&self, p: &Param) -> Result<Vec<usize>> {
+        Ok(p.dims().to_vec())
     }
 
     fn gather_const(&self, _table: &[f32], ids: &Vec<usize>) -> Result<Vec<usize>> {

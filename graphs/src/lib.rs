@@ -21,6 +21,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod schedulers;
 pub mod training_level;
+pub mod transformers;
 pub mod unet;
 
 pub use backend::{Backend, Kind, Param};

@@ -340,6 +340,19 @@ pub struct DistillRunArgs {
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
     pub allow_resume_change: bool,
+    /// Train LoRA adapters of this rank on the student and the fake score instead of every
+    /// weight (0 = off: full fine-tuning). The base weights stay the teacher's, frozen and shared.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: the adapters' update is scaled by alpha / rank (default: alpha = rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated module names to adapt, matched like PEFT's target_modules (a name or the
+    /// end of a module path). Default: the attention projections, `to_q,to_k,to_v,to_out.0` for
+    /// a diffusers UNet2DModel, `q,k,v,proj` for distill's UNet; e.g. add `conv1,conv2` for the
+    /// res blocks' convolutions.
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
 }
 
 impl DistillRunArgs {
@@ -367,6 +380,11 @@ impl DistillRunArgs {
         if let Some(p) = self.precision {
             run.precision = p;
         }
+        set!(c.lora.rank, self.lora_rank);
+        if self.lora_alpha.is_some() {
+            c.lora.alpha = self.lora_alpha;
+        }
+        set!(c.lora.targets, self.lora_targets);
     }
 }
 

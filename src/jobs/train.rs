@@ -315,7 +315,21 @@ impl DistillRun<'_> {
             allow,
         )?;
         let ev = maybe_evaluator(common.run.eval_every, teacher, dev, self.show_progress)?;
-        eprintln!("{}: {about} -> {}", self.what, run.root.display());
+        let trainable: usize = m.student_vars().iter().map(|(_, v)| v.elem_count()).sum();
+        eprintln!(
+            "{}: {about}; student: {trainable} trainable parameters{} -> {}",
+            self.what,
+            if common.lora.is_off() {
+                String::new()
+            } else {
+                format!(
+                    " (LoRA rank {}, scale {})",
+                    common.lora.rank,
+                    common.lora.scale()
+                )
+            },
+            run.root.display()
+        );
         let rs = RunSpec {
             cfg: &common.run,
             config_toml,

@@ -35,9 +35,9 @@ pub struct ValidateJob {
     pub allow_missing: bool,
     /// Run the TensorRT compatibility lint first.
     pub lint: bool,
-    /// Skip the f64 run of the reference that measures its f32 round-off (then the default
-    /// tolerances are never raised).
-    pub no_f64_reference: bool,
+    /// Cases on which the reference also runs in f64 to measure its f32 round-off (0: never,
+    /// and the default tolerances are never raised).
+    pub roundoff_cases: usize,
     /// Write JUnit XML here.
     pub junit: Option<PathBuf>,
 }
@@ -71,7 +71,7 @@ impl Default for ValidateJob {
             json: None,
             trt: None,
             allow_missing: false,
-            no_f64_reference: false,
+            roundoff_cases: export::ValidateOptions::default().roundoff_cases,
             lint: false,
             junit: None,
         }
@@ -127,7 +127,7 @@ impl ValidateJob {
             mean_abs_tol: self.mean_atol,
             trt_engine: self.trt.clone(),
             allow_missing: self.allow_missing,
-            f64_reference: !self.no_f64_reference,
+            roundoff_cases: self.roundoff_cases,
         };
         export::validate(&self.model, &den, target, &opts)
     }

@@ -95,6 +95,141 @@ pub fn trainable_denoiser(
     Ok((den, vars))
 }
 
+/// A network DMD2 and TDM train: every weight (a copy of the teacher's, full fine-tuning) or LoRA
+/// adapters on the teacher's own, frozen tensors (`graphs::nn::lora`: one copy of the base in
+/// memory for teacher, student and fake score).
+pub enum TrainedNet {
+    Full(Denoiser),
+    Lora {
+        /// The teacher's network (its tensors, not a copy).
+        base: Denoiser,
+        /// `<module>.lora_A.weight` / `.lora_B.weight` (PEFT's keys), sorted by name.
+        adapters: Vec<(String, Var)>,
+        /// `alpha / rank`.
+        scale: f64,
+        /// The settings, with the targets resolved.
+        cfg: graphs::nn::lora::LoraConfig,
+    },
+}
+
+/// Name of the adapter file in a LoRA student's checkpoint folder.
+pub const LORA_FILE: &str = "lora.safetensors";
+/// Its header entry: a JSON object with `lora_rank`, `lora_alpha`, `lora_scale`,
+/// `target_modules`, `base_sha256`, `base` (the teacher's folder) and `checkpoint_step`.
+pub const LORA_META_KEY: &str = "distill_lora";
+
+impl TrainedNet {
+    /// Full fine-tuning (`lora` off: trainable copies of `weights`, see [`trainable_denoiser`]) or
+    /// LoRA adapters on `base` (seeded from `(seed, stream)`); returns the variables to train.
+    pub fn new(
+        cfg: &ModelConfig,
+        base: &Denoiser,
+        weights: &HashMap<String, Tensor>,
+        lora: &graphs::nn::lora::LoraConfig,
+        (seed, stream): (u64, u64),
+        device: &Device,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        if lora.is_off() {
+            let (den, vars) = trainable_denoiser(cfg, weights, device)?;
+            return Ok((Self::Full(den), vars));
+        }
+        use graphs::nn::lora;
+        let layers = lora::select(&base.net, lora)?;
+        let mut rng = super::step_rng(seed, 0, stream);
+        let init = lora::init_adapters(&layers, lora.rank, &mut rng, device)?;
+        let mut adapters: Vec<(String, Var)> = init
+            .into_iter()
+            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
+            .collect::<Result<_>>()?;
+        adapters.sort_by(|a, b| a.0.cmp(&b.0));
+        let resolved = graphs::nn::lora::LoraConfig {
+            targets: lora.targets_for(&base.net),
+            ..lora.clone()
+        };
+        let vars = adapters.clone();
+        Ok((
+            Self::Lora {
+                base: base.clone(),
+                adapters,
+                scale: lora.scale(),
+                cfg: resolved,
+            },
+            vars,
+        ))
+    }
+
+    /// The network as its variables are now (LoRA: the base with the adapters merged; build it
+    /// again after an update).
+    pub fn net(&self) -> Result<Denoiser> {
+        match self {
+            Self::Full(d) => Ok(d.clone()),
+            Self::Lora {
+                base,
+                adapters,
+                scale,
+                ..
+            } => {
+                let a: HashMap<String, Tensor> = adapters
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                    .collect();
+                graphs::nn::lora::apply(base, &a, *scale)
+            }
+        }
+    }
+
+    /// The full weights of the network whose trained variables are `trained` (e.g. their EMA):
+    /// themselves, or for LoRA the base with `trained` adapters merged.
+    pub fn full_weights(
+        &self,
+        trained: HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Self::Full(_) => Ok(trained),
+            Self::Lora { base, scale, .. } => {
+                let b: HashMap<String, Tensor> = graphs::params::collect(base)
+                    .into_iter()
+                    .map(|p| (p.name, p.t))
+                    .collect();
+                graphs::nn::lora::merge(&b, &trained, *scale)
+            }
+        }
+    }
+
+    /// The adapter file of a LoRA checkpoint ([`LORA_FILE`]): the `trained` adapters under PEFT's
+    /// keys, with rank, alpha, scale, targets, the base teacher's sha256 and folder and the step in
+    /// its metadata. Nothing for full fine-tuning.
+    pub fn checkpoint_files(
+        &self,
+        trained: &HashMap<String, Tensor>,
+        teacher: &Teacher,
+        step: u64,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let Self::Lora { cfg, scale, .. } = self else {
+            return Ok(Vec::new());
+        };
+        // One header entry (safetensors writes a map's entries in no fixed order; one entry
+        // keeps the file's bytes reproducible, as a resume test compares them).
+        let info = serde_json::json!({
+            "lora_rank": cfg.rank,
+            "lora_alpha": cfg.alpha(),
+            "lora_scale": scale,
+            "target_modules": cfg.targets,
+            "base_sha256": teacher.sha256,
+            "base": teacher.dir.display().to_string(),
+            "checkpoint_step": step,
+        });
+        let meta = HashMap::from([(LORA_META_KEY.to_string(), info.to_string())]);
+        let bytes = crate::checkpoint::safetensors_bytes_with_meta(trained, Some(meta))?;
+        Ok(vec![(LORA_FILE.to_string(), bytes)])
+    }
+
+    /// Trainable parameters (adapters only under LoRA).
+    pub fn trainable_count(vars: &[(String, Var)]) -> usize {
+        vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
 /// A trainable network's variables, optimiser and (fp16) loss scaler, saved under `prefix` in the
 /// training state.
 pub struct Trainable {
@@ -313,7 +448,8 @@ pub mod pair {
     }
 
     /// The [`super::Method`] items DMD2 and TDM share, for their `impl Method` blocks: they need
-    /// fields `student_t`, `fake_t` ([`Trainable`]), `fake_updates` and `teacher` (`&Teacher`).
+    /// fields `student` ([`super::TrainedNet`]), `student_t`, `fake_t` ([`Trainable`]),
+    /// `fake_updates` and `teacher` (`&Teacher`).
     macro_rules! methods {
         () => {
             fn gauges(&self) -> StepMetrics {
@@ -342,6 +478,19 @@ pub mod pair {
             }
             fn model_config(&self) -> ModelConfig {
                 self.teacher.meta.model.clone()
+            }
+            fn inference_weights(
+                &self,
+                trained: HashMap<String, Tensor>,
+            ) -> Result<HashMap<String, Tensor>> {
+                self.student.full_weights(trained)
+            }
+            fn checkpoint_files(
+                &self,
+                trained: &HashMap<String, Tensor>,
+                step: u64,
+            ) -> Result<Vec<(String, Vec<u8>)>> {
+                self.student.checkpoint_files(trained, self.teacher, step)
             }
         };
     }

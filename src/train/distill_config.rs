@@ -30,6 +30,10 @@ pub struct DistillCommon {
     pub student_optim: AdamWConfig,
     /// Optimiser of the fake score (and DMD2's GAN head).
     pub fake_optim: AdamWConfig,
+    /// LoRA on the student and the fake score (`[lora]`; rank 0, the default, trains every
+    /// weight). With a rank, only the adapters are trained and stored in the training state; the
+    /// base weights are the teacher's own tensors, shared by all three networks.
+    pub lora: graphs::nn::lora::LoraConfig,
 }
 
 impl DistillCommon {
@@ -42,11 +46,13 @@ impl DistillCommon {
             cfg_scale: 1.5,
             student_optim,
             fake_optim,
+            lora: Default::default(),
         }
     }
 
     pub fn validate(&self, grid: &NoiseGrid) -> Result<()> {
         self.run.validate()?;
+        self.lora.validate()?;
         check_timesteps(&self.timesteps, grid)
     }
 
@@ -120,6 +126,9 @@ macro_rules! distill_config {
                 cfg_scale: f64,
                 student_optim: AdamWConfig,
                 fake_optim: AdamWConfig,
+                // Absent when off, so a full fine-tuning run's config is what it always was.
+                #[serde(skip_serializing_if = "graphs::nn::lora::LoraConfig::is_off")]
+                lora: graphs::nn::lora::LoraConfig,
             }
 
             impl Default for Config {
@@ -137,6 +146,7 @@ macro_rules! distill_config {
                         cfg_scale,
                         student_optim,
                         fake_optim,
+                        lora,
                     } = c.common;
                     Self {
                         teacher,
@@ -145,6 +155,7 @@ macro_rules! distill_config {
                         cfg_scale,
                         student_optim,
                         fake_optim,
+                        lora,
                         $( $field: c.$field, )*
                     }
                 }
@@ -160,6 +171,7 @@ macro_rules! distill_config {
                             cfg_scale: c.cfg_scale,
                             student_optim: c.student_optim,
                             fake_optim: c.fake_optim,
+                            lora: c.lora,
                         },
                         $( $field: c.$field, )*
                     }

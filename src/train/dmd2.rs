@@ -15,7 +15,7 @@
 
 use super::distill::{
     self, finite, grid_level, pair, rollout, scalar, sigma_level, Method, StepMetrics, Teacher,
-    Trainable,
+    Trainable, TrainedNet,
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::AdamWConfig;
@@ -130,8 +130,8 @@ pub struct Dmd2<'a> {
     data: &'a Dataset,
     grid: NoiseGrid,
     sigmas: Vec<f64>,
-    student: Denoiser,
-    fake: Denoiser,
+    student: TrainedNet,
+    fake: TrainedNet,
     head: Option<GanHead>,
     student_t: Trainable,
     /// Fake score and GAN head together (DMD2's "guidance" optimiser).
@@ -171,8 +171,11 @@ impl<'a> Dmd2<'a> {
             );
         }
         let w = teacher.weights();
-        let (student, svars) = distill::trainable_denoiser(&mcfg, &w, device)?;
-        let (fake, mut fvars) = distill::trainable_denoiser(&mcfg, &w, device)?;
+        let (lora, seed) = (&cfg.common.lora, cfg.common.run.seed);
+        let (student, svars) =
+            TrainedNet::new(&mcfg, &teacher.den, &w, lora, (seed, 0x10A5), device)?;
+        let (fake, mut fvars) =
+            TrainedNet::new(&mcfg, &teacher.den, &w, lora, (seed, 0x10A6), device)?;
         let (head, head_vm) = if cfg.gan {
             let vm = VarMap::new();
             let (c, side, groups) = mcfg.network.bottleneck_shape();
@@ -211,6 +214,12 @@ impl<'a> Dmd2<'a> {
             fake_updates: 0,
             _head_vars: head_vm,
         })
+    }
+
+    /// The student and the fake score as they are now (under LoRA: the teacher's tensors with
+    /// the adapters merged).
+    pub fn networks(&self) -> Result<(Denoiser, Denoiser)> {
+        Ok((self.student.net()?, self.fake.net()?))
     }
 
     /// Grid timesteps in `[lo, hi]` as fractions of the grid, like DMD2's min/max_step_percent.
@@ -271,6 +280,8 @@ impl Method for Dmd2<'_> {
         let mut rng = step_rng(seed, step, 0xD3D2);
         let mut rngs = SampleRngs::new(seed, step, 0xD3D3, range.clone());
         let mut m = StepMetrics::new();
+        // The networks as they are now (under LoRA: the base with the adapters merged).
+        let (student, fake) = (self.student.net()?, self.fake.net()?);
         let ncls = u.num_classes() as u32;
         let labels = Tensor::from_vec(rngs.each(|r| r.gen_range(0..ncls)), n, &dev)?;
         let z = rngs.randn(&shape[1..], &dev)?;
@@ -285,16 +296,16 @@ impl Method for Dmd2<'_> {
             .map(|_| rngs.randn(&shape[1..], &dev))
             .collect::<Result<_>>()?;
         let x_in = if k == 0 {
-            (&z * graphs::sampler::initial_scale(&self.student.param, self.sigmas[0]))?
+            (&z * graphs::sampler::initial_scale(&student.param, self.sigmas[0]))?
         } else {
-            let frozen = graphs::params::detached(&self.student)?;
+            let frozen = graphs::params::detached(&student)?;
             let ro = rollout(&b, &frozen, &z, &labels, &self.sigmas, k, Some(&fresh))?;
             ro.xs[k].clone()
         };
-        let level_k = sigma_level(&self.student, &vec![self.sigmas[k]; n], &dev)?;
+        let level_k = sigma_level(&student, &vec![self.sigmas[k]; n], &dev)?;
         let gen_turn = step.is_multiple_of(self.cfg.dfake_gen_update_ratio);
         let x0_gen = if gen_turn {
-            let x0 = self.student.forward(&b, &x_in, &level_k, &labels)?;
+            let x0 = student.forward(&b, &x_in, &level_k, &labels)?;
             // Distribution matching at a random timestep (no gradient through either score).
             let (lo, hi) = self.dm_bounds();
             let ts = rngs.each(|r| r.gen_range(lo..=hi));
@@ -305,7 +316,7 @@ impl Method for Dmd2<'_> {
             let scale = self.cfg.common.cfg_scale;
             let real = cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, &labels, scale)?
                 .guided(&b, scale)?;
-            let fake_frozen = graphs::params::detached(&self.fake)?;
+            let fake_frozen = graphs::params::detached(&fake)?;
             let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &labels)?;
             let dm = dm_loss(&x0, &real, &fake_x0)?;
             m.insert("loss_dm".into(), finite("loss_dm", &dm.loss)?);
@@ -324,7 +335,7 @@ impl Method for Dmd2<'_> {
             self.student_t.log(&mut m, "student", &st);
             x0.detach()
         } else {
-            let frozen = graphs::params::detached(&self.student)?;
+            let frozen = graphs::params::detached(&student)?;
             frozen.forward(&b, &x_in, &level_k, &labels)?
         };
         // Fake-score turn: the teacher's own loss on the student's images, over the whole grid.
@@ -338,7 +349,7 @@ impl Method for Dmd2<'_> {
             .parameterisation
             .grid_training_level(&self.grid, &ts)
             .to_tensor(&dev)?;
-        let lf = teacher_loss(&b, &self.fake, &x0_gen, &labels, &cond, &noise)?;
+        let lf = teacher_loss(&b, &fake, &x0_gen, &labels, &cond, &noise)?;
         m.insert("loss_fake".into(), finite("loss_fake", &lf)?);
         let mut loss = lf;
         if let Some(head) = &self.head {
@@ -350,7 +361,7 @@ impl Method for Dmd2<'_> {
             let (ts_fake, eps_fake) = self.gan_draw(&mut rngs, &shape[1..])?;
             let both = self.gan_logits(
                 &b,
-                &self.fake,
+                &fake,
                 head,
                 &Tensor::cat(&[&real, &x0_gen], 0)?,
                 &Tensor::cat(&[&real_labels, &labels], 0)?,

@@ -142,6 +142,23 @@ pub trait Method {
     /// The sampler stored in the checkpoint.
     fn spec(&self) -> GeneratorSpec;
     fn model_config(&self) -> ModelConfig;
+    /// The model's full weights from its trained variables' values `trained` (the EMA or the raw
+    /// weights): themselves, or for a LoRA student the base with the adapters merged.
+    fn inference_weights(
+        &self,
+        trained: HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>> {
+        Ok(trained)
+    }
+    /// Extra files of the checkpoint of `step` (name, bytes) from the same `trained` values, e.g.
+    /// a LoRA student's adapter file; written with the checkpoint, before its weights.
+    fn checkpoint_files(
+        &self,
+        _trained: &HashMap<String, Tensor>,
+        _step: u64,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Everything [`run`] needs besides the method.
@@ -187,6 +204,8 @@ fn student_weights(ema: &Option<Ema>, vars: &[(String, Var)]) -> HashMap<String,
 struct Pending {
     step: u64,
     state: Vec<u8>,
+    /// The method's extra files ([`Method::checkpoint_files`]).
+    files: Vec<(String, Vec<u8>)>,
     weights: Vec<u8>,
     config: Vec<u8>,
 }
@@ -243,7 +262,9 @@ fn snapshot<M: Method>(
         meta.insert("teacher_sha256".to_string(), sha.to_string());
     }
     m.save_state(&mut tensors, &mut meta);
-    let weights = student_weights(ema, m.student_vars());
+    let trained = student_weights(ema, m.student_vars());
+    let files = m.checkpoint_files(&trained, step)?;
+    let weights = m.inference_weights(trained)?;
     if let Some(e) = ema {
         tensors.extend(
             e.tensors()
@@ -263,6 +284,7 @@ fn snapshot<M: Method>(
     Ok(Ok(Pending {
         step,
         state: checkpoint::safetensors_bytes_with_meta(&tensors, Some(meta))?,
+        files,
         weights,
         config,
     }))
@@ -273,6 +295,9 @@ fn snapshot<M: Method>(
 fn commit(p: &Pending, run: &RunDir) -> Result<u64> {
     let dir = run.checkpoint();
     checkpoint::write_atomic(&dir.join(TRAIN_STATE_FILE), &p.state)?;
+    for (name, bytes) in &p.files {
+        checkpoint::write_atomic(&dir.join(name), bytes)?;
+    }
     checkpoint::write_atomic(&dir.join(checkpoint::WEIGHTS_FILE), &p.weights)?;
     checkpoint::write_atomic(&dir.join(checkpoint::CONFIG_FILE), &p.config)?;
     Ok(p.step)
@@ -533,7 +558,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         if let (true, Some(ev)) = (want_eval, rs.evaluator) {
             let den = denoiser_from(
                 &m.model_config(),
-                student_weights(&ema, m.student_vars()),
+                m.inference_weights(student_weights(&ema, m.student_vars()))?,
                 rs.device,
             )?;
             let r = eval_student(ev, &den, &m.spec(), cfg.eval_n, rs.device)?;
@@ -572,7 +597,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.train_steps) {
             let den = denoiser_from(
                 &m.model_config(),
-                student_weights(&ema, m.student_vars()),
+                m.inference_weights(student_weights(&ema, m.student_vars()))?,
                 rs.device,
             )?;
             let png = run.samples().join(format!("step_{done:06}.png"));

@@ -17,7 +17,7 @@
 
 use super::distill::{
     self, finite, gather_steps, grid_level, pair, rollout, scalar, sigma_level, Method,
-    StepMetrics, Teacher, Trainable,
+    StepMetrics, Teacher, Trainable, TrainedNet,
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::{AdamWConfig, GradAccum, LrSchedule};
@@ -217,8 +217,8 @@ pub struct Tdm<'a> {
     teacher: &'a Teacher,
     grid: NoiseGrid,
     sigmas: Vec<f64>,
-    student: Denoiser,
-    fake: Denoiser,
+    student: TrainedNet,
+    fake: TrainedNet,
     student_t: Trainable,
     fake_t: Trainable,
     device: Device,
@@ -237,9 +237,17 @@ impl<'a> Tdm<'a> {
             }
         }
         let w = teacher.weights();
-        let (student, svars) = distill::trainable_denoiser(&mcfg, &w, device)?;
+        let (lora, seed) = (&cfg.common.lora, cfg.common.run.seed);
+        let (student, svars) =
+            TrainedNet::new(&mcfg, &teacher.den, &w, lora, (seed, 0x10A5), device)?;
         let mut fcfg = mcfg.clone();
         let mut fw = w.clone();
+        if cfg.condition_on_step && !lora.is_off() {
+            anyhow::bail!(
+                "condition_on_step (--condition-on-step) gives the fake score new per-step label \
+                 tables to train, which LoRA's frozen base cannot hold: turn one of them off"
+            );
+        }
         if cfg.condition_on_step {
             // One copy of the label table per student step, each starting as the teacher's.
             let groups = cfg.common.timesteps.len();
@@ -254,7 +262,8 @@ impl<'a> Tdm<'a> {
             let table = &w[key];
             fw.insert(key.into(), Tensor::cat(&vec![table.clone(); groups], 0)?);
         }
-        let (fake, fvars) = distill::trainable_denoiser(&fcfg, &fw, device)?;
+        let (fake, fvars) =
+            TrainedNet::new(&fcfg, &teacher.den, &fw, lora, (seed, 0x10A6), device)?;
         let sigmas = grid.sigmas_of(&cfg.common.timesteps);
         Ok(Self {
             student_t: Trainable::new("student", svars, cfg.common.student_optim.clone())?
@@ -270,6 +279,12 @@ impl<'a> Tdm<'a> {
             device: device.clone(),
             fake_updates: 0,
         })
+    }
+
+    /// The student and the fake score as they are now (under LoRA: the teacher's tensors with
+    /// the adapters merged).
+    pub fn networks(&self) -> Result<(Denoiser, Denoiser)> {
+        Ok((self.student.net()?, self.fake.net()?))
     }
 
     /// The fake score's label ids: the class, offset by the step's table when conditioned on it.
@@ -338,6 +353,8 @@ impl Method for Tdm<'_> {
         let shape = [n, c, r, r];
         let steps = self.sigmas.len();
         let mut m = StepMetrics::new();
+        // The student as it is now (under LoRA: the base with the adapters merged).
+        let student = self.student.net()?;
         let fake_turn = step.is_multiple_of(self.cfg.update_fake_every);
         let accum = self.cfg.grad_accum as u64;
         let ncls = u.num_classes() as u32;
@@ -349,7 +366,7 @@ impl Method for Tdm<'_> {
             let label_ids: Vec<u32> = rngs.each(|r| r.gen_range(0..ncls));
             let labels = Tensor::from_vec(label_ids.clone(), n, &dev)?;
             let z = rngs.randn(&shape[1..], &dev)?;
-            let frozen = graphs::params::detached(&self.student)?;
+            let frozen = graphs::params::detached(&student)?;
             let ro = rollout(&b, &frozen, &z, &labels, &self.sigmas, steps, None)?;
             micro.push((rngs, label_ids, labels, ro));
         }
@@ -357,6 +374,7 @@ impl Method for Tdm<'_> {
         if fake_turn {
             // Fake score first (as the official loop): learn the student's x0 at the diffused
             // trajectory points.
+            let fake = self.fake.net()?;
             let mut acc = GradAccum::new(self.fake_t.vars().len());
             let (mut sum_lf, mut sum_w) = (0.0, 0.0);
             for (rng, label_ids, _, ro) in micro.iter_mut() {
@@ -368,7 +386,7 @@ impl Method for Tdm<'_> {
                 let (x_t, mixed, fresh) = self.matching_input(&x0, &eps, &d, rng)?;
                 let level = grid_level(&self.grid, &d.t, &dev)?;
                 let fl = self.fake_labels(label_ids, &d.k)?;
-                let fake_x0 = self.fake.forward(&b, &x_t, &level, &fl)?;
+                let fake_x0 = fake.forward(&b, &x_t, &level, &fl)?;
                 let mut w = self.snr_weights(self.cfg.fake_weighting, &d.t)?;
                 if self.cfg.importance_weight {
                     let wis = tdm::importance_weight(&mixed, &fresh)?;
@@ -392,13 +410,14 @@ impl Method for Tdm<'_> {
         // Student: its (x0, eps) at step k with gradient, matched at x_t (no gradient).
         let mut acc_student = GradAccum::new(self.student_t.vars().len());
         let (mut sum_ls, mut sum_norm) = (0.0, 0.0);
-        let fake_frozen = graphs::params::detached(&self.fake)?;
+        // After the fake score's update: its network as it is now.
+        let fake_frozen = graphs::params::detached(&self.fake.net()?)?;
         for (rng, label_ids, labels, ro) in micro.iter_mut() {
             let d = Draw::per_sample(&self.cfg, rng, self.grid.len());
             let x_in = gather_steps(&ro.xs, &d.k)?;
             let s_k: Vec<f64> = d.k.iter().map(|&k| self.sigmas[k]).collect();
-            let level_k = sigma_level(&self.student, &s_k, &dev)?;
-            let x0 = self.student.forward(&b, &x_in, &level_k, labels)?;
+            let level_k = sigma_level(&student, &s_k, &dev)?;
+            let x0 = student.forward(&b, &x_in, &level_k, labels)?;
             let eps = tdm_eps(&x_in, &x0.detach(), &s_k)?;
             let (x_t, _, _) = self.matching_input(&x0.detach(), &eps, &d, rng)?;
             let level = grid_level(&self.grid, &d.t, &dev)?;

@@ -11,6 +11,7 @@
 //! | reshape, permute, concat, narrow | `shape.rs` | Reshape (0/-1), Transpose, Concat, Slice         |
 //! | upsample_nearest2x    | `resize.rs`     | Resize nearest, asymmetric, floor, scales [1,1,2,2]     |
 //! | embedding, gather_const | `gather.rs`   | Gather                                                  |
+//! | param_value           | `param.rs`      | an f32 initializer (no node)                            |
 //! | full_batch            | `constant.rs`   | Shape, Slice[0:1], ConstantOfShape                      |
 //! | constant, to_f32, dropout | `backend.rs` | Constant; Cast; identity                               |
 //!
@@ -26,6 +27,7 @@ pub mod gather;
 pub mod linear;
 pub mod matmul;
 pub mod norm;
+pub mod param;
 pub mod resize;
 pub mod shape;
 

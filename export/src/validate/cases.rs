@@ -71,7 +71,14 @@ pub(super) fn make_case(
             let y64 = match den64 {
                 Some(d) => {
                     let fresh64 = fresh.iter().map(f64_of).collect::<Result<Vec<_>, _>>()?;
-                    Some(graphs::generate(&cb64, d, spec, &f64_of(&z)?, &labels_t, &fresh64)?)
+                    Some(graphs::generate(
+                        &cb64,
+                        d,
+                        spec,
+                        &f64_of(&z)?,
+                        &labels_t,
+                        &fresh64,
+                    )?)
                 }
                 None => None,
             };
@@ -129,8 +136,15 @@ pub(super) fn make_case(
     );
     let roundoff = match out64 {
         Some(y) => {
-            let y: Vec<f64> = y.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?;
-            ensure!(y.len() == n, "f64 reference has {} values, expected {n}", y.len());
+            let y: Vec<f64> = y
+                .to_dtype(candle_core::DType::F64)?
+                .flatten_all()?
+                .to_vec1()?;
+            ensure!(
+                y.len() == n,
+                "f64 reference has {} values, expected {n}",
+                y.len()
+            );
             Some(
                 reference
                     .iter()

@@ -223,8 +223,16 @@ pub fn expected_params(cfg: &UNet2DConfig) -> Result<BTreeMap<String, Vec<usize>
 
 /// Missing, extra and mis-shaped weights, each an error naming the tensor.
 pub fn check_weights(cfg: &UNet2DConfig, weights: &HashMap<String, Tensor>) -> Result<()> {
-    let want = expected_params(cfg)?;
-    for (k, shape) in &want {
+    check_named(&expected_params(cfg)?, weights)
+}
+
+/// Missing, extra and mis-shaped weights against the parameters (name, shape) a network needs,
+/// each an error naming the tensor.
+pub fn check_named(
+    want: &BTreeMap<String, Vec<usize>>,
+    weights: &HashMap<String, Tensor>,
+) -> Result<()> {
+    for (k, shape) in want {
         match weights.get(k) {
             None => bail!("missing weight {k} (shape {shape:?})"),
             Some(t) if t.dims() != shape.as_slice() => bail!(

@@ -98,3 +98,27 @@ pub fn save_unet(dir: &Path, cfg: &UNet2DConfig, weights: &HashMap<String, Tenso
         std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
     })
 }
+
+/// Writes a diffusers `UNet2DConditionModel` folder (e.g. a student with its LoRA merged), the
+/// weights first and `config.json` last, each atomically; every weight the config needs must be
+/// in `weights` (checked by name and shape, nothing else allowed).
+pub fn save_unet_condition(
+    dir: &Path,
+    cfg: &super::condition_config::UNet2DConditionConfig,
+    weights: &HashMap<String, Tensor>,
+) -> Result<()> {
+    super::load::check_named(
+        &super::unet2d_condition::expected_params_condition(cfg)?,
+        weights,
+    )?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let w = dir.join("diffusion_pytorch_model.safetensors");
+    write_atomic(&w, |p| {
+        candle_core::safetensors::save(weights, p)
+            .with_context(|| format!("writing {}", p.display()))
+    })?;
+    let text = serde_json::to_string_pretty(&cfg.to_json())?;
+    write_atomic(&dir.join("config.json"), |p| {
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
+    })
+}

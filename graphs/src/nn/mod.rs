@@ -6,6 +6,7 @@ mod conv;
 mod embedding;
 mod gan_head;
 mod linear;
+pub mod lora;
 mod norm;
 mod resblock;
 

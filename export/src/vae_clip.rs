@@ -1,0 +1,135 @@
+//! The VAE decoder and the CLIP text encoder of a text-to-image pipeline as ONNX graphs of their
+//! own, lowered from the same `graphs` definitions candle runs.
+
+use crate::builder::{Dim, ElemType, OnnxBackend};
+use crate::model::{weights_sha256, ExportOptions};
+use crate::proto::{ModelProto, StringStringEntryProto};
+use anyhow::{Context, Result};
+use graphs::diffusers::vae::AutoencoderKL;
+use graphs::transformers::ClipTextModel;
+
+fn finish(
+    b: OnnxBackend,
+    kind: &str,
+    outputs: &[(&str, String)],
+    mut meta: Vec<(String, String)>,
+    opts: &ExportOptions,
+    what: &str,
+) -> Result<ModelProto> {
+    let mut head = vec![
+        (
+            "producer".to_string(),
+            format!("distill {}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("kind".into(), kind.into()),
+        ("precision".into(), opts.precision.name().into()),
+    ];
+    head.append(&mut meta);
+    let mut m = b.into_model(kind, outputs, head)?;
+    let sha = opts
+        .weights_sha256
+        .clone()
+        .unwrap_or_else(|| weights_sha256(&m));
+    m.metadata_props.push(StringStringEntryProto {
+        key: "weights_sha256".into(),
+        value: sha,
+    });
+    for (key, value) in &opts.extra_metadata {
+        m.metadata_props.push(StringStringEntryProto {
+            key: key.clone(),
+            value: value.clone(),
+        });
+    }
+    crate::tensorrt::lint_check(&m, what)?;
+    Ok(m)
+}
+
+/// `latents` `[batch, latent_channels, h, w]` f32 (scaled, as a sampler has them) -> `images`
+/// `[batch, out_channels, h * f, w * f]`: `vae.decode(latents / scaling_factor + shift_factor)`
+/// (not clamped, as diffusers' decode). fp16 is refused for a VAE whose config sets
+/// `force_upcast` (SD 1.x / SDXL / SD3 VAEs overflow in half precision; diffusers runs them in
+/// f32 too): export those fp32.
+pub fn export_vae_decoder(
+    vae: &AutoencoderKL,
+    h: usize,
+    w: usize,
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
+    let cfg = &vae.cfg;
+    anyhow::ensure!(
+        !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
+        "the VAE's config.json sets force_upcast = true (it overflows in half precision; diffusers \
+         upcasts it to f32): export the decoder in fp32"
+    );
+    let b = OnnxBackend::new(opts.precision)?;
+    let latents = b.input(
+        "latents",
+        ElemType::F32,
+        &[
+            Dim::Batch,
+            Dim::Fixed(cfg.latent_channels),
+            Dim::Fixed(h),
+            Dim::Fixed(w),
+        ],
+    )?;
+    let images = vae
+        .decode_latents(&b, &latents, h, w)
+        .context("lowering the AutoencoderKL decoder")?;
+    let meta = vec![
+        ("scaling_factor".into(), cfg.scaling_factor.to_string()),
+        (
+            "shift_factor".into(),
+            cfg.shift_factor.unwrap_or(0.0).to_string(),
+        ),
+    ];
+    finish(
+        b,
+        "vae_decoder",
+        &[("images", images)],
+        meta,
+        opts,
+        "the exported VAE decoder",
+    )
+}
+
+/// `input_ids` `[batch, seq_len]` int32 (the tokenizer's padded ids) -> `last_hidden_state`
+/// `[batch, seq_len, hidden]` (the prompt embeddings SD 1.5 conditions on; with `clip_skip` the
+/// final LayerNorm of an earlier layer, as diffusers' pipelines) and, with `pooled`,
+/// `pooler_output` `[batch, hidden]` (+ `text_embeds` `[batch, projection_dim]` for a
+/// `CLIPTextModelWithProjection`).
+pub fn export_text_encoder(
+    model: &ClipTextModel,
+    seq_len: usize,
+    clip_skip: usize,
+    pooled: bool,
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
+    let b = OnnxBackend::new(opts.precision)?;
+    let ids = b.input(
+        "input_ids",
+        ElemType::I32,
+        &[Dim::Batch, Dim::Fixed(seq_len)],
+    )?;
+    let o = model
+        .forward(&b, &ids, seq_len, clip_skip, pooled)
+        .context("lowering the CLIP text encoder")?;
+    let mut outs = vec![("last_hidden_state", o.hidden)];
+    if let Some(p) = o.pooled {
+        outs.push(("pooler_output", p));
+    }
+    if let Some(t) = o.text_embeds {
+        outs.push(("text_embeds", t));
+    }
+    let meta = vec![
+        ("seq_len".into(), seq_len.to_string()),
+        ("clip_skip".into(), clip_skip.to_string()),
+    ];
+    finish(
+        b,
+        "clip_text_encoder",
+        &outs,
+        meta,
+        opts,
+        "the exported CLIP text encoder",
+    )
+}
