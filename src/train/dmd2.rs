@@ -14,7 +14,7 @@
 //!   step `k`'s x0 estimate.
 
 use super::distill::{
-    self, finite, grid_level, pair, rollout, scalar, sigma_level, Method, StepMetrics, Teacher,
+    finite, grid_level, pair, rollout, scalar, sigma_level, Method, StepMetrics, Teacher,
     Trainable, TrainedNet,
 };
 use super::distill_config::{distill_config, DistillCommon};

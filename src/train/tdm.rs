@@ -16,8 +16,8 @@
 //! the teacher (`train::distill`).
 
 use super::distill::{
-    self, finite, gather_steps, grid_level, pair, rollout, scalar, sigma_level, Method,
-    StepMetrics, Teacher, Trainable, TrainedNet,
+    finite, gather_steps, grid_level, pair, rollout, scalar, sigma_level, Method, StepMetrics,
+    Teacher, Trainable, TrainedNet,
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::{AdamWConfig, GradAccum, LrSchedule};
