@@ -134,3 +134,55 @@ fn conditions_are_refused_by_the_wrong_network_and_guidance_needs_the_empty_prom
     // Scale 1 needs no unconditional branch.
     graphs::sampler::sample_ode_cond(&b, &den, SamplerKind::Ddim, &x, &cond, 2, 1.0).unwrap();
 }
+
+#[test]
+fn stable_diffusion_pipeline_folder_call_matches_diffusers_images() {
+    // teachers/sd_tiny: a StableDiffusionPipeline folder diffusers saved (UNet, VAE, CLIP text
+    // encoder, tokenizer, SD 1.5's DDIM config); sd_tiny_call: its pipe(prompts, latents=noise,
+    // 4 steps, guidance 7.5, output_type="np") with the empty negative prompt.
+    use graphs::diffusers::TextToImage;
+    let dev = Device::Cpu;
+    let dir = fixtures().join("teachers/sd_tiny");
+    assert!(graphs::diffusers::is_text_to_image(&dir));
+    let t2i = TextToImage::load(&dir, &dev).unwrap();
+    let call = fixtures().join("teachers/sd_tiny_call");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(call.join("prompts.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = meta["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let steps = meta["steps"].as_u64().unwrap() as usize;
+    let g = meta["guidance_scale"].as_f64().unwrap();
+    let f = candle_core::safetensors::load(call.join("expected.safetensors"), &dev).unwrap();
+    let b = CandleBackend::new(&dev);
+    let cond = t2i.condition(&b, &prompts).unwrap();
+    let Cond::Text { cond: c, uncond } = &cond else {
+        unreachable!()
+    };
+    let e_embeds = max_abs(&(&c.prompt_embeds - &f["prompt_embeds"]).unwrap());
+    let e_neg = max_abs(
+        &(&uncond.as_ref().unwrap().prompt_embeds - &f["negative_prompt_embeds"]).unwrap(),
+    );
+    let kind = t2i.default_sampler();
+    assert_eq!(kind, SamplerKind::Ddim);
+    let lat = t2i.latents(&b, &f["noise"], &cond, kind, steps, g).unwrap();
+    let e_lat = max_abs(&(&lat - &f["latents"]).unwrap()) / max_abs(&f["latents"]).max(1.0);
+    let img = t2i
+        .generate(&b, &prompts, &f["noise"], kind, steps, g)
+        .unwrap();
+    let want = f["images"].permute((0, 3, 1, 2)).unwrap();
+    assert_eq!(img.dims(), want.dims());
+    let e_img = max_abs(&(&img - &want).unwrap());
+    eprintln!(
+        "sd_tiny: prompt embeds {e_embeds:.2e}, empty prompt {e_neg:.2e}, latents (scaled) \
+         {e_lat:.2e}, images {e_img:.2e}"
+    );
+    assert!(e_embeds <= 1e-4 && e_neg <= 1e-4, "{e_embeds} {e_neg}");
+    assert!(e_lat <= 1e-4, "{e_lat}");
+    assert!(e_img <= 1e-3, "{e_img}");
+}
