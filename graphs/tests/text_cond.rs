@@ -83,7 +83,10 @@ fn pipeline(name: &str, model: &str, kind: SamplerKind) -> f32 {
     };
     let want = &f["latents"];
     let err = max_abs(&(&x - want).unwrap()) / max_abs(want).max(1.0);
-    eprintln!("{name}: final latents scaled max abs {err:.3e} (max abs {:.1})", max_abs(want));
+    eprintln!(
+        "{name}: final latents scaled max abs {err:.3e} (max abs {:.1})",
+        max_abs(want)
+    );
     err
 }
 
@@ -147,8 +150,7 @@ fn stable_diffusion_pipeline_folder_call_matches_diffusers_images() {
     let t2i = TextToImage::load(&dir, &dev).unwrap();
     let call = fixtures().join("teachers/sd_tiny_call");
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(call.join("prompts.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(call.join("prompts.json")).unwrap()).unwrap();
     let prompts: Vec<String> = meta["prompts"]
         .as_array()
         .unwrap()
@@ -165,9 +167,8 @@ fn stable_diffusion_pipeline_folder_call_matches_diffusers_images() {
         unreachable!()
     };
     let e_embeds = max_abs(&(&c.prompt_embeds - &f["prompt_embeds"]).unwrap());
-    let e_neg = max_abs(
-        &(&uncond.as_ref().unwrap().prompt_embeds - &f["negative_prompt_embeds"]).unwrap(),
-    );
+    let e_neg =
+        max_abs(&(&uncond.as_ref().unwrap().prompt_embeds - &f["negative_prompt_embeds"]).unwrap());
     let kind = t2i.default_sampler();
     assert_eq!(kind, SamplerKind::Ddim);
     let lat = t2i.latents(&b, &f["noise"], &cond, kind, steps, g).unwrap();

@@ -12,8 +12,8 @@ pub mod save;
 pub mod teacher;
 pub mod transformer2d;
 pub mod unet2d;
-pub mod vae;
 pub mod unet2d_condition;
+pub mod vae;
 
 pub use condition_config::{CondBlockType, CondMidBlock, TextTime, UNet2DConditionConfig};
 pub use config::{BlockType, ClassEmbed, TimeScaleShift, UNet2DConfig};
@@ -22,7 +22,7 @@ pub use pipeline::{is_text_to_image, TextToImage};
 pub use save::{save_unet, save_unet_condition};
 pub use teacher::{DiffusersTeacher, NoiseSpace};
 pub use unet2d::UNet2DModel;
-pub use vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};
 pub use unet2d_condition::{
     load_unet_condition, parameter_count, AddedCond, UNet2DConditionModel, SDXL_TIME_IDS,
 };
+pub use vae::{load_vae, AutoencoderKL, AutoencoderKLConfig};

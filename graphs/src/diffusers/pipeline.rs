@@ -27,7 +27,11 @@ pub fn is_text_to_image(dir: &Path) -> bool {
     dir.join("model_index.json").is_file()
         && serde_json::from_str::<serde_json::Value>(&s)
             .ok()
-            .and_then(|v| v["_class_name"].as_str().map(|c| c == "UNet2DConditionModel"))
+            .and_then(|v| {
+                v["_class_name"]
+                    .as_str()
+                    .map(|c| c == "UNet2DConditionModel")
+            })
             .unwrap_or(false)
 }
 
@@ -138,10 +142,9 @@ impl TextToImage {
         scale: f64,
     ) -> Result<Tensor> {
         let (grid, last) = match &self.scheduler {
-            Scheduler::DpmMultistep(_) => (
-                crate::sampler::sampling_sigmas(&self.den.param, steps),
-                0.0,
-            ),
+            Scheduler::DpmMultistep(_) => {
+                (crate::sampler::sampling_sigmas(&self.den.param, steps), 0.0)
+            }
             s => scheduler_grid(s, steps)?,
         };
         let (x, _) =
