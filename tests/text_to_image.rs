@@ -149,6 +149,28 @@ fn sample_with_prompts_matches_stable_diffusion_pipeline() {
         assert!(err <= 1e-3, "{err:.3e}");
     }
 
+    // distill validate: tract and ONNX Runtime against candle on seeded noise and the text
+    // encoder's embeddings of seeded token ids; the TensorRT lint on both files.
+    for file in ["generator.onnx", "text_encoder.onnx"] {
+        let (ok, log) = distill(&[
+            "validate",
+            e.join(file).to_str().unwrap(),
+            "--reference",
+            dir.to_str().unwrap(),
+            "--cases",
+            "3",
+            "--batches",
+            "1,2",
+            "--lint",
+        ]);
+        eprintln!("{log}");
+        assert!(ok, "validate {file}: {log}");
+        assert!(
+            log.contains("tract") && log.contains("onnxruntime"),
+            "{log}"
+        );
+    }
+
     // What does not take text yet says so by name.
     let (ok, log) = distill(&["eval", dir.to_str().unwrap()]);
     assert!(!ok && log.contains("text-to-image pipeline"), "{log}");

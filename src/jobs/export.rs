@@ -224,7 +224,18 @@ impl ExportJob {
             println!("  {} = {}", m.0, m.1);
         }
         if graphs::diffusers::is_text_to_image(&self.checkpoint) {
-            println!("(distill validate does not take text-to-image exports yet)");
+            if self.what == ExportWhat::Generator {
+                println!(
+                    "next: distill validate {} --reference {} (and text_encoder{}.onnx beside it)",
+                    path.display(),
+                    self.checkpoint.display(),
+                    if self.precision == Precision::Fp16 {
+                        "_fp16"
+                    } else {
+                        ""
+                    }
+                );
+            }
         } else if !(crate::diffusers_io::is_diffusers(&self.checkpoint)
             && self.what == ExportWhat::Denoiser)
         {

@@ -44,6 +44,12 @@ pub struct TextToImage {
     pub prompts: PromptEncoder,
 }
 
+impl std::fmt::Debug for TextToImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TextToImage({})", self.dir.display())
+    }
+}
+
 impl TextToImage {
     /// A `StableDiffusionPipeline` folder; every component checked by name and shape. Other
     /// pipelines (SDXL's two text encoders, SD3's transformer) are refused by name.
