@@ -123,8 +123,8 @@ fn diffusers_meta(f: &DiffusersFolder) -> Result<CheckpointMeta> {
     {
         anyhow::bail!(
             "{}: a text-to-image pipeline (UNet2DConditionModel): `distill sample {} --prompts \
-             FILE` samples it; training, eval and export of text-to-image teachers are not \
-             implemented yet",
+             FILE`, `distill export` and `distill validate --reference` take it; training and \
+             eval of text-to-image teachers are not implemented yet",
             p.display(),
             p.display()
         );
