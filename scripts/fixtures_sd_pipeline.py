@@ -49,6 +49,15 @@ def main(out):
     d = os.path.join(out, "teachers", "sd_tiny")
     pipe.unet.half()  # the UNet's weights stored in fp16 (as in models/cond_sd15): smaller
     pipe.save_pretrained(d, safe_serialization=True)
+    # `_name_or_path` records where the components were read from (an absolute path here): drop
+    # it so a rerun anywhere writes the same bytes.
+    for sub in ("unet", "vae"):
+        p = os.path.join(d, sub, "config.json")
+        with open(p) as f:
+            c = json.load(f)
+        c.pop("_name_or_path", None)
+        with open(p, "w") as f:
+            f.write(json.dumps(c, indent=2, sort_keys=True) + "\n")
     # Reload: the call runs on exactly what the folder holds, in f32.
     pipe = StableDiffusionPipeline.from_pretrained(d, safety_checker=None,
                                                    requires_safety_checker=False)

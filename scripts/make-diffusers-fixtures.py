@@ -398,6 +398,8 @@ def main():
     fixtures_vae_clip.main(OUT)
     import fixtures_unet_condition  # UNet2DConditionModel: scripts/fixtures_unet_condition.py
     fixtures_unet_condition.main(OUT)
+    import fixtures_sd_pipeline  # a StableDiffusionPipeline folder of the above: teachers/sd_tiny
+    fixtures_sd_pipeline.main(OUT)
 
 
 def check_pipeline(d):
