@@ -400,6 +400,8 @@ def main():
     fixtures_unet_condition.main(OUT)
     import lora_check  # a LoRA distill wrote for a teacher above, loaded by diffusers / peft
     lora_check.main(OUT)
+    import fixtures_sd_pipeline  # a StableDiffusionPipeline folder of the above: teachers/sd_tiny
+    fixtures_sd_pipeline.main(OUT)
 
 
 def check_pipeline(d):

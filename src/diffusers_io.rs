@@ -90,6 +90,12 @@ pub fn export_folder(ckpt: &Path, out: &Path) -> Result<PathBuf> {
             ckpt.display(),
             ckpt.display()
         ),
+        NetworkConfig::DiffusersUnet2dCondition(_) => bail!(
+            "{}: a text-conditioned UNet2DConditionModel; --format diffusers writes DDIMPipeline \
+             folders of UNet2DModels (for a UNet2DConditionModel use \
+             graphs::diffusers::save_unet_condition)",
+            ckpt.display()
+        ),
     };
     let (sched, steps) = graphs::diffusers::teacher::ddim_scheduler_for(
         &meta.model.parameterisation,

@@ -116,6 +116,19 @@ pub fn load_meta(path: &Path) -> Result<CheckpointMeta> {
 /// A diffusers folder's record: role teacher, the network's config, the parameterisation of its
 /// scheduler and our sampler for it (`graphs::diffusers::teacher::sampler_for`).
 fn diffusers_meta(f: &DiffusersFolder) -> Result<CheckpointMeta> {
+    if let Some(p) = f
+        .unet
+        .parent()
+        .filter(|p| graphs::diffusers::is_text_to_image(p))
+    {
+        anyhow::bail!(
+            "{}: a text-to-image pipeline (UNet2DConditionModel): `distill sample {} --prompts \
+             FILE`, `distill export` and `distill validate --reference` take it; training and \
+             eval of text-to-image teachers are not implemented yet",
+            p.display(),
+            p.display()
+        );
+    }
     let sched_path = f.scheduler_config.as_ref().with_context(|| {
         format!(
             "{}: no scheduler_config.json (in the folder, its scheduler/ or its pipeline's): \

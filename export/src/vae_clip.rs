@@ -133,3 +133,104 @@ pub fn export_text_encoder(
         "the exported CLIP text encoder",
     )
 }
+
+/// A text-to-image pipeline's whole sampler as one graph: `noise` `[batch, C, h, w]` (unit
+/// Gaussian latents, diffusers' `latents` argument) + `prompt_embeds` `[batch, seq_len, dim]` (the
+/// text encoder's output: `export_text_encoder`) -> `kind`'s `steps` on the scheduler's grid with
+/// classifier-free guidance at `scale` against the empty prompt's embeddings (computed here by
+/// candle and stored as a constant) -> the VAE decoder -> `images` `[batch, 3, H, W]` in [0, 1]
+/// (diffusers' `output_type="np"` values, NCHW). The same `graphs` code as
+/// [`graphs::diffusers::TextToImage::generate`].
+pub fn export_text_to_image(
+    t2i: &graphs::diffusers::TextToImage,
+    kind: graphs::SamplerKind,
+    steps: usize,
+    scale: f64,
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
+    use graphs::cond::{Cond, TextCond};
+    use graphs::Backend;
+    let cfg = &t2i.vae.cfg;
+    anyhow::ensure!(
+        !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
+        "the VAE's config.json sets force_upcast = true (it overflows in half precision): export \
+         the text-to-image generator in fp32"
+    );
+    let (c, side) = t2i.latent_shape();
+    let seq = t2i.prompts.tokenizer.max_length;
+    let dim = t2i.prompts.model.cfg.hidden_size;
+    let empty = {
+        let cb = graphs::CandleBackend::new(&candle_core::Device::Cpu);
+        t2i.prompts.encode(&cb, &[""])?
+    };
+    let b = OnnxBackend::new(opts.precision)?;
+    let noise = b.input(
+        "noise",
+        ElemType::F32,
+        &[
+            Dim::Batch,
+            Dim::Fixed(c),
+            Dim::Fixed(side),
+            Dim::Fixed(side),
+        ],
+    )?;
+    let pe = b.input(
+        "prompt_embeds",
+        ElemType::F32,
+        &[Dim::Batch, Dim::Fixed(seq), Dim::Fixed(dim)],
+    )?;
+    // The empty prompt's embeddings broadcast to the batch: 0 * prompt_embeds + constant.
+    let uncond = b.add(
+        &b.affine(&pe, 0.0, 0.0)?,
+        &b.constant(&empty.flatten_all()?.to_vec1::<f32>()?, &[1, seq, dim])?,
+    )?;
+    let cond = Cond::Text {
+        cond: TextCond {
+            prompt_embeds: pe,
+            added: None,
+        },
+        uncond: Some(TextCond {
+            prompt_embeds: uncond,
+            added: None,
+        }),
+    };
+    let (grid, last) = match &t2i.scheduler {
+        graphs::schedulers::Scheduler::DpmMultistep(_) => {
+            (graphs::sampler::sampling_sigmas(&t2i.den.param, steps), 0.0)
+        }
+        s => graphs::diffusers::teacher::scheduler_grid(s, steps)?,
+    };
+    let (x, nfe) =
+        graphs::sampler::sample_ode_grid(&b, &t2i.den, kind, &noise, &cond, &grid, last, scale)
+            .context("lowering the text-to-image sampler")?;
+    let k = match &t2i.den.param {
+        graphs::Parameterisation::Flow(_) => 1.0 / (1.0 + last),
+        _ => 1.0 / (1.0 + last * last).sqrt(),
+    };
+    let lat = b.affine(&x, k, 0.0)?;
+    let img = t2i
+        .vae
+        .decode_latents(&b, &lat, side, side)
+        .context("lowering the AutoencoderKL decoder")?;
+    let images = b.clamp(&b.affine(&img, 0.5, 0.5)?, 0.0, 1.0)?;
+    let meta = vec![
+        ("sampler".into(), format!("{kind:?}").to_lowercase()),
+        ("steps".into(), steps.to_string()),
+        // Two UNet calls per evaluation under guidance.
+        (
+            "unet_calls".into(),
+            (if scale != 1.0 { 2 * nfe } else { nfe }).to_string(),
+        ),
+        ("cfg_scale".into(), scale.to_string()),
+        ("uncond".into(), "empty prompt".into()),
+        ("images_range".into(), "0,1".into()),
+    ];
+    finish(
+        b,
+        "text_to_image_generator",
+        &[("images", images)],
+        meta,
+        opts,
+        "the exported text-to-image generator",
+    )
+}

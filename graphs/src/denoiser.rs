@@ -1,6 +1,7 @@
 //! The preconditioned denoiser D(x, sigma, label) -> x0 around the UNet (guidance: `guidance.rs`).
 
 use crate::backend::{Backend, Kind};
+use crate::cond::NetCond;
 use crate::network::{Network, NetworkConfig};
 use crate::schedule::Parameterisation;
 use crate::schedulers::Prediction;
@@ -29,7 +30,7 @@ impl ModelConfig {
     pub fn unet_config(&self) -> Option<&UNetConfig> {
         match &self.network {
             NetworkConfig::Unet(u) => Some(u),
-            NetworkConfig::DiffusersUnet2d(_) => None,
+            NetworkConfig::DiffusersUnet2d(_) | NetworkConfig::DiffusersUnet2dCondition(_) => None,
         }
     }
     pub fn channels(&self) -> usize {
@@ -170,6 +171,17 @@ impl Denoiser {
         level: &NoiseLevel<B::T>,
         labels: &B::T,
     ) -> anyhow::Result<B::T> {
+        self.forward_with(b, x, level, NetCond::Labels(labels))
+    }
+
+    /// [`Self::forward`] under either condition (labels or prompt embeddings).
+    pub fn forward_with<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        level: &NoiseLevel<B::T>,
+        labels: NetCond<'_, B::T>,
+    ) -> anyhow::Result<B::T> {
         let s = b.reshape(&level.sigma, &[-1, 1, 1, 1])?;
         let s2 = b.mul(&s, &s)?;
         match &self.param {
@@ -185,19 +197,19 @@ impl Denoiser {
                 let c_out = b.div(&b.affine(&s, sd, 0.0)?, &denom)?;
                 let f = self
                     .net
-                    .forward(b, &b.mul(x, &c_in)?, &level.c_noise, labels)?;
+                    .forward_with(b, &b.mul(x, &c_in)?, &level.c_noise, labels)?;
                 b.add(&b.mul(x, &c_skip)?, &b.mul(&f, &c_out)?)
             }
             Parameterisation::Vp(v) => match v.prediction {
                 Prediction::Epsilon => {
-                    let eps = self.eps(b, x, level, labels)?;
+                    let eps = self.eps_with(b, x, level, labels)?;
                     b.sub(x, &b.mul(&eps, &s)?)
                 }
-                Prediction::Sample => self.raw(b, x, level, labels),
+                Prediction::Sample => self.raw_with(b, x, level, labels),
                 // x0 = alpha x_t - sigma_t v with alpha = c_in, sigma_t = sigma c_in, x_t = c_in x.
                 Prediction::VPrediction => {
                     let c_in = self.c_in(b, &s)?;
-                    let out = self.raw(b, x, level, labels)?;
+                    let out = self.raw_with(b, x, level, labels)?;
                     b.sub(
                         &b.mul(x, &b.mul(&c_in, &c_in)?)?,
                         &b.mul(&out, &b.mul(&s, &c_in)?)?,
@@ -207,7 +219,7 @@ impl Denoiser {
             // x0 = x_t - s v, x_t = x / (1 + sigma), s = sigma / (1 + sigma).
             Parameterisation::Flow(_) => {
                 let inv = self.c_in(b, &s)?;
-                let out = self.raw(b, x, level, labels)?;
+                let out = self.raw_with(b, x, level, labels)?;
                 b.sub(&b.mul(x, &inv)?, &b.mul(&out, &b.mul(&s, &inv)?)?)
             }
         }
@@ -221,9 +233,20 @@ impl Denoiser {
         level: &NoiseLevel<B::T>,
         labels: &B::T,
     ) -> anyhow::Result<B::T> {
+        self.raw_with(b, x, level, NetCond::Labels(labels))
+    }
+
+    /// [`Self::raw`] under either condition.
+    pub fn raw_with<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        level: &NoiseLevel<B::T>,
+        labels: NetCond<'_, B::T>,
+    ) -> anyhow::Result<B::T> {
         let s = b.reshape(&level.sigma, &[-1, 1, 1, 1])?;
         self.net
-            .forward(b, &b.mul(x, &self.c_in(b, &s)?)?, &level.c_noise, labels)
+            .forward_with(b, &b.mul(x, &self.c_in(b, &s)?)?, &level.c_noise, labels)
     }
 
     /// Epsilon prediction. eps-VP: the network's own output at `x_t = x / sqrt(1 + sigma^2)`;
@@ -235,6 +258,17 @@ impl Denoiser {
         level: &NoiseLevel<B::T>,
         labels: &B::T,
     ) -> anyhow::Result<B::T> {
+        self.eps_with(b, x, level, NetCond::Labels(labels))
+    }
+
+    /// [`Self::eps`] under either condition.
+    pub fn eps_with<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        level: &NoiseLevel<B::T>,
+        labels: NetCond<'_, B::T>,
+    ) -> anyhow::Result<B::T> {
         let s = b.reshape(&level.sigma, &[-1, 1, 1, 1])?;
         match &self.param {
             Parameterisation::Vp(v) if v.prediction == Prediction::Epsilon => {
@@ -243,10 +277,10 @@ impl Denoiser {
                     &b.sqrt(&b.affine(&b.mul(&s, &s)?, 1.0, 1.0)?)?,
                 )?;
                 self.net
-                    .forward(b, &b.mul(x, &c_in)?, &level.c_noise, labels)
+                    .forward_with(b, &b.mul(x, &c_in)?, &level.c_noise, labels)
             }
             _ => {
-                let d = self.forward(b, x, level, labels)?;
+                let d = self.forward_with(b, x, level, labels)?;
                 b.div(&b.sub(x, &d)?, &s)
             }
         }

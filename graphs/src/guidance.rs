@@ -3,6 +3,7 @@
 
 use crate::backend::{Backend, Kind};
 use crate::candle_backend::CandleBackend;
+use crate::cond::{Cond, NetCond};
 use crate::denoiser::{Denoiser, NoiseLevel};
 use candle_core::Tensor;
 
@@ -44,6 +45,35 @@ pub fn guided_by<B: Backend>(
     let null = b.full_batch(labels, null_class(den)? as f64, Kind::Label)?;
     let uncond = f(&null)?;
     combine(b, &cond, &uncond, scale)
+}
+
+/// [`guided_by`] under either condition: labels contrast with the null class, a text condition
+/// with its `uncond` prompt embeddings (the empty prompt's; an error naming them when absent and
+/// `scale != 1`), each as its own call, [`combine`]d.
+pub fn guided_by_cond<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    cond: &Cond<B::T>,
+    scale: f64,
+    f: impl Fn(NetCond<'_, B::T>) -> anyhow::Result<B::T>,
+) -> anyhow::Result<B::T> {
+    match cond {
+        Cond::Labels(labels) => guided_by(b, den, labels, scale, |l| f(NetCond::Labels(l))),
+        Cond::Text { cond, uncond } => {
+            let c = f(NetCond::Text(cond))?;
+            if scale == 1.0 {
+                return Ok(c);
+            }
+            let u = uncond.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "classifier-free guidance at scale {scale} needs the empty prompt's \
+                     embeddings (uncond) next to the prompt embeddings"
+                )
+            })?;
+            let u = f(NetCond::Text(u))?;
+            combine(b, &c, &u, scale)
+        }
+    }
 }
 
 /// The conditional and (when `scale != 1`) the unconditional x0 in one batched network call

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod candle_backend;
+pub mod cond;
 pub mod denoiser;
 pub mod denoiser_io;
 pub mod diffusers;
@@ -26,6 +27,7 @@ pub mod unet;
 
 pub use backend::{Backend, Kind, Param};
 pub use candle_backend::CandleBackend;
+pub use cond::{Cond, NetCond, TextCond};
 pub use denoiser::{Denoiser, ModelConfig, NoiseLevel};
 pub use denoiser_io::DenoiserIo;
 pub use network::{Network, NetworkConfig};

@@ -38,6 +38,7 @@ pub fn collect(den: &Denoiser) -> Vec<Param> {
     let u = match &den.net {
         crate::Network::Unet(u) => u,
         crate::Network::Diffusers(d) => return d.params.clone(),
+        crate::Network::Condition(d) => return d.params.clone(),
     };
     let mut v = Vec::new();
     lin(&mut v, &u.emb1);

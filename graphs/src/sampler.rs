@@ -2,6 +2,7 @@
 //! All work in sigma-space on `x = x0 + sigma * eps` (see [`crate::schedule`]).
 
 use crate::backend::Backend;
+use crate::cond::Cond;
 use crate::denoiser::Denoiser;
 use crate::schedule::Parameterisation;
 use crate::schedulers::Prediction;
@@ -71,7 +72,51 @@ pub fn sample_ode<B: Backend>(
     steps: usize,
     cfg_scale: f64,
 ) -> anyhow::Result<(B::T, usize)> {
+    sample_ode_cond(
+        b,
+        den,
+        kind,
+        z,
+        &Cond::Labels(labels.clone()),
+        steps,
+        cfg_scale,
+    )
+}
+
+/// [`sample_ode`] under either condition (labels, or prompt embeddings with the empty prompt's
+/// for guidance), on the sampler's own grid of `steps` sigmas, ending at sigma 0.
+pub fn sample_ode_cond<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    kind: SamplerKind,
+    z: &B::T,
+    cond: &Cond<B::T>,
+    steps: usize,
+    cfg_scale: f64,
+) -> anyhow::Result<(B::T, usize)> {
     anyhow::ensure!(steps >= 1, "a sampler needs at least one step");
+    let sigmas = sampling_sigmas(&den.param, steps);
+    sample_ode_grid(b, den, kind, z, cond, &sigmas, 0.0, cfg_scale)
+}
+
+/// The ODE sampler on a given descending grid `sigmas` (e.g. a diffusers scheduler's
+/// `set_timesteps` mapped to sigmas, see `graphs::diffusers::teacher::scheduler_grid`), stepping
+/// from the last one to `final_sigma` (0: the last step returns `D`; a DDIM scheduler with
+/// `set_alpha_to_one = false` ends at its `alphas_cumprod[0]`'s sigma instead). Returns the sample
+/// in sigma-space at `final_sigma` (unclamped) and the NFE.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_ode_grid<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    kind: SamplerKind,
+    z: &B::T,
+    cond: &Cond<B::T>,
+    sigmas: &[f64],
+    final_sigma: f64,
+    cfg_scale: f64,
+) -> anyhow::Result<(B::T, usize)> {
+    anyhow::ensure!(!sigmas.is_empty(), "a sampler needs at least one step");
+    let steps = sigmas.len();
     match (kind, &den.param) {
         (SamplerKind::Ddim, Parameterisation::Edm(_)) => {
             anyhow::bail!("DDIM is for VP models; use heun or euler on an EDM model")
@@ -81,7 +126,6 @@ pub fn sample_ode<B: Backend>(
         }
         _ => {}
     }
-    let sigmas = sampling_sigmas(&den.param, steps);
     let mut x = b.affine(z, initial_scale(&den.param, sigmas[0]), 0.0)?;
     let mut nfe = 0;
     // The ODE is stepped on the slope `(x - D) / sigma` written in the network's own output
@@ -91,8 +135,8 @@ pub fn sample_ode<B: Backend>(
     // difference in `D` between candle and an ONNX runtime became a 1e-3 error. Every scalar
     // coefficient is folded in f64 on the host and applied as one multiply, on both sides.
     for i in 0..steps {
-        let (s, next) = (sigmas[i], sigmas.get(i + 1).copied().unwrap_or(0.0));
-        let f = guided_output(b, den, &x, z, s, labels, cfg_scale)?;
+        let (s, next) = (sigmas[i], sigmas.get(i + 1).copied().unwrap_or(final_sigma));
+        let f = guided_output(b, den, &x, z, s, cond, cfg_scale)?;
         nfe += 1;
         if next == 0.0 {
             x = denoised(b, den, &x, &f, s)?;
@@ -101,8 +145,10 @@ pub fn sample_ode<B: Backend>(
         let h = next - s;
         let d1 = slope(b, den, &x, &f, s)?;
         let x_euler = b.add(&x, &b.affine(&d1, h, 0.0)?)?;
-        if kind == SamplerKind::Heun {
-            let f2 = guided_output(b, den, &x_euler, z, next, labels, cfg_scale)?;
+        // Heun's correction needs a second evaluation at `next`; not on the final partial step
+        // to a nonzero `final_sigma` (that step is DDIM's last, first order).
+        if kind == SamplerKind::Heun && i + 1 < steps {
+            let f2 = guided_output(b, den, &x_euler, z, next, cond, cfg_scale)?;
             nfe += 1;
             let d2 = slope(b, den, &x_euler, &f2, next)?;
             x = b.add(&x, &b.affine(&b.add(&d1, &d2)?, 0.5 * h, 0.0)?)?;
@@ -122,7 +168,7 @@ fn guided_output<B: Backend>(
     x: &B::T,
     like: &B::T,
     sigma: f64,
-    labels: &B::T,
+    cond: &Cond<B::T>,
     cfg_scale: f64,
 ) -> anyhow::Result<B::T> {
     let level = den.level_const(b, like, sigma)?;
@@ -132,8 +178,8 @@ fn guided_output<B: Backend>(
         Parameterisation::Flow(_) => 1.0 / (1.0 + sigma),
     };
     let x_in = b.affine(x, c_in, 0.0)?;
-    crate::guidance::guided_by(b, den, labels, cfg_scale, |l| {
-        den.net.forward(b, &x_in, &level.c_noise, l)
+    crate::guidance::guided_by_cond(b, den, cond, cfg_scale, |c| {
+        den.net.forward_with(b, &x_in, &level.c_noise, c)
     })
 }
 

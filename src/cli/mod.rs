@@ -368,6 +368,11 @@ pub struct SampleArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = SampleJob::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
+    /// Prompts, one a line, for a text-to-image pipeline folder (StableDiffusionPipeline): one
+    /// grid row per prompt (--per-class images each), guided against the empty prompt (default
+    /// --cfg-scale 7.5, 25 steps); the prompts are listed in OUT.prompts.txt.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
 }
 
 impl SampleArgs {
@@ -381,6 +386,7 @@ impl SampleArgs {
             per_class: self.per_class,
             noise: self.noise.clone(),
             batch_size: self.batch_size,
+            prompts: self.prompts.clone(),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::sample::SamplerOverride;
 use super::Failure;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use export::tensorrt::{BatchProfile, Toolchain};
 use export::validate::{EngineOptions, EngineOutcome};
@@ -84,6 +84,9 @@ impl Default for ExportJob {
 impl ExportJob {
     /// Writes the ONNX file only; returns its path.
     pub fn write_onnx(&self) -> Result<PathBuf> {
+        if graphs::diffusers::is_text_to_image(&self.checkpoint) {
+            return self.write_text_to_image();
+        }
         let source = crate::teacher_source::TeacherSource::resolve(&self.checkpoint)?;
         // The bare network of a diffusers model keeps diffusers' own signature.
         if source.is_diffusers() && self.what == ExportWhat::Denoiser {
@@ -119,6 +122,83 @@ impl ExportJob {
         Ok(path)
     }
 
+    /// A text-to-image pipeline folder: `generator[_fp16].onnx` (`noise` + `prompt_embeds` ->
+    /// images in [0, 1]) and `text_encoder[_fp16].onnx` (`input_ids` -> `prompt_embeds`) beside
+    /// it; `--what denoiser`: the bare UNet with optimum's signature (`denoiser.onnx`).
+    fn write_text_to_image(&self) -> Result<PathBuf> {
+        if self.trt.is_some() {
+            bail!(
+                "--trt: TensorRT engines of a text-to-image pipeline are not built yet (the ONNX \
+                 files pass the TensorRT lint; build them with trtexec)"
+            );
+        }
+        let dev = Device::Cpu;
+        let t2i = graphs::diffusers::TextToImage::load(&self.checkpoint, &dev)?;
+        let opts = export::ExportOptions {
+            precision: self.precision,
+            method: "teacher".into(),
+            weights_sha256: None,
+            extra_metadata: vec![],
+        };
+        let suffix = if self.precision == Precision::Fp16 {
+            "_fp16"
+        } else {
+            ""
+        };
+        let seq = t2i.prompts.tokenizer.max_length;
+        match self.what {
+            ExportWhat::Denoiser => {
+                let graphs::Network::Condition(net) = &t2i.den.net else {
+                    bail!(
+                        "{}: unet/ is not a UNet2DConditionModel",
+                        self.checkpoint.display()
+                    );
+                };
+                let (_, side) = t2i.latent_shape();
+                let m = export::export_unet2d_condition(&net.model, (side, side), seq, &opts)?;
+                let path = self.out.join(format!("denoiser{suffix}.onnx"));
+                export::write_model(&m, &path)?;
+                Ok(path)
+            }
+            ExportWhat::Generator => {
+                if self.sampler.sampler == Some(graphs::SamplerKind::Student) {
+                    bail!(
+                        "--sampler student: a diffusers pipeline is a teacher (no student sampler)"
+                    );
+                }
+                let kind = self
+                    .sampler
+                    .sampler
+                    .unwrap_or_else(|| t2i.default_sampler());
+                let steps = self
+                    .sampler
+                    .sample_steps
+                    .unwrap_or(crate::jobs::SampleJob::TEXT_TO_IMAGE_STEPS);
+                let scale = self
+                    .sampler
+                    .cfg_scale
+                    .unwrap_or(crate::jobs::SampleJob::TEXT_TO_IMAGE_CFG);
+                let te = export::export_text_encoder(
+                    &t2i.prompts.model,
+                    seq,
+                    t2i.prompts.clip_skip,
+                    false,
+                    &opts,
+                )?;
+                let te_path = self.out.join(format!("text_encoder{suffix}.onnx"));
+                export::write_model(&te, &te_path)?;
+                println!(
+                    "wrote {} (input_ids -> last_hidden_state = prompt_embeds)",
+                    te_path.display()
+                );
+                let m = export::export_text_to_image(&t2i, kind, steps, scale, &opts)?;
+                let path = self.out.join(format!("generator{suffix}.onnx"));
+                export::write_model(&m, &path)?;
+                Ok(path)
+            }
+        }
+    }
+
     /// The whole export: ONNX (with a summary on stdout) and, when asked, the TensorRT engine.
     pub fn run(&self) -> Result<PathBuf> {
         // Fail fast: find trtexec and the GPU before spending time on the export.
@@ -143,7 +223,20 @@ impl ExportJob {
         for m in export::metadata(&model) {
             println!("  {} = {}", m.0, m.1);
         }
-        if !(crate::diffusers_io::is_diffusers(&self.checkpoint)
+        if graphs::diffusers::is_text_to_image(&self.checkpoint) {
+            if self.what == ExportWhat::Generator {
+                println!(
+                    "next: distill validate {} --reference {} (and text_encoder{}.onnx beside it)",
+                    path.display(),
+                    self.checkpoint.display(),
+                    if self.precision == Precision::Fp16 {
+                        "_fp16"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        } else if !(crate::diffusers_io::is_diffusers(&self.checkpoint)
             && self.what == ExportWhat::Denoiser)
         {
             println!(

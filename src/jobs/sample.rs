@@ -62,9 +62,16 @@ pub struct SampleJob {
     /// Noise from this safetensors file instead of seeded noise.
     pub noise: Option<PathBuf>,
     pub batch_size: usize,
+    /// A text-to-image pipeline folder's prompts (one a line); images per prompt: `per_class`.
+    pub prompts: Option<PathBuf>,
 }
 
 impl SampleJob {
+    /// Sampling steps of a text-to-image pipeline when `--sample-steps` is not given.
+    pub const TEXT_TO_IMAGE_STEPS: usize = 25;
+    /// Guidance scale of a text-to-image pipeline when `--cfg-scale` is not given (the SD
+    /// pipelines' default).
+    pub const TEXT_TO_IMAGE_CFG: f64 = 7.5;
     pub const DEFAULT_OUT: &'static str = "samples.png";
     pub const DEFAULT_PER_CLASS: usize = 10;
     pub const DEFAULT_BATCH_SIZE: usize = 100;
@@ -81,6 +88,7 @@ impl Default for SampleJob {
             per_class: Self::DEFAULT_PER_CLASS,
             noise: None,
             batch_size: Self::DEFAULT_BATCH_SIZE,
+            prompts: None,
         }
     }
 }
@@ -89,6 +97,17 @@ impl SampleJob {
     pub fn run(&self, dev: &Device) -> Result<()> {
         crate::checks::size("--per-class", self.per_class as u64, 1, 1_000_000)?;
         crate::checks::size("--batch-size", self.batch_size as u64, 1, 65_536)?;
+        if graphs::diffusers::is_text_to_image(&self.checkpoint) {
+            return self.run_text_to_image(dev);
+        }
+        if let Some(p) = &self.prompts {
+            bail!(
+                "--prompts {}: {} is not a text-to-image pipeline folder (model_index.json with a \
+                 UNet2DConditionModel unet/)",
+                p.display(),
+                self.checkpoint.display()
+            );
+        }
         let (den, meta) = crate::teacher_source::load(&self.checkpoint, dev)?;
         let spec = self.sampler.apply(&meta)?;
         let ncls = den.num_classes();
@@ -139,6 +158,104 @@ impl SampleJob {
             spec.cfg_scale,
             1000.0 * secs / n as f64,
             self.out.display(),
+            raw.display()
+        );
+        Ok(())
+    }
+}
+
+impl SampleJob {
+    /// A text-to-image pipeline: `per_class` images per prompt of `--prompts`, guided against the
+    /// empty prompt, decoded by the VAE; one grid row per prompt, the prompts listed in
+    /// `<out>.prompts.txt` (row order), raw images in [-1, 1] in the `.safetensors` beside it
+    /// (`labels` = the prompt's row).
+    fn run_text_to_image(&self, dev: &Device) -> Result<()> {
+        let path = self.prompts.as_ref().with_context(|| {
+            format!(
+                "{} is a text-to-image pipeline: give --prompts FILE (one prompt a line)",
+                self.checkpoint.display()
+            )
+        })?;
+        if self.labels.is_some() {
+            bail!("--labels: a text-to-image pipeline is conditioned on --prompts, not labels");
+        }
+        if self.sampler.sampler == Some(SamplerKind::Student) {
+            bail!("--sampler student: a diffusers pipeline is a teacher (no student sampler)");
+        }
+        if let Some(n) = self.sampler.sample_steps {
+            crate::checks::size("--sample-steps (--steps)", n as u64, 1, 1000)?;
+        }
+        if let Some(c) = self.sampler.cfg_scale {
+            crate::checks::cfg_scale("--cfg-scale", c)?;
+        }
+        let prompts = graphs::transformers::read_prompts(path)?;
+        let t2i = graphs::diffusers::TextToImage::load(&self.checkpoint, dev)?;
+        let kind = self
+            .sampler
+            .sampler
+            .unwrap_or_else(|| t2i.default_sampler());
+        let steps = self
+            .sampler
+            .sample_steps
+            .unwrap_or(Self::TEXT_TO_IMAGE_STEPS);
+        let scale = self.sampler.cfg_scale.unwrap_or(Self::TEXT_TO_IMAGE_CFG);
+        let spec = GeneratorSpec {
+            sampler: kind,
+            steps,
+            sigmas: vec![],
+            fresh_noise: false,
+            cfg_scale: scale,
+        };
+        let all: Vec<&str> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.as_str(), self.per_class))
+            .collect();
+        let noise = match &self.noise {
+            Some(p) => crate::sample::load_noise(p, &t2i.den, &spec, dev)?.noise,
+            None => crate::sample::seeded_noise(&t2i.den, &spec, all.len(), self.seed, dev)?.noise,
+        };
+        let n = noise.dim(0)?;
+        if n != all.len() {
+            bail!(
+                "--noise: {n} noise samples for {} prompts x {} per prompt",
+                prompts.len(),
+                self.per_class
+            );
+        }
+        let b = graphs::CandleBackend::new(dev);
+        let t0 = std::time::Instant::now();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let k = self.batch_size.min(n - i);
+            out.push(t2i.generate(
+                &b,
+                &all[i..i + k],
+                &noise.narrow(0, i, k)?,
+                kind,
+                steps,
+                scale,
+            )?);
+            i += k;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        // [0, 1] -> the grid's and sample files' [-1, 1].
+        let images = Tensor::cat(&out, 0)?.affine(2.0, -1.0)?;
+        crate::grid::tensor_grid_png(&self.out, &images, self.per_class)?;
+        let listed = self.out.with_extension("prompts.txt");
+        let mut text = String::new();
+        for (r, p) in prompts.iter().enumerate() {
+            text.push_str(&format!("row {r}: {p}\n"));
+        }
+        checkpoint::write_atomic(&listed, text.as_bytes())?;
+        let raw = self.out.with_extension("safetensors");
+        let rows: Vec<u32> = (0..n).map(|j| (j / self.per_class) as u32).collect();
+        crate::sample::save_samples(&raw, &images, &Tensor::from_vec(rows, n, dev)?)?;
+        println!(
+            "{n} images of {} prompts with {kind:?} ({steps} steps, cfg {scale}) in {secs:.2}s: {}, {} and {}",
+            prompts.len(),
+            self.out.display(),
+            listed.display(),
             raw.display()
         );
         Ok(())

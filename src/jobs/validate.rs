@@ -106,12 +106,6 @@ impl ValidateJob {
             }
         }
         let dev = Device::Cpu;
-        let (den, _) = crate::teacher_source::load(&self.reference, &dev)?;
-        let meta = export::OnnxMetadata::from_file(&self.model)?;
-        let target = match meta.generator() {
-            Some(s) => export::Target::Generator(s),
-            None => export::Target::Denoiser,
-        };
         let runtimes = self
             .runtime_names()
             .iter()
@@ -129,7 +123,58 @@ impl ValidateJob {
             allow_missing: self.allow_missing,
             roundoff_cases: self.roundoff_cases,
         };
+        if graphs::diffusers::is_text_to_image(&self.reference) {
+            return self.report_text_to_image(&opts);
+        }
+        let (den, _) = crate::teacher_source::load(&self.reference, &dev)?;
+        let meta = export::OnnxMetadata::from_file(&self.model)?;
+        let target = match meta.generator() {
+            Some(s) => export::Target::Generator(s),
+            None => export::Target::Denoiser,
+        };
         export::validate(&self.model, &den, target, &opts)
+    }
+
+    /// A text-to-image pipeline's exports: `kind = text_to_image_generator` (its sampler, steps
+    /// and guidance from the metadata) or `clip_text_encoder`.
+    fn report_text_to_image(
+        &self,
+        opts: &export::ValidateOptions,
+    ) -> Result<export::ValidateReport> {
+        let model = export::runtime::load_model(&self.model)?;
+        let meta: std::collections::HashMap<String, String> =
+            export::metadata(&model).into_iter().collect();
+        let get = |k: &str| {
+            meta.get(k)
+                .with_context(|| format!("{}: no {k:?} in its ONNX metadata", self.model.display()))
+        };
+        let t2i = graphs::diffusers::TextToImage::load(&self.reference, &Device::Cpu)?;
+        let kind = get("kind")?.as_str();
+        let sampler = match kind {
+            "text_to_image_generator" => Some(match get("sampler")?.as_str() {
+                "ddim" => graphs::SamplerKind::Ddim,
+                "euler" => graphs::SamplerKind::Euler,
+                "heun" => graphs::SamplerKind::Heun,
+                other => anyhow::bail!("{}: sampler {other:?}", self.model.display()),
+            }),
+            "clip_text_encoder" => None,
+            other => anyhow::bail!(
+                "{}: kind {other:?} is not an export of a text-to-image pipeline \
+                 (text_to_image_generator or clip_text_encoder; the bare UNet, --what denoiser, \
+                 is not validated yet)",
+                self.model.display()
+            ),
+        };
+        let target = match sampler {
+            Some(sampler) => export::Target::TextToImage {
+                t2i: &t2i,
+                sampler,
+                steps: get("steps")?.parse().context("metadata steps")?,
+                cfg_scale: get("cfg_scale")?.parse().context("metadata cfg_scale")?,
+            },
+            None => export::Target::TextEncoder(&t2i.prompts),
+        };
+        export::validate(&self.model, &t2i.den, target, opts)
     }
 
     fn write_junit(

@@ -32,6 +32,16 @@ pub(super) fn make_case(
     batch: usize,
     rng: &mut StdRng,
 ) -> Result<Case> {
+    match target {
+        Target::TextToImage {
+            t2i,
+            sampler,
+            steps,
+            cfg_scale,
+        } => return text_case(t2i, Some((sampler, steps, cfg_scale)), batch, rng),
+        Target::TextEncoder(p) => return text_encoder_case(p, batch, rng),
+        Target::Generator(_) | Target::Denoiser => {}
+    }
     let (c, r) = den.image_shape();
     let num_classes = den.num_classes();
     let shape = [batch, c, r, r];
@@ -124,6 +134,9 @@ pub(super) fn make_case(
             ];
             (inputs, y, y64)
         }
+        Target::TextToImage { .. } | Target::TextEncoder(_) => {
+            anyhow::bail!("text targets are made by text_case / text_encoder_case")
+        }
     };
     let reference: Vec<f32> = out
         .to_dtype(candle_core::DType::F32)?
@@ -159,5 +172,110 @@ pub(super) fn make_case(
         inputs,
         reference,
         roundoff,
+    })
+}
+
+/// Token ids `[batch, max_length]` drawn from the seed: a begin token, 1..max_length-1 random
+/// ids, then end-of-text padding (what a tokenized prompt looks like).
+fn draw_ids(
+    p: &graphs::transformers::PromptEncoder,
+    batch: usize,
+    rng: &mut StdRng,
+) -> Result<Vec<u32>> {
+    let l = p.tokenizer.max_length;
+    let vocab = p.model.cfg.vocab_size as u32;
+    // The empty prompt's ids: the begin token, then the padding.
+    let empty = p.tokenizer.encode("")?;
+    let (bos, pad) = (empty[0], empty[l - 1]);
+    let mut ids = Vec::with_capacity(batch * l);
+    for _ in 0..batch {
+        let k = rng.gen_range(1..l);
+        ids.push(bos);
+        for j in 1..l {
+            ids.push(if j < k { rng.gen_range(0..vocab) } else { pad });
+        }
+    }
+    Ok(ids)
+}
+
+fn ids_input(ids: &[u32], batch: usize, l: usize) -> Result<TensorData> {
+    Ok(TensorData::I32(ArrayD::from_shape_vec(
+        vec![batch, l],
+        ids.iter().map(|&v| v as i32).collect(),
+    )?))
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+/// A text-to-image generator case: seeded noise and the prompt embeddings of seeded token ids.
+fn text_case(
+    t2i: &graphs::diffusers::TextToImage,
+    gen: Option<(graphs::SamplerKind, usize, f64)>,
+    batch: usize,
+    rng: &mut StdRng,
+) -> Result<Case> {
+    let dev = Device::Cpu;
+    let cb = CandleBackend::new(&dev);
+    let p = &t2i.prompts;
+    let l = p.tokenizer.max_length;
+    let ids = draw_ids(p, batch, rng)?;
+    let ids_t = Tensor::from_vec(ids, (batch, l), &dev)?;
+    let pe = p.model.forward(&cb, &ids_t, l, p.clip_skip, false)?.hidden;
+    let (c, r) = t2i.latent_shape();
+    let shape = [batch, c, r, r];
+    let z = normal(rng, batch * c * r * r);
+    let zt = Tensor::from_vec(z.clone(), &shape, &dev)?;
+    let (kind, steps, scale) = gen.expect("generator settings");
+    let empty = p.encode(&cb, &vec![""; batch])?;
+    let cond = graphs::Cond::Text {
+        cond: graphs::TextCond {
+            prompt_embeds: pe.clone(),
+            added: None,
+        },
+        uncond: Some(graphs::TextCond {
+            prompt_embeds: empty,
+            added: None,
+        }),
+    };
+    let lat = t2i.latents(&cb, &zt, &cond, kind, steps, scale)?;
+    let y = t2i.decode(&cb, &lat)?;
+    let inputs = vec![
+        (
+            "noise".to_string(),
+            TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), z)?),
+        ),
+        (
+            "prompt_embeds".to_string(),
+            TensorData::F32(ArrayD::from_shape_vec(pe.dims().to_vec(), flat(&pe)?)?),
+        ),
+    ];
+    Ok(Case {
+        inputs,
+        reference: flat(&y)?,
+        roundoff: None,
+    })
+}
+
+/// A text encoder case: seeded token ids -> `last_hidden_state`.
+fn text_encoder_case(
+    p: &graphs::transformers::PromptEncoder,
+    batch: usize,
+    rng: &mut StdRng,
+) -> Result<Case> {
+    let dev = Device::Cpu;
+    let cb = CandleBackend::new(&dev);
+    let l = p.tokenizer.max_length;
+    let ids = draw_ids(p, batch, rng)?;
+    let inputs = vec![("input_ids".to_string(), ids_input(&ids, batch, l)?)];
+    let ids_t = Tensor::from_vec(ids, (batch, l), &dev)?;
+    let h = p.model.forward(&cb, &ids_t, l, p.clip_skip, false)?.hidden;
+    Ok(Case {
+        inputs,
+        reference: flat(&h)?,
+        roundoff: None,
     })
 }

@@ -72,6 +72,25 @@ pub enum Target<'a> {
     Generator(&'a GeneratorSpec),
     /// An [`crate::export_denoiser`] model.
     Denoiser,
+    /// An [`crate::export_text_to_image`] model (`noise` + `prompt_embeds` -> images); the
+    /// cases' prompt embeddings are the text encoder's for token ids drawn from the seed.
+    TextToImage {
+        t2i: &'a graphs::diffusers::TextToImage,
+        sampler: graphs::SamplerKind,
+        steps: usize,
+        cfg_scale: f64,
+    },
+    /// An [`crate::export_text_encoder`] model (`input_ids` -> `last_hidden_state`), ids drawn
+    /// from the seed.
+    TextEncoder(&'a graphs::transformers::PromptEncoder),
+}
+
+impl Target<'_> {
+    /// Whether the reference has an f64 twin for the round-off measurement (the text-to-image
+    /// targets do not: their tolerances are the defaults).
+    fn has_f64_twin(&self) -> bool {
+        matches!(self, Self::Generator(_) | Self::Denoiser)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -484,7 +503,7 @@ pub fn compare(
         "validate: batches must be positive"
     );
     // The f64 twin of the reference: how much f32 round-off alone moves this graph's output.
-    let den64 = if opts.roundoff_cases > 0 {
+    let den64 = if opts.roundoff_cases > 0 && target.has_f64_twin() {
         Some(graphs::params::in_dtype(den, candle_core::DType::F64).context("f64 reference")?)
     } else {
         None

@@ -303,3 +303,66 @@ pub fn ddim_scheduler_for(
     });
     Ok((cfg, steps))
 }
+
+/// The sigma grid diffusers' scheduler walks for `steps` inference steps, for our ODE samplers
+/// ([`crate::sampler::sample_ode_grid`]): the descending sigmas of `set_timesteps(steps)` and the
+/// sigma the last step ends at. DDIM (eta 0) and DDPM (as its deterministic DDIM counterpart):
+/// the VP sigma of each timestep, ending at 0 with `set_alpha_to_one` (DDPM: always) or at
+/// `alphas_cumprod[0]`'s sigma without it, as diffusers' last DDIM step does; Euler and the flow
+/// scheduler: their own `sigmas`. A DDIM `eta` != 0 (stochastic) or DPM-Solver (its grid is
+/// not its update rule) is refused by name.
+pub fn scheduler_grid(s: &Scheduler, steps: usize) -> Result<(Vec<f64>, f64)> {
+    let mut s = s.clone();
+    s.set_timesteps(steps)?;
+    let vp_sigma = |acp: &[f32], t: f32| -> f64 {
+        let a = acp[t as usize] as f64;
+        ((1.0 - a) / a).sqrt()
+    };
+    match &s {
+        Scheduler::Ddim(d) => {
+            if d.eta != 0.0 {
+                bail!(
+                    "DDIMScheduler eta = {}: stochastic; our ODE sampler follows eta = 0 only",
+                    d.eta
+                );
+            }
+            let g = s
+                .timesteps()
+                .iter()
+                .map(|&t| vp_sigma(&d.alphas_cumprod, t))
+                .collect();
+            let last = if d.set_alpha_to_one {
+                0.0
+            } else {
+                vp_sigma(&d.alphas_cumprod, 0.0)
+            };
+            Ok((g, last))
+        }
+        Scheduler::Ddpm(d) => Ok((
+            s.timesteps()
+                .iter()
+                .map(|&t| vp_sigma(&d.alphas_cumprod, t))
+                .collect(),
+            0.0,
+        )),
+        Scheduler::Euler(_) | Scheduler::FlowMatchEuler(_) => {
+            let sig = s.sigmas().expect("these schedulers have sigmas");
+            let flow = matches!(s, Scheduler::FlowMatchEuler(_));
+            // Flow: diffusers' sigma is s in [0, 1]; ours is s / (1 - s).
+            let conv = |x: f32| -> f64 {
+                let x = x as f64;
+                if flow {
+                    x / (1.0 - x)
+                } else {
+                    x
+                }
+            };
+            let g: Vec<f64> = sig[..sig.len() - 1].iter().map(|&x| conv(x)).collect();
+            Ok((g, conv(sig[sig.len() - 1])))
+        }
+        Scheduler::DpmMultistep(_) => bail!(
+            "DPMSolverMultistepScheduler: its grid is not its update rule; sample on our own grid \
+             (no scheduler grid)"
+        ),
+    }
+}

@@ -23,6 +23,16 @@ pub struct PromptEncoder {
     pub clip_skip: usize,
 }
 
+impl std::fmt::Debug for PromptEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PromptEncoder(max_length {}, hidden {}, clip_skip {})",
+            self.tokenizer.max_length, self.model.cfg.hidden_size, self.clip_skip
+        )
+    }
+}
+
 impl PromptEncoder {
     /// `tokenizer_dir` (`tokenizer.json`, or `vocab.json` + `merges.txt`) and `text_encoder_dir`
     /// (a `CLIPTextModel` folder).
