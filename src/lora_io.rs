@@ -144,6 +144,7 @@ pub fn read_checkpoint_lora(ckpt: &Path) -> Result<LoraFile> {
         match meta.model.network {
             graphs::NetworkConfig::Unet(_) => "unet",
             graphs::NetworkConfig::DiffusersUnet2d(_) => "diffusers_unet2d",
+            graphs::NetworkConfig::DiffusersUnet2dCondition(_) => "diffusers_unet2d_condition",
         }
         .into(),
     );

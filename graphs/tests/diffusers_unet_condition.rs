@@ -677,3 +677,54 @@ fn saves_diffusers_folders_that_reload() {
         }
     }
 }
+
+/// LoRA's layer listing covers the text-conditioned UNet: the default targets (diffusers'
+/// `to_q,to_k,to_v,to_out.0`) select exactly the four projections of every attention module,
+/// self- and cross-attention, with their weights' shapes.
+#[test]
+fn lora_default_targets_are_every_attention_projection() {
+    let dev = Device::Cpu;
+    let (model, weights) = load_unet_condition(&models().join("cond_sd15"), &dev).unwrap();
+    let mut params: Vec<graphs::Param> = weights
+        .iter()
+        .map(|(k, t)| graphs::Param {
+            name: k.clone(),
+            t: t.clone(),
+        })
+        .collect();
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    let net = graphs::Network::Condition(graphs::network::ConditionNet { model, params });
+    let cfg = graphs::nn::lora::LoraConfig {
+        rank: 4,
+        alpha: None,
+        targets: vec![],
+    };
+    let sel = graphs::nn::lora::select(&net, &cfg).unwrap();
+    let expected: Vec<&String> = weights
+        .keys()
+        .filter(|k| {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+                .iter()
+                .any(|t| k.ends_with(&format!(".{t}.weight")))
+        })
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(sel.len(), expected.len());
+    for l in &sel {
+        assert_eq!(l.kind, graphs::nn::lora::LayerKind::Linear, "{}", l.path);
+        assert_eq!(
+            l.weight.dims(),
+            weights[&format!("{}.weight", l.path)].dims()
+        );
+    }
+    assert!(
+        sel.iter().any(|l| l.path.ends_with("attn2.to_k")),
+        "no cross-attention"
+    );
+    let bad = graphs::nn::lora::LoraConfig {
+        targets: vec!["nonexistent".into()],
+        ..cfg
+    };
+    let e = format!("{:#}", graphs::nn::lora::select(&net, &bad).unwrap_err());
+    assert!(e.contains("nonexistent") && e.contains("to_q"), "{e}");
+}

@@ -103,7 +103,7 @@ impl LoraConfig {
 pub fn default_targets(net: &Network) -> Vec<String> {
     let t = match net {
         Network::Unet(_) => UNET_DEFAULT_TARGETS,
-        Network::Diffusers(_) => DIFFUSERS_DEFAULT_TARGETS,
+        Network::Diffusers(_) | Network::Condition(_) => DIFFUSERS_DEFAULT_TARGETS,
     };
     t.iter().map(|s| s.to_string()).collect()
 }
@@ -199,6 +199,25 @@ pub fn layers(net: &Network) -> Vec<Adaptable> {
                 }
             }
             conv(&mut v, &u.conv_out);
+        }
+        // Every 2-D weight is a linear layer (the attention projections are bias-free ones), every
+        // 4-D one a convolution: adapters merge by name, so the layer types need not be listed.
+        Network::Condition(c) => {
+            for p in &c.params {
+                if !p.name.ends_with(".weight") {
+                    continue;
+                }
+                let kind = match p.dims() {
+                    [_, _] => LayerKind::Linear,
+                    [_, _, k, _] => LayerKind::Conv(*k),
+                    _ => continue,
+                };
+                v.push(Adaptable {
+                    path: path_of(p),
+                    kind,
+                    weight: p.clone(),
+                });
+            }
         }
         Network::Diffusers(d) => {
             use crate::diffusers::blocks::{Attention, ResnetBlock2D};
