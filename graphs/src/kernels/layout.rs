@@ -3,7 +3,7 @@
 
 use super::simd::Level;
 
-/// Rows per tile of the scalar transpose: its source rows stay in L1 while the columns are written.
+/// Source rows per block of a transpose: they stay in L1 while the columns are written.
 const PT: usize = 32;
 
 /// `dst[c * pixels + p] = src[p * stride + c]` (plus `res[c * pixels + p]` if given), for
@@ -103,50 +103,57 @@ unsafe fn transpose_avx2(
 ) {
     use std::arch::x86_64::*;
     let (fi, fj) = (ni / 8 * 8, nj / 8 * 8);
-    let mut i0 = 0;
-    while i0 < fi {
+    // Blocks of PT source rows: they stay in L1 while every column tile is written, and each
+    // destination row gets PT contiguous floats per visit (not 8 floats at a plane's stride).
+    let mut ib = 0;
+    while ib < fi {
+        let ie = (ib + PT).min(fi);
         let mut j0 = 0;
         while j0 < fj {
-            let s = src.add(i0 * ss + j0);
-            let r: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(s.add(k * ss)));
-            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-            let o = [
-                _mm256_permute2f128_ps::<0x20>(u0, u4),
-                _mm256_permute2f128_ps::<0x20>(u1, u5),
-                _mm256_permute2f128_ps::<0x20>(u2, u6),
-                _mm256_permute2f128_ps::<0x20>(u3, u7),
-                _mm256_permute2f128_ps::<0x31>(u0, u4),
-                _mm256_permute2f128_ps::<0x31>(u1, u5),
-                _mm256_permute2f128_ps::<0x31>(u2, u6),
-                _mm256_permute2f128_ps::<0x31>(u3, u7),
-            ];
-            for (k, &v) in o.iter().enumerate() {
-                let off = (j0 + k) * ds + i0;
-                let v = if res.is_null() {
-                    v
-                } else {
-                    _mm256_add_ps(v, _mm256_loadu_ps(res.add(off)))
-                };
-                _mm256_storeu_ps(dst.add(off), v);
+            let mut i0 = ib;
+            while i0 < ie {
+                let s = src.add(i0 * ss + j0);
+                let r: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(s.add(k * ss)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let o = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (k, &v) in o.iter().enumerate() {
+                    let off = (j0 + k) * ds + i0;
+                    let v = if res.is_null() {
+                        v
+                    } else {
+                        _mm256_add_ps(v, _mm256_loadu_ps(res.add(off)))
+                    };
+                    _mm256_storeu_ps(dst.add(off), v);
+                }
+                i0 += 8;
             }
             j0 += 8;
         }
-        i0 += 8;
+        ib = ie;
     }
     // Edges: the last `nj % 8` columns of the full rows, then the last `ni % 8` rows.
     transpose_scalar(src, ss, (0, fi), (fj, nj), dst, ds, res);
