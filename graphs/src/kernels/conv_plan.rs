@@ -9,7 +9,7 @@
 //! * Weight gradient: the padded input transposed to pixel-major `[pixel][channel]`.
 
 use super::conv_direct::{block_width, pack, run_pixels, runs, Run};
-use super::simd::{dispatch, Level, Simd};
+use super::simd::Level;
 
 /// A square-kernel conv2d on `[n, cin, h, w]` with `cout` filters, stride `s`, zero padding `p`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,17 +333,15 @@ impl WgradPlan {
     }
 }
 
-dispatch!(unsafe fn transpose_row(x: *const f32, plane: usize, w: usize, c: usize, dst: *mut f32) => transpose_row_imp);
-
-#[inline(always)]
-unsafe fn transpose_row_imp<S: Simd>(
+/// `dst[ix * c + ch] = x[ch * plane + ix]` for `ix < w`, `ch < c`: one pixel row of every
+/// channel plane to pixel-major.
+unsafe fn transpose_row(
+    level: Level,
     x: *const f32,
     plane: usize,
     w: usize,
     c: usize,
     dst: *mut f32,
 ) {
-    for ix in 0..w {
-        super::layout::gather_pixel::<S>(x.add(ix), plane, c, dst.add(ix * c));
-    }
+    super::layout::transpose(level, x, plane, c, w, dst, c, std::ptr::null())
 }

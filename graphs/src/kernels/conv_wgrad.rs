@@ -174,7 +174,7 @@ pub fn transpose(
     assert!(dy.len() >= cout * pixels && dyt.len() >= b_hi * pixels * bw);
     for b in b_lo..b_hi {
         let n = (cout - b * bw).min(bw);
-        // SAFETY: the gathers read channels b*bw..b*bw+n of `dy` (asserted above) and write
+        // SAFETY: the transpose reads channels b*bw..b*bw+n of `dy` (asserted above) and writes
         // this block of `dyt`.
         unsafe {
             transpose_block(
@@ -192,21 +192,19 @@ pub fn transpose(
     }
 }
 
-dispatch!(unsafe fn transpose_block(dy: *const f32, n: usize, pixels: usize, bw: usize, dst: *mut f32) => transpose_imp);
-
-#[inline(always)]
-unsafe fn transpose_imp<S: Simd>(
+/// `dst[p * bw + c] = dy[c * pixels + p]` for `c < n` (0 for `n <= c < bw`), `p < pixels`.
+unsafe fn transpose_block(
+    level: Level,
     dy: *const f32,
     n: usize,
     pixels: usize,
     bw: usize,
     dst: *mut f32,
 ) {
-    for p in 0..pixels {
-        let d = dst.add(p * bw);
-        super::layout::gather_pixel::<S>(dy.add(p), pixels, n, d);
-        for c in n..bw {
-            *d.add(c) = 0.0;
+    super::layout::transpose(level, dy, pixels, n, pixels, dst, bw, std::ptr::null());
+    if n < bw {
+        for p in 0..pixels {
+            std::ptr::write_bytes(dst.add(p * bw + n), 0, bw - n);
         }
     }
 }

@@ -41,8 +41,6 @@ pub(crate) trait Simd: Copy {
     unsafe fn pow2i(n: Self::V) -> Self::V;
     /// Round to nearest integer (ties to even).
     unsafe fn round(a: Self::V) -> Self::V;
-    /// Lane `i` = `p[i * stride]` (`stride * LANES` must fit in an i32).
-    unsafe fn gather(p: *const f32, stride: usize) -> Self::V;
 
     /// `exp(x)`, within 2 ulp of libm on [-87, 88]; saturates to 0 / large outside.
     #[inline(always)]
@@ -174,14 +172,6 @@ impl Simd for Scalar {
     unsafe fn round(a: Self::V) -> Self::V {
         a.map(f32::round_ties_even)
     }
-    #[inline(always)]
-    unsafe fn gather(p: *const f32, stride: usize) -> Self::V {
-        let mut o = [0f32; LANES];
-        for (i, o) in o.iter_mut().enumerate() {
-            *o = *p.add(i * stride);
-        }
-        o
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -283,14 +273,6 @@ mod avx2 {
         unsafe fn round(a: __m256) -> __m256 {
             _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
         }
-        #[inline(always)]
-        unsafe fn gather(p: *const f32, stride: usize) -> __m256 {
-            let idx = _mm256_mullo_epi32(
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                _mm256_set1_epi32(stride as i32),
-            );
-            _mm256_i32gather_ps::<4>(p, idx)
-        }
     }
 }
 
@@ -387,14 +369,6 @@ mod avx512 {
         #[inline(always)]
         unsafe fn round(a: __m512) -> __m512 {
             _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-        }
-        #[inline(always)]
-        unsafe fn gather(p: *const f32, stride: usize) -> __m512 {
-            let idx = _mm512_mullo_epi32(
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                _mm512_set1_epi32(stride as i32),
-            );
-            _mm512_i32gather_ps::<4>(idx, p)
         }
     }
 }
