@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 
 const PROMPTS: &str = "a red circle on a blue square\ndigits\na blue circle\n";
 const CFG_SCALE: f64 = 3.0;
+const LR: (f64, f64) = (1e-4, 2e-5);
 
 fn sd_tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/tests/fixtures/diffusers/teachers/sd_tiny")
 }
 
-fn job(out: &Path, prompts: &Path, steps: u64, lora_rank: usize) -> TdmJob {
+/// A TDM run on sd_tiny: batch 4, constant learning rates (fake score `lr.0`, student `lr.1`).
+fn job(out: &Path, prompts: &Path, steps: u64, lora_rank: usize, lr: (f64, f64)) -> TdmJob {
     let mut c = TdmConfig::default();
     c.common.teacher = sd_tiny();
     c.common.cfg_scale = CFG_SCALE;
@@ -29,9 +31,10 @@ fn job(out: &Path, prompts: &Path, steps: u64, lora_rank: usize) -> TdmJob {
     r.ema_decay = 0.0;
     for o in c.common.optims() {
         o.warmup_steps = 0;
+        // (A cosine decay would follow each call's own step count; a resume must not change it.)
+        o.schedule = distill::train::optim::LrSchedule::Constant;
     }
-    c.common.fake_optim.lr = 1e-3;
-    c.common.student_optim.lr = 2e-4;
+    (c.common.fake_optim.lr, c.common.student_optim.lr) = lr;
     TdmJob {
         config: c,
         prompts: Some(prompts.to_path_buf()),
@@ -61,6 +64,12 @@ fn student_latents(den: &Denoiser, noise: &Tensor, cond: &Cond<Tensor>, sigmas: 
     last.unwrap()
 }
 
+/// `[P * K, C, h, w]` (K samples per prompt, prompt-major) -> each prompt's mean `[P, C, h, w]`.
+fn prompt_means(x: &Tensor, p: usize) -> Tensor {
+    let (n, c, h, w) = x.dims4().unwrap();
+    x.reshape((p, n / p, c, h, w)).unwrap().mean(1).unwrap()
+}
+
 fn rms(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
@@ -79,7 +88,7 @@ fn distances(ckpt: &Path, prompts: &[&str]) -> (f64, f64) {
     let dev = Device::Cpu;
     let b = CandleBackend::new(&dev);
     let pipe = TextToImage::load(&sd_tiny(), &dev).unwrap();
-    let ps: Vec<&str> = prompts.iter().flat_map(|p| [*p, *p]).collect();
+    let ps: Vec<&str> = prompts.iter().flat_map(|p| [*p; 8]).collect();
     let cond = pipe.condition(&b, &ps).unwrap();
     let (c, r) = pipe.latent_shape();
     let noise = distill::rng::randn(
@@ -94,8 +103,19 @@ fn distances(ckpt: &Path, prompts: &[&str]) -> (f64, f64) {
     let (student, meta) = distill::checkpoint::load(ckpt, &dev).unwrap();
     let sigmas = &meta.generator.sigmas;
     assert_eq!(sigmas.len(), 4);
-    let before = rms(&student_latents(&pipe.den, &noise, &cond, sigmas), &teacher);
-    let after = rms(&student_latents(&student, &noise, &cond, sigmas), &teacher);
+    let s0 = student_latents(&pipe.den, &noise, &cond, sigmas);
+    let s1 = student_latents(&student, &noise, &cond, sigmas);
+    let r_before = rms(&s0, &teacher);
+    let r_after = rms(&s1, &teacher);
+    eprintln!("per-sample rms: {r_before:.4} -> {r_after:.4}");
+    let before = rms(
+        &prompt_means(&s0, prompts.len()),
+        &prompt_means(&teacher, prompts.len()),
+    );
+    let after = rms(
+        &prompt_means(&s1, prompts.len()),
+        &prompt_means(&teacher, prompts.len()),
+    );
     (before, after)
 }
 
@@ -105,11 +125,13 @@ fn prompts_file(dir: &Path) -> PathBuf {
     p
 }
 
-fn run_and_measure(lora_rank: usize, bar: f64) {
+fn run_and_measure(lora_rank: usize, lr: (f64, f64), bar: f64) {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = prompts_file(tmp.path());
     let out = tmp.path().join("run");
-    let ckpt = job(&out, &prompts, 60, lora_rank).run(&Device::Cpu).unwrap();
+    let ckpt = job(&out, &prompts, 60, lora_rank, lr)
+        .run(&Device::Cpu)
+        .unwrap();
     let info: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(ckpt.join(distill::train::distill::TEXT_TO_IMAGE_FILE)).unwrap(),
     )
@@ -127,30 +149,42 @@ fn run_and_measure(lora_rank: usize, bar: f64) {
     );
 }
 
+// The distance: rms between each prompt's mean latents (over 8 fixed noises) of the student's
+// 4 steps and of the teacher's 25 guided steps. The per-sample rms barely moves on this random
+// tiny teacher (measured 4.53 -> 4.44, seeds 7 / 1 / 2: 4.44 / 4.54 / 4.45; its latents have rms
+// ~14), since TDM matches distributions, not each noise's ODE end point; the prompt-conditional
+// means follow the guided teacher. Measured (60 iterations, batch 4, seed 7): full fine-tuning
+// 2.912 -> 2.070 (x0.711; seeds 1 and 2: x0.770, x0.772); LoRA rank 4 at lr 1e-3 2.912 -> 2.114
+// (x0.726; at the full run's lr 2e-5 it stays at x0.998, the bar fails).
+
 #[test]
 fn tdm_student_approaches_the_guided_teacher() {
-    run_and_measure(0, BAR_FULL);
+    run_and_measure(0, (1e-4, 2e-5), 0.85);
 }
 
-/// Set from measurements (see the report of the commit): full fine-tuning falls to about
-/// MEASURED of the untrained distance.
-const BAR_FULL: f64 = 0.9;
+#[test]
+fn lora_tdm_student_approaches_the_guided_teacher() {
+    run_and_measure(4, (1e-3, 1e-3), 0.85);
+}
 
 #[test]
 fn resume_continues_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = prompts_file(tmp.path());
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let whole = job(&a, &prompts, 40, 0).run(&Device::Cpu).unwrap();
-    job(&b, &prompts, 20, 0).run(&Device::Cpu).unwrap();
-    let mut rest = job(&b, &prompts, 40, 0);
+    let whole = job(&a, &prompts, 40, 0, LR).run(&Device::Cpu).unwrap();
+    job(&b, &prompts, 20, 0, LR).run(&Device::Cpu).unwrap();
+    let mut rest = job(&b, &prompts, 40, 0, LR);
     rest.resume = true;
     let resumed = rest.run(&Device::Cpu).unwrap();
     let w = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
-    assert!(w(&whole) == w(&resumed), "a resumed run differs from an uninterrupted one");
+    assert!(
+        w(&whole) == w(&resumed),
+        "a resumed run differs from an uninterrupted one"
+    );
     // Another prompt list is another run.
     std::fs::write(&prompts, "something else\n").unwrap();
-    let mut other = job(&b, &prompts, 60, 0);
+    let mut other = job(&b, &prompts, 60, 0, LR);
     other.resume = true;
     let e = format!("{:#}", other.run(&Device::Cpu).unwrap_err());
     assert!(e.contains("--resume"), "{e}");
@@ -162,7 +196,7 @@ fn missing_or_empty_prompts_are_refused_by_name() {
     let missing = tmp.path().join("nope.txt");
     let e = format!(
         "{:#}",
-        job(&tmp.path().join("r1"), &missing, 2, 0)
+        job(&tmp.path().join("r1"), &missing, 2, 0, LR)
             .run(&Device::Cpu)
             .unwrap_err()
     );
@@ -171,13 +205,13 @@ fn missing_or_empty_prompts_are_refused_by_name() {
     std::fs::write(&empty, "\n  \n").unwrap();
     let e = format!(
         "{:#}",
-        job(&tmp.path().join("r2"), &empty, 2, 0)
+        job(&tmp.path().join("r2"), &empty, 2, 0, LR)
             .run(&Device::Cpu)
             .unwrap_err()
     );
     assert!(e.contains("--prompts") && e.contains("no prompts"), "{e}");
     // Without --prompts the pipeline folder is refused, naming the flag that takes it.
-    let mut j = job(&tmp.path().join("r3"), &empty, 2, 0);
+    let mut j = job(&tmp.path().join("r3"), &empty, 2, 0, LR);
     j.prompts = None;
     let e = format!("{:#}", j.run(&Device::Cpu).unwrap_err());
     assert!(e.contains("--prompts"), "{e}");

@@ -131,8 +131,7 @@ impl Teacher {
         let meta = CheckpointMeta::new(Role::Teacher, den.config(), generator, 0);
         let unet_sha256 = dir_weights_sha256(&dir.join("unet"))?;
         let prompts_sha256 = crate::checkpoint::file_sha256(prompts_file)?;
-        let sha256 =
-            crate::checks::sha256_hex(format!("{unet_sha256}{prompts_sha256}").as_bytes());
+        let sha256 = crate::checks::sha256_hex(format!("{unet_sha256}{prompts_sha256}").as_bytes());
         Ok(Self {
             den,
             meta,

@@ -26,9 +26,9 @@ use crate::rng::SampleRngs;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, Var};
 use graphs::guidance::{cond_uncond_batched, guided_by_cond};
-use graphs::{Cond, NetCond};
 use graphs::losses::tdm::{self, Distance, Weighting};
 use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid};
+use graphs::{Cond, NetCond};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -443,7 +443,9 @@ impl Method for Tdm<'_> {
                 // The teacher under the prompt, guided against the empty prompt.
                 Some(c) => {
                     let den = &self.teacher.den;
-                    guided_by_cond(&b, den, c, scale, |nc| den.forward_with(&b, &x_t, &level, nc))?
+                    guided_by_cond(&b, den, c, scale, |nc| {
+                        den.forward_with(&b, &x_t, &level, nc)
+                    })?
                 }
             };
             let fl = self.fake_labels(label_ids, &d.k)?;
