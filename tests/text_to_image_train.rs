@@ -119,6 +119,60 @@ fn distances(ckpt: &Path, prompts: &[&str]) -> (f64, f64) {
     (before, after)
 }
 
+/// `distill sample CKPT --prompts FILE --noise N` = the recorded pipeline's VAE decoding the
+/// student's 4-step latents on that noise.
+fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str], tmp: &Path) {
+    let dev = Device::Cpu;
+    let b = CandleBackend::new(&dev);
+    let pipe = TextToImage::load(&sd_tiny(), &dev).unwrap();
+    let (c, r) = pipe.latent_shape();
+    let noise = distill::rng::randn(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5),
+        &[prompts.len(), c, r, r],
+        &dev,
+    )
+    .unwrap();
+    let nf = tmp.join("noise.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("noise".to_string(), noise.clone())]),
+        &nf,
+    )
+    .unwrap();
+    let png = tmp.join("student.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .env("DISTILL_THREADS", "2")
+        .args(["sample", ckpt.to_str().unwrap(), "--prompts"])
+        .args([
+            prompts_path.to_str().unwrap(),
+            "--noise",
+            nf.to_str().unwrap(),
+        ])
+        .args(["--per-class", "1", "-o", png.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let got = candle_core::safetensors::load(tmp.join("student.safetensors"), &dev).unwrap();
+    let (student, meta) = distill::checkpoint::load(ckpt, &dev).unwrap();
+    let cond = pipe.condition(&b, prompts).unwrap();
+    let lat = student_latents(&student, &noise, &cond, &meta.generator.sigmas);
+    let want = pipe.decode(&b, &lat).unwrap().affine(2.0, -1.0).unwrap();
+    let err = rms(&got["images"], &want);
+    assert!(
+        err < 1e-4,
+        "sampled images differ from the decoded rollout: rms {err}"
+    );
+    // The student's own steps: a teacher's sampler flags are refused by name.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["sample", ckpt.to_str().unwrap(), "--prompts"])
+        .args([prompts_path.to_str().unwrap(), "--cfg-scale", "2"])
+        .args(["-o", png.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--cfg-scale"));
+}
+
 fn prompts_file(dir: &Path) -> PathBuf {
     let p = dir.join("prompts.txt");
     std::fs::write(&p, PROMPTS).unwrap();
@@ -142,6 +196,7 @@ fn run_and_measure(lora_rank: usize, lr: (f64, f64), bar: f64) {
     );
     let list: Vec<&str> = PROMPTS.lines().collect();
     let (before, after) = distances(&ckpt, &list);
+    sample_matches_the_rollout(&ckpt, &prompts, &list, tmp.path());
     eprintln!("lora rank {lora_rank}: rms to the teacher's 25 steps: before {before:.5}, after {after:.5}, ratio {:.3}", after / before);
     assert!(
         after < bar * before,

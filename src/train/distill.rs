@@ -174,7 +174,7 @@ impl Teacher {
 }
 
 /// sha256 of the concatenated sha256s of a folder's `.safetensors` files (sorted by name).
-fn dir_weights_sha256(dir: &Path) -> Result<String> {
+pub fn dir_weights_sha256(dir: &Path) -> Result<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
