@@ -162,6 +162,60 @@ fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str]
         err < 1e-4,
         "sampled images differ from the decoded rollout: rms {err}"
     );
+    // `distill export CKPT`: generator.onnx (noise + prompt_embeds -> images in [0, 1]) and
+    // text_encoder.onnx; the generator in tract = the candle rollout decoded.
+    let out = tmp.join("onnx");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .env("DISTILL_THREADS", "2")
+        .args([
+            "export",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(out.join("text_encoder.onnx").is_file());
+    {
+        use export::runtime::{Runner, TensorData, TractRunner};
+        let data = |t: &Tensor| {
+            TensorData::F32(
+                ndarray::ArrayD::from_shape_vec(
+                    t.dims().to_vec(),
+                    t.flatten_all().unwrap().to_vec1().unwrap(),
+                )
+                .unwrap(),
+            )
+        };
+        let Cond::Text { cond: tc, .. } = &cond else {
+            unreachable!()
+        };
+        let mut r = TractRunner::from_path(&out.join("generator.onnx")).unwrap();
+        let y = r
+            .run(&[
+                ("noise".to_string(), data(&noise)),
+                ("prompt_embeds".to_string(), data(&tc.prompt_embeds)),
+            ])
+            .unwrap()
+            .remove(0)
+            .1;
+        let want01 = want
+            .affine(0.5, 0.5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let e = y
+            .iter()
+            .zip(&want01)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(e < 1e-3, "generator.onnx in tract vs candle: max err {e}");
+        eprintln!("student generator.onnx in tract vs candle: max err {e:.2e}");
+    }
     // The student's own steps: a teacher's sampler flags are refused by name.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
         .args(["sample", ckpt.to_str().unwrap(), "--prompts"])
