@@ -18,4 +18,5 @@ pub mod plot;
 pub mod rng;
 pub mod sample;
 pub mod teacher_source;
+pub mod text_student;
 pub mod train;

@@ -123,8 +123,10 @@ fn diffusers_meta(f: &DiffusersFolder) -> Result<CheckpointMeta> {
     {
         anyhow::bail!(
             "{}: a text-to-image pipeline (UNet2DConditionModel): `distill sample {} --prompts \
-             FILE`, `distill export` and `distill validate --reference` take it; training and \
-             eval of text-to-image teachers are not implemented yet",
+             FILE`, `distill export`, `distill validate --reference` and `distill train tdm \
+             --teacher {} --prompts FILE` take it; DMD2 training and eval of text-to-image \
+             teachers are not implemented yet",
+            p.display(),
             p.display(),
             p.display()
         );

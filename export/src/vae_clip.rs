@@ -234,3 +234,81 @@ pub fn export_text_to_image(
         "the exported text-to-image generator",
     )
 }
+
+/// A distilled text-to-image student's sampler as one graph (the pipeline `t2i` with the
+/// student's UNet in its `den`): `noise` `[batch, C, h, w]` + `prompt_embeds` -> the student's
+/// deterministic steps over its `sigmas` (no guidance: it is distilled in) -> the last step's
+/// latents -> the VAE decoder -> `images` in [0, 1]. Metadata `sampler = student`.
+pub fn export_text_to_image_student(
+    t2i: &graphs::diffusers::TextToImage,
+    sigmas: &[f64],
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
+    use graphs::cond::{NetCond, TextCond};
+    use graphs::Backend;
+    let cfg = &t2i.vae.cfg;
+    anyhow::ensure!(
+        !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
+        "the VAE's config.json sets force_upcast = true (it overflows in half precision): export \
+         the text-to-image generator in fp32"
+    );
+    let (c, side) = t2i.latent_shape();
+    let seq = t2i.prompts.tokenizer.max_length;
+    let dim = t2i.prompts.model.cfg.hidden_size;
+    let b = OnnxBackend::new(opts.precision)?;
+    let noise = b.input(
+        "noise",
+        ElemType::F32,
+        &[
+            Dim::Batch,
+            Dim::Fixed(c),
+            Dim::Fixed(side),
+            Dim::Fixed(side),
+        ],
+    )?;
+    let pe = b.input(
+        "prompt_embeds",
+        ElemType::F32,
+        &[Dim::Batch, Dim::Fixed(seq), Dim::Fixed(dim)],
+    )?;
+    let tc = TextCond {
+        prompt_embeds: pe,
+        added: None,
+    };
+    let mut last = None;
+    graphs::sampler::student_rollout_with(
+        &b,
+        &t2i.den,
+        &noise,
+        NetCond::Text(&tc),
+        sigmas,
+        &graphs::Renoise::Deterministic,
+        sigmas.len(),
+        |_, _, x0| {
+            last = Some(x0.clone());
+            Ok(())
+        },
+    )
+    .context("lowering the text-to-image student")?;
+    let lat = last.context("a student has at least one step")?;
+    let img = t2i
+        .vae
+        .decode_latents(&b, &lat, side, side)
+        .context("lowering the AutoencoderKL decoder")?;
+    let images = b.clamp(&b.affine(&img, 0.5, 0.5)?, 0.0, 1.0)?;
+    let meta = vec![
+        ("sampler".into(), "student".into()),
+        ("steps".into(), sigmas.len().to_string()),
+        ("unet_calls".into(), sigmas.len().to_string()),
+        ("cfg_scale".into(), "1".into()),
+        ("images_range".into(), "0,1".into()),
+    ];
+    finish(
+        b,
+        "text_to_image_generator",
+        &[("images", images)],
+        meta,
+        opts,
+        "the exported text-to-image student",
+    )
+}

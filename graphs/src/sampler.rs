@@ -292,6 +292,30 @@ pub fn student_rollout<B: Backend>(
     sigmas: &[f64],
     renoise: &Renoise<B::T>,
     steps: usize,
+    observe: impl FnMut(usize, &B::T, &B::T) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<B::T>> {
+    student_rollout_with(
+        b,
+        den,
+        z,
+        crate::cond::NetCond::Labels(labels),
+        sigmas,
+        renoise,
+        steps,
+        observe,
+    )
+}
+
+/// [`student_rollout`] under either condition (labels or prompt embeddings).
+#[allow(clippy::too_many_arguments)]
+pub fn student_rollout_with<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    z: &B::T,
+    cond: crate::cond::NetCond<'_, B::T>,
+    sigmas: &[f64],
+    renoise: &Renoise<B::T>,
+    steps: usize,
     mut observe: impl FnMut(usize, &B::T, &B::T) -> anyhow::Result<()>,
 ) -> anyhow::Result<Option<B::T>> {
     anyhow::ensure!(!sigmas.is_empty(), "a student needs at least one step");
@@ -311,7 +335,12 @@ pub fn student_rollout<B: Backend>(
     }
     let mut x = b.affine(z, initial_scale(&den.param, sigmas[0]), 0.0)?;
     for (i, &s) in sigmas.iter().enumerate().take(steps) {
-        let x0 = den.forward(b, &x, &den.level_const(b, z, s)?, labels)?;
+        // (`NetCond` holds references; derive(Copy) would need `T: Copy`.)
+        let c = match &cond {
+            crate::cond::NetCond::Labels(l) => crate::cond::NetCond::Labels(*l),
+            crate::cond::NetCond::Text(t) => crate::cond::NetCond::Text(*t),
+        };
+        let x0 = den.forward_with(b, &x, &den.level_const(b, z, s)?, c)?;
         observe(i, &x, &x0)?;
         let Some(&next) = sigmas.get(i + 1) else {
             return Ok(None);

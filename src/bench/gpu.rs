@@ -229,6 +229,7 @@ fn random_teacher(cfg: &ModelConfig, dev: &Device) -> Result<Teacher> {
         meta: CheckpointMeta::new(Role::Teacher, cfg.clone(), spec, 0),
         dir: PathBuf::from("<random bench teacher>"),
         sha256: String::new(),
+        text: None,
     })
 }
 

@@ -532,6 +532,10 @@ pub struct TdmArgs {
     /// Learning-rate schedule after warm-up (cosine decays to 10% at the last step).
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleArg>,
+    /// With a text-to-image pipeline folder as --teacher: its prompts, one a line (encoded once
+    /// by the pipeline's text encoder; each sample draws one).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
 }
 
 impl TdmArgs {
@@ -610,6 +614,7 @@ impl TdmArgs {
     pub fn job(&self, show_progress: bool) -> Result<TdmJob> {
         Ok(TdmJob {
             config: self.resolve()?,
+            prompts: self.prompts.clone(),
             out: self
                 .common
                 .out

@@ -87,6 +87,9 @@ impl ExportJob {
         if graphs::diffusers::is_text_to_image(&self.checkpoint) {
             return self.write_text_to_image();
         }
+        if let Some(r) = crate::text_student::pipeline_ref(&self.checkpoint)? {
+            return self.write_text_student(&r);
+        }
         let source = crate::teacher_source::TeacherSource::resolve(&self.checkpoint)?;
         // The bare network of a diffusers model keeps diffusers' own signature.
         if source.is_diffusers() && self.what == ExportWhat::Denoiser {
@@ -119,6 +122,66 @@ impl ExportJob {
         };
         let path = self.out.join(format!("{stem}{suffix}.onnx"));
         export::write_model(&model, &path)?;
+        Ok(path)
+    }
+
+    /// A text-to-image student checkpoint (`train tdm --prompts`): `generator[_fp16].onnx`
+    /// (`noise` + `prompt_embeds` -> the student's steps -> the recorded pipeline's VAE ->
+    /// images in [0, 1]) and the pipeline's `text_encoder[_fp16].onnx` beside it.
+    fn write_text_student(&self, r: &crate::text_student::PipelineRef) -> Result<PathBuf> {
+        if self.trt.is_some() || self.what != ExportWhat::Generator {
+            bail!(
+                "--trt / --what denoiser: {} is a text-to-image student; only its ONNX generator \
+                 (and the text encoder) are exported",
+                self.checkpoint.display()
+            );
+        }
+        if self.sampler.sampler.is_some()
+            || self.sampler.sample_steps.is_some()
+            || self.sampler.cfg_scale.is_some()
+        {
+            bail!(
+                "--sampler / --sample-steps / --cfg-scale: {} is a distilled student; it samples \
+                 with its own steps and its guidance distilled in",
+                self.checkpoint.display()
+            );
+        }
+        let dev = Device::Cpu;
+        let (t2i, spec) = crate::text_student::load(&self.checkpoint, r, &dev)?;
+        let meta = crate::checkpoint::load_meta(&self.checkpoint)?;
+        let opts = export::ExportOptions {
+            precision: self.precision,
+            method: meta.role.name().into(),
+            weights_sha256: Some(crate::checkpoint::file_sha256(
+                &self.checkpoint.join(crate::checkpoint::WEIGHTS_FILE),
+            )?),
+            extra_metadata: vec![
+                ("checkpoint_step".into(), meta.step.to_string()),
+                ("pipeline".into(), r.pipeline.display().to_string()),
+            ],
+        };
+        let suffix = if self.precision == Precision::Fp16 {
+            "_fp16"
+        } else {
+            ""
+        };
+        let seq = t2i.prompts.tokenizer.max_length;
+        let te = export::export_text_encoder(
+            &t2i.prompts.model,
+            seq,
+            t2i.prompts.clip_skip,
+            false,
+            &opts,
+        )?;
+        let te_path = self.out.join(format!("text_encoder{suffix}.onnx"));
+        export::write_model(&te, &te_path)?;
+        println!(
+            "wrote {} (input_ids -> last_hidden_state = prompt_embeds)",
+            te_path.display()
+        );
+        let m = export::export_text_to_image_student(&t2i, &spec.sigmas, &opts)?;
+        let path = self.out.join(format!("generator{suffix}.onnx"));
+        export::write_model(&m, &path)?;
         Ok(path)
     }
 

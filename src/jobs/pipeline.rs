@@ -230,6 +230,7 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
                 ),
                 ..Default::default()
             },
+            prompts: None,
             resume: resumable(&out.join("checkpoint")),
             allow_resume_change: false,
             out: out.clone(),

@@ -97,7 +97,9 @@ impl SampleJob {
     pub fn run(&self, dev: &Device) -> Result<()> {
         crate::checks::size("--per-class", self.per_class as u64, 1, 1_000_000)?;
         crate::checks::size("--batch-size", self.batch_size as u64, 1, 65_536)?;
-        if graphs::diffusers::is_text_to_image(&self.checkpoint) {
+        if graphs::diffusers::is_text_to_image(&self.checkpoint)
+            || crate::text_student::pipeline_ref(&self.checkpoint)?.is_some()
+        {
             return self.run_text_to_image(dev);
         }
         if let Some(p) = &self.prompts {
@@ -189,6 +191,9 @@ impl SampleJob {
             crate::checks::cfg_scale("--cfg-scale", c)?;
         }
         let prompts = graphs::transformers::read_prompts(path)?;
+        if let Some(r) = crate::text_student::pipeline_ref(&self.checkpoint)? {
+            return self.run_text_student(&r, &prompts, dev);
+        }
         let t2i = graphs::diffusers::TextToImage::load(&self.checkpoint, dev)?;
         let kind = self
             .sampler
@@ -239,6 +244,90 @@ impl SampleJob {
             i += k;
         }
         let secs = t0.elapsed().as_secs_f64();
+        self.write_text_samples(&prompts, out, n)?;
+        println!(
+            "{n} images of {} prompts with {kind:?} ({steps} steps, cfg {scale}) in {secs:.2}s: {}",
+            prompts.len(),
+            self.out.display(),
+        );
+        Ok(())
+    }
+
+    /// A text-to-image student checkpoint: its own steps (the guidance is distilled in: no
+    /// `--cfg-scale`), the last step's latents decoded by the recorded pipeline's VAE.
+    fn run_text_student(
+        &self,
+        r: &crate::text_student::PipelineRef,
+        prompts: &[String],
+        dev: &Device,
+    ) -> Result<()> {
+        if self.sampler.sampler.is_some()
+            || self.sampler.sample_steps.is_some()
+            || self.sampler.cfg_scale.is_some()
+        {
+            bail!(
+                "--sampler / --sample-steps / --cfg-scale: {} is a distilled student; it samples \
+                 with its own steps and its guidance distilled in",
+                self.checkpoint.display()
+            );
+        }
+        let (t2i, spec) = crate::text_student::load(&self.checkpoint, r, dev)?;
+        let all: Vec<&str> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.as_str(), self.per_class))
+            .collect();
+        let noise = match &self.noise {
+            Some(p) => crate::sample::load_noise(p, &t2i.den, &spec, dev)?.noise,
+            None => crate::sample::seeded_noise(&t2i.den, &spec, all.len(), self.seed, dev)?.noise,
+        };
+        let n = noise.dim(0)?;
+        if n != all.len() {
+            bail!(
+                "--noise: {n} noise samples for {} prompts x {} per prompt",
+                prompts.len(),
+                self.per_class
+            );
+        }
+        let b = graphs::CandleBackend::new(dev);
+        let t0 = std::time::Instant::now();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let k = self.batch_size.min(n - i);
+            let cond = t2i.condition(&b, &all[i..i + k])?;
+            let mut last = None;
+            graphs::sampler::student_rollout_with(
+                &b,
+                &t2i.den,
+                &noise.narrow(0, i, k)?,
+                cond.net(),
+                &spec.sigmas,
+                &graphs::Renoise::Deterministic,
+                spec.sigmas.len(),
+                |_, _, x0| {
+                    last = Some(x0.clone());
+                    Ok(())
+                },
+            )?;
+            let lat = last.context("a student has at least one step")?;
+            out.push(t2i.decode(&b, &lat)?);
+            i += k;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        self.write_text_samples(prompts, out, n)?;
+        println!(
+            "{n} images of {} prompts with the {}-step student in {secs:.2}s: {}",
+            prompts.len(),
+            spec.sigmas.len(),
+            self.out.display(),
+        );
+        Ok(())
+    }
+
+    /// The grid, `<out>.prompts.txt` and the raw `.safetensors` (images in [-1, 1], `labels` = the
+    /// prompt's row) of decoded images `out` in [0, 1].
+    fn write_text_samples(&self, prompts: &[String], out: Vec<Tensor>, n: usize) -> Result<()> {
+        let dev = out[0].device().clone();
         // [0, 1] -> the grid's and sample files' [-1, 1].
         let images = Tensor::cat(&out, 0)?.affine(2.0, -1.0)?;
         crate::grid::tensor_grid_png(&self.out, &images, self.per_class)?;
@@ -250,14 +339,8 @@ impl SampleJob {
         checkpoint::write_atomic(&listed, text.as_bytes())?;
         let raw = self.out.with_extension("safetensors");
         let rows: Vec<u32> = (0..n).map(|j| (j / self.per_class) as u32).collect();
-        crate::sample::save_samples(&raw, &images, &Tensor::from_vec(rows, n, dev)?)?;
-        println!(
-            "{n} images of {} prompts with {kind:?} ({steps} steps, cfg {scale}) in {secs:.2}s: {}, {} and {}",
-            prompts.len(),
-            self.out.display(),
-            listed.display(),
-            raw.display()
-        );
+        crate::sample::save_samples(&raw, &images, &Tensor::from_vec(rows, n, &dev)?)?;
+        println!("wrote {} and {}", listed.display(), raw.display());
         Ok(())
     }
 }

@@ -351,6 +351,9 @@ impl DistillRun<'_> {
 #[derive(Clone, Debug)]
 pub struct TdmJob {
     pub config: TdmConfig,
+    /// A text-to-image pipeline teacher's prompts (one a line): each sample is conditioned on
+    /// one of them, drawn from its own stream.
+    pub prompts: Option<PathBuf>,
     pub out: PathBuf,
     pub resume: bool,
     /// With `resume`: continue even though the config or the data differ from the run's start.
@@ -366,6 +369,7 @@ impl Default for TdmJob {
     fn default() -> Self {
         Self {
             config: TdmConfig::default(),
+            prompts: None,
             out: PathBuf::from(Self::DEFAULT_OUT),
             resume: false,
             allow_resume_change: false,
@@ -378,7 +382,11 @@ impl TdmJob {
     /// Trains; returns the checkpoint folder.
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
         train_checks::tdm(&self.config)?;
-        let teacher = Teacher::load(&self.config.common.teacher, dev)?;
+        let dir = &self.config.common.teacher;
+        let teacher = match &self.prompts {
+            None => Teacher::load(dir, dev)?,
+            Some(p) => Teacher::load_text(dir, p, dev)?,
+        };
         let mut m = Tdm::new(self.config.clone(), &teacher, dev)?;
         // `Tdm::new` completes the config (the cosine decay length): store that one.
         let cfg = m.cfg.clone();

@@ -20,8 +20,52 @@ pub struct Teacher {
     pub den: Denoiser,
     pub meta: CheckpointMeta,
     pub dir: PathBuf,
-    /// sha256 of the teacher's `model.safetensors` (a resumed run must see the same teacher).
+    /// sha256 of the teacher's `model.safetensors` (a resumed run must see the same teacher;
+    /// for a text-to-image teacher: of its UNet's weights and the prompt list together).
     pub sha256: String,
+    /// A text-to-image pipeline teacher's prompts, encoded once ([`Teacher::load_text`]).
+    pub text: Option<TextPrompts>,
+}
+
+/// The prompts a text-to-image student is distilled on, encoded once by the pipeline's text
+/// encoder: each training sample draws one by index from its own stream.
+pub struct TextPrompts {
+    /// The prompt file's lines (blank lines dropped).
+    pub prompts: Vec<String>,
+    /// `[P, S, D]`: the prompts' embeddings (the text encoder's last hidden states).
+    pub embeds: Tensor,
+    /// `[1, S, D]`: the empty prompt's, the unconditional branch of the real score's guidance.
+    pub empty: Tensor,
+    /// sha256 of the pipeline's `unet/` weights.
+    pub unet_sha256: String,
+    /// sha256 of the prompt file.
+    pub prompts_sha256: String,
+}
+
+/// The file a text-to-image student's checkpoint names its pipeline in (the VAE, text encoder,
+/// tokenizer and scheduler it samples and exports with): `{"pipeline": <teacher folder,
+/// absolute>, "unet_sha256": <the teacher UNet's weights>, "prompts_sha256", "checkpoint_step"}`.
+pub const TEXT_TO_IMAGE_FILE: &str = "text_to_image.json";
+
+impl TextPrompts {
+    /// The condition of samples drawing prompts `idx`, with the empty prompt as the
+    /// unconditional branch.
+    pub fn cond(&self, idx: &[u32]) -> Result<graphs::Cond<Tensor>> {
+        let n = idx.len();
+        let i = Tensor::from_vec(idx.to_vec(), n, self.embeds.device())?;
+        let cond = self.embeds.index_select(&i, 0)?;
+        let uncond = self.empty.repeat((n, 1, 1))?;
+        Ok(graphs::Cond::Text {
+            cond: graphs::TextCond {
+                prompt_embeds: cond,
+                added: None,
+            },
+            uncond: Some(graphs::TextCond {
+                prompt_embeds: uncond,
+                added: None,
+            }),
+        })
+    }
 }
 
 impl Teacher {
@@ -45,12 +89,71 @@ impl Teacher {
             meta,
             dir: dir.to_path_buf(),
             sha256,
+            text: None,
+        })
+    }
+
+    /// A text-to-image pipeline folder (`graphs::diffusers::TextToImage`) with the prompts of
+    /// `prompts_file` (one a line), encoded once with the empty prompt's embeddings.
+    pub fn load_text(dir: &Path, prompts_file: &Path, device: &Device) -> Result<Self> {
+        let text = std::fs::read_to_string(prompts_file)
+            .with_context(|| format!("--prompts {}: cannot read it", prompts_file.display()))?;
+        let prompts: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        ensure!(
+            !prompts.is_empty(),
+            "--prompts {}: no prompts in it (one prompt a line)",
+            prompts_file.display()
+        );
+        ensure!(
+            graphs::diffusers::is_text_to_image(dir),
+            "--prompts: the teacher {} is not a text-to-image pipeline folder (model_index.json              with a UNet2DConditionModel unet/)",
+            dir.display()
+        );
+        let pipe = graphs::diffusers::TextToImage::load(dir, device)
+            .with_context(|| format!("loading the teacher {}", dir.display()))?;
+        let b = CandleBackend::new(device);
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let embeds = pipe.prompts.encode(&b, &refs)?.detach();
+        let empty = pipe.prompts.encode(&b, &[""])?.detach();
+        let den = pipe.den.clone();
+        let generator = graphs::GeneratorSpec {
+            sampler: pipe.default_sampler(),
+            steps: crate::teacher_source::DIFFUSERS_SAMPLE_STEPS,
+            sigmas: vec![],
+            fresh_noise: false,
+            cfg_scale: 1.0,
+        };
+        let meta = CheckpointMeta::new(Role::Teacher, den.config(), generator, 0);
+        let unet_sha256 = dir_weights_sha256(&dir.join("unet"))?;
+        let prompts_sha256 = crate::checkpoint::file_sha256(prompts_file)?;
+        let sha256 = crate::checks::sha256_hex(format!("{unet_sha256}{prompts_sha256}").as_bytes());
+        Ok(Self {
+            den,
+            meta,
+            dir: dir.to_path_buf(),
+            sha256,
+            text: Some(TextPrompts {
+                prompts,
+                embeds,
+                empty,
+                unet_sha256,
+                prompts_sha256,
+            }),
         })
     }
 
     /// Refuses a real-score guidance scale the teacher cannot take: classifier-free guidance
     /// needs a null class, which a diffusers model does not have.
     pub fn check_guidance(&self, cfg_scale: f64) -> Result<()> {
+        if self.text.is_some() {
+            // Guided against the empty prompt's embeddings.
+            return Ok(());
+        }
         if cfg_scale != 1.0 && self.den.null_class().is_none() {
             bail!(
                 "--cfg-scale {cfg_scale}: the teacher {} has no null class (a diffusers model), so \
@@ -68,6 +171,21 @@ impl Teacher {
             .map(|p| (p.name, p.t))
             .collect()
     }
+}
+
+/// sha256 of the concatenated sha256s of a folder's `.safetensors` files (sorted by name).
+pub fn dir_weights_sha256(dir: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let mut all = String::new();
+    for p in &files {
+        all.push_str(&crate::checkpoint::file_sha256(p)?);
+    }
+    Ok(crate::checks::sha256_hex(all.as_bytes()))
 }
 
 /// Trainable variables initialised with copies of `weights` (so training never touches the
@@ -205,8 +323,22 @@ impl TrainedNet {
         teacher: &Teacher,
         step: u64,
     ) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = Vec::new();
+        if let Some(t) = &teacher.text {
+            let dir = std::fs::canonicalize(&teacher.dir).unwrap_or_else(|_| teacher.dir.clone());
+            let info = serde_json::json!({
+                "pipeline": dir.display().to_string(),
+                "unet_sha256": t.unet_sha256,
+                "prompts_sha256": t.prompts_sha256,
+                "checkpoint_step": step,
+            });
+            files.push((
+                TEXT_TO_IMAGE_FILE.to_string(),
+                serde_json::to_vec_pretty(&info)?,
+            ));
+        }
         let Self::Lora { cfg, scale, .. } = self else {
-            return Ok(Vec::new());
+            return Ok(files);
         };
         // One header entry (safetensors writes a map's entries in no fixed order; one entry
         // keeps the file's bytes reproducible, as a resume test compares them).
@@ -221,7 +353,8 @@ impl TrainedNet {
         });
         let meta = HashMap::from([(LORA_META_KEY.to_string(), info.to_string())]);
         let bytes = crate::checkpoint::safetensors_bytes_with_meta(trained, Some(meta))?;
-        Ok(vec![(LORA_FILE.to_string(), bytes)])
+        files.push((LORA_FILE.to_string(), bytes));
+        Ok(files)
     }
 
     /// Trainable parameters (adapters only under LoRA).
@@ -383,16 +516,37 @@ pub fn rollout(
     steps: usize,
     fresh: Option<&[Tensor]>,
 ) -> Result<Rollout> {
+    rollout_with(
+        b,
+        student,
+        z,
+        graphs::cond::NetCond::Labels(labels),
+        sigmas,
+        steps,
+        fresh,
+    )
+}
+
+/// [`rollout`] under either condition (labels or a text-to-image teacher's prompt embeddings).
+pub fn rollout_with(
+    b: &CandleBackend,
+    student: &Denoiser,
+    z: &Tensor,
+    cond: graphs::cond::NetCond<'_, Tensor>,
+    sigmas: &[f64],
+    steps: usize,
+    fresh: Option<&[Tensor]>,
+) -> Result<Rollout> {
     let renoise = match fresh {
         None => Renoise::Deterministic,
         Some(f) => Renoise::Fresh(f.to_vec()),
     };
     let (mut xs, mut x0s) = (Vec::new(), Vec::new());
-    let next = graphs::sampler::student_rollout(
+    let next = graphs::sampler::student_rollout_with(
         b,
         student,
         z,
-        labels,
+        cond,
         sigmas,
         &renoise,
         steps,

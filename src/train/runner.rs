@@ -141,6 +141,11 @@ pub trait Method {
     }
     /// The sampler stored in the checkpoint.
     fn spec(&self) -> GeneratorSpec;
+    /// A text-to-image method's condition of `n` samples under the empty prompt (the checks'
+    /// forward pass of a checkpoint); `None`: the network takes class labels.
+    fn text_probe(&self, _n: usize) -> Result<Option<graphs::TextCond<Tensor>>> {
+        Ok(None)
+    }
     fn model_config(&self) -> ModelConfig;
     /// The model's full weights from its trained variables' values `trained` (the EMA or the raw
     /// weights): themselves, or for a LoRA student the base with the adapters merged.
@@ -228,14 +233,22 @@ fn all_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
 }
 
 /// One forward pass of the inference weights on seeded noise: finite or the reason it is not.
-fn probe(den: &Denoiser, device: &Device) -> Result<Option<String>> {
+fn probe(
+    den: &Denoiser,
+    text: Option<graphs::TextCond<Tensor>>,
+    device: &Device,
+) -> Result<Option<String>> {
     let (c, r) = den.image_shape();
     let n = 2;
     let z = super::randn(&mut super::step_rng(0, 0, 0x9A0B), &[n, c, r, r], device)?;
     let b = CandleBackend::new(device);
     let sigma = 1.0;
     let labels = Tensor::from_vec(vec![0u32; n], n, device)?;
-    let y = den.forward(&b, &z, &den.level_const(&b, &z, sigma)?, &labels)?;
+    let level = den.level_const(&b, &z, sigma)?;
+    let y = match &text {
+        None => den.forward(&b, &z, &level, &labels)?,
+        Some(t) => den.forward_with(&b, &z, &level, graphs::NetCond::Text(t))?,
+    };
     let v = y.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter()
         .find(|x| !x.is_finite())
@@ -276,7 +289,7 @@ fn snapshot<M: Method>(
         return Ok(Err(why));
     }
     let den = denoiser_from(&m.model_config(), weights.clone(), rs.device)?;
-    if let Some(why) = probe(&den, rs.device)? {
+    if let Some(why) = probe(&den, m.text_probe(2)?, rs.device)? {
         return Ok(Err(why));
     }
     let cm = CheckpointMeta::new(M::ROLE, m.model_config(), m.spec(), step);
@@ -594,7 +607,13 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 ),
             }
         }
-        if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.train_steps) {
+        // Sample grids are of class-conditional students (a text-to-image student samples with
+        // `distill sample CKPT --prompts FILE`).
+        let grids = m.text_probe(1)?.is_none();
+        if grids
+            && cfg.sample_every > 0
+            && (done % cfg.sample_every == 0 || done == cfg.train_steps)
+        {
             let den = denoiser_from(
                 &m.model_config(),
                 m.inference_weights(student_weights(&ema, m.student_vars()))?,

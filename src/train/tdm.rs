@@ -16,7 +16,7 @@
 //! the teacher (`train::distill`).
 
 use super::distill::{
-    finite, gather_steps, grid_level, pair, rollout, scalar, sigma_level, Method, StepMetrics,
+    finite, gather_steps, grid_level, pair, rollout_with, scalar, sigma_level, Method, StepMetrics,
     Teacher, Trainable, TrainedNet,
 };
 use super::distill_config::{distill_config, DistillCommon};
@@ -25,9 +25,10 @@ use crate::checkpoint::Role;
 use crate::rng::SampleRngs;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, Var};
-use graphs::guidance::cond_uncond_batched;
+use graphs::guidance::{cond_uncond_batched, guided_by_cond};
 use graphs::losses::tdm::{self, Distance, Weighting};
 use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid};
+use graphs::{Cond, NetCond};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -242,6 +243,12 @@ impl<'a> Tdm<'a> {
             TrainedNet::new(&mcfg, &teacher.den, &w, lora, (seed, 0x10A5), device)?;
         let mut fcfg = mcfg.clone();
         let mut fw = w.clone();
+        if cfg.condition_on_step && teacher.text.is_some() {
+            anyhow::bail!(
+                "condition_on_step (--condition-on-step) gives the fake score one label table per \
+                 student step; a text-to-image teacher is conditioned on prompts: turn it off"
+            );
+        }
         if cfg.condition_on_step && !lora.is_off() {
             anyhow::bail!(
                 "condition_on_step (--condition-on-step) gives the fake score new per-step label \
@@ -358,17 +365,25 @@ impl Method for Tdm<'_> {
         let fake_turn = step.is_multiple_of(self.cfg.update_fake_every);
         let accum = self.cfg.grad_accum as u64;
         let ncls = u.num_classes() as u32;
+        let text = self.teacher.text.as_ref();
         // One rollout per micro-batch, shared by the fake-score and the student turn.
         let mut micro = Vec::with_capacity(accum as usize);
         for i in 0..accum {
             let mut rngs =
                 SampleRngs::new(self.cfg.common.run.seed, step, 0x7D30 + i, range.clone());
-            let label_ids: Vec<u32> = rngs.each(|r| r.gen_range(0..ncls));
+            // Class labels, or for a text-to-image teacher the index of each sample's prompt.
+            let draws = match text {
+                None => ncls,
+                Some(t) => t.prompts.len() as u32,
+            };
+            let label_ids: Vec<u32> = rngs.each(|r| r.gen_range(0..draws));
             let labels = Tensor::from_vec(label_ids.clone(), n, &dev)?;
+            let cond = text.map(|t| t.cond(&label_ids)).transpose()?;
             let z = rngs.randn(&shape[1..], &dev)?;
             let frozen = graphs::params::detached(&student)?;
-            let ro = rollout(&b, &frozen, &z, &labels, &self.sigmas, steps, None)?;
-            micro.push((rngs, label_ids, labels, ro));
+            let nc = net_cond(&cond, &labels);
+            let ro = rollout_with(&b, &frozen, &z, nc, &self.sigmas, steps, None)?;
+            micro.push((rngs, label_ids, labels, ro, cond));
         }
         let k = accum as f64;
         if fake_turn {
@@ -377,7 +392,7 @@ impl Method for Tdm<'_> {
             let fake = self.fake.net()?;
             let mut acc = GradAccum::new(self.fake_t.vars().len());
             let (mut sum_lf, mut sum_w) = (0.0, 0.0);
-            for (rng, label_ids, _, ro) in micro.iter_mut() {
+            for (rng, label_ids, _, ro, cond) in micro.iter_mut() {
                 let d = Draw::per_sample(&self.cfg, rng, self.grid.len());
                 let x_in = gather_steps(&ro.xs, &d.k)?;
                 let x0 = gather_steps(&ro.x0s, &d.k)?;
@@ -386,7 +401,7 @@ impl Method for Tdm<'_> {
                 let (x_t, mixed, fresh) = self.matching_input(&x0, &eps, &d, rng)?;
                 let level = grid_level(&self.grid, &d.t, &dev)?;
                 let fl = self.fake_labels(label_ids, &d.k)?;
-                let fake_x0 = fake.forward(&b, &x_t, &level, &fl)?;
+                let fake_x0 = fake.forward_with(&b, &x_t, &level, net_cond(cond, &fl))?;
                 let mut w = self.snr_weights(self.cfg.fake_weighting, &d.t)?;
                 if self.cfg.importance_weight {
                     let wis = tdm::importance_weight(&mixed, &fresh)?;
@@ -412,20 +427,29 @@ impl Method for Tdm<'_> {
         let (mut sum_ls, mut sum_norm) = (0.0, 0.0);
         // After the fake score's update: its network as it is now.
         let fake_frozen = graphs::params::detached(&self.fake.net()?)?;
-        for (rng, label_ids, labels, ro) in micro.iter_mut() {
+        for (rng, label_ids, labels, ro, cond) in micro.iter_mut() {
             let d = Draw::per_sample(&self.cfg, rng, self.grid.len());
             let x_in = gather_steps(&ro.xs, &d.k)?;
             let s_k: Vec<f64> = d.k.iter().map(|&k| self.sigmas[k]).collect();
             let level_k = sigma_level(&student, &s_k, &dev)?;
-            let x0 = student.forward(&b, &x_in, &level_k, labels)?;
+            let x0 = student.forward_with(&b, &x_in, &level_k, net_cond(cond, labels))?;
             let eps = tdm_eps(&x_in, &x0.detach(), &s_k)?;
             let (x_t, _, _) = self.matching_input(&x0.detach(), &eps, &d, rng)?;
             let level = grid_level(&self.grid, &d.t, &dev)?;
             let scale = self.cfg.common.cfg_scale;
-            let real = cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, labels, scale)?
-                .guided(&b, scale)?;
+            let real = match cond {
+                None => cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, labels, scale)?
+                    .guided(&b, scale)?,
+                // The teacher under the prompt, guided against the empty prompt.
+                Some(c) => {
+                    let den = &self.teacher.den;
+                    guided_by_cond(&b, den, c, scale, |nc| {
+                        den.forward_with(&b, &x_t, &level, nc)
+                    })?
+                }
+            };
             let fl = self.fake_labels(label_ids, &d.k)?;
-            let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &fl)?;
+            let fake_x0 = fake_frozen.forward_with(&b, &x_t, &level, net_cond(cond, &fl))?;
             let w = self.snr_weights(self.cfg.student_weighting, &d.t)?;
             let sl = tdm::student_loss(
                 &x0,
@@ -450,6 +474,23 @@ impl Method for Tdm<'_> {
     fn spec(&self) -> GeneratorSpec {
         // TDM's student samples deterministically (DDIM along its own timesteps).
         pair::spec(&self.sigmas, false)
+    }
+    fn text_probe(&self, n: usize) -> Result<Option<graphs::TextCond<Tensor>>> {
+        let Some(t) = &self.teacher.text else {
+            return Ok(None);
+        };
+        Ok(Some(graphs::TextCond {
+            prompt_embeds: t.empty.repeat((n, 1, 1))?,
+            added: None,
+        }))
+    }
+}
+
+/// A network call's condition: the text condition when there is one, else the labels.
+fn net_cond<'c>(text: &'c Option<Cond<Tensor>>, labels: &'c Tensor) -> NetCond<'c, Tensor> {
+    match text {
+        Some(c) => c.net(),
+        None => NetCond::Labels(labels),
     }
 }
 
