@@ -134,22 +134,12 @@ pub fn export_text_encoder(
     )
 }
 
-/// A text-to-image pipeline's whole sampler as one graph: `noise` `[batch, C, h, w]` (unit
-/// Gaussian latents, diffusers' `latents` argument) + `prompt_embeds` `[batch, seq_len, dim]` (the
-/// text encoder's output: `export_text_encoder`) -> `kind`'s `steps` on the scheduler's grid with
-/// classifier-free guidance at `scale` against the empty prompt's embeddings (computed here by
-/// candle and stored as a constant) -> the VAE decoder -> `images` `[batch, 3, H, W]` in [0, 1]
-/// (diffusers' `output_type="np"` values, NCHW). The same `graphs` code as
-/// [`graphs::diffusers::TextToImage::generate`].
-pub fn export_text_to_image(
+/// The text-to-image graphs' inputs, `noise` `[batch, C, h, w]` and `prompt_embeds`
+/// `[batch, tokens, dim]`, on a fresh backend; fp16 refused for a `force_upcast` VAE.
+fn text_to_image_inputs(
     t2i: &graphs::diffusers::TextToImage,
-    kind: graphs::SamplerKind,
-    steps: usize,
-    scale: f64,
     opts: &ExportOptions,
-) -> Result<ModelProto> {
-    use graphs::cond::{Cond, TextCond};
-    use graphs::Backend;
+) -> Result<(OnnxBackend, String, String)> {
     let cfg = &t2i.vae.cfg;
     anyhow::ensure!(
         !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
@@ -159,10 +149,6 @@ pub fn export_text_to_image(
     let (c, side) = t2i.latent_shape();
     let seq = t2i.prompts.tokenizer.max_length;
     let dim = t2i.prompts.model.cfg.hidden_size;
-    let empty = {
-        let cb = graphs::CandleBackend::new(&candle_core::Device::Cpu);
-        t2i.prompts.encode(&cb, &[""])?
-    };
     let b = OnnxBackend::new(opts.precision)?;
     let noise = b.input(
         "noise",
@@ -179,6 +165,50 @@ pub fn export_text_to_image(
         ElemType::F32,
         &[Dim::Batch, Dim::Fixed(seq), Dim::Fixed(dim)],
     )?;
+    Ok((b, noise, pe))
+}
+
+/// Latents -> the VAE decoder -> `images` in [0, 1] (diffusers' `output_type="np"` values).
+fn decode_to_images(
+    t2i: &graphs::diffusers::TextToImage,
+    b: &OnnxBackend,
+    lat: &String,
+    side: usize,
+) -> Result<String> {
+    use graphs::Backend;
+    let img = t2i
+        .vae
+        .decode_latents(b, lat, side, side)
+        .context("lowering the AutoencoderKL decoder")?;
+    b.clamp(&b.affine(&img, 0.5, 0.5)?, 0.0, 1.0)
+}
+
+/// A text-to-image pipeline's whole sampler as one graph: `noise` `[batch, C, h, w]` (unit
+/// Gaussian latents, diffusers' `latents` argument) + `prompt_embeds` `[batch, seq_len, dim]` (the
+/// text encoder's output: `export_text_encoder`) -> `kind`'s `steps` on the scheduler's grid with
+/// classifier-free guidance at `scale` against the empty prompt's embeddings (computed here by
+/// candle and stored as a constant) -> the VAE decoder -> `images` `[batch, 3, H, W]` in [0, 1]
+/// (diffusers' `output_type="np"` values, NCHW). The same `graphs` code as
+/// [`graphs::diffusers::TextToImage::generate`].
+pub fn export_text_to_image(
+    t2i: &graphs::diffusers::TextToImage,
+    kind: graphs::SamplerKind,
+    steps: usize,
+    scale: f64,
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
+    use graphs::cond::{Cond, TextCond};
+    use graphs::Backend;
+    let (b, noise, pe) = text_to_image_inputs(t2i, opts)?;
+    let (seq, dim) = (
+        t2i.prompts.tokenizer.max_length,
+        t2i.prompts.model.cfg.hidden_size,
+    );
+    let side = t2i.latent_shape().1;
+    let empty = {
+        let cb = graphs::CandleBackend::new(&candle_core::Device::Cpu);
+        t2i.prompts.encode(&cb, &[""])?
+    };
     // The empty prompt's embeddings broadcast to the batch: 0 * prompt_embeds + constant.
     let uncond = b.add(
         &b.affine(&pe, 0.0, 0.0)?,
@@ -208,11 +238,7 @@ pub fn export_text_to_image(
         _ => 1.0 / (1.0 + last * last).sqrt(),
     };
     let lat = b.affine(&x, k, 0.0)?;
-    let img = t2i
-        .vae
-        .decode_latents(&b, &lat, side, side)
-        .context("lowering the AutoencoderKL decoder")?;
-    let images = b.clamp(&b.affine(&img, 0.5, 0.5)?, 0.0, 1.0)?;
+    let images = decode_to_images(t2i, &b, &lat, side)?;
     let meta = vec![
         ("sampler".into(), format!("{kind:?}").to_lowercase()),
         ("steps".into(), steps.to_string()),
@@ -245,32 +271,8 @@ pub fn export_text_to_image_student(
     opts: &ExportOptions,
 ) -> Result<ModelProto> {
     use graphs::cond::{NetCond, TextCond};
-    use graphs::Backend;
-    let cfg = &t2i.vae.cfg;
-    anyhow::ensure!(
-        !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
-        "the VAE's config.json sets force_upcast = true (it overflows in half precision): export \
-         the text-to-image generator in fp32"
-    );
-    let (c, side) = t2i.latent_shape();
-    let seq = t2i.prompts.tokenizer.max_length;
-    let dim = t2i.prompts.model.cfg.hidden_size;
-    let b = OnnxBackend::new(opts.precision)?;
-    let noise = b.input(
-        "noise",
-        ElemType::F32,
-        &[
-            Dim::Batch,
-            Dim::Fixed(c),
-            Dim::Fixed(side),
-            Dim::Fixed(side),
-        ],
-    )?;
-    let pe = b.input(
-        "prompt_embeds",
-        ElemType::F32,
-        &[Dim::Batch, Dim::Fixed(seq), Dim::Fixed(dim)],
-    )?;
+    let (b, noise, pe) = text_to_image_inputs(t2i, opts)?;
+    let side = t2i.latent_shape().1;
     let tc = TextCond {
         prompt_embeds: pe,
         added: None,
@@ -291,11 +293,7 @@ pub fn export_text_to_image_student(
     )
     .context("lowering the text-to-image student")?;
     let lat = last.context("a student has at least one step")?;
-    let img = t2i
-        .vae
-        .decode_latents(&b, &lat, side, side)
-        .context("lowering the AutoencoderKL decoder")?;
-    let images = b.clamp(&b.affine(&img, 0.5, 0.5)?, 0.0, 1.0)?;
+    let images = decode_to_images(t2i, &b, &lat, side)?;
     let meta = vec![
         ("sampler".into(), "student".into()),
         ("steps".into(), sigmas.len().to_string()),
