@@ -2,8 +2,8 @@
 //! UNet: a drop-in for the PyTorch model in any ONNX runtime.
 
 use crate::builder::{Dim, ElemType, OnnxBackend};
-use crate::model::{weights_sha256, ExportOptions};
-use crate::proto::{ModelProto, StringStringEntryProto};
+use crate::model::ExportOptions;
+use crate::proto::ModelProto;
 use anyhow::{Context, Result};
 use graphs::diffusers::{ClassEmbed, UNet2DModel};
 
@@ -40,29 +40,15 @@ pub fn export_unet2d(model: &UNet2DModel, side: usize, opts: &ExportOptions) -> 
         .forward(&b, &sample, side, &timestep, labels.as_ref())
         .context("lowering the UNet2DModel")?;
     let meta = vec![
-        (
-            "producer".to_string(),
-            format!("distill {}", env!("CARGO_PKG_VERSION")),
-        ),
-        ("kind".into(), "diffusers_unet2d".into()),
-        ("method".into(), opts.method.clone()),
+        ("method".to_string(), opts.method.clone()),
         ("precision".into(), opts.precision.name().into()),
     ];
-    let mut m = b.into_model("diffusers_unet2d", &[("out_sample", out)], meta)?;
-    let sha = opts
-        .weights_sha256
-        .clone()
-        .unwrap_or_else(|| weights_sha256(&m));
-    m.metadata_props.push(StringStringEntryProto {
-        key: "weights_sha256".into(),
-        value: sha,
-    });
-    for (key, value) in &opts.extra_metadata {
-        m.metadata_props.push(StringStringEntryProto {
-            key: key.clone(),
-            value: value.clone(),
-        });
-    }
-    crate::tensorrt::lint_check(&m, "the exported UNet2DModel")?;
-    Ok(m)
+    crate::model::finish_model(
+        b,
+        "diffusers_unet2d",
+        &[("out_sample", out)],
+        meta,
+        opts,
+        "the exported UNet2DModel",
+    )
 }

@@ -3,8 +3,8 @@
 //! `text_embeds`, `time_ids`) -> `out_sample`.
 
 use crate::builder::{Dim, ElemType, OnnxBackend};
-use crate::model::{weights_sha256, ExportOptions};
-use crate::proto::{ModelProto, StringStringEntryProto};
+use crate::model::ExportOptions;
+use crate::proto::ModelProto;
 use anyhow::{Context, Result};
 use graphs::diffusers::{AddedCond, UNet2DConditionModel, SDXL_TIME_IDS};
 
@@ -74,29 +74,15 @@ pub fn export_unet2d_condition(
         )
         .context("lowering the UNet2DConditionModel")?;
     let meta = vec![
-        (
-            "producer".to_string(),
-            format!("distill {}", env!("CARGO_PKG_VERSION")),
-        ),
-        ("kind".into(), "diffusers_unet2d_condition".into()),
-        ("method".into(), opts.method.clone()),
+        ("method".to_string(), opts.method.clone()),
         ("precision".into(), opts.precision.name().into()),
     ];
-    let mut m = b.into_model("diffusers_unet2d_condition", &[("out_sample", out)], meta)?;
-    let sha = opts
-        .weights_sha256
-        .clone()
-        .unwrap_or_else(|| weights_sha256(&m));
-    m.metadata_props.push(StringStringEntryProto {
-        key: "weights_sha256".into(),
-        value: sha,
-    });
-    for (key, value) in &opts.extra_metadata {
-        m.metadata_props.push(StringStringEntryProto {
-            key: key.clone(),
-            value: value.clone(),
-        });
-    }
-    crate::tensorrt::lint_check(&m, "the exported UNet2DConditionModel")?;
-    Ok(m)
+    crate::model::finish_model(
+        b,
+        "diffusers_unet2d_condition",
+        &[("out_sample", out)],
+        meta,
+        opts,
+        "the exported UNet2DConditionModel",
+    )
 }

@@ -35,6 +35,45 @@ impl Default for ExportOptions {
 }
 
 /// SHA-256 (hex) over the raw bytes of the model's initializers, in graph order.
+/// A standalone exported network (a diffusers UNet, the VAE decoder, the text encoder, a
+/// text-to-image generator) made into a model: metadata `producer`, `kind`, then `meta`, then
+/// `weights_sha256` (of these weights unless `opts` names the checkpoint's) and `opts`' extra
+/// entries; checked by the TensorRT lint (`what` names it in the error).
+pub(crate) fn finish_model(
+    b: OnnxBackend,
+    kind: &str,
+    outputs: &[(&str, String)],
+    mut meta: Vec<(String, String)>,
+    opts: &ExportOptions,
+    what: &str,
+) -> Result<ModelProto> {
+    let mut head = vec![
+        (
+            "producer".to_string(),
+            format!("distill {}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("kind".into(), kind.into()),
+    ];
+    head.append(&mut meta);
+    let mut m = b.into_model(kind, outputs, head)?;
+    let sha = opts
+        .weights_sha256
+        .clone()
+        .unwrap_or_else(|| weights_sha256(&m));
+    m.metadata_props.push(StringStringEntryProto {
+        key: "weights_sha256".into(),
+        value: sha,
+    });
+    for (key, value) in &opts.extra_metadata {
+        m.metadata_props.push(StringStringEntryProto {
+            key: key.clone(),
+            value: value.clone(),
+        });
+    }
+    crate::tensorrt::lint_check(&m, what)?;
+    Ok(m)
+}
+
 pub fn weights_sha256(model: &ModelProto) -> String {
     let mut h = Sha256::new();
     if let Some(g) = &model.graph {

@@ -2,8 +2,8 @@
 //! own, lowered from the same `graphs` definitions candle runs.
 
 use crate::builder::{Dim, ElemType, OnnxBackend};
-use crate::model::{weights_sha256, ExportOptions};
-use crate::proto::{ModelProto, StringStringEntryProto};
+use crate::model::ExportOptions;
+use crate::proto::ModelProto;
 use anyhow::{Context, Result};
 use graphs::diffusers::vae::AutoencoderKL;
 use graphs::transformers::ClipTextModel;
@@ -16,32 +16,9 @@ fn finish(
     opts: &ExportOptions,
     what: &str,
 ) -> Result<ModelProto> {
-    let mut head = vec![
-        (
-            "producer".to_string(),
-            format!("distill {}", env!("CARGO_PKG_VERSION")),
-        ),
-        ("kind".into(), kind.into()),
-        ("precision".into(), opts.precision.name().into()),
-    ];
+    let mut head = vec![("precision".to_string(), opts.precision.name().to_string())];
     head.append(&mut meta);
-    let mut m = b.into_model(kind, outputs, head)?;
-    let sha = opts
-        .weights_sha256
-        .clone()
-        .unwrap_or_else(|| weights_sha256(&m));
-    m.metadata_props.push(StringStringEntryProto {
-        key: "weights_sha256".into(),
-        value: sha,
-    });
-    for (key, value) in &opts.extra_metadata {
-        m.metadata_props.push(StringStringEntryProto {
-            key: key.clone(),
-            value: value.clone(),
-        });
-    }
-    crate::tensorrt::lint_check(&m, what)?;
-    Ok(m)
+    crate::model::finish_model(b, kind, outputs, head, opts, what)
 }
 
 /// `latents` `[batch, latent_channels, h, w]` f32 (scaled, as a sampler has them) -> `images`
