@@ -28,11 +28,19 @@ pub enum Cond<T> {
 }
 
 /// One network call's condition (no guidance pair): what [`crate::Network::forward_with`] takes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub enum NetCond<'a, T> {
     Labels(&'a T),
     Text(&'a TextCond<T>),
 }
+
+// By hand: derived impls would ask `T: Copy`, but only references are held.
+impl<T> Clone for NetCond<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for NetCond<'_, T> {}
 
 impl<T> Cond<T> {
     /// The conditional branch as one network call's condition.

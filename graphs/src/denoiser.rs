@@ -295,9 +295,20 @@ impl Denoiser {
         level: &NoiseLevel<B::T>,
         labels: &B::T,
     ) -> anyhow::Result<B::T> {
+        self.bottleneck_with(b, x, level, NetCond::Labels(labels))
+    }
+
+    /// [`Self::bottleneck`] under either condition (labels or prompt embeddings).
+    pub fn bottleneck_with<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::T,
+        level: &NoiseLevel<B::T>,
+        cond: NetCond<'_, B::T>,
+    ) -> anyhow::Result<B::T> {
         let s = b.reshape(&level.sigma, &[-1, 1, 1, 1])?;
         let c_in = self.c_in(b, &s)?;
         self.net
-            .bottleneck(b, &b.mul(x, &c_in)?, &level.c_noise, labels)
+            .bottleneck_with(b, &b.mul(x, &c_in)?, &level.c_noise, cond)
     }
 }

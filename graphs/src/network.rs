@@ -287,15 +287,39 @@ impl Network {
         c_noise: &B::T,
         labels: &B::T,
     ) -> anyhow::Result<B::T> {
-        match self {
-            Self::Unet(u) => u.bottleneck(b, x_in, c_noise, labels),
-            Self::Diffusers(d) => {
+        self.bottleneck_with(b, x_in, c_noise, NetCond::Labels(labels))
+    }
+
+    /// [`Self::bottleneck`] under either condition (labels, or prompt embeddings for a
+    /// UNet2DConditionModel: its mid block's output).
+    pub fn bottleneck_with<B: Backend>(
+        &self,
+        b: &B,
+        x_in: &B::T,
+        c_noise: &B::T,
+        cond: NetCond<'_, B::T>,
+    ) -> anyhow::Result<B::T> {
+        match (self, cond) {
+            (Self::Unet(u), NetCond::Labels(labels)) => u.bottleneck(b, x_in, c_noise, labels),
+            (Self::Diffusers(d), NetCond::Labels(labels)) => {
                 let l = d.model.is_class_conditional().then_some(labels);
                 d.model.bottleneck(b, x_in, self.side(), c_noise, l)
             }
-            Self::Condition(_) => anyhow::bail!(
-                "bottleneck features (DMD2's GAN head) of a UNet2DConditionModel are not \
-                 implemented: use --gan-weight 0"
+            (Self::Condition(d), NetCond::Text(t)) => d.model.bottleneck_hw(
+                b,
+                x_in,
+                (self.side(), self.side()),
+                c_noise,
+                &t.prompt_embeds,
+                t.added.as_ref(),
+            ),
+            (Self::Condition(_), NetCond::Labels(_)) => anyhow::bail!(
+                "a UNet2DConditionModel is conditioned on prompt embeddings \
+                 (encoder_hidden_states), not class labels: give prompts"
+            ),
+            (_, NetCond::Text(_)) => anyhow::bail!(
+                "this network is class-conditional (labels); prompt embeddings need a \
+                 UNet2DConditionModel"
             ),
         }
     }

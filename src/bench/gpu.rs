@@ -230,6 +230,7 @@ fn random_teacher(cfg: &ModelConfig, dev: &Device) -> Result<Teacher> {
         dir: PathBuf::from("<random bench teacher>"),
         sha256: String::new(),
         text: None,
+        pipeline: None,
     })
 }
 

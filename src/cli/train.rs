@@ -393,12 +393,17 @@ pub struct Dmd2Args {
     #[command(flatten)]
     pub common: DistillRunArgs,
     /// Real images for the GAN head: MNIST IDX, CIFAR-10 binary or an image folder (default: the
-    /// embedded MNIST digits).
+    /// embedded MNIST digits); with --prompts, an image+caption folder (NAME.png + NAME.txt),
+    /// encoded once by the pipeline's VAE and text encoder.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Use the first N real images only.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// With a text-to-image pipeline folder as --teacher: its prompts, one a line (encoded once
+    /// by the pipeline's text encoder; each sample draws one).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
     /// Input sigma of the first (or only) step: the student maps `sigma * z` to an image
     /// (default: the first timestep's sigma, 80 for EDM).
     #[arg(long)]
@@ -598,6 +603,7 @@ impl Dmd2Args {
             config: self.resolve()?,
             data: self.data.clone(),
             limit: self.limit,
+            prompts: self.prompts.clone(),
             out: self
                 .common
                 .out

@@ -23,11 +23,11 @@ pub fn is_image_name(name: &str) -> bool {
 }
 
 /// One decoded image as CHW u8.
-struct Decoded {
-    channels: usize,
-    height: usize,
-    width: usize,
-    chw: Vec<u8>,
+pub(super) struct Decoded {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub chw: Vec<u8>,
 }
 
 impl Decoded {
@@ -51,6 +51,15 @@ fn hwc_to_chw(hwc: &[u8], c: usize) -> Vec<u8> {
 /// Decodes one file; grayscale (with or without alpha) becomes 1 channel, everything else RGB
 /// with alpha dropped. `resolution` resizes to a square of that side with a triangle filter.
 fn decode(path: &Path, resolution: Option<usize>) -> Result<Decoded, DataError> {
+    decode_as(path, resolution, false)
+}
+
+/// [`decode`], with `rgb`: grayscale as RGB too (PIL's `convert("RGB")`, for a VAE's 3 channels).
+pub(super) fn decode_as(
+    path: &Path,
+    resolution: Option<usize>,
+    rgb: bool,
+) -> Result<Decoded, DataError> {
     let bytes = read_capped(path)?;
     let decode_err = |message: String| DataError::Decode {
         path: path.to_path_buf(),
@@ -71,7 +80,7 @@ fn decode(path: &Path, resolution: Option<usize>) -> Result<Decoded, DataError> 
     if width == 0 || height == 0 {
         return Err(decode_err("image has zero width or height".into()));
     }
-    let (channels, hwc) = if img.color().has_color() {
+    let (channels, hwc) = if rgb || img.color().has_color() {
         (3, img.to_rgb8().into_raw())
     } else {
         (1, img.to_luma8().into_raw())

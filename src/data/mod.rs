@@ -8,6 +8,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+pub mod captioned;
 pub mod cifar;
 mod error;
 pub mod folder;
@@ -15,6 +16,7 @@ pub mod mnist;
 mod read;
 mod resample;
 
+pub use captioned::load_captioned;
 pub use cifar::load_cifar;
 pub use error::DataError;
 pub use folder::load_folder;
@@ -142,6 +144,20 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// No images (a run that reads no real data).
+    pub fn empty() -> Self {
+        Self {
+            images: vec![],
+            labels: vec![],
+            channels: 0,
+            height: 0,
+            width: 0,
+            num_classes: 0,
+            class_names: vec![],
+            source: "no data".into(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }

@@ -202,6 +202,7 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
             },
             data: o.data.clone(),
             limit: None,
+            prompts: None,
             resume: resumable(&out.join("checkpoint")),
             allow_resume_change: false,
             out,

@@ -206,6 +206,9 @@ pub struct Dmd2Job {
     pub data: Option<PathBuf>,
     /// Use the first N real images only.
     pub limit: Option<usize>,
+    /// A text-to-image pipeline teacher's prompts (one a line); `data` is then an image+caption
+    /// folder (needed by the GAN term only).
+    pub prompts: Option<PathBuf>,
     pub out: PathBuf,
     pub resume: bool,
     /// With `resume`: continue even though the config or the data differ from the run's start.
@@ -223,6 +226,7 @@ impl Default for Dmd2Job {
             config: Dmd2Config::default(),
             data: None,
             limit: None,
+            prompts: None,
             out: PathBuf::from(Self::DEFAULT_OUT),
             resume: false,
             allow_resume_change: false,
@@ -236,13 +240,37 @@ impl Dmd2Job {
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
         let cfg = &self.config;
         train_checks::dmd2(cfg)?;
-        let teacher = Teacher::load(&cfg.common.teacher, dev)?;
-        let data = load_data(
-            self.data.as_deref(),
-            teacher.meta.model.resolution(),
-            self.limit,
-        )?;
+        let dir = &cfg.common.teacher;
+        let (teacher, data, captions) = match &self.prompts {
+            None => {
+                let teacher = Teacher::load(dir, dev)?;
+                let res = teacher.meta.model.resolution();
+                let data = load_data(self.data.as_deref(), res, self.limit)?;
+                (teacher, data, None)
+            }
+            Some(p) => {
+                let teacher = Teacher::load_text(dir, p, dev)?;
+                match (&self.data, cfg.gan) {
+                    (Some(d), true) => {
+                        let (data, caps) = teacher.encode_captioned(d, self.limit)?;
+                        (teacher, data, Some(caps))
+                    }
+                    (None, true) => anyhow::bail!(
+                        "DMD2's GAN term compares generated latents with real ones: with --prompts \
+                         give --data an image+caption folder (NAME.png + NAME.txt), or turn the \
+                         GAN term off (--no-gan)"
+                    ),
+                    (Some(_), false) => anyhow::bail!(
+                        "--data: with --no-gan a text-to-image DMD2 run reads no real images"
+                    ),
+                    (None, false) => (teacher, crate::data::Dataset::empty(), None),
+                }
+            }
+        };
         let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
+        if let Some(c) = &captions {
+            m = m.with_captions(c);
+        }
         let about = format!(
             "{}-step student (sigmas {:?}) from {}; {} iterations at batch {}, student updated every {}; GAN {}",
             cfg.common.timesteps.len(),

@@ -25,6 +25,9 @@ pub struct Teacher {
     pub sha256: String,
     /// A text-to-image pipeline teacher's prompts, encoded once ([`Teacher::load_text`]).
     pub text: Option<TextPrompts>,
+    /// A text-to-image teacher's pipeline (its VAE and text encoder: real images for DMD2's
+    /// GAN term, sample grids); its `den` shares the teacher's weights.
+    pub pipeline: Option<graphs::diffusers::TextToImage>,
 }
 
 /// The prompts a text-to-image student is distilled on, encoded once by the pipeline's text
@@ -90,6 +93,7 @@ impl Teacher {
             dir: dir.to_path_buf(),
             sha256,
             text: None,
+            pipeline: None,
         })
     }
 
@@ -144,7 +148,69 @@ impl Teacher {
                 unet_sha256,
                 prompts_sha256,
             }),
+            pipeline: Some(pipe),
         })
+    }
+
+    /// A text-to-image teacher's real data for DMD2's GAN term: an image+caption folder
+    /// ([`crate::data::load_captioned`]) at the VAE's image size, encoded once by the VAE (the
+    /// latent distribution's mean, scaled as the pipeline scales latents) and the text encoder.
+    /// The dataset holds latents; its label `i` is caption `i` of the returned prompts.
+    pub fn encode_captioned(
+        &self,
+        root: &Path,
+        limit: Option<usize>,
+    ) -> Result<(crate::data::Dataset, TextPrompts)> {
+        let (Some(pipe), Some(text)) = (&self.pipeline, &self.text) else {
+            bail!("an image+caption folder is real data for a text-to-image teacher only");
+        };
+        let (c, side) = pipe.latent_shape();
+        let px = side * pipe.vae.cfg.downscale();
+        let (mut images, mut captions) = crate::data::load_captioned(root, px)?;
+        if let Some(n) = limit {
+            images = images.subset(n);
+            captions.truncate(images.len());
+        }
+        let dev = self.den_device();
+        let b = CandleBackend::new(&dev);
+        let n = images.len();
+        let mut lat = Vec::with_capacity(n * c * side * side);
+        for start in (0..n).step_by(8) {
+            let idx: Vec<usize> = (start..(start + 8).min(n)).collect();
+            let (x, _) = images.batch(&idx, &dev)?;
+            let z = pipe.vae.encode_latents(&b, &x, px, px)?;
+            lat.extend(z.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let embeds = pipe.prompts.encode(&b, &refs)?.detach();
+        let data = crate::data::Dataset {
+            images: lat,
+            labels: (0..n as u32).collect(),
+            channels: c,
+            height: side,
+            width: side,
+            num_classes: n,
+            class_names: captions.clone(),
+            source: format!("{} (VAE latents)", images.source),
+        };
+        let caption_sha = crate::checks::sha256_hex(captions.join("\n").as_bytes());
+        Ok((
+            data,
+            TextPrompts {
+                prompts: captions,
+                embeds,
+                empty: text.empty.clone(),
+                unet_sha256: text.unet_sha256.clone(),
+                prompts_sha256: caption_sha,
+            },
+        ))
+    }
+
+    fn den_device(&self) -> Device {
+        graphs::params::collect(&self.den)
+            .first()
+            .map(|p| p.t.device().clone())
+            .unwrap_or(Device::Cpu)
     }
 
     /// Refuses a real-score guidance scale the teacher cannot take: classifier-free guidance
@@ -525,6 +591,56 @@ pub fn rollout(
         steps,
         fresh,
     )
+}
+
+/// A network call's condition: the text condition when there is one, else the labels.
+pub fn net_cond<'c>(
+    text: &'c Option<graphs::Cond<Tensor>>,
+    labels: &'c Tensor,
+) -> graphs::NetCond<'c, Tensor> {
+    match text {
+        Some(c) => c.net(),
+        None => graphs::NetCond::Labels(labels),
+    }
+}
+
+/// Each sample's condition draw from its own stream: a class label, or for a text-to-image
+/// teacher the index of its prompt (`labels` then holds those indices) and the prompts' condition.
+pub fn draw_condition(
+    text: Option<&TextPrompts>,
+    num_classes: usize,
+    rngs: &mut crate::rng::SampleRngs,
+    device: &Device,
+) -> Result<(Vec<u32>, Tensor, Option<graphs::Cond<Tensor>>)> {
+    use rand::Rng;
+    let draws = match text {
+        None => num_classes as u32,
+        Some(t) => t.prompts.len() as u32,
+    };
+    let ids: Vec<u32> = rngs.each(|r| r.gen_range(0..draws));
+    let labels = Tensor::from_vec(ids.clone(), ids.len(), device)?;
+    let cond = text.map(|t| t.cond(&ids)).transpose()?;
+    Ok((ids, labels, cond))
+}
+
+/// The real score: the teacher's x0 at `x_t`, guided at `scale` (labels against the null class
+/// in one batched call; prompts against the empty prompt).
+pub fn real_score(
+    b: &CandleBackend,
+    teacher: &Denoiser,
+    x_t: &Tensor,
+    level: &NoiseLevel<Tensor>,
+    labels: &Tensor,
+    cond: &Option<graphs::Cond<Tensor>>,
+    scale: f64,
+) -> Result<Tensor> {
+    Ok(match cond {
+        None => graphs::guidance::cond_uncond_batched(b, teacher, x_t, level, labels, scale)?
+            .guided(b, scale)?,
+        Some(c) => graphs::guidance::guided_by_cond(b, teacher, c, scale, |nc| {
+            teacher.forward_with(b, x_t, level, nc)
+        })?,
+    })
 }
 
 /// [`rollout`] under either condition (labels or a text-to-image teacher's prompt embeddings).

@@ -14,8 +14,8 @@
 //!   step `k`'s x0 estimate.
 
 use super::distill::{
-    finite, grid_level, pair, rollout, scalar, sigma_level, Method, StepMetrics, Teacher,
-    Trainable, TrainedNet,
+    draw_condition, finite, grid_level, net_cond, pair, real_score, rollout_with, scalar,
+    sigma_level, Method, StepMetrics, Teacher, TextPrompts, Trainable, TrainedNet,
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::AdamWConfig;
@@ -26,10 +26,9 @@ use crate::rng::SampleRngs;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use graphs::guidance::cond_uncond_batched;
-use graphs::losses::{dmd2::dm_loss, gan, teacher_loss};
+use graphs::losses::{dmd2::dm_loss, gan, teacher_loss_with};
 use graphs::nn::GanHead;
-use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid};
+use graphs::{CandleBackend, Cond, Denoiser, GeneratorSpec, ModelConfig, NetCond, NoiseGrid};
 use rand::Rng;
 use std::collections::HashMap;
 
@@ -141,6 +140,9 @@ pub struct Dmd2<'a> {
     /// Counts, for the update-schedule test.
     pub fake_updates: u64,
     _head_vars: Option<VarMap>,
+    /// A text-to-image teacher's real data: `data` holds VAE latents whose label `i` is
+    /// caption `i` of these ([`Teacher::encode_captioned`]).
+    captions: Option<&'a TextPrompts>,
 }
 
 impl<'a> Dmd2<'a> {
@@ -213,7 +215,14 @@ impl<'a> Dmd2<'a> {
             device: device.clone(),
             fake_updates: 0,
             _head_vars: head_vm,
+            captions: None,
         })
+    }
+
+    /// The captions of a text-to-image teacher's real data (the GAN term's real latents).
+    pub fn with_captions(mut self, captions: &'a TextPrompts) -> Self {
+        self.captions = Some(captions);
+        self
     }
 
     /// The student and the fake score as they are now (under LoRA: the teacher's tensors with
@@ -237,12 +246,12 @@ impl<'a> Dmd2<'a> {
         fake: &Denoiser,
         head: &GanHead,
         x: &Tensor,
-        labels: &Tensor,
+        cond: NetCond<'_, Tensor>,
         (ts, eps): (Vec<usize>, Tensor),
     ) -> Result<Tensor> {
         let level = grid_level(&self.grid, &ts, &self.device)?;
         let xn = (x + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
-        head.forward(b, &fake.bottleneck(b, &xn, &level, labels)?)
+        head.forward(b, &fake.bottleneck_with(b, &xn, &level, cond)?)
     }
 
     /// Each sample's GAN noise draw: a grid timestep below `gan_max_timestep` and unit noise.
@@ -282,8 +291,10 @@ impl Method for Dmd2<'_> {
         let mut m = StepMetrics::new();
         // The networks as they are now (under LoRA: the base with the adapters merged).
         let (student, fake) = (self.student.net()?, self.fake.net()?);
-        let ncls = u.num_classes() as u32;
-        let labels = Tensor::from_vec(rngs.each(|r| r.gen_range(0..ncls)), n, &dev)?;
+        // Class labels, or for a text-to-image teacher the index of each sample's prompt.
+        let text = self.teacher.text.as_ref();
+        let (_, labels, cond) = draw_condition(text, u.num_classes(), &mut rngs, &dev)?;
+        let nc = net_cond(&cond, &labels);
         let z = rngs.randn(&shape[1..], &dev)?;
         // Backward simulation: the input of a random step k, from a no-grad rollout.
         let steps = self.sigmas.len();
@@ -299,13 +310,13 @@ impl Method for Dmd2<'_> {
             (&z * graphs::sampler::initial_scale(&student.param, self.sigmas[0]))?
         } else {
             let frozen = graphs::params::detached(&student)?;
-            let ro = rollout(&b, &frozen, &z, &labels, &self.sigmas, k, Some(&fresh))?;
+            let ro = rollout_with(&b, &frozen, &z, nc, &self.sigmas, k, Some(&fresh))?;
             ro.xs[k].clone()
         };
         let level_k = sigma_level(&student, &vec![self.sigmas[k]; n], &dev)?;
         let gen_turn = step.is_multiple_of(self.cfg.dfake_gen_update_ratio);
         let x0_gen = if gen_turn {
-            let x0 = student.forward(&b, &x_in, &level_k, &labels)?;
+            let x0 = student.forward_with(&b, &x_in, &level_k, nc)?;
             // Distribution matching at a random timestep (no gradient through either score).
             let (lo, hi) = self.dm_bounds();
             let ts = rngs.each(|r| r.gen_range(lo..=hi));
@@ -314,10 +325,9 @@ impl Method for Dmd2<'_> {
             let xd = x0.detach();
             let x_t = (&xd + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
             let scale = self.cfg.common.cfg_scale;
-            let real = cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, &labels, scale)?
-                .guided(&b, scale)?;
+            let real = real_score(&b, &self.teacher.den, &x_t, &level, &labels, &cond, scale)?;
             let fake_frozen = graphs::params::detached(&fake)?;
-            let fake_x0 = fake_frozen.forward(&b, &x_t, &level, &labels)?;
+            let fake_x0 = fake_frozen.forward_with(&b, &x_t, &level, nc)?;
             let dm = dm_loss(&x0, &real, &fake_x0)?;
             m.insert("loss_dm".into(), finite("loss_dm", &dm.loss)?);
             m.insert("dm_normaliser".into(), dm.normaliser);
@@ -326,7 +336,7 @@ impl Method for Dmd2<'_> {
                 // Through frozen copies: the head and fake score get nothing from this term.
                 let hf = graphs::params::detached_head(head);
                 let draw = self.gan_draw(&mut rngs, &shape[1..])?;
-                let logits = self.gan_logits(&b, &fake_frozen, &hf, &x0, &labels, draw)?;
+                let logits = self.gan_logits(&b, &fake_frozen, &hf, &x0, nc, draw)?;
                 let g = gan::generator_loss(&logits)?;
                 m.insert("loss_gan_gen".into(), finite("loss_gan_gen", &g)?);
                 loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
@@ -336,25 +346,46 @@ impl Method for Dmd2<'_> {
             x0.detach()
         } else {
             let frozen = graphs::params::detached(&student)?;
-            frozen.forward(&b, &x_in, &level_k, &labels)?
+            frozen.forward_with(&b, &x_in, &level_k, nc)?
         };
         // Fake-score turn: the teacher's own loss on the student's images, over the whole grid.
         let last = self.grid.len() - 1;
         let ts = rngs.each(|r| r.gen_range(0..=last));
         let noise = rngs.randn(&shape[1..], &dev)?;
-        let cond = self
+        let noise_cond = self
             .teacher
             .meta
             .model
             .parameterisation
             .grid_training_level(&self.grid, &ts)
             .to_tensor(&dev)?;
-        let lf = teacher_loss(&b, &fake, &x0_gen, &labels, &cond, &noise)?;
+        let lf = teacher_loss_with(&b, &fake, &x0_gen, nc, &noise_cond, &noise)?;
         m.insert("loss_fake".into(), finite("loss_fake", &lf)?);
         let mut loss = lf;
         if let Some(head) = &self.head {
             let idx = self.order.batch(step, global)[range.clone()].to_vec();
             let (real, real_labels) = self.data.batch(&idx, &dev)?;
+            // Real and generated samples' conditions, concatenated like the samples.
+            let both_cond = match (&cond, self.captions) {
+                (None, _) => Cond::Labels(Tensor::cat(&[&real_labels, &labels], 0)?),
+                (Some(Cond::Text { cond: c, .. }), Some(caps)) => {
+                    let ids: Vec<u32> = real_labels.to_vec1()?;
+                    let Cond::Text { cond: rc, .. } = caps.cond(&ids)? else {
+                        unreachable!("captions give a text condition")
+                    };
+                    Cond::Text {
+                        cond: graphs::TextCond {
+                            prompt_embeds: Tensor::cat(&[&rc.prompt_embeds, &c.prompt_embeds], 0)?,
+                            added: None,
+                        },
+                        uncond: None,
+                    }
+                }
+                _ => bail!(
+                    "DMD2's GAN term on a text-to-image teacher needs real images with captions \
+                     (--data an image+caption folder), or gan = false (--no-gan)"
+                ),
+            };
             // Real and generated images through the fake score and head in one batched call;
             // each sample draws the noise of its real image, then of its generated one.
             let (ts_real, eps_real) = self.gan_draw(&mut rngs, &shape[1..])?;
@@ -364,7 +395,7 @@ impl Method for Dmd2<'_> {
                 &fake,
                 head,
                 &Tensor::cat(&[&real, &x0_gen], 0)?,
-                &Tensor::cat(&[&real_labels, &labels], 0)?,
+                both_cond.net(),
                 (
                     [ts_real, ts_fake].concat(),
                     Tensor::cat(&[&eps_real, &eps_fake], 0)?,
@@ -397,5 +428,14 @@ impl Method for Dmd2<'_> {
     fn spec(&self) -> GeneratorSpec {
         // Backward simulation trains multi-step students on fresh noise at every re-noise.
         pair::spec(&self.sigmas, self.sigmas.len() > 1)
+    }
+    fn text_probe(&self, n: usize) -> Result<Option<graphs::TextCond<Tensor>>> {
+        let Some(t) = &self.teacher.text else {
+            return Ok(None);
+        };
+        Ok(Some(graphs::TextCond {
+            prompt_embeds: t.empty.repeat((n, 1, 1))?,
+            added: None,
+        }))
     }
 }

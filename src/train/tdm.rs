@@ -16,8 +16,8 @@
 //! the teacher (`train::distill`).
 
 use super::distill::{
-    finite, gather_steps, grid_level, pair, rollout_with, scalar, sigma_level, Method, StepMetrics,
-    Teacher, Trainable, TrainedNet,
+    draw_condition, finite, gather_steps, grid_level, net_cond, pair, real_score, rollout_with,
+    scalar, sigma_level, Method, StepMetrics, Teacher, Trainable, TrainedNet,
 };
 use super::distill_config::{distill_config, DistillCommon};
 use super::optim::{AdamWConfig, GradAccum, LrSchedule};
@@ -25,10 +25,8 @@ use crate::checkpoint::Role;
 use crate::rng::SampleRngs;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor, Var};
-use graphs::guidance::{cond_uncond_batched, guided_by_cond};
 use graphs::losses::tdm::{self, Distance, Weighting};
 use graphs::{CandleBackend, Denoiser, GeneratorSpec, ModelConfig, NoiseGrid};
-use graphs::{Cond, NetCond};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -364,7 +362,7 @@ impl Method for Tdm<'_> {
         let student = self.student.net()?;
         let fake_turn = step.is_multiple_of(self.cfg.update_fake_every);
         let accum = self.cfg.grad_accum as u64;
-        let ncls = u.num_classes() as u32;
+        let ncls = u.num_classes();
         let text = self.teacher.text.as_ref();
         // One rollout per micro-batch, shared by the fake-score and the student turn.
         let mut micro = Vec::with_capacity(accum as usize);
@@ -372,13 +370,7 @@ impl Method for Tdm<'_> {
             let mut rngs =
                 SampleRngs::new(self.cfg.common.run.seed, step, 0x7D30 + i, range.clone());
             // Class labels, or for a text-to-image teacher the index of each sample's prompt.
-            let draws = match text {
-                None => ncls,
-                Some(t) => t.prompts.len() as u32,
-            };
-            let label_ids: Vec<u32> = rngs.each(|r| r.gen_range(0..draws));
-            let labels = Tensor::from_vec(label_ids.clone(), n, &dev)?;
-            let cond = text.map(|t| t.cond(&label_ids)).transpose()?;
+            let (label_ids, labels, cond) = draw_condition(text, ncls, &mut rngs, &dev)?;
             let z = rngs.randn(&shape[1..], &dev)?;
             let frozen = graphs::params::detached(&student)?;
             let nc = net_cond(&cond, &labels);
@@ -437,17 +429,7 @@ impl Method for Tdm<'_> {
             let (x_t, _, _) = self.matching_input(&x0.detach(), &eps, &d, rng)?;
             let level = grid_level(&self.grid, &d.t, &dev)?;
             let scale = self.cfg.common.cfg_scale;
-            let real = match cond {
-                None => cond_uncond_batched(&b, &self.teacher.den, &x_t, &level, labels, scale)?
-                    .guided(&b, scale)?,
-                // The teacher under the prompt, guided against the empty prompt.
-                Some(c) => {
-                    let den = &self.teacher.den;
-                    guided_by_cond(&b, den, c, scale, |nc| {
-                        den.forward_with(&b, &x_t, &level, nc)
-                    })?
-                }
-            };
+            let real = real_score(&b, &self.teacher.den, &x_t, &level, labels, cond, scale)?;
             let fl = self.fake_labels(label_ids, &d.k)?;
             let fake_x0 = fake_frozen.forward_with(&b, &x_t, &level, net_cond(cond, &fl))?;
             let w = self.snr_weights(self.cfg.student_weighting, &d.t)?;
@@ -483,14 +465,6 @@ impl Method for Tdm<'_> {
             prompt_embeds: t.empty.repeat((n, 1, 1))?,
             added: None,
         }))
-    }
-}
-
-/// A network call's condition: the text condition when there is one, else the labels.
-fn net_cond<'c>(text: &'c Option<Cond<Tensor>>, labels: &'c Tensor) -> NetCond<'c, Tensor> {
-    match text {
-        Some(c) => c.net(),
-        None => NetCond::Labels(labels),
     }
 }
 

@@ -354,6 +354,56 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &B::T,
         added: Option<&AddedCond<B::T>>,
     ) -> Result<B::T> {
+        let ctx = encoder_hidden_states;
+        let (mut h, mut skips, temb, (mut sh, mut sw)) =
+            self.down_mid(b, sample, (height, width), timestep, ctx, added)?;
+        for u in &self.up_blocks {
+            for (j, r) in u.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .context("UNet2DConditionModel: skip bookkeeping")?;
+                h = r.forward(b, &b.concat(&[&h, &skip], 1)?, &temb)?;
+                if let Some(a) = u.attentions.get(j) {
+                    h = a.forward(b, &h, sh, sw, ctx)?;
+                }
+            }
+            if let Some(c) = &u.upsampler {
+                h = c.forward(b, &b.upsample_nearest2x(&h)?)?;
+                (sh, sw) = (2 * sh, 2 * sw);
+            }
+        }
+        self.conv_out
+            .forward(b, &self.conv_norm_out.forward_silu(b, &h)?)
+    }
+
+    /// The mid block's output (DMD2's GAN head reads it): the same down path as
+    /// [`Self::forward_hw`], without the up path.
+    pub fn bottleneck_hw<B: Backend>(
+        &self,
+        b: &B,
+        sample: &B::T,
+        hw: (usize, usize),
+        timestep: &B::T,
+        encoder_hidden_states: &B::T,
+        added: Option<&AddedCond<B::T>>,
+    ) -> Result<B::T> {
+        Ok(self
+            .down_mid(b, sample, hw, timestep, encoder_hidden_states, added)?
+            .0)
+    }
+
+    /// Down blocks and mid block: the features, the skips, the time embedding (after SiLU) and
+    /// the bottleneck's side.
+    #[allow(clippy::type_complexity)]
+    fn down_mid<B: Backend>(
+        &self,
+        b: &B,
+        sample: &B::T,
+        (height, width): (usize, usize),
+        timestep: &B::T,
+        ctx: &B::T,
+        added: Option<&AddedCond<B::T>>,
+    ) -> Result<(B::T, Vec<B::T>, B::T, (usize, usize))> {
         let levels = self.cfg.block_out_channels.len();
         let f = 1 << (levels - 1);
         anyhow::ensure!(
@@ -361,7 +411,6 @@ impl UNet2DConditionModel {
             "UNet2DConditionModel: sample {height}x{width} is not divisible by 2^{} ({levels} levels)",
             levels - 1
         );
-        let ctx = encoder_hidden_states;
         let x = if self.cfg.center_input_sample {
             b.affine(sample, 2.0, -1.0)?
         } else {
@@ -392,23 +441,7 @@ impl UNet2DConditionModel {
                 h = r.forward(b, &h, &temb)?;
             }
         }
-        for u in &self.up_blocks {
-            for (j, r) in u.resnets.iter().enumerate() {
-                let skip = skips
-                    .pop()
-                    .context("UNet2DConditionModel: skip bookkeeping")?;
-                h = r.forward(b, &b.concat(&[&h, &skip], 1)?, &temb)?;
-                if let Some(a) = u.attentions.get(j) {
-                    h = a.forward(b, &h, sh, sw, ctx)?;
-                }
-            }
-            if let Some(c) = &u.upsampler {
-                h = c.forward(b, &b.upsample_nearest2x(&h)?)?;
-                (sh, sw) = (2 * sh, 2 * sw);
-            }
-        }
-        self.conv_out
-            .forward(b, &self.conv_norm_out.forward_silu(b, &h)?)
+        Ok((h, skips, temb, (sh, sw)))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod gan;
 pub mod tdm;
 
 use crate::candle_backend::CandleBackend;
+use crate::cond::NetCond;
 use crate::denoiser::Denoiser;
 use crate::schedule::Parameterisation;
 use crate::schedulers::Prediction;
@@ -38,13 +39,25 @@ pub fn teacher_loss(
     noise_cond: &Tensor,
     noise: &Tensor,
 ) -> Result<Tensor> {
+    teacher_loss_with(b, den, x0, NetCond::Labels(labels), noise_cond, noise)
+}
+
+/// [`teacher_loss`] under either condition (labels or prompt embeddings).
+pub fn teacher_loss_with(
+    b: &CandleBackend,
+    den: &Denoiser,
+    x0: &Tensor,
+    labels: NetCond<'_, Tensor>,
+    noise_cond: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
     match &den.param {
         Parameterisation::Edm(e) => {
             let sigma = noise_cond;
             let level = den.level_from_sigma(b, sigma)?;
             let s = sigma.reshape((sigma.dim(0)?, 1, 1, 1))?;
             let x = (x0 + noise.broadcast_mul(&s)?)?;
-            let d = den.forward(b, &x, &level, labels)?;
+            let d = den.forward_with(b, &x, &level, labels)?;
             let sd2 = e.sigma_data * e.sigma_data;
             let s2 = sigma.sqr()?;
             let weight = ((&s2 + sd2)? / (s2 * sd2)?)?;
@@ -57,14 +70,14 @@ pub fn teacher_loss(
             let s = level.sigma.reshape((n, 1, 1, 1))?;
             let x = (x0 + noise.broadcast_mul(&s)?)?;
             let (out, target) = match v.prediction {
-                Prediction::Epsilon => (den.eps(b, &x, &level, labels)?, noise.clone()),
-                Prediction::Sample => (den.raw(b, &x, &level, labels)?, x0.clone()),
+                Prediction::Epsilon => (den.eps_with(b, &x, &level, labels)?, noise.clone()),
+                Prediction::Sample => (den.raw_with(b, &x, &level, labels)?, x0.clone()),
                 Prediction::VPrediction => {
                     // alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha
                     let alpha = (s.sqr()? + 1.0)?.sqrt()?.recip()?;
                     let target =
                         (noise.broadcast_mul(&alpha)? - x0.broadcast_mul(&(&s * &alpha)?)?)?;
-                    (den.raw(b, &x, &level, labels)?, target)
+                    (den.raw_with(b, &x, &level, labels)?, target)
                 }
             };
             Ok((out - target)?.sqr()?.mean_all()?)
@@ -74,7 +87,7 @@ pub fn teacher_loss(
             let s = noise_cond.reshape((n, 1, 1, 1))?;
             let x_t = (x0 + (noise - x0)?.broadcast_mul(&s)?)?;
             let c_noise = (noise_cond * f.num_timesteps as f64)?;
-            let v = den.net.forward(b, &x_t, &c_noise, labels)?;
+            let v = den.net.forward_with(b, &x_t, &c_noise, labels)?;
             Ok((v - (noise - x0)?)?.sqr()?.mean_all()?)
         }
     }
