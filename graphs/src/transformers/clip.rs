@@ -408,6 +408,43 @@ impl ClipTextModel {
         Ok(h)
     }
 
+    /// What SDXL's `encode_prompt` takes of an encoder: `hidden_states[-(skip + 2)]` (no final
+    /// LayerNorm; `skip` is diffusers' `clip_skip`, 0 for none) and, with `text_embeds`, the
+    /// projected pooled output of the last layer (a `CLIPTextModelWithProjection`'s
+    /// `text_embeds`). The layers run once: the pooled branch continues from the penultimate.
+    pub fn penultimate<B: Backend>(
+        &self,
+        b: &B,
+        ids: &B::T,
+        seq_len: usize,
+        skip: usize,
+        text_embeds: bool,
+    ) -> Result<(B::T, Option<B::T>)> {
+        let n = self.layers.len();
+        ensure!(
+            skip + 1 < n,
+            "CLIPTextModel: hidden_states[-{}] of {n} layers",
+            skip + 2
+        );
+        let k = n - 1 - skip;
+        let h = self.hidden_states(b, ids, seq_len, k)?;
+        if !text_embeds {
+            return Ok((h, None));
+        }
+        let w = self.text_projection.as_ref().with_context(|| {
+            "text_embeds: the text encoder has no text_projection (a CLIPTextModelWithProjection \
+             is needed)"
+        })?;
+        let mask = self.causal_mask(b, seq_len)?;
+        let mut last = h.clone();
+        for l in &self.layers[k..] {
+            last = l.forward(b, &last, &mask)?;
+        }
+        let last = self.final_layer_norm.forward(b, &last)?;
+        let pooled = self.pool(b, ids, &last, seq_len)?;
+        Ok((h, Some(b.linear(&pooled, w, None)?)))
+    }
+
     /// `[N, L]` ids -> `last_hidden_state` (`clip_skip = 0`), or with `clip_skip = k` the final
     /// LayerNorm of `hidden_states[-(k + 1)]` (diffusers' `clip_skip` in the SD pipelines).
     /// `pooled` adds the pooled output (and `text_embeds` with a projection).
