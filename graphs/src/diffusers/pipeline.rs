@@ -211,19 +211,19 @@ impl TextToImage {
                 time_ids: [px, px, 0.0, 0.0, px, px],
             })
         } else {
-            if prompts.model.cfg.hidden_size != cross {
-                bail!(
-                    "{}: text_encoder hidden_size {} != unet cross_attention_dim {cross}",
-                    dir.display(),
-                    prompts.model.cfg.hidden_size
-                );
-            }
             if text_embeds_dim.is_some() {
                 bail!(
                     "{}: unet has addition_embed_type = \"text_time\" (SDXL's pooled embeddings \
                      and time ids) but the pipeline is a {class}, which has no second text \
                      encoder to give them",
                     dir.display()
+                );
+            }
+            if prompts.model.cfg.hidden_size != cross {
+                bail!(
+                    "{}: text_encoder hidden_size {} != unet cross_attention_dim {cross}",
+                    dir.display(),
+                    prompts.model.cfg.hidden_size
                 );
             }
             None
