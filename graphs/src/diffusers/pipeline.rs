@@ -159,10 +159,12 @@ impl TextToImage {
             _ => unreachable!(),
         };
         let sdxl = if is_sdxl {
-            let prompts_2 = PromptEncoder::new(
+            // Named `text_encoder_2.…`: both encoders lower into one ONNX graph.
+            let prompts_2 = PromptEncoder::new_as(
                 &dir.join("tokenizer_2"),
                 &dir.join("text_encoder_2"),
                 device,
+                Some("text_encoder_2"),
             )
             .with_context(|| format!("the second prompt encoder of {}", dir.display()))?;
             let proj = prompts_2.model.cfg.projection_dim.with_context(|| {

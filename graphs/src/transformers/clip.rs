@@ -662,6 +662,17 @@ pub fn load_text_encoder(
     dir: &Path,
     device: &Device,
 ) -> Result<(ClipTextModel, HashMap<String, Tensor>)> {
+    load_text_encoder_as(dir, device, None)
+}
+
+/// [`load_text_encoder`] with every parameter named under `prefix` (`prefix.text_model.…`): a
+/// second encoder in the same graph (SDXL's `text_encoder_2`) needs names of its own, since ONNX
+/// initializers are keyed by name. The returned weights keep transformers' keys.
+pub fn load_text_encoder_as(
+    dir: &Path,
+    device: &Device,
+    prefix: Option<&str>,
+) -> Result<(ClipTextModel, HashMap<String, Tensor>)> {
     let folder = text_encoder_folder(dir)?;
     let cfg = ClipTextConfig::from_file(&folder.join("config.json"))?;
     let weights = read_weights(&folder, device)?;
@@ -682,8 +693,23 @@ pub fn load_text_encoder(
         .collect::<Result<HashMap<_, _>>>()?;
     let want = expected_shapes(|vb| ClipTextModel::new(vb, &cfg).map(|_| ()))?;
     check_shapes(&want, &weights, &[]).with_context(|| format!("in {}", folder.display()))?;
-    let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, device);
-    Ok((ClipTextModel::new(vb, &cfg)?, weights))
+    let model = match prefix {
+        None => ClipTextModel::new(
+            VarBuilder::from_tensors(weights.clone(), DType::F32, device),
+            &cfg,
+        )?,
+        Some(p) => {
+            let named = weights
+                .iter()
+                .map(|(k, t)| (format!("{p}.{k}"), t.clone()))
+                .collect();
+            ClipTextModel::new(
+                VarBuilder::from_tensors(named, DType::F32, device).pp(p),
+                &cfg,
+            )?
+        }
+    };
+    Ok((model, weights))
 }
 
 /// Precomputed prompt embeddings: a safetensors file with `prompt_embeds` `[N, seq_len, dim]`
