@@ -119,7 +119,16 @@ fn sdxl_sample_export_and_validate_match_diffusers() {
     // Export: the generator + text encoders, and the bare UNet with optimum's SDXL inputs.
     let e = tmp.path().join("e");
     let es = e.to_str().unwrap();
-    let (ok, log) = distill(&["export", d, "-o", es, "--sample-steps", &steps, "--cfg-scale", &g]);
+    let (ok, log) = distill(&[
+        "export",
+        d,
+        "-o",
+        es,
+        "--sample-steps",
+        &steps,
+        "--cfg-scale",
+        &g,
+    ]);
     assert!(ok, "{log}");
     assert!(log.contains("input_ids_2"), "{log}");
     let (ok, log) = distill(&["export", d, "-o", es, "--what", "denoiser"]);
@@ -273,7 +282,10 @@ fn tdm_on_sdxl_trains_samples_and_exports() {
                     .unwrap()
                     > 0.0
         });
-    assert!(add_moved, "the pooled-embedding projection (add_embedding) got no gradient");
+    assert!(
+        add_moved,
+        "the pooled-embedding projection (add_embedding) got no gradient"
+    );
     // sample and export of the student checkpoint: the generator in tract = the candle rollout.
     let png = tmp.path().join("s.png");
     let (ok, log) = distill(&[

@@ -190,10 +190,7 @@ fn text_to_image_inputs(
             time_ids: b.input(
                 "time_ids",
                 ElemType::F32,
-                &[
-                    Dim::Batch,
-                    Dim::Fixed(graphs::diffusers::SDXL_TIME_IDS),
-                ],
+                &[Dim::Batch, Dim::Fixed(graphs::diffusers::SDXL_TIME_IDS)],
             )?,
         }),
         None => None,

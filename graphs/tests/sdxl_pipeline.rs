@@ -199,5 +199,8 @@ fn unsupported_pipelines_and_mismatched_sdxl_folders_are_refused_by_name() {
         v.as_object_mut().unwrap().remove("projection_dim");
     });
     let e = load_err(&d);
-    assert!(e.contains("CLIPTextModelWithProjection") || e.contains("text_projection"), "{e}");
+    assert!(
+        e.contains("CLIPTextModelWithProjection") || e.contains("text_projection"),
+        "{e}"
+    );
 }

@@ -40,7 +40,10 @@ pub struct TextPrompts {
     pub empty: Tensor,
     /// SDXL's pooled embeddings and time ids, `[P, ...]` (and the unconditional branch's,
     /// `[1, ...]`); `None` for SD.
-    pub added: Option<(graphs::cond::AddedCond<Tensor>, graphs::cond::AddedCond<Tensor>)>,
+    pub added: Option<(
+        graphs::cond::AddedCond<Tensor>,
+        graphs::cond::AddedCond<Tensor>,
+    )>,
     /// sha256 of the pipeline's `unet/` weights.
     pub unet_sha256: String,
     /// sha256 of the prompt file.

@@ -297,7 +297,10 @@ fn text_case(
         ("prompt_embeds".to_string(), f32_input(&pe)?),
     ];
     if let Some(a) = &added {
-        inputs.push(("pooled_prompt_embeds".to_string(), f32_input(&a.text_embeds)?));
+        inputs.push((
+            "pooled_prompt_embeds".to_string(),
+            f32_input(&a.text_embeds)?,
+        ));
         inputs.push(("time_ids".to_string(), f32_input(&a.time_ids)?));
     }
     Ok(Case {

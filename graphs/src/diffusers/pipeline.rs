@@ -23,7 +23,8 @@ use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 
 /// The `_class_name`s of `model_index.json` read as text-to-image pipelines.
-pub const TEXT_TO_IMAGE_PIPELINES: &[&str] = &["StableDiffusionPipeline", "StableDiffusionXLPipeline"];
+pub const TEXT_TO_IMAGE_PIPELINES: &[&str] =
+    &["StableDiffusionPipeline", "StableDiffusionXLPipeline"];
 
 /// Text-to-image pipelines refused by name, with why: their denoisers and text encoders are
 /// networks `graphs` does not have.
@@ -312,8 +313,7 @@ impl TextToImage {
     pub fn time_ids(&self, b: &CandleBackend, n: usize) -> Result<Option<Tensor>> {
         Ok(match &self.sdxl {
             Some(s) => Some(
-                Tensor::from_slice(&s.time_ids, (1, SDXL_TIME_IDS), &b.device)?
-                    .repeat((n, 1))?,
+                Tensor::from_slice(&s.time_ids, (1, SDXL_TIME_IDS), &b.device)?.repeat((n, 1))?,
             ),
             None => None,
         })
