@@ -42,7 +42,8 @@ pub use graphs::Precision;
 pub use metadata::{metadata, ModelKind, OnnxMetadata};
 pub use model::{export_denoiser, export_generator, sha256_hex, weights_sha256, ExportOptions};
 pub use vae_clip::{
-    export_text_encoder, export_text_to_image, export_text_to_image_student, export_vae_decoder,
+    export_prompt_encoder, export_text_encoder, export_text_to_image, export_text_to_image_student,
+    export_vae_decoder,
 };
 pub use validate::{
     roundoff_tolerance, validate, Metrics, RuntimeKind, Target, Unavailable, ValidateOptions,

@@ -111,12 +111,51 @@ pub fn export_text_encoder(
     )
 }
 
-/// The text-to-image graphs' inputs, `noise` `[batch, C, h, w]` and `prompt_embeds`
-/// `[batch, tokens, dim]`, on a fresh backend; fp16 refused for a `force_upcast` VAE.
+/// A text-to-image pipeline's prompt encoder(s) as one graph. SD: [`export_text_encoder`]
+/// (`input_ids` -> `last_hidden_state`). SDXL: `input_ids` (`tokenizer`) and `input_ids_2`
+/// (`tokenizer_2`), `[batch, seq_len]` int32 -> `prompt_embeds` `[batch, seq_len, dim_1 + dim_2]`
+/// (both encoders' `hidden_states[-2]`, concatenated) and `pooled_prompt_embeds`
+/// `[batch, projection_dim]` (`text_encoder_2`'s `text_embeds`): exactly the generator's inputs,
+/// with diffusers' `encode_prompt` (which layer, the concatenation, which encoder pools) in the
+/// graph rather than in every caller.
+pub fn export_prompt_encoder(
+    t2i: &graphs::diffusers::TextToImage,
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
+    let seq = t2i.seq_len();
+    if t2i.sdxl.is_none() {
+        return export_text_encoder(&t2i.prompts.model, seq, t2i.prompts.clip_skip, false, opts);
+    }
+    let b = OnnxBackend::new(opts.precision)?;
+    let ids = b.input("input_ids", ElemType::I32, &[Dim::Batch, Dim::Fixed(seq)])?;
+    let ids_2 = b.input("input_ids_2", ElemType::I32, &[Dim::Batch, Dim::Fixed(seq)])?;
+    let (pe, pooled) = t2i
+        .embed_ids(&b, &ids, Some(&ids_2))
+        .context("lowering SDXL's two CLIP text encoders")?;
+    let pooled = pooled.context("SDXL's second encoder gives the pooled embeddings")?;
+    let meta = vec![
+        ("seq_len".into(), seq.to_string()),
+        ("clip_skip".into(), t2i.prompts.clip_skip.to_string()),
+        ("pipeline".into(), t2i.class.clone()),
+    ];
+    finish(
+        b,
+        "clip_text_encoder",
+        &[("prompt_embeds", pe), ("pooled_prompt_embeds", pooled)],
+        meta,
+        opts,
+        "the exported SDXL text encoders",
+    )
+}
+
+/// The text-to-image graphs' inputs on a fresh backend: `noise` `[batch, C, h, w]`,
+/// `prompt_embeds` `[batch, tokens, dim]` and for SDXL `pooled_prompt_embeds` `[batch, pooled]`
+/// with `time_ids` `[batch, 6]` (as diffusers and optimum name them) in the condition; fp16
+/// refused for a `force_upcast` VAE.
 fn text_to_image_inputs(
     t2i: &graphs::diffusers::TextToImage,
     opts: &ExportOptions,
-) -> Result<(OnnxBackend, String, String)> {
+) -> Result<(OnnxBackend, String, graphs::TextCond<String>)> {
     let cfg = &t2i.vae.cfg;
     anyhow::ensure!(
         !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
@@ -124,8 +163,7 @@ fn text_to_image_inputs(
          the text-to-image generator in fp32"
     );
     let (c, side) = t2i.latent_shape();
-    let seq = t2i.prompts.tokenizer.max_length;
-    let dim = t2i.prompts.model.cfg.hidden_size;
+    let (seq, dim) = (t2i.seq_len(), t2i.embed_dim());
     let b = OnnxBackend::new(opts.precision)?;
     let noise = b.input(
         "noise",
@@ -142,7 +180,29 @@ fn text_to_image_inputs(
         ElemType::F32,
         &[Dim::Batch, Dim::Fixed(seq), Dim::Fixed(dim)],
     )?;
-    Ok((b, noise, pe))
+    let added = match t2i.pooled_dim() {
+        Some(p) => Some(graphs::cond::AddedCond {
+            text_embeds: b.input(
+                "pooled_prompt_embeds",
+                ElemType::F32,
+                &[Dim::Batch, Dim::Fixed(p)],
+            )?,
+            time_ids: b.input(
+                "time_ids",
+                ElemType::F32,
+                &[Dim::Batch, Dim::Fixed(graphs::diffusers::SDXL_TIME_IDS)],
+            )?,
+        }),
+        None => None,
+    };
+    Ok((
+        b,
+        noise,
+        graphs::TextCond {
+            prompt_embeds: pe,
+            added,
+        },
+    ))
 }
 
 /// Latents -> the VAE decoder -> `images` in [0, 1] (diffusers' `output_type="np"` values).
@@ -176,30 +236,37 @@ pub fn export_text_to_image(
 ) -> Result<ModelProto> {
     use graphs::cond::{Cond, TextCond};
     use graphs::Backend;
-    let (b, noise, pe) = text_to_image_inputs(t2i, opts)?;
-    let (seq, dim) = (
-        t2i.prompts.tokenizer.max_length,
-        t2i.prompts.model.cfg.hidden_size,
-    );
+    let (b, noise, cond) = text_to_image_inputs(t2i, opts)?;
     let side = t2i.latent_shape().1;
     let empty = {
         let cb = graphs::CandleBackend::new(&candle_core::Device::Cpu);
-        t2i.prompts.encode(&cb, &[""])?
+        t2i.uncond(&cb, 1)?
     };
-    // The empty prompt's embeddings broadcast to the batch: 0 * prompt_embeds + constant.
-    let uncond = b.add(
-        &b.affine(&pe, 0.0, 0.0)?,
-        &b.constant(&empty.flatten_all()?.to_vec1::<f32>()?, &[1, seq, dim])?,
-    )?;
-    let cond = Cond::Text {
-        cond: TextCond {
-            prompt_embeds: pe,
-            added: None,
+    // The unconditional branch broadcast to the batch: 0 * input + constant (the empty
+    // prompt's embeddings, or SDXL's zeros); the time ids are the conditional branch's.
+    let like = |x: &String, c: &candle_core::Tensor| -> Result<String> {
+        let zero = b.affine(x, 0.0, 0.0)?;
+        let v = c.flatten_all()?.to_vec1::<f32>()?;
+        if v.iter().all(|&v| v == 0.0) {
+            return Ok(zero);
+        }
+        let mut dims = c.dims().to_vec();
+        dims[0] = 1;
+        b.add(&zero, &b.constant(&v, &dims)?)
+    };
+    let uncond = TextCond {
+        prompt_embeds: like(&cond.prompt_embeds, &empty.prompt_embeds)?,
+        added: match (&cond.added, &empty.added) {
+            (Some(a), Some(e)) => Some(graphs::cond::AddedCond {
+                text_embeds: like(&a.text_embeds, &e.text_embeds)?,
+                time_ids: a.time_ids.clone(),
+            }),
+            _ => None,
         },
-        uncond: Some(TextCond {
-            prompt_embeds: uncond,
-            added: None,
-        }),
+    };
+    let cond = Cond::Text {
+        cond,
+        uncond: Some(uncond),
     };
     let (grid, last) = match &t2i.scheduler {
         graphs::schedulers::Scheduler::DpmMultistep(_) => {
@@ -225,7 +292,18 @@ pub fn export_text_to_image(
             (if scale != 1.0 { 2 * nfe } else { nfe }).to_string(),
         ),
         ("cfg_scale".into(), scale.to_string()),
-        ("uncond".into(), "empty prompt".into()),
+        (
+            "uncond".into(),
+            if t2i
+                .sdxl
+                .as_ref()
+                .is_some_and(|s| s.force_zeros_for_empty_prompt)
+            {
+                "zeros (force_zeros_for_empty_prompt)".into()
+            } else {
+                "empty prompt".into()
+            },
+        ),
         ("images_range".into(), "0,1".into()),
     ];
     finish(
@@ -247,13 +325,9 @@ pub fn export_text_to_image_student(
     sigmas: &[f64],
     opts: &ExportOptions,
 ) -> Result<ModelProto> {
-    use graphs::cond::{NetCond, TextCond};
-    let (b, noise, pe) = text_to_image_inputs(t2i, opts)?;
+    use graphs::cond::NetCond;
+    let (b, noise, tc) = text_to_image_inputs(t2i, opts)?;
     let side = t2i.latent_shape().1;
-    let tc = TextCond {
-        prompt_embeds: pe,
-        added: None,
-    };
     let mut last = None;
     graphs::sampler::student_rollout_with(
         &b,

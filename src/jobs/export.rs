@@ -165,20 +165,7 @@ impl ExportJob {
         } else {
             ""
         };
-        let seq = t2i.prompts.tokenizer.max_length;
-        let te = export::export_text_encoder(
-            &t2i.prompts.model,
-            seq,
-            t2i.prompts.clip_skip,
-            false,
-            &opts,
-        )?;
-        let te_path = self.out.join(format!("text_encoder{suffix}.onnx"));
-        export::write_model(&te, &te_path)?;
-        println!(
-            "wrote {} (input_ids -> last_hidden_state = prompt_embeds)",
-            te_path.display()
-        );
+        write_prompt_encoder(&t2i, &opts, &self.out, suffix)?;
         let m = export::export_text_to_image_student(&t2i, &spec.sigmas, &opts)?;
         let path = self.out.join(format!("generator{suffix}.onnx"));
         export::write_model(&m, &path)?;
@@ -208,7 +195,7 @@ impl ExportJob {
         } else {
             ""
         };
-        let seq = t2i.prompts.tokenizer.max_length;
+        let seq = t2i.seq_len();
         match self.what {
             ExportWhat::Denoiser => {
                 let graphs::Network::Condition(net) = &t2i.den.net else {
@@ -241,19 +228,7 @@ impl ExportJob {
                     .sampler
                     .cfg_scale
                     .unwrap_or(crate::jobs::SampleJob::TEXT_TO_IMAGE_CFG);
-                let te = export::export_text_encoder(
-                    &t2i.prompts.model,
-                    seq,
-                    t2i.prompts.clip_skip,
-                    false,
-                    &opts,
-                )?;
-                let te_path = self.out.join(format!("text_encoder{suffix}.onnx"));
-                export::write_model(&te, &te_path)?;
-                println!(
-                    "wrote {} (input_ids -> last_hidden_state = prompt_embeds)",
-                    te_path.display()
-                );
+                write_prompt_encoder(&t2i, &opts, &self.out, suffix)?;
                 let m = export::export_text_to_image(&t2i, kind, steps, scale, &opts)?;
                 let path = self.out.join(format!("generator{suffix}.onnx"));
                 export::write_model(&m, &path)?;
@@ -313,6 +288,31 @@ impl ExportJob {
         }
         Ok(path)
     }
+}
+
+/// `text_encoder[_fp16].onnx` of a text-to-image pipeline beside the generator (one file for
+/// SDXL's two encoders too: its outputs are the generator's text inputs).
+fn write_prompt_encoder(
+    t2i: &graphs::diffusers::TextToImage,
+    opts: &export::ExportOptions,
+    out: &Path,
+    suffix: &str,
+) -> Result<()> {
+    let te = export::export_prompt_encoder(t2i, opts)?;
+    let te_path = out.join(format!("text_encoder{suffix}.onnx"));
+    export::write_model(&te, &te_path)?;
+    if t2i.sdxl.is_some() {
+        println!(
+            "wrote {} (input_ids + input_ids_2 -> prompt_embeds, pooled_prompt_embeds)",
+            te_path.display()
+        );
+    } else {
+        println!(
+            "wrote {} (input_ids -> last_hidden_state = prompt_embeds)",
+            te_path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Builds, validates and writes the engine for `onnx` (exported from `checkpoint`).

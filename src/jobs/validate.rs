@@ -172,7 +172,7 @@ impl ValidateJob {
                 steps: get("steps")?.parse().context("metadata steps")?,
                 cfg_scale: get("cfg_scale")?.parse().context("metadata cfg_scale")?,
             },
-            None => export::Target::TextEncoder(&t2i.prompts),
+            None => export::Target::TextEncoder(&t2i),
         };
         export::validate(&self.model, &t2i.den, target, opts)
     }

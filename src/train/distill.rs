@@ -35,10 +35,18 @@ pub struct Teacher {
 pub struct TextPrompts {
     /// The prompt file's lines (blank lines dropped).
     pub prompts: Vec<String>,
-    /// `[P, S, D]`: the prompts' embeddings (the text encoder's last hidden states).
+    /// `[P, S, D]`: the prompts' embeddings (the text encoder's last hidden states; SDXL: both
+    /// encoders' penultimate ones, concatenated).
     pub embeds: Tensor,
-    /// `[1, S, D]`: the empty prompt's, the unconditional branch of the real score's guidance.
+    /// `[1, S, D]`: the unconditional branch of the real score's guidance (the empty prompt's
+    /// embeddings; zeros for SDXL's `force_zeros_for_empty_prompt`).
     pub empty: Tensor,
+    /// SDXL's pooled embeddings and time ids, `[P, ...]` (and the unconditional branch's,
+    /// `[1, ...]`); `None` for SD.
+    pub added: Option<(
+        graphs::cond::AddedCond<Tensor>,
+        graphs::cond::AddedCond<Tensor>,
+    )>,
     /// sha256 of the pipeline's `unet/` weights.
     pub unet_sha256: String,
     /// sha256 of the prompt file.
@@ -57,16 +65,34 @@ impl TextPrompts {
         let n = idx.len();
         let i = Tensor::from_vec(idx.to_vec(), n, self.embeds.device())?;
         let cond = self.embeds.index_select(&i, 0)?;
-        let uncond = self.empty.repeat((n, 1, 1))?;
+        let added = match &self.added {
+            Some((a, _)) => Some(graphs::cond::AddedCond {
+                text_embeds: a.text_embeds.index_select(&i, 0)?,
+                time_ids: a.time_ids.index_select(&i, 0)?,
+            }),
+            None => None,
+        };
         Ok(graphs::Cond::Text {
             cond: graphs::TextCond {
                 prompt_embeds: cond,
-                added: None,
+                added,
             },
-            uncond: Some(graphs::TextCond {
-                prompt_embeds: uncond,
-                added: None,
+            uncond: Some(self.uncond(n)?),
+        })
+    }
+
+    /// The unconditional branch for `n` samples.
+    pub fn uncond(&self, n: usize) -> Result<graphs::TextCond<Tensor>> {
+        let added = match &self.added {
+            Some((_, u)) => Some(graphs::cond::AddedCond {
+                text_embeds: u.text_embeds.repeat((n, 1))?,
+                time_ids: u.time_ids.repeat((n, 1))?,
             }),
+            None => None,
+        };
+        Ok(graphs::TextCond {
+            prompt_embeds: self.empty.repeat((n, 1, 1))?,
+            added,
         })
     }
 }
@@ -122,8 +148,13 @@ impl Teacher {
             .with_context(|| format!("loading the teacher {}", dir.display()))?;
         let b = CandleBackend::new(device);
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let embeds = pipe.prompts.encode(&b, &refs)?.detach();
-        let empty = pipe.prompts.encode(&b, &[""])?.detach();
+        let cond = pipe.encode(&b, &refs)?;
+        let uncond = pipe.uncond(&b, 1)?;
+        let (embeds, empty) = (cond.prompt_embeds.detach(), uncond.prompt_embeds.detach());
+        let added = match (cond.added, uncond.added) {
+            (Some(c), Some(u)) => Some((c, u)),
+            _ => None,
+        };
         let den = pipe.den.clone();
         let generator = graphs::GeneratorSpec {
             sampler: pipe.default_sampler(),
@@ -145,6 +176,7 @@ impl Teacher {
                 prompts,
                 embeds,
                 empty,
+                added,
                 unet_sha256,
                 prompts_sha256,
             }),

@@ -461,10 +461,7 @@ impl Method for Tdm<'_> {
         let Some(t) = &self.teacher.text else {
             return Ok(None);
         };
-        Ok(Some(graphs::TextCond {
-            prompt_embeds: t.empty.repeat((n, 1, 1))?,
-            added: None,
-        }))
+        Ok(Some(t.uncond(n)?))
     }
 }
 

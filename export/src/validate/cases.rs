@@ -176,7 +176,8 @@ pub(super) fn make_case(
 }
 
 /// Token ids `[batch, max_length]` drawn from the seed: a begin token, 1..max_length-1 random
-/// ids, then end-of-text padding (what a tokenized prompt looks like).
+/// ids, the end-of-text token, then the padding (what a tokenized prompt looks like; the pad token
+/// is the end-of-text one for SD's tokenizer, `!` for SDXL's second).
 fn draw_ids(
     p: &graphs::transformers::PromptEncoder,
     batch: usize,
@@ -186,13 +187,17 @@ fn draw_ids(
     let vocab = p.model.cfg.vocab_size as u32;
     // The empty prompt's ids: the begin token, then the padding.
     let empty = p.tokenizer.encode("")?;
-    let (bos, pad) = (empty[0], empty[l - 1]);
+    let (bos, eos, pad) = (empty[0], empty[1], empty[l - 1]);
     let mut ids = Vec::with_capacity(batch * l);
     for _ in 0..batch {
         let k = rng.gen_range(1..l);
         ids.push(bos);
         for j in 1..l {
-            ids.push(if j < k { rng.gen_range(0..vocab) } else { pad });
+            ids.push(match j.cmp(&k) {
+                std::cmp::Ordering::Less => rng.gen_range(0..vocab),
+                std::cmp::Ordering::Equal => eos,
+                std::cmp::Ordering::Greater => pad,
+            });
         }
     }
     Ok(ids)
@@ -211,7 +216,48 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
         .to_vec1()?)
 }
 
-/// A text-to-image generator case: seeded noise and the prompt embeddings of seeded token ids.
+/// Seeded token ids for each of the pipeline's tokenizers (`[batch * seq_len]` each; SDXL: the
+/// second drawn after the first).
+fn pipeline_ids(
+    t2i: &graphs::diffusers::TextToImage,
+    batch: usize,
+    rng: &mut StdRng,
+) -> Result<(Vec<u32>, Option<Vec<u32>>)> {
+    let ids = draw_ids(&t2i.prompts, batch, rng)?;
+    let ids_2 = match &t2i.sdxl {
+        Some(s) => Some(draw_ids(&s.prompts_2, batch, rng)?),
+        None => None,
+    };
+    Ok((ids, ids_2))
+}
+
+/// The pipeline's `(prompt_embeds, pooled)` for drawn ids.
+fn embed(
+    t2i: &graphs::diffusers::TextToImage,
+    ids: &[u32],
+    ids_2: Option<&Vec<u32>>,
+    batch: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dev = Device::Cpu;
+    let cb = CandleBackend::new(&dev);
+    let l = t2i.seq_len();
+    let ids_t = Tensor::from_vec(ids.to_vec(), (batch, l), &dev)?;
+    let ids_2 = match ids_2 {
+        Some(v) => Some(Tensor::from_vec(v.clone(), (batch, l), &dev)?),
+        None => None,
+    };
+    t2i.embed_ids(&cb, &ids_t, ids_2.as_ref())
+}
+
+fn f32_input(t: &Tensor) -> Result<TensorData> {
+    Ok(TensorData::F32(ArrayD::from_shape_vec(
+        t.dims().to_vec(),
+        flat(t)?,
+    )?))
+}
+
+/// A text-to-image generator case: seeded noise and the prompt embeddings of seeded token ids
+/// (SDXL: with their pooled embeddings and the pipeline's time ids).
 fn text_case(
     t2i: &graphs::diffusers::TextToImage,
     gen: Option<(graphs::SamplerKind, usize, f64)>,
@@ -220,39 +266,43 @@ fn text_case(
 ) -> Result<Case> {
     let dev = Device::Cpu;
     let cb = CandleBackend::new(&dev);
-    let p = &t2i.prompts;
-    let l = p.tokenizer.max_length;
-    let ids = draw_ids(p, batch, rng)?;
-    let ids_t = Tensor::from_vec(ids, (batch, l), &dev)?;
-    let pe = p.model.forward(&cb, &ids_t, l, p.clip_skip, false)?.hidden;
+    let (ids, ids_2) = pipeline_ids(t2i, batch, rng)?;
+    let (pe, pooled) = embed(t2i, &ids, ids_2.as_ref(), batch)?;
     let (c, r) = t2i.latent_shape();
     let shape = [batch, c, r, r];
     let z = normal(rng, batch * c * r * r);
     let zt = Tensor::from_vec(z.clone(), &shape, &dev)?;
     let (kind, steps, scale) = gen.expect("generator settings");
-    let empty = p.encode(&cb, &vec![""; batch])?;
+    let added = match (pooled, t2i.time_ids(&cb, batch)?) {
+        (Some(text_embeds), Some(time_ids)) => Some(graphs::cond::AddedCond {
+            text_embeds,
+            time_ids,
+        }),
+        _ => None,
+    };
     let cond = graphs::Cond::Text {
         cond: graphs::TextCond {
             prompt_embeds: pe.clone(),
-            added: None,
+            added: added.clone(),
         },
-        uncond: Some(graphs::TextCond {
-            prompt_embeds: empty,
-            added: None,
-        }),
+        uncond: Some(t2i.uncond(&cb, batch)?),
     };
     let lat = t2i.latents(&cb, &zt, &cond, kind, steps, scale)?;
     let y = t2i.decode(&cb, &lat)?;
-    let inputs = vec![
+    let mut inputs = vec![
         (
             "noise".to_string(),
             TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), z)?),
         ),
-        (
-            "prompt_embeds".to_string(),
-            TensorData::F32(ArrayD::from_shape_vec(pe.dims().to_vec(), flat(&pe)?)?),
-        ),
+        ("prompt_embeds".to_string(), f32_input(&pe)?),
     ];
+    if let Some(a) = &added {
+        inputs.push((
+            "pooled_prompt_embeds".to_string(),
+            f32_input(&a.text_embeds)?,
+        ));
+        inputs.push(("time_ids".to_string(), f32_input(&a.time_ids)?));
+    }
     Ok(Case {
         inputs,
         reference: flat(&y)?,
@@ -260,22 +310,27 @@ fn text_case(
     })
 }
 
-/// A text encoder case: seeded token ids -> `last_hidden_state`.
+/// A prompt encoder case: seeded token ids -> `last_hidden_state` (SDXL: `prompt_embeds` then
+/// `pooled_prompt_embeds`, flattened one after the other as the outputs are compared).
 fn text_encoder_case(
-    p: &graphs::transformers::PromptEncoder,
+    t2i: &graphs::diffusers::TextToImage,
     batch: usize,
     rng: &mut StdRng,
 ) -> Result<Case> {
-    let dev = Device::Cpu;
-    let cb = CandleBackend::new(&dev);
-    let l = p.tokenizer.max_length;
-    let ids = draw_ids(p, batch, rng)?;
-    let inputs = vec![("input_ids".to_string(), ids_input(&ids, batch, l)?)];
-    let ids_t = Tensor::from_vec(ids, (batch, l), &dev)?;
-    let h = p.model.forward(&cb, &ids_t, l, p.clip_skip, false)?.hidden;
+    let l = t2i.seq_len();
+    let (ids, ids_2) = pipeline_ids(t2i, batch, rng)?;
+    let mut inputs = vec![("input_ids".to_string(), ids_input(&ids, batch, l)?)];
+    if let Some(v) = &ids_2 {
+        inputs.push(("input_ids_2".to_string(), ids_input(v, batch, l)?));
+    }
+    let (h, pooled) = embed(t2i, &ids, ids_2.as_ref(), batch)?;
+    let mut reference = flat(&h)?;
+    if let Some(p) = pooled {
+        reference.extend(flat(&p)?);
+    }
     Ok(Case {
         inputs,
-        reference: flat(&h)?,
+        reference,
         roundoff: None,
     })
 }

@@ -108,7 +108,7 @@ pub fn build_validated(
         let report = validate::compare(
             &plan.display().to_string(),
             precision,
-            &out_name,
+            std::slice::from_ref(&out_name),
             den,
             target,
             vec![Candidate {

@@ -80,9 +80,10 @@ pub enum Target<'a> {
         steps: usize,
         cfg_scale: f64,
     },
-    /// An [`crate::export_text_encoder`] model (`input_ids` -> `last_hidden_state`), ids drawn
-    /// from the seed.
-    TextEncoder(&'a graphs::transformers::PromptEncoder),
+    /// An [`crate::export_prompt_encoder`] model of this pipeline (`input_ids` ->
+    /// `last_hidden_state`; SDXL: + `input_ids_2` -> `prompt_embeds`, `pooled_prompt_embeds`),
+    /// ids drawn from the seed.
+    TextEncoder(&'a graphs::diffusers::TextToImage),
 }
 
 impl Target<'_> {
@@ -380,7 +381,7 @@ pub fn validate(
     );
     ensure!(!opts.runtimes.is_empty(), "validate: no runtime selected");
     let is_plan = crate::tensorrt::is_plan(model_path);
-    let (precision, out_name) = if is_plan {
+    let (precision, out_names) = if is_plan {
         let sc = crate::tensorrt::Sidecar::read(&crate::tensorrt::sidecar::path_for(model_path))?;
         let p = match opts.precision {
             Some(p) => p,
@@ -391,7 +392,7 @@ pub fn validate(
             "validate: expected one output, the plan has {}",
             sc.outputs.len()
         );
-        (p, sc.outputs[0].name.clone())
+        (p, vec![sc.outputs[0].name.clone()])
     } else {
         let model = runtime::load_model(model_path)?;
         let label = model_path.display().to_string();
@@ -401,12 +402,10 @@ pub fn validate(
             None => metadata_precision(&model)?,
         };
         let (_, outs) = runtime::io_specs(&model)?;
-        ensure!(
-            outs.len() == 1,
-            "validate: expected one output, the model has {}",
-            outs.len()
-        );
-        (p, outs[0].name.clone())
+        // Several outputs (SDXL's text encoders: prompt and pooled embeddings) are compared as
+        // one vector, concatenated in graph order (the reference lays them out the same way).
+        ensure!(!outs.is_empty(), "validate: the model has no output");
+        (p, outs.iter().map(|o| o.name.clone()).collect())
     };
 
     let mut candidates = Vec::new();
@@ -476,7 +475,7 @@ pub fn validate(
     let mut report = compare(
         &model_path.display().to_string(),
         precision,
-        &out_name,
+        &out_names,
         den,
         target,
         candidates,
@@ -491,7 +490,7 @@ pub fn validate(
 pub fn compare(
     label: &str,
     precision: Precision,
-    out_name: &str,
+    out_names: &[String],
     den: &Denoiser,
     target: Target,
     mut candidates: Vec<Candidate>,
@@ -543,21 +542,27 @@ pub fn compare(
             let out = runtime::guard::catch(c.name, "running the model", || runner.run(inputs))
                 .with_context(|| format!("case {case} (batch {batch}) in {}", c.name))?;
             *secs += t0.elapsed().as_secs_f64();
-            let (_, y) = out
-                .iter()
-                .find(|(n, _)| n == out_name)
-                .with_context(|| format!("{} returned no {out_name}", c.name))?;
+            let mut y: Vec<f32> = Vec::with_capacity(reference.len());
+            for out_name in out_names {
+                let (_, t) = out
+                    .iter()
+                    .find(|(n, _)| n == out_name)
+                    .with_context(|| format!("{} returned no {out_name}", c.name))?;
+                y.extend(t.iter().copied());
+            }
             ensure!(
                 y.len() == reference.len(),
-                "{}: output {out_name} has shape {:?}, expected {} values",
+                "{}: outputs {} have {} values, expected {}",
                 c.name,
-                y.shape(),
+                out_names.join(", "),
+                y.len(),
                 reference.len()
             );
-            let y: Vec<f32> = y.iter().copied().collect();
             acc.add(&reference, &y);
         }
     }
+    let out_name = out_names.join("+");
+    let out_name = out_name.as_str();
     let metrics = candidates
         .iter()
         .zip(accs)

@@ -18,7 +18,7 @@ pub mod vae;
 pub use condition_config::{CondBlockType, CondMidBlock, TextTime, UNet2DConditionConfig};
 pub use config::{BlockType, ClassEmbed, TimeScaleShift, UNet2DConfig};
 pub use load::{load_unet, DiffusersFolder};
-pub use pipeline::{is_text_to_image, TextToImage};
+pub use pipeline::{is_text_to_image, SdxlText, TextToImage};
 pub use save::{save_unet, save_unet_condition};
 pub use teacher::{DiffusersTeacher, NoiseSpace};
 pub use unet2d::UNet2DModel;

@@ -408,6 +408,43 @@ impl ClipTextModel {
         Ok(h)
     }
 
+    /// What SDXL's `encode_prompt` takes of an encoder: `hidden_states[-(skip + 2)]` (no final
+    /// LayerNorm; `skip` is diffusers' `clip_skip`, 0 for none) and, with `text_embeds`, the
+    /// projected pooled output of the last layer (a `CLIPTextModelWithProjection`'s
+    /// `text_embeds`). The layers run once: the pooled branch continues from the penultimate.
+    pub fn penultimate<B: Backend>(
+        &self,
+        b: &B,
+        ids: &B::T,
+        seq_len: usize,
+        skip: usize,
+        text_embeds: bool,
+    ) -> Result<(B::T, Option<B::T>)> {
+        let n = self.layers.len();
+        ensure!(
+            skip + 1 < n,
+            "CLIPTextModel: hidden_states[-{}] of {n} layers",
+            skip + 2
+        );
+        let k = n - 1 - skip;
+        let h = self.hidden_states(b, ids, seq_len, k)?;
+        if !text_embeds {
+            return Ok((h, None));
+        }
+        let w = self.text_projection.as_ref().with_context(|| {
+            "text_embeds: the text encoder has no text_projection (a CLIPTextModelWithProjection \
+             is needed)"
+        })?;
+        let mask = self.causal_mask(b, seq_len)?;
+        let mut last = h.clone();
+        for l in &self.layers[k..] {
+            last = l.forward(b, &last, &mask)?;
+        }
+        let last = self.final_layer_norm.forward(b, &last)?;
+        let pooled = self.pool(b, ids, &last, seq_len)?;
+        Ok((h, Some(b.linear(&pooled, w, None)?)))
+    }
+
     /// `[N, L]` ids -> `last_hidden_state` (`clip_skip = 0`), or with `clip_skip = k` the final
     /// LayerNorm of `hidden_states[-(k + 1)]` (diffusers' `clip_skip` in the SD pipelines).
     /// `pooled` adds the pooled output (and `text_embeds` with a projection).
@@ -625,6 +662,17 @@ pub fn load_text_encoder(
     dir: &Path,
     device: &Device,
 ) -> Result<(ClipTextModel, HashMap<String, Tensor>)> {
+    load_text_encoder_as(dir, device, None)
+}
+
+/// [`load_text_encoder`] with every parameter named under `prefix` (`prefix.text_model.…`): a
+/// second encoder in the same graph (SDXL's `text_encoder_2`) needs names of its own, since ONNX
+/// initializers are keyed by name. The returned weights keep transformers' keys.
+pub fn load_text_encoder_as(
+    dir: &Path,
+    device: &Device,
+    prefix: Option<&str>,
+) -> Result<(ClipTextModel, HashMap<String, Tensor>)> {
     let folder = text_encoder_folder(dir)?;
     let cfg = ClipTextConfig::from_file(&folder.join("config.json"))?;
     let weights = read_weights(&folder, device)?;
@@ -645,8 +693,23 @@ pub fn load_text_encoder(
         .collect::<Result<HashMap<_, _>>>()?;
     let want = expected_shapes(|vb| ClipTextModel::new(vb, &cfg).map(|_| ()))?;
     check_shapes(&want, &weights, &[]).with_context(|| format!("in {}", folder.display()))?;
-    let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, device);
-    Ok((ClipTextModel::new(vb, &cfg)?, weights))
+    let model = match prefix {
+        None => ClipTextModel::new(
+            VarBuilder::from_tensors(weights.clone(), DType::F32, device),
+            &cfg,
+        )?,
+        Some(p) => {
+            let named = weights
+                .iter()
+                .map(|(k, t)| (format!("{p}.{k}"), t.clone()))
+                .collect();
+            ClipTextModel::new(
+                VarBuilder::from_tensors(named, DType::F32, device).pp(p),
+                &cfg,
+            )?
+        }
+    };
+    Ok((model, weights))
 }
 
 /// Precomputed prompt embeddings: a safetensors file with `prompt_embeds` `[N, seq_len, dim]`

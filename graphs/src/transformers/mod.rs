@@ -37,7 +37,18 @@ impl PromptEncoder {
     /// `tokenizer_dir` (`tokenizer.json`, or `vocab.json` + `merges.txt`) and `text_encoder_dir`
     /// (a `CLIPTextModel` folder).
     pub fn new(tokenizer_dir: &Path, text_encoder_dir: &Path, device: &Device) -> Result<Self> {
-        let (model, _) = load_text_encoder(text_encoder_dir, device)?;
+        Self::new_as(tokenizer_dir, text_encoder_dir, device, None)
+    }
+
+    /// [`Self::new`] with the encoder's parameters named under `prefix`
+    /// ([`clip::load_text_encoder_as`]).
+    pub fn new_as(
+        tokenizer_dir: &Path,
+        text_encoder_dir: &Path,
+        device: &Device,
+        prefix: Option<&str>,
+    ) -> Result<Self> {
+        let (model, _) = clip::load_text_encoder_as(text_encoder_dir, device, prefix)?;
         let tokenizer = ClipTokenizer::from_dir(tokenizer_dir, model.cfg.max_position_embeddings)?;
         Ok(Self {
             tokenizer,
