@@ -214,7 +214,12 @@ impl Teacher {
             lat.extend(z.flatten_all()?.to_vec1::<f32>()?);
         }
         let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-        let embeds = pipe.prompts.encode(&b, &refs)?.detach();
+        let enc = pipe.encode(&b, &refs)?;
+        let embeds = enc.prompt_embeds.detach();
+        let added = match (enc.added, &text.added) {
+            (Some(c), Some((_, u))) => Some((c, u.clone())),
+            _ => None,
+        };
         let data = crate::data::Dataset {
             images: lat,
             labels: (0..n as u32).collect(),
@@ -232,6 +237,7 @@ impl Teacher {
                 prompts: captions,
                 embeds,
                 empty: text.empty.clone(),
+                added,
                 unet_sha256: text.unet_sha256.clone(),
                 prompts_sha256: caption_sha,
             },

@@ -373,10 +373,17 @@ impl Method for Dmd2<'_> {
                     let Cond::Text { cond: rc, .. } = caps.cond(&ids)? else {
                         unreachable!("captions give a text condition")
                     };
+                    let added = match (&rc.added, &c.added) {
+                        (Some(r), Some(g)) => Some(graphs::cond::AddedCond {
+                            text_embeds: Tensor::cat(&[&r.text_embeds, &g.text_embeds], 0)?,
+                            time_ids: Tensor::cat(&[&r.time_ids, &g.time_ids], 0)?,
+                        }),
+                        _ => None,
+                    };
                     Cond::Text {
                         cond: graphs::TextCond {
                             prompt_embeds: Tensor::cat(&[&rc.prompt_embeds, &c.prompt_embeds], 0)?,
-                            added: None,
+                            added,
                         },
                         uncond: None,
                     }
@@ -433,9 +440,6 @@ impl Method for Dmd2<'_> {
         let Some(t) = &self.teacher.text else {
             return Ok(None);
         };
-        Ok(Some(graphs::TextCond {
-            prompt_embeds: t.empty.repeat((n, 1, 1))?,
-            added: None,
-        }))
+        Ok(Some(t.uncond(n)?))
     }
 }
