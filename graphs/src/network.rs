@@ -268,11 +268,18 @@ impl Network {
                 &t.prompt_embeds,
                 t.added.as_ref(),
             ),
-            (Self::Condition(_), NetCond::Labels(_)) => anyhow::bail!(
+            (_, c) => Err(Self::wrong_condition(c)),
+        }
+    }
+
+    /// The refusal of a condition the network does not take (labels vs prompt embeddings).
+    fn wrong_condition<T>(c: NetCond<'_, T>) -> anyhow::Error {
+        match c {
+            NetCond::Labels(_) => anyhow::anyhow!(
                 "a UNet2DConditionModel is conditioned on prompt embeddings \
                  (encoder_hidden_states), not class labels: give prompts"
             ),
-            (_, NetCond::Text(_)) => anyhow::bail!(
+            NetCond::Text(_) => anyhow::anyhow!(
                 "this network is class-conditional (labels); prompt embeddings need a \
                  UNet2DConditionModel"
             ),
@@ -313,14 +320,7 @@ impl Network {
                 &t.prompt_embeds,
                 t.added.as_ref(),
             ),
-            (Self::Condition(_), NetCond::Labels(_)) => anyhow::bail!(
-                "a UNet2DConditionModel is conditioned on prompt embeddings \
-                 (encoder_hidden_states), not class labels: give prompts"
-            ),
-            (_, NetCond::Text(_)) => anyhow::bail!(
-                "this network is class-conditional (labels); prompt embeddings need a \
-                 UNet2DConditionModel"
-            ),
+            (_, c) => Err(Self::wrong_condition(c)),
         }
     }
 }
