@@ -216,6 +216,84 @@ fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str]
         assert!(e < 1e-3, "generator.onnx in tract vs candle: max err {e}");
         eprintln!("student generator.onnx in tract vs candle: max err {e:.2e}");
     }
+    // `distill validate` of the student's exports against its checkpoint in tract and ONNX
+    // Runtime (the generator at its own steps, the text encoder, the bare UNet with diffusers'
+    // signature), with the TensorRT lint; the teacher's pipeline is not its reference.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .env("DISTILL_THREADS", "2")
+        .args([
+            "export",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--what", "denoiser"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && out.join("denoiser.onnx").is_file(),
+        "{log}"
+    );
+    // fp16: the UNet in half precision, the force_upcast VAE in fp32.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .env("DISTILL_THREADS", "2")
+        .args([
+            "export",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--precision", "fp16"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && log.contains("vae_precision = fp32"),
+        "{log}"
+    );
+    for file in [
+        "generator.onnx",
+        "text_encoder.onnx",
+        "denoiser.onnx",
+        "generator_fp16.onnx",
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+            .env("DISTILL_THREADS", "2")
+            .args(["validate", out.join(file).to_str().unwrap(), "--reference"])
+            .args([
+                ckpt.to_str().unwrap(),
+                "--cases",
+                "2",
+                "--batches",
+                "1,2",
+                "--lint",
+            ])
+            .output()
+            .unwrap();
+        let log =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        eprintln!("validate {file}:\n{log}");
+        assert!(o.status.success(), "validate {file}: {log}");
+        assert!(
+            log.contains("tract") && log.contains("onnxruntime") && log.contains("PASS"),
+            "{log}"
+        );
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args([
+            "validate",
+            out.join("generator.onnx").to_str().unwrap(),
+            "--reference",
+        ])
+        .args([sd_tiny().to_str().unwrap(), "--cases", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("pass the student checkpoint"),
+        "{err}"
+    );
     // The student's own steps: a teacher's sampler flags are refused by name.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
         .args(["sample", ckpt.to_str().unwrap(), "--prompts"])

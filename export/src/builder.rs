@@ -145,7 +145,10 @@ pub(crate) struct Graph {
 /// Lowers [`graphs::Backend`] calls to ONNX nodes. `T = String` is a value name.
 pub struct OnnxBackend {
     pub(crate) g: RefCell<Graph>,
+    /// The graph's precision (its metadata) and, unless [`Self::upcast`] overrides it for a part,
+    /// the precision its conv/linear weights are stored and run in.
     pub(crate) precision: Precision,
+    upcast: std::cell::Cell<bool>,
 }
 
 impl OnnxBackend {
@@ -157,7 +160,17 @@ impl OnnxBackend {
         Ok(Self {
             g: RefCell::new(Graph::default()),
             precision: precision.require("ONNX export", &Self::PRECISIONS)?,
+            upcast: std::cell::Cell::new(false),
         })
+    }
+
+    /// Lowers `f` with fp32 weights and arithmetic inside an fp16 graph (the VAE of a
+    /// `force_upcast` pipeline, as diffusers runs it: its activations overflow fp16).
+    pub fn upcast<R>(&self, f: impl FnOnce() -> R) -> R {
+        let was = self.upcast.replace(true);
+        let r = f();
+        self.upcast.set(was);
+        r
     }
 
     pub fn precision(&self) -> Precision {
@@ -167,7 +180,8 @@ impl OnnxBackend {
     /// Element type of conv/linear weights (and their Conv/Gemm/MatMul).
     pub fn weight_elem(&self) -> ElemType {
         match self.precision {
-            Precision::Fp16 => ElemType::F16,
+            Precision::Fp16 if !self.upcast.get() => ElemType::F16,
+            Precision::Fp16 => ElemType::F32,
             // `new` admits only fp32 and fp16.
             Precision::Fp32 | Precision::Bf16 => ElemType::F32,
         }

@@ -150,18 +150,11 @@ pub fn export_prompt_encoder(
 
 /// The text-to-image graphs' inputs on a fresh backend: `noise` `[batch, C, h, w]`,
 /// `prompt_embeds` `[batch, tokens, dim]` and for SDXL `pooled_prompt_embeds` `[batch, pooled]`
-/// with `time_ids` `[batch, 6]` (as diffusers and optimum name them) in the condition; fp16
-/// refused for a `force_upcast` VAE.
+/// with `time_ids` `[batch, 6]` (as diffusers and optimum name them) in the condition.
 fn text_to_image_inputs(
     t2i: &graphs::diffusers::TextToImage,
     opts: &ExportOptions,
 ) -> Result<(OnnxBackend, String, graphs::TextCond<String>)> {
-    let cfg = &t2i.vae.cfg;
-    anyhow::ensure!(
-        !(cfg.force_upcast && opts.precision == graphs::Precision::Fp16),
-        "the VAE's config.json sets force_upcast = true (it overflows in half precision): export \
-         the text-to-image generator in fp32"
-    );
     let (c, side) = t2i.latent_shape();
     let (seq, dim) = (t2i.seq_len(), t2i.embed_dim());
     let b = OnnxBackend::new(opts.precision)?;
@@ -205,7 +198,18 @@ fn text_to_image_inputs(
     ))
 }
 
-/// Latents -> the VAE decoder -> `images` in [0, 1] (diffusers' `output_type="np"` values).
+/// The `vae_precision` metadata entry: fp32 for a `force_upcast` VAE in an fp16 graph.
+fn vae_precision(t2i: &graphs::diffusers::TextToImage, opts: &ExportOptions) -> (String, String) {
+    let p = if t2i.vae.cfg.force_upcast {
+        graphs::Precision::Fp32
+    } else {
+        opts.precision
+    };
+    ("vae_precision".into(), p.name().into())
+}
+
+/// Latents -> the VAE decoder -> `images` in [0, 1] (diffusers' `output_type="np"` values). A
+/// `force_upcast` VAE (SD 1.x, SDXL) runs in fp32 inside an fp16 graph, as in diffusers.
 fn decode_to_images(
     t2i: &graphs::diffusers::TextToImage,
     b: &OnnxBackend,
@@ -213,10 +217,13 @@ fn decode_to_images(
     side: usize,
 ) -> Result<String> {
     use graphs::Backend;
-    let img = t2i
-        .vae
-        .decode_latents(b, lat, side, side)
-        .context("lowering the AutoencoderKL decoder")?;
+    let decode = || t2i.vae.decode_latents(b, lat, side, side);
+    let img = if t2i.vae.cfg.force_upcast {
+        b.upcast(decode)
+    } else {
+        decode()
+    }
+    .context("lowering the AutoencoderKL decoder")?;
     b.clamp(&b.affine(&img, 0.5, 0.5)?, 0.0, 1.0)
 }
 
@@ -305,6 +312,7 @@ pub fn export_text_to_image(
             },
         ),
         ("images_range".into(), "0,1".into()),
+        vae_precision(t2i, opts),
     ];
     finish(
         b,
@@ -351,6 +359,7 @@ pub fn export_text_to_image_student(
         ("unet_calls".into(), sigmas.len().to_string()),
         ("cfg_scale".into(), "1".into()),
         ("images_range".into(), "0,1".into()),
+        vae_precision(t2i, opts),
     ];
     finish(
         b,

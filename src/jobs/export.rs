@@ -129,13 +129,6 @@ impl ExportJob {
     /// (`noise` + `prompt_embeds` -> the student's steps -> the recorded pipeline's VAE ->
     /// images in [0, 1]) and the pipeline's `text_encoder[_fp16].onnx` beside it.
     fn write_text_student(&self, r: &crate::text_student::PipelineRef) -> Result<PathBuf> {
-        if self.trt.is_some() || self.what != ExportWhat::Generator {
-            bail!(
-                "--trt / --what denoiser: {} is a text-to-image student; only its ONNX generator \
-                 (and the text encoder) are exported",
-                self.checkpoint.display()
-            );
-        }
         if self.sampler.sampler.is_some()
             || self.sampler.sample_steps.is_some()
             || self.sampler.cfg_scale.is_some()
@@ -165,6 +158,9 @@ impl ExportJob {
         } else {
             ""
         };
+        if self.what == ExportWhat::Denoiser {
+            return write_text_unet(&t2i, &opts, &self.out, suffix);
+        }
         write_prompt_encoder(&t2i, &opts, &self.out, suffix)?;
         let m = export::export_text_to_image_student(&t2i, &spec.sigmas, &opts)?;
         let path = self.out.join(format!("generator{suffix}.onnx"));
@@ -176,12 +172,6 @@ impl ExportJob {
     /// images in [0, 1]) and `text_encoder[_fp16].onnx` (`input_ids` -> `prompt_embeds`) beside
     /// it; `--what denoiser`: the bare UNet with optimum's signature (`denoiser.onnx`).
     fn write_text_to_image(&self) -> Result<PathBuf> {
-        if self.trt.is_some() {
-            bail!(
-                "--trt: TensorRT engines of a text-to-image pipeline are not built yet (the ONNX \
-                 files pass the TensorRT lint; build them with trtexec)"
-            );
-        }
         let dev = Device::Cpu;
         let t2i = graphs::diffusers::TextToImage::load(&self.checkpoint, &dev)?;
         let opts = export::ExportOptions {
@@ -195,21 +185,8 @@ impl ExportJob {
         } else {
             ""
         };
-        let seq = t2i.seq_len();
         match self.what {
-            ExportWhat::Denoiser => {
-                let graphs::Network::Condition(net) = &t2i.den.net else {
-                    bail!(
-                        "{}: unet/ is not a UNet2DConditionModel",
-                        self.checkpoint.display()
-                    );
-                };
-                let (_, side) = t2i.latent_shape();
-                let m = export::export_unet2d_condition(&net.model, (side, side), seq, &opts)?;
-                let path = self.out.join(format!("denoiser{suffix}.onnx"));
-                export::write_model(&m, &path)?;
-                Ok(path)
-            }
+            ExportWhat::Denoiser => write_text_unet(&t2i, &opts, &self.out, suffix),
             ExportWhat::Generator => {
                 if self.sampler.sampler == Some(graphs::SamplerKind::Student) {
                     bail!(
@@ -261,24 +238,30 @@ impl ExportJob {
         for m in export::metadata(&model) {
             println!("  {} = {}", m.0, m.1);
         }
-        if graphs::diffusers::is_text_to_image(&self.checkpoint) {
-            if self.what == ExportWhat::Generator {
-                println!(
-                    "next: distill validate {} --reference {} (and text_encoder{}.onnx beside it)",
-                    path.display(),
-                    self.checkpoint.display(),
-                    if self.precision == Precision::Fp16 {
-                        "_fp16"
-                    } else {
-                        ""
-                    }
-                );
-            }
-        } else if !(crate::diffusers_io::is_diffusers(&self.checkpoint)
-            && self.what == ExportWhat::Denoiser)
+        let text = graphs::diffusers::is_text_to_image(&self.checkpoint)
+            || crate::text_student::pipeline_ref(&self.checkpoint)?.is_some();
+        if text
+            || !(crate::diffusers_io::is_diffusers(&self.checkpoint)
+                && self.what == ExportWhat::Denoiser)
         {
+            let encoder = if text && self.what == ExportWhat::Generator {
+                format!(
+                    " (and {} the same way)",
+                    path.with_file_name(format!(
+                        "text_encoder{}.onnx",
+                        if self.precision == Precision::Fp16 {
+                            "_fp16"
+                        } else {
+                            ""
+                        }
+                    ))
+                    .display()
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "next: distill validate {} --reference {}",
+                "next: distill validate {} --reference {}{encoder}",
                 path.display(),
                 self.checkpoint.display()
             );
@@ -288,6 +271,24 @@ impl ExportJob {
         }
         Ok(path)
     }
+}
+
+/// `denoiser[_fp16].onnx`: the pipeline's (or student's) bare UNet with diffusers' signature, as
+/// optimum exports it.
+fn write_text_unet(
+    t2i: &graphs::diffusers::TextToImage,
+    opts: &export::ExportOptions,
+    out: &Path,
+    suffix: &str,
+) -> Result<PathBuf> {
+    let graphs::Network::Condition(net) = &t2i.den.net else {
+        bail!("{}: unet/ is not a UNet2DConditionModel", t2i.dir.display());
+    };
+    let (_, side) = t2i.latent_shape();
+    let m = export::export_unet2d_condition(&net.model, (side, side), t2i.seq_len(), opts)?;
+    let path = out.join(format!("denoiser{suffix}.onnx"));
+    export::write_model(&m, &path)?;
+    Ok(path)
 }
 
 /// `text_encoder[_fp16].onnx` of a text-to-image pipeline beside the generator (one file for
@@ -322,12 +323,6 @@ pub fn build_engine(
     onnx: &Path,
     tc: &Toolchain,
 ) -> Result<EngineOutcome> {
-    let (den, _) = crate::teacher_source::load(checkpoint, &Device::Cpu)?;
-    let meta = export::OnnxMetadata::from_file(onnx)?;
-    let target = match meta.generator() {
-        Some(s) => export::Target::Generator(s),
-        None => export::Target::Denoiser,
-    };
     let opts = EngineOptions {
         profile: BatchProfile::new(trt.min_batch, trt.opt_batch, trt.max_batch)?,
         precision: trt.precision,
@@ -345,7 +340,9 @@ pub fn build_engine(
         tc.gpu.name,
         tc.gpu.compute_capability
     );
-    let out = export::validate::build_validated(tc, onnx, &plan, &den, target, &opts)?;
+    let out = crate::jobs::validate::with_reference(onnx, checkpoint, |den, target| {
+        export::validate::build_validated(tc, onnx, &plan, den, target, &opts)
+    })?;
     println!("{}", out.report);
     if !out.written {
         return Err(Failure::ValidationFailed(format!(

@@ -105,7 +105,6 @@ impl ValidateJob {
                 crate::checks::in_range(name, t, 0.0, 1e3)?;
             }
         }
-        let dev = Device::Cpu;
         let runtimes = self
             .runtime_names()
             .iter()
@@ -123,58 +122,9 @@ impl ValidateJob {
             allow_missing: self.allow_missing,
             roundoff_cases: self.roundoff_cases,
         };
-        if graphs::diffusers::is_text_to_image(&self.reference) {
-            return self.report_text_to_image(&opts);
-        }
-        let (den, _) = crate::teacher_source::load(&self.reference, &dev)?;
-        let meta = export::OnnxMetadata::from_file(&self.model)?;
-        let target = match meta.generator() {
-            Some(s) => export::Target::Generator(s),
-            None => export::Target::Denoiser,
-        };
-        export::validate(&self.model, &den, target, &opts)
-    }
-
-    /// A text-to-image pipeline's exports: `kind = text_to_image_generator` (its sampler, steps
-    /// and guidance from the metadata) or `clip_text_encoder`.
-    fn report_text_to_image(
-        &self,
-        opts: &export::ValidateOptions,
-    ) -> Result<export::ValidateReport> {
-        let model = export::runtime::load_model(&self.model)?;
-        let meta: std::collections::HashMap<String, String> =
-            export::metadata(&model).into_iter().collect();
-        let get = |k: &str| {
-            meta.get(k)
-                .with_context(|| format!("{}: no {k:?} in its ONNX metadata", self.model.display()))
-        };
-        let t2i = graphs::diffusers::TextToImage::load(&self.reference, &Device::Cpu)?;
-        let kind = get("kind")?.as_str();
-        let sampler = match kind {
-            "text_to_image_generator" => Some(match get("sampler")?.as_str() {
-                "ddim" => graphs::SamplerKind::Ddim,
-                "euler" => graphs::SamplerKind::Euler,
-                "heun" => graphs::SamplerKind::Heun,
-                other => anyhow::bail!("{}: sampler {other:?}", self.model.display()),
-            }),
-            "clip_text_encoder" => None,
-            other => anyhow::bail!(
-                "{}: kind {other:?} is not an export of a text-to-image pipeline \
-                 (text_to_image_generator or clip_text_encoder; the bare UNet, --what denoiser, \
-                 is not validated yet)",
-                self.model.display()
-            ),
-        };
-        let target = match sampler {
-            Some(sampler) => export::Target::TextToImage {
-                t2i: &t2i,
-                sampler,
-                steps: get("steps")?.parse().context("metadata steps")?,
-                cfg_scale: get("cfg_scale")?.parse().context("metadata cfg_scale")?,
-            },
-            None => export::Target::TextEncoder(&t2i),
-        };
-        export::validate(&self.model, &t2i.den, target, opts)
+        with_reference(&self.model, &self.reference, |den, target| {
+            export::validate(&self.model, den, target, &opts)
+        })
     }
 
     fn write_junit(
@@ -243,6 +193,93 @@ impl ValidateJob {
         println!("PASS");
         Ok(report)
     }
+}
+
+/// Runs `f` on the candle reference of the exported `model` (an .onnx, or a .plan whose sidecar
+/// names its ONNX): `reference` is what it was exported from — a checkpoint or teacher (a
+/// generator or a bare denoiser, by the model's metadata), a text-to-image pipeline folder or a
+/// text-to-image student checkpoint (its generator, its `text_encoder` or its bare UNet, by the
+/// metadata's `kind`).
+pub fn with_reference<R>(
+    model: &Path,
+    reference: &Path,
+    f: impl FnOnce(&graphs::Denoiser, export::Target) -> Result<R>,
+) -> Result<R> {
+    let dev = Device::Cpu;
+    let student = crate::text_student::pipeline_ref(reference)?;
+    if !graphs::diffusers::is_text_to_image(reference) && student.is_none() {
+        let (den, _) = crate::teacher_source::load(reference, &dev)?;
+        let meta = export::OnnxMetadata::from_file(model)?;
+        let target = match meta.generator() {
+            Some(s) => export::Target::Generator(s),
+            None => export::Target::Denoiser,
+        };
+        return f(&den, target);
+    }
+    let onnx = onnx_of(model)?;
+    let meta: std::collections::HashMap<String, String> =
+        export::metadata(&export::runtime::load_model(&onnx)?)
+            .into_iter()
+            .collect();
+    let get = |k: &str| {
+        meta.get(k)
+            .with_context(|| format!("{}: no {k:?} in its ONNX metadata", onnx.display()))
+    };
+    let kind = get("kind")?.as_str();
+    let (t2i, sigmas) = match &student {
+        Some(r) => {
+            let (t2i, spec) = crate::text_student::load(reference, r, &dev)?;
+            (t2i, Some(spec.sigmas))
+        }
+        None => (graphs::diffusers::TextToImage::load(reference, &dev)?, None),
+    };
+    let target = match kind {
+        "text_to_image_generator" => match (get("sampler")?.as_str(), &sigmas) {
+            ("student", Some(sigmas)) => {
+                let steps: usize = get("steps")?.parse().context("metadata steps")?;
+                anyhow::ensure!(
+                    steps == sigmas.len(),
+                    "{}: a {steps}-step student generator, but the checkpoint {} samples in {} \
+                     steps: it was exported from another checkpoint",
+                    onnx.display(),
+                    reference.display(),
+                    sigmas.len()
+                );
+                export::Target::TextStudent { t2i: &t2i, sigmas }
+            }
+            ("student", None) => anyhow::bail!(
+                "{} is a distilled student's generator and {} is a pipeline (a teacher): pass \
+                 the student checkpoint it was exported from as --reference",
+                onnx.display(),
+                reference.display()
+            ),
+            (_, Some(_)) => anyhow::bail!(
+                "{} is a teacher's generator (a pipeline's sampler) and {} is a student \
+                 checkpoint: pass the pipeline folder it was exported from as --reference",
+                onnx.display(),
+                reference.display()
+            ),
+            (name, None) => export::Target::TextToImage {
+                t2i: &t2i,
+                sampler: match name {
+                    "ddim" => graphs::SamplerKind::Ddim,
+                    "euler" => graphs::SamplerKind::Euler,
+                    "heun" => graphs::SamplerKind::Heun,
+                    other => anyhow::bail!("{}: sampler {other:?}", onnx.display()),
+                },
+                steps: get("steps")?.parse().context("metadata steps")?,
+                cfg_scale: get("cfg_scale")?.parse().context("metadata cfg_scale")?,
+            },
+        },
+        "clip_text_encoder" => export::Target::TextEncoder(&t2i),
+        "diffusers_unet2d_condition" => export::Target::TextUnet(&t2i),
+        other => anyhow::bail!(
+            "{}: kind {other:?} is not an export of a text-to-image pipeline or student \
+             (text_to_image_generator, clip_text_encoder or diffusers_unet2d_condition)",
+            onnx.display()
+        ),
+    };
+    f(&t2i.den, target)
 }
 
 /// The ONNX to lint: the model itself, or the ONNX a `.plan` was built from (its sidecar names it,

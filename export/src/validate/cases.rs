@@ -38,7 +38,11 @@ pub(super) fn make_case(
             sampler,
             steps,
             cfg_scale,
-        } => return text_case(t2i, Some((sampler, steps, cfg_scale)), batch, rng),
+        } => return text_case(t2i, TextGen::Teacher(sampler, steps, cfg_scale), batch, rng),
+        Target::TextStudent { t2i, sigmas } => {
+            return text_case(t2i, TextGen::Student(sigmas), batch, rng)
+        }
+        Target::TextUnet(t2i) => return text_unet_case(t2i, batch, rng),
         Target::TextEncoder(p) => return text_encoder_case(p, batch, rng),
         Target::Generator(_) | Target::Denoiser => {}
     }
@@ -134,7 +138,10 @@ pub(super) fn make_case(
             ];
             (inputs, y, y64)
         }
-        Target::TextToImage { .. } | Target::TextEncoder(_) => {
+        Target::TextToImage { .. }
+        | Target::TextStudent { .. }
+        | Target::TextUnet(_)
+        | Target::TextEncoder(_) => {
             anyhow::bail!("text targets are made by text_case / text_encoder_case")
         }
     };
@@ -256,11 +263,35 @@ fn f32_input(t: &Tensor) -> Result<TensorData> {
     )?))
 }
 
+/// How a text-to-image generator samples: a teacher's sampler (kind, steps, CFG scale against the
+/// empty prompt) or a student's steps at its sigmas.
+#[derive(Clone, Copy)]
+enum TextGen<'a> {
+    Teacher(graphs::SamplerKind, usize, f64),
+    Student(&'a [f64]),
+}
+
+/// The SDXL added conditions for pooled embeddings, `None` for SD.
+fn added_cond(
+    t2i: &graphs::diffusers::TextToImage,
+    pooled: Option<Tensor>,
+    batch: usize,
+) -> Result<Option<graphs::cond::AddedCond<Tensor>>> {
+    let cb = CandleBackend::new(&Device::Cpu);
+    Ok(match (pooled, t2i.time_ids(&cb, batch)?) {
+        (Some(text_embeds), Some(time_ids)) => Some(graphs::cond::AddedCond {
+            text_embeds,
+            time_ids,
+        }),
+        _ => None,
+    })
+}
+
 /// A text-to-image generator case: seeded noise and the prompt embeddings of seeded token ids
 /// (SDXL: with their pooled embeddings and the pipeline's time ids).
 fn text_case(
     t2i: &graphs::diffusers::TextToImage,
-    gen: Option<(graphs::SamplerKind, usize, f64)>,
+    gen: TextGen,
     batch: usize,
     rng: &mut StdRng,
 ) -> Result<Case> {
@@ -272,22 +303,37 @@ fn text_case(
     let shape = [batch, c, r, r];
     let z = normal(rng, batch * c * r * r);
     let zt = Tensor::from_vec(z.clone(), &shape, &dev)?;
-    let (kind, steps, scale) = gen.expect("generator settings");
-    let added = match (pooled, t2i.time_ids(&cb, batch)?) {
-        (Some(text_embeds), Some(time_ids)) => Some(graphs::cond::AddedCond {
-            text_embeds,
-            time_ids,
-        }),
-        _ => None,
+    let added = added_cond(t2i, pooled, batch)?;
+    let text = graphs::TextCond {
+        prompt_embeds: pe.clone(),
+        added: added.clone(),
     };
-    let cond = graphs::Cond::Text {
-        cond: graphs::TextCond {
-            prompt_embeds: pe.clone(),
-            added: added.clone(),
-        },
-        uncond: Some(t2i.uncond(&cb, batch)?),
+    let lat = match gen {
+        TextGen::Teacher(kind, steps, scale) => {
+            let cond = graphs::Cond::Text {
+                cond: text,
+                uncond: Some(t2i.uncond(&cb, batch)?),
+            };
+            t2i.latents(&cb, &zt, &cond, kind, steps, scale)?
+        }
+        TextGen::Student(sigmas) => {
+            let mut last = None;
+            graphs::sampler::student_rollout_with(
+                &cb,
+                &t2i.den,
+                &zt,
+                graphs::cond::NetCond::Text(&text),
+                sigmas,
+                &graphs::Renoise::Deterministic,
+                sigmas.len(),
+                |_, _, x0| {
+                    last = Some(x0.clone());
+                    Ok(())
+                },
+            )?;
+            last.ok_or_else(|| anyhow::anyhow!("a student has at least one step"))?
+        }
     };
-    let lat = t2i.latents(&cb, &zt, &cond, kind, steps, scale)?;
     let y = t2i.decode(&cb, &lat)?;
     let mut inputs = vec![
         (
@@ -301,6 +347,56 @@ fn text_case(
             "pooled_prompt_embeds".to_string(),
             f32_input(&a.text_embeds)?,
         ));
+        inputs.push(("time_ids".to_string(), f32_input(&a.time_ids)?));
+    }
+    Ok(Case {
+        inputs,
+        reference: flat(&y)?,
+        roundoff: None,
+    })
+}
+
+/// A bare UNet case: a seeded latent `sample`, a `timestep` in the training range 0..1000 of
+/// diffusers' VP schedulers, and the prompt embeddings (SDXL: pooled embeddings as `text_embeds`
+/// and the pipeline's `time_ids`) of seeded token ids, so the attention sees real text states.
+fn text_unet_case(
+    t2i: &graphs::diffusers::TextToImage,
+    batch: usize,
+    rng: &mut StdRng,
+) -> Result<Case> {
+    let dev = Device::Cpu;
+    let cb = CandleBackend::new(&dev);
+    let graphs::Network::Condition(net) = &t2i.den.net else {
+        anyhow::bail!(
+            "{}: the UNet is not a UNet2DConditionModel",
+            t2i.dir.display()
+        );
+    };
+    let (ids, ids_2) = pipeline_ids(t2i, batch, rng)?;
+    let (pe, pooled) = embed(t2i, &ids, ids_2.as_ref(), batch)?;
+    let (c, r) = t2i.latent_shape();
+    let shape = [batch, c, r, r];
+    let z = normal(rng, batch * c * r * r);
+    let ts: Vec<f32> = (0..batch).map(|_| rng.gen_range(0.0f32..1000.0)).collect();
+    let zt = Tensor::from_vec(z.clone(), &shape, &dev)?;
+    let tt = Tensor::from_vec(ts.clone(), batch, &dev)?;
+    let added = added_cond(t2i, pooled, batch)?;
+    let y = net
+        .model
+        .forward_hw(&cb, &zt, (r, r), &tt, &pe, added.as_ref())?;
+    let mut inputs = vec![
+        (
+            "sample".to_string(),
+            TensorData::F32(ArrayD::from_shape_vec(shape.to_vec(), z)?),
+        ),
+        (
+            "timestep".to_string(),
+            TensorData::F32(ArrayD::from_shape_vec(vec![batch], ts)?),
+        ),
+        ("encoder_hidden_states".to_string(), f32_input(&pe)?),
+    ];
+    if let Some(a) = &added {
+        inputs.push(("text_embeds".to_string(), f32_input(&a.text_embeds)?));
         inputs.push(("time_ids".to_string(), f32_input(&a.time_ids)?));
     }
     Ok(Case {

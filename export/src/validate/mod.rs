@@ -80,6 +80,16 @@ pub enum Target<'a> {
         steps: usize,
         cfg_scale: f64,
     },
+    /// An [`crate::export_text_to_image_student`] model: the student's steps at these `sigmas`
+    /// (no guidance: it is distilled in), then the pipeline's VAE; cases as for `TextToImage`.
+    TextStudent {
+        t2i: &'a graphs::diffusers::TextToImage,
+        sigmas: &'a [f64],
+    },
+    /// An [`crate::export_unet2d_condition`] model of this pipeline's UNet (diffusers' signature:
+    /// `sample`, `timestep`, `encoder_hidden_states` [+ `text_embeds`, `time_ids`] ->
+    /// `out_sample`), inputs drawn from the seed.
+    TextUnet(&'a graphs::diffusers::TextToImage),
     /// An [`crate::export_prompt_encoder`] model of this pipeline (`input_ids` ->
     /// `last_hidden_state`; SDXL: + `input_ids_2` -> `prompt_embeds`, `pooled_prompt_embeds`),
     /// ids drawn from the seed.
