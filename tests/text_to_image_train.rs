@@ -315,9 +315,28 @@ fn run_and_measure(lora_rank: usize, lr: (f64, f64), bar: f64) {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = prompts_file(tmp.path());
     let out = tmp.path().join("run");
-    let ckpt = job(&out, &prompts, 60, lora_rank, lr)
-        .run(&Device::Cpu)
-        .unwrap();
+    let mut j = job(&out, &prompts, 60, lora_rank, lr);
+    j.config.common.run.sample_every = 60;
+    let ckpt = j.run(&Device::Cpu).unwrap();
+    // The sample grid: one image per prompt, decoded by the VAE, the prompt under each.
+    let grid = out.join("samples/step_000060.png");
+    let d = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&grid).unwrap()));
+    let mut r = d.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).unwrap();
+    let n = PROMPTS.lines().count().min(8);
+    let pipe = TextToImage::load(&sd_tiny(), &Device::Cpu).unwrap();
+    let side = pipe.latent_shape().1 * pipe.vae.cfg.downscale();
+    let pad = distill::grid::PADDING;
+    assert_eq!(
+        info.width as usize,
+        n.min(4) * (side + pad) + pad,
+        "{grid:?}"
+    );
+    assert!(
+        info.height as usize > n.div_ceil(4) * (side + pad) + pad + 8,
+        "no caption rows"
+    );
     let info: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(ckpt.join(distill::train::distill::TEXT_TO_IMAGE_FILE)).unwrap(),
     )

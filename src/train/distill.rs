@@ -244,6 +244,46 @@ impl Teacher {
         ))
     }
 
+    /// The sample grid of this teacher's student `den` (sampling with `spec`): a
+    /// class-conditional student's classes ([`crate::sample::class_grid`]); a text-to-image
+    /// student's first prompts (up to 8, one image each, noise from `seed`) decoded by the
+    /// pipeline's VAE, the prompt under each image.
+    pub fn sample_grid(
+        &self,
+        den: &Denoiser,
+        spec: &graphs::GeneratorSpec,
+        seed: u64,
+        device: &Device,
+        png: &Path,
+    ) -> Result<()> {
+        let (Some(pipe), Some(text)) = (&self.pipeline, &self.text) else {
+            return crate::sample::class_grid(den, spec, 10, seed, device, png);
+        };
+        let k = text.prompts.len().min(8);
+        let idx: Vec<u32> = (0..k as u32).collect();
+        let cond = text.cond(&idx)?;
+        let noise = crate::sample::seeded_noise(den, spec, k, seed, device)?.noise;
+        let b = CandleBackend::new(device);
+        let mut last = None;
+        graphs::sampler::student_rollout_with(
+            &b,
+            den,
+            &noise,
+            cond.net(),
+            &spec.sigmas,
+            &Renoise::Deterministic,
+            spec.sigmas.len(),
+            |_, _, x0| {
+                last = Some(x0.clone());
+                Ok(())
+            },
+        )?;
+        let lat = last.context("a student has at least one step")?;
+        // [0, 1] -> the grid's [-1, 1].
+        let images = pipe.decode(&b, &lat)?.affine(2.0, -1.0)?;
+        crate::grid::save_captioned_grid_png(png, &images, &text.prompts[..k], 4)
+    }
+
     fn den_device(&self) -> Device {
         graphs::params::collect(&self.den)
             .first()
@@ -786,6 +826,16 @@ pub mod pair {
             }
             fn model_config(&self) -> ModelConfig {
                 self.teacher.meta.model.clone()
+            }
+            fn sample_grid(
+                &self,
+                den: &graphs::Denoiser,
+                seed: u64,
+                device: &candle_core::Device,
+                png: &std::path::Path,
+            ) -> Result<()> {
+                self.teacher
+                    .sample_grid(den, &self.spec(), seed, device, png)
             }
             fn inference_weights(
                 &self,

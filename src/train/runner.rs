@@ -147,6 +147,11 @@ pub trait Method {
         Ok(None)
     }
     fn model_config(&self) -> ModelConfig;
+    /// Writes the sample grid of the model `den` (the EMA's or the raw weights) to `png`: a
+    /// class-conditional model's classes, 10 per class; a text-to-image student's prompts.
+    fn sample_grid(&self, den: &Denoiser, seed: u64, device: &Device, png: &Path) -> Result<()> {
+        crate::sample::class_grid(den, &self.spec(), 10, seed, device, png)
+    }
     /// The model's full weights from its trained variables' values `trained` (the EMA or the raw
     /// weights): themselves, or for a LoRA student the base with the adapters merged.
     fn inference_weights(
@@ -607,20 +612,14 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 ),
             }
         }
-        // Sample grids are of class-conditional students (a text-to-image student samples with
-        // `distill sample CKPT --prompts FILE`).
-        let grids = m.text_probe(1)?.is_none();
-        if grids
-            && cfg.sample_every > 0
-            && (done % cfg.sample_every == 0 || done == cfg.train_steps)
-        {
+        if cfg.sample_every > 0 && (done % cfg.sample_every == 0 || done == cfg.train_steps) {
             let den = denoiser_from(
                 &m.model_config(),
                 m.inference_weights(student_weights(&ema, m.student_vars()))?,
                 rs.device,
             )?;
             let png = run.samples().join(format!("step_{done:06}.png"));
-            crate::sample::class_grid(&den, &m.spec(), 10, cfg.seed, rs.device, &png)?;
+            m.sample_grid(&den, cfg.seed, rs.device, &png)?;
         }
     }
     pb.finish();
