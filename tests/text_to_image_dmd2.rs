@@ -2,7 +2,8 @@
 //! Stable-Diffusion-like pipeline: the GAN term reads an image+caption folder encoded by the VAE
 //! (its head on the UNet2DConditionModel's mid block), the student's weights change and stay
 //! finite, its checkpoint names its pipeline; without real images the GAN term is refused by
-//! name, and `--no-gan` trains on distribution matching alone.
+//! name, and `--no-gan` trains on distribution matching alone; real images with `--no-gan`, a
+//! caption that is not UTF-8 and an image without a caption are refused by name.
 
 use distill::jobs::Dmd2Job;
 use distill::train::dmd2::Dmd2Config;
@@ -101,4 +102,23 @@ fn dmd2_on_a_pipeline_trains_with_its_gan_term_on_captioned_latents() {
     );
     let (changed, total) = moved(&ckpt);
     assert!(changed > total / 2, "{changed} of {total} weights changed");
+
+    // Real images with the GAN term off would be read for nothing: refused by name.
+    let e = job(&d.path().join("y"), &prompts, Some(&caps), false)
+        .run(&candle_core::Device::Cpu)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("--data: with --no-gan"), "{e:#}");
+    // A caption that is not UTF-8, and an image without its caption, are refused naming the file.
+    std::fs::write(caps.join("1.txt"), [0xff, 0xfe, b'a']).unwrap();
+    let e = job(&d.path().join("z"), &prompts, Some(&caps), true)
+        .run(&candle_core::Device::Cpu)
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("1.txt") && e.contains("not UTF-8"), "{e}");
+    std::fs::remove_file(caps.join("1.txt")).unwrap();
+    let e = job(&d.path().join("z"), &prompts, Some(&caps), true)
+        .run(&candle_core::Device::Cpu)
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("no caption") && e.contains("1.txt"), "{e}");
 }
