@@ -78,6 +78,9 @@ pub const CHECK_FILE: &str = "distill_check.safetensors";
 /// `scripts/make-diffusers-fixtures.py --check` compares with diffusers' own sampling loop.
 pub fn export_folder(ckpt: &Path, out: &Path) -> Result<PathBuf> {
     use graphs::NetworkConfig;
+    if let Some(r) = crate::text_student::pipeline_ref(ckpt)? {
+        return export_text_folder(ckpt, &r, out);
+    }
     let dev = Device::Cpu;
     let (den, meta) = crate::teacher_source::load(ckpt, &dev)?;
     let cfg = match &meta.model.network {
@@ -91,10 +94,11 @@ pub fn export_folder(ckpt: &Path, out: &Path) -> Result<PathBuf> {
             ckpt.display()
         ),
         NetworkConfig::DiffusersUnet2dCondition(_) => bail!(
-            "{}: a text-conditioned UNet2DConditionModel; --format diffusers writes DDIMPipeline \
-             folders of UNet2DModels (for a UNet2DConditionModel use \
-             graphs::diffusers::save_unet_condition)",
-            ckpt.display()
+            "{}: a text-conditioned UNet2DConditionModel without the pipeline record of a \
+             text-to-image student ({}): --format diffusers writes a text student (from \
+             `distill train dmd2|tdm --prompts`) as a whole pipeline folder",
+            ckpt.display(),
+            crate::train::distill::TEXT_TO_IMAGE_FILE
         ),
     };
     let (sched, steps) = graphs::diffusers::teacher::ddim_scheduler_for(
@@ -158,4 +162,135 @@ pub fn export_folder(ckpt: &Path, out: &Path) -> Result<PathBuf> {
         }
     );
     Ok(out.to_path_buf())
+}
+
+/// Prompts of the text student's check file.
+const CHECK_PROMPTS: [&str; 2] = ["a red circle on a blue square", ""];
+
+/// `distill export CKPT --format diffusers` of a text-to-image student: a whole pipeline folder
+/// that diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline.from_pretrained` loads.
+/// `unet/` is the student's (LoRA merged), `scheduler/` a DDIMScheduler whose
+/// `set_timesteps(k)` gives the student's steps ([`graphs::diffusers::teacher::ddim_scheduler_for`]:
+/// trailing timesteps, eta 0, the last step returning x0), every other component (VAE, text
+/// encoders, tokenizers, and whatever else the pipeline has) copied from the recorded pipeline,
+/// `model_index.json` (the pipeline's, scheduler replaced) written last. Sampling it with
+/// `num_inference_steps = k` and `guidance_scale = 1` (the guidance is distilled in) is the
+/// student. `distill_check.safetensors` holds `noise`, `prompt_embeds` (+ SDXL's
+/// `pooled_prompt_embeds`), `steps` and distill's `images` in [0, 1] for them.
+fn export_text_folder(
+    ckpt: &Path,
+    r: &crate::text_student::PipelineRef,
+    out: &Path,
+) -> Result<PathBuf> {
+    let dev = Device::Cpu;
+    let (t2i, spec) = crate::text_student::load(ckpt, r, &dev)?;
+    let meta = crate::checkpoint::load_meta(ckpt)?;
+    let graphs::NetworkConfig::DiffusersUnet2dCondition(cfg) = &meta.model.network else {
+        bail!(
+            "{}: a text student's network is a UNet2DConditionModel",
+            ckpt.display()
+        );
+    };
+    let (sched, steps) =
+        graphs::diffusers::teacher::ddim_scheduler_for(&meta.model.parameterisation, &spec)
+            .with_context(|| {
+                format!("{} cannot be written as a diffusers folder", ckpt.display())
+            })?;
+    let index_path = r.pipeline.join("model_index.json");
+    let mut index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&index_path)
+            .with_context(|| format!("reading {}", index_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", index_path.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // The components the student shares with its teacher, file by file.
+    for entry in std::fs::read_dir(&r.pipeline)
+        .with_context(|| format!("reading {}", r.pipeline.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !entry.file_type()?.is_dir() || name == "unet" || name == "scheduler" {
+            continue;
+        }
+        copy_tree(&entry.path(), &out.join(&name))?;
+    }
+    let weights: std::collections::HashMap<String, candle_core::Tensor> =
+        graphs::params::collect(&t2i.den)
+            .into_iter()
+            .map(|p| (p.name, p.t))
+            .collect();
+    graphs::diffusers::save_unet_condition(&out.join("unet"), cfg, &weights)?;
+    let sdir = out.join("scheduler");
+    std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
+    crate::fsio::write_atomic(
+        &sdir.join("scheduler_config.json"),
+        serde_json::to_string_pretty(&sched)?.as_bytes(),
+    )?;
+    // The check: the student's images for seeded noise and two prompts.
+    let b = graphs::CandleBackend::new(&dev);
+    let n = CHECK_PROMPTS.len();
+    let noise = crate::sample::seeded_noise(&t2i.den, &spec, n, 0, &dev)?.noise;
+    let cond = t2i.condition(&b, &CHECK_PROMPTS)?;
+    let mut last = None;
+    graphs::sampler::student_rollout_with(
+        &b,
+        &t2i.den,
+        &noise,
+        cond.net(),
+        &spec.sigmas,
+        &graphs::Renoise::Deterministic,
+        spec.sigmas.len(),
+        |_, _, x0| {
+            last = Some(x0.clone());
+            Ok(())
+        },
+    )?;
+    let images = t2i.decode(&b, &last.context("a student has at least one step")?)?;
+    let graphs::Cond::Text { cond: tc, .. } = &cond else {
+        bail!("a text student's condition is text");
+    };
+    let mut t = std::collections::HashMap::from([
+        ("noise".to_string(), noise.clone()),
+        ("prompt_embeds".to_string(), tc.prompt_embeds.clone()),
+        ("images".to_string(), images),
+        (
+            "steps".to_string(),
+            candle_core::Tensor::new(&[steps as i64], &dev)?,
+        ),
+    ]);
+    if let Some(a) = &tc.added {
+        t.insert("pooled_prompt_embeds".into(), a.text_embeds.clone());
+        t.insert("time_ids".into(), a.time_ids.clone());
+    }
+    crate::checkpoint::save_tensors(&out.join(CHECK_FILE), &t)?;
+    index["scheduler"] = serde_json::json!(["diffusers", "DDIMScheduler"]);
+    crate::fsio::write_atomic(
+        &out.join("model_index.json"),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )?;
+    println!(
+        "wrote {} (diffusers {}: the student's unet/, a DDIMScheduler with trailing timesteps, the \
+         rest of {}; sample with num_inference_steps={steps}, guidance_scale=1)",
+        out.display(),
+        t2i.class,
+        r.pipeline.display()
+    );
+    Ok(out.to_path_buf())
+}
+
+/// Copies the folder `from` to `to`, file by file (each written atomically).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            crate::fsio::write_atomic(&dst, &bytes)?;
+        }
+    }
+    Ok(())
 }

@@ -294,6 +294,54 @@ fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str]
         !o.status.success() && err.contains("pass the student checkpoint"),
         "{err}"
     );
+    // `export --format diffusers`: a whole pipeline folder (the student's UNet, a trailing DDIM
+    // scheduler, the teacher's other components); sampling it as a pipeline with our DDIM at the
+    // student's step count and no guidance is the student (diffusers' own run of such a folder:
+    // scripts/text_lora_check.py).
+    let folder = tmp.join("student_pipeline");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args([
+            "export",
+            ckpt.to_str().unwrap(),
+            "--format",
+            "diffusers",
+            "-o",
+        ])
+        .arg(&folder)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let fpng = tmp.join("folder.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .env("DISTILL_THREADS", "2")
+        .args(["sample", folder.to_str().unwrap(), "--prompts"])
+        .args([
+            prompts_path.to_str().unwrap(),
+            "--noise",
+            nf.to_str().unwrap(),
+        ])
+        .args([
+            "--per-class",
+            "1",
+            "--sampler",
+            "ddim",
+            "--cfg-scale",
+            "1",
+            "--sample-steps",
+        ])
+        .arg(meta.generator.sigmas.len().to_string())
+        .args(["-o", fpng.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let via_folder = candle_core::safetensors::load(tmp.join("folder.safetensors"), &dev).unwrap();
+    let err = rms(&via_folder["images"], &got["images"]);
+    assert!(
+        err < 1e-4,
+        "the exported pipeline folder samples another model: rms {err}"
+    );
     // The student's own steps: a teacher's sampler flags are refused by name.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
         .args(["sample", ckpt.to_str().unwrap(), "--prompts"])
