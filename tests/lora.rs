@@ -809,3 +809,66 @@ fn diffusers_computes_our_lora_students_output() {
         "the LoRA barely changes the output"
     );
 }
+
+/// diffusers' `StableDiffusionPipeline` with `load_lora_weights` of a text-to-image LoRA student
+/// distill wrote (scripts/text_lora_check.py, tests/fixtures/lora/sd_tiny): distill's own
+/// pipeline with that file applied (the student's trailing DDIM steps, unguided, then the VAE)
+/// reproduces diffusers' images.
+#[test]
+fn diffusers_runs_our_text_lora_student_as_we_do() {
+    use graphs::diffusers::TextToImage;
+    use graphs::schedulers::betas::{int_timesteps, Spacing};
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/sd_tiny");
+    let pipe = TextToImage::load(&diffusers_fixtures().join("teachers/sd_tiny"), &CPU).unwrap();
+    let lf =
+        distill::lora_io::read_diffusers_lora(&fx.join("pytorch_lora_weights.safetensors"), &CPU)
+            .unwrap();
+    let f = checkpoint::load_tensors(&fx.join("pipeline_call.safetensors"), &CPU).unwrap();
+    let steps = f["steps"].to_vec1::<i64>().unwrap()[0] as usize;
+    let Parameterisation::Vp(vp) = &pipe.den.param else {
+        panic!("sd_tiny is a VP model")
+    };
+    let all = vp.sigmas();
+    let sigmas: Vec<f64> = int_timesteps(Spacing::Trailing, vp.num_timesteps, steps, 0)
+        .into_iter()
+        .map(|t| all[t as usize])
+        .collect();
+    let b = CandleBackend::new(&CPU);
+    let text = graphs::TextCond {
+        prompt_embeds: f["prompt_embeds"].clone(),
+        added: None,
+    };
+    let images = |den: &Denoiser| {
+        let mut last = None;
+        graphs::sampler::student_rollout_with(
+            &b,
+            den,
+            &f["noise"],
+            graphs::NetCond::Text(&text),
+            &sigmas,
+            &graphs::Renoise::Deterministic,
+            steps,
+            |_, _, x0| {
+                last = Some(x0.clone());
+                Ok(())
+            },
+        )
+        .unwrap();
+        pipe.decode(&b, &last.unwrap()).unwrap()
+    };
+    let base = images(&pipe.den);
+    assert!(
+        max_abs(&base, &f["base"]) <= 1e-3,
+        "{}",
+        max_abs(&base, &f["base"])
+    );
+    let student = lora::apply(&pipe.den, &lf.adapters, lf.scale()).unwrap();
+    let ours = images(&student);
+    let d = max_abs(&ours, &f["images"]);
+    eprintln!("text LoRA student: ours vs diffusers' load_lora_weights pipeline call: {d:.2e}");
+    assert!(d <= 1e-3, "ours vs diffusers: {d}");
+    assert!(
+        max_abs(&base, &f["images"]) > 1e-2,
+        "the LoRA barely changes the images"
+    );
+}
