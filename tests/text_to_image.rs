@@ -207,6 +207,18 @@ fn sample_with_prompts_matches_stable_diffusion_pipeline() {
         );
     }
 
+    // --trt takes a text-to-image export like any other: here, without TensorRT, it stops
+    // before exporting, naming what is missing.
+    let (ok, log) = distill(&[
+        "export",
+        dir.to_str().unwrap(),
+        "-o",
+        e.to_str().unwrap(),
+        "--trt",
+    ]);
+    assert!(!ok && log.contains("trtexec"), "{log}");
+    assert!(!log.contains("not built yet"), "{log}");
+
     // What does not take text yet says so by name.
     let (ok, log) = distill(&["eval", dir.to_str().unwrap()]);
     assert!(!ok && log.contains("text-to-image pipeline"), "{log}");
