@@ -23,8 +23,15 @@ fn main() {
                 world.rank(),
                 world.world_size()
             );
-            // Ends the other ranks too (they may be waiting in a collective).
-            world.abort(distill::jobs::exit_code(&e));
+            // An agreed stop: the others learn it in their next collective and stop too (no
+            // rank is killed mid-checkpoint). Without it (a rank died or hangs) abort them all.
+            let agreed =
+                distill::parallel::is_peer_stop(&e) || world.stop(&format!("{e:#}")).is_ok();
+            if agreed {
+                world.finish();
+            } else {
+                world.abort(distill::jobs::exit_code(&e));
+            }
         } else {
             eprintln!("error: {e:#}");
         }
