@@ -342,7 +342,15 @@ static REDUCE_CALLS: AtomicU64 = AtomicU64::new(0);
 static REDUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static REDUCE_NANOS: AtomicU64 = AtomicU64::new(0);
 
-/// Totals of [`average_grads`] since the process started.
+/// Counts one gradient exchange (`bytes` of buffers exchanged, `seconds` spent) in
+/// [`reduce_stats`]: [`average_grads`]'s all-reduces, or ZeRO-1's reduce-scatter + all-gather.
+pub fn record_exchange(bytes: u64, seconds: f64) {
+    REDUCE_CALLS.fetch_add(1, Ordering::Relaxed);
+    REDUCE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+    REDUCE_NANOS.fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+}
+
+/// Totals of the gradient exchanges ([`record_exchange`]) since the process started.
 pub fn reduce_stats() -> ReduceStats {
     ReduceStats {
         calls: REDUCE_CALLS.load(Ordering::Relaxed),
@@ -410,9 +418,7 @@ pub fn average_grads_with(
         }
         start = end;
     }
-    REDUCE_CALLS.fetch_add(1, Ordering::Relaxed);
-    REDUCE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-    REDUCE_NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    record_exchange(bytes, t0.elapsed().as_secs_f64());
     Ok(())
 }
 

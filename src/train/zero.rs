@@ -110,6 +110,7 @@ impl Zero1 {
             grads.len(),
             opt.vars.len()
         );
+        let t0 = std::time::Instant::now();
         let mut flat = vec![0f32; self.shard * self.world];
         let mut local_finite = true;
         for (i, g) in grads.iter().enumerate() {
@@ -119,7 +120,9 @@ impl Zero1 {
             flat[self.offsets[i]..self.offsets[i] + vals.len()].copy_from_slice(&vals);
         }
         let mut mine = c.reduce_scatter_sum_f32(&flat, &format!("gradients of {what}"))?;
+        let mut exchanged = 4 * flat.len() as u64;
         drop(flat);
+        let mut seconds = t0.elapsed().as_secs_f64();
         // As the unsharded path: the average, then (fp16) the unscaled value, each in f32.
         let inv = 1.0 / self.world as f32;
         mine.iter_mut().for_each(|x| *x *= inv);
@@ -173,7 +176,11 @@ impl Zero1 {
             let w = update_tensor(&w, &mut self.m[k], &mut self.v[k], &g, &p)?.unwrap_or(w);
             out[piece.at..piece.at + piece.len].copy_from_slice(&w.to_vec1::<f32>()?);
         }
+        let t1 = std::time::Instant::now();
         let full = c.all_gather_f32(&out, &format!("updated parameters of {what}"))?;
+        exchanged += 4 * full.len() as u64;
+        seconds += t1.elapsed().as_secs_f64();
+        crate::parallel::record_exchange(exchanged, seconds);
         for (i, (_, var)) in opt.vars.iter().enumerate() {
             if grads[i].is_none() {
                 continue;
