@@ -18,11 +18,14 @@ fn main() {
     if let Err(e) = res {
         let world = distill::parallel::current();
         if let Some(world) = world.filter(|w| w.world_size() > 1) {
-            eprintln!(
-                "error (rank {} of {}): {e:#}",
+            // One write: the ranks' errors arrive together, and mpirun would interleave the
+            // pieces of several writes.
+            let line = format!(
+                "error (rank {} of {}): {e:#}\n",
                 world.rank(),
                 world.world_size()
             );
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             // An agreed stop: the others learn it in their next collective and stop too (no
             // rank is killed mid-checkpoint). Without it (a rank died or hangs) abort them all.
             let agreed =

@@ -471,6 +471,41 @@ fn a_nan_on_one_rank_stops_every_rank_at_that_step_naming_it() {
 }
 
 #[test]
+fn a_nan_gradient_on_one_rank_stops_every_rank_naming_it_with_and_without_zero1() {
+    let _g = serial();
+    for zero1 in [false, true] {
+        let d = tmp();
+        let run = d.path().join("nan");
+        let mut a = teacher_args(&run, 40, 32);
+        a.extend(s(&["--collective-timeout", "60"]));
+        if zero1 {
+            a.push("--zero1".into());
+        }
+        // Test-only: rank 1's first gradient of iteration 11 becomes NaN; the average (or the
+        // reduce-scatter) spreads it to every rank, which all refuse the update alike.
+        let o = mpi_command_env(2, &["DISTILL_TEST_NAN_AT=1:11:grad"], &a)
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        let why = "gradients of model are not finite (those of rank(s) 1 of 2) at update 11: refusing to update the weights";
+        for r in 0..2 {
+            assert!(
+                t.lines().any(|l| l.starts_with(&format!(
+                    "error (rank {r} of 2): teacher iteration 11 failed"
+                )) && l.contains(why)),
+                "zero1 {zero1}: rank {r} stops at iteration 11 naming rank 1:\n{t}"
+            );
+        }
+        assert!(
+            !t.contains("MPI_ABORT") && !t.contains("collective timeout"),
+            "{t}"
+        );
+        assert_eq!(checkpoint_step(&run), 10, "zero1 {zero1}");
+    }
+}
+
+#[test]
 fn a_global_batch_not_divisible_by_the_ranks_and_disagreeing_ranks_are_refused() {
     let _g = serial();
     let d = tmp();

@@ -364,8 +364,10 @@ pub fn reduce_stats() -> ReduceStats {
 /// optimiser's variable order (the same on every rank); `None` (no gradient) stays `None` and
 /// must be `None` on every rank. Called after backward, before unscaling, clipping and the
 /// optimiser step, so every rank steps with identical gradients (and the fp16 overflow decision
-/// is the same everywhere: an inf on one rank is an inf in the sum).
-pub fn average_grads(grads: &mut [Option<Tensor>], what: &str) -> Result<()> {
+/// is the same everywhere: an inf on one rank is an inf in the sum). Returns the ranks whose own
+/// gradients held an inf or NaN (one flag per rank rides in the last bucket), the same list on
+/// every rank, so a divergence is reported naming them.
+pub fn average_grads(grads: &mut [Option<Tensor>], what: &str) -> Result<Vec<usize>> {
     average_grads_with(world(), grads, what)
 }
 
@@ -374,16 +376,18 @@ pub fn average_grads_with(
     c: &dyn Collective,
     grads: &mut [Option<Tensor>],
     what: &str,
-) -> Result<()> {
+) -> Result<Vec<usize>> {
     let world = c.world_size();
     if world == 1 {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let t0 = Instant::now();
     let inv = 1.0 / world as f32;
     let idx: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
     let mut bytes = 0u64;
     let mut start = 0;
+    let mut finite = true;
+    let mut bad = Vec::new();
     while start < idx.len() {
         // One bucket: consecutive gradients up to BUCKET_ELEMS (a bigger one goes alone).
         let mut end = start;
@@ -396,7 +400,8 @@ pub fn average_grads_with(
             elems += n;
             end += 1;
         }
-        let mut buf = Vec::with_capacity(elems);
+        let last = end == idx.len();
+        let mut buf = Vec::with_capacity(elems + if last { world } else { 0 });
         for &i in &idx[start..end] {
             let g = grads[i].as_ref().expect("some");
             buf.extend(
@@ -405,8 +410,16 @@ pub fn average_grads_with(
                     .to_vec1::<f32>()?,
             );
         }
+        finite &= buf.iter().all(|x| x.is_finite());
+        if last {
+            // Every rank's "my own gradients were not finite" flag, summed into place.
+            buf.extend((0..world).map(|r| (r == c.rank() && !finite) as u8 as f32));
+        }
         c.all_reduce_sum_f32(&mut buf, &format!("gradients of {what}"))?;
-        bytes += 4 * buf.len() as u64;
+        bytes += 4 * elems as u64;
+        if last {
+            bad = (0..world).filter(|&r| buf[elems + r] > 0.0).collect();
+        }
         let mut off = 0;
         for &i in &idx[start..end] {
             let g = grads[i].as_ref().expect("some");
@@ -419,7 +432,22 @@ pub fn average_grads_with(
         start = end;
     }
     record_exchange(bytes, t0.elapsed().as_secs_f64());
-    Ok(())
+    Ok(bad)
+}
+
+/// The error of an update whose averaged gradients are not finite (no fp16 loss scaler to skip
+/// it): the same on every rank, naming the ranks whose own gradients were not (`bad`, from
+/// [`average_grads`]).
+pub fn nonfinite_grads(what: &str, bad: &[usize], world: usize, update: u64) -> anyhow::Error {
+    let who = if bad.is_empty() {
+        "no rank's alone: their sum overflowed".to_string()
+    } else {
+        let r: Vec<String> = bad.iter().map(|r| r.to_string()).collect();
+        format!("those of rank(s) {} of {world}", r.join(", "))
+    };
+    anyhow::anyhow!(
+        "gradients of {what} are not finite ({who}) at update {update}: refusing to update the weights"
+    )
 }
 
 /// Averages metric values over the ranks (the values of equal-sized batch slices: the average
@@ -599,8 +627,9 @@ mod tests {
         let small = Tensor::new(&[[3f32, 5.]], &dev).unwrap();
         let mut grads = vec![Some(big), None, Some(small.clone()), Some(small)];
         average_grads_with(&c, &mut grads, "net").unwrap();
-        // The big one and the first small one fill a bucket; the last small one starts the next.
-        assert_eq!(*c.calls.lock().unwrap(), vec![BUCKET_ELEMS, 2]);
+        // The big one and the first small one fill a bucket; the last small one starts the next,
+        // with one not-finite flag per rank.
+        assert_eq!(*c.calls.lock().unwrap(), vec![BUCKET_ELEMS, 2 + 2]);
         assert_eq!(
             grads[2].as_ref().unwrap().to_vec2::<f32>().unwrap(),
             vec![vec![2., 3.]]

@@ -467,6 +467,23 @@ impl TrainedNet {
     }
 }
 
+/// Test-only (`DISTILL_TEST_NAN_AT=RANK:STEP:grad`, see `train::runner`): set by the runner for
+/// that rank's iteration, makes the first gradient of the next update NaN.
+pub static TEST_POISON_GRADS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Applies [`TEST_POISON_GRADS`] (once).
+fn test_poison(grads: &mut [Option<Tensor>]) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    if !TEST_POISON_GRADS.swap(false, Ordering::Relaxed) {
+        return Ok(());
+    }
+    if let Some(g) = grads.iter_mut().flatten().next() {
+        *g = (&*g + f64::NAN)?;
+    }
+    Ok(())
+}
+
 /// A trainable network's variables, optimiser and (fp16) loss scaler, saved under `prefix` in the
 /// training state.
 pub struct Trainable {
@@ -510,11 +527,21 @@ impl Trainable {
     /// Under ZeRO-1 ([`Self::shard`]) the exchange is a reduce-scatter, the step one of this
     /// rank's shard, then an all-gather of the parameters.
     pub fn apply(&mut self, mut grads: Vec<Option<Tensor>>) -> Result<Option<StepStats>> {
+        test_poison(&mut grads)?;
         if let Some(z) = &mut self.zero {
             let c = crate::parallel::world();
             return z.step(c, &mut self.opt, self.scaler.as_mut(), grads, self.prefix);
         }
-        crate::parallel::average_grads(&mut grads, self.prefix)?;
+        let bad = crate::parallel::average_grads(&mut grads, self.prefix)?;
+        if self.scaler.is_none() && !bad.is_empty() {
+            let world = crate::parallel::world().world_size();
+            return Err(crate::parallel::nonfinite_grads(
+                self.prefix,
+                &bad,
+                world,
+                self.opt.t,
+            ));
+        }
         super::optim::precision_step(&mut self.opt, self.scaler.as_mut(), grads)
     }
     /// Shards the optimiser moments over the ranks (ZeRO-1; nothing in a world of one). Every

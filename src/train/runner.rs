@@ -529,6 +529,9 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
     let mut pending: Option<Pending> = None;
     for step in start..cfg.train_steps {
         let before = m.student_updates();
+        if inject == Some((world.rank(), step, Poison::Grads)) {
+            super::distill::TEST_POISON_GRADS.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut metrics = match m.step(step) {
             Ok(x) => x,
             Err(e) => {
@@ -539,7 +542,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 )))
             }
         };
-        if inject == Some((world.rank(), step)) {
+        if inject == Some((world.rank(), step, Poison::Loss)) {
             if let Some(v) = metrics.values_mut().next() {
                 *v = f64::NAN;
             }
@@ -707,16 +710,35 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
     })
 }
 
+/// What the test-only NaN injection poisons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Poison {
+    /// The iteration's first metric (its loss).
+    Loss,
+    /// The first gradient of the iteration's first update.
+    Grads,
+}
+
 /// Test-only: `DISTILL_TEST_NAN_AT=RANK:STEP` makes rank RANK's first metric of iteration STEP
-/// NaN (a divergence on one rank, for the agreed-stop test in tests/parallel.rs). Not for users.
-fn test_nan_at() -> Result<Option<(usize, u64)>> {
+/// NaN, `RANK:STEP:grad` its first gradient there (a divergence on one rank, for the agreed-stop
+/// tests in tests/parallel.rs). Not for users.
+fn test_nan_at() -> Result<Option<(usize, u64, Poison)>> {
     let Ok(v) = std::env::var("DISTILL_TEST_NAN_AT") else {
         return Ok(None);
     };
-    let (r, s) = v
-        .split_once(':')
-        .with_context(|| format!("DISTILL_TEST_NAN_AT={v:?}: expected RANK:STEP"))?;
-    Ok(Some((r.parse()?, s.parse()?)))
+    let bad = || format!("DISTILL_TEST_NAN_AT={v:?}: expected RANK:STEP or RANK:STEP:grad");
+    let parts: Vec<&str> = v.split(':').collect();
+    let poison = match parts.get(2) {
+        None => Poison::Loss,
+        Some(&"grad") => Poison::Grads,
+        Some(_) => bail!(bad()),
+    };
+    ensure!(parts.len() == 2 || parts.len() == 3, bad());
+    Ok(Some((
+        parts[0].parse().with_context(bad)?,
+        parts[1].parse().with_context(bad)?,
+        poison,
+    )))
 }
 
 /// Refuses a data-parallel start unless every rank has the same configuration and teacher

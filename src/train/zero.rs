@@ -12,7 +12,7 @@
 
 use super::optim::{update_tensor, AdamW, LossScaler, StepStats};
 use crate::parallel::Collective;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 /// The part of one variable inside this rank's shard.
@@ -143,16 +143,10 @@ impl Zero1 {
                 }
             }
             None if !finite => {
-                let bad: Vec<String> = (0..self.world)
-                    .filter(|&r| red[1 + r] > 0.0)
-                    .map(|r| r.to_string())
-                    .collect();
-                bail!(
-                    "gradients of {what} are not finite (those of rank(s) {} of {}) at update {}: refusing to update the weights",
-                    if bad.is_empty() { "none alone".to_string() } else { bad.join(", ") },
-                    self.world,
-                    opt.t
-                );
+                let bad: Vec<usize> = (0..self.world).filter(|&r| red[1 + r] > 0.0).collect();
+                return Err(crate::parallel::nonfinite_grads(
+                    what, &bad, self.world, opt.t,
+                ));
             }
             _ => {}
         }
