@@ -391,7 +391,7 @@ fn assert_sharded(two: &Path, what: &str) {
 }
 
 #[test]
-fn two_ranks_with_zero1_train_the_teacher_as_one_process_does_and_resume_on_one() {
+fn two_ranks_with_zero1_train_the_teacher_as_one_process_does_and_resume_on_one_and_two() {
     let _g = serial();
     let d = tmp();
     let (one, two) = (d.path().join("one"), d.path().join("two"));
@@ -414,6 +414,10 @@ fn two_ranks_with_zero1_train_the_teacher_as_one_process_does_and_resume_on_one(
     ok(&single(&r), "the 1-process run resumed");
     common::copy_dir(&two, &copy);
     resume_on(&copy, 1, &reference, 25);
+    // And on 2 ranks with --zero1 again (the shards are cut from the full moments).
+    let copy2 = d.path().join("resumed2");
+    common::copy_dir(&two, &copy2);
+    resume_with(&copy2, 2, &["--zero1"], &reference, 25);
 }
 
 #[test]
@@ -616,8 +620,14 @@ fn checkpoint_step(run: &Path) -> u64 {
 /// Resumes `run` (a copy) to `steps` on `np` ranks and checks the curve against the
 /// uninterrupted 1-process reference.
 fn resume_on(run: &Path, np: usize, reference: &Path, steps: u64) {
+    resume_with(run, np, &[], reference, steps)
+}
+
+/// [`resume_on`] with extra flags (e.g. `--zero1`).
+fn resume_with(run: &Path, np: usize, extra: &[&str], reference: &Path, steps: u64) {
     let mut a = teacher_args(run, steps, 32);
     a.push("--resume".into());
+    a.extend(s(extra));
     let o = if np == 1 { single(&a) } else { mpi(np, &a) };
     ok(&o, &format!("resume on {np} rank(s)"));
     let (got, want) = (losses(run), losses(reference));

@@ -3,7 +3,7 @@
 //! processes started by `mpirun`; a single process is the world of one rank at no cost.
 //!
 //! The [`Collective`] trait is what training needs (rank, world size, all-reduce sums of f32 /
-//! f64 buffers, reduce-scatter and all-gather of f32 for ZeRO-1, broadcast from rank 0,
+//! f64 buffers, reduce-scatter, all-gather and gather of f32 for ZeRO-1, broadcast from rank 0,
 //! all-gather, barrier, the agreed stop); [`world`] is the process's one instance, chosen by
 //! [`init`] from the environment ([`launch_from`]: `mpirun`'s or torchrun's variables): under
 //! `mpirun` (`OMPI_COMM_WORLD_SIZE`) MPI, otherwise [`SingleProcess`]. On top of it: gradient
@@ -54,6 +54,9 @@ pub trait Collective: Send + Sync {
     fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<u8>>;
     /// [`Self::all_gather`] of f32 values (ZeRO-1: every rank's updated parameter shard).
     fn all_gather_f32(&self, mine: &[f32], what: &str) -> Result<Vec<f32>>;
+    /// Every rank's `mine` (all of the same length) concatenated in rank order, on rank 0 only
+    /// (`None` on the others): ZeRO-1's moments for a checkpoint, never whole on other ranks.
+    fn gather_f32(&self, mine: &[f32], what: &str) -> Result<Option<Vec<f32>>>;
     /// Element-wise sum over the ranks of `send` (world size x n values, the same length on
     /// every rank), of which this rank gets block `rank` (n values): ZeRO-1's gradient exchange.
     fn reduce_scatter_sum_f32(&self, send: &[f32], what: &str) -> Result<Vec<f32>>;
@@ -96,6 +99,9 @@ impl Collective for SingleProcess {
     }
     fn all_gather_f32(&self, mine: &[f32], _: &str) -> Result<Vec<f32>> {
         Ok(mine.to_vec())
+    }
+    fn gather_f32(&self, mine: &[f32], _: &str) -> Result<Option<Vec<f32>>> {
+        Ok(Some(mine.to_vec()))
     }
     fn reduce_scatter_sum_f32(&self, send: &[f32], _: &str) -> Result<Vec<f32>> {
         Ok(send.to_vec())
@@ -602,6 +608,9 @@ mod tests {
             let mut v = mine.to_vec();
             v.extend(vec![self.other; mine.len()]);
             Ok(v)
+        }
+        fn gather_f32(&self, mine: &[f32], w: &str) -> Result<Option<Vec<f32>>> {
+            self.all_gather_f32(mine, w).map(Some)
         }
         fn reduce_scatter_sum_f32(&self, send: &[f32], _: &str) -> Result<Vec<f32>> {
             let n = send.len() / 2;

@@ -445,6 +445,41 @@ impl Collective for Mpi {
     fn all_gather_f32(&self, mine: &[f32], what: &str) -> Result<Vec<f32>> {
         self.all_gather_of(mine, what)
     }
+    fn gather_f32(&self, mine: &[f32], what: &str) -> Result<Option<Vec<f32>>> {
+        let mut inner = self.lock();
+        let op = self.arrive(&mut inner, what, None)?;
+        let deadline = Instant::now() + self.timeout;
+        let send = mine.to_vec();
+        let root = inner.world.process_at_rank(0);
+        if self.rank != 0 {
+            let ok = scope(|sc| {
+                poll(
+                    &inner.world,
+                    root.immediate_gather_into(sc, &send[..]),
+                    deadline,
+                )
+            });
+            if !ok {
+                std::mem::forget(send);
+                return Err(self.stalled(&inner.world, what, op));
+            }
+            return Ok(None);
+        }
+        let mut recv = vec![0f32; mine.len() * self.size];
+        let ok = scope(|sc| {
+            poll(
+                &inner.world,
+                root.immediate_gather_into_root(sc, &send[..], &mut recv[..]),
+                deadline,
+            )
+        });
+        if !ok {
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(self.stalled(&inner.world, what, op));
+        }
+        Ok(Some(recv))
+    }
     fn reduce_scatter_sum_f32(&self, send: &[f32], what: &str) -> Result<Vec<f32>> {
         if send.len() % self.size != 0 {
             bail!(

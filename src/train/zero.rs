@@ -8,7 +8,8 @@
 //! step, and the updated shards are all-gathered into every rank's weights.
 //!
 //! The training state keeps its format: for a checkpoint the moments are gathered to rank 0
-//! ([`Zero1::gather`]), so a run resumes on any number of ranks, with or without ZeRO-1.
+//! ([`Zero1::gather`], an MPI gather: the other ranks never hold more than their shard), so a
+//! run resumes on any number of ranks, with or without ZeRO-1.
 
 use super::optim::{update_tensor, AdamW, LossScaler, StepStats};
 use crate::parallel::Collective;
@@ -190,9 +191,9 @@ impl Zero1 {
         }))
     }
 
-    /// Gathers every rank's shard of the moments (on every rank alike) and gives rank 0's
-    /// optimiser the full moments, for a checkpoint in the unsharded format; the other ranks
-    /// keep theirs sharded. Undo with [`Self::release`].
+    /// Gathers every rank's shard of the moments to rank 0 (every rank takes part) and gives
+    /// rank 0's optimiser the full moments, for a checkpoint in the unsharded format; the other
+    /// ranks never hold more than their shard. Undo with [`Self::release`].
     pub fn gather(&self, c: &dyn Collective, opt: &mut AdamW, what: &str) -> Result<()> {
         let mut full = Vec::with_capacity(2);
         for (kind, parts) in [("first", &self.m), ("second", &self.v)] {
@@ -200,11 +201,11 @@ impl Zero1 {
             for (p, t) in self.pieces.iter().zip(parts) {
                 mine[p.at..p.at + p.len].copy_from_slice(&t.to_vec1::<f32>()?);
             }
-            full.push(c.all_gather_f32(&mine, &format!("{kind} moments of {what}"))?);
+            full.push(c.gather_f32(&mine, &format!("{kind} moments of {what}"))?);
         }
-        if self.rank != 0 {
+        let (Some(fm), Some(fv)) = (&full[0], &full[1]) else {
             return Ok(());
-        }
+        };
         let tensors = |flat: &[f32]| -> Result<Vec<Tensor>> {
             opt.vars
                 .iter()
@@ -219,7 +220,7 @@ impl Zero1 {
                 })
                 .collect()
         };
-        let (m, v) = (tensors(&full[0])?, tensors(&full[1])?);
+        let (m, v) = (tensors(fm)?, tensors(fv)?);
         opt.set_moments(m, v)
     }
 
