@@ -525,7 +525,8 @@ impl Trainable {
     /// ranks (data-parallel training; nothing in one process), unscales them and skips the
     /// update on inf/NaN under fp16 (`None`, then on every rank alike), else steps the optimiser.
     /// Under ZeRO-1 ([`Self::shard`]) the exchange is a reduce-scatter, the step one of this
-    /// rank's shard, then an all-gather of the parameters.
+    /// rank's shard, then an all-gather of the parameters. Without fp16, non-finite averaged
+    /// gradients are an error on every rank alike, naming the ranks whose own were not finite.
     pub fn apply(&mut self, mut grads: Vec<Option<Tensor>>) -> Result<Option<StepStats>> {
         test_poison(&mut grads)?;
         if let Some(z) = &mut self.zero {
