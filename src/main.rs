@@ -18,13 +18,23 @@ fn main() {
     if let Err(e) = res {
         let world = distill::parallel::current();
         if let Some(world) = world.filter(|w| w.world_size() > 1) {
-            eprintln!(
-                "error (rank {} of {}): {e:#}",
+            // One write: the ranks' errors arrive together, and mpirun would interleave the
+            // pieces of several writes.
+            let line = format!(
+                "error (rank {} of {}): {e:#}\n",
                 world.rank(),
                 world.world_size()
             );
-            // Ends the other ranks too (they may be waiting in a collective).
-            world.abort(distill::jobs::exit_code(&e));
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            // An agreed stop: the others learn it in their next collective and stop too (no
+            // rank is killed mid-checkpoint). Without it (a rank died or hangs) abort them all.
+            let agreed =
+                distill::parallel::is_peer_stop(&e) || world.stop(&format!("{e:#}")).is_ok();
+            if agreed {
+                world.finish();
+            } else {
+                world.abort(distill::jobs::exit_code(&e));
+            }
         } else {
             eprintln!("error: {e:#}");
         }

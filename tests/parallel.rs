@@ -3,7 +3,10 @@
 //! for the teacher, DMD2 and TDM; a rank killed mid-run ends the job with an error naming it, a
 //! hung rank makes the other stop within `--collective-timeout` naming it, and the last checkpoint
 //! resumes on 1 rank and on 2 on the uninterrupted curve; ranks that disagree on the config are
-//! refused at start.
+//! refused at start. With `--zero1` (the AdamW moments sharded over the ranks) 2 ranks still
+//! train as 1 process does, hold half the moments each, and their checkpoint resumes on 1 rank;
+//! a rank whose loss turns NaN stops every rank at the same step with an error naming it (an
+//! agreed stop, not an abort), the last checkpoint intact.
 //!
 //! Needs OpenMPI's `mpirun` (Debian `openmpi-bin`, installed by scripts/setup.sh).
 
@@ -53,10 +56,19 @@ fn single(args: &[String]) -> Output {
 
 /// `mpirun -np N distill ARGS`, one CPU thread per rank.
 fn mpi_command(np: usize, args: &[String]) -> Command {
+    mpi_command_env(np, &[], args)
+}
+
+/// [`mpi_command`] with extra `NAME=VALUE` environment variables for every rank.
+fn mpi_command_env(np: usize, env: &[&str], args: &[String]) -> Command {
     let mut c = Command::new(mpirun());
     c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
         .arg(np.to_string())
-        .args(["-x", "DISTILL_THREADS=1", bin(), "--quiet"])
+        .args(["-x", "DISTILL_THREADS=1"]);
+    for e in env {
+        c.args(["-x", e]);
+    }
+    c.args([bin(), "--quiet"])
         .args(args)
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
     c
@@ -346,6 +358,157 @@ fn two_ranks_train_tdm_as_one_process_does() {
     assert_same_run(&one, &two, "tdm");
 }
 
+/// The `optim_moments_mb` of a run's last metrics line (rank 0's optimiser moments).
+fn moments_mb(run: &Path) -> f64 {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    last["optim_moments_mb"]
+        .as_f64()
+        .expect("optim_moments_mb logged")
+}
+
+/// Bytes of the AdamW moments in a training state (the full, unsharded moments).
+fn state_moment_mb(run: &Path) -> f64 {
+    state(run)
+        .iter()
+        .filter(|(k, _)| k.starts_with("adam."))
+        .map(|(_, v)| 4.0 * v.len() as f64)
+        .sum::<f64>()
+        / 1e6
+}
+
+/// 2 ranks with `--zero1` hold half the moments each (within the padding of one shard) and
+/// their checkpoint holds all of them.
+fn assert_sharded(two: &Path, what: &str) {
+    let (held, full) = (moments_mb(two), state_moment_mb(two));
+    assert!(
+        (held - full / 2.0).abs() < 1e-5 * full + 1e-5,
+        "{what}: rank 0 holds {held} MB of moments, the checkpoint {full} MB"
+    );
+    eprintln!(
+        "{what}: ZeRO-1 over 2 ranks: {held:.4} MB of moments on rank 0, {full:.4} MB in all"
+    );
+}
+
+#[test]
+fn two_ranks_with_zero1_train_the_teacher_as_one_process_does_and_resume_on_one_and_two() {
+    let _g = serial();
+    let d = tmp();
+    let (one, two) = (d.path().join("one"), d.path().join("two"));
+    ok(&single(&teacher_args(&one, 20, 32)), "1 process");
+    let mut a = teacher_args(&two, 20, 32);
+    a.push("--zero1".into());
+    ok(&mpi(2, &a), "2 ranks with --zero1");
+    assert_same_run(&one, &two, "teacher --zero1");
+    assert_sharded(&two, "teacher");
+    // Without ZeRO-1 a rank holds every moment.
+    let plain = d.path().join("plain");
+    ok(&mpi(2, &teacher_args(&plain, 2, 32)), "2 ranks");
+    assert!((moments_mb(&plain) - state_moment_mb(&plain)).abs() < 1e-9);
+    // The --zero1 checkpoint (full moments) resumes on 1 rank without it, on the curve of the
+    // 1-process run resumed alike.
+    let (reference, copy) = (d.path().join("reference"), d.path().join("resumed"));
+    common::copy_dir(&one, &reference);
+    let mut r = teacher_args(&reference, 25, 32);
+    r.push("--resume".into());
+    ok(&single(&r), "the 1-process run resumed");
+    common::copy_dir(&two, &copy);
+    resume_on(&copy, 1, &reference, 25);
+    // And on 2 ranks with --zero1 again (the shards are cut from the full moments).
+    let copy2 = d.path().join("resumed2");
+    common::copy_dir(&two, &copy2);
+    resume_with(&copy2, 2, &["--zero1"], &reference, 25);
+}
+
+#[test]
+fn two_ranks_with_zero1_train_dmd2_and_tdm_as_one_process_does() {
+    let _g = serial();
+    teacher();
+    for method in ["dmd2", "tdm"] {
+        let d = tmp();
+        let (one, two) = (d.path().join("one"), d.path().join("two"));
+        ok(&single(&distill_args(method, &one)), "1 process");
+        let mut a = distill_args(method, &two);
+        a.push("--zero1".into());
+        ok(&mpi(2, &a), "2 ranks with --zero1");
+        assert_same_run(&one, &two, &format!("{method} --zero1"));
+        assert_sharded(&two, method);
+    }
+}
+
+#[test]
+fn a_nan_on_one_rank_stops_every_rank_at_that_step_naming_it() {
+    let _g = serial();
+    let d = tmp();
+    let run = d.path().join("nan");
+    let mut a = teacher_args(&run, 40, 32);
+    a.extend(s(&["--collective-timeout", "60"]));
+    // Test-only: rank 1's loss of iteration 11 becomes NaN (the checkpoint of step 10 is proven
+    // by iteration 10 and kept).
+    let t0 = Instant::now();
+    let o = mpi_command_env(2, &["DISTILL_TEST_NAN_AT=1:11"], &a)
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("error (rank 1 of 2): loss is NaN at step 11 on rank 1 of 2: training diverged"),
+        "rank 1 names itself:\n{t}"
+    );
+    assert!(
+        t.contains("error (rank 0 of 2): teacher iteration 11 failed; the last good checkpoint (step 10) is kept")
+            && t.contains("rank 1 of 2 stopped: loss is NaN at step 11 on rank 1 of 2"),
+        "rank 0 stops at the same step naming rank 1:\n{t}"
+    );
+    // An agreed stop: no abort, no timeout.
+    assert!(
+        !t.contains("MPI_ABORT") && !t.contains("collective timeout"),
+        "{t}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert_eq!(checkpoint_step(&run), 10);
+    // The kept checkpoint is intact: it resumes on the uninterrupted curve.
+    let reference = d.path().join("reference");
+    ok(&single(&teacher_args(&reference, 15, 32)), "reference");
+    resume_on(&run, 1, &reference, 15);
+}
+
+#[test]
+fn a_nan_gradient_on_one_rank_stops_every_rank_naming_it_with_and_without_zero1() {
+    let _g = serial();
+    for zero1 in [false, true] {
+        let d = tmp();
+        let run = d.path().join("nan");
+        let mut a = teacher_args(&run, 40, 32);
+        a.extend(s(&["--collective-timeout", "60"]));
+        if zero1 {
+            a.push("--zero1".into());
+        }
+        // Test-only: rank 1's first gradient of iteration 11 becomes NaN; the average (or the
+        // reduce-scatter) spreads it to every rank, which all refuse the update alike.
+        let o = mpi_command_env(2, &["DISTILL_TEST_NAN_AT=1:11:grad"], &a)
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        let why = "gradients of model are not finite (those of rank(s) 1 of 2) at update 11: refusing to update the weights";
+        for r in 0..2 {
+            assert!(
+                t.lines().any(|l| l.starts_with(&format!(
+                    "error (rank {r} of 2): teacher iteration 11 failed"
+                )) && l.contains(why)),
+                "zero1 {zero1}: rank {r} stops at iteration 11 naming rank 1:\n{t}"
+            );
+        }
+        assert!(
+            !t.contains("MPI_ABORT") && !t.contains("collective timeout"),
+            "{t}"
+        );
+        assert_eq!(checkpoint_step(&run), 10, "zero1 {zero1}");
+    }
+}
+
 #[test]
 fn a_global_batch_not_divisible_by_the_ranks_and_disagreeing_ranks_are_refused() {
     let _g = serial();
@@ -457,8 +620,14 @@ fn checkpoint_step(run: &Path) -> u64 {
 /// Resumes `run` (a copy) to `steps` on `np` ranks and checks the curve against the
 /// uninterrupted 1-process reference.
 fn resume_on(run: &Path, np: usize, reference: &Path, steps: u64) {
+    resume_with(run, np, &[], reference, steps)
+}
+
+/// [`resume_on`] with extra flags (e.g. `--zero1`).
+fn resume_with(run: &Path, np: usize, extra: &[&str], reference: &Path, steps: u64) {
     let mut a = teacher_args(run, steps, 32);
     a.push("--resume".into());
+    a.extend(s(extra));
     let o = if np == 1 { single(&a) } else { mpi(np, &a) };
     ok(&o, &format!("resume on {np} rank(s)"));
     let (got, want) = (losses(run), losses(reference));

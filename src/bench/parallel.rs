@@ -1,7 +1,8 @@
 //! `distill bench --what parallel`: data-parallel teacher training on this machine, N ranks x 1
 //! thread (`mpirun -np N distill train teacher`) against 1 process x N threads at the same global
 //! batch: images/s of each, and the gradient all-reduce's time and bytes per step (from the
-//! ranks' `allreduce_s` / `allreduce_mb` metrics).
+//! ranks' `allreduce_s` / `allreduce_mb` metrics); then the N ranks again with `--zero1`, and the
+//! optimiser-moment bytes rank 0 holds in each (`optim_moments_mb`).
 //!
 //! Each configuration is a real training run in a temporary folder, `2 * iters` iterations with a
 //! metrics line every `iters`: the first window is the warm-up, the second is timed.
@@ -36,8 +37,13 @@ pub struct ParallelRun {
     pub images_per_s: f64,
     /// Gradient all-reduce per iteration, seconds (rank 0's, including waiting for the others).
     pub allreduce_s: Option<f64>,
-    /// Gradient bytes all-reduced per iteration, MB.
+    /// Gradient bytes all-reduced per iteration, MB (under ZeRO-1: the reduce-scatter's gradients
+    /// plus the all-gather's parameters).
     pub allreduce_mb: Option<f64>,
+    /// Whether the moments were sharded (`--zero1`).
+    pub zero1: bool,
+    /// AdamW moments held by rank 0, MB (multi-rank runs).
+    pub optim_moments_mb: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -47,6 +53,8 @@ pub struct ParallelReport {
     pub iters: usize,
     pub single: ParallelRun,
     pub ranks: ParallelRun,
+    /// The N ranks with ZeRO-1.
+    pub zero1: ParallelRun,
     pub engine: String,
 }
 
@@ -57,20 +65,32 @@ impl fmt::Display for ParallelReport {
             "data-parallel teacher training, preset {}, global batch {}, {} timed iterations ({})",
             self.preset, self.batch, self.iters, self.engine
         )?;
-        for r in [&self.single, &self.ranks] {
+        for r in [&self.single, &self.ranks, &self.zero1] {
             write!(
                 f,
-                "  {} rank(s) x {} thread(s): {:8.1} images/s ({:.2} it/s)",
-                r.ranks, r.threads_per_rank, r.images_per_s, r.it_per_s
+                "  {} rank(s) x {} thread(s){}: {:8.1} images/s ({:.2} it/s)",
+                r.ranks,
+                r.threads_per_rank,
+                if r.zero1 { " --zero1" } else { "" },
+                r.images_per_s,
+                r.it_per_s
             )?;
             if let (Some(s), Some(mb)) = (r.allreduce_s, r.allreduce_mb) {
+                let what = if r.zero1 {
+                    "reduce-scatter + all-gather"
+                } else {
+                    "all-reduce"
+                };
                 write!(
                     f,
-                    "; all-reduce {:.2} ms and {:.2} MB per iteration ({:.0}% of it)",
+                    "; {what} {:.2} ms and {:.2} MB per iteration ({:.0}% of it)",
                     s * 1e3,
                     mb,
                     100.0 * s * r.it_per_s
                 )?;
+            }
+            if let Some(mb) = r.optim_moments_mb {
+                write!(f, "; AdamW moments {mb:.3} MB on rank 0")?;
             }
             writeln!(f)?;
         }
@@ -92,7 +112,13 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// The second metrics window of a finished run.
-fn timed_window(run: &Path, ranks: usize, threads: usize, batch: usize) -> Result<ParallelRun> {
+fn timed_window(
+    run: &Path,
+    ranks: usize,
+    threads: usize,
+    batch: usize,
+    zero1: bool,
+) -> Result<ParallelRun> {
     let path = run.join("metrics.jsonl");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -111,6 +137,8 @@ fn timed_window(run: &Path, ranks: usize, threads: usize, batch: usize) -> Resul
         images_per_s: it * batch as f64,
         allreduce_s: last["allreduce_s"].as_f64(),
         allreduce_mb: last["allreduce_mb"].as_f64(),
+        zero1,
+        optim_moments_mb: last["optim_moments_mb"].as_f64(),
     })
 }
 
@@ -169,28 +197,37 @@ pub fn run(o: &ParallelBenchOptions) -> Result<ParallelReport> {
         .output()
         .context("running distill")?;
     check(out, "the one-process run")?;
-    let many = dir.join("ranks");
-    let out = Command::new(&mpirun)
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-        ])
-        .args(["-np", &o.ranks.to_string(), "-x", "DISTILL_THREADS=1"])
-        .arg(&exe)
-        .args(args(&many))
-        // Containers often forbid the shared-memory transport's single-copy (CMA) mechanism.
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .output()
-        .context("running mpirun")?;
-    check(out, "the mpirun run")?;
+    let on_ranks = |out: &Path, zero1: bool| -> Result<()> {
+        let mut a = args(out);
+        if zero1 {
+            a.push("--zero1".into());
+        }
+        let o = Command::new(&mpirun)
+            .args([
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+            ])
+            .args(["-np", &o.ranks.to_string(), "-x", "DISTILL_THREADS=1"])
+            .arg(&exe)
+            .args(a)
+            // Containers often forbid the shared-memory transport's single-copy (CMA) mechanism.
+            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+            .output()
+            .context("running mpirun")?;
+        check(o, "the mpirun run")
+    };
+    let (many, sharded) = (dir.join("ranks"), dir.join("zero1"));
+    on_ranks(&many, false)?;
+    on_ranks(&sharded, true)?;
     let report = ParallelReport {
         preset: o.preset.clone(),
         batch: o.batch,
         iters: o.iters,
-        single: timed_window(&one, 1, o.ranks, o.batch)?,
-        ranks: timed_window(&many, o.ranks, 1, o.batch)?,
+        single: timed_window(&one, 1, o.ranks, o.batch, false)?,
+        ranks: timed_window(&many, o.ranks, 1, o.batch, false)?,
+        zero1: timed_window(&sharded, o.ranks, 1, o.batch, true)?,
         engine: "OpenMPI via mpirun".into(),
     };
     let _ = std::fs::remove_dir_all(&dir);

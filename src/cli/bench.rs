@@ -18,7 +18,8 @@ pub struct BenchArgs {
     /// or --config FILE.json, forward and training step at batch 1 and --batch vs diffusers),
     /// `parallel` (teacher training at global batch --batch: `mpirun -np --ranks` ranks x 1
     /// thread vs 1 process x --ranks threads, images/s and the all-reduce's time and bytes per
-    /// iteration; --config is a `train teacher --preset`, default tiny).
+    /// iteration, then the ranks with --zero1 and the AdamW moments rank 0 holds; --config is a
+    /// `train teacher --preset`, default tiny).
     #[arg(long, value_enum, default_value = "auto")]
     pub what: BenchWhat,
     /// UNet config: `bench` (32-64-128, two res blocks per level), `mnist_small` (the default

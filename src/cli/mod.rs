@@ -25,7 +25,9 @@ pub struct Cli {
     /// Worker threads for CPU kernels (default: all cores; same as RAYON_NUM_THREADS).
     #[arg(long, global = true, env = "DISTILL_THREADS")]
     pub threads: Option<usize>,
-    /// Device: `cpu`, or `cuda`/`cuda:N` in a binary built with `--features cuda`.
+    /// Device: `cpu`, or `cuda`/`cuda:N` in a binary built with `--features cuda`; a bare `cuda`
+    /// under a launcher opens `cuda:LOCAL_RANK` (mpirun's OMPI_COMM_WORLD_LOCAL_RANK, torchrun's
+    /// LOCAL_RANK): one GPU per rank.
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
     /// Hide progress bars (they are also hidden when stderr is not a terminal).
@@ -474,7 +476,8 @@ pub fn device(name: &str) -> Result<Device> {
                 .map(|o| o.parse())
                 .transpose()
                 .context("--device cuda:N needs a number")?
-                .unwrap_or(0);
+                // One process per GPU: a bare `cuda` is the launcher's local rank's device.
+                .unwrap_or_else(distill::parallel::local_rank);
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this binary was built without CUDA; build it with scripts/build-cuda.sh (cargo build --release --features cuda)");
             }

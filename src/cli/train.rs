@@ -149,6 +149,12 @@ pub struct TeacherArgs {
     /// above it is an error).
     #[arg(long)]
     pub num_classes: Option<usize>,
+    /// Under `mpirun`: shard the AdamW moments over the ranks (ZeRO-1: gradients
+    /// reduce-scattered, each rank steps its shard, parameters all-gathered), so the optimiser
+    /// state per rank falls as 1/N. Checkpoints keep the full moments (gathered to rank 0): a run
+    /// resumes with or without it, on any number of ranks. TOML: `zero1 = true`.
+    #[arg(long)]
+    pub zero1: bool,
     /// With --resume: continue even though the config (besides train_steps, cadence and precision) or
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
@@ -248,6 +254,7 @@ impl TeacherArgs {
         if let Some(p) = self.precision {
             c.precision = p;
         }
+        c.zero1 |= self.zero1;
         Ok(c)
     }
 }
@@ -336,6 +343,12 @@ pub struct DistillRunArgs {
     /// master weights, optimiser state and checkpoints stay f32.
     #[arg(long, value_parser = super::precision_parser(&["fp32", "fp16", "bf16"]))]
     pub precision: Option<Precision>,
+    /// Under `mpirun`: shard the AdamW moments over the ranks (ZeRO-1: gradients
+    /// reduce-scattered, each rank steps its shard, parameters all-gathered), so the optimiser
+    /// state per rank falls as 1/N. Checkpoints keep the full moments (gathered to rank 0): a run
+    /// resumes with or without it, on any number of ranks. TOML: `zero1 = true`.
+    #[arg(long)]
+    pub zero1: bool,
     /// With --resume: continue even though the config (besides train_steps, cadence and precision) or
     /// the data differ from the run's start.
     #[arg(long, requires = "resume")]
@@ -380,6 +393,7 @@ impl DistillRunArgs {
         if let Some(p) = self.precision {
             run.precision = p;
         }
+        run.zero1 |= self.zero1;
         set!(c.lora.rank, self.lora_rank);
         if self.lora_alpha.is_some() {
             c.lora.alpha = self.lora_alpha;

@@ -140,6 +140,10 @@ impl TeacherJob {
             run.root.display()
         );
         let out = teacher::train(&cfg, &data, &run, self.resume, self.show_progress, dev)?;
+        if !crate::parallel::is_rank0() {
+            // Rank 0 reports the run (the others log no metrics: their final loss is unknown).
+            return Ok(out);
+        }
         eprintln!(
             "teacher: done, {} steps in {:.0}s, final loss {:.4}; checkpoint {}; samples {}",
             out.train_steps,
@@ -175,6 +179,10 @@ fn maybe_evaluator(
 }
 
 fn report(what: &str, out: &DistillOutcome, run: &RunDir) {
+    if !crate::parallel::is_rank0() {
+        // Rank 0 reports the run (the others log no metrics).
+        return;
+    }
     let last: Vec<String> = out
         .last
         .iter()

@@ -3,14 +3,19 @@
 //! processes started by `mpirun`; a single process is the world of one rank at no cost.
 //!
 //! The [`Collective`] trait is what training needs (rank, world size, all-reduce sums of f32 /
-//! f64 buffers, broadcast from rank 0, all-gather, barrier); [`world`] is the process's one
-//! instance, chosen by [`init`] from the environment: under `mpirun` (`OMPI_COMM_WORLD_SIZE`)
-//! MPI, otherwise [`SingleProcess`]. On top of it: gradient averaging in buckets
-//! ([`average_grads`]), a rank's slice of the global batch ([`shard`]), byte broadcasts and the
-//! equal-on-every-rank check ([`check_same`]).
+//! f64 buffers, reduce-scatter, all-gather and gather of f32 for ZeRO-1, broadcast from rank 0,
+//! all-gather, barrier, the agreed stop); [`world`] is the process's one instance, chosen by
+//! [`init`] from the environment ([`launch_from`]: `mpirun`'s or torchrun's variables): under
+//! `mpirun` (`OMPI_COMM_WORLD_SIZE`) MPI, otherwise [`SingleProcess`]. On top of it: gradient
+//! averaging in buckets ([`average_grads`]), a rank's slice of the global batch ([`shard`]), byte
+//! broadcasts and the equal-on-every-rank check ([`check_same`]).
 //!
 //! Every MPI collective waits at most the **collective timeout** (`--collective-timeout`): a rank
 //! that died or hangs makes the others stop with an error naming it instead of hanging.
+//!
+//! A rank that stops on an error (a non-finite loss, a failed write) calls [`Collective::stop`]:
+//! every other rank ends its next collective with [`PeerStopped`] (naming the rank and carrying
+//! its error) and exits cleanly, so no rank is left waiting and none is killed mid-checkpoint.
 
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -18,6 +23,8 @@ mod mpi;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -45,7 +52,20 @@ pub trait Collective: Send + Sync {
     fn broadcast(&self, buf: &mut [u8], what: &str) -> Result<()>;
     /// Every rank's `mine` (all of the same length), concatenated in rank order.
     fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<u8>>;
+    /// [`Self::all_gather`] of f32 values (ZeRO-1: every rank's updated parameter shard).
+    fn all_gather_f32(&self, mine: &[f32], what: &str) -> Result<Vec<f32>>;
+    /// Every rank's `mine` (all of the same length) concatenated in rank order, on rank 0 only
+    /// (`None` on the others): ZeRO-1's moments for a checkpoint, never whole on other ranks.
+    fn gather_f32(&self, mine: &[f32], what: &str) -> Result<Option<Vec<f32>>>;
+    /// Element-wise sum over the ranks of `send` (world size x n values, the same length on
+    /// every rank), of which this rank gets block `rank` (n values): ZeRO-1's gradient exchange.
+    fn reduce_scatter_sum_f32(&self, send: &[f32], what: &str) -> Result<Vec<f32>>;
     fn barrier(&self, what: &str) -> Result<()>;
+    /// This rank stops (after an error, `why`): tells every other rank, whose next collective then
+    /// fails with [`PeerStopped`], and waits (up to the collective timeout) until every rank has
+    /// reached that collective, so that none is left waiting and rank 0 is not killed while it
+    /// writes a checkpoint. An error: some rank did not come (the caller then [`Self::abort`]s).
+    fn stop(&self, why: &str) -> Result<()>;
     /// Ends every rank of the job (after an error on this one); returns only without peers.
     fn abort(&self, code: i32);
     /// Ends the engine cleanly at the end of a successful run (MPI_Finalize).
@@ -77,30 +97,192 @@ impl Collective for SingleProcess {
     fn all_gather(&self, mine: &[u8], _: &str) -> Result<Vec<u8>> {
         Ok(mine.to_vec())
     }
+    fn all_gather_f32(&self, mine: &[f32], _: &str) -> Result<Vec<f32>> {
+        Ok(mine.to_vec())
+    }
+    fn gather_f32(&self, mine: &[f32], _: &str) -> Result<Option<Vec<f32>>> {
+        Ok(Some(mine.to_vec()))
+    }
+    fn reduce_scatter_sum_f32(&self, send: &[f32], _: &str) -> Result<Vec<f32>> {
+        Ok(send.to_vec())
+    }
     fn barrier(&self, _: &str) -> Result<()> {
         Ok(())
     }
+    fn stop(&self, _: &str) -> Result<()> {
+        Ok(())
+    }
     fn abort(&self, _: i32) {}
+}
+
+/// The error of a collective that ended because other ranks stopped ([`Collective::stop`]):
+/// names them and carries their errors. A rank that gets it stops too, without stopping others.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStopped {
+    /// The ranks that stopped, with their errors.
+    pub ranks: Vec<(usize, String)>,
+    pub world_size: usize,
+}
+
+impl fmt::Display for PeerStopped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (r, why)) in self.ranks.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "rank {r} of {} stopped: {why}", self.world_size)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PeerStopped {}
+
+/// True when `e` is (or was caused by) other ranks stopping: this rank then stops without
+/// telling the others (they know).
+pub fn is_peer_stop(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<PeerStopped>())
+}
+
+/// Which launcher started this process, from its environment ([`launch_from`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    /// No launcher: a world of one.
+    Single,
+    /// OpenMPI's `mpirun` / `mpiexec` (`OMPI_COMM_WORLD_*`).
+    Mpirun,
+    /// torchrun or any launcher that sets `RANK`, `WORLD_SIZE` and `LOCAL_RANK`.
+    Torchrun,
+}
+
+/// This process's place in the job as its launcher describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub by: Launcher,
+    pub rank: usize,
+    pub world_size: usize,
+    /// The rank among the processes of this host: `--device cuda` opens `cuda:LOCAL_RANK`.
+    pub local_rank: usize,
+}
+
+/// Reads the launcher's variables from `vars` (the environment, as a map, so that it is testable):
+/// `mpirun`'s `OMPI_COMM_WORLD_SIZE` / `_RANK` / `_LOCAL_RANK` first; torchrun's `WORLD_SIZE` /
+/// `RANK` / `LOCAL_RANK` otherwise. Under `mpirun`, torchrun's variables, when set too, must agree
+/// with MPI's (a job script that sets both for different jobs is refused).
+pub fn launch_from(vars: &BTreeMap<String, String>) -> Result<Launch> {
+    let num = |k: &str| -> Result<Option<usize>> {
+        vars.get(k)
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("environment variable {k}={v:?} is not a number"))
+            })
+            .transpose()
+    };
+    let launch = if let Some(world_size) = num("OMPI_COMM_WORLD_SIZE")? {
+        let l = Launch {
+            by: Launcher::Mpirun,
+            rank: num("OMPI_COMM_WORLD_RANK")?
+                .context("OMPI_COMM_WORLD_SIZE is set but OMPI_COMM_WORLD_RANK is not")?,
+            world_size,
+            local_rank: num("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(0),
+        };
+        for (theirs, ours, v) in [
+            ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", l.world_size),
+            ("RANK", "OMPI_COMM_WORLD_RANK", l.rank),
+            ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", l.local_rank),
+        ] {
+            if let Some(t) = num(theirs)? {
+                if t != v {
+                    bail!(
+                        "started by mpirun with {ours}={v} but {theirs}={t} (torchrun's variable) \
+                         is set too and disagrees: unset {theirs} or launch with one launcher"
+                    );
+                }
+            }
+        }
+        l
+    } else if let Some(world_size) = num("WORLD_SIZE")? {
+        Launch {
+            by: Launcher::Torchrun,
+            rank: num("RANK")?.context("WORLD_SIZE is set but RANK is not (torchrun sets both)")?,
+            world_size,
+            local_rank: num("LOCAL_RANK")?.unwrap_or(0),
+        }
+    } else {
+        return Ok(Launch {
+            by: Launcher::Single,
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+        });
+    };
+    if launch.world_size == 0 || launch.rank >= launch.world_size {
+        bail!(
+            "the launcher gives rank {} in a world of {}: the rank must be below the world size",
+            launch.rank,
+            launch.world_size
+        );
+    }
+    Ok(launch)
+}
+
+static LAUNCH: OnceLock<Launch> = OnceLock::new();
+
+/// How this process was launched (read from the environment once).
+pub fn launch() -> Result<Launch> {
+    if let Some(l) = LAUNCH.get() {
+        return Ok(*l);
+    }
+    let vars: BTreeMap<String, String> = std::env::vars().collect();
+    let l = launch_from(&vars)?;
+    Ok(*LAUNCH.get_or_init(|| l))
+}
+
+/// The CUDA ordinal a bare `--device cuda` opens: the launcher's local rank (0 without one).
+pub fn local_rank() -> usize {
+    launch().map_or(0, |l| l.local_rank)
 }
 
 static WORLD: OnceLock<Box<dyn Collective>> = OnceLock::new();
 
 /// True when this process was started by OpenMPI's `mpirun` / `mpiexec`.
 pub fn launched_by_mpirun() -> bool {
-    std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some()
+    launch().is_ok_and(|l| l.by == Launcher::Mpirun)
 }
 
-/// Sets up the process's collective engine: MPI under `mpirun`, else a single process.
+/// Sets up the process's collective engine: MPI under `mpirun`, else a single process (torchrun's
+/// variables with a world of more than one are refused: no engine for them is built).
 /// `timeout`: the longest any collective waits for the other ranks. Idempotent (the first call
 /// decides); [`world`] calls it with the default timeout when the program did not.
 pub fn init(timeout: Duration) -> Result<&'static dyn Collective> {
     if let Some(w) = WORLD.get() {
         return Ok(w.as_ref());
     }
-    let c: Box<dyn Collective> = if launched_by_mpirun() {
-        mpi_world(timeout)?
-    } else {
-        Box::new(SingleProcess)
+    let l = launch()?;
+    let c: Box<dyn Collective> = match l.by {
+        Launcher::Mpirun => {
+            let c = mpi_world(timeout)?;
+            if (c.rank(), c.world_size()) != (l.rank, l.world_size) {
+                bail!(
+                    "MPI gives rank {} of {} but the environment says rank {} of {}",
+                    c.rank(),
+                    c.world_size(),
+                    l.rank,
+                    l.world_size
+                );
+            }
+            c
+        }
+        Launcher::Torchrun if l.world_size > 1 => bail!(
+            "started by torchrun-style variables (WORLD_SIZE={}, RANK={}) but this distill's only \
+             multi-process engine is MPI: launch the ranks with `mpirun -np {} distill train ...` \
+             (NCCL through torchrun's variables is not built)",
+            l.world_size,
+            l.rank,
+            l.world_size
+        ),
+        Launcher::Torchrun | Launcher::Single => Box::new(SingleProcess),
     };
     Ok(WORLD.get_or_init(|| c).as_ref())
 }
@@ -166,7 +348,15 @@ static REDUCE_CALLS: AtomicU64 = AtomicU64::new(0);
 static REDUCE_BYTES: AtomicU64 = AtomicU64::new(0);
 static REDUCE_NANOS: AtomicU64 = AtomicU64::new(0);
 
-/// Totals of [`average_grads`] since the process started.
+/// Counts one gradient exchange (`bytes` of buffers exchanged, `seconds` spent) in
+/// [`reduce_stats`]: [`average_grads`]'s all-reduces, or ZeRO-1's reduce-scatter + all-gather.
+pub fn record_exchange(bytes: u64, seconds: f64) {
+    REDUCE_CALLS.fetch_add(1, Ordering::Relaxed);
+    REDUCE_BYTES.fetch_add(bytes, Ordering::Relaxed);
+    REDUCE_NANOS.fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+}
+
+/// Totals of the gradient exchanges ([`record_exchange`]) since the process started.
 pub fn reduce_stats() -> ReduceStats {
     ReduceStats {
         calls: REDUCE_CALLS.load(Ordering::Relaxed),
@@ -180,8 +370,10 @@ pub fn reduce_stats() -> ReduceStats {
 /// optimiser's variable order (the same on every rank); `None` (no gradient) stays `None` and
 /// must be `None` on every rank. Called after backward, before unscaling, clipping and the
 /// optimiser step, so every rank steps with identical gradients (and the fp16 overflow decision
-/// is the same everywhere: an inf on one rank is an inf in the sum).
-pub fn average_grads(grads: &mut [Option<Tensor>], what: &str) -> Result<()> {
+/// is the same everywhere: an inf on one rank is an inf in the sum). Returns the ranks whose own
+/// gradients held an inf or NaN (one flag per rank rides in the last bucket), the same list on
+/// every rank, so a divergence is reported naming them.
+pub fn average_grads(grads: &mut [Option<Tensor>], what: &str) -> Result<Vec<usize>> {
     average_grads_with(world(), grads, what)
 }
 
@@ -190,16 +382,18 @@ pub fn average_grads_with(
     c: &dyn Collective,
     grads: &mut [Option<Tensor>],
     what: &str,
-) -> Result<()> {
+) -> Result<Vec<usize>> {
     let world = c.world_size();
     if world == 1 {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let t0 = Instant::now();
     let inv = 1.0 / world as f32;
     let idx: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].is_some()).collect();
     let mut bytes = 0u64;
     let mut start = 0;
+    let mut finite = true;
+    let mut bad = Vec::new();
     while start < idx.len() {
         // One bucket: consecutive gradients up to BUCKET_ELEMS (a bigger one goes alone).
         let mut end = start;
@@ -212,7 +406,8 @@ pub fn average_grads_with(
             elems += n;
             end += 1;
         }
-        let mut buf = Vec::with_capacity(elems);
+        let last = end == idx.len();
+        let mut buf = Vec::with_capacity(elems + if last { world } else { 0 });
         for &i in &idx[start..end] {
             let g = grads[i].as_ref().expect("some");
             buf.extend(
@@ -221,8 +416,16 @@ pub fn average_grads_with(
                     .to_vec1::<f32>()?,
             );
         }
+        finite &= buf.iter().all(|x| x.is_finite());
+        if last {
+            // Every rank's "my own gradients were not finite" flag, summed into place.
+            buf.extend((0..world).map(|r| (r == c.rank() && !finite) as u8 as f32));
+        }
         c.all_reduce_sum_f32(&mut buf, &format!("gradients of {what}"))?;
-        bytes += 4 * buf.len() as u64;
+        bytes += 4 * elems as u64;
+        if last {
+            bad = (0..world).filter(|&r| buf[elems + r] > 0.0).collect();
+        }
         let mut off = 0;
         for &i in &idx[start..end] {
             let g = grads[i].as_ref().expect("some");
@@ -234,10 +437,23 @@ pub fn average_grads_with(
         }
         start = end;
     }
-    REDUCE_CALLS.fetch_add(1, Ordering::Relaxed);
-    REDUCE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-    REDUCE_NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    Ok(())
+    record_exchange(bytes, t0.elapsed().as_secs_f64());
+    Ok(bad)
+}
+
+/// The error of an update whose averaged gradients are not finite (no fp16 loss scaler to skip
+/// it): the same on every rank, naming the ranks whose own gradients were not (`bad`, from
+/// [`average_grads`]).
+pub fn nonfinite_grads(what: &str, bad: &[usize], world: usize, update: u64) -> anyhow::Error {
+    let who = if bad.is_empty() {
+        "no rank's alone: their sum overflowed".to_string()
+    } else {
+        let r: Vec<String> = bad.iter().map(|r| r.to_string()).collect();
+        format!("those of rank(s) {} of {world}", r.join(", "))
+    };
+    anyhow::anyhow!(
+        "gradients of {what} are not finite ({who}) at update {update}: refusing to update the weights"
+    )
 }
 
 /// Averages metric values over the ranks (the values of equal-sized batch slices: the average
@@ -388,7 +604,22 @@ mod tests {
             v.extend(vec![0u8; mine.len()]);
             Ok(v)
         }
+        fn all_gather_f32(&self, mine: &[f32], _: &str) -> Result<Vec<f32>> {
+            let mut v = mine.to_vec();
+            v.extend(vec![self.other; mine.len()]);
+            Ok(v)
+        }
+        fn gather_f32(&self, mine: &[f32], w: &str) -> Result<Option<Vec<f32>>> {
+            self.all_gather_f32(mine, w).map(Some)
+        }
+        fn reduce_scatter_sum_f32(&self, send: &[f32], _: &str) -> Result<Vec<f32>> {
+            let n = send.len() / 2;
+            Ok(send[..n].iter().map(|x| x + self.other).collect())
+        }
         fn barrier(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn stop(&self, _: &str) -> Result<()> {
             Ok(())
         }
         fn abort(&self, _: i32) {}
@@ -405,8 +636,9 @@ mod tests {
         let small = Tensor::new(&[[3f32, 5.]], &dev).unwrap();
         let mut grads = vec![Some(big), None, Some(small.clone()), Some(small)];
         average_grads_with(&c, &mut grads, "net").unwrap();
-        // The big one and the first small one fill a bucket; the last small one starts the next.
-        assert_eq!(*c.calls.lock().unwrap(), vec![BUCKET_ELEMS, 2]);
+        // The big one and the first small one fill a bucket; the last small one starts the next,
+        // with one not-finite flag per rank.
+        assert_eq!(*c.calls.lock().unwrap(), vec![BUCKET_ELEMS, 2 + 2]);
         assert_eq!(
             grads[2].as_ref().unwrap().to_vec2::<f32>().unwrap(),
             vec![vec![2., 3.]]
@@ -417,5 +649,105 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("rank(s) 1 of 2"), "{e}");
+    }
+
+    fn vars(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_launch_is_read_from_mpiruns_or_torchruns_variables() {
+        let single = launch_from(&vars(&[("PATH", "/bin")])).unwrap();
+        assert_eq!(
+            (single.by, single.rank, single.world_size),
+            (Launcher::Single, 0, 1)
+        );
+        let mpi = launch_from(&vars(&[
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            mpi,
+            Launch {
+                by: Launcher::Mpirun,
+                rank: 3,
+                world_size: 4,
+                local_rank: 1
+            }
+        );
+        let torch = launch_from(&vars(&[
+            ("WORLD_SIZE", "8"),
+            ("RANK", "5"),
+            ("LOCAL_RANK", "5"),
+            ("MASTER_ADDR", "10.0.0.1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            torch,
+            Launch {
+                by: Launcher::Torchrun,
+                rank: 5,
+                world_size: 8,
+                local_rank: 5
+            }
+        );
+        // Both launchers' variables: they must agree.
+        let both = vars(&[
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("RANK", "1"),
+            ("LOCAL_RANK", "1"),
+        ]);
+        assert_eq!(launch_from(&both).unwrap().by, Launcher::Mpirun);
+        let mut bad = both.clone();
+        bad.insert("RANK".into(), "0".into());
+        let e = launch_from(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("OMPI_COMM_WORLD_RANK=1") && e.contains("RANK=0"),
+            "{e}"
+        );
+        let mut bad = both;
+        bad.insert("LOCAL_RANK".into(), "0".into());
+        assert!(launch_from(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("LOCAL_RANK=0"));
+    }
+
+    #[test]
+    fn a_broken_launch_environment_is_refused_by_name() {
+        let e = launch_from(&vars(&[("WORLD_SIZE", "2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RANK is not"), "{e}");
+        let e = launch_from(&vars(&[("WORLD_SIZE", "2"), ("RANK", "2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rank 2 in a world of 2"), "{e}");
+        let e = launch_from(&vars(&[("WORLD_SIZE", "two"), ("RANK", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WORLD_SIZE=\"two\""), "{e}");
+        // LOCAL_RANK defaults to 0 when a launcher does not set it.
+        let l = launch_from(&vars(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap();
+        assert_eq!(l.local_rank, 0);
+    }
+
+    #[test]
+    fn a_peer_stop_is_recognised_through_context() {
+        let e = anyhow::Error::new(PeerStopped {
+            ranks: vec![(1, "loss is NaN".into())],
+            world_size: 2,
+        })
+        .context("teacher iteration 3 failed");
+        assert!(is_peer_stop(&e));
+        assert!(format!("{e:#}").contains("rank 1 of 2 stopped: loss is NaN"));
+        assert!(!is_peer_stop(&anyhow::anyhow!("disk full")));
     }
 }

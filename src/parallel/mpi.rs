@@ -1,9 +1,11 @@
 //! The MPI engine (OpenMPI through rsmpi): every collective is a non-blocking MPI call polled
 //! against the collective timeout, preceded by an *arrival* round (each rank tells every other
 //! one, point to point, which collective it has reached), so that a rank that died or hangs is
-//! named in the error instead of leaving the others blocked.
+//! named in the error instead of leaving the others blocked. A rank that stops on an error takes
+//! part in one more arrival round, marked *stopping* and preceded by its error message: the
+//! others end that collective with [`PeerStopped`] instead of running it.
 
-use super::Collective;
+use super::{Collective, PeerStopped};
 use ::mpi::collective::SystemOperation;
 use ::mpi::datatype::Equivalence;
 use ::mpi::environment::Universe;
@@ -21,6 +23,13 @@ const ARRIVAL_TAG: i32 = 0x0D15;
 /// collective, answers (PONG).
 const PING_TAG: i32 = 0x0D16;
 const PONG_TAG: i32 = 0x0D17;
+/// A stopping rank's error message, sent before its stopping arrival.
+const STOP_TAG: i32 = 0x0D18;
+/// The arrival message's second word: this rank runs the collective, or it stops.
+const RUNS: u64 = 0;
+const STOPS: u64 = 1;
+/// The longest stop message sent (longer ones are cut: an eager send, delivered at once).
+const STOP_MSG_MAX: usize = 2000;
 
 /// Answers every pending ping (called while waiting in any collective).
 fn serve_pings(world: &SimpleCommunicator) {
@@ -58,6 +67,9 @@ pub struct Mpi {
     size: usize,
     timeout: Duration,
     version: String,
+    /// A collective was abandoned (timeout): requests are left pending, so this rank can no
+    /// longer stop cleanly ([`Collective::stop`] refuses: the caller aborts).
+    broken: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED and every call goes through `inner`'s
@@ -108,6 +120,7 @@ impl Mpi {
             size,
             timeout,
             version,
+            broken: Default::default(),
         })
     }
 
@@ -116,21 +129,33 @@ impl Mpi {
     }
 
     /// The arrival round of the next collective: returns its sequence number once every rank
-    /// has reached it, or names the ranks that did not within the timeout.
-    fn arrive(&self, inner: &mut Inner, what: &str) -> Result<u64> {
+    /// has reached it, or names the ranks that did not within the timeout. `stopping`: this rank
+    /// does not run the collective but stops with this message (every other rank gets it).
+    /// Another rank stopping ends the round with [`PeerStopped`].
+    fn arrive(&self, inner: &mut Inner, what: &str, stopping: Option<&str>) -> Result<u64> {
         if inner.universe.is_none() {
             bail!("{what}: MPI was already finalised");
         }
         inner.op += 1;
         let op = inner.op;
-        let me = Box::new([op]);
-        let mut theirs = vec![u64::MAX; self.size].into_boxed_slice();
+        let me = Box::new([op, if stopping.is_some() { STOPS } else { RUNS }]);
+        let msg: Box<[u8]> = stopping
+            .map(|m| {
+                let mut end = m.len().min(STOP_MSG_MAX);
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                m.as_bytes()[..end].to_vec()
+            })
+            .unwrap_or_default()
+            .into_boxed_slice();
+        let mut theirs = vec![u64::MAX; 2 * self.size].into_boxed_slice();
         let deadline = Instant::now() + self.timeout;
         let world = &inner.world;
         let rank = self.rank;
         let (missing, abandoned) = scope(|sc| {
             let mut recvs = Vec::new();
-            for (p, slot) in theirs.chunks_mut(1).enumerate() {
+            for (p, slot) in theirs.chunks_mut(2).enumerate() {
                 if p != rank {
                     let r = world
                         .process_at_rank(p as i32)
@@ -138,16 +163,15 @@ impl Mpi {
                     recvs.push((p, Some(r)));
                 }
             }
-            let mut sends: Vec<_> = (0..self.size)
-                .filter(|&p| p != rank)
-                .map(|p| {
-                    Some(world.process_at_rank(p as i32).immediate_send_with_tag(
-                        sc,
-                        &me[..],
-                        ARRIVAL_TAG,
-                    ))
-                })
-                .collect();
+            let (mut sends, mut msg_sends) = (Vec::new(), Vec::new());
+            for p in (0..self.size).filter(|&p| p != rank) {
+                let peer = world.process_at_rank(p as i32);
+                if stopping.is_some() {
+                    // The message first: a peer that sees the stopping arrival receives it.
+                    msg_sends.push(Some(peer.immediate_send_with_tag(sc, &msg[..], STOP_TAG)));
+                }
+                sends.push(Some(peer.immediate_send_with_tag(sc, &me[..], ARRIVAL_TAG)));
+            }
             let mut spins = 0u32;
             loop {
                 for (_, slot) in recvs.iter_mut() {
@@ -160,8 +184,14 @@ impl Mpi {
                         *slot = r.test().err();
                     }
                 }
-                let pending =
-                    recvs.iter().any(|(_, r)| r.is_some()) || sends.iter().any(|r| r.is_some());
+                for slot in msg_sends.iter_mut() {
+                    if let Some(r) = slot.take() {
+                        *slot = r.test().err();
+                    }
+                }
+                let pending = recvs.iter().any(|(_, r)| r.is_some())
+                    || sends.iter().any(|r| r.is_some())
+                    || msg_sends.iter().any(|r| r.is_some());
                 if !pending {
                     return (Vec::new(), false);
                 }
@@ -179,6 +209,10 @@ impl Mpi {
                         // SAFETY: as above.
                         let _ = unsafe { r.into_raw() };
                     }
+                    for r in msg_sends.into_iter().flatten() {
+                        // SAFETY: as above.
+                        let _ = unsafe { r.into_raw() };
+                    }
                     return (missing, true);
                 }
                 serve_pings(world);
@@ -186,7 +220,10 @@ impl Mpi {
             }
         });
         if abandoned {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             std::mem::forget(me);
+            std::mem::forget(msg);
             std::mem::forget(theirs);
             if !missing.is_empty() {
                 let names: Vec<String> = missing.iter().map(|p| p.to_string()).collect();
@@ -202,8 +239,27 @@ impl Mpi {
                 self.timeout_s()
             );
         }
-        for (p, &t) in theirs.iter().enumerate() {
-            if p != rank && t != op {
+        let stopped: Vec<usize> = (0..self.size)
+            .filter(|&p| p != rank && theirs[2 * p + 1] == STOPS)
+            .collect();
+        if stopping.is_some() {
+            // This rank stops anyway; every other one has now seen it.
+            return Ok(op);
+        }
+        if !stopped.is_empty() {
+            let mut ranks = Vec::new();
+            for p in stopped {
+                ranks.push((p, self.stop_message(world, p, deadline)));
+            }
+            return Err(PeerStopped {
+                ranks,
+                world_size: self.size,
+            }
+            .into());
+        }
+        for p in (0..self.size).filter(|&p| p != rank) {
+            let t = theirs[2 * p];
+            if t != op {
                 bail!(
                     "rank {p} is at collective #{t} while rank {rank} is at #{op} ({what}): the ranks run different sequences of collectives (different flags or configs?)"
                 );
@@ -212,9 +268,29 @@ impl Mpi {
         Ok(op)
     }
 
+    /// The error message rank `p` sent with its stopping arrival (already delivered: it was
+    /// sent first and is short).
+    fn stop_message(&self, world: &SimpleCommunicator, p: usize, deadline: Instant) -> String {
+        let src = world.process_at_rank(p as i32);
+        loop {
+            if let Some(st) = src.immediate_probe_with_tag(STOP_TAG) {
+                let n = st.count(u8::equivalent_datatype()) as usize;
+                let mut buf = vec![0u8; n];
+                src.receive_into_with_tag(&mut buf[..], STOP_TAG);
+                return String::from_utf8_lossy(&buf).into_owned();
+            }
+            if Instant::now() >= deadline {
+                return "(its error message did not arrive)".into();
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
     /// The error of a collective that every rank reached but that did not complete: pings every
     /// other rank and names those that do not answer (a live rank answers while it polls).
     fn stalled(&self, world: &SimpleCommunicator, what: &str, op: u64) -> anyhow::Error {
+        self.broken
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let grace = (self.timeout / 2).min(Duration::from_secs(2));
         let peers: Vec<usize> = (0..self.size).filter(|&p| p != self.rank).collect();
         for &p in &peers {
@@ -277,7 +353,7 @@ impl Mpi {
         what: &str,
     ) -> Result<()> {
         let mut inner = self.lock();
-        let op = self.arrive(&mut inner, what)?;
+        let op = self.arrive(&mut inner, what, None)?;
         let deadline = Instant::now() + self.timeout;
         let send = buf.to_vec();
         let mut recv = vec![T::default(); buf.len()];
@@ -297,6 +373,33 @@ impl Mpi {
         }
         buf.copy_from_slice(&recv);
         Ok(())
+    }
+
+    fn all_gather_of<T: Equivalence + Copy + Default>(
+        &self,
+        mine: &[T],
+        what: &str,
+    ) -> Result<Vec<T>> {
+        let mut inner = self.lock();
+        let op = self.arrive(&mut inner, what, None)?;
+        let deadline = Instant::now() + self.timeout;
+        let send = mine.to_vec();
+        let mut recv = vec![T::default(); mine.len() * self.size];
+        let ok = scope(|sc| {
+            poll(
+                &inner.world,
+                inner
+                    .world
+                    .immediate_all_gather_into(sc, &send[..], &mut recv[..]),
+                deadline,
+            )
+        });
+        if !ok {
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(self.stalled(&inner.world, what, op));
+        }
+        Ok(recv)
     }
 }
 
@@ -318,7 +421,7 @@ impl Collective for Mpi {
     }
     fn broadcast(&self, buf: &mut [u8], what: &str) -> Result<()> {
         let mut inner = self.lock();
-        let op = self.arrive(&mut inner, what)?;
+        let op = self.arrive(&mut inner, what, None)?;
         let deadline = Instant::now() + self.timeout;
         let mut tmp = buf.to_vec();
         let ok = scope(|sc| {
@@ -337,19 +440,67 @@ impl Collective for Mpi {
         Ok(())
     }
     fn all_gather(&self, mine: &[u8], what: &str) -> Result<Vec<u8>> {
+        self.all_gather_of(mine, what)
+    }
+    fn all_gather_f32(&self, mine: &[f32], what: &str) -> Result<Vec<f32>> {
+        self.all_gather_of(mine, what)
+    }
+    fn gather_f32(&self, mine: &[f32], what: &str) -> Result<Option<Vec<f32>>> {
         let mut inner = self.lock();
-        let op = self.arrive(&mut inner, what)?;
+        let op = self.arrive(&mut inner, what, None)?;
         let deadline = Instant::now() + self.timeout;
         let send = mine.to_vec();
-        let mut recv = vec![0u8; mine.len() * self.size];
+        let root = inner.world.process_at_rank(0);
+        if self.rank != 0 {
+            let ok = scope(|sc| {
+                poll(
+                    &inner.world,
+                    root.immediate_gather_into(sc, &send[..]),
+                    deadline,
+                )
+            });
+            if !ok {
+                std::mem::forget(send);
+                return Err(self.stalled(&inner.world, what, op));
+            }
+            return Ok(None);
+        }
+        let mut recv = vec![0f32; mine.len() * self.size];
         let ok = scope(|sc| {
             poll(
                 &inner.world,
-                inner
-                    .world
-                    .immediate_all_gather_into(sc, &send[..], &mut recv[..]),
+                root.immediate_gather_into_root(sc, &send[..], &mut recv[..]),
                 deadline,
             )
+        });
+        if !ok {
+            std::mem::forget(send);
+            std::mem::forget(recv);
+            return Err(self.stalled(&inner.world, what, op));
+        }
+        Ok(Some(recv))
+    }
+    fn reduce_scatter_sum_f32(&self, send: &[f32], what: &str) -> Result<Vec<f32>> {
+        if send.len() % self.size != 0 {
+            bail!(
+                "{what}: reduce-scatter of {} values over {} ranks (not a multiple)",
+                send.len(),
+                self.size
+            );
+        }
+        let mut inner = self.lock();
+        let op = self.arrive(&mut inner, what, None)?;
+        let deadline = Instant::now() + self.timeout;
+        let send = send.to_vec();
+        let mut recv = vec![0f32; send.len() / self.size];
+        let ok = scope(|sc| {
+            let req = inner.world.immediate_reduce_scatter_block_into(
+                sc,
+                &send[..],
+                &mut recv[..],
+                SystemOperation::sum(),
+            );
+            poll(&inner.world, req, deadline)
         });
         if !ok {
             std::mem::forget(send);
@@ -360,12 +511,19 @@ impl Collective for Mpi {
     }
     fn barrier(&self, what: &str) -> Result<()> {
         let mut inner = self.lock();
-        let op = self.arrive(&mut inner, what)?;
+        let op = self.arrive(&mut inner, what, None)?;
         let deadline = Instant::now() + self.timeout;
         if !poll(&inner.world, inner.world.immediate_barrier(), deadline) {
             return Err(self.stalled(&inner.world, what, op));
         }
         Ok(())
+    }
+    fn stop(&self, why: &str) -> Result<()> {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("a collective of this rank timed out: it cannot stop in agreement");
+        }
+        let mut inner = self.lock();
+        self.arrive(&mut inner, "stop", Some(why)).map(|_| ())
     }
     fn abort(&self, code: i32) {
         let inner = self.lock();

@@ -117,7 +117,7 @@ pub fn data_fingerprint(data: &Dataset) -> serde_json::Value {
 ///
 /// Always refused: a step target below the step the run already reached (it would "finish"
 /// without training and rewrite the config). Refused unless `allow_change`: a different data set
-/// or any config field besides the step target, cadence and precision. A fresh run records its
+/// or any config field besides the step target, cadence, precision and `zero1`. A fresh run records its
 /// data here; `--resume` of a run without a record (older runs) checks the config only.
 pub fn resume(
     run: &RunDir,
@@ -200,7 +200,7 @@ fn step_target(cfg: &toml::Value) -> Option<u64> {
 
 /// A config without the fields a resume may change: step target, cadence, precision.
 fn strip(mut v: toml::Value) -> toml::Value {
-    const FREE: [&str; 10] = [
+    const FREE: [&str; 11] = [
         "train_steps",
         "steps",
         "log_every",
@@ -211,6 +211,8 @@ fn strip(mut v: toml::Value) -> toml::Value {
         "precision",
         "loss_scale",
         "decay_steps",
+        // ZeRO-1 changes where the moments live during training, not what a checkpoint holds.
+        "zero1",
     ];
     fn go(v: &mut toml::Value) {
         if let toml::Value::Table(t) = v {

@@ -507,12 +507,31 @@ impl TrainedNet {
     }
 }
 
+/// Test-only (`DISTILL_TEST_NAN_AT=RANK:STEP:grad`, see `train::runner`): set by the runner for
+/// that rank's iteration, makes the first gradient of the next update NaN.
+pub static TEST_POISON_GRADS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Applies [`TEST_POISON_GRADS`] (once).
+fn test_poison(grads: &mut [Option<Tensor>]) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    if !TEST_POISON_GRADS.swap(false, Ordering::Relaxed) {
+        return Ok(());
+    }
+    if let Some(g) = grads.iter_mut().flatten().next() {
+        *g = (&*g + f64::NAN)?;
+    }
+    Ok(())
+}
+
 /// A trainable network's variables, optimiser and (fp16) loss scaler, saved under `prefix` in the
 /// training state.
 pub struct Trainable {
     pub prefix: &'static str,
     pub opt: AdamW,
     pub scaler: Option<LossScaler>,
+    /// The moments sharded over the ranks (ZeRO-1), once [`Self::shard`] ran.
+    zero: Option<super::zero::Zero1>,
 }
 
 impl Trainable {
@@ -521,6 +540,7 @@ impl Trainable {
             prefix,
             opt: AdamW::new(vars, cfg)?,
             scaler: None,
+            zero: None,
         })
     }
     /// Adds a dynamic loss scaler when `precision` needs one (fp16).
@@ -544,9 +564,55 @@ impl Trainable {
     /// Applies (possibly accumulated) gradients from [`Self::backward`]: averages them over the
     /// ranks (data-parallel training; nothing in one process), unscales them and skips the
     /// update on inf/NaN under fp16 (`None`, then on every rank alike), else steps the optimiser.
+    /// Under ZeRO-1 ([`Self::shard`]) the exchange is a reduce-scatter, the step one of this
+    /// rank's shard, then an all-gather of the parameters. Without fp16, non-finite averaged
+    /// gradients are an error on every rank alike, naming the ranks whose own were not finite.
     pub fn apply(&mut self, mut grads: Vec<Option<Tensor>>) -> Result<Option<StepStats>> {
-        crate::parallel::average_grads(&mut grads, self.prefix)?;
+        test_poison(&mut grads)?;
+        if let Some(z) = &mut self.zero {
+            let c = crate::parallel::world();
+            return z.step(c, &mut self.opt, self.scaler.as_mut(), grads, self.prefix);
+        }
+        let bad = crate::parallel::average_grads(&mut grads, self.prefix)?;
+        if self.scaler.is_none() && !bad.is_empty() {
+            let world = crate::parallel::world().world_size();
+            return Err(crate::parallel::nonfinite_grads(
+                self.prefix,
+                &bad,
+                world,
+                self.opt.t,
+            ));
+        }
         super::optim::precision_step(&mut self.opt, self.scaler.as_mut(), grads)
+    }
+    /// Shards the optimiser moments over the ranks (ZeRO-1; nothing in a world of one). Every
+    /// rank must hold the same full moments (after the start's broadcast).
+    pub fn shard(&mut self) -> Result<()> {
+        let c = crate::parallel::world();
+        if c.world_size() > 1 && self.zero.is_none() {
+            self.zero = Some(super::zero::Zero1::new(&mut self.opt, c)?);
+        }
+        Ok(())
+    }
+    /// Bytes of optimiser moments this rank holds.
+    pub fn moment_bytes(&self) -> u64 {
+        self.zero
+            .as_ref()
+            .map_or(self.opt.moment_bytes(), |z| z.moment_bytes())
+    }
+    /// Under ZeRO-1: gathers the full moments to rank 0 for a checkpoint ([`Self::save`] needs
+    /// them); every rank calls it at the same iterations. Nothing otherwise.
+    pub fn gather_moments(&mut self) -> Result<()> {
+        match &self.zero {
+            Some(z) => z.gather(crate::parallel::world(), &mut self.opt, self.prefix),
+            None => Ok(()),
+        }
+    }
+    /// Drops what [`Self::gather_moments`] gathered (after the checkpoint is serialised).
+    pub fn release_moments(&mut self) {
+        if let Some(z) = &self.zero {
+            z.release(&mut self.opt);
+        }
     }
     /// `backward` then `apply`.
     pub fn update(&mut self, loss: &Tensor) -> Result<Option<StepStats>> {
@@ -808,6 +874,9 @@ pub mod pair {
             }
             fn student_updates(&self) -> u64 {
                 self.student_t.opt.t
+            }
+            fn trainables(&mut self) -> Vec<&mut Trainable> {
+                vec![&mut self.student_t, &mut self.fake_t]
             }
             fn save_state(
                 &self,

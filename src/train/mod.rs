@@ -1,6 +1,7 @@
 //! Training. Every method (`teacher`, `dmd2`, `tdm`) is a [`runner::Method`] driven by the one
 //! loop in [`runner`]; `distill` holds what the distillation methods share; the machinery here
-//! (run folders, deterministic data order and noise, metrics, progress) is shared by all.
+//! (run folders, deterministic data order and noise, metrics, progress) is shared by all;
+//! [`zero`] shards the optimiser moments over data-parallel ranks (ZeRO-1, `--zero1`).
 
 pub mod checks;
 pub mod distill;
@@ -10,6 +11,7 @@ pub mod optim;
 pub mod runner;
 pub mod tdm;
 pub mod teacher;
+pub mod zero;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};

@@ -1,7 +1,7 @@
 //! AdamW with state that can be saved and resumed (candle_nn's AdamW keeps its moments private),
 //! global-norm gradient clipping, a warm-up learning-rate schedule and an EMA of the weights.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use graphs::kernels::adamw::{self, AdamWStep};
@@ -59,6 +59,8 @@ pub struct AdamW {
     v: Vec<Tensor>,
     /// Number of updates applied (drives bias correction and warm-up).
     pub t: u64,
+    /// The global gradient norm of the last update.
+    last_norm: f64,
 }
 
 /// What one optimiser step did, for the metrics log.
@@ -86,6 +88,7 @@ impl AdamW {
             m,
             v,
             t: 0,
+            last_norm: 0.0,
         })
     }
 
@@ -133,58 +136,80 @@ impl AdamW {
             grads.len(),
             self.vars.len()
         );
-        let norm = grad_norm(grads)?;
+        let p = self.begin_step(grad_norm(grads)?)?;
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = &grads[i] else { continue };
+            if let Some(w) = update_tensor(var.as_tensor(), &mut self.m[i], &mut self.v[i], g, &p)?
+            {
+                var.set(&w)?;
+            }
+        }
+        Ok(StepStats {
+            grad_norm: self.last_norm,
+            lr: p.lr,
+        })
+    }
+
+    /// Starts the next update from the global gradient norm: refuses a non-finite one (the
+    /// weights stay untouched), counts the update and returns its constants (learning rate,
+    /// bias-correction count, clipping factor as `grad_scale`) for [`update_tensor`].
+    pub fn begin_step(&mut self, norm: f64) -> Result<AdamWStep> {
         if !norm.is_finite() {
             bail!(
                 "gradient norm is {norm} at step {}: refusing to update the weights",
                 self.t
             );
         }
-        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
+        let grad_scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
             self.cfg.grad_clip / norm
         } else {
             1.0
         };
         let lr = self.lr_at(self.t);
         self.t += 1;
-        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = &grads[i] else { continue };
-            let w = var.as_tensor();
-            let (m, v) = (&self.m[i], &self.v[i]);
-            if adamw::applies(&[w, m, v]) && adamw::applies(&[g]) {
-                // One in-place pass per tensor (CPU f32): the same formula as below.
-                let p = AdamWStep {
-                    lr,
-                    beta1: b1,
-                    beta2: b2,
-                    eps: self.cfg.eps,
-                    weight_decay: self.cfg.weight_decay,
-                    t: self.t,
-                    grad_scale: scale,
-                };
-                adamw::update(w, m, v, g, &p)?;
-                continue;
-            }
-            let g = if scale != 1.0 {
-                g.affine(scale, 0.0)?
-            } else {
-                g.clone()
-            };
-            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
-            let decayed = (w * (1.0 - lr * self.cfg.weight_decay))?;
-            var.set(&(decayed - (upd * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
-        }
-        Ok(StepStats {
-            grad_norm: norm,
+        self.last_norm = norm;
+        Ok(AdamWStep {
             lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            t: self.t,
+            grad_scale,
         })
+    }
+
+    /// True while the moments are here (not sharded over the ranks by ZeRO-1).
+    pub fn holds_moments(&self) -> bool {
+        self.m.len() == self.vars.len()
+    }
+
+    /// Hands the moments out (ZeRO-1 keeps a shard of them): the optimiser holds none until
+    /// [`Self::set_moments`].
+    pub fn take_moments(&mut self) -> (Vec<Tensor>, Vec<Tensor>) {
+        (std::mem::take(&mut self.m), std::mem::take(&mut self.v))
+    }
+
+    /// Puts full moments back (one per variable, in variable order, of its shape).
+    pub fn set_moments(&mut self, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
+        ensure!(
+            m.len() == self.vars.len() && v.len() == self.vars.len(),
+            "{} / {} moments for {} variables",
+            m.len(),
+            v.len(),
+            self.vars.len()
+        );
+        (self.m, self.v) = (m, v);
+        Ok(())
+    }
+
+    /// Bytes of the moments this optimiser holds (0 while ZeRO-1 shards them).
+    pub fn moment_bytes(&self) -> u64 {
+        self.m
+            .iter()
+            .chain(&self.v)
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
     }
 
     /// Moments as named tensors (`adam.m.<name>`, `adam.v.<name>`) for the training state file.
@@ -197,9 +222,13 @@ impl AdamW {
     }
 
     /// Moments as `<prefix>m.<name>` and `<prefix>v.<name>` (they share storage with the live
-    /// moments, which the next step updates in place: save them before stepping again).
+    /// moments, which the next step updates in place: save them before stepping again). None
+    /// while ZeRO-1 shards them ([`super::zero`] gathers them to rank 0 for a checkpoint).
     pub fn state_with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
+        if !self.holds_moments() {
+            return out;
+        }
         for (i, (n, _)) in self.vars.iter().enumerate() {
             out.insert(format!("{prefix}m.{n}"), self.m[i].clone());
             out.insert(format!("{prefix}v.{n}"), self.v[i].clone());
@@ -214,6 +243,11 @@ impl AdamW {
         prefix: &str,
         t: u64,
     ) -> Result<()> {
+        if !self.holds_moments() {
+            bail!(
+                "the moments are sharded over the ranks (ZeRO-1): load the state before sharding"
+            );
+        }
         for (i, (n, var)) in self.vars.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("{prefix}{kind}.{n}");
@@ -234,6 +268,37 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// One AdamW update of weight `w` and its moments `m`, `v` from gradient `g` with `p`'s constants:
+/// in place for contiguous f32 CPU tensors (`None`), else by tensor ops (the same formula),
+/// replacing the moments and returning the new weight.
+pub fn update_tensor(
+    w: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    g: &Tensor,
+    p: &AdamWStep,
+) -> Result<Option<Tensor>> {
+    if adamw::applies(&[w, m, v]) && adamw::applies(&[g]) {
+        // One in-place pass per tensor (CPU f32).
+        adamw::update(w, m, v, g, p)?;
+        return Ok(None);
+    }
+    let (b1, b2) = (p.beta1, p.beta2);
+    let bc1 = 1.0 - b1.powi(p.t as i32);
+    let bc2 = 1.0 - b2.powi(p.t as i32);
+    let g = if p.grad_scale != 1.0 {
+        g.affine(p.grad_scale, 0.0)?
+    } else {
+        g.clone()
+    };
+    let m1 = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
+    let v1 = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let upd = ((&m1 / bc1)? / ((&v1 / bc2)?.sqrt()? + p.eps)?)?;
+    let decayed = (w * (1.0 - p.lr * p.weight_decay))?;
+    (*m, *v) = (m1, v1);
+    Ok(Some((decayed - (upd * p.lr)?)?))
 }
 
 /// Global L2 norm of a list of gradients (missing ones count as zero).
@@ -413,18 +478,25 @@ impl LossScaler {
                 None => out.push(None),
             }
         }
+        Ok(self.record(finite).then_some(out))
+    }
+
+    /// Records a step's overflow decision (the same on every rank): on inf/NaN gradients backs
+    /// the scale off and counts a skip (false: skip the update); otherwise counts a clean step
+    /// and grows the scale after `growth_interval` of them (true).
+    pub fn record(&mut self, finite: bool) -> bool {
         if !finite {
             self.scale *= self.cfg.backoff_factor;
             self.good_steps = 0;
             self.skipped += 1;
-            return Ok(None);
+            return false;
         }
         self.good_steps += 1;
         if self.good_steps >= self.cfg.growth_interval {
             self.scale *= self.cfg.growth_factor;
             self.good_steps = 0;
         }
-        Ok(Some(out))
+        true
     }
 
     /// State for the training-state file (metadata strings).

@@ -6,6 +6,7 @@
 //! only once the next iteration has run with finite losses (the final one: after the checks).
 //! Until then the previous checkpoint stays on disk, and a stop names the step really kept.
 
+use super::distill::Trainable;
 use super::optim::{Ema, LossScaleConfig, Precision};
 use super::{denoiser_from, progress_bar, vars_to_tensors, MetricsLog, RunDir, TRAIN_STATE_FILE};
 use crate::checkpoint::{self, CheckpointMeta, Role};
@@ -48,6 +49,10 @@ pub struct RunConfig {
     /// state and checkpoints stay f32, so a run may resume in another precision.
     pub precision: Precision,
     pub loss_scale: LossScaleConfig,
+    /// Data-parallel runs: shard the AdamW moments over the ranks (ZeRO-1, [`super::zero`]);
+    /// checkpoints keep the unsharded format, so it may change on resume.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub zero1: bool,
 }
 
 impl Default for RunConfig {
@@ -64,6 +69,7 @@ impl Default for RunConfig {
             ema_decay: 0.99,
             precision: Precision::Fp32,
             loss_scale: LossScaleConfig::default(),
+            zero1: false,
         }
     }
 }
@@ -94,8 +100,10 @@ impl RunConfig {
         self.train_steps = 0;
         (self.log_every, self.sample_every, self.checkpoint_every) = (0, 0, 0);
         (self.eval_every, self.eval_n) = (0, 0);
-        // Precision may change on resume (everything is stored in f32).
+        // Precision may change on resume (everything is stored in f32), and so may ZeRO-1 (the
+        // moments are stored unsharded).
         (self.precision, self.loss_scale) = (Default::default(), Default::default());
+        self.zero1 = false;
     }
 }
 
@@ -116,6 +124,8 @@ pub trait Method {
     fn student_vars(&self) -> &[(String, Var)];
     /// How many times that network has been updated.
     fn student_updates(&self) -> u64;
+    /// Every trainable network with its optimiser (ZeRO-1 shards their moments).
+    fn trainables(&mut self) -> Vec<&mut Trainable>;
     /// The EMA position of iteration `step`'s update, or `None` when it made none
     /// (`updates_before`: [`Self::student_updates`] before the iteration).
     fn ema_step(&self, _step: u64, updates_before: u64) -> Option<u64> {
@@ -478,6 +488,33 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             "the trained weights and optimiser state after rank 0's broadcast",
         )?;
     }
+    let zero1 = cfg.zero1 && world.world_size() > 1;
+    if zero1 {
+        for t in m.trainables() {
+            t.shard()?;
+        }
+    }
+    let moments_mb = m.trainables().iter().map(|t| t.moment_bytes()).sum::<u64>() as f64 / 1e6;
+    if rank0 && world.world_size() > 1 {
+        // Every parameter has two f32 moments: 8 bytes each, unsharded.
+        let full: usize = m
+            .trainables()
+            .iter()
+            .flat_map(|t| t.vars())
+            .map(|(_, v)| 8 * v.elem_count())
+            .sum();
+        eprintln!(
+            "optimiser moments: {moments_mb:.3} MB on rank 0 of {} ({}; {:.3} MB unsharded)",
+            world.world_size(),
+            if zero1 {
+                "ZeRO-1"
+            } else {
+                "not sharded: --zero1 shards them"
+            },
+            full as f64 / 1e6
+        );
+    }
+    let inject = test_nan_at()?;
     let mut committed = rs.resume.then_some(start);
     let mut log = if rank0 {
         checkpoint::write_atomic(&run.config(), rs.config_toml.as_bytes())?;
@@ -497,7 +534,10 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
     let mut pending: Option<Pending> = None;
     for step in start..cfg.train_steps {
         let before = m.student_updates();
-        let metrics = match m.step(step).and_then(average_over_ranks) {
+        if inject == Some((world.rank(), step, Poison::Grads)) {
+            super::distill::TEST_POISON_GRADS.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut metrics = match m.step(step) {
             Ok(x) => x,
             Err(e) => {
                 return Err(e.context(format!(
@@ -507,15 +547,45 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                 )))
             }
         };
+        if inject == Some((world.rank(), step, Poison::Loss)) {
+            if let Some(v) = metrics.values_mut().next() {
+                *v = f64::NAN;
+            }
+        }
+        // Checked on this rank's own values (before the average), so the error names it; the
+        // other ranks learn of the stop in their next collective (Collective::stop).
         if let Some((k, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+            let on = if world.world_size() > 1 {
+                format!(" on rank {} of {}", world.rank(), world.world_size())
+            } else {
+                String::new()
+            };
             bail!(
-                "{k} is {v} at step {step}: training diverged and was stopped; {} (try a lower --lr or a smaller --grad-clip, then --resume)",
+                "{k} is {v} at step {step}{on}: training diverged and was stopped; {} (try a lower --lr or a smaller --grad-clip, then --resume)",
                 kept(run, committed)
             );
         }
+        let metrics = match average_over_ranks(metrics) {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{} iteration {step} failed; {}",
+                    m.name(),
+                    kept(run, committed)
+                )))
+            }
+        };
         // The previous checkpoint's weights just gave finite losses: it is proven.
         if let Some(p) = pending.take() {
             committed = Some(commit(&p, run)?);
+        }
+        let done = step + 1;
+        let checkpoint_now = done % cfg.checkpoint_every == 0 || done == cfg.train_steps;
+        if zero1 && checkpoint_now {
+            // The checkpoint holds the full moments: gathered to rank 0 (every rank takes part).
+            for t in m.trainables() {
+                t.gather_moments()?;
+            }
         }
         if !rank0 {
             // The other ranks only train: rank 0 logs, evaluates, samples and checkpoints.
@@ -533,7 +603,6 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             }
         }
         win_steps += 1;
-        let done = step + 1;
         pb.set_position(done);
         // What a checkpoint of this step carries on: the window, unless a regular log line
         // closes it (the end of a run flushes it early, but a resume to more steps continues it).
@@ -562,6 +631,7 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
                     (now.bytes - win_reduce.bytes) as f64 / 1e6 / k,
                 );
                 win_reduce = now;
+                record.insert("optim_moments_mb".into(), moments_mb);
             }
             (win_start, win_steps) = (Instant::now(), 0);
             let msg: Vec<String> = record
@@ -602,8 +672,12 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
             }
             last.extend(record);
         }
-        if done % cfg.checkpoint_every == 0 || done == cfg.train_steps {
-            match snapshot(m, rs, done, &ema, &carry)? {
+        if checkpoint_now {
+            let snap = snapshot(m, rs, done, &ema, &carry);
+            if zero1 {
+                m.trainables().into_iter().for_each(|t| t.release_moments());
+            }
+            match snap? {
                 Ok(p) if done == cfg.train_steps => committed = Some(commit(&p, run)?),
                 Ok(p) => pending = Some(p),
                 Err(why) => bail!(
@@ -633,6 +707,37 @@ pub fn run<M: Method>(m: &mut M, rs: &RunSpec, run: &RunDir) -> Result<RunOutcom
         last,
         student_updates: m.student_updates(),
     })
+}
+
+/// What the test-only NaN injection poisons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Poison {
+    /// The iteration's first metric (its loss).
+    Loss,
+    /// The first gradient of the iteration's first update.
+    Grads,
+}
+
+/// Test-only: `DISTILL_TEST_NAN_AT=RANK:STEP` makes rank RANK's first metric of iteration STEP
+/// NaN, `RANK:STEP:grad` its first gradient there (a divergence on one rank, for the agreed-stop
+/// tests in tests/parallel.rs). Not for users.
+fn test_nan_at() -> Result<Option<(usize, u64, Poison)>> {
+    let Ok(v) = std::env::var("DISTILL_TEST_NAN_AT") else {
+        return Ok(None);
+    };
+    let bad = || format!("DISTILL_TEST_NAN_AT={v:?}: expected RANK:STEP or RANK:STEP:grad");
+    let parts: Vec<&str> = v.split(':').collect();
+    let poison = match parts.get(2) {
+        None => Poison::Loss,
+        Some(&"grad") => Poison::Grads,
+        Some(_) => bail!(bad()),
+    };
+    ensure!(parts.len() == 2 || parts.len() == 3, bad());
+    Ok(Some((
+        parts[0].parse().with_context(bad)?,
+        parts[1].parse().with_context(bad)?,
+        poison,
+    )))
 }
 
 /// Refuses a data-parallel start unless every rank has the same configuration and teacher

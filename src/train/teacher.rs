@@ -54,6 +54,9 @@ pub struct TeacherConfig {
     /// state and checkpoints stay f32, so a run may resume in another precision.
     pub precision: Precision,
     pub loss_scale: LossScaleConfig,
+    /// Data-parallel runs: shard the AdamW moments over the ranks (ZeRO-1); may change on resume.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub zero1: bool,
 }
 
 impl Default for TeacherConfig {
@@ -82,6 +85,7 @@ impl Default for TeacherConfig {
             cfg_scale: 2.0,
             precision: Precision::Fp32,
             loss_scale: LossScaleConfig::default(),
+            zero1: false,
         }
     }
 }
@@ -148,6 +152,7 @@ impl TeacherConfig {
             ema_decay: self.ema_decay,
             precision: self.precision,
             loss_scale: self.loss_scale.clone(),
+            zero1: self.zero1,
         }
     }
 
@@ -308,6 +313,9 @@ impl Method for TeacherMethod<'_> {
     /// The teacher's EMA warms up over iterations, not updates (fp16 may skip some).
     fn ema_step(&self, step: u64, updates_before: u64) -> Option<u64> {
         (self.student_updates() > updates_before).then_some(step)
+    }
+    fn trainables(&mut self) -> Vec<&mut Trainable> {
+        vec![&mut self.net]
     }
     fn save_state(&self, t: &mut HashMap<String, Tensor>, meta: &mut HashMap<String, String>) {
         self.net.save(t, meta);
