@@ -14,7 +14,9 @@ fn main() {
     distill::host::tune_allocator();
     distill::host::tune_threads(cli.threads);
     let timeout = std::time::Duration::from_secs_f64(cli.collective_timeout);
-    let res = distill::parallel::init(timeout).and_then(|_| cli::run(&cli));
+    let res = cli::gpu_ordinal(&cli.device)
+        .and_then(|gpu| distill::parallel::init_with(timeout, gpu))
+        .and_then(|_| cli::run(&cli));
     if let Err(e) = res {
         let world = distill::parallel::current();
         if let Some(world) = world.filter(|w| w.world_size() > 1) {

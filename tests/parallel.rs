@@ -701,3 +701,19 @@ fn a_hung_rank_makes_the_other_stop_within_the_timeout_naming_it() {
     );
     assert!(checkpoint_step(&run) > 0);
 }
+
+/// CUDA ranks need the `nccl` build (NCCL between the GPUs): this CPU build refuses them by
+/// name, before any training starts.
+#[test]
+fn cuda_ranks_without_the_nccl_build_are_refused_by_name() {
+    let _g = serial();
+    let d = tmp();
+    let mut a = teacher_args(&d.path().join("gpu"), 2, 16);
+    a.insert(0, "--device".into());
+    a.insert(1, "cuda".into());
+    let o = mpi(2, &a);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("`nccl` feature") && t.contains("--nccl"), "{t}");
+    assert!(!d.path().join("gpu/checkpoint").exists());
+}

@@ -467,17 +467,27 @@ impl ValidateArgs {
     }
 }
 
+/// The CUDA ordinal `--device` names (`cuda` alone: the launcher's local rank), `None` for the
+/// CPU; an unknown name is left for [`device`] to refuse.
+pub fn gpu_ordinal(name: &str) -> Result<Option<usize>> {
+    match name {
+        s if s == "cuda" || s.starts_with("cuda:") => Ok(Some(
+            s.strip_prefix("cuda:")
+                .map(|o| o.parse())
+                .transpose()
+                .context("--device cuda:N needs a number")?
+                .unwrap_or_else(distill::parallel::local_rank),
+        )),
+        _ => Ok(None),
+    }
+}
+
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ord: usize = s
-                .strip_prefix("cuda:")
-                .map(|o| o.parse())
-                .transpose()
-                .context("--device cuda:N needs a number")?
-                // One process per GPU: a bare `cuda` is the launcher's local rank's device.
-                .unwrap_or_else(distill::parallel::local_rank);
+            // One process per GPU: a bare `cuda` is the launcher's local rank's device.
+            let ord = gpu_ordinal(s)?.expect("a cuda device name");
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this binary was built without CUDA; build it with scripts/build-cuda.sh (cargo build --release --features cuda)");
             }

@@ -19,6 +19,8 @@
 
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -256,13 +258,23 @@ pub fn launched_by_mpirun() -> bool {
 /// `timeout`: the longest any collective waits for the other ranks. Idempotent (the first call
 /// decides); [`world`] calls it with the default timeout when the program did not.
 pub fn init(timeout: Duration) -> Result<&'static dyn Collective> {
+    init_with(timeout, None)
+}
+
+/// [`init`] for a process that trains on `cuda:gpu` (`Some`): under `mpirun`, NCCL moves the
+/// gradients between the ranks' GPUs and MPI does the rest ([`nccl`], feature `nccl`); a build
+/// without it refuses a multi-rank CUDA run by name.
+pub fn init_with(timeout: Duration, gpu: Option<usize>) -> Result<&'static dyn Collective> {
     if let Some(w) = WORLD.get() {
         return Ok(w.as_ref());
     }
     let l = launch()?;
     let c: Box<dyn Collective> = match l.by {
         Launcher::Mpirun => {
-            let c = mpi_world(timeout)?;
+            let c = match gpu {
+                Some(ordinal) if l.world_size > 1 => nccl_world(timeout, ordinal)?,
+                _ => mpi_world(timeout)?,
+            };
             if (c.rank(), c.world_size()) != (l.rank, l.world_size) {
                 bail!(
                     "MPI gives rank {} of {} but the environment says rank {} of {}",
@@ -290,6 +302,21 @@ pub fn init(timeout: Duration) -> Result<&'static dyn Collective> {
 #[cfg(feature = "mpi")]
 fn mpi_world(timeout: Duration) -> Result<Box<dyn Collective>> {
     Ok(Box::new(mpi::Mpi::init(timeout)?))
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_world(timeout: Duration, ordinal: usize) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(nccl::Nccl::init(timeout, ordinal)?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_world(_: Duration, ordinal: usize) -> Result<Box<dyn Collective>> {
+    bail!(
+        "started by mpirun with --device cuda (cuda:{ordinal} on this rank), but this distill was \
+         built without the `nccl` feature that moves gradients between GPUs: build it with \
+         `scripts/build-cuda.sh 90 --nccl` (cargo build --release --features nccl), or train the \
+         ranks on the CPU"
+    )
 }
 
 #[cfg(not(feature = "mpi"))]
