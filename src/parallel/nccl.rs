@@ -130,7 +130,7 @@ impl Nccl {
         let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
         let send = self
             .stream
-            .memcpy_stod(buf)
+            .clone_htod(buf)
             .with_context(|| format!("{what}: copying to cuda:{}", self.ordinal))?;
         let mut recv = self
             .stream
