@@ -329,8 +329,15 @@ def run_time(args, cfg):
         dt = time.perf_counter() - t0
         if it >= args.warmup:
             steps.append(dt)
+    # The machine's GEMM peak as PyTorch reaches it: f32 N^3 torch.mm, best of 5.
+    n = GEMM_N
+    a, b2 = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b2)
+    best = min(median_of(lambda: torch.mm(a, b2), 0, 1) for _ in range(5))
+    gemm_gflops = 2 * n ** 3 / (best * 1e-3) * 1e-9
     out = {
         "mode": "time",
+        "gemm_gflops": gemm_gflops,
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": args.batch,
@@ -348,6 +355,9 @@ def run_time(args, cfg):
         "last_loss": float(loss.item()),
     }
     print(json.dumps(out))
+
+
+GEMM_N = 2048
 
 
 def median_of(fn, warmup, iters):

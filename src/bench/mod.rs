@@ -160,6 +160,10 @@ pub struct TorchResult {
     pub forward_flops: u64,
     /// Peak RSS right after `import torch` (its libraries alone), MiB.
     pub rss_mb_after_import: f64,
+    /// f32 [`GEMM_N`]^3 `torch.mm`, best of 5, GFLOP/s: the machine's GEMM peak as PyTorch
+    /// reaches it.
+    #[serde(default)]
+    pub gemm_gflops: Option<f64>,
     /// Max |D_candle - D_torch| over the parity batch, from the same weights and inputs.
     pub parity_max_abs_diff: f64,
     /// |loss_candle - loss_torch| / |loss_candle| on the parity batch.
@@ -187,6 +191,29 @@ pub struct BenchReport {
     /// Per-op timings (with [`BenchOptions::ops`]).
     #[serde(default)]
     pub ops: Vec<ops::OpRow>,
+    /// f32 [`GEMM_N`]^3 matmul in candle (the `gemm` crate), best of 5, GFLOP/s: beside
+    /// PyTorch's [`TorchResult::gemm_gflops`], the machine's GEMM peak the achieved GFLOP/s are
+    /// compared with.
+    #[serde(default)]
+    pub candle_gemm_gflops: Option<f64>,
+}
+
+/// The GEMM of the peak measurement: f32 `GEMM_N x GEMM_N` times `GEMM_N x GEMM_N`.
+pub const GEMM_N: usize = 2048;
+
+/// candle's f32 [`GEMM_N`]^3 matmul on the CPU, best of 5 (after one untimed), GFLOP/s.
+pub fn candle_gemm_gflops() -> Result<f64> {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (GEMM_N, GEMM_N), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (GEMM_N, GEMM_N), &dev)?;
+    a.matmul(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        a.matmul(&b)?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (GEMM_N as f64).powi(3) / best * 1e-9)
 }
 
 /// Runs the benchmark (see the module docs) and writes `json_out` if asked.
@@ -267,6 +294,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             torch_note,
             candle_stock,
             ops,
+            candle_gemm_gflops: Some(candle_gemm_gflops()?),
         };
         if let Some(path) = &opts.json_out {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -101,6 +101,25 @@ impl fmt::Display for BenchReport {
             0,
         )?;
         writeln!(f, "ratio = PyTorch time / candle time: candle's speed relative to PyTorch (below 1: candle is slower)")?;
+        // The machine's GEMM peak: the faster of the two f32 GEMMs measured here.
+        let peak = [self.candle_gemm_gflops, t.and_then(|t| t.gemm_gflops)]
+            .into_iter()
+            .flatten()
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        if let Some(peak) = peak {
+            let part = |name: &str, v: Option<f64>| {
+                v.map(|v| format!("{name} {v:.1}")).unwrap_or_default()
+            };
+            writeln!(
+                f,
+                "GEMM peak (f32 {GEMM_N}^3, best of 5): {peak:.1} GFLOP/s ({}{}{} GFLOP/s); candle reaches {:.0}% of it in the forward, {:.0}% in the train step",
+                part("candle matmul", self.candle_gemm_gflops),
+                if self.candle_gemm_gflops.is_some() && t.and_then(|t| t.gemm_gflops).is_some() { ", " } else { "" },
+                part("torch.mm", t.and_then(|t| t.gemm_gflops)),
+                100.0 * c.forward_gflops / peak,
+                100.0 * c.step_gflops / peak
+            )?;
+        }
         write!(
             f,
             "peak RSS is process-wide (candle: VmHWM of this process, model and inputs included"

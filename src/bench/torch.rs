@@ -225,6 +225,8 @@ struct PeerTiming {
     rss_mb_after_import: f64,
     peak_rss_mb_forward: f64,
     peak_rss_mb: f64,
+    #[serde(default)]
+    gemm_gflops: Option<f64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -273,6 +275,7 @@ pub(super) fn time_torch(
         ),
         forward_flops: p.forward_flops,
         rss_mb_after_import: p.rss_mb_after_import,
+        gemm_gflops: p.gemm_gflops,
         parity_max_abs_diff: diff,
         parity_loss_rel_diff: loss_rel,
     })
