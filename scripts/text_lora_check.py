@@ -26,7 +26,6 @@ Exits non-zero past the tolerance.
 """
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -34,21 +33,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_check import distill  # the same binary runner (scripts/ is on sys.path when run)
+
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 SD_TINY = os.path.join(ROOT, "graphs", "tests", "fixtures", "diffusers", "teachers", "sd_tiny")
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "lora", "sd_tiny")
 PROMPTS = "a red circle on a blue square\ndigits\na blue circle\n"
 TOL = 1e-3
-
-
-def distill(*args):
-    exe = os.environ.get("DISTILL_BIN", os.path.join(ROOT, "target", "release", "distill"))
-    if not os.path.isfile(exe):
-        sys.exit(f"text_lora_check: no distill binary at {exe} (cargo build --release, or set DISTILL_BIN)")
-    r = subprocess.run([exe, "--quiet", *args], capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        sys.exit(f"distill {' '.join(args)} failed:\n{r.stdout}{r.stderr}")
-    return r.stdout + r.stderr
 
 
 def run(pipe, check):

@@ -112,12 +112,7 @@ pub fn export_folder(ckpt: &Path, out: &Path) -> Result<PathBuf> {
             .map(|p| (p.name, p.t))
             .collect();
     graphs::diffusers::save_unet(&out.join("unet"), &cfg, &weights)?;
-    let sdir = out.join("scheduler");
-    std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
-    crate::fsio::write_atomic(
-        &sdir.join("scheduler_config.json"),
-        serde_json::to_string_pretty(&sched)?.as_bytes(),
-    )?;
+    write_scheduler(out, &sched)?;
     if meta.generator.sampler == graphs::SamplerKind::Student {
         let n = CHECK_IMAGES;
         let spec = &meta.generator;
@@ -220,32 +215,14 @@ fn export_text_folder(
             .map(|p| (p.name, p.t))
             .collect();
     graphs::diffusers::save_unet_condition(&out.join("unet"), cfg, &weights)?;
-    let sdir = out.join("scheduler");
-    std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
-    crate::fsio::write_atomic(
-        &sdir.join("scheduler_config.json"),
-        serde_json::to_string_pretty(&sched)?.as_bytes(),
-    )?;
+    write_scheduler(out, &sched)?;
     // The check: the student's images for seeded noise and two prompts.
     let b = graphs::CandleBackend::new(&dev);
     let n = CHECK_PROMPTS.len();
     let noise = crate::sample::seeded_noise(&t2i.den, &spec, n, 0, &dev)?.noise;
     let cond = t2i.condition(&b, &CHECK_PROMPTS)?;
-    let mut last = None;
-    graphs::sampler::student_rollout_with(
-        &b,
-        &t2i.den,
-        &noise,
-        cond.net(),
-        &spec.sigmas,
-        &graphs::Renoise::Deterministic,
-        spec.sigmas.len(),
-        |_, _, x0| {
-            last = Some(x0.clone());
-            Ok(())
-        },
-    )?;
-    let images = t2i.decode(&b, &last.context("a student has at least one step")?)?;
+    let last = graphs::sampler::student_x0(&b, &t2i.den, &noise, cond.net(), &spec.sigmas)?;
+    let images = t2i.decode(&b, &last)?;
     let graphs::Cond::Text { cond: tc, .. } = &cond else {
         bail!("a text student's condition is text");
     };
@@ -276,6 +253,16 @@ fn export_text_folder(
         r.pipeline.display()
     );
     Ok(out.to_path_buf())
+}
+
+/// `out/scheduler/scheduler_config.json` (atomically).
+fn write_scheduler(out: &Path, sched: &serde_json::Value) -> Result<()> {
+    let sdir = out.join("scheduler");
+    std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
+    crate::fsio::write_atomic(
+        &sdir.join("scheduler_config.json"),
+        serde_json::to_string_pretty(sched)?.as_bytes(),
+    )
 }
 
 /// Copies the folder `from` to `to`, file by file (each written atomically).

@@ -839,22 +839,15 @@ fn diffusers_runs_our_text_lora_student_as_we_do() {
         added: None,
     };
     let images = |den: &Denoiser| {
-        let mut last = None;
-        graphs::sampler::student_rollout_with(
+        let last = graphs::sampler::student_x0(
             &b,
             den,
             &f["noise"],
             graphs::NetCond::Text(&text),
             &sigmas,
-            &graphs::Renoise::Deterministic,
-            steps,
-            |_, _, x0| {
-                last = Some(x0.clone());
-                Ok(())
-            },
         )
         .unwrap();
-        pipe.decode(&b, &last.unwrap()).unwrap()
+        pipe.decode(&b, &last).unwrap()
     };
     let base = images(&pipe.den);
     assert!(

@@ -308,22 +308,10 @@ fn tdm_on_sdxl_trains_samples_and_exports() {
     let cond = pipe.condition(&b, &ps).unwrap();
     let (ch, side) = pipe.latent_shape();
     let noise = Tensor::randn(0f32, 1.0, (2, ch, side, side), &dev).unwrap();
-    let mut last = None;
-    graphs::sampler::student_rollout_with(
-        &b,
-        &student,
-        &noise,
-        cond.net(),
-        &meta.generator.sigmas,
-        &graphs::Renoise::Deterministic,
-        meta.generator.sigmas.len(),
-        |_, _, x0| {
-            last = Some(x0.clone());
-            Ok(())
-        },
-    )
-    .unwrap();
-    let want = pipe.decode(&b, &last.unwrap()).unwrap();
+    let last =
+        graphs::sampler::student_x0(&b, &student, &noise, cond.net(), &meta.generator.sigmas)
+            .unwrap();
+    let want = pipe.decode(&b, &last).unwrap();
     let Cond::Text { cond: tc, .. } = &cond else {
         unreachable!()
     };

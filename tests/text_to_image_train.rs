@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use distill::jobs::TdmJob;
 use distill::train::tdm::TdmConfig;
 use graphs::diffusers::TextToImage;
-use graphs::{CandleBackend, Cond, Denoiser, Renoise};
+use graphs::{CandleBackend, Cond, Denoiser};
 use std::path::{Path, PathBuf};
 
 const PROMPTS: &str = "a red circle on a blue square\ndigits\na blue circle\n";
@@ -46,22 +46,7 @@ fn job(out: &Path, prompts: &Path, steps: u64, lora_rank: usize, lr: (f64, f64))
 /// The last x0 of a 4-step student rollout (no clamp: SD latents are not in [-1, 1]).
 fn student_latents(den: &Denoiser, noise: &Tensor, cond: &Cond<Tensor>, sigmas: &[f64]) -> Tensor {
     let b = CandleBackend::new(&Device::Cpu);
-    let mut last = None;
-    graphs::sampler::student_rollout_with(
-        &b,
-        den,
-        noise,
-        cond.net(),
-        sigmas,
-        &Renoise::Deterministic,
-        sigmas.len(),
-        |_, _, x0| {
-            last = Some(x0.clone());
-            Ok(())
-        },
-    )
-    .unwrap();
-    last.unwrap()
+    graphs::sampler::student_x0(&b, den, noise, cond.net(), sigmas).unwrap()
 }
 
 /// `[P * K, C, h, w]` (K samples per prompt, prompt-major) -> each prompt's mean `[P, C, h, w]`.
@@ -219,50 +204,30 @@ fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str]
     // `distill validate` of the student's exports against its checkpoint in tract and ONNX
     // Runtime (the generator at its own steps, the text encoder, the bare UNet with diffusers'
     // signature), with the TensorRT lint; the teacher's pipeline is not its reference.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-        .env("DISTILL_THREADS", "2")
-        .args([
-            "export",
-            ckpt.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--what", "denoiser"])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && out.join("denoiser.onnx").is_file(),
-        "{log}"
-    );
+    let (c, o) = (ckpt.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, log) = distill(&["export", c, "-o", o, "--what", "denoiser"]);
+    assert!(ok && out.join("denoiser.onnx").is_file(), "{log}");
     // fp16: the UNet in half precision, the force_upcast VAE in fp32.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-        .env("DISTILL_THREADS", "2")
-        .args([
-            "export",
-            ckpt.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--precision", "fp16"])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && log.contains("vae_precision = fp32"),
-        "{log}"
-    );
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args([
-            "export",
-            ckpt.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--precision", "fp16", "--what", "denoiser"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ok, log) = distill(&["export", c, "-o", o, "--precision", "fp16"]);
+    assert!(ok && log.contains("vae_precision = fp32"), "{log}");
+    let (ok, log) = distill(&[
+        "export",
+        c,
+        "-o",
+        o,
+        "--precision",
+        "fp16",
+        "--what",
+        "denoiser",
+    ]);
+    assert!(ok, "{log}");
+    let validate = |file: &str, extra: &[&str]| {
+        let path = out.join(file);
+        let mut a = vec!["validate", path.to_str().unwrap(), "--reference", c];
+        a.extend(["--cases", "2", "--batches", "1,2", "--lint"]);
+        a.extend(extra);
+        distill(&a)
+    };
     for file in [
         "generator.onnx",
         "text_encoder.onnx",
@@ -270,23 +235,9 @@ fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str]
         "generator_fp16.onnx",
         "text_encoder_fp16.onnx",
     ] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-            .env("DISTILL_THREADS", "2")
-            .args(["validate", out.join(file).to_str().unwrap(), "--reference"])
-            .args([
-                ckpt.to_str().unwrap(),
-                "--cases",
-                "2",
-                "--batches",
-                "1,2",
-                "--lint",
-            ])
-            .output()
-            .unwrap();
-        let log =
-            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        let (ok, log) = validate(file, &[]);
         eprintln!("validate {file}:\n{log}");
-        assert!(o.status.success(), "validate {file}: {log}");
+        assert!(ok, "validate {file}: {log}");
         assert!(
             log.contains("tract") && log.contains("onnxruntime") && log.contains("PASS"),
             "{log}"
@@ -295,77 +246,48 @@ fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str]
     // The bare UNet in fp16: tract's f16 accumulators put its raw eps output past the fp16 mean
     // bound (measured max 1.6e-2, mean 2.9e-3 against ONNX Runtime's 4.2e-4 / 5.7e-5): gated in
     // ONNX Runtime, as the fp16 teacher generator is (tests/text_to_image.rs).
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(["validate", out.join("denoiser_fp16.onnx").to_str().unwrap()])
-        .args([
-            "--reference",
-            ckpt.to_str().unwrap(),
-            "--cases",
-            "2",
-            "--batches",
-            "1,2",
-        ])
-        .args(["--runtimes", "ort", "--lint"])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && log.contains("PASS"), "{log}");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args([
-            "validate",
-            out.join("generator.onnx").to_str().unwrap(),
-            "--reference",
-        ])
-        .args([sd_tiny().to_str().unwrap(), "--cases", "1"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("pass the student checkpoint"),
-        "{err}"
-    );
+    let (ok, log) = validate("denoiser_fp16.onnx", &["--runtimes", "ort"]);
+    assert!(ok && log.contains("PASS"), "{log}");
+    let generator = out.join("generator.onnx");
+    let teacher = sd_tiny();
+    let (ok, log) = distill(&[
+        "validate",
+        generator.to_str().unwrap(),
+        "--reference",
+        teacher.to_str().unwrap(),
+        "--cases",
+        "1",
+    ]);
+    assert!(!ok && log.contains("pass the student checkpoint"), "{log}");
     // `export --format diffusers`: a whole pipeline folder (the student's UNet, a trailing DDIM
     // scheduler, the teacher's other components); sampling it as a pipeline with our DDIM at the
     // student's step count and no guidance is the student (diffusers' own run of such a folder:
     // scripts/text_lora_check.py).
     let folder = tmp.join("student_pipeline");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args([
-            "export",
-            ckpt.to_str().unwrap(),
-            "--format",
-            "diffusers",
-            "-o",
-        ])
-        .arg(&folder)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{log}");
+    let f = folder.to_str().unwrap();
+    let (ok, log) = distill(&["export", c, "--format", "diffusers", "-o", f]);
+    assert!(ok, "{log}");
     let fpng = tmp.join("folder.png");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
-        .env("DISTILL_THREADS", "2")
-        .args(["sample", folder.to_str().unwrap(), "--prompts"])
-        .args([
-            prompts_path.to_str().unwrap(),
-            "--noise",
-            nf.to_str().unwrap(),
-        ])
-        .args([
-            "--per-class",
-            "1",
-            "--sampler",
-            "ddim",
-            "--cfg-scale",
-            "1",
-            "--sample-steps",
-        ])
-        .arg(meta.generator.sigmas.len().to_string())
-        .args(["-o", fpng.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{log}");
+    let steps = meta.generator.sigmas.len().to_string();
+    let (ok, log) = distill(&[
+        "sample",
+        f,
+        "--prompts",
+        prompts_path.to_str().unwrap(),
+        "--noise",
+        nf.to_str().unwrap(),
+        "--per-class",
+        "1",
+        "--sampler",
+        "ddim",
+        "--cfg-scale",
+        "1",
+        "--sample-steps",
+        &steps,
+        "-o",
+        fpng.to_str().unwrap(),
+    ]);
+    assert!(ok, "{log}");
     let via_folder = candle_core::safetensors::load(tmp.join("folder.safetensors"), &dev).unwrap();
     let err = rms(&via_folder["images"], &got["images"]);
     assert!(
@@ -381,6 +303,17 @@ fn sample_matches_the_rollout(ckpt: &Path, prompts_path: &Path, prompts: &[&str]
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--cfg-scale"));
+}
+
+/// `distill ARGS` (2 threads): success and stdout + stderr.
+fn distill(args: &[&str]) -> (bool, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .env("DISTILL_THREADS", "2")
+        .args(args)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    (o.status.success(), log)
 }
 
 fn prompts_file(dir: &Path) -> PathBuf {

@@ -336,22 +336,8 @@ pub fn export_text_to_image_student(
     use graphs::cond::NetCond;
     let (b, noise, tc) = text_to_image_inputs(t2i, opts)?;
     let side = t2i.latent_shape().1;
-    let mut last = None;
-    graphs::sampler::student_rollout_with(
-        &b,
-        &t2i.den,
-        &noise,
-        NetCond::Text(&tc),
-        sigmas,
-        &graphs::Renoise::Deterministic,
-        sigmas.len(),
-        |_, _, x0| {
-            last = Some(x0.clone());
-            Ok(())
-        },
-    )
-    .context("lowering the text-to-image student")?;
-    let lat = last.context("a student has at least one step")?;
+    let lat = graphs::sampler::student_x0(&b, &t2i.den, &noise, NetCond::Text(&tc), sigmas)
+        .context("lowering the text-to-image student")?;
     let images = decode_to_images(t2i, &b, &lat, side)?;
     let meta = vec![
         ("sampler".into(), "student".into()),

@@ -306,6 +306,33 @@ pub fn student_rollout<B: Backend>(
     )
 }
 
+/// A student's output: its deterministic rollout over all its `sigmas` (re-noised with its own
+/// predicted noise, as DDIM with eta 0), the last step's x0 (not clamped: latents are not in
+/// [-1, 1]). What sampling, exporting and validating a text student share.
+pub fn student_x0<B: Backend>(
+    b: &B,
+    den: &Denoiser,
+    z: &B::T,
+    cond: crate::cond::NetCond<'_, B::T>,
+    sigmas: &[f64],
+) -> anyhow::Result<B::T> {
+    let mut last = None;
+    student_rollout_with(
+        b,
+        den,
+        z,
+        cond,
+        sigmas,
+        &Renoise::Deterministic,
+        sigmas.len(),
+        |_, _, x0| {
+            last = Some(x0.clone());
+            Ok(())
+        },
+    )?;
+    last.ok_or_else(|| anyhow::anyhow!("a student has at least one step"))
+}
+
 /// [`student_rollout`] under either condition (labels or prompt embeddings).
 #[allow(clippy::too_many_arguments)]
 pub fn student_rollout_with<B: Backend>(

@@ -295,21 +295,13 @@ impl SampleJob {
         while i < n {
             let k = self.batch_size.min(n - i);
             let cond = t2i.condition(&b, &all[i..i + k])?;
-            let mut last = None;
-            graphs::sampler::student_rollout_with(
+            let lat = graphs::sampler::student_x0(
                 &b,
                 &t2i.den,
                 &noise.narrow(0, i, k)?,
                 cond.net(),
                 &spec.sigmas,
-                &graphs::Renoise::Deterministic,
-                spec.sigmas.len(),
-                |_, _, x0| {
-                    last = Some(x0.clone());
-                    Ok(())
-                },
             )?;
-            let lat = last.context("a student has at least one step")?;
             out.push(t2i.decode(&b, &lat)?);
             i += k;
         }

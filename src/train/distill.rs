@@ -264,21 +264,7 @@ impl Teacher {
         let cond = text.cond(&idx)?;
         let noise = crate::sample::seeded_noise(den, spec, k, seed, device)?.noise;
         let b = CandleBackend::new(device);
-        let mut last = None;
-        graphs::sampler::student_rollout_with(
-            &b,
-            den,
-            &noise,
-            cond.net(),
-            &spec.sigmas,
-            &Renoise::Deterministic,
-            spec.sigmas.len(),
-            |_, _, x0| {
-                last = Some(x0.clone());
-                Ok(())
-            },
-        )?;
-        let lat = last.context("a student has at least one step")?;
+        let lat = graphs::sampler::student_x0(&b, den, &noise, cond.net(), &spec.sigmas)?;
         // [0, 1] -> the grid's [-1, 1].
         let images = pipe.decode(&b, &lat)?.affine(2.0, -1.0)?;
         crate::grid::save_captioned_grid_png(png, &images, &text.prompts[..k], 4)

@@ -316,23 +316,13 @@ fn text_case(
             };
             t2i.latents(&cb, &zt, &cond, kind, steps, scale)?
         }
-        TextGen::Student(sigmas) => {
-            let mut last = None;
-            graphs::sampler::student_rollout_with(
-                &cb,
-                &t2i.den,
-                &zt,
-                graphs::cond::NetCond::Text(&text),
-                sigmas,
-                &graphs::Renoise::Deterministic,
-                sigmas.len(),
-                |_, _, x0| {
-                    last = Some(x0.clone());
-                    Ok(())
-                },
-            )?;
-            last.ok_or_else(|| anyhow::anyhow!("a student has at least one step"))?
-        }
+        TextGen::Student(sigmas) => graphs::sampler::student_x0(
+            &cb,
+            &t2i.den,
+            &zt,
+            graphs::cond::NetCond::Text(&text),
+            sigmas,
+        )?,
     };
     let y = t2i.decode(&cb, &lat)?;
     let mut inputs = vec![
