@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::process::Command;
 
 /// `google/ddpm-cifar10-32`'s config.json (diffusers' UNet2DModel, 35,746,307 parameters).
 pub const DDPM_CIFAR10_32: &str = include_str!("../../bench/configs/ddpm-cifar10-32.json");
@@ -225,7 +224,7 @@ pub fn run(o: &DiffusersBenchOptions) -> Result<DiffusersReport> {
         std::fs::write(&cp, &text)?;
         std::fs::write(&sp, TORCH_DIFFUSERS)?;
         let batches: Vec<String> = o.batches.iter().map(|b| b.to_string()).collect();
-        let out = Command::new(&py)
+        let out = super::torch::peer_command(&py)
             .arg(&sp)
             .args(["--config".as_ref(), cp.as_os_str()])
             .args(["--weights".as_ref(), wp.as_os_str()])

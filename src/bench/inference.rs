@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Largest tolerated |runtime - candle| of the generated images (in [-1, 1]); fp16 looser.
 pub const TOL_F32: f64 = 1e-3;
@@ -522,7 +521,7 @@ fn torch_peer(
     std::fs::write(work.join("torch_unet.py"), super::TORCH_SCRIPT)?;
     let sigmas: Vec<String> = spec.sigmas.iter().map(|s| format!("{s:.17e}")).collect();
     let batches: Vec<String> = o.batches.iter().map(|b| b.to_string()).collect();
-    let mut c = Command::new(py);
+    let mut c = super::torch::peer_command(py);
     c.arg(&script)
         .arg("--config")
         .arg(format!("@{}", config.display()))

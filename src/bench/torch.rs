@@ -33,6 +33,47 @@ impl Drop for Workdir {
     }
 }
 
+/// The environment that caps PyTorch at the kernels' instruction set when `DISTILL_SIMD=avx2` emulates
+/// an AVX2-only machine (e.g. AMD Zen 3) on an AVX-512 one: oneDNN (convolutions, GEMM) and
+/// ATen's vectorised kernels and MKL (torch.mm) then stop at AVX2 too, so both sides run as on such a machine.
+/// Values the user set already are kept.
+pub(crate) fn isa_cap_env() -> Vec<(&'static str, &'static str)> {
+    if graphs::kernels::simd::level() != graphs::kernels::simd::Level::Avx2
+        || std::env::var("DISTILL_SIMD").as_deref() != Ok("avx2")
+    {
+        return Vec::new();
+    }
+    [
+        ("DNNL_MAX_CPU_ISA", "AVX2"),
+        ("ATEN_CPU_CAPABILITY", "avx2"),
+        ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+    ]
+        .into_iter()
+        .filter(|(k, _)| std::env::var_os(k).is_none())
+        .collect()
+}
+
+/// A command running the PyTorch peer `python`, under [`isa_cap_env`].
+pub(super) fn peer_command(python: &Path) -> Command {
+    let mut c = Command::new(python);
+    c.envs(isa_cap_env());
+    c
+}
+
+/// The report's line on the instruction sets of both sides.
+pub(super) fn isa_line() -> String {
+    let ours = graphs::kernels::simd::level();
+    let cap: Vec<String> = isa_cap_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if cap.is_empty() {
+        format!("instruction set: our kernels {ours:?}; PyTorch its own best")
+    } else {
+        format!(
+            "instruction set: our kernels {ours:?} (DISTILL_SIMD=avx2); PyTorch capped the same way ({})",
+            cap.join(", ")
+        )
+    }
+}
+
 /// The Python of the PyTorch side as `mode` asks for it: `Err` (the line to print) when it is off
 /// or not found, an error when it is required and not found.
 pub(super) fn torch_python_for(
@@ -104,7 +145,7 @@ pub(super) fn run_peer<T: for<'de> Deserialize<'de>>(
     if !script.exists() {
         std::fs::write(&script, TORCH_SCRIPT)?;
     }
-    let out = Command::new(python)
+    let out = peer_command(python)
         .arg(&script)
         .args(args)
         .output()
