@@ -140,3 +140,52 @@ fn bench_full() {
     let r = bench::run(&opts).unwrap();
     println!("\n{r}");
 }
+
+/// `DISTILL_SIMD=avx2` emulates an AVX2-only machine on both sides: the report names the caps
+/// the PyTorch peer runs under, and a cap the user set already is left to them.
+#[test]
+fn avx2_cap_is_applied_to_the_pytorch_peer_too() {
+    if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+        eprintln!("skipped: no AVX2 on this CPU");
+        return;
+    }
+    let run = |envs: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args([
+                "--threads",
+                "1",
+                "bench",
+                "--what",
+                "cpu",
+                "--config",
+                "tiny",
+            ])
+            .args([
+                "--batch", "2", "--iters", "1", "--warmup", "0", "--no-ops", "--torch", "off",
+            ])
+            .env_remove("DNNL_MAX_CPU_ISA")
+            .env_remove("ATEN_CPU_CAPABILITY")
+            .env_remove("MKL_ENABLE_INSTRUCTIONS")
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let capped = run(&[("DISTILL_SIMD", "avx2")]);
+    assert!(
+        capped.contains("our kernels Avx2 (DISTILL_SIMD=avx2); PyTorch capped the same way (DNNL_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)"),
+        "{capped}"
+    );
+    let own = run(&[("DISTILL_SIMD", "avx2"), ("DNNL_MAX_CPU_ISA", "SSE41")]);
+    assert!(
+        own.contains("(ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)"),
+        "{own}"
+    );
+    let native = run(&[]);
+    assert!(native.contains("PyTorch its own best"), "{native}");
+}

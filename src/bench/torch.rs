@@ -48,9 +48,9 @@ pub(crate) fn isa_cap_env() -> Vec<(&'static str, &'static str)> {
         ("ATEN_CPU_CAPABILITY", "avx2"),
         ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
     ]
-        .into_iter()
-        .filter(|(k, _)| std::env::var_os(k).is_none())
-        .collect()
+    .into_iter()
+    .filter(|(k, _)| std::env::var_os(k).is_none())
+    .collect()
 }
 
 /// A command running the PyTorch peer `python`, under [`isa_cap_env`].
@@ -63,7 +63,10 @@ pub(super) fn peer_command(python: &Path) -> Command {
 /// The report's line on the instruction sets of both sides.
 pub(super) fn isa_line() -> String {
     let ours = graphs::kernels::simd::level();
-    let cap: Vec<String> = isa_cap_env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let cap: Vec<String> = isa_cap_env()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     if cap.is_empty() {
         format!("instruction set: our kernels {ours:?}; PyTorch its own best")
     } else {
