@@ -364,6 +364,80 @@ fn tdm_separate_intervals_never_leave_their_step() {
 }
 
 #[test]
+fn dmd2_phases_partition_the_grid_and_bound_the_matching() {
+    use distill::train::dmd2::{dm_bounds, phase};
+    let n = NoiseGrid::new(&graphs::Parameterisation::edm()).len();
+    let mut cfg = dmd2_cfg(tiny_teacher(), 1);
+    cfg.common.timesteps = vec![999, 749, 499, 249];
+    assert!(cfg.phased, "phased is the default");
+    let phases: Vec<_> = (0..4).map(|k| phase(&cfg, n, k)).collect();
+    assert_eq!(phases, vec![(750, 999), (500, 749), (250, 499), (0, 249)]);
+    // Distribution matching stays inside both the phase and [min_step, max_step] = [20, 980].
+    let dm: Vec<_> = (0..4).map(|k| dm_bounds(&cfg, n, k)).collect();
+    assert_eq!(dm, vec![(750, 980), (500, 749), (250, 499), (20, 249)]);
+    // Not phased, or one step: the whole grid, DMD2's bounds for every step.
+    cfg.phased = false;
+    for k in 0..4 {
+        assert_eq!(
+            (phase(&cfg, n, k), dm_bounds(&cfg, n, k)),
+            ((0, 999), (20, 980))
+        );
+    }
+    cfg.phased = true;
+    cfg.common.timesteps = vec![999];
+    assert_eq!(
+        (phase(&cfg, n, 0), dm_bounds(&cfg, n, 0)),
+        ((0, 999), (20, 980))
+    );
+    // A phase outside [min_step, max_step] keeps the phase itself rather than an empty range.
+    cfg.common.timesteps = vec![999, 10];
+    cfg.min_step = 0.5;
+    assert_eq!(dm_bounds(&cfg, n, 1), (0, 10));
+}
+
+#[test]
+fn real_score_guides_only_inside_its_cfg_interval() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let b = CandleBackend::new(&cpu());
+    let x = Tensor::randn(0f32, 1.0, (4, 1, 16, 16), &cpu()).unwrap();
+    let sig = [0.1, 1.0, 10.0, 80.0];
+    let x = x
+        .broadcast_mul(
+            &Tensor::new(&[0.1f32, 1.0, 10.0, 80.0], &cpu())
+                .unwrap()
+                .reshape((4, 1, 1, 1))
+                .unwrap(),
+        )
+        .unwrap();
+    let labels = Tensor::new(&[1u32, 2, 3, 4], &cpu()).unwrap();
+    let level = dist::sigma_level(&t.den, &sig, &cpu()).unwrap();
+    let score =
+        |scale, iv| dist::real_score(&b, &t.den, &x, &level, &labels, &None, scale, iv).unwrap();
+    let (cond, guided) = (score(1.0, None), score(3.0, None));
+    let within = score(3.0, Some([0.5, 20.0]));
+    let row = |a: &Tensor, i: usize| a.narrow(0, i, 1).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap()
+    };
+    // Guidance changes the teacher's x0 at every level (or this test could not fail) ...
+    for i in 0..4 {
+        assert!(diff(&row(&cond, i), &row(&guided, i)) > 1e-3, "sample {i}");
+    }
+    // ... and inside (0.5, 20] the interval gives the guided x0, outside it the conditional one.
+    for (i, inside) in [false, true, true, false].into_iter().enumerate() {
+        let want = if inside { &guided } else { &cond };
+        assert!(
+            diff(&row(&within, i), &row(want, i)) < 1e-4,
+            "sample {i} (inside {inside})"
+        );
+    }
+    // An interval that holds no sample is the conditional call; at scale 1 it changes nothing.
+    assert!(diff(&score(3.0, Some([100.0, 200.0])), &cond) < 1e-4);
+    assert!(diff(&score(1.0, Some([0.5, 20.0])), &cond) < 1e-6);
+}
+
+#[test]
 fn distill_runs_resume_on_the_same_curve() {
     let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
     let data = mnist(16);

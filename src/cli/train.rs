@@ -307,6 +307,11 @@ pub struct DistillRunArgs {
     /// 1 = off (`--real-guidance-scale` is DMD2's deprecated name).
     #[arg(long, alias = "real-guidance-scale")]
     pub cfg_scale: Option<f64>,
+    /// Guide the real score only at noise levels with sigma in (LO, HI], comma-separated (the
+    /// conditional x0 elsewhere: guidance at high noise costs diversity, Kynkaanniemi et al.
+    /// 2024). TOML: `cfg_interval = [LO, HI]`. Default: guided at every level.
+    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["LO", "HI"])]
+    pub cfg_interval: Option<Vec<f64>>,
     /// Peak learning rate of the student.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -374,6 +379,9 @@ impl DistillRunArgs {
         set!(c.teacher, self.teacher);
         set!(c.timesteps, self.timesteps);
         set!(c.cfg_scale, self.cfg_scale);
+        if let Some(v) = &self.cfg_interval {
+            c.cfg_interval = Some([v[0], v[1]]);
+        }
         set!(c.student_optim.lr, self.lr);
         set!(c.fake_optim.lr, self.fake_lr);
         for o in c.optims() {
@@ -444,6 +452,11 @@ pub struct Dmd2Args {
     /// Images reach the GAN head noised at a grid timestep below this (1 = clean).
     #[arg(long)]
     pub gan_max_timestep: Option<usize>,
+    /// Multi-step students: match step k's images (and train the fake score on them) only at
+    /// the noise levels of its own phase, from its timestep down to the next step's (Phased
+    /// DMD); `false`: over the whole grid, as DMD2's backward simulation. Default: true.
+    #[arg(long, value_name = "BOOL")]
+    pub phased: Option<bool>,
 }
 
 impl Dmd2Args {
@@ -462,6 +475,7 @@ impl Dmd2Args {
         set!(c.gan_generator_weight, self.gan_generator_weight);
         set!(c.gan_critic_weight, self.gan_critic_weight);
         set!(c.gan_max_timestep, self.gan_max_timestep);
+        set!(c.phased, self.phased);
         Ok(c)
     }
 }

@@ -754,7 +754,11 @@ pub fn draw_condition(
 }
 
 /// The real score: the teacher's x0 at `x_t`, guided at `scale` (labels against the null class
-/// in one batched call; prompts against the empty prompt).
+/// in one batched call; prompts against the empty prompt). With a guidance `interval`
+/// `[lo, hi]` of sigmas, a sample is guided only where its sigma lies in `(lo, hi]` and gets the
+/// conditional x0 elsewhere (guidance in a limited interval, Kynkaanniemi et al. 2024: guidance
+/// at high noise is what collapses the modes).
+#[allow(clippy::too_many_arguments)]
 pub fn real_score(
     b: &CandleBackend,
     teacher: &Denoiser,
@@ -763,14 +767,71 @@ pub fn real_score(
     labels: &Tensor,
     cond: &Option<graphs::Cond<Tensor>>,
     scale: f64,
+    interval: Option<[f64; 2]>,
 ) -> Result<Tensor> {
-    Ok(match cond {
-        None => graphs::guidance::cond_uncond_batched(b, teacher, x_t, level, labels, scale)?
-            .guided(b, scale)?,
-        Some(c) => graphs::guidance::guided_by_cond(b, teacher, c, scale, |nc| {
-            teacher.forward_with(b, x_t, level, nc)
-        })?,
-    })
+    let Some(weights) = interval_weights(level, scale, interval)? else {
+        return Ok(match cond {
+            None => graphs::guidance::cond_uncond_batched(b, teacher, x_t, level, labels, scale)?
+                .guided(b, scale)?,
+            Some(c) => graphs::guidance::guided_by_cond(b, teacher, c, scale, |nc| {
+                teacher.forward_with(b, x_t, level, nc)
+            })?,
+        });
+    };
+    if weights.iter().all(|&w| w == 1.0) {
+        return teacher.forward_with(b, x_t, level, net_cond(cond, labels));
+    }
+    let (c, u) = match cond {
+        None | Some(graphs::Cond::Labels(_)) => {
+            let l = match cond {
+                Some(graphs::Cond::Labels(l)) => l,
+                _ => labels,
+            };
+            let cu = graphs::guidance::cond_uncond_batched(b, teacher, x_t, level, l, scale)?;
+            let u = cu
+                .uncond
+                .expect("an unconditional x0 at a scale other than 1");
+            (cu.cond, u)
+        }
+        Some(graphs::Cond::Text { cond: c, uncond }) => {
+            let u = uncond.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "classifier-free guidance at scale {scale} needs the empty prompt's embeddings"
+                )
+            })?;
+            (
+                teacher.forward_with(b, x_t, level, graphs::NetCond::Text(c))?,
+                teacher.forward_with(b, x_t, level, graphs::NetCond::Text(u))?,
+            )
+        }
+    };
+    let w = Tensor::from_vec(weights, x_t.dim(0)?, x_t.device())?.to_dtype(c.dtype())?;
+    Ok((&u + (&c - &u)?.broadcast_mul(&graphs::losses::per_image(&w)?)?)?)
+}
+
+/// Each sample's guidance scale under a guidance interval (`None`: no interval, or no guidance).
+pub fn interval_weights(
+    level: &NoiseLevel<Tensor>,
+    scale: f64,
+    interval: Option<[f64; 2]>,
+) -> Result<Option<Vec<f32>>> {
+    let Some([lo, hi]) = interval.filter(|_| scale != 1.0) else {
+        return Ok(None);
+    };
+    let sigma: Vec<f32> = level.sigma.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(Some(
+        sigma
+            .iter()
+            .map(|&s| {
+                let s = s as f64;
+                if s > lo && s <= hi {
+                    scale as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect(),
+    ))
 }
 
 /// [`rollout`] under either condition (labels or a text-to-image teacher's prompt embeddings).

@@ -26,6 +26,9 @@ pub struct DistillCommon {
     /// Classifier-free guidance scale of the teacher (the real score) in the student's target;
     /// 1 = off. (DMD2's `real_guidance_scale` before; still read, with a deprecation note.)
     pub cfg_scale: f64,
+    /// Guide the real score only where the noise level's sigma lies in `(lo, hi]` (the
+    /// conditional x0 elsewhere); `None`: at every level.
+    pub cfg_interval: Option<[f64; 2]>,
     /// Optimiser of the student.
     pub student_optim: AdamWConfig,
     /// Optimiser of the fake score (and DMD2's GAN head).
@@ -44,6 +47,7 @@ impl DistillCommon {
             run: RunConfig::default(),
             timesteps,
             cfg_scale: 1.5,
+            cfg_interval: None,
             student_optim,
             fake_optim,
             lora: Default::default(),
@@ -53,6 +57,12 @@ impl DistillCommon {
     pub fn validate(&self, grid: &NoiseGrid) -> Result<()> {
         self.run.validate()?;
         self.lora.validate()?;
+        if let Some([lo, hi]) = self.cfg_interval {
+            ensure!(
+                lo >= 0.0 && lo < hi,
+                "cfg_interval must be [lo, hi] sigmas with 0 <= lo < hi, got [{lo}, {hi}]"
+            );
+        }
         check_timesteps(&self.timesteps, grid)
     }
 
@@ -124,6 +134,8 @@ macro_rules! distill_config {
                 $( $(#[$fmeta])* $field: $ty, )*
                 #[serde(alias = "real_guidance_scale")]
                 cfg_scale: f64,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                cfg_interval: Option<[f64; 2]>,
                 student_optim: AdamWConfig,
                 fake_optim: AdamWConfig,
                 // Absent when off, so a full fine-tuning run's config is what it always was.
@@ -144,6 +156,7 @@ macro_rules! distill_config {
                         run,
                         timesteps,
                         cfg_scale,
+                        cfg_interval,
                         student_optim,
                         fake_optim,
                         lora,
@@ -153,6 +166,7 @@ macro_rules! distill_config {
                         run,
                         timesteps,
                         cfg_scale,
+                        cfg_interval,
                         student_optim,
                         fake_optim,
                         lora,
@@ -169,6 +183,7 @@ macro_rules! distill_config {
                             run: c.run,
                             timesteps: c.timesteps,
                             cfg_scale: c.cfg_scale,
+                            cfg_interval: c.cfg_interval,
                             student_optim: c.student_optim,
                             fake_optim: c.fake_optim,
                             lora: c.lora,

@@ -53,6 +53,11 @@ distill_config! {
         pub gan_critic_weight: f64,
         /// Real and generated images are noised at a grid timestep below this before the head.
         pub gan_max_timestep: usize,
+        /// Multi-step students: step `k`'s images are matched (and the fake score learns them)
+        /// only at noise levels in its own phase, the grid timesteps from its own timestep down
+        /// to the next step's (Phased DMD, arXiv 2510.27684), instead of over the whole grid;
+        /// no effect on a 1-step student.
+        pub phased: bool,
     }
 }
 
@@ -77,6 +82,7 @@ impl Default for Dmd2Config {
             gan_generator_weight: 3e-3,
             gan_critic_weight: 1e-2,
             gan_max_timestep: 1000,
+            phased: true,
         }
     }
 }
@@ -231,12 +237,10 @@ impl<'a> Dmd2<'a> {
         Ok((self.student.net()?, self.fake.net()?))
     }
 
-    /// Grid timesteps in `[lo, hi]` as fractions of the grid, like DMD2's min/max_step_percent.
-    fn dm_bounds(&self) -> (usize, usize) {
-        let t = self.grid.len();
-        let lo = (self.cfg.min_step * t as f64) as usize;
-        let hi = ((self.cfg.max_step * t as f64) as usize).min(t - 1);
-        (lo, hi.max(lo))
+    /// Step `k`'s distribution-matching timesteps: `[min_step, max_step]` as fractions of the
+    /// grid (DMD2's min/max_step_percent), within the step's phase when phased.
+    fn dm_bounds(&self, k: usize) -> (usize, usize) {
+        dm_bounds(&self.cfg, self.grid.len(), k)
     }
 
     /// GAN realism logits of `x` noised at the per-sample grid timesteps `ts` with noise `eps`.
@@ -263,6 +267,34 @@ impl<'a> Dmd2<'a> {
         let top = self.cfg.gan_max_timestep - 1;
         let ts = rngs.each(|r| r.gen_range(0..=top));
         Ok((ts, rngs.randn(per_sample, &self.device)?))
+    }
+}
+
+/// Step `k`'s phase of the grid, `[lo, hi]` inclusive: from its own timestep (the top of the
+/// grid for the first step) down to just above the next step's (0 for the last); the whole grid
+/// unless the config is phased and the student has several steps.
+pub fn phase(cfg: &Dmd2Config, grid_len: usize, k: usize) -> (usize, usize) {
+    let (ts, last) = (&cfg.common.timesteps, grid_len - 1);
+    if !cfg.phased || ts.len() < 2 {
+        return (0, last);
+    }
+    let hi = if k == 0 { last } else { ts[k].min(last) };
+    let lo = ts.get(k + 1).map_or(0, |&t| t + 1);
+    (lo.min(hi), hi)
+}
+
+/// Step `k`'s distribution-matching timesteps, `[lo, hi]` inclusive: `[min_step, max_step]` of
+/// the grid within step `k`'s [`phase`] (the phase itself where they do not overlap).
+pub fn dm_bounds(cfg: &Dmd2Config, grid_len: usize, k: usize) -> (usize, usize) {
+    let t = grid_len;
+    let lo = (cfg.min_step * t as f64) as usize;
+    let hi = ((cfg.max_step * t as f64) as usize).min(t - 1).max(lo);
+    let (plo, phi) = phase(cfg, grid_len, k);
+    let (l, h) = (lo.max(plo), hi.min(phi));
+    if l <= h {
+        (l, h)
+    } else {
+        (plo, phi)
     }
 }
 
@@ -318,14 +350,23 @@ impl Method for Dmd2<'_> {
         let x0_gen = if gen_turn {
             let x0 = student.forward_with(&b, &x_in, &level_k, nc)?;
             // Distribution matching at a random timestep (no gradient through either score).
-            let (lo, hi) = self.dm_bounds();
+            let (lo, hi) = self.dm_bounds(k);
             let ts = rngs.each(|r| r.gen_range(lo..=hi));
             let level = grid_level(&self.grid, &ts, &dev)?;
             let eps = rngs.randn(&shape[1..], &dev)?;
             let xd = x0.detach();
             let x_t = (&xd + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
-            let scale = self.cfg.common.cfg_scale;
-            let real = real_score(&b, &self.teacher.den, &x_t, &level, &labels, &cond, scale)?;
+            let (scale, interval) = (self.cfg.common.cfg_scale, self.cfg.common.cfg_interval);
+            let real = real_score(
+                &b,
+                &self.teacher.den,
+                &x_t,
+                &level,
+                &labels,
+                &cond,
+                scale,
+                interval,
+            )?;
             let fake_frozen = graphs::params::detached(&fake)?;
             let fake_x0 = fake_frozen.forward_with(&b, &x_t, &level, nc)?;
             let dm = dm_loss(&x0, &real, &fake_x0)?;
@@ -348,9 +389,10 @@ impl Method for Dmd2<'_> {
             let frozen = graphs::params::detached(&student)?;
             frozen.forward_with(&b, &x_in, &level_k, nc)?
         };
-        // Fake-score turn: the teacher's own loss on the student's images, over the whole grid.
-        let last = self.grid.len() - 1;
-        let ts = rngs.each(|r| r.gen_range(0..=last));
+        // Fake-score turn: the teacher's own loss on the student's images, over the whole grid
+        // (phased: over step k's phase, so each phase of the fake score models its own step).
+        let (flo, fhi) = phase(&self.cfg, self.grid.len(), k);
+        let ts = rngs.each(|r| r.gen_range(flo..=fhi));
         let noise = rngs.randn(&shape[1..], &dev)?;
         let noise_cond = self
             .teacher

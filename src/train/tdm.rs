@@ -429,7 +429,17 @@ impl Method for Tdm<'_> {
             let (x_t, _, _) = self.matching_input(&x0.detach(), &eps, &d, rng)?;
             let level = grid_level(&self.grid, &d.t, &dev)?;
             let scale = self.cfg.common.cfg_scale;
-            let real = real_score(&b, &self.teacher.den, &x_t, &level, labels, cond, scale)?;
+            let interval = self.cfg.common.cfg_interval;
+            let real = real_score(
+                &b,
+                &self.teacher.den,
+                &x_t,
+                &level,
+                labels,
+                cond,
+                scale,
+                interval,
+            )?;
             let fl = self.fake_labels(label_ids, &d.k)?;
             let fake_x0 = fake_frozen.forward_with(&b, &x_t, &level, net_cond(cond, &fl))?;
             let w = self.snr_weights(self.cfg.student_weighting, &d.t)?;
