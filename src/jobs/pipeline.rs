@@ -114,6 +114,20 @@ fn finished(ckpt: &Path, steps: u64) -> bool {
         .unwrap_or(false)
 }
 
+/// A finished stage is reused only when it was trained with the settings this pipeline would
+/// train it with (older defaults, or a run of another command in the same folder, are not).
+fn same_stage(out: &Path, name: &str, config_toml: &str) -> Result<()> {
+    let changes = crate::train::checks::config_changes(&RunDir::new(out)?, config_toml)?;
+    anyhow::ensure!(
+        changes.is_empty(),
+        "pipeline: {} holds a finished {name} trained with other settings than this pipeline's ({}); \
+         use another --out, or move it away to train it again",
+        out.display(),
+        changes.join(", ")
+    );
+    Ok(())
+}
+
 fn resumable(ckpt: &Path) -> bool {
     ckpt.join(crate::train::TRAIN_STATE_FILE).exists()
 }
@@ -190,16 +204,18 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     };
     let dmd2 = |name: &str, ts: Vec<usize>, ratio: u64| -> Result<PathBuf> {
         let out = stage(name);
+        let config = Dmd2Config {
+            common: common(Dmd2Config::default().common, o.dmd2_steps, ts),
+            dfake_gen_update_ratio: ratio,
+            ..Default::default()
+        };
         if finished(&out.join("checkpoint"), o.dmd2_steps) {
+            same_stage(&out, name, &toml::to_string(&config)?)?;
             eprintln!("pipeline: {name} done, skipping");
             return Ok(out.join("checkpoint"));
         }
         let job = Dmd2Job {
-            config: Dmd2Config {
-                common: common(Dmd2Config::default().common, o.dmd2_steps, ts),
-                dfake_gen_update_ratio: ratio,
-                ..Default::default()
-            },
+            config,
             data: o.data.clone(),
             limit: None,
             prompts: None,
@@ -218,19 +234,21 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
         ));
     }
     let out = stage("tdm_4step");
+    let config = TdmConfig {
+        common: common(
+            TdmConfig::default().common,
+            o.tdm_steps,
+            vec![999, 749, 499, 249],
+        ),
+        ..Default::default()
+    };
     let tdm_ckpt = if finished(&out.join("checkpoint"), o.tdm_steps) {
+        same_stage(&out, "tdm_4step", &toml::to_string(&config)?)?;
         eprintln!("pipeline: tdm_4step done, skipping");
         out.join("checkpoint")
     } else {
         let job = TdmJob {
-            config: TdmConfig {
-                common: common(
-                    TdmConfig::default().common,
-                    o.tdm_steps,
-                    vec![999, 749, 499, 249],
-                ),
-                ..Default::default()
-            },
+            config,
             prompts: None,
             resume: resumable(&out.join("checkpoint")),
             allow_resume_change: false,

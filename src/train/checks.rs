@@ -199,6 +199,18 @@ fn step_target(cfg: &toml::Value) -> Option<u64> {
 }
 
 /// A config without the fields a resume may change: step target, cadence, precision.
+/// The fields (besides the step target, cadence and precision) in which the finished run in
+/// `run` (its `config.toml`) differs from `config_toml`; empty when it is the same run.
+pub fn config_changes(run: &RunDir, config_toml: &str) -> Result<Vec<String>> {
+    let path = run.config();
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: toml::Value =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let new: toml::Value = toml::from_str(config_toml)?;
+    Ok(changed_fields("", &strip(saved), &strip(new)))
+}
+
 fn strip(mut v: toml::Value) -> toml::Value {
     const FREE: [&str; 11] = [
         "train_steps",
@@ -252,3 +264,49 @@ fn changed_fields(path: &str, a: &toml::Value, b: &toml::Value) -> Vec<String> {
 }
 
 pub use crate::fsio::clean_stale_temps;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::dmd2::Dmd2Config;
+
+    /// The pipeline reuses a finished stage only when this finds no change: a changed default
+    /// (`phased`), a missing key (a run of older defaults) and a changed value are all named;
+    /// cadence and step totals are not changes.
+    #[test]
+    fn config_changes_names_what_differs_from_a_finished_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::new(dir.path()).unwrap();
+        let mut cfg = Dmd2Config::default();
+        cfg.common.timesteps = vec![999, 749, 499, 249];
+        let saved = toml::to_string(&cfg).unwrap();
+        std::fs::write(run.config(), &saved).unwrap();
+        assert!(config_changes(&run, &saved).unwrap().is_empty());
+        let mut longer = cfg.clone();
+        longer.common.run.train_steps += 100;
+        longer.common.run.eval_every = 7;
+        let t = toml::to_string(&longer).unwrap();
+        assert!(config_changes(&run, &t).unwrap().is_empty());
+        let mut other = cfg.clone();
+        other.phased = false;
+        other.common.cfg_interval = Some([0.3, 5.0]);
+        let ch = config_changes(&run, &toml::to_string(&other).unwrap()).unwrap();
+        assert_eq!(ch.len(), 2, "{ch:?}");
+        assert!(
+            ch.iter().any(|c| c.starts_with("phased: true -> false")),
+            "{ch:?}"
+        );
+        assert!(ch.iter().any(|c| c == "cfg_interval"), "{ch:?}");
+        // A run written before `phased` existed differs from today's default by that key.
+        let old: String = saved
+            .lines()
+            .filter(|l| !l.starts_with("phased"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(run.config(), old).unwrap();
+        assert_eq!(
+            config_changes(&run, &saved).unwrap(),
+            vec!["phased".to_string()]
+        );
+    }
+}
