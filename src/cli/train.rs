@@ -310,8 +310,8 @@ pub struct DistillRunArgs {
     /// Guide the real score only at noise levels with sigma in (LO, HI], comma-separated (the
     /// conditional x0 elsewhere: guidance at high noise costs diversity, Kynkaanniemi et al.
     /// 2024). TOML: `cfg_interval = [LO, HI]`. Default: guided at every level.
-    #[arg(long, value_delimiter = ',', num_args = 2, value_names = ["LO", "HI"])]
-    pub cfg_interval: Option<Vec<f64>>,
+    #[arg(long, value_name = "LO,HI", value_parser = parse_interval)]
+    pub cfg_interval: Option<[f64; 2]>,
     /// Peak learning rate of the student.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -379,8 +379,8 @@ impl DistillRunArgs {
         set!(c.teacher, self.teacher);
         set!(c.timesteps, self.timesteps);
         set!(c.cfg_scale, self.cfg_scale);
-        if let Some(v) = &self.cfg_interval {
-            c.cfg_interval = Some([v[0], v[1]]);
+        if self.cfg_interval.is_some() {
+            c.cfg_interval = self.cfg_interval;
         }
         set!(c.student_optim.lr, self.lr);
         set!(c.fake_optim.lr, self.fake_lr);
@@ -408,6 +408,23 @@ impl DistillRunArgs {
         }
         set!(c.lora.targets, self.lora_targets);
     }
+}
+
+/// `LO,HI`: two sigmas, `0 <= LO < HI`.
+fn parse_interval(s: &str) -> std::result::Result<[f64; 2], String> {
+    let v: Vec<&str> = s.split(',').collect();
+    let bad = || format!("expected LO,HI (two sigmas with 0 <= LO < HI, e.g. 0.3,5), got {s:?}");
+    let [lo, hi] = v.as_slice() else {
+        return Err(bad());
+    };
+    let (lo, hi): (f64, f64) = (
+        lo.trim().parse().map_err(|_| bad())?,
+        hi.trim().parse().map_err(|_| bad())?,
+    );
+    if !(lo >= 0.0 && lo < hi) {
+        return Err(bad());
+    }
+    Ok([lo, hi])
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -658,5 +675,36 @@ impl TdmArgs {
             allow_resume_change: self.common.allow_resume_change,
             show_progress,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::{Cli, Command, TrainCommand};
+    use clap::Parser;
+
+    fn dmd2(args: &[&str]) -> Result<super::Dmd2Args, clap::Error> {
+        let argv = ["distill", "train", "dmd2"].iter().chain(args).copied();
+        match Cli::try_parse_from(argv)?.command {
+            Command::Train(TrainCommand::Dmd2(a)) => Ok(a),
+            _ => unreachable!("parsed as train dmd2"),
+        }
+    }
+
+    #[test]
+    fn cfg_interval_and_phased_reach_the_config() {
+        let c = dmd2(&["--cfg-interval", "0.3,5", "--phased", "false"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.common.cfg_interval, Some([0.3, 5.0]));
+        assert!(!c.phased);
+        let c = dmd2(&[]).unwrap().resolve().unwrap();
+        assert_eq!(c.common.cfg_interval, None);
+        assert!(c.phased);
+        for bad in ["0.3", "5,0.3", "a,b", "0.3,5,7", "-1,2"] {
+            let e = dmd2(&[&format!("--cfg-interval={bad}")]).unwrap_err().to_string();
+            assert!(e.contains("expected LO,HI"), "{bad}: {e}");
+        }
     }
 }
