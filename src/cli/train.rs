@@ -703,7 +703,9 @@ mod tests {
         assert_eq!(c.common.cfg_interval, None);
         assert!(c.phased);
         for bad in ["0.3", "5,0.3", "a,b", "0.3,5,7", "-1,2"] {
-            let e = dmd2(&[&format!("--cfg-interval={bad}")]).unwrap_err().to_string();
+            let e = dmd2(&[&format!("--cfg-interval={bad}")])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("expected LO,HI"), "{bad}: {e}");
         }
     }
