@@ -114,9 +114,9 @@ fn finished(ckpt: &Path, steps: u64) -> bool {
         .unwrap_or(false)
 }
 
-/// The guidance interval (sigmas) of the real score for the 1-step DMD2 and the 4-step TDM
-/// students: guidance at the highest noise levels is what costs the students their recall (the
-/// diversity ablation in the README; for TDM it also makes 4 steps its best step count).
+/// The guidance interval (sigmas) of every student's real score: guidance at the highest noise
+/// levels is what costs the students their recall (the diversity ablation in the README; for
+/// TDM it also makes 4 steps its best step count).
 pub const CFG_INTERVAL: [f64; 2] = [0.3, 5.0];
 
 /// A finished stage is reused only when it was trained with the settings this pipeline would
@@ -238,7 +238,7 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
     let interval = Some(CFG_INTERVAL);
     students.push(("dmd2_1step", dmd2("dmd2_1step", vec![999], 5, interval)?));
     if o.dmd2_four_step {
-        students.push(("dmd2_4step", dmd2("dmd2_4step", four.clone(), 5, None)?));
+        students.push(("dmd2_4step", dmd2("dmd2_4step", four.clone(), 5, interval)?));
     }
     let out = stage("tdm_4step");
     let config = TdmConfig {
