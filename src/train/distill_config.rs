@@ -256,4 +256,25 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn cfg_interval_and_phased_read_from_toml_and_bad_intervals_are_refused() {
+        let grid = graphs::NoiseGrid::new(&graphs::Parameterisation::edm());
+        let c: Dmd2Config = toml::from_str("cfg_interval = [0.3, 5.0]\nphased = false\n").unwrap();
+        assert_eq!((c.common.cfg_interval, c.phased), (Some([0.3, 5.0]), false));
+        c.validate(&grid).unwrap();
+        // Off by default, and then absent from the written config (older runs' keys unchanged).
+        let d = Dmd2Config::default();
+        assert!(d.common.cfg_interval.is_none() && d.phased);
+        assert!(!toml::to_string(&d).unwrap().contains("cfg_interval"));
+        for bad in ["[5.0, 0.3]", "[-1.0, 2.0]", "[1.0, 1.0]"] {
+            let c: TdmConfig = toml::from_str(&format!("cfg_interval = {bad}\n")).unwrap();
+            let e = c.validate(&grid).unwrap_err().to_string();
+            assert!(e.contains("cfg_interval must be [lo, hi]"), "{bad}: {e}");
+        }
+        let e = toml::from_str::<TdmConfig>("cfg_interval = [0.3]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cfg_interval"), "{e}");
+    }
 }
