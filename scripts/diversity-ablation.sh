@@ -35,9 +35,12 @@ ROWS_ALL=(
   "dmd2_4step_unphased|dmd2|$FOUR $RUN --phased false|4 3 2 1"
   "dmd2_4step|dmd2|$FOUR $RUN|4 3 2 1"
   "dmd2_4step_interval|dmd2|$FOUR $RUN --cfg-interval 0.3,5|4 3 2 1"
+  "dmd2_4step_unphased_interval|dmd2|$FOUR $RUN --phased false --cfg-interval 0.3,5|4 3 2 1"
+  "dmd2_4step_last374_interval|dmd2|${FOUR/249/374} $RUN --cfg-interval 0.3,5|4 3 2 1"
   "dmd2_4step_snr|dmd2|${FOUR/999,749,499,249/999,476,383,306} $RUN|4 3 2 1"
   "tdm_4step|tdm|$TDM|4 3 2 1"
   "tdm_4step_interval|tdm|$TDM --cfg-interval 0.3,5|4 3 2 1"
+  "tdm_4step_interval15|tdm|$TDM --cfg-interval 0.3,15|4 3 2 1"
   "tdm_4step_snr|tdm|${TDM/999,749,499,249/999,476,383,306}|4 3 2 1"
 )
 

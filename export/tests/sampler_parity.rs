@@ -7,7 +7,7 @@
 //! Heun at 2 steps still amplifies round-off: one step from sigma 80 to 0.002 weights the
 //! network's output at sigma_min by h/2 ~ 40, so the runtimes' ordinary round-off in the network
 //! becomes ~1e-4..5e-4 (measured: tract 5.0e-4, ONNX Runtime 1.4e-4; the two runtimes differ
-//! from each other by 2.4e-4, the second test). The gate measures that amplification itself: the
+//! from each other by 2.4e-4 on the dev box, 7.2e-5 on a CI runner, the second test). The gate measures that amplification itself: the
 //! reference also runs in f64, and a default tolerance is raised to 4x the reference's own f32
 //! round-off where that is larger (`export::roundoff_tolerance`). The third test shows the raised
 //! gate still fails a wrong export of that very graph.
@@ -81,11 +81,12 @@ fn ode_generators_at_1_to_6_steps_pass_the_default_fp32_gate() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Why Heun at 2 steps keeps a 1e-3 bar: tract and ONNX Runtime, running the same exported graph
-/// on the same inputs, disagree with each other there by more than 1e-4 (measured 2.4e-4: any
-/// reference is then more than 1.2e-4 from one of them), so no reference and no arrangement of
-/// the sampler's arithmetic (both runtimes run the graph as written) can meet 1e-4 in both; at
-/// 3 steps (weight ~1.3 instead of ~40 on the last network output) they agree to 3.4e-5.
+/// The runtimes' own disagreement is what the gate has to absorb, and the default gate does:
+/// tract and ONNX Runtime, running the same exported graph on the same inputs, differ more at 2
+/// Heun steps (weight ~40 on the last network output) than at 3 (weight ~1.3), and at each step
+/// count by less than the tolerance `validate` derives from the reference's own round-off. The
+/// magnitude is the machine's (2.4e-4 at 2 steps on the AVX-512 dev box, 7.2e-5 on a CI runner),
+/// so the test asserts the ordering and the gate, not a number.
 #[test]
 fn heun_2_steps_spread_is_between_the_runtimes_themselves() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,6 +99,11 @@ fn heun_2_steps_spread_is_between_the_runtimes_themselves() {
         .iter()
         .map(|i| (i.name.clone(), i.data.clone()))
         .collect();
+    let vopts = ValidateOptions {
+        cases: 2,
+        batches: vec![3],
+        ..Default::default()
+    };
     let mut spread = Vec::new();
     for steps in [2, 3] {
         let spec = GeneratorSpec {
@@ -124,15 +130,23 @@ fn heun_2_steps_spread_is_between_the_runtimes_themselves() {
             .zip(&outs[1])
             .map(|(a, b)| (*a as f64 - *b as f64).abs())
             .fold(0.0, f64::max);
-        eprintln!("Heun {steps} steps: max |tract - onnxruntime| {d:.3e}");
+        let r = validate(&path, &edm, Target::Generator(&spec), &vopts).unwrap();
+        let tol = r.metrics.iter().map(|m| m.max_abs_tol).fold(f64::INFINITY, f64::min);
+        eprintln!("Heun {steps} steps: max |tract - onnxruntime| {d:.3e}, gate {tol:.3e}");
+        assert!(d > 0.0, "{steps} steps: the runtimes agree bit for bit; nothing is measured");
+        assert!(
+            d < tol,
+            "{steps} steps: the runtimes differ by {d:.3e}, more than the default gate {tol:.3e}: \
+             a correct export would FAIL"
+        );
         spread.push(d);
     }
     assert!(
-        spread[0] > 1e-4,
-        "the runtimes agree to {:.3e} at 2 steps: tighten the 2-step bar",
-        spread[0]
+        spread[0] > spread[1],
+        "2 steps {:.3e} <= 3 steps {:.3e}: the 2-step round-off gain is gone, revisit the gate",
+        spread[0],
+        spread[1]
     );
-    assert!(spread[1] < 1e-4, "3 steps: {:.3e}", spread[1]);
 }
 
 /// The raised gate is not a blanket pass: the 2-step Heun generator (the graph with the largest
