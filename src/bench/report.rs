@@ -101,7 +101,7 @@ impl fmt::Display for BenchReport {
             0,
         )?;
         writeln!(f, "ratio = PyTorch time / candle time: candle's speed relative to PyTorch (below 1: candle is slower)")?;
-        writeln!(f, "{}", super::torch::isa_line())?;
+        writeln!(f, "{}", super::torch::isa_line(t.is_some()))?;
         // The machine's GEMM peak: the faster of the two f32 GEMMs measured here.
         let peak = [self.candle_gemm_gflops, t.and_then(|t| t.gemm_gflops)]
             .into_iter()

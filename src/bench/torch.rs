@@ -60,14 +60,17 @@ pub(super) fn peer_command(python: &Path) -> Command {
     c
 }
 
-/// The report's line on the instruction sets of both sides.
-pub(super) fn isa_line() -> String {
+/// The report's line on the instruction sets of both sides (ours alone when no PyTorch ran).
+pub(super) fn isa_line(with_torch: bool) -> String {
     let ours = graphs::kernels::simd::level();
     let cap: Vec<String> = isa_cap_env()
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    if cap.is_empty() {
+    if !with_torch {
+        let capped = if cap.is_empty() { "" } else { " (DISTILL_SIMD=avx2)" };
+        format!("instruction set: our kernels {ours:?}{capped}; no PyTorch side in this run")
+    } else if cap.is_empty() {
         format!("instruction set: our kernels {ours:?}; PyTorch its own best")
     } else {
         format!(
@@ -323,4 +326,16 @@ pub(super) fn time_torch(
         parity_max_abs_diff: diff,
         parity_loss_rel_diff: loss_rel,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn isa_line_names_pytorch_only_when_it_ran() {
+        let alone = super::isa_line(false);
+        assert!(alone.contains("no PyTorch side"), "{alone}");
+        assert!(!alone.contains("PyTorch its own") && !alone.contains("capped the same"));
+        let both = super::isa_line(true);
+        assert!(both.contains("PyTorch its own best") || both.contains("PyTorch capped"), "{both}");
+    }
 }
