@@ -29,6 +29,7 @@ TDM="--timesteps 999,749,499,249 --train-steps 600 --cfg-scale 2 --eval-every 75
 ROWS_ALL=(
   "dmd2_1step|dmd2|$ONE $RUN|1"
   "dmd2_1step_interval|dmd2|$ONE $RUN --cfg-interval 0.3,5|1"
+  "dmd2_1step_interval10|dmd2|$ONE $RUN --cfg-interval 0.3,10|1"
   "dmd2_1step_interval15|dmd2|$ONE $RUN --cfg-interval 0.3,15|1"
   "dmd2_1step_cfg1.5|dmd2|$ONE $RUN --cfg-scale 1.5|1"
   "dmd2_1step_nogan|dmd2|$ONE $RUN --no-gan|1"
@@ -40,6 +41,7 @@ ROWS_ALL=(
   "dmd2_4step_snr|dmd2|${FOUR/999,749,499,249/999,476,383,306} $RUN|4 3 2 1"
   "tdm_4step|tdm|$TDM|4 3 2 1"
   "tdm_4step_interval|tdm|$TDM --cfg-interval 0.3,5|4 3 2 1"
+  "tdm_4step_interval10|tdm|$TDM --cfg-interval 0.3,10|4 3 2 1"
   "tdm_4step_interval15|tdm|$TDM --cfg-interval 0.3,15|4 3 2 1"
   "tdm_4step_snr|tdm|${TDM/999,749,499,249/999,476,383,306}|4 3 2 1"
 )
