@@ -268,6 +268,16 @@ impl ExportJob {
         }
         if let (Some(tc), Some(trt)) = (toolchain, &self.trt) {
             build_engine(&self.checkpoint, trt, &path, &tc)?;
+            // A text-to-image generator needs its prompt encoder at run time: its engine too.
+            if text && self.what == ExportWhat::Generator {
+                let suffix = if self.precision == Precision::Fp16 {
+                    "_fp16"
+                } else {
+                    ""
+                };
+                let te = path.with_file_name(format!("text_encoder{suffix}.onnx"));
+                build_engine(&self.checkpoint, trt, &te, &tc)?;
+            }
         }
         Ok(path)
     }
