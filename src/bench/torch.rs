@@ -60,23 +60,27 @@ pub(super) fn peer_command(python: &Path) -> Command {
     c
 }
 
-/// The report's line on the instruction sets of both sides (ours alone when no PyTorch ran).
+/// The report's line on the instruction sets of both sides; without a PyTorch side in the run,
+/// what its peer would run under.
 pub(super) fn isa_line(with_torch: bool) -> String {
     let ours = graphs::kernels::simd::level();
     let cap: Vec<String> = isa_cap_env()
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    if !with_torch {
-        let capped = if cap.is_empty() { "" } else { " (DISTILL_SIMD=avx2)" };
-        format!("instruction set: our kernels {ours:?}{capped}; no PyTorch side in this run")
-    } else if cap.is_empty() {
-        format!("instruction set: our kernels {ours:?}; PyTorch its own best")
+    let ours = if cap.is_empty() {
+        format!("instruction set: our kernels {ours:?}")
     } else {
-        format!(
-            "instruction set: our kernels {ours:?} (DISTILL_SIMD=avx2); PyTorch capped the same way ({})",
+        format!("instruction set: our kernels {ours:?} (DISTILL_SIMD=avx2)")
+    };
+    match (with_torch, cap.is_empty()) {
+        (true, true) => format!("{ours}; PyTorch its own best"),
+        (true, false) => format!("{ours}; PyTorch capped the same way ({})", cap.join(", ")),
+        (false, true) => format!("{ours}; no PyTorch side in this run (it would run at its own best)"),
+        (false, false) => format!(
+            "{ours}; no PyTorch side in this run (it would be capped the same way: {})",
             cap.join(", ")
-        )
+        ),
     }
 }
 
@@ -333,9 +337,10 @@ mod tests {
     #[test]
     fn isa_line_names_pytorch_only_when_it_ran() {
         let alone = super::isa_line(false);
-        assert!(alone.contains("no PyTorch side"), "{alone}");
-        assert!(!alone.contains("PyTorch its own") && !alone.contains("capped the same"));
+        assert!(alone.contains("no PyTorch side in this run (it would"), "{alone}");
+        assert!(!alone.contains("PyTorch its own") && !alone.contains("PyTorch capped"));
         let both = super::isa_line(true);
+        assert!(!both.contains("no PyTorch side"), "{both}");
         assert!(both.contains("PyTorch its own best") || both.contains("PyTorch capped"), "{both}");
     }
 }
