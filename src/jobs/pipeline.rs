@@ -435,7 +435,25 @@ pub fn run(o: &PipelineJob, dev: &Device) -> Result<Results> {
         o.out.join("results.md").display(),
         o.out.join("results.json").display()
     );
+    for f in parity_failures(&res) {
+        eprintln!("pipeline: warning: parity FAILED: {f}");
+    }
     Ok(res)
+}
+
+/// The parity rows past their tolerance, one line each (model, precision, runtime, error, and the
+/// command that reruns it): the last lines a user sees, so a FAIL in the table is not missed.
+pub fn parity_failures(res: &Results) -> Vec<String> {
+    res.parity
+        .iter()
+        .filter(|p| !p.passed)
+        .map(|p| {
+            format!(
+                "{} {} in {} (max abs {:.3e}, mean abs {:.3e}): {}",
+                p.model, p.precision, p.runtime, p.max_abs, p.mean_abs, p.command
+            )
+        })
+        .collect()
 }
 
 /// `0.41 (8)`: the lowest per-class recall and its class.
@@ -564,5 +582,26 @@ mod tests {
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["quality"][0]["recall"], 0.568);
         assert_eq!(j["ref_real_diversity"]["coverage"], 0.95);
+    }
+
+    #[test]
+    fn parity_failures_name_only_the_failed_rows() {
+        let row = |runtime: &str, passed: bool| ParityRow {
+            model: "dmd2_4step".into(),
+            precision: "fp16".into(),
+            runtime: runtime.into(),
+            max_abs: if passed { 6.6e-3 } else { 0.133 },
+            mean_abs: 7e-4,
+            cosine: 0.99999,
+            passed,
+            command: "distill validate g.onnx --reference c".into(),
+        };
+        let mut r = Results::default();
+        assert!(parity_failures(&r).is_empty());
+        r.parity = vec![row("tract", false), row("onnxruntime", true)];
+        let f = parity_failures(&r);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].starts_with("dmd2_4step fp16 in tract (max abs 1.330e-1"), "{}", f[0]);
+        assert!(f[0].ends_with("distill validate g.onnx --reference c"), "{}", f[0]);
     }
 }
