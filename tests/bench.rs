@@ -184,9 +184,14 @@ fn avx2_cap_is_applied_to_the_pytorch_peer_too() {
     );
     let own = run(&[("DISTILL_SIMD", "avx2"), ("DNNL_MAX_CPU_ISA", "SSE41")]);
     assert!(
-        own.contains("capped the same way: ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)"),
+        own.contains(
+            "capped the same way: ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2)"
+        ),
         "{own}"
     );
     let native = run(&[]);
-    assert!(native.contains("(it would run at its own best)"), "{native}");
+    assert!(
+        native.contains("(it would run at its own best)"),
+        "{native}"
+    );
 }

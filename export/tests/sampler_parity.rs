@@ -131,9 +131,16 @@ fn heun_2_steps_spread_is_between_the_runtimes_themselves() {
             .map(|(a, b)| (*a as f64 - *b as f64).abs())
             .fold(0.0, f64::max);
         let r = validate(&path, &edm, Target::Generator(&spec), &vopts).unwrap();
-        let tol = r.metrics.iter().map(|m| m.max_abs_tol).fold(f64::INFINITY, f64::min);
+        let tol = r
+            .metrics
+            .iter()
+            .map(|m| m.max_abs_tol)
+            .fold(f64::INFINITY, f64::min);
         eprintln!("Heun {steps} steps: max |tract - onnxruntime| {d:.3e}, gate {tol:.3e}");
-        assert!(d > 0.0, "{steps} steps: the runtimes agree bit for bit; nothing is measured");
+        assert!(
+            d > 0.0,
+            "{steps} steps: the runtimes agree bit for bit; nothing is measured"
+        );
         assert!(
             d < tol,
             "{steps} steps: the runtimes differ by {d:.3e}, more than the default gate {tol:.3e}: \

@@ -76,7 +76,9 @@ pub(super) fn isa_line(with_torch: bool) -> String {
     match (with_torch, cap.is_empty()) {
         (true, true) => format!("{ours}; PyTorch its own best"),
         (true, false) => format!("{ours}; PyTorch capped the same way ({})", cap.join(", ")),
-        (false, true) => format!("{ours}; no PyTorch side in this run (it would run at its own best)"),
+        (false, true) => {
+            format!("{ours}; no PyTorch side in this run (it would run at its own best)")
+        }
         (false, false) => format!(
             "{ours}; no PyTorch side in this run (it would be capped the same way: {})",
             cap.join(", ")
@@ -337,10 +339,16 @@ mod tests {
     #[test]
     fn isa_line_names_pytorch_only_when_it_ran() {
         let alone = super::isa_line(false);
-        assert!(alone.contains("no PyTorch side in this run (it would"), "{alone}");
+        assert!(
+            alone.contains("no PyTorch side in this run (it would"),
+            "{alone}"
+        );
         assert!(!alone.contains("PyTorch its own") && !alone.contains("PyTorch capped"));
         let both = super::isa_line(true);
         assert!(!both.contains("no PyTorch side"), "{both}");
-        assert!(both.contains("PyTorch its own best") || both.contains("PyTorch capped"), "{both}");
+        assert!(
+            both.contains("PyTorch its own best") || both.contains("PyTorch capped"),
+            "{both}"
+        );
     }
 }

@@ -601,7 +601,15 @@ mod tests {
         r.parity = vec![row("tract", false), row("onnxruntime", true)];
         let f = parity_failures(&r);
         assert_eq!(f.len(), 1, "{f:?}");
-        assert!(f[0].starts_with("dmd2_4step fp16 in tract (max abs 1.330e-1"), "{}", f[0]);
-        assert!(f[0].ends_with("distill validate g.onnx --reference c"), "{}", f[0]);
+        assert!(
+            f[0].starts_with("dmd2_4step fp16 in tract (max abs 1.330e-1"),
+            "{}",
+            f[0]
+        );
+        assert!(
+            f[0].ends_with("distill validate g.onnx --reference c"),
+            "{}",
+            f[0]
+        );
     }
 }
