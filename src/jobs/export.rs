@@ -115,11 +115,7 @@ impl ExportJob {
             }
             ExportWhat::Denoiser => (export::export_denoiser(&den, &opts)?, "denoiser"),
         };
-        let suffix = if self.precision == Precision::Fp16 {
-            "_fp16"
-        } else {
-            ""
-        };
+        let suffix = self.file_suffix();
         let path = self.out.join(format!("{stem}{suffix}.onnx"));
         export::write_model(&model, &path)?;
         Ok(path)
@@ -153,11 +149,7 @@ impl ExportJob {
                 ("pipeline".into(), r.pipeline.display().to_string()),
             ],
         };
-        let suffix = if self.precision == Precision::Fp16 {
-            "_fp16"
-        } else {
-            ""
-        };
+        let suffix = self.file_suffix();
         if self.what == ExportWhat::Denoiser {
             return write_text_unet(&t2i, &opts, &self.out, suffix);
         }
@@ -180,11 +172,7 @@ impl ExportJob {
             weights_sha256: None,
             extra_metadata: vec![],
         };
-        let suffix = if self.precision == Precision::Fp16 {
-            "_fp16"
-        } else {
-            ""
-        };
+        let suffix = self.file_suffix();
         match self.what {
             ExportWhat::Denoiser => write_text_unet(&t2i, &opts, &self.out, suffix),
             ExportWhat::Generator => {
@@ -214,6 +202,15 @@ impl ExportJob {
         }
     }
 
+    /// `_fp16` for an fp16 export, empty for fp32: the suffix of every file it writes.
+    fn file_suffix(&self) -> &'static str {
+        if self.precision == Precision::Fp16 {
+            "_fp16"
+        } else {
+            ""
+        }
+    }
+
     /// The whole export: ONNX (with a summary on stdout) and, when asked, the TensorRT engine.
     pub fn run(&self) -> Result<PathBuf> {
         // Fail fast: find trtexec and the GPU before spending time on the export.
@@ -240,23 +237,14 @@ impl ExportJob {
         }
         let text = graphs::diffusers::is_text_to_image(&self.checkpoint)
             || crate::text_student::pipeline_ref(&self.checkpoint)?.is_some();
+        // Written beside a text-to-image generator by `write_onnx`.
+        let text_encoder = path.with_file_name(format!("text_encoder{}.onnx", self.file_suffix()));
         if text
             || !(crate::diffusers_io::is_diffusers(&self.checkpoint)
                 && self.what == ExportWhat::Denoiser)
         {
             let encoder = if text && self.what == ExportWhat::Generator {
-                format!(
-                    " (and {} the same way)",
-                    path.with_file_name(format!(
-                        "text_encoder{}.onnx",
-                        if self.precision == Precision::Fp16 {
-                            "_fp16"
-                        } else {
-                            ""
-                        }
-                    ))
-                    .display()
-                )
+                format!(" (and {} the same way)", text_encoder.display())
             } else {
                 String::new()
             };
@@ -270,13 +258,7 @@ impl ExportJob {
             build_engine(&self.checkpoint, trt, &path, &tc)?;
             // A text-to-image generator needs its prompt encoder at run time: its engine too.
             if text && self.what == ExportWhat::Generator {
-                let suffix = if self.precision == Precision::Fp16 {
-                    "_fp16"
-                } else {
-                    ""
-                };
-                let te = path.with_file_name(format!("text_encoder{suffix}.onnx"));
-                build_engine(&self.checkpoint, trt, &te, &tc)?;
+                build_engine(&self.checkpoint, trt, &text_encoder, &tc)?;
             }
         }
         Ok(path)
