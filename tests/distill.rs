@@ -2,7 +2,7 @@
 //! TDM's interval sampler, resume, NaN handling, student checkpoints in sample/eval, and short runs
 //! that lower the Frechet distance of the student's samples.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use distill::checkpoint::{self, Role};
 use distill::data::Dataset;
 use distill::train::distill::{self as dist, Method, RunConfig, RunSpec, Teacher};
@@ -199,6 +199,54 @@ fn dmd2_updates_generator_every_ratio_steps_and_fake_score_every_step() {
     )
     .unwrap();
     assert_eq!(imgs.dims(), &[4, 1, 16, 16]);
+}
+
+#[test]
+fn dmd2_projection_gan_head_trains_its_class_embedding_and_keeps_it_in_the_train_state() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let key = |dir: &Path| -> Option<Tensor> {
+        let st = candle_core::safetensors::load(
+            dir.join("checkpoint/train_state.safetensors"),
+            &cpu(),
+        )
+        .unwrap();
+        st.into_iter()
+            .find(|(k, _)| k.ends_with("gan_head.proj.weight") && !k.contains("adam"))
+            .map(|(_, v)| v)
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg = dmd2_cfg(tiny_teacher(), 3);
+    cfg.gan_projection = true;
+    run_dmd2(&cfg, &t, &mnist(16), a.path(), false).unwrap();
+    let trained = key(a.path()).expect("the projection table is saved with the fake score");
+    assert_eq!(trained.dims(), &[10, t.meta.model.network.bottleneck_shape().0]);
+    // It is trained: the same run's table at its seeded initial value differs.
+    let vm = candle_nn::VarMap::new();
+    let (c, side, groups) = t.meta.model.network.bottleneck_shape();
+    graphs::nn::GanHead::new(
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &cpu()).pp("gan_head"),
+        c,
+        side,
+        groups,
+        Some(10),
+    )
+    .unwrap();
+    let init = distill::train::seeded_init(&vm, cfg.common.run.seed, 0x6A11, &cpu()).unwrap();
+    let init = init.iter().find(|(k, _)| k == "gan_head.proj.weight").unwrap();
+    let moved = (init.1.as_tensor() - &trained)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 0.0, "the class embedding did not train");
+    // DMD2's own head (the default) has no class embedding.
+    let cfg = dmd2_cfg(tiny_teacher(), 3);
+    assert!(!cfg.gan_projection);
+    run_dmd2(&cfg, &t, &mnist(16), b.path(), false).unwrap();
+    assert!(key(b.path()).is_none());
 }
 
 #[test]

@@ -69,6 +69,9 @@ pub fn collect_head(head: &GanHead) -> Vec<Param> {
         gn(&mut v, g);
     }
     conv(&mut v, &head.out);
+    if let Some(e) = &head.proj {
+        v.push(e.table.clone());
+    }
     v
 }
 
@@ -114,6 +117,9 @@ pub fn detached_head(head: &GanHead) -> GanHead {
     }
     for p in [&mut h.out.weight, &mut h.out.bias] {
         p.t = p.t.detach();
+    }
+    if let Some(e) = &mut h.proj {
+        e.table.t = e.table.t.detach();
     }
     h
 }

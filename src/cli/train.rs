@@ -469,6 +469,11 @@ pub struct Dmd2Args {
     /// Images reach the GAN head noised at a grid timestep below this (1 = clean).
     #[arg(long)]
     pub gan_max_timestep: Option<usize>,
+    /// Class-conditional teachers: make the GAN head a projection discriminator (a learned class
+    /// embedding dotted with its pooled features added to the logit), so it judges each image
+    /// against its own class. Default: false.
+    #[arg(long, value_name = "BOOL")]
+    pub gan_projection: Option<bool>,
     /// Multi-step students: match step k's images (and train the fake score on them) only at
     /// the noise levels of its own phase, from its timestep down to the next step's (Phased
     /// DMD); `false`: over the whole grid, as DMD2's backward simulation. Default: true.
@@ -492,6 +497,7 @@ impl Dmd2Args {
         set!(c.gan_generator_weight, self.gan_generator_weight);
         set!(c.gan_critic_weight, self.gan_critic_weight);
         set!(c.gan_max_timestep, self.gan_max_timestep);
+        set!(c.gan_projection, self.gan_projection);
         set!(c.phased, self.phased);
         Ok(c)
     }

@@ -53,6 +53,11 @@ distill_config! {
         pub gan_critic_weight: f64,
         /// Real and generated images are noised at a grid timestep below this before the head.
         pub gan_max_timestep: usize,
+        /// Class-conditional teachers: the head is a projection discriminator (a learned class
+        /// embedding dotted with its pooled features is added to the logit), so it judges each
+        /// image against its own class; `false`: DMD2's head, which sees the class only through
+        /// the fake score's features. No effect on text-to-image or unconditional teachers.
+        pub gan_projection: bool,
         /// Multi-step students: step `k`'s images are matched (and the fake score learns them)
         /// only at noise levels in its own phase, the grid timesteps from its own timestep down
         /// to the next step's (Phased DMD, arXiv 2510.27684), instead of over the whole grid;
@@ -82,6 +87,7 @@ impl Default for Dmd2Config {
             gan_generator_weight: 3e-3,
             gan_critic_weight: 1e-2,
             gan_max_timestep: 1000,
+            gan_projection: false,
             phased: true,
         }
     }
@@ -187,11 +193,16 @@ impl<'a> Dmd2<'a> {
         let (head, head_vm) = if cfg.gan {
             let vm = VarMap::new();
             let (c, side, groups) = mcfg.network.bottleneck_shape();
+            let classes = (cfg.gan_projection
+                && mcfg.network.is_class_conditional()
+                && teacher.text.is_none())
+            .then_some(ncls);
             let head = GanHead::new(
                 VarBuilder::from_varmap(&vm, DType::F32, device).pp("gan_head"),
                 c,
                 side,
                 groups,
+                classes,
             )?;
             fvars.extend(super::seeded_init(
                 &vm,
@@ -255,7 +266,11 @@ impl<'a> Dmd2<'a> {
     ) -> Result<Tensor> {
         let level = grid_level(&self.grid, &ts, &self.device)?;
         let xn = (x + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
-        head.forward(b, &fake.bottleneck_with(b, &xn, &level, cond)?)
+        let labels = match cond {
+            NetCond::Labels(l) => Some(l),
+            NetCond::Text(_) => None,
+        };
+        head.forward(b, &fake.bottleneck_with(b, &xn, &level, cond)?, labels)
     }
 
     /// Each sample's GAN noise draw: a grid timestep below `gan_max_timestep` and unit noise.
