@@ -205,11 +205,9 @@ fn dmd2_updates_generator_every_ratio_steps_and_fake_score_every_step() {
 fn dmd2_projection_gan_head_trains_its_class_embedding_and_keeps_it_in_the_train_state() {
     let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
     let key = |dir: &Path| -> Option<Tensor> {
-        let st = candle_core::safetensors::load(
-            dir.join("checkpoint/train_state.safetensors"),
-            &cpu(),
-        )
-        .unwrap();
+        let st =
+            candle_core::safetensors::load(dir.join("checkpoint/train_state.safetensors"), &cpu())
+                .unwrap();
         st.into_iter()
             .find(|(k, _)| k.ends_with("gan_head.proj.weight") && !k.contains("adam"))
             .map(|(_, v)| v)
@@ -219,7 +217,10 @@ fn dmd2_projection_gan_head_trains_its_class_embedding_and_keeps_it_in_the_train
     cfg.gan_projection = true;
     run_dmd2(&cfg, &t, &mnist(16), a.path(), false).unwrap();
     let trained = key(a.path()).expect("the projection table is saved with the fake score");
-    assert_eq!(trained.dims(), &[10, t.meta.model.network.bottleneck_shape().0]);
+    assert_eq!(
+        trained.dims(),
+        &[10, t.meta.model.network.bottleneck_shape().0]
+    );
     // It is trained: the same run's table at its seeded initial value differs.
     let vm = candle_nn::VarMap::new();
     let (c, side, groups) = t.meta.model.network.bottleneck_shape();
@@ -232,7 +233,10 @@ fn dmd2_projection_gan_head_trains_its_class_embedding_and_keeps_it_in_the_train
     )
     .unwrap();
     let init = distill::train::seeded_init(&vm, cfg.common.run.seed, 0x6A11, &cpu()).unwrap();
-    let init = init.iter().find(|(k, _)| k == "gan_head.proj.weight").unwrap();
+    let init = init
+        .iter()
+        .find(|(k, _)| k == "gan_head.proj.weight")
+        .unwrap();
     let moved = (init.1.as_tensor() - &trained)
         .unwrap()
         .abs()

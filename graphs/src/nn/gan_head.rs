@@ -110,7 +110,11 @@ mod tests {
     fn projection_scores_each_image_against_its_class() {
         let (h, vm) = head(Some(10));
         // The projection table is a trainable variable named under the head.
-        assert!(vm.data().lock().unwrap().contains_key("gan_head.proj.weight"));
+        assert!(vm
+            .data()
+            .lock()
+            .unwrap()
+            .contains_key("gan_head.proj.weight"));
         let b = CandleBackend::new(&Device::Cpu);
         let x = feats();
         let ya = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
