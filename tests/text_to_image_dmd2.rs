@@ -103,6 +103,11 @@ fn dmd2_on_a_pipeline_trains_with_its_gan_term_on_captioned_latents() {
     let (changed, total) = moved(&ckpt);
     assert!(changed > total / 2, "{changed} of {total} weights changed");
 
+    // A projection GAN head needs class labels: refused by name on a text-to-image teacher.
+    let mut pj = job(&d.path().join("proj"), &prompts, Some(&caps), true);
+    pj.config.gan_projection = true;
+    let e = pj.run(&candle_core::Device::Cpu).unwrap_err();
+    assert!(format!("{e:#}").contains("gan_projection"), "{e:#}");
     // Real images with the GAN term off would be read for nothing: refused by name.
     let e = job(&d.path().join("y"), &prompts, Some(&caps), false)
         .run(&candle_core::Device::Cpu)

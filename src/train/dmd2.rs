@@ -56,7 +56,7 @@ distill_config! {
         /// Class-conditional teachers: the head is a projection discriminator (a learned class
         /// embedding dotted with its pooled features is added to the logit), so it judges each
         /// image against its own class; `false`: DMD2's head, which sees the class only through
-        /// the fake score's features. No effect on text-to-image or unconditional teachers.
+        /// the fake score's features. Refused for text-to-image and unconditional teachers.
         pub gan_projection: bool,
         /// Multi-step students: step `k`'s images are matched (and the fake score learns them)
         /// only at noise levels in its own phase, the grid timesteps from its own timestep down
@@ -193,10 +193,15 @@ impl<'a> Dmd2<'a> {
         let (head, head_vm) = if cfg.gan {
             let vm = VarMap::new();
             let (c, side, groups) = mcfg.network.bottleneck_shape();
-            let classes = (cfg.gan_projection
-                && mcfg.network.is_class_conditional()
-                && teacher.text.is_none())
-            .then_some(ncls);
+            let labelled = mcfg.network.is_class_conditional() && teacher.text.is_none();
+            if cfg.gan_projection && !labelled {
+                bail!(
+                    "gan_projection (--gan-projection) scores images against their class: the \
+                     teacher {} has no class labels (text-to-image or unconditional); turn it off",
+                    cfg.common.teacher.display()
+                );
+            }
+            let classes = cfg.gan_projection.then_some(ncls);
             let head = GanHead::new(
                 VarBuilder::from_varmap(&vm, DType::F32, device).pp("gan_head"),
                 c,
