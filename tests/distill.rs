@@ -151,6 +151,18 @@ fn tdm_cfg(teacher: &Path, steps: u64) -> TdmConfig {
     c
 }
 
+/// Largest absolute difference of two f32 tensors.
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn metric(run: &Path, key: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -237,14 +249,7 @@ fn dmd2_projection_gan_head_trains_its_class_embedding_and_keeps_it_in_the_train
         .iter()
         .find(|(k, _)| k == "gan_head.proj.weight")
         .unwrap();
-    let moved = (init.1.as_tensor() - &trained)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = max_abs(init.1.as_tensor(), &trained);
     assert!(moved > 0.0, "the class embedding did not train");
     // DMD2's own head (the default) has no class embedding.
     let cfg = dmd2_cfg(tiny_teacher(), 3);
@@ -324,16 +329,6 @@ fn training_rollout_is_the_deployed_sampler() {
     let fresh: Vec<Tensor> = (0..3)
         .map(|_| Tensor::randn(0f32, 1.0, (4, 1, 16, 16), &cpu()).unwrap())
         .collect();
-    let max_abs = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     for fresh_noise in [true, false] {
         let f = fresh_noise.then_some(fresh.as_slice());
         let ro = dist::rollout(&b, &t.den, &z, &labels, &sigmas, 4, f).unwrap();
