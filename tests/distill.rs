@@ -259,6 +259,58 @@ fn dmd2_projection_gan_head_trains_its_class_embedding_and_keeps_it_in_the_train
 }
 
 #[test]
+fn dmd2_gan_classifier_learns_real_classes_and_pushes_the_student() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = dmd2_cfg(tiny_teacher(), 3);
+    cfg.gan_classifier_weight = 0.1;
+    run_dmd2(&cfg, &t, &mnist(16), dir.path(), false).unwrap();
+    // The head's classifier learns on real images every step; the student's cross-entropy is
+    // logged on its turns (steps 0 and 3 of a ratio-3 run that is 3 steps long: step 0 only).
+    let real = metric(dir.path(), "loss_gan_class");
+    assert_eq!(real.len(), 3, "{real:?}");
+    // Ten classes from an untrained classifier: about ln 10 nats.
+    assert!(real.iter().all(|(_, v)| (1.0..4.0).contains(v)), "{real:?}");
+    assert_eq!(metric(dir.path(), "class_acc_real").len(), 3);
+    assert_eq!(metric(dir.path(), "loss_class_gen").len(), 1);
+    let st = candle_core::safetensors::load(
+        dir.path().join("checkpoint/train_state.safetensors"),
+        &cpu(),
+    )
+    .unwrap();
+    let w = st
+        .iter()
+        .find(|(k, _)| k.ends_with("gan_head.classifier.weight") && !k.contains("adam"))
+        .map(|(_, v)| v.clone())
+        .expect("the classifier is saved with the fake score");
+    assert_eq!(w.dims()[0], 10);
+    // A classifier without the GAN head, or a negative weight, is refused by name.
+    let mut bad = dmd2_cfg(tiny_teacher(), 3);
+    bad.gan = false;
+    bad.gan_classifier_weight = 0.1;
+    let e = run_dmd2(
+        &bad,
+        &t,
+        &mnist(16),
+        tempfile::tempdir().unwrap().path(),
+        false,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("gan_classifier_weight"), "{e:#}");
+    bad.gan = true;
+    bad.gan_classifier_weight = -1.0;
+    let e = run_dmd2(
+        &bad,
+        &t,
+        &mnist(16),
+        tempfile::tempdir().unwrap().path(),
+        false,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("gan_classifier_weight"), "{e:#}");
+}
+
+#[test]
 fn rollouts_carry_no_gradient_and_step_zero_is_pure_noise() {
     let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
     let (student, vars) = dist::trainable_denoiser(&t.meta.model, &t.weights(), &cpu()).unwrap();

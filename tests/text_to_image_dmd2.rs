@@ -108,6 +108,11 @@ fn dmd2_on_a_pipeline_trains_with_its_gan_term_on_captioned_latents() {
     pj.config.gan_projection = true;
     let e = pj.run(&candle_core::Device::Cpu).unwrap_err();
     assert!(format!("{e:#}").contains("gan_projection"), "{e:#}");
+    // So does the GAN head's classifier.
+    let mut cl = job(&d.path().join("cls"), &prompts, Some(&caps), true);
+    cl.config.gan_classifier_weight = 0.1;
+    let e = cl.run(&candle_core::Device::Cpu).unwrap_err();
+    assert!(format!("{e:#}").contains("gan_classifier_weight"), "{e:#}");
     // Real images with the GAN term off would be read for nothing: refused by name.
     let e = job(&d.path().join("y"), &prompts, Some(&caps), false)
         .run(&candle_core::Device::Cpu)

@@ -72,6 +72,9 @@ pub fn collect_head(head: &GanHead) -> Vec<Param> {
     if let Some(e) = &head.proj {
         v.push(e.table.clone());
     }
+    if let Some(c) = &head.classifier {
+        conv(&mut v, c);
+    }
     v
 }
 
@@ -120,6 +123,11 @@ pub fn detached_head(head: &GanHead) -> GanHead {
     }
     if let Some(e) = &mut h.proj {
         e.table.t = e.table.t.detach();
+    }
+    if let Some(c) = &mut h.classifier {
+        for p in [&mut c.weight, &mut c.bias] {
+            p.t = p.t.detach();
+        }
     }
     h
 }

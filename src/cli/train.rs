@@ -474,6 +474,11 @@ pub struct Dmd2Args {
     /// against its own class. Default: false.
     #[arg(long, value_name = "BOOL")]
     pub gan_projection: Option<bool>,
+    /// Class-conditional teachers with a null class: give the GAN head a classifier learned on
+    /// real images (AC-GAN) and push each generated image towards its own class with this weight
+    /// of its cross-entropy. Default: 0 (no classifier).
+    #[arg(long, value_name = "WEIGHT")]
+    pub gan_classifier_weight: Option<f64>,
     /// Multi-step students: match step k's images (and train the fake score on them) only at
     /// the noise levels of its own phase, from its timestep down to the next step's (Phased
     /// DMD); `false`: over the whole grid, as DMD2's backward simulation. Default: true.
@@ -498,6 +503,7 @@ impl Dmd2Args {
         set!(c.gan_critic_weight, self.gan_critic_weight);
         set!(c.gan_max_timestep, self.gan_max_timestep);
         set!(c.gan_projection, self.gan_projection);
+        set!(c.gan_classifier_weight, self.gan_classifier_weight);
         set!(c.phased, self.phased);
         Ok(c)
     }

@@ -58,6 +58,11 @@ distill_config! {
         /// image against its own class; `false`: DMD2's head, which sees the class only through
         /// the fake score's features. Refused for text-to-image and unconditional teachers.
         pub gan_projection: bool,
+        /// Class-conditional teachers with a null class: the head also gets a classifier (AC-GAN),
+        /// learned on real images (through the fake score's null-class features, so the label
+        /// cannot leak in), and the student gets its cross-entropy against its own label at this
+        /// weight, pushing off-class images towards their class; 0 = no classifier.
+        pub gan_classifier_weight: f64,
         /// Multi-step students: step `k`'s images are matched (and the fake score learns them)
         /// only at noise levels in its own phase, the grid timesteps from its own timestep down
         /// to the next step's (Phased DMD, arXiv 2510.27684), instead of over the whole grid;
@@ -88,6 +93,7 @@ impl Default for Dmd2Config {
             gan_critic_weight: 1e-2,
             gan_max_timestep: 1000,
             gan_projection: false,
+            gan_classifier_weight: 0.0,
             phased: true,
         }
     }
@@ -114,6 +120,16 @@ impl Dmd2Config {
         if let Some(s) = self.conditioning_sigma {
             ensure!(s > 0.0, "conditioning_sigma must be positive");
         }
+        ensure!(
+            self.gan_classifier_weight >= 0.0 && self.gan_classifier_weight.is_finite(),
+            "gan_classifier_weight must be >= 0, got {}",
+            self.gan_classifier_weight
+        );
+        ensure!(
+            self.gan || self.gan_classifier_weight == 0.0,
+            "gan_classifier_weight (--gan-classifier-weight) is a second output of the GAN head: \
+             it needs gan = true"
+        );
         Ok(())
     }
 
@@ -202,13 +218,19 @@ impl<'a> Dmd2<'a> {
                 );
             }
             let classes = cfg.gan_projection.then_some(ncls);
-            let head = GanHead::new(
-                VarBuilder::from_varmap(&vm, DType::F32, device).pp("gan_head"),
-                c,
-                side,
-                groups,
-                classes,
-            )?;
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, device).pp("gan_head");
+            let mut head = GanHead::new(vb.clone(), c, side, groups, classes)?;
+            if cfg.gan_classifier_weight > 0.0 {
+                if !labelled || teacher.den.null_class().is_none() {
+                    bail!(
+                        "gan_classifier_weight (--gan-classifier-weight) classifies images through \
+                         the fake score's null-class features: the teacher {} has no class labels \
+                         or no null class; set it to 0",
+                        cfg.common.teacher.display()
+                    );
+                }
+                head = head.with_classifier(vb.pp("classifier"), ncls)?;
+            }
             fvars.extend(super::seeded_init(
                 &vm,
                 cfg.common.run.seed,
@@ -259,7 +281,22 @@ impl<'a> Dmd2<'a> {
         dm_bounds(&self.cfg, self.grid.len(), k)
     }
 
-    /// GAN realism logits of `x` noised at the per-sample grid timesteps `ts` with noise `eps`.
+    /// The fake score's bottleneck features of `x` noised at the per-sample grid timesteps `ts`
+    /// with noise `eps`.
+    fn noised_feats(
+        &self,
+        b: &CandleBackend,
+        fake: &Denoiser,
+        x: &Tensor,
+        cond: NetCond<'_, Tensor>,
+        (ts, eps): (Vec<usize>, Tensor),
+    ) -> Result<Tensor> {
+        let level = grid_level(&self.grid, &ts, &self.device)?;
+        let xn = (x + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
+        fake.bottleneck_with(b, &xn, &level, cond)
+    }
+
+    /// GAN realism logits of `x` noised with `draw` (see [`Self::noised_feats`]).
     fn gan_logits(
         &self,
         b: &CandleBackend,
@@ -267,15 +304,31 @@ impl<'a> Dmd2<'a> {
         head: &GanHead,
         x: &Tensor,
         cond: NetCond<'_, Tensor>,
-        (ts, eps): (Vec<usize>, Tensor),
+        draw: (Vec<usize>, Tensor),
     ) -> Result<Tensor> {
-        let level = grid_level(&self.grid, &ts, &self.device)?;
-        let xn = (x + eps.broadcast_mul(&graphs::losses::per_image(&level.sigma)?)?)?;
         let labels = match cond {
             NetCond::Labels(l) => Some(l),
             NetCond::Text(_) => None,
         };
-        head.forward(b, &fake.bottleneck_with(b, &xn, &level, cond)?, labels)
+        head.forward(b, &self.noised_feats(b, fake, x, cond, draw)?, labels)
+    }
+
+    /// The fake score's null-class features of `x` noised with `draw`: the classifier's input
+    /// (the label must not reach it).
+    fn null_feats(
+        &self,
+        b: &CandleBackend,
+        fake: &Denoiser,
+        x: &Tensor,
+        draw: (Vec<usize>, Tensor),
+    ) -> Result<Tensor> {
+        let null = self
+            .teacher
+            .den
+            .null_class()
+            .ok_or_else(|| anyhow::anyhow!("the GAN classifier needs a null class"))?;
+        let nulls = Tensor::full(null as u32, x.dim(0)?, &self.device)?;
+        self.noised_feats(b, fake, x, NetCond::Labels(&nulls), draw)
     }
 
     /// Each sample's GAN noise draw: a grid timestep below `gan_max_timestep` and unit noise.
@@ -401,6 +454,13 @@ impl Method for Dmd2<'_> {
                 let g = gan::generator_loss(&logits)?;
                 m.insert("loss_gan_gen".into(), finite("loss_gan_gen", &g)?);
                 loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
+                if hf.classifier.is_some() {
+                    let draw = self.gan_draw(&mut rngs, &shape[1..])?;
+                    let cl = hf.classify(&b, &self.null_feats(&b, &fake_frozen, &x0, draw)?)?;
+                    let ce = candle_nn::loss::cross_entropy(&cl, &labels)?;
+                    m.insert("loss_class_gen".into(), finite("loss_class_gen", &ce)?);
+                    loss = (loss + (ce * self.cfg.gan_classifier_weight)?)?;
+                }
             }
             let st = self.student_t.update(&loss)?;
             self.student_t.log(&mut m, "student", &st);
@@ -484,6 +544,18 @@ impl Method for Dmd2<'_> {
                 scalar(&candle_nn::ops::sigmoid(&fake_logits)?.mean_all()?)?,
             );
             loss = (loss + (cl * self.cfg.gan_critic_weight)?)?;
+            if head.classifier.is_some() {
+                // Learned on real images only, on the fake score's features as they are (the
+                // classifier's loss does not train the fake score).
+                let draw = self.gan_draw(&mut rngs, &shape[1..])?;
+                let feats = self.null_feats(&b, &fake, &real, draw)?.detach();
+                let cls = head.classify(&b, &feats)?;
+                let ce = candle_nn::loss::cross_entropy(&cls, &real_labels)?;
+                m.insert("loss_gan_class".into(), finite("loss_gan_class", &ce)?);
+                let hit = cls.argmax(1)?.eq(&real_labels)?.to_dtype(DType::F32)?;
+                m.insert("class_acc_real".into(), scalar(&hit.mean_all()?)?);
+                loss = (loss + (ce * self.cfg.gan_critic_weight)?)?;
+            }
         }
         let st = self.fake_t.update(&loss)?;
         if st.is_some() {

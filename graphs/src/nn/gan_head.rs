@@ -9,11 +9,17 @@ use candle_nn::VarBuilder;
 /// With `classes`, a projection discriminator (Miyato & Koyama 2018): the logit also gets
 /// `<proj[y], h>`, the class's learned embedding dotted with the pooled features, so the head
 /// judges an image against its own class, not only against real images of any class.
+///
+/// With a classifier ([`GanHead::with_classifier`]), an auxiliary class output on the same pooled
+/// features (AC-GAN, Odena et al. 2017): [`GanHead::classify`] gives class logits, learned on
+/// real images, whose cross-entropy on generated images pushes each towards its own class.
 #[derive(Clone, Debug)]
 pub struct GanHead {
     pub blocks: Vec<(Conv2d, GroupNorm)>,
     pub out: Conv2d,
     pub proj: Option<Embedding>,
+    /// 1x1 conv from the pooled features to class logits.
+    pub classifier: Option<Conv2d>,
     channels: usize,
 }
 
@@ -55,8 +61,36 @@ impl GanHead {
             blocks,
             out: Conv2d::new(vb.pp("out"), channels, 1, 1, 1, 0)?,
             proj,
+            classifier: None,
             channels,
         })
+    }
+
+    /// Adds the auxiliary classifier over `classes` classes (parameters under `vb`).
+    pub fn with_classifier(mut self, vb: VarBuilder, classes: usize) -> candle_core::Result<Self> {
+        if classes < 2 {
+            candle_core::bail!("GAN head: a classifier needs at least 2 classes, got {classes}");
+        }
+        self.classifier = Some(Conv2d::new(vb, self.channels, classes, 1, 1, 0)?);
+        Ok(self)
+    }
+
+    /// The shared blocks: features `[N, C, side, side]` -> pooled `[N, C, 1, 1]`.
+    fn pooled<B: Backend>(&self, b: &B, feats: &B::T) -> anyhow::Result<B::T> {
+        let mut h = feats.clone();
+        for (conv, norm) in &self.blocks {
+            h = norm.forward_silu(b, &conv.forward(b, &h)?)?;
+        }
+        Ok(h)
+    }
+
+    /// Features `[N, C, side, side]` -> class logits `[N, classes]` (needs the classifier).
+    pub fn classify<B: Backend>(&self, b: &B, feats: &B::T) -> anyhow::Result<B::T> {
+        let Some(cls) = &self.classifier else {
+            anyhow::bail!("GAN head: built without a classifier");
+        };
+        let n = cls.weight.t.dims()[0] as i64;
+        b.reshape(&cls.forward(b, &self.pooled(b, feats)?)?, &[-1, n])
     }
 
     /// Features `[N, C, side, side]` (and, for a projection head, class labels `[N]`) -> logits
@@ -67,10 +101,7 @@ impl GanHead {
         feats: &B::T,
         labels: Option<&B::T>,
     ) -> anyhow::Result<B::T> {
-        let mut h = feats.clone();
-        for (conv, norm) in &self.blocks {
-            h = norm.forward_silu(b, &conv.forward(b, &h)?)?;
-        }
+        let h = self.pooled(b, feats)?;
         let logit = b.reshape(&self.out.forward(b, &h)?, &[-1])?;
         let (Some(proj), Some(labels)) = (&self.proj, labels) else {
             anyhow::ensure!(
@@ -164,5 +195,46 @@ mod tests {
         let a: Vec<f32> = h.forward(&b, &x, Some(&y)).unwrap().to_vec1().unwrap();
         let c: Vec<f32> = h.forward(&b, &x, None).unwrap().to_vec1().unwrap();
         assert_eq!(a, c);
+    }
+
+    #[test]
+    fn classifier_gives_class_logits_from_the_shared_blocks_and_learns_on_its_own_weights() {
+        let b = CandleBackend::new(&Device::Cpu);
+        let x = feats();
+        let (plain, _vm0) = head(None);
+        let err = plain.classify(&b, &x).unwrap_err().to_string();
+        assert!(err.contains("without a classifier"), "{err}");
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu).pp("gan_head");
+        let h = GanHead::new(vb.clone(), 8, 8, 4, None)
+            .unwrap()
+            .with_classifier(vb.pp("classifier"), 10)
+            .unwrap();
+        assert!(GanHead::new(vb.clone(), 8, 8, 4, None)
+            .unwrap()
+            .with_classifier(vb.pp("c1"), 1)
+            .is_err());
+        let logits = h.classify(&b, &x).unwrap();
+        assert_eq!(logits.dims(), &[3, 10]);
+        // The realism logit is untouched by the classifier.
+        let with: Vec<f32> = h.forward(&b, &x, None).unwrap().to_vec1().unwrap();
+        let mut without = h.clone();
+        without.classifier = None;
+        let wo: Vec<f32> = without.forward(&b, &x, None).unwrap().to_vec1().unwrap();
+        assert_eq!(with, wo);
+        // Cross-entropy against labels reaches the classifier and the shared blocks, not `out`.
+        let y = Tensor::new(&[0u32, 4, 9], &Device::Cpu).unwrap();
+        let ce = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+        let g = ce.backward().unwrap();
+        let cls = h.classifier.as_ref().unwrap();
+        assert!(g.get(&cls.weight.t).is_some());
+        assert!(g.get(&h.blocks[0].0.weight.t).is_some());
+        assert!(g.get(&h.out.weight.t).is_none());
+        // Its weights are named under the head (saved with the fake score).
+        let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+        assert!(
+            names.contains(&"gan_head.classifier.weight".to_string()),
+            "{names:?}"
+        );
     }
 }
