@@ -208,7 +208,19 @@ pub fn config_changes(run: &RunDir, config_toml: &str) -> Result<Vec<String>> {
     let saved: toml::Value =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let new: toml::Value = toml::from_str(config_toml)?;
-    Ok(changed_fields("", &strip(saved), &strip(new)))
+    Ok(changed_fields("", &strip(before_keys(saved)), &strip(new)))
+}
+
+/// Top-level keys added after runs were written, with the value that names what a run written
+/// before them did (a key whose default changed the behaviour, like `phased`, is not here: its
+/// absence is a change).
+fn before_keys(mut saved: toml::Value) -> toml::Value {
+    if let toml::Value::Table(t) = &mut saved {
+        for (k, v) in [("gan_classifier_weight", toml::Value::Float(0.0))] {
+            t.entry(k).or_insert(v);
+        }
+    }
+    saved
 }
 
 fn strip(mut v: toml::Value) -> toml::Value {
@@ -308,5 +320,19 @@ mod tests {
             config_changes(&run, &saved).unwrap(),
             vec!["phased".to_string()]
         );
+        // One written before the GAN classifier existed trained without it: the same run, unless
+        // the classifier is asked for now.
+        let no_cls: String = saved
+            .lines()
+            .filter(|l| !l.starts_with("gan_classifier_weight"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(no_cls.len() < saved.len());
+        std::fs::write(run.config(), no_cls).unwrap();
+        assert!(config_changes(&run, &saved).unwrap().is_empty());
+        let mut cls = cfg.clone();
+        cls.gan_classifier_weight = 0.1;
+        let ch = config_changes(&run, &toml::to_string(&cls).unwrap()).unwrap();
+        assert_eq!(ch.len(), 1, "{ch:?}");
     }
 }
