@@ -273,6 +273,8 @@ fn dmd2_gan_classifier_learns_real_classes_and_pushes_the_student() {
     assert!(real.iter().all(|(_, v)| (1.0..4.0).contains(v)), "{real:?}");
     assert_eq!(metric(dir.path(), "class_acc_real").len(), 3);
     assert_eq!(metric(dir.path(), "loss_class_gen").len(), 1);
+    let acc = metric(dir.path(), "class_acc_gen");
+    assert!(acc.len() == 1 && (0.0..=1.0).contains(&acc[0].1), "{acc:?}");
     let st = candle_core::safetensors::load(
         dir.path().join("checkpoint/train_state.safetensors"),
         &cpu(),

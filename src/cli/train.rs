@@ -479,6 +479,14 @@ pub struct Dmd2Args {
     /// of its cross-entropy. Default: 0 (no classifier).
     #[arg(long, value_name = "WEIGHT")]
     pub gan_classifier_weight: Option<f64>,
+    /// Images reach the GAN head's classifier noised at a grid timestep below this. Default: 250.
+    #[arg(long, value_name = "T")]
+    pub gan_classifier_max_timestep: Option<usize>,
+    /// The student's classifier loss only on the images the classifier assigns to another class;
+    /// `false`: on every image (which also pulls correct ones towards their class's prototype).
+    /// Default: true.
+    #[arg(long, value_name = "BOOL")]
+    pub gan_classifier_misclassified_only: Option<bool>,
     /// Multi-step students: match step k's images (and train the fake score on them) only at
     /// the noise levels of its own phase, from its timestep down to the next step's (Phased
     /// DMD); `false`: over the whole grid, as DMD2's backward simulation. Default: true.
@@ -504,6 +512,11 @@ impl Dmd2Args {
         set!(c.gan_max_timestep, self.gan_max_timestep);
         set!(c.gan_projection, self.gan_projection);
         set!(c.gan_classifier_weight, self.gan_classifier_weight);
+        set!(c.gan_classifier_max_timestep, self.gan_classifier_max_timestep);
+        set!(
+            c.gan_classifier_misclassified_only,
+            self.gan_classifier_misclassified_only
+        );
         set!(c.phased, self.phased);
         Ok(c)
     }

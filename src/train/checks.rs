@@ -216,7 +216,11 @@ pub fn config_changes(run: &RunDir, config_toml: &str) -> Result<Vec<String>> {
 /// absence is a change).
 fn before_keys(mut saved: toml::Value) -> toml::Value {
     if let toml::Value::Table(t) = &mut saved {
-        for (k, v) in [("gan_classifier_weight", toml::Value::Float(0.0))] {
+        for (k, v) in [
+            ("gan_classifier_weight", toml::Value::Float(0.0)),
+            ("gan_classifier_max_timestep", toml::Value::Integer(250)),
+            ("gan_classifier_misclassified_only", toml::Value::Boolean(true)),
+        ] {
             t.entry(k).or_insert(v);
         }
     }
@@ -324,7 +328,7 @@ mod tests {
         // the classifier is asked for now.
         let no_cls: String = saved
             .lines()
-            .filter(|l| !l.starts_with("gan_classifier_weight"))
+            .filter(|l| !l.starts_with("gan_classifier"))
             .map(|l| format!("{l}\n"))
             .collect();
         assert!(no_cls.len() < saved.len());

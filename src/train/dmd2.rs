@@ -63,6 +63,12 @@ distill_config! {
         /// cannot leak in), and the student gets its cross-entropy against its own label at this
         /// weight, pushing off-class images towards their class; 0 = no classifier.
         pub gan_classifier_weight: f64,
+        /// Images reach the classifier noised at a grid timestep below this (the class must be
+        /// readable: 250 is sigma <= 0.17 on the EDM grid).
+        pub gan_classifier_max_timestep: usize,
+        /// The student's cross-entropy only on the images the classifier assigns to another class
+        /// (those already of their class keep their variety); `false`: on every image.
+        pub gan_classifier_misclassified_only: bool,
         /// Multi-step students: step `k`'s images are matched (and the fake score learns them)
         /// only at noise levels in its own phase, the grid timesteps from its own timestep down
         /// to the next step's (Phased DMD, arXiv 2510.27684), instead of over the whole grid;
@@ -94,6 +100,8 @@ impl Default for Dmd2Config {
             gan_max_timestep: 1000,
             gan_projection: false,
             gan_classifier_weight: 0.0,
+            gan_classifier_max_timestep: 250,
+            gan_classifier_misclassified_only: true,
             phased: true,
         }
     }
@@ -124,6 +132,11 @@ impl Dmd2Config {
             self.gan_classifier_weight >= 0.0 && self.gan_classifier_weight.is_finite(),
             "gan_classifier_weight must be >= 0, got {}",
             self.gan_classifier_weight
+        );
+        ensure!(
+            self.gan_classifier_max_timestep >= 1 && self.gan_classifier_max_timestep <= grid.len(),
+            "gan_classifier_max_timestep must be in 1..={}",
+            grid.len()
         );
         ensure!(
             self.gan || self.gan_classifier_weight == 0.0,
@@ -337,7 +350,26 @@ impl<'a> Dmd2<'a> {
         rngs: &mut SampleRngs,
         per_sample: &[usize],
     ) -> Result<(Vec<usize>, Tensor)> {
-        let top = self.cfg.gan_max_timestep - 1;
+        self.noise_draw(rngs, per_sample, self.cfg.gan_max_timestep)
+    }
+
+    /// Each sample's classifier noise draw (below `gan_classifier_max_timestep`).
+    fn class_draw(
+        &self,
+        rngs: &mut SampleRngs,
+        per_sample: &[usize],
+    ) -> Result<(Vec<usize>, Tensor)> {
+        self.noise_draw(rngs, per_sample, self.cfg.gan_classifier_max_timestep)
+    }
+
+    /// A grid timestep below `below` and unit noise per sample.
+    fn noise_draw(
+        &self,
+        rngs: &mut SampleRngs,
+        per_sample: &[usize],
+        below: usize,
+    ) -> Result<(Vec<usize>, Tensor)> {
+        let top = below - 1;
         let ts = rngs.each(|r| r.gen_range(0..=top));
         Ok((ts, rngs.randn(per_sample, &self.device)?))
     }
@@ -455,10 +487,12 @@ impl Method for Dmd2<'_> {
                 m.insert("loss_gan_gen".into(), finite("loss_gan_gen", &g)?);
                 loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
                 if hf.classifier.is_some() {
-                    let draw = self.gan_draw(&mut rngs, &shape[1..])?;
+                    let draw = self.class_draw(&mut rngs, &shape[1..])?;
                     let cl = hf.classify(&b, &self.null_feats(&b, &fake_frozen, &x0, draw)?)?;
-                    let ce = candle_nn::loss::cross_entropy(&cl, &labels)?;
-                    m.insert("loss_class_gen".into(), finite("loss_class_gen", &ce)?);
+                    let only = self.cfg.gan_classifier_misclassified_only;
+                    let (ce, mean, hit) = gan::classifier_generator_loss(&cl, &labels, only)?;
+                    m.insert("loss_class_gen".into(), finite("loss_class_gen", &mean)?);
+                    m.insert("class_acc_gen".into(), scalar(&hit)?);
                     loss = (loss + (ce * self.cfg.gan_classifier_weight)?)?;
                 }
             }
@@ -547,7 +581,7 @@ impl Method for Dmd2<'_> {
             if head.classifier.is_some() {
                 // Learned on real images only, on the fake score's features as they are (the
                 // classifier's loss does not train the fake score).
-                let draw = self.gan_draw(&mut rngs, &shape[1..])?;
+                let draw = self.class_draw(&mut rngs, &shape[1..])?;
                 let feats = self.null_feats(&b, &fake, &real, draw)?.detach();
                 let cls = head.classify(&b, &feats)?;
                 let ce = candle_nn::loss::cross_entropy(&cls, &real_labels)?;
