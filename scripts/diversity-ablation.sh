@@ -56,7 +56,6 @@ ROWS_ALL=(
   "dmd2_1step_gan10_cls1e-1|dmd2|$ONE $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-classifier-weight 1e-1 --gan-classifier-max-timestep 1000 --gan-classifier-misclassified-only false|1"
   "dmd2_1step_gan10_mcls1e-1|dmd2|$ONE $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-classifier-weight 1e-1|1"
   "dmd2_1step_gan10_mcls3e-1|dmd2|$ONE $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-classifier-weight 3e-1|1"
-  "dmd2_4step_gan10_t250_cls1e-1|dmd2|$FOUR $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-max-timestep 250 --gan-classifier-weight 1e-1|4 3 2 1"
   "dmd2_4step_gan10_interval15|dmd2|$FOUR $RUN --cfg-interval 0.3,15 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1|4 3 2 1"
   "dmd2_4step_gan10_t250_interval15|dmd2|$FOUR $RUN --cfg-interval 0.3,15 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-max-timestep 250|4 3 2 1"
   "dmd2_4step_snr|dmd2|${FOUR/999,749,499,249/999,476,383,306} $RUN|4 3 2 1"

@@ -518,7 +518,7 @@ fn cmd_pipeline(a: &PipelineArgs, dev: &Device, quiet: bool) -> Result<()> {
     };
     let r = distill::jobs::pipeline::run(&o, dev)?;
     println!("{}", distill::jobs::pipeline::markdown(&r));
-    Ok(())
+    distill::jobs::pipeline::check_parity(&r, &o.out)
 }
 
 fn cmd_plot(a: &PlotArgs) -> Result<()> {

@@ -512,7 +512,10 @@ impl Dmd2Args {
         set!(c.gan_max_timestep, self.gan_max_timestep);
         set!(c.gan_projection, self.gan_projection);
         set!(c.gan_classifier_weight, self.gan_classifier_weight);
-        set!(c.gan_classifier_max_timestep, self.gan_classifier_max_timestep);
+        set!(
+            c.gan_classifier_max_timestep,
+            self.gan_classifier_max_timestep
+        );
         set!(
             c.gan_classifier_misclassified_only,
             self.gan_classifier_misclassified_only

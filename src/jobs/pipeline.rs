@@ -477,6 +477,24 @@ pub fn parity_failures(res: &Results) -> Vec<String> {
         .collect()
 }
 
+/// An error naming every failed parity row, after the results are written: a pipeline whose
+/// export does not match its students must not exit 0 (CI runs it as a gate).
+/// It is [`super::Failure::ValidationFailed`] (exit 3, as `distill validate`).
+pub fn check_parity(res: &Results, out: &Path) -> Result<()> {
+    let f = parity_failures(res);
+    if f.is_empty() {
+        return Ok(());
+    }
+    Err(super::Failure::ValidationFailed(format!(
+        "pipeline: {} of {} parity rows FAILED (results kept in {}): {}",
+        f.len(),
+        res.parity.len(),
+        out.display(),
+        f.join("; ")
+    ))
+    .into())
+}
+
 /// `0.41 (8)`: the lowest per-class recall and its class.
 fn lowest_class_recall(per: Option<&[f64]>) -> String {
     per.and_then(|p| {
@@ -622,6 +640,16 @@ mod tests {
         r.parity = vec![row("tract", false), row("onnxruntime", true)];
         let f = parity_failures(&r);
         assert_eq!(f.len(), 1, "{f:?}");
+        let e = check_parity(&r, Path::new("runs/p")).unwrap_err();
+        assert_eq!(crate::jobs::exit_code(&e), 3);
+        let e = e.to_string();
+        assert!(
+            e.contains("1 of 2 parity rows FAILED") && e.contains("runs/p"),
+            "{e}"
+        );
+        assert!(e.contains("dmd2_4step fp16 in tract"), "{e}");
+        r.parity = vec![row("onnxruntime", true)];
+        check_parity(&r, Path::new("runs/p")).unwrap();
         assert!(
             f[0].starts_with("dmd2_4step fp16 in tract (max abs 1.330e-1"),
             "{}",

@@ -219,7 +219,10 @@ fn before_keys(mut saved: toml::Value) -> toml::Value {
         for (k, v) in [
             ("gan_classifier_weight", toml::Value::Float(0.0)),
             ("gan_classifier_max_timestep", toml::Value::Integer(250)),
-            ("gan_classifier_misclassified_only", toml::Value::Boolean(true)),
+            (
+                "gan_classifier_misclassified_only",
+                toml::Value::Boolean(true),
+            ),
         ] {
             t.entry(k).or_insert(v);
         }
