@@ -231,6 +231,7 @@ fn random_teacher(cfg: &ModelConfig, dev: &Device) -> Result<Teacher> {
         sha256: String::new(),
         text: None,
         pipeline: None,
+        guide: None,
     })
 }
 

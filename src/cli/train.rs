@@ -312,6 +312,11 @@ pub struct DistillRunArgs {
     /// 2024). TOML: `cfg_interval = [LO, HI]`. Default: guided at every level.
     #[arg(long, value_name = "LO,HI", value_parser = parse_interval)]
     pub cfg_interval: Option<[f64; 2]>,
+    /// Autoguidance (Karras et al. 2024): guide the real score against this weaker teacher
+    /// checkpoint's conditional x0 (e.g. the teacher's config trained for fewer steps) instead of
+    /// the unconditional one, at --cfg-scale and within --cfg-interval. TOML: `autoguidance`.
+    #[arg(long, value_name = "CKPT")]
+    pub autoguidance: Option<PathBuf>,
     /// Peak learning rate of the student.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -381,6 +386,9 @@ impl DistillRunArgs {
         set!(c.cfg_scale, self.cfg_scale);
         if self.cfg_interval.is_some() {
             c.cfg_interval = self.cfg_interval;
+        }
+        if self.autoguidance.is_some() {
+            c.autoguidance = self.autoguidance.clone();
         }
         set!(c.student_optim.lr, self.lr);
         set!(c.fake_optim.lr, self.fake_lr);

@@ -249,7 +249,7 @@ impl Dmd2Job {
         let cfg = &self.config;
         train_checks::dmd2(cfg)?;
         let dir = &cfg.common.teacher;
-        let (teacher, data, captions) = match &self.prompts {
+        let (mut teacher, data, captions) = match &self.prompts {
             None => {
                 let teacher = Teacher::load(dir, dev)?;
                 let res = teacher.meta.model.resolution();
@@ -275,6 +275,9 @@ impl Dmd2Job {
                 }
             }
         };
+        if let Some(g) = &cfg.common.autoguidance {
+            teacher.load_guide(g, dev)?;
+        }
         let mut m = Dmd2::new(cfg.clone(), &teacher, &data, dev)?;
         if let Some(c) = &captions {
             m = m.with_captions(c);
@@ -419,10 +422,13 @@ impl TdmJob {
     pub fn run(&self, dev: &Device) -> Result<PathBuf> {
         train_checks::tdm(&self.config)?;
         let dir = &self.config.common.teacher;
-        let teacher = match &self.prompts {
+        let mut teacher = match &self.prompts {
             None => Teacher::load(dir, dev)?,
             Some(p) => Teacher::load_text(dir, p, dev)?,
         };
+        if let Some(g) = &self.config.common.autoguidance {
+            teacher.load_guide(g, dev)?;
+        }
         let mut m = Tdm::new(self.config.clone(), &teacher, dev)?;
         // `Tdm::new` completes the config (the cosine decay length): store that one.
         let cfg = m.cfg.clone();

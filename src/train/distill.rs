@@ -28,6 +28,9 @@ pub struct Teacher {
     /// A text-to-image teacher's pipeline (its VAE and text encoder: real images for DMD2's
     /// GAN term, sample grids); its `den` shares the teacher's weights.
     pub pipeline: Option<graphs::diffusers::TextToImage>,
+    /// Autoguidance's weaker teacher ([`Teacher::load_guide`]): the real score is guided against
+    /// its conditional x0 instead of the unconditional one.
+    pub guide: Option<Denoiser>,
 }
 
 /// The prompts a text-to-image student is distilled on, encoded once by the pipeline's text
@@ -120,7 +123,49 @@ impl Teacher {
             sha256,
             text: None,
             pipeline: None,
+            guide: None,
         })
+    }
+
+    /// Loads autoguidance's weaker teacher from `dir`: one of our teacher checkpoints of the same
+    /// parameterisation, image shape and classes (e.g. the same config trained for fewer steps).
+    pub fn load_guide(&mut self, dir: &Path, device: &Device) -> Result<()> {
+        if self.text.is_some() {
+            bail!(
+                "autoguidance (--autoguidance {}) guides class-conditional and unconditional \
+                 teachers; a text-to-image teacher is guided against the empty prompt",
+                dir.display()
+            );
+        }
+        let (den, meta) = crate::checkpoint::load(dir, device)
+            .with_context(|| format!("--autoguidance {}: loading the weaker teacher", dir.display()))?;
+        let (a, b) = (&self.meta.model, &meta.model);
+        if meta.role != Role::Teacher
+            || a.parameterisation.name() != b.parameterisation.name()
+            || (a.channels(), a.resolution(), a.num_classes())
+                != (b.channels(), b.resolution(), b.num_classes())
+        {
+            bail!(
+                "--autoguidance {}: a {} {} {}x{}x{} model with {} classes cannot guide the {} \
+                 teacher {} ({}x{}x{}, {} classes): train the weaker teacher with the teacher's \
+                 config (e.g. fewer --train-steps)",
+                dir.display(),
+                meta.role.name(),
+                b.parameterisation.name(),
+                b.channels(),
+                b.resolution(),
+                b.resolution(),
+                b.num_classes(),
+                a.parameterisation.name(),
+                self.dir.display(),
+                a.channels(),
+                a.resolution(),
+                a.resolution(),
+                a.num_classes()
+            );
+        }
+        self.guide = Some(den);
+        Ok(())
     }
 
     /// A text-to-image pipeline folder (`graphs::diffusers::TextToImage`) with the prompts of
@@ -181,6 +226,7 @@ impl Teacher {
                 prompts_sha256,
             }),
             pipeline: Some(pipe),
+            guide: None,
         })
     }
 
@@ -757,11 +803,15 @@ pub fn draw_condition(
 /// in one batched call; prompts against the empty prompt). With a guidance `interval`
 /// `[lo, hi]` of sigmas, a sample is guided only where its sigma lies in `(lo, hi]` and gets the
 /// conditional x0 elsewhere (guidance in a limited interval, Kynkaanniemi et al. 2024: guidance
-/// at high noise is what collapses the modes).
+/// at high noise is what collapses the modes). With a `guide` (autoguidance), the direction is
+/// the teacher's conditional x0 against the guide's conditional x0 instead of against the
+/// unconditional one (Karras et al. 2024: it corrects the teacher's errors without CFG's pull
+/// towards each class's prototypes).
 #[allow(clippy::too_many_arguments)]
 pub fn real_score(
     b: &CandleBackend,
     teacher: &Denoiser,
+    guide: Option<&Denoiser>,
     x_t: &Tensor,
     level: &NoiseLevel<Tensor>,
     labels: &Tensor,
@@ -769,6 +819,22 @@ pub fn real_score(
     scale: f64,
     interval: Option<[f64; 2]>,
 ) -> Result<Tensor> {
+    if let Some(g) = guide {
+        let nc = net_cond(cond, labels);
+        let c = teacher.forward_with(b, x_t, level, nc)?;
+        if scale == 1.0 {
+            return Ok(c);
+        }
+        let n = x_t.dim(0)?;
+        let weights = interval_weights(level, scale, interval)?
+            .unwrap_or_else(|| vec![scale as f32; n]);
+        if weights.iter().all(|&w| w == 1.0) {
+            return Ok(c);
+        }
+        let u = g.forward_with(b, x_t, level, nc)?;
+        let w = Tensor::from_vec(weights, n, x_t.device())?.to_dtype(c.dtype())?;
+        return Ok((&u + (&c - &u)?.broadcast_mul(&graphs::losses::per_image(&w)?)?)?);
+    }
     let Some(weights) = interval_weights(level, scale, interval)? else {
         return Ok(match cond {
             None => graphs::guidance::cond_uncond_batched(b, teacher, x_t, level, labels, scale)?

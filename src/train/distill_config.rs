@@ -29,6 +29,10 @@ pub struct DistillCommon {
     /// Guide the real score only where the noise level's sigma lies in `(lo, hi]` (the
     /// conditional x0 elsewhere); `None`: at every level.
     pub cfg_interval: Option<[f64; 2]>,
+    /// Autoguidance (Karras et al. 2024): the real score is guided against this weaker teacher
+    /// checkpoint's conditional x0 (e.g. the same teacher trained for fewer steps) instead of
+    /// the teacher's unconditional one, at `cfg_scale` and within `cfg_interval`.
+    pub autoguidance: Option<PathBuf>,
     /// Optimiser of the student.
     pub student_optim: AdamWConfig,
     /// Optimiser of the fake score (and DMD2's GAN head).
@@ -48,6 +52,7 @@ impl DistillCommon {
             timesteps,
             cfg_scale: 1.5,
             cfg_interval: None,
+            autoguidance: None,
             student_optim,
             fake_optim,
             lora: Default::default(),
@@ -136,6 +141,8 @@ macro_rules! distill_config {
                 cfg_scale: f64,
                 #[serde(skip_serializing_if = "Option::is_none")]
                 cfg_interval: Option<[f64; 2]>,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                autoguidance: Option<PathBuf>,
                 student_optim: AdamWConfig,
                 fake_optim: AdamWConfig,
                 // Absent when off, so a full fine-tuning run's config is what it always was.
@@ -157,6 +164,7 @@ macro_rules! distill_config {
                         timesteps,
                         cfg_scale,
                         cfg_interval,
+                        autoguidance,
                         student_optim,
                         fake_optim,
                         lora,
@@ -167,6 +175,7 @@ macro_rules! distill_config {
                         timesteps,
                         cfg_scale,
                         cfg_interval,
+                        autoguidance,
                         student_optim,
                         fake_optim,
                         lora,
@@ -184,6 +193,7 @@ macro_rules! distill_config {
                             timesteps: c.timesteps,
                             cfg_scale: c.cfg_scale,
                             cfg_interval: c.cfg_interval,
+                            autoguidance: c.autoguidance,
                             student_optim: c.student_optim,
                             fake_optim: c.fake_optim,
                             lora: c.lora,

@@ -465,6 +465,7 @@ impl Method for Dmd2<'_> {
             let real = real_score(
                 &b,
                 &self.teacher.den,
+                self.teacher.guide.as_ref(),
                 &x_t,
                 &level,
                 &labels,

@@ -433,6 +433,7 @@ impl Method for Tdm<'_> {
             let real = real_score(
                 &b,
                 &self.teacher.den,
+                self.teacher.guide.as_ref(),
                 &x_t,
                 &level,
                 labels,
