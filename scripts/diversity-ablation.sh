@@ -20,6 +20,8 @@ mkdir -p "$OUT"
 [ -x "$BIN" ] || { echo "error: $BIN not found: cargo build --release first" >&2; exit 1; }
 [ -f "$TEACHER/config.json" ] || { echo "error: no teacher checkpoint at $TEACHER (run distill pipeline or distill train teacher first)" >&2; exit 1; }
 
+# Autoguidance's weaker teacher: the teacher's command at a fifth of its steps (trained if missing).
+WEAK="${WEAK:-runs/weak_teacher/checkpoint}"
 # The pipeline's distillation settings (src/jobs/pipeline.rs): these are what each row changes.
 ONE="--timesteps 999 --dfake-gen-update-ratio 5 --train-steps 1500"
 FOUR="--timesteps 999,749,499,249 --dfake-gen-update-ratio 5 --train-steps 1500"
@@ -56,6 +58,8 @@ ROWS_ALL=(
   "dmd2_1step_gan10_cls1e-1|dmd2|$ONE $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-classifier-weight 1e-1 --gan-classifier-max-timestep 1000 --gan-classifier-misclassified-only false|1"
   "dmd2_1step_gan10_mcls1e-1|dmd2|$ONE $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-classifier-weight 1e-1|1"
   "dmd2_1step_gan10_mcls3e-1|dmd2|$ONE $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-classifier-weight 3e-1|1"
+  "dmd2_1step_gan10_auto2|dmd2|$ONE $RUN --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --autoguidance $WEAK|1"
+  "dmd2_1step_gan10_auto3|dmd2|${ONE} ${RUN/--cfg-scale 2/--cfg-scale 3} --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --autoguidance $WEAK|1"
   "dmd2_4step_gan10_interval15|dmd2|$FOUR $RUN --cfg-interval 0.3,15 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1|4 3 2 1"
   "dmd2_4step_gan10_t250_interval15|dmd2|$FOUR $RUN --cfg-interval 0.3,15 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-max-timestep 250|4 3 2 1"
   "dmd2_4step_snr|dmd2|${FOUR/999,749,499,249/999,476,383,306} $RUN|4 3 2 1"
@@ -95,6 +99,10 @@ for spec in "heun 18" "euler 4"; do
     [ -f "$f" ] || "$BIN" eval "$TEACHER" --sampler "$1" --sample-steps "$2" --cfg-scale 2 --n "$N" \
         --quiet --json "$f" > "${f%.json}.txt" 2>&1
 done
+
+if [ ! -f "$WEAK/config.json" ] && { [ -z "${ROWS:-}" ] || [[ "$ROWS" == *auto* ]]; }; then
+    "$BIN" train teacher --train-steps 1000 --quiet -o "${WEAK%/checkpoint}" > "$OUT/weak_teacher.log" 2>&1
+fi
 
 pids=()
 for row in "${ROWS_ALL[@]}"; do

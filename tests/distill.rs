@@ -512,8 +512,9 @@ fn real_score_guides_only_inside_its_cfg_interval() {
         .unwrap();
     let labels = Tensor::new(&[1u32, 2, 3, 4], &cpu()).unwrap();
     let level = dist::sigma_level(&t.den, &sig, &cpu()).unwrap();
-    let score =
-        |scale, iv| dist::real_score(&b, &t.den, &x, &level, &labels, &None, scale, iv).unwrap();
+    let score = |scale, iv| {
+        dist::real_score(&b, &t.den, None, &x, &level, &labels, &None, scale, iv).unwrap()
+    };
     let (cond, guided) = (score(1.0, None), score(3.0, None));
     let within = score(3.0, Some([0.5, 20.0]));
     let row = |a: &Tensor, i: usize| a.narrow(0, i, 1).unwrap();
@@ -536,6 +537,68 @@ fn real_score_guides_only_inside_its_cfg_interval() {
     // An interval that holds no sample is the conditional call; at scale 1 it changes nothing.
     assert!(diff(&score(3.0, Some([100.0, 200.0])), &cond) < 1e-4);
     assert!(diff(&score(1.0, Some([0.5, 20.0])), &cond) < 1e-6);
+}
+
+/// A weaker teacher of the tiny teacher's config (fewer steps): autoguidance's guide.
+fn weak_tiny_teacher() -> &'static Path {
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| teacher_ckpt("tiny_weak", UNetConfig::tiny(), 6))
+}
+
+#[test]
+fn autoguidance_guides_against_the_weaker_teachers_conditional_x0() {
+    let mut t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let b = CandleBackend::new(&cpu());
+    let sig = [0.1f64, 1.0, 10.0, 80.0];
+    let x = Tensor::randn(0f32, 1.0, (4, 1, 16, 16), &cpu())
+        .unwrap()
+        .broadcast_mul(
+            &Tensor::new(&[0.1f32, 1.0, 10.0, 80.0], &cpu())
+                .unwrap()
+                .reshape((4, 1, 1, 1))
+                .unwrap(),
+        )
+        .unwrap();
+    let labels = Tensor::new(&[1u32, 2, 3, 4], &cpu()).unwrap();
+    let level = dist::sigma_level(&t.den, &sig, &cpu()).unwrap();
+    let nc = graphs::NetCond::Labels(&labels);
+    let cond = t.den.forward_with(&b, &x, &level, nc).unwrap();
+    t.load_guide(weak_tiny_teacher(), &cpu()).unwrap();
+    let guide = t.guide.as_ref().unwrap();
+    let weak = guide.forward_with(&b, &x, &level, nc).unwrap();
+    let score = |g: Option<&graphs::Denoiser>, scale, iv| {
+        dist::real_score(&b, &t.den, g, &x, &level, &labels, &None, scale, iv).unwrap()
+    };
+    // The guide is another network (or the test could not fail) ...
+    assert!(max_abs(&cond, &weak) > 1e-3);
+    // ... and the real score is weak + 3 (cond - weak), not CFG's uncond + 3 (cond - uncond).
+    let want = (&weak + ((&cond - &weak).unwrap() * 3.0).unwrap()).unwrap();
+    let auto = score(Some(guide), 3.0, None);
+    assert!(max_abs(&auto, &want) < 1e-4, "{}", max_abs(&auto, &want));
+    assert!(max_abs(&auto, &score(None, 3.0, None)) > 1e-3);
+    // Inside (0.5, 20] only; the conditional x0 elsewhere and at scale 1.
+    let within = score(Some(guide), 3.0, Some([0.5, 20.0]));
+    for (i, inside) in [false, true, true, false].into_iter().enumerate() {
+        let w = if inside { &want } else { &cond };
+        let d = max_abs(
+            &within.narrow(0, i, 1).unwrap(),
+            &w.narrow(0, i, 1).unwrap(),
+        );
+        assert!(d < 1e-4, "sample {i} (inside {inside}): {d}");
+    }
+    assert!(max_abs(&score(Some(guide), 1.0, None), &cond) < 1e-6);
+    // A guide of another image shape is refused, naming the flag.
+    let wide = UNetConfig {
+        resolution: 32,
+        ..UNetConfig::tiny()
+    };
+    let mut t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let e = t
+        .load_guide(&teacher_ckpt("tiny32", wide, 2), &cpu())
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("--autoguidance"), "{e:#}");
+    assert!(format!("{e:#}").contains("1x32x32"), "{e:#}");
+    assert!(t.guide.is_none());
 }
 
 #[test]

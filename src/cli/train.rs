@@ -735,8 +735,18 @@ mod tests {
             .unwrap();
         assert_eq!(c.common.cfg_interval, Some([0.3, 5.0]));
         assert!(!c.phased);
+        let c = dmd2(&["--autoguidance", "runs/weak/checkpoint"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let weak = std::path::Path::new("runs/weak/checkpoint");
+        assert_eq!(c.common.autoguidance.as_deref(), Some(weak));
+        let t = toml::to_string(&c).unwrap();
+        assert!(t.contains("autoguidance = \"runs/weak/checkpoint\""), "{t}");
         let c = dmd2(&[]).unwrap().resolve().unwrap();
         assert_eq!(c.common.cfg_interval, None);
+        assert!(c.common.autoguidance.is_none());
+        assert!(!toml::to_string(&c).unwrap().contains("autoguidance"));
         assert!(c.phased);
         for bad in ["0.3", "5,0.3", "a,b", "0.3,5,7", "-1,2"] {
             let e = dmd2(&[&format!("--cfg-interval={bad}")])

@@ -137,8 +137,12 @@ impl Teacher {
                 dir.display()
             );
         }
-        let (den, meta) = crate::checkpoint::load(dir, device)
-            .with_context(|| format!("--autoguidance {}: loading the weaker teacher", dir.display()))?;
+        let (den, meta) = crate::checkpoint::load(dir, device).with_context(|| {
+            format!(
+                "--autoguidance {}: loading the weaker teacher",
+                dir.display()
+            )
+        })?;
         let (a, b) = (&self.meta.model, &meta.model);
         if meta.role != Role::Teacher
             || a.parameterisation.name() != b.parameterisation.name()
@@ -826,8 +830,8 @@ pub fn real_score(
             return Ok(c);
         }
         let n = x_t.dim(0)?;
-        let weights = interval_weights(level, scale, interval)?
-            .unwrap_or_else(|| vec![scale as f32; n]);
+        let weights =
+            interval_weights(level, scale, interval)?.unwrap_or_else(|| vec![scale as f32; n]);
         if weights.iter().all(|&w| w == 1.0) {
             return Ok(c);
         }
