@@ -563,7 +563,10 @@ fn autoguidance_guides_against_the_weaker_teachers_conditional_x0() {
     let level = dist::sigma_level(&t.den, &sig, &cpu()).unwrap();
     let nc = graphs::NetCond::Labels(&labels);
     let cond = t.den.forward_with(&b, &x, &level, nc).unwrap();
+    let alone = t.sha256.clone();
     t.load_guide(weak_tiny_teacher(), &cpu()).unwrap();
+    // A resume checks the guide's weights with the teacher's.
+    assert_ne!(t.sha256, alone);
     let guide = t.guide.as_ref().unwrap();
     let weak = guide.forward_with(&b, &x, &level, nc).unwrap();
     let score = |g: Option<&graphs::Denoiser>, scale, iv| {

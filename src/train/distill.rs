@@ -168,6 +168,9 @@ impl Teacher {
                 a.num_classes()
             );
         }
+        // A resumed run must see the same guide too: its weights join the teacher's hash.
+        let guide_sha = crate::checkpoint::file_sha256(&dir.join("model.safetensors"))?;
+        self.sha256 = crate::checks::sha256_hex(format!("{}{guide_sha}", self.sha256).as_bytes());
         self.guide = Some(den);
         Ok(())
     }
