@@ -60,6 +60,8 @@ ROWS_ALL=(
   "dmd2_1step_gan10_mcls3e-1|dmd2|$ONE $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-classifier-weight 3e-1|1"
   "dmd2_1step_gan10_auto2|dmd2|$ONE $RUN --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --autoguidance $WEAK|1"
   "dmd2_1step_gan10_auto3|dmd2|${ONE} ${RUN/--cfg-scale 2/--cfg-scale 3} --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --autoguidance $WEAK|1"
+  "dmd2_1step_gan10_long|dmd2|${ONE/1500/3000} $RUN --cfg-interval 0.3,5 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1|1"
+  "dmd2_1step_gan10_auto3_long|dmd2|${ONE/1500/3000} ${RUN/--cfg-scale 2/--cfg-scale 3} --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --autoguidance $WEAK|1"
   "dmd2_4step_gan10_interval15|dmd2|$FOUR $RUN --cfg-interval 0.3,15 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1|4 3 2 1"
   "dmd2_4step_gan10_t250_interval15|dmd2|$FOUR $RUN --cfg-interval 0.3,15 --gan-generator-weight 3e-2 --gan-critic-weight 1e-1 --gan-max-timestep 250|4 3 2 1"
   "dmd2_4step_snr|dmd2|${FOUR/999,749,499,249/999,476,383,306} $RUN|4 3 2 1"
