@@ -10,6 +10,7 @@ use distill::train::dmd2::{Dmd2, Dmd2Config};
 use distill::train::tdm::{NoiseMode, Tdm, TdmConfig};
 use distill::train::teacher::{self, TeacherConfig};
 use distill::train::RunDir;
+use graphs::losses::dmd2::FDivergence;
 use graphs::{CandleBackend, NoiseGrid, UNetConfig};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -310,6 +311,52 @@ fn dmd2_gan_classifier_learns_real_classes_and_pushes_the_student() {
     )
     .unwrap_err();
     assert!(format!("{e:#}").contains("gan_classifier_weight"), "{e:#}");
+}
+
+#[test]
+fn dmd2_f_divergence_weights_matching_by_the_heads_density_ratio() {
+    let t = Teacher::load(tiny_teacher(), &cpu()).unwrap();
+    let student = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    let (rkl, fkl, js) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let cfg = dmd2_cfg(tiny_teacher(), 3);
+    assert_eq!(cfg.f_divergence, FDivergence::ReverseKl);
+    run_dmd2(&cfg, &t, &mnist(16), rkl.path(), false).unwrap();
+    assert!(metric(rkl.path(), "log_density_ratio").is_empty());
+    for (f, dir) in [
+        (FDivergence::ForwardKl, fkl.path()),
+        (FDivergence::JensenShannon, js.path()),
+    ] {
+        let mut c = dmd2_cfg(tiny_teacher(), 3);
+        c.f_divergence = f;
+        run_dmd2(&c, &t, &mnist(16), dir, false).unwrap();
+        // Logged on the student's one turn (step 0); the weights average 1 over the batch, so
+        // the largest is in [1, batch].
+        let r = metric(dir, "log_density_ratio");
+        assert!(r.len() == 1 && r[0].1.is_finite(), "{f:?} {r:?}");
+        let w = metric(dir, "f_weight_max");
+        let batch = c.common.run.batch_size as f64;
+        assert!(w.len() == 1 && (1.0..=batch).contains(&w[0].1), "{f:?} {w:?}");
+        // Same seed, same draws: only the weighting differs, and it changes the student.
+        assert_ne!(student(dir), student(rkl.path()), "{f:?} left the student as reverse KL's");
+    }
+    assert_ne!(student(fkl.path()), student(js.path()));
+    // Without the GAN head there is no density ratio: refused by name.
+    let mut bad = dmd2_cfg(tiny_teacher(), 3);
+    bad.gan = false;
+    bad.f_divergence = FDivergence::ForwardKl;
+    let e = run_dmd2(
+        &bad,
+        &t,
+        &mnist(16),
+        tempfile::tempdir().unwrap().path(),
+        false,
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("f_divergence"), "{e:#}");
 }
 
 #[test]

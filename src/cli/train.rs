@@ -9,6 +9,7 @@ use distill::train::dmd2::Dmd2Config;
 use distill::train::optim::LrSchedule;
 use distill::train::tdm::{NoiseMode, TdmConfig};
 use distill::train::teacher::TeacherConfig;
+use graphs::losses::dmd2::FDivergence;
 use graphs::losses::tdm::{Distance, Weighting};
 use graphs::{BetaSchedule, Precision, UNetConfig};
 use std::path::PathBuf;
@@ -495,6 +496,12 @@ pub struct Dmd2Args {
     /// Default: true.
     #[arg(long, value_name = "BOOL")]
     pub gan_classifier_misclassified_only: Option<bool>,
+    /// The f-divergence distribution matching descends (f-distill): reverse-kl (DMD's,
+    /// mode-seeking), or forward-kl / jensen-shannon (mode-covering / between), whose per-sample
+    /// weights come from the GAN head's density-ratio estimate (needs the GAN head). Default:
+    /// reverse-kl.
+    #[arg(long, value_enum, value_name = "DIVERGENCE")]
+    pub f_divergence: Option<FDivergenceArg>,
     /// Multi-step students: match step k's images (and train the fake score on them) only at
     /// the noise levels of its own phase, from its timestep down to the next step's (Phased
     /// DMD); `false`: over the whole grid, as DMD2's backward simulation. Default: true.
@@ -528,8 +535,28 @@ impl Dmd2Args {
             c.gan_classifier_misclassified_only,
             self.gan_classifier_misclassified_only
         );
+        if let Some(f) = self.f_divergence {
+            c.f_divergence = f.into();
+        }
         set!(c.phased, self.phased);
         Ok(c)
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FDivergenceArg {
+    ReverseKl,
+    ForwardKl,
+    JensenShannon,
+}
+
+impl From<FDivergenceArg> for FDivergence {
+    fn from(f: FDivergenceArg) -> Self {
+        match f {
+            FDivergenceArg::ReverseKl => FDivergence::ReverseKl,
+            FDivergenceArg::ForwardKl => FDivergence::ForwardKl,
+            FDivergenceArg::JensenShannon => FDivergence::JensenShannon,
+        }
     }
 }
 
@@ -754,5 +781,23 @@ mod tests {
                 .to_string();
             assert!(e.contains("expected LO,HI"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn f_divergence_reaches_the_config_in_its_toml_spelling() {
+        use graphs::losses::dmd2::FDivergence;
+        let c = dmd2(&[]).unwrap().resolve().unwrap();
+        assert_eq!(c.f_divergence, FDivergence::ReverseKl);
+        let c = dmd2(&["--f-divergence", "jensen-shannon"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.f_divergence, FDivergence::JensenShannon);
+        let t = toml::to_string(&c).unwrap();
+        assert!(t.contains("f_divergence = \"jensen_shannon\""), "{t}");
+        let back: super::Dmd2Config = toml::from_str(&t).unwrap();
+        assert_eq!(back.f_divergence, FDivergence::JensenShannon);
+        let e = dmd2(&["--f-divergence", "hellinger"]).unwrap_err().to_string();
+        assert!(e.contains("forward-kl"), "{e}");
     }
 }

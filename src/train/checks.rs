@@ -223,6 +223,7 @@ fn before_keys(mut saved: toml::Value) -> toml::Value {
                 "gan_classifier_misclassified_only",
                 toml::Value::Boolean(true),
             ),
+            ("f_divergence", toml::Value::String("reverse_kl".into())),
         ] {
             t.entry(k).or_insert(v);
         }

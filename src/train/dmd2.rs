@@ -26,7 +26,8 @@ use crate::rng::SampleRngs;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use graphs::losses::{dmd2::dm_loss, gan, teacher_loss_with};
+use graphs::losses::dmd2::{dm_loss_weighted, FDivergence};
+use graphs::losses::{gan, teacher_loss_with};
 use graphs::nn::GanHead;
 use graphs::{CandleBackend, Cond, Denoiser, GeneratorSpec, ModelConfig, NetCond, NoiseGrid};
 use rand::Rng;
@@ -69,6 +70,11 @@ distill_config! {
         /// The student's cross-entropy only on the images the classifier assigns to another class
         /// (those already of their class keep their variety); `false`: on every image.
         pub gan_classifier_misclassified_only: bool,
+        /// The f-divergence distribution matching descends (f-distill, Xu et al. 2025):
+        /// `reverse_kl` (DMD's), or the less mode-seeking `forward_kl` / `jensen_shannon`, whose
+        /// per-sample weights come from the GAN head's logit on the noisy `x_t` (a density-ratio
+        /// estimate, real = teacher); those need `gan = true`.
+        pub f_divergence: FDivergence,
         /// Multi-step students: step `k`'s images are matched (and the fake score learns them)
         /// only at noise levels in its own phase, the grid timesteps from its own timestep down
         /// to the next step's (Phased DMD, arXiv 2510.27684), instead of over the whole grid;
@@ -102,6 +108,7 @@ impl Default for Dmd2Config {
             gan_classifier_weight: 0.0,
             gan_classifier_max_timestep: 250,
             gan_classifier_misclassified_only: true,
+            f_divergence: FDivergence::ReverseKl,
             phased: true,
         }
     }
@@ -142,6 +149,12 @@ impl Dmd2Config {
             self.gan || self.gan_classifier_weight == 0.0,
             "gan_classifier_weight (--gan-classifier-weight) is a second output of the GAN head: \
              it needs gan = true"
+        );
+        ensure!(
+            self.gan || !self.f_divergence.needs_ratio(),
+            "f_divergence = {} (--f-divergence) weights distribution matching by the GAN head's \
+             density-ratio estimate: it needs gan = true (or f_divergence = reverse_kl)",
+            self.f_divergence.name()
         );
         Ok(())
     }
@@ -475,15 +488,33 @@ impl Method for Dmd2<'_> {
             )?;
             let fake_frozen = graphs::params::detached(&fake)?;
             let fake_x0 = fake_frozen.forward_with(&b, &x_t, &level, nc)?;
-            let dm = dm_loss(&x0, &real, &fake_x0)?;
+            // Through frozen copies: the head and fake score get nothing from the student's terms.
+            let hf = self.head.as_ref().map(graphs::params::detached_head);
+            let weights = match (&hf, self.cfg.f_divergence.needs_ratio()) {
+                (Some(hf), true) => {
+                    // The head's logit at x_t itself estimates log(p_teacher / p_student) there.
+                    let labels = match nc {
+                        NetCond::Labels(l) => Some(l),
+                        NetCond::Text(_) => None,
+                    };
+                    let feats = fake_frozen.bottleneck_with(&b, &x_t, &level, nc)?;
+                    let log_r = hf.forward(&b, &feats, labels)?;
+                    m.insert("log_density_ratio".into(), scalar(&log_r.mean_all()?)?);
+                    let w = self.cfg.f_divergence.weights(&log_r)?;
+                    if let Some(w) = &w {
+                        m.insert("f_weight_max".into(), scalar(&w.max(0)?)?);
+                    }
+                    w
+                }
+                _ => None,
+            };
+            let dm = dm_loss_weighted(&x0, &real, &fake_x0, weights.as_ref())?;
             m.insert("loss_dm".into(), finite("loss_dm", &dm.loss)?);
             m.insert("dm_normaliser".into(), dm.normaliser);
             let mut loss = dm.loss;
-            if let Some(head) = &self.head {
-                // Through frozen copies: the head and fake score get nothing from this term.
-                let hf = graphs::params::detached_head(head);
+            if let Some(hf) = &hf {
                 let draw = self.gan_draw(&mut rngs, &shape[1..])?;
-                let logits = self.gan_logits(&b, &fake_frozen, &hf, &x0, nc, draw)?;
+                let logits = self.gan_logits(&b, &fake_frozen, hf, &x0, nc, draw)?;
                 let g = gan::generator_loss(&logits)?;
                 m.insert("loss_gan_gen".into(), finite("loss_gan_gen", &g)?);
                 loss = (loss + (g * self.cfg.gan_generator_weight)?)?;
