@@ -339,9 +339,16 @@ fn dmd2_f_divergence_weights_matching_by_the_heads_density_ratio() {
         assert!(r.len() == 1 && r[0].1.is_finite(), "{f:?} {r:?}");
         let w = metric(dir, "f_weight_max");
         let batch = c.common.run.batch_size as f64;
-        assert!(w.len() == 1 && (1.0..=batch).contains(&w[0].1), "{f:?} {w:?}");
+        assert!(
+            w.len() == 1 && (1.0..=batch).contains(&w[0].1),
+            "{f:?} {w:?}"
+        );
         // Same seed, same draws: only the weighting differs, and it changes the student.
-        assert_ne!(student(dir), student(rkl.path()), "{f:?} left the student as reverse KL's");
+        assert_ne!(
+            student(dir),
+            student(rkl.path()),
+            "{f:?} left the student as reverse KL's"
+        );
     }
     assert_ne!(student(fkl.path()), student(js.path()));
     // Without the GAN head there is no density ratio: refused by name.

@@ -797,7 +797,9 @@ mod tests {
         assert!(t.contains("f_divergence = \"jensen_shannon\""), "{t}");
         let back: super::Dmd2Config = toml::from_str(&t).unwrap();
         assert_eq!(back.f_divergence, FDivergence::JensenShannon);
-        let e = dmd2(&["--f-divergence", "hellinger"]).unwrap_err().to_string();
+        let e = dmd2(&["--f-divergence", "hellinger"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("forward-kl"), "{e}");
     }
 }

@@ -157,14 +157,22 @@ mod tests {
         let grad_of = |w: Option<&Tensor>| -> Vec<f32> {
             let l = dm_loss_weighted(x.as_tensor(), &real, &fake, w).unwrap();
             let g = l.loss.backward().unwrap();
-            g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
         };
         let plain = grad_of(None);
         let w = Tensor::new(&[0.5f32, 1.5], &d).unwrap();
         let weighted = grad_of(Some(&w));
         for i in 0..4 {
             let s = if i < 2 { 0.5 } else { 1.5 };
-            assert!((weighted[i] - s * plain[i]).abs() < 1e-6, "{plain:?} {weighted:?}");
+            assert!(
+                (weighted[i] - s * plain[i]).abs() < 1e-6,
+                "{plain:?} {weighted:?}"
+            );
         }
         assert!(plain.iter().any(|g| g.abs() > 1e-3));
     }
