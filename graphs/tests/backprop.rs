@@ -83,7 +83,10 @@ impl CustomOp1 for Identity {
             candle_core::bail!("f32 only")
         };
         let (a, b) = l.contiguous_offsets().expect("contiguous");
-        Ok((candle_core::CpuStorage::F32(v[a..b].to_vec()), l.shape().clone()))
+        Ok((
+            candle_core::CpuStorage::F32(v[a..b].to_vec()),
+            l.shape().clone(),
+        ))
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.clone()))
