@@ -31,3 +31,8 @@ fn upsample_matches_stock() {
 fn attention_matches_stock() {
     checks::attention_suite();
 }
+
+#[test]
+fn concat_channels_matches_stock() {
+    checks::concat_suite();
+}

@@ -183,6 +183,11 @@ macro_rules! by_len {
     };
 }
 
+/// Weight bytes of one channel block above which the input-channel blocks become the outer
+/// loop (each block's weights, `CI_BLOCK x taps x bw` floats, then stay in L1 across the runs
+/// instead of the whole block streaming from L2 once per run).
+const L1_WEIGHTS: usize = 48 * 1024;
+
 #[inline(always)]
 unsafe fn run_imp<S: Simd>(
     p: &Pass,
@@ -193,6 +198,8 @@ unsafe fn run_imp<S: Simd>(
     b_hi: usize,
 ) {
     let wblock = p.cin * p.taps.len() * p.bw;
+    // Either order adds the same partial sums in the same order: results are identical.
+    let ci_outer = wblock * 4 > L1_WEIGHTS;
     for b in b_lo..b_hi {
         // One vector suffices for a last block with at most LANES real channels.
         let cv1 = p.cout - b * p.bw <= S::LANES;
@@ -203,19 +210,36 @@ unsafe fn run_imp<S: Simd>(
             bias.add(b * p.bw)
         };
         let out = out.add(b * p.bw);
-        for r in p.runs {
-            debug_assert!(r.n >= 1 && r.n <= if cv1 { 2 * S::PIX } else { S::PIX });
-            if cv1 {
-                by_len!(S, 1, r.n, p, w, bias, r, out, os);
-            } else {
-                by_len!(S, 2, r.n, p, w, bias, r, out, os);
+        // A loop, not a closure: closures do not inherit the caller's target features.
+        let step = if p.cin == 0 || !ci_outer {
+            p.cin.max(1)
+        } else {
+            CI_BLOCK
+        };
+        let mut ci = 0;
+        loop {
+            let end = (ci + step).min(p.cin);
+            for r in p.runs {
+                debug_assert!(r.n >= 1 && r.n <= if cv1 { 2 * S::PIX } else { S::PIX });
+                if cv1 {
+                    by_len!(S, 1, r.n, p, w, bias, r, out, os, ci, end);
+                } else {
+                    by_len!(S, 2, r.n, p, w, bias, r, out, os, ci, end);
+                }
+            }
+            ci = end;
+            if ci >= p.cin {
+                break;
             }
         }
     }
 }
 
-/// `P` pixels x `CV` channel vectors, accumulated in registers over every input channel and tap.
+/// `P` pixels x `CV` channel vectors, accumulated in registers over input channels
+/// `ci0..ci1` (in blocks of [`CI_BLOCK`]) and every tap; the first block (`ci0 == 0`) starts
+/// from the bias and stores, later ones add to the output.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile<S: Simd, const CV: usize, const P: usize>(
     p: &Pass,
     w: *const f32,
@@ -223,14 +247,16 @@ unsafe fn tile<S: Simd, const CV: usize, const P: usize>(
     r: &Run,
     out: *mut f32,
     os: usize,
+    ci0: usize,
+    ci1: usize,
 ) {
-    let mut sp = p.src.as_ptr().add(r.src);
-    let mut wp = w;
-    let mut ci = 0;
+    let mut sp = p.src.as_ptr().add(r.src + ci0 * p.cstride);
+    let mut wp = w.add(ci0 * p.taps.len() * p.bw);
+    let mut ci = ci0;
     // Input channels in blocks: each block's sum is added to the output separately, which keeps
     // the round-off of long reductions (e.g. 256 channels x 9 taps) near a blocked GEMM's.
-    while ci < p.cin {
-        let end = (ci + CI_BLOCK).min(p.cin);
+    while ci < ci1 {
+        let end = (ci + CI_BLOCK).min(ci1);
         let mut acc = [[S::zero(); CV]; P];
         if ci == 0 && !bias.is_null() {
             for v in 0..CV {

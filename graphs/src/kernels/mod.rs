@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod concat;
 mod conv;
 mod conv_direct;
 pub mod conv_op;
@@ -17,6 +18,7 @@ mod tensor_io;
 pub mod upsample;
 
 pub use attention::attention;
+pub use concat::concat_channels;
 pub use conv_op::{conv2d, conv2d_residual};
 pub use norm::group_norm;
 pub use upsample::upsample_nearest2x;

@@ -173,6 +173,10 @@ pub fn conv_suite() {
     conv(2, 1, 16, 16, 8, 3, 1, 1, Channel);
     conv(1, 16, 8, 8, 20, 3, 1, 1, Channel);
     conv(1, 20, 8, 8, 36, 3, 2, 1, Image);
+    // Weight blocks past L1 (input-channel blocks outer, a partial last block of 4), forward
+    // and input gradient (its pass reads `cout` channels).
+    conv(2, 100, 6, 5, 40, 3, 1, 1, Channel);
+    conv(1, 48, 8, 8, 100, 3, 2, 1, Image);
 }
 
 /// Fused GroupNorm(+SiLU) vs the stock composition.
@@ -274,6 +278,58 @@ pub fn upsample_suite() {
             1e-6,
         );
     }
+}
+
+/// Channel concatenation (and its split backward) vs `Tensor::cat`, one input not tracked too.
+pub fn concat_suite() {
+    for ((n, c1, c2, h, w), track2) in [
+        ((2, 3, 5, 4, 4), true),
+        ((1, 1, 1, 1, 1), true),
+        ((3, 64, 32, 8, 8), true),
+        ((2, 4, 2, 3, 7), false),
+        ((200, 2, 3, 2, 2), true),
+    ] {
+        let a = randn(&[n, c1, h, w], 1.0);
+        let b: Tensor = if track2 {
+            randn(&[n, c2, h, w], 1.0).as_tensor().clone()
+        } else {
+            Tensor::randn(0f32, 1.0, (n, c2, h, w), &Device::Cpu).unwrap()
+        };
+        // A strided input as well: the kernel takes a contiguous copy.
+        let bt = b
+            .transpose(2, 3)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let ours = graphs::kernels::concat_channels(&a, &bt).unwrap().unwrap();
+        let stock = Tensor::cat(&[a.as_tensor(), &b], 1).unwrap();
+        assert_close("concat forward", &ours, &stock, 0.0);
+        let g = Tensor::randn(0f32, 1.0, stock.dims(), &Device::Cpu).unwrap();
+        let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (stock * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(
+            "concat gradient 1",
+            go.get(&a).unwrap(),
+            gs.get(&a).unwrap(),
+            0.0,
+        );
+        if track2 {
+            assert_close(
+                "concat gradient 2",
+                go.get(&b).unwrap(),
+                gs.get(&b).unwrap(),
+                0.0,
+            );
+        } else {
+            assert!(go.get(&b).is_none());
+        }
+    }
+    let bad =
+        graphs::kernels::concat_channels(&randn(&[2, 3, 4, 4], 1.0), &randn(&[2, 3, 4, 5], 1.0));
+    let err = bad.unwrap_err().to_string();
+    assert!(err.contains("differ outside the channels"), "{err}");
 }
 
 /// Fused attention core vs candle's transpose / matmul / softmax composition.
