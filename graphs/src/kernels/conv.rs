@@ -245,19 +245,18 @@ pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], level: Level) -> (Vec<f32>, 
             acc
         })
         .collect();
-    let mut sum = accs[0].clone();
-    for a in &accs[1..] {
-        for (s, v) in sum.iter_mut().zip(a) {
-            *s += v;
-        }
-    }
+    // Sum of the tasks' accumulators, transposed to `[cout][cin][tap]`: parallel over output
+    // channels (serial, this epilogue was a tenth of a batch-1 step of a 35M-parameter UNet).
     let mut dw = vec![0f32; g.cout * g.cin * taps];
-    for (co, d) in dw.chunks_mut(g.cin * taps).enumerate() {
-        for ci in 0..g.cin {
-            for t in 0..taps {
-                d[ci * taps + t] = sum[(t * g.cin + ci) * cpad + co];
+    dw.par_chunks_mut(g.cin * taps)
+        .enumerate()
+        .for_each(|(co, d)| {
+            for ci in 0..g.cin {
+                for t in 0..taps {
+                    let i = (t * g.cin + ci) * cpad + co;
+                    d[ci * taps + t] = accs.iter().fold(0f32, |s, a| s + a[i]);
+                }
             }
-        }
-    }
+        });
     (dw, db)
 }

@@ -8,7 +8,7 @@
 //!   own rows of the pixel-major result.
 //! * Weight gradient: the padded input transposed to pixel-major `[pixel][channel]`.
 
-use super::conv_direct::{block_width, pack, run_pixels, runs, Run};
+use super::conv_direct::{block_width, pack, pack_rows, run_pixels, runs, Run};
 use super::simd::Level;
 
 /// A square-kernel conv2d on `[n, cin, h, w]` with `cout` filters, stride `s`, zero padding `p`.
@@ -90,9 +90,7 @@ impl FwdPlan {
     /// `w`: the conv weight `[cout][cin][k][k]`.
     pub fn new(g: &Geom, w: &[f32], level: Level) -> Self {
         let t = g.taps();
-        let w = pack(g.cout, g.cin, t, block_width(level), |co, ci, tap| {
-            w[(co * g.cin + ci) * t + tap]
-        });
+        let w = pack_rows(g.cout, g.cin * t, block_width(level), w, level);
         if g.k == 1 && g.s == 1 && g.p == 0 {
             let hw = g.h * g.w;
             return Self {
