@@ -68,32 +68,27 @@ pub fn run_pixels(level: Level, channels: usize) -> usize {
 }
 
 /// Weights as the engine reads them: `[co / bw][ci][tap][bw]`, zero-padded to whole blocks of
-/// `bw` ([`block_width`]) output channels. `get(co, ci, t)` reads the logical weight.
+/// `bw` ([`block_width`]) output channels. `get(co, ci, t)` reads the logical weight. The
+/// definition of the layout, against which the fast packers [`pack_rows`] (forward) and
+/// [`pack_taps`] (input gradient) are tested.
+#[cfg(test)]
 pub fn pack(
     cout: usize,
     cin: usize,
     taps: usize,
     bw: usize,
-    get: impl Fn(usize, usize, usize) -> f32 + Sync,
+    get: impl Fn(usize, usize, usize) -> f32,
 ) -> Vec<f32> {
-    use rayon::prelude::*;
     let blocks = cout.div_ceil(bw);
     let mut w = vec![0f32; blocks * cin * taps * bw];
-    // Per call, and serial it was a tenth of a batch-1 training step of a 35M-parameter UNet:
-    // parallel over blocks, each written in order.
-    w.par_chunks_mut(cin * taps * bw)
-        .enumerate()
-        .for_each(|(b, wb)| {
-            let n = (cout - b * bw).min(bw);
-            for ci in 0..cin {
-                for t in 0..taps {
-                    let row = &mut wb[(ci * taps + t) * bw..][..n];
-                    for (c, v) in row.iter_mut().enumerate() {
-                        *v = get(b * bw + c, ci, t);
-                    }
-                }
+    for co in 0..cout {
+        let (b, c) = (co / bw, co % bw);
+        for ci in 0..cin {
+            for t in 0..taps {
+                w[((b * cin + ci) * taps + t) * bw + c] = get(co, ci, t);
             }
-        });
+        }
+    }
     w
 }
 
@@ -121,6 +116,48 @@ pub fn pack_rows(cout: usize, row: usize, bw: usize, w: &[f32], level: Level) ->
                     std::ptr::null(),
                 )
             };
+        });
+    out
+}
+
+/// [`pack`] of the input gradient's weights: blocks over the conv's `cin`, rows `(co, t)`
+/// reading tap `kt[t]` of `w` (`[cout][cin][kk]`): per output channel, one register-tiled
+/// transpose into a `[kk][bw]` buffer, then its rows in `kt`'s order.
+pub fn pack_taps(
+    w: &[f32],
+    (cout, cin, kk): (usize, usize, usize),
+    kt: &[usize],
+    bw: usize,
+    level: Level,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert!(w.len() >= cout * cin * kk && kt.iter().all(|&k| k < kk));
+    let (blocks, nt) = (cin.div_ceil(bw), kt.len());
+    let mut out = vec![0f32; blocks * cout * nt * bw];
+    out.par_chunks_mut((cout * nt * bw).max(1))
+        .enumerate()
+        .for_each(|(b, wb)| {
+            let n = (cin - b * bw).min(bw);
+            // Columns n..bw are never written: they stay the zero padding.
+            let mut tmp = vec![0f32; kk * bw];
+            for co in 0..cout {
+                // SAFETY: channels b*bw..b*bw+n of row `co` (asserted above) into `tmp`.
+                unsafe {
+                    super::layout::transpose(
+                        level,
+                        w.as_ptr().add((co * cin + b * bw) * kk),
+                        kk,
+                        n,
+                        kk,
+                        tmp.as_mut_ptr(),
+                        bw,
+                        std::ptr::null(),
+                    )
+                };
+                for (t, &k) in kt.iter().enumerate() {
+                    wb[(co * nt + t) * bw..][..bw].copy_from_slice(&tmp[k * bw..][..bw]);
+                }
+            }
         });
     out
 }
@@ -366,6 +403,34 @@ mod tests {
                 });
                 let b = pack_rows(cout, cin * taps, bw, &w, level);
                 assert_eq!(a, b, "{level:?} {cout}x{cin}x{taps}");
+            }
+        }
+    }
+
+    #[test]
+    fn pack_taps_matches_pack() {
+        let levels: &[Level] = match crate::kernels::simd::detect() {
+            Level::Avx512 => &[Level::Scalar, Level::Avx2, Level::Avx512],
+            Level::Avx2 => &[Level::Scalar, Level::Avx2],
+            Level::Scalar => &[Level::Scalar],
+        };
+        for &level in levels {
+            let bw = block_width(level);
+            for (cout, cin, kk, kt) in [
+                (1, 1, 1, vec![0]),
+                (3, 5, 9, (0..9).rev().collect::<Vec<_>>()),
+                (6, 40, 9, vec![8, 6, 2, 0]),
+                (2, 33, 16, vec![15, 13, 7, 5]),
+                (4, 3, 9, vec![]),
+            ] {
+                let w: Vec<f32> = (0..cout * cin * kk)
+                    .map(|i| i as f32 * 0.25 - 7.0)
+                    .collect();
+                let a = pack(cin, cout, kt.len(), bw, |ci, co, t| {
+                    w[(co * cin + ci) * kk + kt[t]]
+                });
+                let b = pack_taps(&w, (cout, cin, kk), &kt, bw, level);
+                assert_eq!(a, b, "{level:?} {cout}x{cin}x{kk} {kt:?}");
             }
         }
     }

@@ -8,7 +8,7 @@
 //!   own rows of the pixel-major result.
 //! * Weight gradient: the padded input transposed to pixel-major `[pixel][channel]`.
 
-use super::conv_direct::{block_width, pack, pack_rows, run_pixels, runs, Run};
+use super::conv_direct::{block_width, pack_rows, pack_taps, run_pixels, runs, Run};
 use super::simd::Level;
 
 /// A square-kernel conv2d on `[n, cin, h, w]` with `cout` filters, stride `s`, zero padding `p`.
@@ -231,9 +231,7 @@ impl GradPlan {
                         kt.push(ky * k + kx);
                     }
                 }
-                let wp = pack(g.cin, g.cout, kt.len(), bw, |ci, co, t| {
-                    w[(co * g.cin + ci) * k * k + kt[t]]
-                });
+                let wp = pack_taps(w, (g.cout, g.cin, k * k), &kt, bw, level);
                 Phase {
                     taps,
                     w: wp,
