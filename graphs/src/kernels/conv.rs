@@ -9,10 +9,10 @@
 //! stay in cache, with the bias (optionally per image: bias + embedding) added in registers and
 //! a residual added while the result is laid out as NCHW.
 
-use super::conv_direct::{block_width, Pass};
+use super::conv_direct::{block_width, Pass, Run};
 use super::conv_plan::{blocks, FwdPlan, Geom, GradPlan, WgradPlan};
 use super::conv_wgrad::{self, Reduce};
-use super::layout::to_planes;
+use super::layout::{to_planes, to_planes_part};
 use super::scratch::{self, SendPtr, Slot};
 use super::simd::Level;
 use rayon::prelude::*;
@@ -65,6 +65,18 @@ fn task_range(task: usize, parts: usize, blocks: usize) -> (usize, usize, usize)
     )
 }
 
+/// Pixel-run chunks per (image, channel part) of the forward, so that a batch too small to
+/// give every thread an image still does when an image has fewer channel blocks than threads
+/// (a 32-channel conv at batch 1 is one block).
+fn run_chunks(n: usize, parts: usize, runs: usize) -> usize {
+    let want = 2 * rayon::current_num_threads();
+    if n * parts >= want {
+        1
+    } else {
+        want.div_ceil(n.max(1) * parts).clamp(1, runs.max(1))
+    }
+}
+
 /// Forward: `[n, cout, ho, wo]`.
 pub fn forward(
     g: &Geom,
@@ -79,9 +91,12 @@ pub fn forward(
     let bw = block_width(level);
     let bias = bias.padded(g.n, g.cout, cpad);
     let parts = parts_per_image(g.n, nb);
+    let chunks = run_chunks(g.n, parts, plan.runs.len());
+    let per_chunk = plan.runs.len().div_ceil(chunks);
     let (in_img, out_img, pix) = (g.in_image(), g.out_image(), g.ho * g.wo);
-    // Computes blocks lo..hi of image `img` from its source and writes those channel planes.
-    let run = |out: SendPtr, src: &[f32], img: usize, lo: usize, hi: usize| {
+    // Computes blocks lo..hi of image `img` for the runs `runs` (consecutive output pixels,
+    // out_step 1) from its source and writes those pixels of those channel planes.
+    let run = |out: SendPtr, src: &[f32], img: usize, lo: usize, hi: usize, runs: &[Run]| {
         let pass = Pass {
             src,
             cstride: plan.cstride,
@@ -90,8 +105,12 @@ pub fn forward(
             w: &plan.w,
             bw,
             cout: g.cout,
-            runs: &plan.runs,
+            runs,
             out_step: 1,
+        };
+        let (p_lo, p_hi) = match (runs.first(), runs.last()) {
+            (Some(a), Some(b)) => (a.out, b.out + b.n),
+            _ => return,
         };
         let b = bias.as_ref().map(|b| &b[img * cpad..(img + 1) * cpad]);
         scratch::with(Slot::B, pix * cpad, |t| {
@@ -99,36 +118,42 @@ pub fn forward(
             // prepared (or, direct, the input) image; `t` holds every pixel row.
             unsafe { pass.run(level, t.as_mut_ptr(), cpad, b, lo, hi) };
             let res = residual.map(|r| &r[img * out_img..(img + 1) * out_img]);
-            // SAFETY: tasks write disjoint (image, channel) planes of the output.
+            // SAFETY: tasks write disjoint (image, channel, pixel-range) parts of the output.
             unsafe {
-                to_planes(
+                to_planes_part(
                     level,
                     t,
                     pix,
                     cpad,
                     (lo * bw, (hi * bw).min(g.cout)),
+                    (p_lo, p_hi),
                     out.add(img * out_img),
                     res,
                 )
             };
         });
     };
-    // SAFETY: every (image, channel) plane is written by exactly one task below.
+    // SAFETY: every (image, channel, pixel) of the output is written by exactly one task: the
+    // runs, in output order, partition each image's pixels.
     unsafe {
         scratch::filled_by(g.n * out_img, |out| {
             let out = SendPtr(out);
-            (0..g.n * parts).into_par_iter().for_each(|task| {
+            (0..g.n * parts * chunks).into_par_iter().for_each(|task| {
+                let (task, chunk) = (task / chunks, task % chunks);
                 let (img, lo, hi) = task_range(task, parts, nb);
-                if lo >= hi {
+                let r_lo = (chunk * per_chunk).min(plan.runs.len());
+                let r_hi = ((chunk + 1) * per_chunk).min(plan.runs.len());
+                if lo >= hi || r_lo >= r_hi {
                     return;
                 }
+                let runs = &plan.runs[r_lo..r_hi];
                 let xi = &x[img * in_img..(img + 1) * in_img];
                 if plan.direct {
-                    run(out, xi, img, lo, hi);
+                    run(out, xi, img, lo, hi, runs);
                 } else {
                     scratch::with(Slot::A, plan.image_len(g), |buf| {
                         plan.prepare(g, xi, buf);
-                        run(out, buf, img, lo, hi);
+                        run(out, buf, img, lo, hi, runs);
                     });
                 }
             });

@@ -16,20 +16,39 @@ pub unsafe fn to_planes(
     src: &[f32],
     pixels: usize,
     stride: usize,
+    channels: (usize, usize),
+    dst: *mut f32,
+    res: Option<&[f32]>,
+) {
+    to_planes_part(level, src, pixels, stride, channels, (0, pixels), dst, res)
+}
+
+/// [`to_planes`] of pixels `p_lo..p_hi` only (the rows of `src` a task computed).
+///
+/// # Safety
+/// As [`to_planes`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn to_planes_part(
+    level: Level,
+    src: &[f32],
+    pixels: usize,
+    stride: usize,
     (c_lo, c_hi): (usize, usize),
+    (p_lo, p_hi): (usize, usize),
     dst: *mut f32,
     res: Option<&[f32]>,
 ) {
     debug_assert!(c_hi <= stride && src.len() >= (pixels.max(1) - 1) * stride + c_hi);
     debug_assert!(res.is_none_or(|r| r.len() >= c_hi * pixels));
-    let res = res.map_or(std::ptr::null(), |r| r.as_ptr().add(c_lo * pixels));
+    debug_assert!(p_lo <= p_hi && p_hi <= pixels);
+    let res = res.map_or(std::ptr::null(), |r| r.as_ptr().add(c_lo * pixels + p_lo));
     transpose(
         level,
-        src.as_ptr().add(c_lo),
+        src.as_ptr().add(p_lo * stride + c_lo),
         stride,
-        pixels,
+        p_hi - p_lo,
         c_hi - c_lo,
-        dst.add(c_lo * pixels),
+        dst.add(c_lo * pixels + p_lo),
         pixels,
         res,
     )
