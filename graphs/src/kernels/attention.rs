@@ -6,7 +6,7 @@
 
 use super::scratch::{self, SendPtr};
 use super::simd::{dispatch, level, Simd};
-use super::tensor_io::with_f32;
+use super::tensor_io::{storage_f32, with_f32};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -105,13 +105,6 @@ fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("attention: contiguous f32 inputs only"),
-    }
-}
-
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "attention"
@@ -130,7 +123,11 @@ impl CustomOp3 for Attention {
         if dims(l2)? != (n, c, len) || dims(l3)? != (n, c, len) {
             candle_core::bail!("attention: q, k, v shapes differ");
         }
-        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (q, k, v) = (
+            storage_f32(s1, l1, "attention")?,
+            storage_f32(s2, l2, "attention")?,
+            storage_f32(s3, l3, "attention")?,
+        );
         let (img, lv) = (c * len, level());
         let mut a = vec![0f32; n * len * len];
         let ap = SendPtr(a.as_mut_ptr());

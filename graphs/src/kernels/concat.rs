@@ -3,7 +3,7 @@
 //! each input a strided view of the gradient that the next kernel copies again, on one thread.
 
 use super::scratch::{self, SendPtr};
-use super::tensor_io::with_f32;
+use super::tensor_io::{storage_f32, with_f32};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -12,13 +12,6 @@ struct ConcatChannels;
 /// Images per parallel task: about 64k floats each, at least one image.
 fn images_per_task(image: usize) -> usize {
     (65536 / image.max(1)).max(1)
-}
-
-fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("concat_channels: contiguous f32 inputs only"),
-    }
 }
 
 /// Copies `n` images of `src` (`a` floats each, then `b`) into `dst` (`a + b` floats each) when
@@ -72,7 +65,10 @@ impl CustomOp2 for ConcatChannels {
                 l2.dims()
             );
         }
-        let (x1, x2) = (data(s1, l1)?, data(s2, l2)?);
+        let (x1, x2) = (
+            storage_f32(s1, l1, "concat_channels")?,
+            storage_f32(s2, l2, "concat_channels")?,
+        );
         let (a, b) = (c1 * h * w, c2 * h * w);
         // SAFETY: sizes as checked above; `y` is written whole, image by image.
         let y = unsafe {

@@ -99,7 +99,7 @@ pub fn pack_rows(cout: usize, row: usize, bw: usize, w: &[f32], level: Level) ->
     assert!(w.len() >= cout * row);
     let blocks = cout.div_ceil(bw);
     let mut out = vec![0f32; blocks * row * bw];
-    out.par_chunks_mut(row * bw)
+    out.par_chunks_mut((row * bw).max(1))
         .enumerate()
         .for_each(|(b, wb)| {
             let n = (cout - b * bw).min(bw);
@@ -385,14 +385,18 @@ unsafe fn tile<S: Simd, const CV: usize, const P: usize>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn pack_rows_matches_pack() {
-        let levels: &[Level] = match crate::kernels::simd::detect() {
+    /// Every SIMD level this CPU runs.
+    fn levels() -> &'static [Level] {
+        match crate::kernels::simd::detect() {
             Level::Avx512 => &[Level::Scalar, Level::Avx2, Level::Avx512],
             Level::Avx2 => &[Level::Scalar, Level::Avx2],
             Level::Scalar => &[Level::Scalar],
-        };
-        for &level in levels {
+        }
+    }
+
+    #[test]
+    fn pack_rows_matches_pack() {
+        for &level in levels() {
             for (cout, cin, taps) in [(1, 1, 1), (5, 3, 9), (32, 4, 9), (40, 7, 1), (100, 3, 4)] {
                 let bw = block_width(level);
                 let w: Vec<f32> = (0..cout * cin * taps)
@@ -409,12 +413,7 @@ mod tests {
 
     #[test]
     fn pack_taps_matches_pack() {
-        let levels: &[Level] = match crate::kernels::simd::detect() {
-            Level::Avx512 => &[Level::Scalar, Level::Avx2, Level::Avx512],
-            Level::Avx2 => &[Level::Scalar, Level::Avx2],
-            Level::Scalar => &[Level::Scalar],
-        };
-        for &level in levels {
+        for &level in levels() {
             let bw = block_width(level);
             for (cout, cin, kk, kt) in [
                 (1, 1, 1, vec![0]),

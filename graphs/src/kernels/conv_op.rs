@@ -8,7 +8,7 @@
 use super::conv::{self, Bias};
 use super::conv_plan::Geom;
 use super::simd;
-use super::tensor_io::with_f32;
+use super::tensor_io::{storage_f32, with_f32};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// The op's tensor arguments after the input `x`.
@@ -31,16 +31,6 @@ struct Conv2dOp {
     args: Args,
     /// Weight dims `(cout, cin, k)`.
     wdims: (usize, usize, usize),
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fast conv2d takes f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fast conv2d needs contiguous inputs"),
-    }
 }
 
 impl Conv2dOp {
@@ -90,7 +80,7 @@ impl Conv2dOp {
         a3: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geom(x.1.dims())?;
-        let xs = slice(x.0, x.1)?;
+        let xs = storage_f32(x.0, x.1, "fast conv2d")?;
         let (w, bias, res) = match (self.args, a3) {
             (Args::W, _) => (a2, Bias::None, None),
             (Args::WB, Some(b)) => (a2, self.bias(&g, b)?, None),
@@ -162,7 +152,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), slice(s2, l2)?, None)
+        self.fwd((s1, l1), storage_f32(s2, l2, "fast conv2d")?, None)
     }
     fn bwd(
         &self,
@@ -195,7 +185,11 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), slice(s2, l2)?, Some(slice(s3, l3)?))
+        self.fwd(
+            (s1, l1),
+            storage_f32(s2, l2, "fast conv2d")?,
+            Some(storage_f32(s3, l3, "fast conv2d")?),
+        )
     }
     fn bwd(
         &self,

@@ -8,7 +8,7 @@
 
 use super::scratch::{self, SendPtr, Slot};
 use super::simd::{self, dispatch, Simd};
-use super::tensor_io::with_f32;
+use super::tensor_io::{storage_f32, with_f32};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -17,16 +17,6 @@ struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused group_norm: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused group_norm: {what} must be contiguous"),
-    }
 }
 
 /// Sum of `x` and of `(x - shift)^2`, vectorised, accumulated in f64 every few vectors.
@@ -230,9 +220,9 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = self.dims(l1.dims())?;
         let (x, gamma, beta) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "gamma")?,
-            slice(s3, l3, "beta")?,
+            storage_f32(s1, l1, "fused group_norm input")?,
+            storage_f32(s2, l2, "fused group_norm gamma")?,
+            storage_f32(s3, l3, "fused group_norm beta")?,
         );
         if gamma.len() != c || beta.len() != c {
             candle_core::bail!("fused group_norm: gamma/beta must have {c} entries");
